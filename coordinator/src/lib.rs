@@ -1,0 +1,92 @@
+//! The coordinator: stores sweeps, trials, metrics and checkpoint records in
+//! PostgreSQL and hands trials to workers under leases.
+//!
+//! **Architecture invariant:** PostgreSQL is the single source of truth. The
+//! coordinator keeps nothing it cannot rebuild from the database (the metric
+//! name cache is only a cache), so it can be killed at any moment and several
+//! replicas can serve one database.
+
+pub mod db;
+pub mod error;
+pub mod searcher;
+mod service;
+pub mod submit;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub use error::{Error, Result};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// How to run a coordinator.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub database_url: String,
+    pub listen: SocketAddr,
+    /// How long a lease lasts without a heartbeat.
+    pub lease_ttl: Duration,
+    /// How often expired leases are reaped.
+    pub reap_interval: Duration,
+    pub max_connections: u32,
+}
+
+impl Options {
+    pub fn new(database_url: impl Into<String>, listen: SocketAddr) -> Options {
+        Options {
+            database_url: database_url.into(),
+            listen,
+            lease_ttl: Duration::from_secs(15),
+            reap_interval: Duration::from_secs(1),
+            max_connections: 16,
+        }
+    }
+}
+
+/// A bound, migrated coordinator, ready to serve.
+pub struct Coordinator {
+    listener: TcpListener,
+    pool: sqlx::PgPool,
+    options: Options,
+}
+
+impl Coordinator {
+    /// Connects to PostgreSQL, applies migrations and binds the listen address.
+    pub async fn build(options: Options) -> Result<Coordinator> {
+        let pool = db::connect(&options.database_url, options.max_connections).await?;
+        let listener = TcpListener::bind(options.listen)
+            .await
+            .map_err(|e| Error::InvalidArgument(format!("cannot listen on {}: {e}", options.listen)))?;
+        Ok(Coordinator { listener, pool, options })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// Serves both gRPC services and runs the lease reaper until `shutdown` resolves.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send) -> Result<()> {
+        let addr = self.local_addr();
+        let reaper = tokio::spawn(reap_forever(self.pool.clone(), self.options.reap_interval));
+        tracing::info!(%addr, "coordinator listening");
+        let result = tonic::transport::Server::builder()
+            .add_service(service::experiments_server(self.pool.clone()))
+            .add_service(service::workers_server(self.pool.clone(), self.options.lease_ttl))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
+            .await;
+        reaper.abort();
+        result.map_err(|e| Error::InvalidArgument(format!("grpc server: {e}")))
+    }
+}
+
+async fn reap_forever(pool: sqlx::PgPool, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        match db::reap_expired(&pool).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(trials = n, "reaped expired leases"),
+            Err(error) => tracing::warn!(%error, "reaper pass failed"),
+        }
+    }
+}

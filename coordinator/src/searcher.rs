@@ -1,0 +1,116 @@
+//! Searchers turn a spec's sweep into the parameter sets of its trials.
+//!
+//! `grid` is the cartesian product in name order (the last name varies
+//! fastest); `random` draws `samples` sets from a seeded generator, so the
+//! same spec always gives the same trials.
+
+use ablate_schema::{ParamDomain, Searcher, SweepSpec};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{Map, Value};
+
+/// The upper bound on trials one spec may expand into.
+pub const MAX_TRIALS: usize = 100_000;
+
+/// Expands a spec's sweep into one swept-parameter map per trial.
+pub fn expand(spec: &SweepSpec) -> Result<Vec<Map<String, Value>>, ablate_schema::SpecError> {
+    let domains = spec.domains();
+    let trials = match spec.sweep.searcher {
+        Searcher::Grid => grid(&domains),
+        Searcher::Random => random(
+            &domains,
+            spec.sweep.samples.unwrap_or(1) as usize,
+            spec.sweep.seed.unwrap_or(0),
+        ),
+    };
+    if trials.len() > MAX_TRIALS {
+        return Err(ablate_schema::SpecError::new(
+            "sweep",
+            format!("the sweep expands to {} trials, over the limit of {MAX_TRIALS}; split it", trials.len()),
+        ));
+    }
+    Ok(trials)
+}
+
+fn grid(domains: &[(String, ParamDomain)]) -> Vec<Map<String, Value>> {
+    let mut trials = vec![Map::new()];
+    for (name, domain) in domains {
+        let values = domain.grid_values().expect("grid domains are checked at parse time");
+        trials = trials
+            .into_iter()
+            .flat_map(|partial| {
+                values.iter().map(move |v| {
+                    let mut next = partial.clone();
+                    next.insert(name.clone(), v.clone());
+                    next
+                })
+            })
+            .collect();
+    }
+    trials
+}
+
+fn random(domains: &[(String, ParamDomain)], samples: usize, seed: u64) -> Vec<Map<String, Value>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..samples)
+        .map(|_| {
+            domains
+                .iter()
+                .map(|(name, domain)| (name.clone(), draw(domain, &mut rng)))
+                .collect()
+        })
+        .collect()
+}
+
+fn draw(domain: &ParamDomain, rng: &mut ChaCha8Rng) -> Value {
+    match domain {
+        ParamDomain::List(items) => items[rng.gen_range(0..items.len())].clone(),
+        ParamDomain::Range { .. } => {
+            let values = domain.grid_values().expect("ranges are finite");
+            values[rng.gen_range(0..values.len())].clone()
+        }
+        ParamDomain::Uniform { lo, hi } => Value::from(lo + (hi - lo) * rng.gen::<f64>()),
+        ParamDomain::LogUniform { lo, hi } => {
+            let (a, b) = (lo.ln(), hi.ln());
+            Value::from((a + (b - a) * rng.gen::<f64>()).exp())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ablate_schema::{SpecFormat, SweepSpec};
+
+    use super::expand;
+
+    fn spec(sweep: &str) -> SweepSpec {
+        let text = format!("name = \"s\"\nfamily = \"train\"\n[sweep]\n{sweep}\n");
+        SweepSpec::parse(&text, SpecFormat::Toml).unwrap()
+    }
+
+    #[test]
+    fn grid_is_the_full_product_in_a_stable_order() {
+        let trials = expand(&spec("searcher = \"grid\"\nparams.a = [1, 2]\nparams.b = [\"x\", \"y\", \"z\"]")).unwrap();
+        assert_eq!(trials.len(), 6);
+        assert_eq!(trials[0]["a"], 1);
+        assert_eq!(trials[0]["b"], "x");
+        assert_eq!(trials[1]["b"], "y");
+        assert_eq!(trials[5]["a"], 2);
+        assert_eq!(trials[5]["b"], "z");
+    }
+
+    #[test]
+    fn random_is_reproducible_from_its_seed_and_stays_in_bounds() {
+        let text = "searcher = \"random\"\nsamples = 50\nseed = 3\nparams.lr = { log_uniform = [1e-4, 1e-1] }\nparams.w = [8, 16]";
+        let a = expand(&spec(text)).unwrap();
+        let b = expand(&spec(text)).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 50);
+        for t in &a {
+            let lr = t["lr"].as_f64().unwrap();
+            assert!((1e-4..=1e-1).contains(&lr), "{lr}");
+        }
+        let c = expand(&spec(&text.replace("seed = 3", "seed = 4"))).unwrap();
+        assert_ne!(a, c);
+    }
+}

@@ -1,0 +1,93 @@
+//! Built-in data sets and the seeded data order.
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tch::{Device, Kind, Tensor};
+
+/// A classification data set split into train and eval tensors on one device.
+pub struct Classification {
+    pub train_x: Tensor,
+    pub train_y: Tensor,
+    pub eval_x: Tensor,
+    pub eval_y: Tensor,
+    pub features: i64,
+    pub classes: i64,
+}
+
+impl Classification {
+    pub fn train_len(&self) -> usize {
+        self.train_y.size()[0] as usize
+    }
+}
+
+/// The 1797 8x8 digits, pixels scaled to [0, 1]; a fixed 80/20 split.
+pub fn digits(device: Device) -> Classification {
+    let ds = smartcore::dataset::digits::load_dataset();
+    let n = ds.num_samples;
+    let f = ds.num_features;
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(0x5eed_d161));
+    let n_train = n * 4 / 5;
+    let pick = |idx: &[usize]| {
+        let mut xs = Vec::with_capacity(idx.len() * f);
+        let mut ys = Vec::with_capacity(idx.len());
+        for &i in idx {
+            xs.extend(ds.data[i * f..(i + 1) * f].iter().map(|v| v / 16.0));
+            ys.push(ds.target[i] as i64);
+        }
+        let x = Tensor::from_slice(&xs).view([idx.len() as i64, f as i64]).to_device(device);
+        let y = Tensor::from_slice(&ys).to_kind(Kind::Int64).to_device(device);
+        (x, y)
+    };
+    let (train_x, train_y) = pick(&order[..n_train]);
+    let (eval_x, eval_y) = pick(&order[n_train..]);
+    Classification {
+        train_x,
+        train_y,
+        eval_x,
+        eval_y,
+        features: f as i64,
+        classes: 10,
+    }
+}
+
+/// The order in which training examples are visited: a fresh permutation per
+/// epoch, drawn from (seed, epoch). The batch of a step depends only on the
+/// seed and the step, so a resumed trial sees the same data as an unbroken one.
+pub struct DataOrder {
+    seed: u64,
+    len: usize,
+    batch: usize,
+    epoch: Option<(u64, Vec<i64>)>,
+}
+
+impl DataOrder {
+    pub fn new(seed: u64, len: usize, batch: usize) -> Self {
+        DataOrder {
+            seed,
+            len,
+            batch,
+            epoch: None,
+        }
+    }
+
+    fn permutation(&mut self, epoch: u64) -> &[i64] {
+        if self.epoch.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            let mut perm: Vec<i64> = (0..self.len as i64).collect();
+            let stream = self.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ epoch;
+            perm.shuffle(&mut ChaCha8Rng::seed_from_u64(stream));
+            self.epoch = Some((epoch, perm));
+        }
+        &self.epoch.as_ref().expect("set above").1
+    }
+
+    /// Indices of the examples of the batch used by update `step` (0-based).
+    pub fn batch_indices(&mut self, step: u64) -> Vec<i64> {
+        let start = step * self.batch as u64;
+        let len = self.len as u64;
+        (start..start + self.batch as u64)
+            .map(|pos| self.permutation(pos / len)[(pos % len) as usize])
+            .collect()
+    }
+}

@@ -1,0 +1,82 @@
+//! The registry of experiment families and what each accepts.
+
+use serde_json::Value;
+
+use crate::train::TrainParams;
+
+/// A trial's parameters that its family can't accept.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ParamError {
+    /// Dotted path inside the trial's parameters, such as `model.depth`; empty for the whole set.
+    pub path: String,
+    pub message: String,
+}
+
+impl ParamError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ParamError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Reads `params` into `T`, naming the path of an unknown field or a wrong type.
+    pub fn deserialize<T: serde::de::DeserializeOwned>(params: &Value) -> Result<T, ParamError> {
+        serde_path_to_error::deserialize(params).map_err(|e| {
+            let path = e.path().to_string();
+            ParamError::new(if path == "." { String::new() } else { path }, e.into_inner().to_string())
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// Plain supervised training: one model, one optimizer, one data set.
+    Train,
+}
+
+impl Family {
+    pub const ALL: &'static [Family] = &[Family::Train];
+
+    pub fn parse(name: &str) -> Result<Family, String> {
+        Family::ALL
+            .iter()
+            .copied()
+            .find(|f| f.name() == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Family::ALL.iter().map(|f| f.name()).collect();
+                format!("unknown family `{name}`, expected one of: {}", known.join(", "))
+            })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Train => "train",
+        }
+    }
+
+    /// Checks one trial's full parameter set (base merged with the swept values).
+    pub fn check_params(self, params: &Value) -> Result<TrialPlan, ParamError> {
+        match self {
+            Family::Train => {
+                let p: TrainParams = ParamError::deserialize(params)?;
+                p.check()?;
+                Ok(TrialPlan { total_steps: p.steps })
+            }
+        }
+    }
+
+    /// The metrics every trial of the family logs; an objective must be one of them.
+    pub fn metrics(self) -> &'static [&'static str] {
+        match self {
+            Family::Train => crate::train::METRICS,
+        }
+    }
+}
+
+/// What the platform needs to know of a trial before it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrialPlan {
+    pub total_steps: u64,
+}

@@ -1,0 +1,23 @@
+//! The science of ablate: the experiment families, their parameters and trials.
+//!
+//! **Architecture invariant:** this crate knows nothing of gRPC or SQL. A trial
+//! is a function of (params, data, checkpoint store, metric sink) to an outcome;
+//! the worker supplies the store and the sink.
+//!
+//! Without the `torch` feature the crate gives the coordinator and CLI the
+//! family definitions and parameter checks; with it (the worker only) it brings
+//! tch, the models and the trial loops.
+
+pub mod family;
+pub mod train;
+
+#[cfg(feature = "torch")]
+pub mod data;
+#[cfg(feature = "torch")]
+pub mod model;
+#[cfg(feature = "torch")]
+pub mod optim;
+#[cfg(feature = "torch")]
+pub mod trial;
+
+pub use family::{Family, ParamError};

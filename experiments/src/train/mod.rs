@@ -1,0 +1,168 @@
+//! The `train` family: an MLP trained with SGD, Adam or AdamW on a built-in
+//! data set, with a seeded data order and resumable checkpoints.
+
+use serde::{Deserialize, Serialize};
+
+use crate::family::ParamError;
+
+#[cfg(feature = "torch")]
+mod trial;
+#[cfg(feature = "torch")]
+pub use trial::run;
+
+/// The metrics a `train` trial logs.
+pub const METRICS: &[&str] = &["train_loss", "eval_loss", "eval_accuracy", "train_loss_tail"];
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DatasetName {
+    /// The 1797 8x8 handwritten digits shipped with smartcore.
+    Digits,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    Mlp,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerName {
+    Sgd,
+    Adam,
+    Adamw,
+}
+
+fn default_dataset() -> DatasetName {
+    DatasetName::Digits
+}
+fn default_model() -> ModelKind {
+    ModelKind::Mlp
+}
+fn default_depth() -> u32 {
+    2
+}
+fn default_width() -> u32 {
+    64
+}
+fn default_batch() -> u32 {
+    64
+}
+fn default_eval_every() -> u64 {
+    50
+}
+fn default_checkpoint_every() -> u64 {
+    100
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.999
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainParams {
+    #[serde(default = "default_dataset")]
+    pub dataset: DatasetName,
+    #[serde(default = "default_model")]
+    pub model: ModelKind,
+    /// Hidden layers.
+    #[serde(default = "default_depth")]
+    pub depth: u32,
+    /// Units per hidden layer.
+    #[serde(default = "default_width")]
+    pub width: u32,
+    pub optimizer: OptimizerName,
+    /// Learning rate; give either `lr` or `log2_lr`.
+    #[serde(default)]
+    pub lr: Option<f64>,
+    #[serde(default)]
+    pub log2_lr: Option<f64>,
+    pub steps: u64,
+    #[serde(default = "default_batch")]
+    pub batch_size: u32,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default)]
+    pub momentum: f64,
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    #[serde(default = "default_eval_every")]
+    pub eval_every: u64,
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// Seconds to sleep after every step; lets tests stretch a trial without more compute.
+    #[serde(default)]
+    pub step_delay_ms: u64,
+}
+
+impl TrainParams {
+    pub fn check(&self) -> Result<(), ParamError> {
+        let lr = self.learning_rate()?;
+        if !(lr > 0.0 && lr.is_finite()) {
+            return Err(ParamError::new("lr", "expected a positive, finite learning rate"));
+        }
+        if self.steps == 0 {
+            return Err(ParamError::new("steps", "expected at least 1 step"));
+        }
+        if self.depth == 0 {
+            return Err(ParamError::new("depth", "expected at least 1 hidden layer"));
+        }
+        if self.width == 0 {
+            return Err(ParamError::new("width", "expected at least 1 unit"));
+        }
+        if self.batch_size == 0 {
+            return Err(ParamError::new("batch_size", "expected at least 1"));
+        }
+        if self.eval_every == 0 || self.checkpoint_every == 0 {
+            let field = if self.eval_every == 0 { "eval_every" } else { "checkpoint_every" };
+            return Err(ParamError::new(field, "expected at least 1 step"));
+        }
+        for (field, value) in [("beta1", self.beta1), ("beta2", self.beta2), ("momentum", self.momentum)] {
+            if !(0.0..1.0).contains(&value) {
+                return Err(ParamError::new(field, "expected a value in [0, 1)"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn learning_rate(&self) -> Result<f64, ParamError> {
+        match (self.lr, self.log2_lr) {
+            (Some(lr), None) => Ok(lr),
+            (None, Some(l)) => Ok(2f64.powf(l)),
+            (Some(_), Some(_)) => Err(ParamError::new("lr", "give either lr or log2_lr, not both")),
+            (None, None) => Err(ParamError::new("lr", "missing: give lr or log2_lr")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use crate::Family;
+
+    #[test]
+    fn unknown_and_mistyped_fields_are_named() {
+        let base = json!({"optimizer": "adam", "log2_lr": -6, "steps": 10});
+        assert!(Family::Train.check_params(&base).is_ok());
+        let mut unknown = base.clone();
+        unknown["stepz"] = json!(3);
+        let err = Family::Train.check_params(&unknown).unwrap_err();
+        assert!(err.message.contains("stepz"), "{err}");
+        let mut wrong = base.clone();
+        wrong["steps"] = json!("many");
+        let err = Family::Train.check_params(&wrong).unwrap_err();
+        assert_eq!(err.path, "steps", "{err}");
+        let mut both = base;
+        both["lr"] = json!(0.1);
+        assert_eq!(Family::Train.check_params(&both).unwrap_err().path, "lr");
+    }
+}

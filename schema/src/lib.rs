@@ -1,0 +1,51 @@
+//! The shared vocabulary of ablate: the `ablate.v1` protos (the only crate that
+//! sees generated code), sweep-spec types with their parsing and validation
+//! errors, and the ID newtypes every other crate uses.
+
+pub mod ids;
+pub mod spec;
+
+/// Generated gRPC code for `ablate.v1`. Other crates use it only at the service
+/// and client edges and convert to domain types right away.
+pub mod proto {
+    tonic::include_proto!("ablate.v1");
+}
+
+pub use ids::{ExperimentId, LeaseToken, TrialId, WorkerId};
+pub use spec::{Goal, Objective, ParamDomain, Searcher, SpecError, SpecFormat, Sweep, SweepSpec};
+
+/// States a trial moves through; the strings are those stored in PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrialState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Pruned,
+    Cancelled,
+}
+
+impl TrialState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrialState::Pending => "pending",
+            TrialState::Running => "running",
+            TrialState::Succeeded => "succeeded",
+            TrialState::Failed => "failed",
+            TrialState::Pruned => "pruned",
+            TrialState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<TrialState> {
+        Some(match text {
+            "pending" => TrialState::Pending,
+            "running" => TrialState::Running,
+            "succeeded" => TrialState::Succeeded,
+            "failed" => TrialState::Failed,
+            "pruned" => TrialState::Pruned,
+            "cancelled" => TrialState::Cancelled,
+            _ => return None,
+        })
+    }
+}

@@ -1,0 +1,410 @@
+//! Sweep specs: the TOML or YAML file a researcher submits.
+//!
+//! Parsing refuses unknown fields and wrong types with the path of the bad
+//! field. Family-specific checks of the trial parameters live with the family
+//! (in `ablate-experiments`); expansion into trials lives with the searchers.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// A spec that can't be accepted, with the path of the field at fault.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct SpecError {
+    /// Dotted path of the bad field, such as `sweep.params.width[2]`; `.` for the whole spec.
+    pub path: String,
+    /// What was wrong and what was expected.
+    pub message: String,
+}
+
+impl SpecError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        let path = path.into();
+        SpecError {
+            path: if path.is_empty() { ".".to_string() } else { path },
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecFormat {
+    Toml,
+    Yaml,
+}
+
+impl SpecFormat {
+    /// Picks the format from a file name: `.yaml`/`.yml` are YAML, anything else TOML.
+    pub fn from_path(path: &str) -> SpecFormat {
+        if path.ends_with(".yaml") || path.ends_with(".yml") {
+            SpecFormat::Yaml
+        } else {
+            SpecFormat::Toml
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<SpecFormat> {
+        match text {
+            "toml" | "" => Some(SpecFormat::Toml),
+            "yaml" | "yml" => Some(SpecFormat::Yaml),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpecFormat::Toml => "toml",
+            SpecFormat::Yaml => "yaml",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SweepSpec {
+    pub name: String,
+    pub family: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Parameters shared by every trial.
+    #[serde(default)]
+    pub base: BTreeMap<String, Value>,
+    pub sweep: Sweep,
+    #[serde(default)]
+    pub objective: Option<Objective>,
+    /// How many times a trial may be leased before it is failed for good.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_max_attempts() -> u32 {
+    3
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Searcher {
+    Grid,
+    Random,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Sweep {
+    pub searcher: Searcher,
+    /// Parameter name to its domain; see [`ParamDomain`].
+    #[serde(default)]
+    pub params: BTreeMap<String, Value>,
+    /// Number of trials the random searcher draws.
+    #[serde(default)]
+    pub samples: Option<u32>,
+    /// Seed of the random searcher; the same seed gives the same trials.
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Goal {
+    Minimize,
+    Maximize,
+}
+
+impl Goal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Goal::Minimize => "minimize",
+            Goal::Maximize => "maximize",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Objective {
+    pub metric: String,
+    pub goal: Goal,
+}
+
+/// The values a swept parameter takes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ParamDomain {
+    /// `[a, b, c]`: exactly these values.
+    List(Vec<Value>),
+    /// `{ range = [lo, hi], step = s }`: lo, lo+s, ... up to hi inclusive.
+    Range { lo: f64, hi: f64, step: f64 },
+    /// `{ uniform = [lo, hi] }`: random searcher only.
+    Uniform { lo: f64, hi: f64 },
+    /// `{ log_uniform = [lo, hi] }`: random searcher only, lo > 0.
+    LogUniform { lo: f64, hi: f64 },
+}
+
+impl ParamDomain {
+    /// Reads one entry of `sweep.params`, naming `path` in any error.
+    pub fn from_value(path: &str, value: &Value) -> Result<ParamDomain, SpecError> {
+        const EXPECTED: &str = "expected a list of values, { range = [lo, hi], step = s }, { uniform = [lo, hi] } or { log_uniform = [lo, hi] }";
+        match value {
+            Value::Array(items) if items.is_empty() => Err(SpecError::new(
+                path,
+                "empty list: give at least one value to sweep over",
+            )),
+            Value::Array(items) => Ok(ParamDomain::List(items.clone())),
+            Value::Object(map) => {
+                let pair = |key: &str| -> Result<(f64, f64), SpecError> {
+                    let field = format!("{path}.{key}");
+                    let v = map.get(key).ok_or_else(|| SpecError::new(path, EXPECTED))?;
+                    match v.as_array().map(|a| a.as_slice()) {
+                        Some([lo, hi]) => match (lo.as_f64(), hi.as_f64()) {
+                            (Some(lo), Some(hi)) if lo <= hi => Ok((lo, hi)),
+                            (Some(_), Some(_)) => Err(SpecError::new(field, "lower bound is above the upper bound")),
+                            _ => Err(SpecError::new(field, "expected two numbers [lo, hi]")),
+                        },
+                        _ => Err(SpecError::new(field, "expected two numbers [lo, hi]")),
+                    }
+                };
+                let allowed: &[&str] = if map.contains_key("range") {
+                    &["range", "step"]
+                } else if map.contains_key("uniform") {
+                    &["uniform"]
+                } else if map.contains_key("log_uniform") {
+                    &["log_uniform"]
+                } else {
+                    return Err(SpecError::new(path, EXPECTED));
+                };
+                if let Some(extra) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
+                    return Err(SpecError::new(
+                        format!("{path}.{extra}"),
+                        format!("unknown field, expected one of: {}", allowed.join(", ")),
+                    ));
+                }
+                if map.contains_key("range") {
+                    let (lo, hi) = pair("range")?;
+                    let step = match map.get("step") {
+                        None => 1.0,
+                        Some(v) => v.as_f64().ok_or_else(|| {
+                            SpecError::new(format!("{path}.step"), "expected a number")
+                        })?,
+                    };
+                    if step <= 0.0 || !step.is_finite() {
+                        return Err(SpecError::new(format!("{path}.step"), "expected a positive step"));
+                    }
+                    Ok(ParamDomain::Range { lo, hi, step })
+                } else if map.contains_key("uniform") {
+                    let (lo, hi) = pair("uniform")?;
+                    Ok(ParamDomain::Uniform { lo, hi })
+                } else {
+                    let (lo, hi) = pair("log_uniform")?;
+                    if lo <= 0.0 {
+                        return Err(SpecError::new(
+                            format!("{path}.log_uniform"),
+                            "bounds of a log-uniform domain must be positive",
+                        ));
+                    }
+                    Ok(ParamDomain::LogUniform { lo, hi })
+                }
+            }
+            _ => Err(SpecError::new(path, EXPECTED)),
+        }
+    }
+
+    /// The finite values of a grid domain, or `None` for a continuous one.
+    pub fn grid_values(&self) -> Option<Vec<Value>> {
+        match self {
+            ParamDomain::List(items) => Some(items.clone()),
+            ParamDomain::Range { lo, hi, step } => {
+                let count = ((hi - lo) / step + 1e-9).floor() as usize + 1;
+                let all_int = lo.fract() == 0.0 && step.fract() == 0.0;
+                Some(
+                    (0..count)
+                        .map(|i| {
+                            let x = lo + step * i as f64;
+                            if all_int {
+                                Value::from(x as i64)
+                            } else {
+                                Value::from(x)
+                            }
+                        })
+                        .collect(),
+                )
+            }
+            ParamDomain::Uniform { .. } | ParamDomain::LogUniform { .. } => None,
+        }
+    }
+}
+
+impl SweepSpec {
+    /// Parses a spec, refusing unknown fields and wrong types with the field's path.
+    pub fn parse(text: &str, format: SpecFormat) -> Result<SweepSpec, SpecError> {
+        let spec: SweepSpec = match format {
+            SpecFormat::Toml => {
+                let de = toml::Deserializer::new(text);
+                serde_path_to_error::deserialize(de).map_err(|e| {
+                    let path = e.path().to_string();
+                    let inner = e.into_inner();
+                    SpecError::new(path, toml_message(&inner))
+                })?
+            }
+            SpecFormat::Yaml => {
+                let de = serde_yaml::Deserializer::from_str(text);
+                serde_path_to_error::deserialize(de).map_err(|e| {
+                    let path = e.path().to_string();
+                    SpecError::new(path, e.into_inner().to_string())
+                })?
+            }
+        };
+        spec.check_shape()?;
+        Ok(spec)
+    }
+
+    /// Checks that do not depend on the family: names, the sweep's domains.
+    fn check_shape(&self) -> Result<(), SpecError> {
+        if self.name.trim().is_empty() {
+            return Err(SpecError::new("name", "empty name: give the sweep a name"));
+        }
+        if self.max_attempts == 0 {
+            return Err(SpecError::new("max_attempts", "expected at least 1"));
+        }
+        if self.sweep.params.is_empty() {
+            return Err(SpecError::new(
+                "sweep.params",
+                "empty sweep: add at least one swept parameter, e.g. params.seed = [0]",
+            ));
+        }
+        for (name, value) in &self.sweep.params {
+            let path = format!("sweep.params.{name}");
+            let domain = ParamDomain::from_value(&path, value)?;
+            if self.sweep.searcher == Searcher::Grid && domain.grid_values().is_none() {
+                return Err(SpecError::new(
+                    path,
+                    "a continuous domain needs searcher = \"random\"; the grid searcher takes lists and ranges",
+                ));
+            }
+            if self.base.contains_key(name) {
+                return Err(SpecError::new(
+                    path,
+                    format!("`{name}` is set in [base] too; keep it in one place"),
+                ));
+            }
+        }
+        match (self.sweep.searcher, self.sweep.samples) {
+            (Searcher::Random, None) | (Searcher::Random, Some(0)) => Err(SpecError::new(
+                "sweep.samples",
+                "the random searcher needs samples = N with N >= 1",
+            )),
+            (Searcher::Grid, Some(_)) => Err(SpecError::new(
+                "sweep.samples",
+                "samples applies to searcher = \"random\" only; the grid runs every combination",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The domain of every swept parameter, in name order.
+    pub fn domains(&self) -> Vec<(String, ParamDomain)> {
+        self.sweep
+            .params
+            .iter()
+            .map(|(name, value)| {
+                let domain = ParamDomain::from_value(name, value)
+                    .expect("domains are checked when the spec is parsed");
+                (name.clone(), domain)
+            })
+            .collect()
+    }
+
+    /// Where a trial parameter came from, for error messages.
+    pub fn param_path(&self, name: &str) -> String {
+        if self.sweep.params.contains_key(name) {
+            format!("sweep.params.{name}")
+        } else {
+            format!("base.{name}")
+        }
+    }
+
+    /// A stable hash of the spec's content, stored with the experiment and its checkpoints.
+    pub fn content_hash(&self) -> String {
+        let canonical = serde_json::to_vec(self).expect("a spec always serializes");
+        let digest = Sha256::digest(&canonical);
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+fn toml_message(error: &toml::de::Error) -> String {
+    // toml's Display carries a source excerpt; the message alone reads better after a path.
+    error.message().trim_end_matches('.').to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_err(text: &str, path: &str, needle: &str) {
+        let err = SweepSpec::parse(text, SpecFormat::Toml).unwrap_err();
+        assert_eq!(err.path, path, "{err}");
+        assert!(err.message.contains(needle), "`{}` lacks `{needle}`", err.message);
+    }
+
+    const GOOD: &str = r#"
+name = "t"
+family = "train"
+[base]
+steps = 10
+[sweep]
+searcher = "grid"
+params.seed = [0, 1]
+params.log2_lr = { range = [-4, -1], step = 1 }
+"#;
+
+    #[test]
+    fn good_spec_parses_and_ranges_expand() {
+        let spec = SweepSpec::parse(GOOD, SpecFormat::Toml).unwrap();
+        let domains = spec.domains();
+        assert_eq!(domains[0].0, "log2_lr");
+        let values = domains[0].1.grid_values().unwrap();
+        assert_eq!(values, vec![Value::from(-4), Value::from(-3), Value::from(-2), Value::from(-1)]);
+        assert_eq!(spec.max_attempts, 3);
+    }
+
+    #[test]
+    fn unknown_top_level_field_names_its_path() {
+        check_err(&format!("{GOOD}\nbogus = 1\n"), ".", "bogus");
+        check_err(&GOOD.replace("searcher", "serching"), "sweep", "serching");
+    }
+
+    #[test]
+    fn wrong_type_names_its_path() {
+        check_err(&GOOD.replace("name = \"t\"", "name = 3"), "name", "string");
+        check_err(&GOOD.replace("searcher = \"grid\"", "searcher = \"tpe\""), "sweep.searcher", "grid");
+    }
+
+    #[test]
+    fn empty_sweeps_are_refused() {
+        check_err(&GOOD.replace("params.seed = [0, 1]", "params.seed = []"), "sweep.params.seed", "empty list");
+        let no_params = GOOD
+            .replace("params.seed = [0, 1]\n", "")
+            .replace("params.log2_lr = { range = [-4, -1], step = 1 }\n", "");
+        check_err(&no_params, "sweep.params", "empty sweep");
+    }
+
+    #[test]
+    fn yaml_errors_name_the_path_too() {
+        let yaml = "name: t\nfamily: train\nsweep:\n  searcher: grid\n  params:\n    seed: [0]\n  extra: 1\n";
+        let err = SweepSpec::parse(yaml, SpecFormat::Yaml).unwrap_err();
+        assert_eq!(err.path, "sweep", "{err}");
+        assert!(err.message.contains("extra"), "{err}");
+        let ok = "name: t\nfamily: train\nsweep:\n  searcher: grid\n  params:\n    seed: [0, 1]\n";
+        assert_eq!(SweepSpec::parse(ok, SpecFormat::Yaml).unwrap().sweep.params.len(), 1);
+    }
+
+    #[test]
+    fn continuous_domains_need_the_random_searcher() {
+        check_err(
+            &GOOD.replace("params.seed = [0, 1]", "params.seed = { uniform = [0, 1] }"),
+            "sweep.params.seed",
+            "random",
+        );
+    }
+}
