@@ -370,8 +370,9 @@ params.log2_lr = { range = [-4, -1], step = 1 }
 
     #[test]
     fn unknown_top_level_field_names_its_path() {
-        check_err(&format!("{GOOD}\nbogus = 1\n"), ".", "bogus");
-        check_err(&GOOD.replace("searcher", "serching"), "sweep", "serching");
+        check_err(&format!("bogus = 1\n{GOOD}"), "bogus", "unknown field");
+        check_err(&format!("{GOOD}\nbogus = 1\n"), "sweep.bogus", "unknown field");
+        check_err(&GOOD.replace("searcher = ", "serching = "), "sweep.serching", "unknown field");
     }
 
     #[test]
@@ -393,7 +394,7 @@ params.log2_lr = { range = [-4, -1], step = 1 }
     fn yaml_errors_name_the_path_too() {
         let yaml = "name: t\nfamily: train\nsweep:\n  searcher: grid\n  params:\n    seed: [0]\n  extra: 1\n";
         let err = SweepSpec::parse(yaml, SpecFormat::Yaml).unwrap_err();
-        assert_eq!(err.path, "sweep", "{err}");
+        assert_eq!(err.path, "sweep.extra", "{err}");
         assert!(err.message.contains("extra"), "{err}");
         let ok = "name: t\nfamily: train\nsweep:\n  searcher: grid\n  params:\n    seed: [0, 1]\n";
         assert_eq!(SweepSpec::parse(ok, SpecFormat::Yaml).unwrap().sweep.params.len(), 1);

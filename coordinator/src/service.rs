@@ -1,0 +1,424 @@
+//! The gRPC edge: converts between `ablate.v1` messages and domain calls.
+//! Nothing but conversions and request plumbing lives here.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ablate_schema::proto::{self, experiments_server, workers_server};
+use ablate_schema::{ExperimentId, LeaseToken, SpecFormat, TrialId, TrialState, WorkerId};
+use futures::Stream;
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::db::{self, CheckpointRecord, ExperimentRow, TrialRow};
+use crate::error::Error;
+use crate::submit;
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+pub fn experiments_server(pool: PgPool) -> experiments_server::ExperimentsServer<ExperimentsService> {
+    experiments_server::ExperimentsServer::new(ExperimentsService { pool })
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+pub fn workers_server(pool: PgPool, lease_ttl: Duration) -> workers_server::WorkersServer<WorkersService> {
+    workers_server::WorkersServer::new(WorkersService {
+        pool,
+        lease_ttl,
+        names: Arc::new(Mutex::new(HashMap::new())),
+    })
+    .max_decoding_message_size(64 << 20)
+}
+
+fn parse_id<T>(parse: impl Fn(&str) -> Result<T, ablate_schema::ids::BadId>, text: &str) -> Result<T, Status> {
+    parse(text).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+pub struct ExperimentsService {
+    pool: PgPool,
+}
+
+impl ExperimentsService {
+    async fn snapshot(&self, id: ExperimentId, best: u32) -> Result<proto::Experiment, Error> {
+        let row = db::experiment(&self.pool, id).await?;
+        let best_rows = db::best_trials(&self.pool, &row, best.max(1)).await?;
+        let (running, failed) = db::active_and_failed_trials(&self.pool, id).await?;
+        Ok(experiment_message(&row, &best_rows, &running, &failed))
+    }
+}
+
+fn trial_message(t: &TrialRow) -> proto::TrialSummary {
+    proto::TrialSummary {
+        trial_id: t.id.to_string(),
+        ordinal: t.ordinal as u32,
+        state: t.state.clone(),
+        params_json: t.params.to_string(),
+        objective: t.objective,
+        attempt: t.attempt as u32,
+        step: t.step,
+        total_steps: t.total_steps,
+        error: t.error.clone().unwrap_or_default(),
+    }
+}
+
+fn experiment_message(
+    e: &ExperimentRow,
+    best: &[TrialRow],
+    running: &[TrialRow],
+    failed: &[TrialRow],
+) -> proto::Experiment {
+    let c = &e.counts;
+    proto::Experiment {
+        id: e.id.to_string(),
+        name: e.name.clone(),
+        family: e.family.clone(),
+        state: e.state.clone(),
+        counts: Some(proto::TrialCounts {
+            pending: c.pending as u32,
+            running: c.running as u32,
+            succeeded: c.succeeded as u32,
+            failed: c.failed as u32,
+            pruned: c.pruned as u32,
+            cancelled: c.cancelled as u32,
+        }),
+        objective_metric: e.objective_metric.clone().unwrap_or_default(),
+        goal: e.goal.clone().unwrap_or_default(),
+        created_at: e.created_at.to_rfc3339(),
+        best: best.iter().map(trial_message).collect(),
+        running: running.iter().map(trial_message).collect(),
+        failures: failed.iter().map(trial_message).collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl experiments_server::Experiments for ExperimentsService {
+    async fn submit(&self, request: Request<proto::SubmitRequest>) -> Result<Response<proto::SubmitResponse>, Status> {
+        let req = request.into_inner();
+        let format = SpecFormat::parse(&req.format)
+            .ok_or_else(|| Status::invalid_argument(format!("unknown spec format `{}`, expected toml or yaml", req.format)))?;
+        let (id, count) = submit::submit(&self.pool, &req.spec_text, format).await?;
+        Ok(Response::new(proto::SubmitResponse {
+            experiment_id: id.to_string(),
+            trial_count: count as u32,
+        }))
+    }
+
+    async fn get_experiment(
+        &self,
+        request: Request<proto::GetExperimentRequest>,
+    ) -> Result<Response<proto::Experiment>, Status> {
+        let req = request.into_inner();
+        let id = parse_id(ExperimentId::parse, &req.experiment_id)?;
+        Ok(Response::new(self.snapshot(id, req.best).await?))
+    }
+
+    async fn list_experiments(
+        &self,
+        request: Request<proto::ListExperimentsRequest>,
+    ) -> Result<Response<proto::ListExperimentsResponse>, Status> {
+        let limit = request.into_inner().limit;
+        let rows = db::list_experiments(&self.pool, if limit == 0 { 50 } else { limit }).await?;
+        Ok(Response::new(proto::ListExperimentsResponse {
+            experiments: rows.iter().map(|r| experiment_message(r, &[], &[], &[])).collect(),
+        }))
+    }
+
+    async fn cancel(&self, request: Request<proto::CancelRequest>) -> Result<Response<proto::CancelResponse>, Status> {
+        let id = parse_id(ExperimentId::parse, &request.into_inner().experiment_id)?;
+        let n = db::cancel(&self.pool, id).await?;
+        tracing::info!(experiment = %id, trials = n, "experiment cancelled");
+        Ok(Response::new(proto::CancelResponse { trials_cancelled: n as u32 }))
+    }
+
+    type WatchStream = ResponseStream<proto::Experiment>;
+
+    async fn watch(&self, request: Request<proto::GetExperimentRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let req = request.into_inner();
+        let id = parse_id(ExperimentId::parse, &req.experiment_id)?;
+        let first = self.snapshot(id, req.best).await?;
+        let (tx, rx) = mpsc::channel(4);
+        let service = ExperimentsService { pool: self.pool.clone() };
+        tokio::spawn(async move {
+            let mut last = first;
+            if tx.send(Ok(last.clone())).await.is_err() {
+                return;
+            }
+            while last.state == "running" {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                match service.snapshot(id, req.best).await {
+                    Ok(next) if next != last => {
+                        if tx.send(Ok(next.clone())).await.is_err() {
+                            return;
+                        }
+                        last = next;
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        let _ = tx.send(Err(error.into())).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_workers(
+        &self,
+        _request: Request<proto::ListWorkersRequest>,
+    ) -> Result<Response<proto::ListWorkersResponse>, Status> {
+        let rows = db::list_workers(&self.pool).await?;
+        Ok(Response::new(proto::ListWorkersResponse {
+            workers: rows
+                .into_iter()
+                .map(|w| proto::WorkerInfo {
+                    worker_id: w.id.to_string(),
+                    hostname: w.hostname,
+                    devices: w.devices,
+                    registered_at: w.registered_at.to_rfc3339(),
+                    last_seen_at: w.last_seen_at.to_rfc3339(),
+                    running_trials: w.running as u32,
+                })
+                .collect(),
+        }))
+    }
+
+    type QueryStream = ResponseStream<proto::QueryChunk>;
+
+    async fn query(&self, request: Request<proto::QueryRequest>) -> Result<Response<Self::QueryStream>, Status> {
+        let req = request.into_inner();
+        let timeout = Duration::from_millis(if req.timeout_ms == 0 { 30_000 } else { req.timeout_ms as u64 });
+        let result = db::read_only_query(&self.pool, &req.sql, timeout).await?;
+        let mut chunks = Vec::new();
+        let mut columns = Some(result.columns);
+        let mut rows = result.rows.into_iter().peekable();
+        loop {
+            let rows_json: Vec<String> = rows.by_ref().take(1000).map(|r| serde_json::Value::from(r).to_string()).collect();
+            let last = rows.peek().is_none();
+            chunks.push(Ok(proto::QueryChunk {
+                columns: columns.take().unwrap_or_default(),
+                rows_json,
+            }));
+            if last {
+                break;
+            }
+        }
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+}
+
+pub struct WorkersService {
+    pool: PgPool,
+    lease_ttl: Duration,
+    /// Metric name -> id; a cache of `metric_names`, refilled on a miss.
+    names: Arc<Mutex<HashMap<String, i32>>>,
+}
+
+fn lease_of(trial: &str, token: &str) -> Result<(TrialId, LeaseToken), Status> {
+    Ok((parse_id(TrialId::parse, trial)?, parse_id(LeaseToken::parse, token)?))
+}
+
+/// Writes one metric batch; returns the number of points stored.
+async fn ingest(pool: &PgPool, names: &Mutex<HashMap<String, i32>>, batch: &proto::MetricBatch) -> Result<u64, Error> {
+    let (trial, token) = lease_of(&batch.trial_id, &batch.lease_token).map_err(|s| Error::InvalidArgument(s.message().into()))?;
+    let n = batch.steps.len();
+    if batch.values.len() != n || batch.name_index.len() != n {
+        return Err(Error::InvalidArgument(format!(
+            "metric batch {} has {} steps, {} values and {} name indexes; they must match",
+            batch.seq,
+            n,
+            batch.values.len(),
+            batch.name_index.len()
+        )));
+    }
+    if let Some(bad) = batch.name_index.iter().find(|&&i| i as usize >= batch.names.len()) {
+        return Err(Error::InvalidArgument(format!(
+            "metric batch {} refers to name {bad} of {}",
+            batch.seq,
+            batch.names.len()
+        )));
+    }
+    let missing: Vec<String> = {
+        let cache = names.lock().expect("name cache lock");
+        batch.names.iter().filter(|n| !cache.contains_key(*n)).cloned().collect()
+    };
+    if !missing.is_empty() {
+        let interned = db::intern_metric_names(pool, &missing).await?;
+        names.lock().expect("name cache lock").extend(interned);
+    }
+    let ids: Vec<i32> = {
+        let cache = names.lock().expect("name cache lock");
+        batch.names.iter().map(|n| cache[n]).collect()
+    };
+    // The same (name, step) twice in one batch: the later point wins.
+    let mut latest: HashMap<(i32, i64), f64> = HashMap::with_capacity(n);
+    let mut order = Vec::with_capacity(n);
+    for i in 0..n {
+        let key = (ids[batch.name_index[i] as usize], batch.steps[i]);
+        if latest.insert(key, batch.values[i]).is_none() {
+            order.push(key);
+        }
+    }
+    let name_ids: Vec<i32> = order.iter().map(|k| k.0).collect();
+    let steps: Vec<i64> = order.iter().map(|k| k.1).collect();
+    let values: Vec<f64> = order.iter().map(|k| latest[k]).collect();
+    db::insert_metrics(pool, trial, token, &name_ids, &steps, &values).await
+}
+
+#[tonic::async_trait]
+impl workers_server::Workers for WorkersService {
+    async fn register(&self, request: Request<proto::RegisterRequest>) -> Result<Response<proto::RegisterResponse>, Status> {
+        let req = request.into_inner();
+        let id = parse_id(WorkerId::parse, &req.worker_id)?;
+        db::register_worker(&self.pool, id, &req.hostname, &req.devices).await?;
+        tracing::info!(worker = %id, hostname = %req.hostname, devices = ?req.devices, "worker registered");
+        let ttl = self.lease_ttl.as_millis() as u32;
+        Ok(Response::new(proto::RegisterResponse {
+            lease_ttl_ms: ttl,
+            heartbeat_interval_ms: (ttl / 5).max(100),
+        }))
+    }
+
+    async fn lease(&self, request: Request<proto::LeaseRequest>) -> Result<Response<proto::LeaseResponse>, Status> {
+        let req = request.into_inner();
+        let worker = parse_id(WorkerId::parse, &req.worker_id)?;
+        let leased = db::lease(&self.pool, worker, req.max_trials, self.lease_ttl).await?;
+        Ok(Response::new(proto::LeaseResponse {
+            trials: leased
+                .into_iter()
+                .map(|t| proto::LeasedTrial {
+                    trial_id: t.trial.to_string(),
+                    experiment_id: t.experiment.to_string(),
+                    lease_token: t.token.to_string(),
+                    attempt: t.attempt as u32,
+                    family: t.family,
+                    params_json: t.params.to_string(),
+                    resume_from: t.resume_from.map(|c| proto::Checkpoint {
+                        step: c.step,
+                        path: c.path,
+                        bytes: c.bytes as u64,
+                    }),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<proto::HeartbeatRequest>,
+    ) -> Result<Response<proto::HeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        let worker = parse_id(WorkerId::parse, &req.worker_id)?;
+        let held = req
+            .leases
+            .iter()
+            .map(|l| lease_of(&l.trial_id, &l.lease_token))
+            .collect::<Result<Vec<_>, _>>()?;
+        let stop = db::heartbeat(&self.pool, worker, &held, self.lease_ttl).await?;
+        Ok(Response::new(proto::HeartbeatResponse {
+            stop: stop
+                .into_iter()
+                .map(|(trial, reason)| proto::StopOrder {
+                    trial_id: trial.to_string(),
+                    reason,
+                })
+                .collect(),
+        }))
+    }
+
+    type StreamMetricsStream = ResponseStream<proto::MetricAck>;
+
+    async fn stream_metrics(
+        &self,
+        request: Request<Streaming<proto::MetricBatch>>,
+    ) -> Result<Response<Self::StreamMetricsStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let pool = self.pool.clone();
+        let names = self.names.clone();
+        tokio::spawn(async move {
+            while let Some(next) = inbound.next().await {
+                let batch = match next {
+                    Ok(batch) => batch,
+                    Err(_) => return,
+                };
+                let ack = match ingest(&pool, &names, &batch).await {
+                    Ok(_) => proto::MetricAck {
+                        seq: batch.seq,
+                        status: "durable".into(),
+                        error: String::new(),
+                    },
+                    Err(Error::StaleLease { trial }) => proto::MetricAck {
+                        seq: batch.seq,
+                        status: "stale_lease".into(),
+                        error: format!("stale lease for trial {trial}"),
+                    },
+                    Err(Error::InvalidArgument(message)) => proto::MetricAck {
+                        seq: batch.seq,
+                        status: "invalid".into(),
+                        error: message,
+                    },
+                    Err(error) => {
+                        // Not durable and not refused: end the stream; the worker resends.
+                        let _ = tx.send(Err(Status::from(error))).await;
+                        return;
+                    }
+                };
+                if tx.send(Ok(ack)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn report_checkpoint(
+        &self,
+        request: Request<proto::CheckpointReport>,
+    ) -> Result<Response<proto::CheckpointAck>, Status> {
+        let req = request.into_inner();
+        let (trial, token) = lease_of(&req.trial_id, &req.lease_token)?;
+        let c = req
+            .checkpoint
+            .ok_or_else(|| Status::invalid_argument("checkpoint report without a checkpoint"))?;
+        let record = CheckpointRecord {
+            step: c.step,
+            path: c.path,
+            bytes: c.bytes as i64,
+        };
+        db::record_checkpoint(&self.pool, trial, token, &record).await?;
+        Ok(Response::new(proto::CheckpointAck {}))
+    }
+
+    async fn complete(&self, request: Request<proto::CompleteRequest>) -> Result<Response<proto::CompleteResponse>, Status> {
+        let req = request.into_inner();
+        let (trial, token) = lease_of(&req.trial_id, &req.lease_token)?;
+        let outcome = match TrialState::parse(&req.outcome) {
+            Some(s @ (TrialState::Succeeded | TrialState::Failed)) => s,
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "outcome `{}` is not one of succeeded, failed",
+                    req.outcome
+                )))
+            }
+        };
+        let nonempty = |s: &str| if s.is_empty() { None } else { Some(s.to_string()) };
+        db::complete(
+            &self.pool,
+            trial,
+            token,
+            outcome,
+            nonempty(&req.error).as_deref(),
+            nonempty(&req.stderr_tail).as_deref(),
+        )
+        .await?;
+        tracing::info!(trial = %trial, outcome = outcome.as_str(), "trial completed");
+        Ok(Response::new(proto::CompleteResponse {}))
+    }
+}
