@@ -1,1 +1,134 @@
-fn main() {}
+//! `ablate`: the researcher's command line.
+//!
+//! Three layers: clap types here, the resolved coordinator address, then one
+//! file per command under `commands/`.
+
+mod client;
+mod commands;
+mod embedded;
+mod render;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "ablate", version, about = "scaling-science sweeps: submit, watch, query in SQL")]
+struct Cli {
+    /// The coordinator's address.
+    #[arg(long, global = true, env = "ABLATE_COORDINATOR", default_value = "http://127.0.0.1:7077")]
+    coordinator: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Starts the embedded stack: PostgreSQL (unless DATABASE_URL is set), a coordinator, one local worker.
+    Up(UpArgs),
+    /// Stops a stack started with `ablate up --detach`.
+    Down(StateArgs),
+    /// Runs a coordinator against DATABASE_URL.
+    Serve(ServeArgs),
+    /// Submits a sweep spec (TOML or YAML); prints the experiment id on stdout.
+    Submit {
+        spec: PathBuf,
+        /// Shows progress on stderr until the sweep ends; exits non-zero if it fails.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Lists experiments, or shows one with its best trials.
+    Status { experiment: Option<String> },
+    /// Shows progress bars until the experiment ends.
+    Watch { experiment: String },
+    /// Cancels an experiment's pending and running trials.
+    Cancel { experiment: String },
+    /// Lists registered workers.
+    Workers,
+    /// Runs a read-only SQL query against the views in schema `ablate`.
+    Sql {
+        query: String,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Statement timeout in seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct StateArgs {
+    /// Where the embedded stack keeps its state (PostgreSQL data, objects, logs).
+    #[arg(long, default_value = ".ablate")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// Runs in the background; `ablate down` stops it.
+    #[arg(long)]
+    pub detach: bool,
+    /// The coordinator's listen address.
+    #[arg(long, default_value = "127.0.0.1:7077")]
+    pub listen: SocketAddr,
+    /// The local worker's device slots: auto, cpu:K or cuda:0,cuda:1.
+    #[arg(long, default_value = "auto")]
+    pub devices: String,
+    /// Port of the embedded PostgreSQL.
+    #[arg(long, default_value_t = 54329)]
+    pub pg_port: u16,
+    /// Use this PostgreSQL instead of the embedded one.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct ServeArgs {
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    #[arg(long, default_value = "127.0.0.1:7077")]
+    pub listen: SocketAddr,
+    /// Seconds a lease lasts without a heartbeat.
+    #[arg(long, default_value_t = 15.0)]
+    pub lease_ttl: f64,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let result = runtime.block_on(async {
+        let addr = cli.coordinator.clone();
+        match cli.command {
+            Command::Up(args) => commands::up::run(args).await,
+            Command::Down(args) => commands::up::down(args).await,
+            Command::Serve(args) => commands::serve::run(args).await,
+            Command::Submit { spec, wait } => commands::submit::run(&addr, &spec, wait).await,
+            Command::Status { experiment } => commands::status::run(&addr, experiment.as_deref()).await,
+            Command::Watch { experiment } => commands::watch::run(&addr, &experiment).await.map(|_| ()),
+            Command::Cancel { experiment } => commands::cancel::run(&addr, &experiment).await,
+            Command::Workers => commands::workers::run(&addr).await,
+            Command::Sql { query, format, timeout } => commands::sql::run(&addr, &query, format, timeout).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

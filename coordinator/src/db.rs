@@ -96,6 +96,7 @@ pub struct LeasedTrial {
     pub family: String,
     pub params: Value,
     pub resume_from: Option<CheckpointRecord>,
+    pub spec_hash: String,
 }
 
 /// Leases up to `max` pending trials to `worker` in one statement.
@@ -117,7 +118,7 @@ pub async fn lease(pool: &PgPool, worker: WorkerId, max: u32, ttl: Duration) -> 
              started_at = coalesce(t.started_at, now())
          from picked, experiments e
          where t.id = picked.id and e.id = t.experiment_id
-         returning t.id, t.experiment_id, t.lease_token, t.attempt, e.family, t.params,
+         returning t.id, t.experiment_id, t.lease_token, t.attempt, e.family, t.params, e.spec_hash,
              (select jsonb_build_object('step', c.step, 'path', c.path, 'bytes', c.bytes)
               from checkpoints c where c.trial_id = t.id order by c.step desc limit 1) as checkpoint",
     )
@@ -136,6 +137,7 @@ pub async fn lease(pool: &PgPool, worker: WorkerId, max: u32, ttl: Duration) -> 
                 attempt: row.try_get("attempt")?,
                 family: row.try_get("family")?,
                 params: row.try_get("params")?,
+                spec_hash: row.try_get("spec_hash")?,
                 resume_from: checkpoint.map(|c| CheckpointRecord {
                     step: c["step"].as_i64().unwrap_or(0),
                     path: c["path"].as_str().unwrap_or_default().to_string(),
@@ -360,6 +362,7 @@ pub struct ExperimentRow {
     pub objective_metric: Option<String>,
     pub goal: Option<String>,
     pub created_at: DateTime<Utc>,
+    pub swept: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -376,7 +379,8 @@ pub struct TrialRow {
 }
 
 const EXPERIMENT_COLUMNS: &str = "experiment_id, name, family, state, pending, running, succeeded, failed,
-     pruned, cancelled, objective_metric, goal, created_at";
+     pruned, cancelled, objective_metric, goal, created_at,
+     (select coalesce(array_agg(k order by k), '{}') from jsonb_object_keys(spec -> 'sweep' -> 'params') k) as swept";
 
 fn experiment_row(row: &sqlx::postgres::PgRow) -> Result<ExperimentRow> {
     Ok(ExperimentRow {
@@ -395,6 +399,7 @@ fn experiment_row(row: &sqlx::postgres::PgRow) -> Result<ExperimentRow> {
         objective_metric: row.try_get("objective_metric")?,
         goal: row.try_get("goal")?,
         created_at: row.try_get("created_at")?,
+        swept: row.try_get("swept")?,
     })
 }
 

@@ -93,6 +93,7 @@ fn experiment_message(
         best: best.iter().map(trial_message).collect(),
         running: running.iter().map(trial_message).collect(),
         failures: failed.iter().map(trial_message).collect(),
+        swept_params: e.swept.clone(),
     }
 }
 
@@ -299,6 +300,7 @@ impl workers_server::Workers for WorkersService {
                     attempt: t.attempt as u32,
                     family: t.family,
                     params_json: t.params.to_string(),
+                    spec_hash: t.spec_hash,
                     resume_from: t.resume_from.map(|c| proto::Checkpoint {
                         step: c.step,
                         path: c.path,

@@ -1,0 +1,10 @@
+//! One module per `ablate` command.
+
+pub mod cancel;
+pub mod serve;
+pub mod sql;
+pub mod status;
+pub mod submit;
+pub mod up;
+pub mod watch;
+pub mod workers;

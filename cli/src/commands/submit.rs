@@ -1,0 +1,32 @@
+//! `ablate submit SPEC [--wait]`: the id alone on stdout, progress on stderr,
+//! so `EXP=$(ablate submit spec.toml --wait)` works.
+
+use std::path::Path;
+
+use ablate_schema::{proto, SpecFormat};
+
+use crate::client::connect;
+
+pub async fn run(addr: &str, spec: &Path, wait: bool) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(spec).map_err(|e| anyhow::anyhow!("cannot read spec {}: {e}", spec.display()))?;
+    let format = SpecFormat::from_path(&spec.to_string_lossy());
+    let mut client = connect(addr).await?;
+    let response = client
+        .submit(proto::SubmitRequest {
+            spec_text: text,
+            format: format.as_str().into(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}: {}", spec.display(), s.message()))?
+        .into_inner();
+    println!("{}", response.experiment_id);
+    eprintln!("submitted {} with {} trials", spec.display(), response.trial_count);
+    if !wait {
+        return Ok(());
+    }
+    let last = super::watch::run(addr, &response.experiment_id).await?;
+    match last.state.as_str() {
+        "succeeded" => Ok(()),
+        state => Err(anyhow::anyhow!("experiment {} ended {state}", last.id)),
+    }
+}

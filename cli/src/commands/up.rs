@@ -1,0 +1,128 @@
+//! `ablate up` and `ablate down`: the embedded stack on one machine.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use ablate_coordinator::{Coordinator, Options};
+
+use crate::commands::serve::shutdown_signal;
+use crate::embedded::EmbeddedPg;
+use crate::{StateArgs, UpArgs};
+
+fn pid_file(state: &Path) -> PathBuf {
+    state.join("up.pid")
+}
+
+/// The `ablate-worker` binary installed beside this one.
+fn worker_binary() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let worker = me.with_file_name("ablate-worker");
+    if !worker.exists() {
+        anyhow::bail!(
+            "{} not found; build it with `cargo xtask build` (it needs libtorch)",
+            worker.display()
+        );
+    }
+    Ok(worker)
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.state.state_dir)?;
+    if args.detach {
+        return detach(&args).await;
+    }
+    let worker = worker_binary()?;
+    let (pg, database_url) = match &args.database_url {
+        Some(url) => (None, url.clone()),
+        None => {
+            let (pg, url) = EmbeddedPg::start(&args.state.state_dir, args.pg_port)?;
+            (Some(pg), url)
+        }
+    };
+    let coordinator = Coordinator::build(Options::new(database_url, args.listen)).await?;
+    let addr = coordinator.local_addr();
+    let coordinator_url = format!("http://{addr}");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(coordinator.run(async {
+        let _ = stop_rx.await;
+    }));
+    let state = std::path::absolute(&args.state.state_dir)?;
+    let mut child = tokio::process::Command::new(worker)
+        .args(["daemon", "--coordinator", &coordinator_url, "--devices", &args.devices])
+        .arg("--object-store")
+        .arg(state.join("objects"))
+        .arg("--state-dir")
+        .arg(state.join("worker"))
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    eprintln!(
+        "ablate is up: coordinator {coordinator_url}, objects in {}; Ctrl-C stops it",
+        state.join("objects").display()
+    );
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        status = child.wait() => eprintln!("the local worker exited ({status:?}); stopping"),
+    }
+    if let Some(pid) = child.id() {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    if let Some(pg) = pg {
+        pg.stop();
+    }
+    let _ = std::fs::remove_file(pid_file(&args.state.state_dir));
+    eprintln!("ablate is down");
+    Ok(())
+}
+
+/// Starts `ablate up` in the background and waits until its coordinator answers.
+async fn detach(args: &UpArgs) -> anyhow::Result<()> {
+    let state = &args.state.state_dir;
+    let log_path = state.join("up.log");
+    let log = std::fs::File::create(&log_path)?;
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command
+        .args(["up", "--listen", &args.listen.to_string(), "--devices", &args.devices])
+        .args(["--pg-port", &args.pg_port.to_string()])
+        .arg("--state-dir")
+        .arg(state)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let child = command.spawn()?;
+    std::fs::write(pid_file(state), child.id().to_string())?;
+    let addr = format!("http://{}", args.listen);
+    for _ in 0..240 {
+        if crate::client::connect(&addr).await.is_ok() {
+            eprintln!("ablate is up in the background: coordinator {addr}; log {}; `ablate down` stops it", log_path.display());
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    anyhow::bail!("the stack did not come up within 60 s; see {}", log_path.display())
+}
+
+pub async fn down(args: StateArgs) -> anyhow::Result<()> {
+    let file = pid_file(&args.state_dir);
+    let pid: i32 = std::fs::read_to_string(&file)
+        .map_err(|_| anyhow::anyhow!("no stack is running from {} (no {})", args.state_dir.display(), file.display()))?
+        .trim()
+        .parse()?;
+    // SAFETY: signalling a pid we started; kill(pid, 0) only checks it exists.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    for _ in 0..120 {
+        if unsafe { libc::kill(pid, 0) } != 0 {
+            let _ = std::fs::remove_file(&file);
+            eprintln!("ablate is down");
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    anyhow::bail!("the stack (pid {pid}) did not stop within 30 s")
+}

@@ -1,0 +1,31 @@
+//! `ablate workers`.
+
+use ablate_schema::proto;
+
+use crate::client::{connect, status_error};
+use crate::render::table;
+
+pub async fn run(addr: &str) -> anyhow::Result<()> {
+    let mut client = connect(addr).await?;
+    let workers = client
+        .list_workers(proto::ListWorkersRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .workers;
+    let header: Vec<String> = ["worker", "host", "devices", "running", "last seen"].iter().map(|s| s.to_string()).collect();
+    let rows: Vec<Vec<String>> = workers
+        .into_iter()
+        .map(|w| {
+            vec![
+                w.worker_id,
+                w.hostname,
+                w.devices.join(","),
+                w.running_trials.to_string(),
+                w.last_seen_at,
+            ]
+        })
+        .collect();
+    print!("{}", table(&header, &rows));
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! Plain-text tables and the experiment summaries the commands print.
+
+use ablate_schema::proto;
+
+/// Renders rows under a header, columns padded to their widest cell.
+pub fn table(header: &[String], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+    }
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths.get(i).copied().unwrap_or(0)))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = line(header);
+    out.push('\n');
+    out.push_str(&widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  "));
+    out.push('\n');
+    for row in rows {
+        out.push_str(&line(row));
+        out.push('\n');
+    }
+    out
+}
+
+/// A JSON value as a table or CSV cell.
+pub fn cell(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::Null => String::new(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn counts_line(e: &proto::Experiment) -> String {
+    let c = e.counts.clone().unwrap_or_default();
+    let total = c.pending + c.running + c.succeeded + c.failed + c.pruned + c.cancelled;
+    format!(
+        "{total} trials: {} succeeded, {} failed, {} running, {} pending, {} cancelled",
+        c.succeeded, c.failed, c.running, c.pending, c.cancelled
+    )
+}
+
+/// The summary printed after a sweep and by `ablate status EXP`.
+pub fn experiment_summary(e: &proto::Experiment) -> String {
+    let mut out = format!(
+        "experiment {} ({}, family {}): {}\n{}\n",
+        e.id,
+        e.name,
+        e.family,
+        e.state,
+        counts_line(e)
+    );
+    if !e.best.is_empty() {
+        out.push_str(&format!("\nbest trials by {} ({}):\n", e.objective_metric, e.goal));
+        let header: Vec<String> = ["rank", "trial", e.objective_metric.as_str(), "params"].iter().map(|s| s.to_string()).collect();
+        let rows: Vec<Vec<String>> = e
+            .best
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                vec![
+                    (i + 1).to_string(),
+                    t.ordinal.to_string(),
+                    t.objective.map(|v| format!("{v:.6}")).unwrap_or_default(),
+                    swept_params(&t.params_json, &e.swept_params),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&header, &rows));
+    }
+    for f in &e.failures {
+        out.push_str(&format!("\ntrial {} failed (attempt {}): {}\n", f.ordinal, f.attempt, f.error.trim()));
+    }
+    out
+}
+
+/// `name=value` for each swept parameter of a trial.
+fn swept_params(params_json: &str, swept: &[String]) -> String {
+    match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(params_json) {
+        Ok(map) => map
+            .iter()
+            .filter(|(k, _)| swept.is_empty() || swept.contains(k))
+            .map(|(k, v)| format!("{k}={}", cell(v)))
+            .collect::<Vec<_>>()
+            .join(" "),
+        Err(_) => params_json.to_string(),
+    }
+}
+
+/// How to look at the results in SQL.
+pub fn sql_hint(e: &proto::Experiment) -> String {
+    let order = if e.goal == "maximize" { "desc" } else { "asc" };
+    format!(
+        "\nquery the results in SQL:\n  ablate sql \"select ordinal, params, metrics from ablate.trial_results where experiment_id = '{}' order by objective {order} limit 5\"\n  ablate sql \"select name, step, value from ablate.metric_series where experiment_id = '{}' and name = 'eval_loss' order by step\"\n",
+        e.id, e.id
+    )
+}

@@ -1,0 +1,141 @@
+//! Which libtorch backend is live, and the device slots this host offers.
+//!
+//! The linker drops `libtorch_cuda.so` because nothing refers to it by name,
+//! so CUDA would look absent. Loading it at start-up (RTLD_NOW | RTLD_GLOBAL)
+//! lets one binary serve a CPU-only libtorch and a GPU machine alike.
+
+use std::ffi::CString;
+
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub cuda_devices: usize,
+    pub note: String,
+}
+
+fn load_cuda() -> Result<(), String> {
+    let name = CString::new("libtorch_cuda.so").expect("no NUL in a literal");
+    // SAFETY: dlopen with a valid C string; the handle is kept for the process's life.
+    let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+    if handle.is_null() {
+        // SAFETY: dlerror returns a valid C string or null.
+        let err = unsafe { libc::dlerror() };
+        let reason = if err.is_null() {
+            "unknown reason".to_string()
+        } else {
+            // SAFETY: non-null, NUL-terminated, owned by libc until the next dl call.
+            unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy().into_owned()
+        };
+        return Err(reason);
+    }
+    Ok(())
+}
+
+fn detect() -> Backend {
+    match load_cuda() {
+        Ok(()) if tch::Cuda::is_available() => {
+            let n = tch::Cuda::device_count() as usize;
+            Backend {
+                cuda_devices: n,
+                note: format!("cuda ({n} device(s))"),
+            }
+        }
+        Ok(()) => Backend {
+            cuda_devices: 0,
+            note: "cpu (libtorch_cuda loaded, but no CUDA device is visible)".into(),
+        },
+        Err(reason) => Backend {
+            cuda_devices: 0,
+            note: format!("cpu (libtorch_cuda not loaded: {reason})"),
+        },
+    }
+}
+
+/// Loads the CUDA backend where there is one and logs which backend is live.
+pub fn init() -> Backend {
+    let backend = detect();
+    tracing::info!(backend = %backend.note, "libtorch backend");
+    backend
+}
+
+/// As [`init`], without the log line (trial processes).
+pub fn init_quiet() -> Backend {
+    detect()
+}
+
+/// One device slot: runs one trial at a time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Slot {
+    /// `cpu:N` (the N-th CPU slot) or `cuda:N`.
+    pub name: String,
+    /// The device a trial in this slot uses: `cpu` or `cuda:N`.
+    pub device: String,
+    /// Intra-op threads for a trial in this slot.
+    pub threads: usize,
+}
+
+/// Turns `--devices` into slots: `auto`, `cpu:K` (K CPU slots) or `cuda:0,cuda:1`.
+pub fn discover(spec: &str, backend: &Backend) -> anyhow::Result<Vec<Slot>> {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpu_slots = |k: usize| {
+        (0..k)
+            .map(|i| Slot {
+                name: format!("cpu:{i}"),
+                device: "cpu".into(),
+                threads: (cores / k).max(1),
+            })
+            .collect::<Vec<_>>()
+    };
+    let spec = spec.trim();
+    if spec == "auto" {
+        return Ok(if backend.cuda_devices > 0 {
+            (0..backend.cuda_devices)
+                .map(|i| Slot {
+                    name: format!("cuda:{i}"),
+                    device: format!("cuda:{i}"),
+                    threads: 1,
+                })
+                .collect()
+        } else {
+            cpu_slots(cores)
+        });
+    }
+    if let Some(k) = spec.strip_prefix("cpu:") {
+        let k: usize = k
+            .parse()
+            .ok()
+            .filter(|k| *k > 0)
+            .ok_or_else(|| anyhow::anyhow!("--devices {spec}: expected cpu:K with K >= 1 slots"))?;
+        return Ok(cpu_slots(k));
+    }
+    let mut slots = Vec::new();
+    for part in spec.split(',') {
+        let index: usize = part
+            .trim()
+            .strip_prefix("cuda:")
+            .and_then(|i| i.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("--devices: `{part}` is not cuda:N; expected auto, cpu:K or cuda:0,cuda:1"))?;
+        if index >= backend.cuda_devices {
+            anyhow::bail!(
+                "--devices: cuda:{index} is not available; this host's backend is {}",
+                backend.note
+            );
+        }
+        slots.push(Slot {
+            name: format!("cuda:{index}"),
+            device: format!("cuda:{index}"),
+            threads: 1,
+        });
+    }
+    Ok(slots)
+}
+
+/// Parses `cpu` or `cuda:N` into a tch device.
+pub fn device(name: &str) -> anyhow::Result<tch::Device> {
+    if name == "cpu" {
+        return Ok(tch::Device::Cpu);
+    }
+    name.strip_prefix("cuda:")
+        .and_then(|i| i.parse().ok())
+        .map(tch::Device::Cuda)
+        .ok_or_else(|| anyhow::anyhow!("unknown device `{name}`, expected cpu or cuda:N"))
+}

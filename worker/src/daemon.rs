@@ -1,0 +1,203 @@
+//! The worker daemon: registers, leases trials up to its free device slots,
+//! heartbeats the leases in hand and stops the trials it is told to stop.
+//! The slot, not the process, is the daemon's unit.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ablate_schema::proto::{self, workers_client::WorkersClient};
+use ablate_schema::WorkerId;
+use tokio::sync::{mpsc, watch};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::backend::{self, Backend, Slot};
+use crate::relay::Relay;
+use crate::runner::{self, Shared};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Options {
+    /// The coordinator's address.
+    #[arg(long, env = "ABLATE_COORDINATOR", default_value = "http://127.0.0.1:7077")]
+    pub coordinator: String,
+    /// Device slots: auto, cpu:K (K CPU slots) or cuda:0,cuda:1.
+    #[arg(long, default_value = "auto")]
+    pub devices: String,
+    /// Where checkpoints go: a directory, file:///dir or s3://bucket/prefix.
+    #[arg(long, env = "ABLATE_OBJECT_STORE", default_value = ".ablate/objects")]
+    pub object_store: String,
+    /// Directory for the metric spool and scratch files.
+    #[arg(long, default_value_os_t = crate::default_state_dir())]
+    pub state_dir: PathBuf,
+    /// Upper bound of the on-disk metric spool, in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub max_spool_mib: u64,
+    /// How often to ask for work when slots are free and the queue was empty, in ms.
+    #[arg(long, default_value_t = 200)]
+    pub poll_ms: u64,
+}
+
+struct Held {
+    token: String,
+    stop: watch::Sender<Option<String>>,
+}
+
+pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
+    let slots = backend::discover(&options.devices, &backend)?;
+    let worker_id = WorkerId::new_random();
+    let channel: Channel = Endpoint::from_shared(options.coordinator.clone())
+        .map_err(|e| anyhow::anyhow!("--coordinator {}: {e}", options.coordinator))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect_lazy();
+    let client = WorkersClient::new(channel).max_decoding_message_size(64 << 20);
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    let devices: Vec<String> = slots.iter().map(|s| s.name.clone()).collect();
+    let registration = register(&client, worker_id, &hostname, &devices).await;
+    tracing::info!(worker = %worker_id, slots = ?devices, backend = %backend.note, coordinator = %options.coordinator, "worker registered");
+
+    let relay = Relay::start(
+        client.clone(),
+        options.state_dir.join("spool"),
+        options.max_spool_mib << 20,
+    )?;
+    let scratch = options.state_dir.join("scratch");
+    std::fs::create_dir_all(&scratch)?;
+    let shared = Arc::new(Shared {
+        client: client.clone(),
+        relay,
+        object_store: options.object_store.clone(),
+        scratch_dir: scratch.to_string_lossy().into_owned(),
+    });
+    let held: Arc<Mutex<HashMap<String, Held>>> = Arc::default();
+    tokio::spawn(heartbeat_forever(
+        client.clone(),
+        worker_id,
+        held.clone(),
+        Duration::from_millis(registration.heartbeat_interval_ms.max(100) as u64),
+    ));
+
+    let (freed_tx, mut freed_rx) = mpsc::unbounded_channel::<Slot>();
+    let mut free: Vec<Slot> = slots;
+    let poll = Duration::from_millis(options.poll_ms);
+    let mut lease_client = client.clone();
+    loop {
+        while let Ok(slot) = freed_rx.try_recv() {
+            free.push(slot);
+        }
+        if free.is_empty() {
+            tokio::select! {
+                slot = freed_rx.recv() => free.extend(slot),
+                _ = tokio::signal::ctrl_c() => break,
+            }
+            continue;
+        }
+        let request = proto::LeaseRequest {
+            worker_id: worker_id.to_string(),
+            max_trials: free.len() as u32,
+        };
+        let leased = match lease_client.lease(request).await {
+            Ok(response) => response.into_inner().trials,
+            Err(status) => {
+                tracing::debug!(%status, "lease failed; retrying");
+                Vec::new()
+            }
+        };
+        if leased.is_empty() {
+            tokio::select! {
+                _ = tokio::time::sleep(poll) => {}
+                slot = freed_rx.recv() => free.extend(slot),
+                _ = tokio::signal::ctrl_c() => break,
+            }
+            continue;
+        }
+        for trial in leased {
+            let slot = free.pop().expect("never lease more than the free slots");
+            let (stop_tx, stop_rx) = watch::channel(None);
+            held.lock().expect("held lock").insert(
+                trial.trial_id.clone(),
+                Held {
+                    token: trial.lease_token.clone(),
+                    stop: stop_tx,
+                },
+            );
+            let (shared, held, freed) = (shared.clone(), held.clone(), freed_tx.clone());
+            tokio::spawn(async move {
+                let id = trial.trial_id.clone();
+                runner::run(shared, slot.clone(), trial, stop_rx).await;
+                held.lock().expect("held lock").remove(&id);
+                let _ = freed.send(slot);
+            });
+        }
+    }
+    tracing::info!("shutting down: stopping running trials; their leases will expire and they will be re-leased");
+    for h in held.lock().expect("held lock").values() {
+        let _ = h.stop.send(Some("worker shutting down".into()));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(())
+}
+
+async fn register(
+    client: &WorkersClient<Channel>,
+    worker_id: WorkerId,
+    hostname: &str,
+    devices: &[String],
+) -> proto::RegisterResponse {
+    let mut warned = false;
+    loop {
+        let request = proto::RegisterRequest {
+            worker_id: worker_id.to_string(),
+            hostname: hostname.to_string(),
+            devices: devices.to_vec(),
+        };
+        match client.clone().register(request).await {
+            Ok(response) => return response.into_inner(),
+            Err(status) => {
+                if !warned {
+                    tracing::warn!(%status, "coordinator not reachable yet; retrying");
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+}
+
+async fn heartbeat_forever(
+    mut client: WorkersClient<Channel>,
+    worker_id: WorkerId,
+    held: Arc<Mutex<HashMap<String, Held>>>,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let leases: Vec<proto::HeldLease> = held
+            .lock()
+            .expect("held lock")
+            .iter()
+            .map(|(id, h)| proto::HeldLease {
+                trial_id: id.clone(),
+                lease_token: h.token.clone(),
+            })
+            .collect();
+        let request = proto::HeartbeatRequest {
+            worker_id: worker_id.to_string(),
+            leases,
+        };
+        match client.heartbeat(request).await {
+            Ok(response) => {
+                let held = held.lock().expect("held lock");
+                for order in response.into_inner().stop {
+                    if let Some(h) = held.get(&order.trial_id) {
+                        let _ = h.stop.send(Some(order.reason));
+                    }
+                }
+            }
+            Err(status) => tracing::debug!(%status, "heartbeat failed; retrying"),
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! One trial's life in the daemon: spawn its process, relay its metrics,
+//! record its checkpoints once the metrics before them are durable, obey stop
+//! orders, and report how it ended, all fenced by its lease token.
+
+use std::collections::VecDeque;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ablate_schema::proto::{self, workers_client::WorkersClient};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{oneshot, watch};
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::backend::Slot;
+use crate::relay::{Ack, Relay};
+use crate::trial_process::{Event, TrialInput};
+
+/// Points per metric batch, at most.
+const BATCH_POINTS: usize = 4096;
+/// How long metric points may wait before they are sent.
+const BATCH_DELAY: Duration = Duration::from_millis(200);
+/// Lines of a failed trial's stderr kept with the failure.
+const STDERR_LINES: usize = 40;
+/// Time between SIGTERM and SIGKILL when a trial is stopped.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// What the daemon shares with every runner.
+pub struct Shared {
+    pub client: WorkersClient<Channel>,
+    pub relay: Relay,
+    pub object_store: String,
+    pub scratch_dir: String,
+}
+
+/// A trial ends one of three ways.
+enum End {
+    Exited(std::process::ExitStatus),
+    /// The lease is gone (stale, cancelled, pruned): nothing more is reported.
+    Stopped(String),
+}
+
+/// Runs one leased trial to its end. Never panics the daemon: every error is reported or logged.
+pub async fn run(shared: Arc<Shared>, slot: Slot, trial: proto::LeasedTrial, stop: watch::Receiver<Option<String>>) {
+    let id = trial.trial_id.clone();
+    tracing::info!(trial = %id, slot = %slot.name, attempt = trial.attempt,
+        resume_step = trial.resume_from.as_ref().map(|c| c.step), "trial starting");
+    match drive(&shared, &slot, &trial, stop).await {
+        Ok(()) => {}
+        Err(error) => tracing::error!(trial = %id, %error, "trial runner failed"),
+    }
+}
+
+async fn drive(
+    shared: &Shared,
+    slot: &Slot,
+    trial: &proto::LeasedTrial,
+    mut stop: watch::Receiver<Option<String>>,
+) -> anyhow::Result<()> {
+    let params: serde_json::Value = serde_json::from_str(&trial.params_json)?;
+    let input = TrialInput {
+        trial_id: trial.trial_id.clone(),
+        experiment_id: trial.experiment_id.clone(),
+        family: trial.family.clone(),
+        params,
+        device: slot.device.clone(),
+        threads: slot.threads,
+        object_store: shared.object_store.clone(),
+        resume_from: trial.resume_from.as_ref().map(|c| c.path.clone()),
+        spec_hash: trial.spec_hash.clone(),
+        scratch_dir: shared.scratch_dir.clone(),
+    };
+    let mut child = spawn_trial_process()?;
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    stdin.write_all(serde_json::to_string(&input)?.as_bytes()).await?;
+    drop(stdin);
+
+    let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
+    let stderr_task = {
+        let tail = stderr_tail.clone();
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let id = trial.trial_id.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::debug!(trial = %id, "{line}");
+                let mut t = tail.lock().expect("stderr tail lock");
+                if t.len() == STDERR_LINES {
+                    t.pop_front();
+                }
+                t.push_back(line);
+            }
+        })
+    };
+
+    let mut metrics = Batcher::new(trial);
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
+    let mut tick = tokio::time::interval(BATCH_DELAY);
+    let end = loop {
+        tokio::select! {
+            line = lines.next_line() => match line? {
+                Some(line) => match serde_json::from_str::<Event>(&line) {
+                    Ok(Event::M(name, step, value)) => {
+                        metrics.push(name, step, value);
+                        if metrics.len() >= BATCH_POINTS {
+                            metrics.send(&shared.relay).await;
+                        }
+                    }
+                    Ok(Event::Checkpoint(written)) => {
+                        // A checkpoint is recorded only after every metric before it is durable,
+                        // so a resume from it never skips a point.
+                        if let Err(why) = metrics.drain(&shared.relay).await {
+                            break End::Stopped(why);
+                        }
+                        let report = proto::CheckpointReport {
+                            trial_id: trial.trial_id.clone(),
+                            lease_token: trial.lease_token.clone(),
+                            checkpoint: Some(proto::Checkpoint {
+                                step: written.step as i64,
+                                path: written.path,
+                                bytes: written.bytes,
+                            }),
+                        };
+                        let reported = retry(
+                            || {
+                                let r = report.clone();
+                                let mut c = shared.client.clone();
+                                async move { c.report_checkpoint(r).await }
+                            },
+                            &mut stop,
+                        )
+                        .await;
+                        if let Err(why) = reported {
+                            break End::Stopped(why);
+                        }
+                    }
+                    Err(_) => tracing::warn!(trial = %trial.trial_id, %line, "ignoring a stdout line that is not an event"),
+                },
+                None => break End::Exited(child.wait().await?),
+            },
+            _ = tick.tick() => {
+                if metrics.len() > 0 {
+                    metrics.send(&shared.relay).await;
+                }
+                if metrics.any_stale() {
+                    break End::Stopped("lease lost: the coordinator refused its metrics".into());
+                }
+            }
+            _ = stop.changed() => {
+                let why = stop.borrow().clone().unwrap_or_else(|| "stopped".into());
+                break End::Stopped(why);
+            }
+        }
+    };
+
+    let status = match end {
+        End::Stopped(why) => {
+            tracing::info!(trial = %trial.trial_id, %why, "stopping trial");
+            terminate(&mut child).await;
+            return Ok(());
+        }
+        End::Exited(status) => status,
+    };
+    let _ = stderr_task.await;
+    if let Err(why) = metrics.drain(&shared.relay).await {
+        tracing::info!(trial = %trial.trial_id, %why, "trial finished but its lease is gone");
+        return Ok(());
+    }
+    let tail: Vec<String> = stderr_tail.lock().expect("stderr tail lock").iter().cloned().collect();
+    let (outcome, error) = if status.success() {
+        ("succeeded", String::new())
+    } else {
+        let last = tail.iter().rev().find(|l| !l.trim().is_empty()).cloned().unwrap_or_default();
+        ("failed", format!("trial process {status}: {last}"))
+    };
+    let request = proto::CompleteRequest {
+        trial_id: trial.trial_id.clone(),
+        lease_token: trial.lease_token.clone(),
+        outcome: outcome.into(),
+        error,
+        stderr_tail: if status.success() { String::new() } else { tail.join("\n") },
+    };
+    match retry(
+        || {
+            let r = request.clone();
+            let mut c = shared.client.clone();
+            async move { c.complete(r).await }
+        },
+        &mut stop,
+    )
+    .await
+    {
+        Ok(()) => tracing::info!(trial = %trial.trial_id, outcome, "trial finished"),
+        Err(why) => tracing::info!(trial = %trial.trial_id, %why, "trial finished but its lease is gone"),
+    }
+    Ok(())
+}
+
+fn spawn_trial_process() -> anyhow::Result<Child> {
+    let exe = std::env::current_exe()?;
+    let mut command = Command::new(exe);
+    command
+        .arg("trial")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the
+    // trial if the daemon dies, so no trial outlives its daemon.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    Ok(command.spawn()?)
+}
+
+/// SIGTERM, then SIGKILL after the grace period.
+async fn terminate(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+        let _ = child.kill().await;
+    }
+}
+
+/// Retries a fenced call while the coordinator is unreachable; gives up when the lease is stale or the trial is stopped.
+async fn retry<F, Fut, T>(mut call: F, stop: &mut watch::Receiver<Option<String>>) -> Result<(), String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match call().await {
+            Ok(_) => return Ok(()),
+            Err(status) if status.code() == Code::FailedPrecondition => return Err(status.message().to_string()),
+            Err(status) if status.code() == Code::InvalidArgument => return Err(status.message().to_string()),
+            Err(status) => {
+                tracing::debug!(%status, "coordinator unreachable; retrying");
+                if let Some(why) = stop.borrow().clone() {
+                    return Err(why);
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Collects one trial's points into columnar batches and tracks their acks.
+struct Batcher {
+    trial_id: String,
+    lease_token: String,
+    names: Vec<String>,
+    name_index: Vec<u32>,
+    steps: Vec<i64>,
+    values: Vec<f64>,
+    in_flight: VecDeque<oneshot::Receiver<Ack>>,
+    stale: bool,
+}
+
+impl Batcher {
+    fn new(trial: &proto::LeasedTrial) -> Batcher {
+        Batcher {
+            trial_id: trial.trial_id.clone(),
+            lease_token: trial.lease_token.clone(),
+            names: Vec::new(),
+            name_index: Vec::new(),
+            steps: Vec::new(),
+            values: Vec::new(),
+            in_flight: VecDeque::new(),
+            stale: false,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.steps.len()
+    }
+
+    fn push(&mut self, name: String, step: i64, value: f64) {
+        let index = match self.names.iter().position(|n| *n == name) {
+            Some(i) => i,
+            None => {
+                self.names.push(name);
+                self.names.len() - 1
+            }
+        };
+        self.name_index.push(index as u32);
+        self.steps.push(step);
+        self.values.push(value);
+    }
+
+    async fn send(&mut self, relay: &Relay) {
+        let batch = proto::MetricBatch {
+            seq: 0,
+            trial_id: self.trial_id.clone(),
+            lease_token: self.lease_token.clone(),
+            names: std::mem::take(&mut self.names),
+            name_index: std::mem::take(&mut self.name_index),
+            steps: std::mem::take(&mut self.steps),
+            values: std::mem::take(&mut self.values),
+        };
+        self.in_flight.push_back(relay.send(batch).await);
+        self.any_stale();
+    }
+
+    /// Takes in the acks that have arrived, without waiting; true once any said the lease is stale.
+    fn any_stale(&mut self) -> bool {
+        while let Some(front) = self.in_flight.front_mut() {
+            match front.try_recv() {
+                Ok(ack) => {
+                    self.stale |= ack == Ack::Stale;
+                    self.in_flight.pop_front();
+                }
+                Err(_) => break,
+            }
+        }
+        self.stale
+    }
+
+    /// Sends what is buffered and waits until every batch is durable.
+    async fn drain(&mut self, relay: &Relay) -> Result<(), String> {
+        if self.len() > 0 {
+            self.send(relay).await;
+        }
+        while let Some(rx) = self.in_flight.pop_front() {
+            match rx.await {
+                Ok(Ack::Durable) | Ok(Ack::Invalid(_)) => {}
+                Ok(Ack::Stale) => self.stale = true,
+                Err(_) => return Err("metric relay stopped".into()),
+            }
+        }
+        if self.stale {
+            Err("lease lost: the coordinator refused its metrics".into())
+        } else {
+            Ok(())
+        }
+    }
+}

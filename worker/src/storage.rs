@@ -1,0 +1,125 @@
+//! Object storage for checkpoints: a local directory by default, S3 in a cluster.
+//!
+//! A checkpoint is `experiments/<experiment>/trials/<trial>/step-<step>.safetensors`
+//! (model and optimizer tensors, readable with `safetensors.torch.load_file`)
+//! plus a `.json` sidecar beside it (step, data cursor, seed, spec hash).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ablate_experiments::trial::{CheckpointStore, Snapshot, TrialError};
+use object_store::path::Path;
+use object_store::ObjectStore;
+use serde_json::Value;
+use tch::Tensor;
+use url::Url;
+
+/// Opens the store named by `url`: `file:///abs/dir`, a plain directory path, or `s3://bucket/prefix`.
+/// S3 settings come from the usual `AWS_*` variables (`AWS_ENDPOINT`, `AWS_ALLOW_HTTP`, ...).
+pub fn open(url: &str) -> anyhow::Result<(Arc<dyn ObjectStore>, Path)> {
+    let local_dir = match Url::parse(url) {
+        Ok(u) if u.scheme() == "file" => Some(std::path::PathBuf::from(u.path())),
+        Ok(u) if u.scheme().len() > 1 => None,
+        // A plain path (or a Windows-style drive letter, which we treat as a path).
+        _ => Some(std::path::absolute(url)?),
+    };
+    if let Some(dir) = local_dir {
+        std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("object store directory {}: {e}", dir.display()))?;
+        let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)
+            .map_err(|e| anyhow::anyhow!("object store directory {}: {e}", dir.display()))?;
+        return Ok((Arc::new(store), Path::default()));
+    }
+    let parsed = Url::parse(url)?;
+    let options = std::env::vars().filter(|(k, _)| k.starts_with("AWS_")).map(|(k, v)| (k.to_ascii_lowercase(), v));
+    let (store, prefix) = object_store::parse_url_opts(&parsed, options)
+        .map_err(|e| anyhow::anyhow!("object store `{url}`: {e}"))?;
+    Ok((Arc::from(store), prefix))
+}
+
+pub fn checkpoint_path(prefix: &Path, experiment: &str, trial: &str, step: u64) -> Path {
+    let mut parts: Vec<String> = prefix.parts().map(|p| p.as_ref().to_string()).collect();
+    parts.extend([
+        "experiments".to_string(),
+        experiment.to_string(),
+        "trials".to_string(),
+        trial.to_string(),
+        format!("step-{step}.safetensors"),
+    ]);
+    Path::from_iter(parts)
+}
+
+fn sidecar_path(tensors: &Path) -> Path {
+    Path::from(tensors.as_ref().replace(".safetensors", ".json"))
+}
+
+/// A checkpoint that was made durable; the daemon records it with the coordinator.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Written {
+    pub step: u64,
+    pub path: String,
+    pub bytes: u64,
+}
+
+/// The trial process's checkpoint store over object storage.
+pub struct ObjectCheckpoints {
+    pub store: Arc<dyn ObjectStore>,
+    pub prefix: Path,
+    pub experiment: String,
+    pub trial: String,
+    pub spec_hash: String,
+    pub resume_from: Option<String>,
+    pub runtime: tokio::runtime::Runtime,
+    pub scratch: std::path::PathBuf,
+    /// Called once a checkpoint is durable.
+    pub on_written: Box<dyn FnMut(Written)>,
+}
+
+fn ckpt_err(e: impl std::fmt::Display) -> TrialError {
+    TrialError::Checkpoint(e.to_string())
+}
+
+impl CheckpointStore for ObjectCheckpoints {
+    fn save(&mut self, step: u64, tensors: &[(String, Tensor)], sidecar: &Value) -> Result<(), TrialError> {
+        let file = self.scratch.join(format!("{}-{step}.safetensors", self.trial));
+        Tensor::write_safetensors(tensors, &file)?;
+        let bytes = std::fs::read(&file).map_err(ckpt_err)?;
+        let _ = std::fs::remove_file(&file);
+        let size = bytes.len() as u64;
+        let path = checkpoint_path(&self.prefix, &self.experiment, &self.trial, step);
+        let mut sidecar = sidecar.clone();
+        sidecar["spec_hash"] = Value::from(self.spec_hash.clone());
+        sidecar["tensors"] = Value::from(path.to_string());
+        let sidecar_bytes = serde_json::to_vec_pretty(&sidecar).map_err(ckpt_err)?;
+        self.runtime.block_on(async {
+            self.store.put(&path, bytes.into()).await.map_err(ckpt_err)?;
+            self.store.put(&sidecar_path(&path), sidecar_bytes.into()).await.map_err(ckpt_err)
+        })?;
+        (self.on_written)(Written {
+            step,
+            path: path.to_string(),
+            bytes: size,
+        });
+        Ok(())
+    }
+
+    fn latest(&mut self) -> Result<Option<Snapshot>, TrialError> {
+        let Some(path) = self.resume_from.clone() else { return Ok(None) };
+        let path = Path::from(path);
+        let (tensor_bytes, sidecar_bytes) = self.runtime.block_on(async {
+            let t = self.store.get(&path).await.map_err(ckpt_err)?.bytes().await.map_err(ckpt_err)?;
+            let s = self.store.get(&sidecar_path(&path)).await.map_err(ckpt_err)?.bytes().await.map_err(ckpt_err)?;
+            Ok::<_, TrialError>((t, s))
+        })?;
+        let file = self.scratch.join(format!("{}-resume.safetensors", self.trial));
+        std::fs::write(&file, &tensor_bytes).map_err(ckpt_err)?;
+        let tensors = Tensor::read_safetensors(&file)?;
+        let _ = std::fs::remove_file(&file);
+        let sidecar: Value = serde_json::from_slice(&sidecar_bytes).map_err(ckpt_err)?;
+        let step = sidecar["step"].as_u64().ok_or_else(|| ckpt_err("sidecar lacks step"))?;
+        Ok(Some(Snapshot {
+            step,
+            tensors: tensors.into_iter().collect::<HashMap<_, _>>(),
+            sidecar,
+        }))
+    }
+}

@@ -1,0 +1,109 @@
+//! The trial process: one trial, its spec as JSON on stdin, its metrics and
+//! events as JSON lines on stdout, its logs on stderr.
+
+use std::io::{BufWriter, Read, Write};
+use std::time::{Duration, Instant};
+
+use ablate_experiments::trial::{MetricSink, TrialContext};
+use ablate_experiments::Family;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::storage::{self, ObjectCheckpoints};
+
+/// What the daemon hands a trial process on stdin.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrialInput {
+    pub trial_id: String,
+    pub experiment_id: String,
+    pub family: String,
+    pub params: Value,
+    pub device: String,
+    pub threads: usize,
+    pub object_store: String,
+    pub resume_from: Option<String>,
+    pub spec_hash: String,
+    pub scratch_dir: String,
+}
+
+/// One line a trial process writes on stdout.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    /// A metric point: (name, step, value).
+    M(String, i64, f64),
+    /// A checkpoint that is durable in object storage.
+    Checkpoint(storage::Written),
+}
+
+/// Writes events to stdout, flushing at least every 100 ms.
+struct StdoutEvents {
+    out: BufWriter<std::io::Stdout>,
+    last_flush: Instant,
+}
+
+impl StdoutEvents {
+    fn emit(&mut self, event: &Event) {
+        serde_json::to_writer(&mut self.out, event).expect("events serialize");
+        self.out.write_all(b"\n").expect("stdout closed: the daemon is gone");
+        if self.last_flush.elapsed() > Duration::from_millis(100) {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        self.out.flush().expect("stdout closed: the daemon is gone");
+        self.last_flush = Instant::now();
+    }
+}
+
+struct Sink<'a>(&'a std::cell::RefCell<StdoutEvents>);
+
+impl MetricSink for Sink<'_> {
+    fn log(&mut self, name: &str, step: u64, value: f64) {
+        self.0.borrow_mut().emit(&Event::M(name.to_string(), step as i64, value));
+    }
+}
+
+pub fn run() -> anyhow::Result<()> {
+    let mut text = String::new();
+    std::io::stdin().read_to_string(&mut text)?;
+    let input: TrialInput = serde_json::from_str(&text)?;
+    let family = Family::parse(&input.family).map_err(|e| anyhow::anyhow!(e))?;
+    tch::set_num_threads(input.threads as i32);
+    let device = crate::backend::device(&input.device)?;
+    let (store, prefix) = storage::open(&input.object_store)?;
+    std::fs::create_dir_all(&input.scratch_dir)?;
+    let events = std::rc::Rc::new(std::cell::RefCell::new(StdoutEvents {
+        out: BufWriter::with_capacity(1 << 16, std::io::stdout()),
+        last_flush: Instant::now(),
+    }));
+    let on_written = {
+        let events = events.clone();
+        Box::new(move |w: storage::Written| {
+            let mut e = events.borrow_mut();
+            e.emit(&Event::Checkpoint(w));
+            e.flush();
+        })
+    };
+    let mut checkpoints = ObjectCheckpoints {
+        store,
+        prefix,
+        experiment: input.experiment_id.clone(),
+        trial: input.trial_id.clone(),
+        spec_hash: input.spec_hash.clone(),
+        resume_from: input.resume_from.clone(),
+        runtime: tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        scratch: input.scratch_dir.clone().into(),
+        on_written,
+    };
+    let mut sink = Sink(&events);
+    let mut ctx = TrialContext {
+        device,
+        checkpoints: &mut checkpoints,
+        metrics: &mut sink,
+    };
+    let result = ablate_experiments::trial::run(family, &input.params, &mut ctx);
+    events.borrow_mut().flush();
+    result.map_err(|e| anyhow::anyhow!("{e}"))
+}
