@@ -88,6 +88,18 @@ impl EmbeddedPg {
         Ok((pg, format!("postgres://postgres@127.0.0.1:{port}/ablate")))
     }
 
+    /// Stops the cluster kept under `state_dir`, if it runs.
+    pub fn stop_dir(state_dir: &Path) -> anyhow::Result<()> {
+        let pg = EmbeddedPg {
+            bindir: find_bindir()?,
+            data: std::path::absolute(state_dir.join("pg").join("data"))?,
+            // SAFETY: geteuid has no preconditions.
+            as_postgres: unsafe { libc::geteuid() } == 0,
+        };
+        pg.stop();
+        Ok(())
+    }
+
     pub fn stop(&self) {
         if let Err(e) = self.tool("pg_ctl", &["stop", "-m", "fast", "-w", "-D", &self.data.to_string_lossy()]) {
             eprintln!("stopping PostgreSQL: {e:#}");

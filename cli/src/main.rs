@@ -31,6 +31,11 @@ enum Command {
     Down(StateArgs),
     /// Runs a coordinator against DATABASE_URL.
     Serve(ServeArgs),
+    /// Starts or stops only the embedded PostgreSQL; `start` prints its URL.
+    Db {
+        #[command(subcommand)]
+        action: DbAction,
+    },
     /// Submits a sweep spec (TOML or YAML); prints the experiment id on stdout.
     Submit {
         spec: PathBuf,
@@ -54,6 +59,20 @@ enum Command {
         /// Statement timeout in seconds.
         #[arg(long, default_value_t = 30)]
         timeout: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbAction {
+    Start {
+        #[command(flatten)]
+        state: StateArgs,
+        #[arg(long, default_value_t = 54329)]
+        pg_port: u16,
+    },
+    Stop {
+        #[command(flatten)]
+        state: StateArgs,
     },
 }
 
@@ -116,6 +135,12 @@ fn main() -> std::process::ExitCode {
             Command::Up(args) => commands::up::run(args).await,
             Command::Down(args) => commands::up::down(args).await,
             Command::Serve(args) => commands::serve::run(args).await,
+            Command::Db { action: DbAction::Start { state, pg_port } } => {
+                let (_, url) = embedded::EmbeddedPg::start(&state.state_dir, pg_port)?;
+                println!("{url}");
+                Ok(())
+            }
+            Command::Db { action: DbAction::Stop { state } } => embedded::EmbeddedPg::stop_dir(&state.state_dir),
             Command::Submit { spec, wait } => commands::submit::run(&addr, &spec, wait).await,
             Command::Status { experiment } => commands::status::run(&addr, experiment.as_deref()).await,
             Command::Watch { experiment } => commands::watch::run(&addr, &experiment).await.map(|_| ()),

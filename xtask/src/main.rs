@@ -1,1 +1,226 @@
-fn main() {}
+//! `cargo xtask`: provisioning and orchestration.
+//!
+//! - `demo`: provision, build, start the embedded stack, run the quickstart sweep.
+//! - `test`: provision, build, make sure PostgreSQL answers, run every test.
+//! - `bench`: the benchmark tables.
+//! - `build`, `check` (fmt + clippy), `provision`.
+//!
+//! libtorch and the build directory live under `~/.cache/ablate`, outside the
+//! clone, so every clone and every CI run reuses them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+const TORCH_VERSION: &str = "2.11.0";
+const TEST_PG_PORT: u16 = 54330;
+
+fn cache_dir() -> PathBuf {
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".cache/ablate")
+}
+
+fn libtorch_dir() -> PathBuf {
+    cache_dir().join(format!("libtorch-{TORCH_VERSION}")).join("torch")
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| cache_dir().join("target"))
+}
+
+fn bin_dir(profile: &str) -> PathBuf {
+    target_dir().join(profile)
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
+}
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+fn run(command: &mut Command) -> Result {
+    eprintln!("xtask: {}", describe(command));
+    let status = command.status().map_err(|e| format!("{}: {e}", describe(command)))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{} failed ({status})", describe(command)))
+    }
+}
+
+fn describe(command: &Command) -> String {
+    std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A cargo command with the fixed libtorch and target directories.
+fn cargo(args: &[&str]) -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command
+        .args(args)
+        .current_dir(workspace_root())
+        .env("LIBTORCH", libtorch_dir())
+        .env("CARGO_TARGET_DIR", target_dir());
+    command
+}
+
+/// Installs libtorch from PyPI (torch==2.11.0, the CPU part plus the CUDA runtime stubs) when missing.
+fn provision_libtorch() -> Result {
+    let lib = libtorch_dir().join("lib");
+    if lib.join("libtorch_cpu.so").exists() {
+        return Ok(());
+    }
+    let target = cache_dir().join(format!("libtorch-{TORCH_VERSION}"));
+    eprintln!("xtask: installing libtorch {TORCH_VERSION} from PyPI into {}", target.display());
+    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "--no-deps", "--target"]).arg(&target).args([
+        &format!("torch=={TORCH_VERSION}"),
+        "nvidia-cuda-runtime==13.0.96",
+        "nvidia-cuda-cupti==13.0.85",
+    ]))?;
+    std::fs::write(libtorch_dir().join("build-version"), TORCH_VERSION).map_err(|e| e.to_string())
+}
+
+fn pg_server_installed() -> bool {
+    std::fs::read_dir("/usr/lib/postgresql")
+        .map(|dir| dir.flatten().any(|e| e.path().join("bin/initdb").exists()))
+        .unwrap_or(false)
+}
+
+/// Installs the PostgreSQL server binaries from apt when none are installed.
+fn provision_postgres() -> Result {
+    if pg_server_installed() || std::env::var_os("ABLATE_PG_BINDIR").is_some() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing PostgreSQL server binaries from apt");
+    // SAFETY: geteuid has no preconditions; declared below to keep xtask free of dependencies.
+    let root = unsafe { geteuid() } == 0;
+    let sudo = |args: &[&str]| {
+        let mut c = if root { Command::new(args[0]) } else { Command::new("sudo") };
+        if root {
+            c.args(&args[1..]);
+        } else {
+            c.args(args);
+        }
+        c.env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    run(&mut sudo(&["apt-get", "update", "-q"]))?;
+    run(&mut sudo(&["apt-get", "install", "-y", "-q", "--no-install-recommends", "postgresql"]))
+}
+
+extern "C" {
+    fn geteuid() -> u32;
+}
+
+/// Builds the worker (with libtorch) and the rest (without) in two passes, so
+/// cargo's feature unification never links libtorch into `ablate`.
+fn build(profile: &str) -> Result {
+    provision_libtorch()?;
+    let release = profile == "release";
+    let with_profile = |mut args: Vec<&'static str>| {
+        if release {
+            args.push("--release");
+        }
+        args
+    };
+    run(&mut cargo(&with_profile(vec!["build", "-p", "ablate-worker"])))?;
+    run(&mut cargo(&with_profile(vec!["build", "--workspace", "--exclude", "ablate-worker", "--exclude", "xtask"])))
+}
+
+fn ablate(profile: &str) -> Command {
+    Command::new(bin_dir(profile).join("ablate"))
+}
+
+/// A PostgreSQL URL for the tests: DATABASE_URL, the local server on 5432, or a private one.
+fn test_database() -> Result<String> {
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        return Ok(url);
+    }
+    let local = "postgres://postgres@127.0.0.1:5432/postgres".to_string();
+    let answers = Command::new("psql")
+        .args([&local, "-w", "-tAc", "select 1"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if answers {
+        return Ok(local);
+    }
+    eprintln!("xtask: no PostgreSQL answers on 127.0.0.1:5432 with trust auth; starting a private one on {TEST_PG_PORT}");
+    provision_postgres()?;
+    let state = cache_dir().join("pg-test");
+    let out = ablate("debug")
+        .args(["db", "start", "--pg-port", &TEST_PG_PORT.to_string(), "--state-dir"])
+        .arg(&state)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!("ablate db start: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn test() -> Result {
+    build("debug")?;
+    let url = test_database()?;
+    eprintln!("xtask: tests use {url}");
+    run(cargo(&["test", "--workspace", "--exclude", "ablate-worker", "--exclude", "xtask"])
+        .env("DATABASE_URL", &url)
+        .env("ABLATE_BIN_DIR", bin_dir("debug")))?;
+    run(cargo(&["test", "-p", "ablate-worker", "-p", "ablate-experiments", "--features", "ablate-experiments/torch"])
+        .env("DATABASE_URL", &url))
+}
+
+fn check() -> Result {
+    provision_libtorch()?;
+    run(&mut cargo(&["fmt", "--all", "--", "--check"]))?;
+    run(&mut cargo(&["clippy", "--workspace", "--all-targets", "--all-features", "--", "-D", "warnings"]))
+}
+
+fn demo() -> Result {
+    provision_postgres()?;
+    build("debug")?;
+    let state = workspace_root().join(".ablate");
+    let addr = std::env::var("ABLATE_COORDINATOR").unwrap_or_else(|_| "http://127.0.0.1:7077".into());
+    let already_up = ablate("debug").args(["--coordinator", &addr, "workers"]).output().map(|o| o.status.success()).unwrap_or(false);
+    if !already_up {
+        run(ablate("debug").args(["up", "--detach", "--state-dir"]).arg(&state))?;
+    }
+    let spec = workspace_root().join("experiments/specs/quickstart.toml");
+    run(ablate("debug").args(["--coordinator", &addr, "submit", "--wait"]).arg(&spec).stdout(std::process::Stdio::null()))?;
+    eprintln!(
+        "\nthe stack keeps running in the background (state in {}).\n  export PATH={}:$PATH   # then: ablate status, ablate sql \"...\", ablate down",
+        state.display(),
+        bin_dir("debug").display()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("demo") => demo(),
+        Some("test") => test(),
+        Some("bench") => bench(&args[1..]),
+        Some("build") => build(if args.iter().any(|a| a == "--release") { "release" } else { "debug" }),
+        Some("check") => check(),
+        Some("provision") => provision_libtorch().and_then(|_| provision_postgres()),
+        _ => Err("usage: cargo xtask <demo|test|bench|build [--release]|check|provision>".into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench(args: &[String]) -> Result {
+    build("release")?;
+    let url = test_database()?;
+    let mut command = Command::new(bin_dir("release").join("ablate-bench"));
+    command.args(args).env("DATABASE_URL", url);
+    run(&mut command)
+}

@@ -1,0 +1,318 @@
+//! End to end: real PostgreSQL, real libtorch, real processes killed for real.
+
+mod harness;
+
+use std::time::Duration;
+
+use ablate_schema::proto::{self, experiments_client::ExperimentsClient, workers_client::WorkersClient};
+use harness::{spec_path, Stack};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quickstart_sweep_finishes_with_one_row_per_metric_step() {
+    let mut stack = Stack::start(15.0).await;
+    stack.start_worker("cpu:2");
+    let spec = spec_path("quickstart.toml");
+    let out = stack.ablate(&["submit", &spec.to_string_lossy(), "--wait"]);
+    assert!(out.status.success(), "sweep failed: {}\n{}", stderr(&out), stack.logs());
+    let id = String::from_utf8(out.stdout.clone()).unwrap();
+    assert!(uuid::Uuid::parse_str(id.trim()).is_ok(), "stdout should hold only the id, got {id:?}");
+    assert!(stderr(&out).contains("best trials by eval_loss"), "{}", stderr(&out));
+
+    let out = stack.ablate(&[
+        "sql",
+        "select count(*) from ablate.trial_results where state = 'succeeded'",
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "count\n12\n", "{}", stderr(&out));
+
+    // Every trial logged train_loss at steps 1..=300 exactly once, eval metrics at 50, 100, ..., 300.
+    let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "select name, count(*), min(step), max(step) from ablate.metric_series group by trial_id, name order by name",
+    )
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 12 * 4, "{rows:?}");
+    for (name, count, min, max) in rows {
+        let expected = match name.as_str() {
+            "train_loss" => (300, 1, 300),
+            "eval_loss" | "eval_accuracy" => (6, 50, 300),
+            "train_loss_tail" => (1, 300, 300),
+            other => panic!("unexpected metric {other}"),
+        };
+        assert_eq!((count, min, max), expected, "{name}");
+    }
+    let best: f64 = sqlx::query_scalar("select min(objective) from ablate.trial_results").fetch_one(&stack.pool).await.unwrap();
+    assert!(best < 0.3, "the best quickstart trial should learn digits, eval_loss {best}");
+    let checkpoints = stack.scalar_i64("select count(*) from ablate.checkpoints").await;
+    assert_eq!(checkpoints, 12 * 2, "checkpoints at steps 100 and 200 of every trial");
+}
+
+const RESUME_SPEC: &str = r#"
+name = "NAME"
+family = "train"
+[base]
+optimizer = "adam"
+log2_lr = -7
+width = 64
+steps = 300
+checkpoint_every = 40
+eval_every = 50
+step_delay_ms = 15
+[sweep]
+searcher = "grid"
+params.seed = [3]
+"#;
+
+async fn final_metrics(stack: &Stack, experiment: &str) -> (f64, f64) {
+    sqlx::query_as(
+        "select (metrics->>'eval_loss')::float8, (metrics->>'train_loss_tail')::float8
+         from ablate.trial_results where experiment_id = $1::uuid",
+    )
+    .bind(experiment)
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_worker_trial_resumes_from_its_checkpoint_on_the_same_curve() {
+    let mut stack = Stack::start(2.0).await;
+    let spec = stack.write_spec("resume.toml", &RESUME_SPEC.replace("NAME", "resume"));
+    let experiment = stack.submit(&spec);
+    let worker = stack.start_worker("cpu:1");
+    stack
+        .wait_for("select coalesce(max(step), 0) >= 120 from ablate.checkpoints", MINUTE)
+        .await;
+    stack.kill_worker(worker);
+    let killed_at: sqlx::types::chrono::DateTime<sqlx::types::chrono::Utc> = sqlx::query_scalar("select now()").fetch_one(&stack.pool).await.unwrap();
+    let resume_step = stack.scalar_i64("select max(step) from ablate.checkpoints").await;
+    let state: String = sqlx::query_scalar("select state from ablate.trial_results").fetch_one(&stack.pool).await.unwrap();
+    assert_eq!(state, "running", "the trial should be mid-way when killed");
+
+    stack.start_worker("cpu:1");
+    stack.wait_finished(&experiment, 2 * MINUTE).await;
+    let (state, attempt): (String, i32) =
+        sqlx::query_as("select state, attempt from ablate.trial_results").fetch_one(&stack.pool).await.unwrap();
+    assert_eq!((state.as_str(), attempt), ("succeeded", 2), "{}", stack.logs());
+
+    // The second attempt started at the checkpoint: no point at or before it was logged again.
+    let replayed: i64 = sqlx::query_scalar(
+        "select count(*) from ablate.metric_series where name = 'train_loss' and step <= $1 and recorded_at > $2",
+    )
+    .bind(resume_step)
+    .bind(killed_at)
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(replayed, 0, "the resumed trial re-ran steps before its checkpoint at {resume_step}");
+    let first_new_checkpoint: i64 =
+        sqlx::query_scalar("select min(step) from ablate.checkpoints where attempt = 2").fetch_one(&stack.pool).await.unwrap();
+    assert!(first_new_checkpoint > resume_step, "attempt 2 checkpointed {first_new_checkpoint} <= {resume_step}");
+    let steps = stack.scalar_i64("select count(*) from ablate.metric_series where name = 'train_loss'").await;
+    assert_eq!(steps, 300);
+
+    // An unbroken run with the same seed ends on the same loss.
+    let spec = stack.write_spec("reference.toml", &RESUME_SPEC.replace("NAME", "reference"));
+    let reference = stack.submit(&spec);
+    stack.wait_finished(&reference, 2 * MINUTE).await;
+    let (a_eval, a_tail) = final_metrics(&stack, &experiment).await;
+    let (b_eval, b_tail) = final_metrics(&stack, &reference).await;
+    assert!((a_eval - b_eval).abs() <= 1e-6, "eval_loss resumed {a_eval} vs unbroken {b_eval}");
+    assert!((a_tail - b_tail).abs() <= 1e-6, "train_loss_tail resumed {a_tail} vs unbroken {b_tail}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_killed_mid_sweep_loses_no_trial_and_no_metric() {
+    let mut stack = Stack::start(5.0).await;
+    let spec = stack.write_spec(
+        "restart.toml",
+        &RESUME_SPEC
+            .replace("NAME", "restart")
+            .replace("steps = 300", "steps = 150")
+            .replace("step_delay_ms = 15", "step_delay_ms = 8")
+            .replace("params.seed = [3]", "params.seed = [0, 1, 2, 3]"),
+    );
+    let experiment = stack.submit(&spec);
+    stack.start_worker("cpu:2");
+    stack.wait_for("select count(*) > 100 from ablate.metric_series", MINUTE).await;
+    stack.kill_coordinator();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stack.start_coordinator().await;
+    stack.wait_finished(&experiment, 3 * MINUTE).await;
+    let succeeded = stack.scalar_i64("select count(*) from ablate.trial_results where state = 'succeeded'").await;
+    assert_eq!(succeeded, 4, "{}", stack.logs());
+    let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "select count(*), min(step), max(step) from ablate.metric_series where name = 'train_loss' group by trial_id",
+    )
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows, vec![(150, 1, 150); 4], "every train_loss step of every trial is stored once");
+    let evals = stack.scalar_i64("select count(*) from ablate.metric_series where name = 'eval_loss'").await;
+    assert_eq!(evals, 4 * 3, "eval_loss at 50, 100, 150 for each trial");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stale_lease_tokens_are_refused_over_grpc() {
+    let stack = Stack::start(15.0).await;
+    let spec = stack.write_spec("stale.toml", &RESUME_SPEC.replace("NAME", "stale"));
+    stack.submit(&spec);
+    let mut workers = WorkersClient::connect(stack.addr()).await.unwrap();
+    let worker_id = uuid::Uuid::new_v4().to_string();
+    workers
+        .register(proto::RegisterRequest {
+            worker_id: worker_id.clone(),
+            hostname: "test".into(),
+            devices: vec!["cpu:0".into()],
+        })
+        .await
+        .unwrap();
+    let leased = workers
+        .lease(proto::LeaseRequest {
+            worker_id,
+            max_trials: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .trials
+        .remove(0);
+    let wrong = uuid::Uuid::new_v4().to_string();
+    let batch = |token: &str, seq| proto::MetricBatch {
+        seq,
+        trial_id: leased.trial_id.clone(),
+        lease_token: token.to_string(),
+        names: vec!["train_loss".into()],
+        name_index: vec![0],
+        steps: vec![1],
+        values: vec![0.5],
+    };
+    let batches = vec![batch(&wrong, 1), batch(&leased.lease_token, 2)];
+    let mut acks = workers.stream_metrics(tokio_stream::iter(batches)).await.unwrap().into_inner();
+    let first = acks.message().await.unwrap().unwrap();
+    let second = acks.message().await.unwrap().unwrap();
+    assert_eq!((first.seq, first.status.as_str()), (1, "stale_lease"));
+    assert_eq!((second.seq, second.status.as_str()), (2, "durable"));
+
+    let checkpoint = workers
+        .report_checkpoint(proto::CheckpointReport {
+            trial_id: leased.trial_id.clone(),
+            lease_token: wrong.clone(),
+            checkpoint: Some(proto::Checkpoint {
+                step: 1,
+                path: "x".into(),
+                bytes: 1,
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(checkpoint.code(), tonic::Code::FailedPrecondition);
+    let complete = |token: String| proto::CompleteRequest {
+        trial_id: leased.trial_id.clone(),
+        lease_token: token,
+        outcome: "succeeded".into(),
+        error: String::new(),
+        stderr_tail: String::new(),
+    };
+    let refused = workers.complete(complete(wrong)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    workers.complete(complete(leased.lease_token.clone())).await.unwrap();
+    let stored = stack.scalar_i64("select count(*) from ablate.metric_series").await;
+    assert_eq!(stored, 1, "only the current holder's point is stored");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_specs_are_refused_with_the_field_path_and_nothing_is_stored() {
+    let stack = Stack::start(15.0).await;
+    let good = RESUME_SPEC.replace("NAME", "bad");
+    let cases = [
+        (good.replace("width = 64", "width = 64\nwidht = 32"), "base.widht"),
+        (good.replace("width = 64", "width = \"wide\""), "base.width"),
+        (good.replace("params.seed = [3]", "params.seed = []"), "sweep.params.seed"),
+        (good.replace("params.seed = [3]", ""), "sweep.params"),
+        (good.replace("searcher = \"grid\"", "searcher = \"grid\"\nbogus = 1"), "sweep.bogus"),
+    ];
+    for (i, (text, path)) in cases.iter().enumerate() {
+        let spec = stack.write_spec(&format!("bad-{i}.toml"), text);
+        let out = stack.ablate(&["submit", &spec.to_string_lossy()]);
+        assert!(!out.status.success(), "case {i} was accepted");
+        assert!(out.stdout.is_empty(), "no id is printed for a refused spec");
+        assert!(stderr(&out).contains(&format!("{path}:")), "case {i}: `{}` lacks `{path}:`", stderr(&out));
+    }
+    let yaml = stack.write_spec("bad.yaml", "name: y\nfamily: train\nsweep:\n  searcher: grid\n  params: {}\n");
+    let out = stack.ablate(&["submit", &yaml.to_string_lossy()]);
+    assert!(stderr(&out).contains("sweep.params:"), "{}", stderr(&out));
+    assert_eq!(stack.scalar_i64("select count(*) from experiments").await, 0);
+    assert_eq!(stack.scalar_i64("select count(*) from trials").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ablate_sql_refuses_writes_and_formats_results() {
+    let stack = Stack::start(15.0).await;
+    let spec = stack.write_spec("sql.toml", &RESUME_SPEC.replace("NAME", "sql"));
+    stack.submit(&spec);
+    for write in [
+        "delete from ablate.trial_results",
+        "update trials set state = 'failed'",
+        "with d as (delete from trials returning 1) select count(*) from d",
+        "insert into experiments select * from experiments",
+        "truncate trials",
+    ] {
+        let out = stack.ablate(&["sql", write]);
+        assert!(!out.status.success(), "`{write}` was accepted");
+        assert!(stderr(&out).contains("error:"), "{}", stderr(&out));
+    }
+    assert_eq!(stack.scalar_i64("select count(*) from trials").await, 1);
+    let out = stack.ablate(&["sql", "select name, 'a,b' as tricky from ablate.experiments", "--format", "csv"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "name,tricky\nsql,\"a,b\"\n");
+    let out = stack.ablate(&["sql", "select name, 2 as n from ablate.experiments", "--format", "json"]);
+    let parsed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(parsed, serde_json::json!([{"name": "sql", "n": 2}]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ablate_up_runs_a_sweep_on_the_embedded_default_and_down_stops_it() {
+    let dir = std::env::temp_dir().join(format!("ablate-up-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = harness::free_port();
+    let pg_port = harness::free_port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let ablate = |args: &[&str]| {
+        std::process::Command::new(harness::bin("ablate"))
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .env("ABLATE_COORDINATOR", &addr)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let state = dir.join("state");
+    let state = state.to_string_lossy();
+    let listen = format!("127.0.0.1:{port}");
+    let up = ablate(&["up", "--detach", "--state-dir", &state, "--listen", &listen, "--pg-port", &pg_port.to_string(), "--devices", "cpu:2"]);
+    let log = || std::fs::read_to_string(dir.join("state/up.log")).unwrap_or_default();
+    assert!(up.status.success(), "ablate up failed: {}\n{}", stderr(&up), log());
+    let spec = dir.join("tiny.toml");
+    std::fs::write(
+        &spec,
+        "name = \"tiny\"\nfamily = \"train\"\n[base]\noptimizer = \"sgd\"\nlr = 0.1\nsteps = 30\n[sweep]\nsearcher = \"grid\"\nparams.width = [16, 32]\n",
+    )
+    .unwrap();
+    let out = ablate(&["submit", &spec.to_string_lossy(), "--wait"]);
+    let down = ablate(&["down", "--state-dir", &state]);
+    assert!(out.status.success(), "sweep failed: {}\n{}", stderr(&out), log());
+    assert!(down.status.success(), "down failed: {}", stderr(&down));
+    assert!(ablate(&["workers"]).status.code() != Some(0), "the coordinator still answers after down");
+    let mut client = ExperimentsClient::connect(addr.clone()).await;
+    assert!(client.as_mut().is_err(), "the coordinator still accepts connections");
+    assert!(dir.join("state/pg/data/PG_VERSION").exists(), "the embedded PostgreSQL keeps its data");
+    let _ = std::fs::remove_dir_all(&dir);
+}

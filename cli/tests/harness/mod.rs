@@ -1,0 +1,242 @@
+//! A real stack for end-to-end tests: a fresh PostgreSQL database, the
+//! `ablate serve` coordinator and `ablate-worker` daemons as real processes,
+//! each in its own process group so a test can SIGKILL it with its children.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+pub fn bin(name: &str) -> PathBuf {
+    let ablate = PathBuf::from(env!("CARGO_BIN_EXE_ablate"));
+    let dir = std::env::var_os("ABLATE_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ablate.parent().expect("a bin dir").to_path_buf());
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo xtask test`, which builds it",
+        path.display()
+    );
+    path
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn spec_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/specs").join(name)
+}
+
+pub struct Stack {
+    pub dir: PathBuf,
+    pub db_url: String,
+    admin_url: String,
+    db_name: String,
+    pub pool: PgPool,
+    pub port: u16,
+    pub lease_ttl: f64,
+    coordinator: Option<Child>,
+    workers: Vec<Option<Child>>,
+}
+
+impl Stack {
+    /// A fresh database and a coordinator with the given lease TTL (seconds).
+    pub async fn start(lease_ttl: f64) -> Stack {
+        let admin_url = std::env::var("DATABASE_URL")
+            .expect("DATABASE_URL must point at a PostgreSQL server; `cargo xtask test` sets it");
+        let db_name = format!("ablate_e2e_{}", uuid::Uuid::new_v4().simple());
+        let admin = PgPoolOptions::new().max_connections(1).connect(&admin_url).await.unwrap();
+        sqlx::query(&format!("create database {db_name}")).execute(&admin).await.unwrap();
+        admin.close().await;
+        let db_url = with_database(&admin_url, &db_name);
+        let dir = std::env::temp_dir().join(&db_name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pool = PgPoolOptions::new().max_connections(2).connect(&db_url).await.unwrap();
+        let mut stack = Stack {
+            dir,
+            db_url,
+            admin_url,
+            db_name,
+            pool,
+            port: free_port(),
+            lease_ttl,
+            coordinator: None,
+            workers: Vec::new(),
+        };
+        stack.start_coordinator().await;
+        stack
+    }
+
+    pub fn addr(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(name)).unwrap()
+    }
+
+    fn spawn(&self, mut command: Command, log: &str) -> Child {
+        command
+            .stdin(Stdio::null())
+            .stdout(self.log(log))
+            .stderr(self.log(log))
+            .env("RUST_LOG", "info");
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        command.spawn().unwrap()
+    }
+
+    pub async fn start_coordinator(&mut self) {
+        let mut command = Command::new(bin("ablate"));
+        command.args([
+            "serve",
+            "--database-url",
+            &self.db_url,
+            "--listen",
+            &format!("127.0.0.1:{}", self.port),
+            "--lease-ttl",
+            &self.lease_ttl.to_string(),
+        ]);
+        self.coordinator = Some(self.spawn(command, "coordinator.log"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.ablate(&["workers"]).status.success() {
+            assert!(Instant::now() < deadline, "coordinator did not come up:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Starts a worker daemon; returns its index for `kill_worker`.
+    pub fn start_worker(&mut self, devices: &str) -> usize {
+        let mut command = Command::new(bin("ablate-worker"));
+        command
+            .args(["daemon", "--coordinator", &self.addr(), "--devices", devices, "--poll-ms", "50"])
+            .arg("--object-store")
+            .arg(self.dir.join("objects"))
+            .arg("--state-dir")
+            .arg(self.dir.join(format!("worker-{}", self.workers.len())));
+        let child = self.spawn(command, "worker.log");
+        self.workers.push(Some(child));
+        self.workers.len() - 1
+    }
+
+    /// SIGKILL to the worker daemon and every trial process in its group.
+    pub fn kill_worker(&mut self, index: usize) {
+        if let Some(child) = self.workers[index].take() {
+            kill_group(child);
+        }
+    }
+
+    pub fn kill_coordinator(&mut self) {
+        if let Some(child) = self.coordinator.take() {
+            kill_group(child);
+        }
+    }
+
+    /// Runs the `ablate` CLI against this stack.
+    pub fn ablate(&self, args: &[&str]) -> Output {
+        Command::new(bin("ablate"))
+            .args(args)
+            .env("ABLATE_COORDINATOR", self.addr())
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    }
+
+    pub fn write_spec(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Submits a spec without waiting; returns the experiment id.
+    pub fn submit(&self, spec: &Path) -> String {
+        let out = self.ablate(&["submit", &spec.to_string_lossy()]);
+        assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    pub async fn scalar_i64(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
+    }
+
+    /// Polls `sql` (a boolean query) until it is true or `timeout` passes.
+    pub async fn wait_for(&self, sql: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let done: Option<bool> = sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap_or(None);
+            if done == Some(true) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for `{sql}`\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn wait_finished(&self, experiment: &str, timeout: Duration) {
+        self.wait_for(
+            &format!("select state <> 'running' from ablate.experiments where experiment_id = '{experiment}'"),
+            timeout,
+        )
+        .await;
+    }
+
+    /// The tails of the process logs, for failure messages.
+    pub fn logs(&self) -> String {
+        ["coordinator.log", "worker.log"]
+            .iter()
+            .map(|name| {
+                let text = std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                format!("--- {name} ---\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn kill_group(mut child: Child) {
+    // SAFETY: the child leads its own process group; a negative pid signals the group.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    let _ = child.wait();
+}
+
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let slash = base.rfind('/').filter(|i| base[..*i].ends_with('/') == false && *i > "postgres://".len());
+    match slash {
+        Some(i) => format!("{}/{db}{query}", &base[..i]),
+        None => format!("{base}/{db}{query}"),
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for child in self.workers.iter_mut().filter_map(Option::take) {
+            kill_group(child);
+        }
+        if let Some(child) = self.coordinator.take() {
+            kill_group(child);
+        }
+        let (admin, name) = (self.admin_url.clone(), self.db_name.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                if let Ok(pool) = PgPoolOptions::new().max_connections(1).connect(&admin).await {
+                    let _ = sqlx::query(&format!("drop database if exists {name} with (force)")).execute(&pool).await;
+                }
+            });
+        })
+        .join();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
