@@ -65,7 +65,19 @@ impl EmbeddedPg {
         }
         if !data.join("PG_VERSION").exists() {
             eprintln!("initializing PostgreSQL in {}", data.display());
-            pg.tool("initdb", &["-D", &data.to_string_lossy(), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-instructions"])?;
+            pg.tool(
+                "initdb",
+                &[
+                    "-D",
+                    &data.to_string_lossy(),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--no-instructions",
+                ],
+            )?;
         }
         let running = pg.tool("pg_ctl", &["status", "-D", &data.to_string_lossy()]).is_ok();
         if !running {
@@ -73,17 +85,41 @@ impl EmbeddedPg {
             let log = root.join("postgres.log");
             pg.tool(
                 "pg_ctl",
-                &["start", "-w", "-t", "60", "-D", &data.to_string_lossy(), "-l", &log.to_string_lossy(), "-o", &options],
+                &[
+                    "start",
+                    "-w",
+                    "-t",
+                    "60",
+                    "-D",
+                    &data.to_string_lossy(),
+                    "-l",
+                    &log.to_string_lossy(),
+                    "-o",
+                    &options,
+                ],
             )
             .with_context(|| format!("starting PostgreSQL; its log is {}", log.display()))?;
         }
         let exists = pg.tool(
             "psql",
-            &["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", "postgres", "-tAc",
-              "select 1 from pg_database where datname = 'ablate'"],
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-tAc",
+                "select 1 from pg_database where datname = 'ablate'",
+            ],
         )?;
         if exists.trim() != "1" {
-            pg.tool("createdb", &["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "ablate"])?;
+            pg.tool(
+                "createdb",
+                &["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "ablate"],
+            )?;
         }
         Ok((pg, format!("postgres://postgres@127.0.0.1:{port}/ablate")))
     }
@@ -101,7 +137,10 @@ impl EmbeddedPg {
     }
 
     pub fn stop(&self) {
-        if let Err(e) = self.tool("pg_ctl", &["stop", "-m", "fast", "-w", "-D", &self.data.to_string_lossy()]) {
+        if let Err(e) = self.tool(
+            "pg_ctl",
+            &["stop", "-m", "fast", "-w", "-D", &self.data.to_string_lossy()],
+        ) {
             eprintln!("stopping PostgreSQL: {e:#}");
         }
     }

@@ -14,10 +14,19 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "ablate", version, about = "scaling-science sweeps: submit, watch, query in SQL")]
+#[command(
+    name = "ablate",
+    version,
+    about = "scaling-science sweeps: submit, watch, query in SQL"
+)]
 struct Cli {
     /// The coordinator's address.
-    #[arg(long, global = true, env = "ABLATE_COORDINATOR", default_value = "http://127.0.0.1:7077")]
+    #[arg(
+        long,
+        global = true,
+        env = "ABLATE_COORDINATOR",
+        default_value = "http://127.0.0.1:7077"
+    )]
     coordinator: String,
     #[command(subcommand)]
     command: Command,
@@ -135,12 +144,16 @@ fn main() -> std::process::ExitCode {
             Command::Up(args) => commands::up::run(args).await,
             Command::Down(args) => commands::up::down(args).await,
             Command::Serve(args) => commands::serve::run(args).await,
-            Command::Db { action: DbAction::Start { state, pg_port } } => {
+            Command::Db {
+                action: DbAction::Start { state, pg_port },
+            } => {
                 let (_, url) = embedded::EmbeddedPg::start(&state.state_dir, pg_port)?;
                 println!("{url}");
                 Ok(())
             }
-            Command::Db { action: DbAction::Stop { state } } => embedded::EmbeddedPg::stop_dir(&state.state_dir),
+            Command::Db {
+                action: DbAction::Stop { state },
+            } => embedded::EmbeddedPg::stop_dir(&state.state_dir),
             Command::Submit { spec, wait } => commands::submit::run(&addr, &spec, wait).await,
             Command::Status { experiment } => commands::status::run(&addr, experiment.as_deref()).await,
             Command::Watch { experiment } => commands::watch::run(&addr, &experiment).await.map(|_| ()),

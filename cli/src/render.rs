@@ -42,9 +42,15 @@ pub fn cell(value: &serde_json::Value) -> String {
     }
 }
 
+/// (finished, total) trials of an experiment.
+pub fn progress(c: &proto::TrialCounts) -> (u32, u32) {
+    let finished = c.succeeded + c.failed + c.pruned + c.cancelled;
+    (finished, finished + c.pending + c.running)
+}
+
 fn counts_line(e: &proto::Experiment) -> String {
-    let c = e.counts.clone().unwrap_or_default();
-    let total = c.pending + c.running + c.succeeded + c.failed + c.pruned + c.cancelled;
+    let c = e.counts.unwrap_or_default();
+    let (_, total) = progress(&c);
     format!(
         "{total} trials: {} succeeded, {} failed, {} running, {} pending, {} cancelled",
         c.succeeded, c.failed, c.running, c.pending, c.cancelled
@@ -63,7 +69,10 @@ pub fn experiment_summary(e: &proto::Experiment) -> String {
     );
     if !e.best.is_empty() {
         out.push_str(&format!("\nbest trials by {} ({}):\n", e.objective_metric, e.goal));
-        let header: Vec<String> = ["rank", "trial", e.objective_metric.as_str(), "params"].iter().map(|s| s.to_string()).collect();
+        let header: Vec<String> = ["rank", "trial", e.objective_metric.as_str(), "params"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let rows: Vec<Vec<String>> = e
             .best
             .iter()
@@ -80,7 +89,12 @@ pub fn experiment_summary(e: &proto::Experiment) -> String {
         out.push_str(&table(&header, &rows));
     }
     for f in &e.failures {
-        out.push_str(&format!("\ntrial {} failed (attempt {}): {}\n", f.ordinal, f.attempt, f.error.trim()));
+        out.push_str(&format!(
+            "\ntrial {} failed (attempt {}): {}\n",
+            f.ordinal,
+            f.attempt,
+            f.error.trim()
+        ));
     }
     out
 }

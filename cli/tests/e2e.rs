@@ -21,7 +21,10 @@ async fn quickstart_sweep_finishes_with_one_row_per_metric_step() {
     let out = stack.ablate(&["submit", &spec.to_string_lossy(), "--wait"]);
     assert!(out.status.success(), "sweep failed: {}\n{}", stderr(&out), stack.logs());
     let id = String::from_utf8(out.stdout.clone()).unwrap();
-    assert!(uuid::Uuid::parse_str(id.trim()).is_ok(), "stdout should hold only the id, got {id:?}");
+    assert!(
+        uuid::Uuid::parse_str(id.trim()).is_ok(),
+        "stdout should hold only the id, got {id:?}"
+    );
     assert!(stderr(&out).contains("best trials by eval_loss"), "{}", stderr(&out));
 
     let out = stack.ablate(&[
@@ -49,8 +52,14 @@ async fn quickstart_sweep_finishes_with_one_row_per_metric_step() {
         };
         assert_eq!((count, min, max), expected, "{name}");
     }
-    let best: f64 = sqlx::query_scalar("select min(objective) from ablate.trial_results").fetch_one(&stack.pool).await.unwrap();
-    assert!(best < 0.3, "the best quickstart trial should learn digits, eval_loss {best}");
+    let best: f64 = sqlx::query_scalar("select min(objective) from ablate.trial_results")
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+    assert!(
+        best < 0.3,
+        "the best quickstart trial should learn digits, eval_loss {best}"
+    );
     let checkpoints = stack.scalar_i64("select count(*) from ablate.checkpoints").await;
     assert_eq!(checkpoints, 12 * 2, "checkpoints at steps 100 and 200 of every trial");
 }
@@ -92,15 +101,21 @@ async fn a_killed_worker_trial_resumes_from_its_checkpoint_on_the_same_curve() {
         .wait_for("select coalesce(max(step), 0) >= 120 from ablate.checkpoints", MINUTE)
         .await;
     stack.kill_worker(worker);
-    let killed_at: sqlx::types::chrono::DateTime<sqlx::types::chrono::Utc> = sqlx::query_scalar("select now()").fetch_one(&stack.pool).await.unwrap();
+    let killed_at: sqlx::types::chrono::DateTime<sqlx::types::chrono::Utc> =
+        sqlx::query_scalar("select now()").fetch_one(&stack.pool).await.unwrap();
     let resume_step = stack.scalar_i64("select max(step) from ablate.checkpoints").await;
-    let state: String = sqlx::query_scalar("select state from ablate.trial_results").fetch_one(&stack.pool).await.unwrap();
+    let state: String = sqlx::query_scalar("select state from ablate.trial_results")
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
     assert_eq!(state, "running", "the trial should be mid-way when killed");
 
     stack.start_worker("cpu:1");
     stack.wait_finished(&experiment, 2 * MINUTE).await;
-    let (state, attempt): (String, i32) =
-        sqlx::query_as("select state, attempt from ablate.trial_results").fetch_one(&stack.pool).await.unwrap();
+    let (state, attempt): (String, i32) = sqlx::query_as("select state, attempt from ablate.trial_results")
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
     assert_eq!((state.as_str(), attempt), ("succeeded", 2), "{}", stack.logs());
 
     // The second attempt started at the checkpoint: no point at or before it was logged again.
@@ -112,11 +127,21 @@ async fn a_killed_worker_trial_resumes_from_its_checkpoint_on_the_same_curve() {
     .fetch_one(&stack.pool)
     .await
     .unwrap();
-    assert_eq!(replayed, 0, "the resumed trial re-ran steps before its checkpoint at {resume_step}");
-    let first_new_checkpoint: i64 =
-        sqlx::query_scalar("select min(step) from ablate.checkpoints where attempt = 2").fetch_one(&stack.pool).await.unwrap();
-    assert!(first_new_checkpoint > resume_step, "attempt 2 checkpointed {first_new_checkpoint} <= {resume_step}");
-    let steps = stack.scalar_i64("select count(*) from ablate.metric_series where name = 'train_loss'").await;
+    assert_eq!(
+        replayed, 0,
+        "the resumed trial re-ran steps before its checkpoint at {resume_step}"
+    );
+    let first_new_checkpoint: i64 = sqlx::query_scalar("select min(step) from ablate.checkpoints where attempt = 2")
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+    assert!(
+        first_new_checkpoint > resume_step,
+        "attempt 2 checkpointed {first_new_checkpoint} <= {resume_step}"
+    );
+    let steps = stack
+        .scalar_i64("select count(*) from ablate.metric_series where name = 'train_loss'")
+        .await;
     assert_eq!(steps, 300);
 
     // An unbroken run with the same seed ends on the same loss.
@@ -125,8 +150,14 @@ async fn a_killed_worker_trial_resumes_from_its_checkpoint_on_the_same_curve() {
     stack.wait_finished(&reference, 2 * MINUTE).await;
     let (a_eval, a_tail) = final_metrics(&stack, &experiment).await;
     let (b_eval, b_tail) = final_metrics(&stack, &reference).await;
-    assert!((a_eval - b_eval).abs() <= 1e-6, "eval_loss resumed {a_eval} vs unbroken {b_eval}");
-    assert!((a_tail - b_tail).abs() <= 1e-6, "train_loss_tail resumed {a_tail} vs unbroken {b_tail}");
+    assert!(
+        (a_eval - b_eval).abs() <= 1e-6,
+        "eval_loss resumed {a_eval} vs unbroken {b_eval}"
+    );
+    assert!(
+        (a_tail - b_tail).abs() <= 1e-6,
+        "train_loss_tail resumed {a_tail} vs unbroken {b_tail}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -142,12 +173,16 @@ async fn a_coordinator_killed_mid_sweep_loses_no_trial_and_no_metric() {
     );
     let experiment = stack.submit(&spec);
     stack.start_worker("cpu:2");
-    stack.wait_for("select count(*) > 100 from ablate.metric_series", MINUTE).await;
+    stack
+        .wait_for("select count(*) > 100 from ablate.metric_series", MINUTE)
+        .await;
     stack.kill_coordinator();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stack.start_coordinator().await;
     stack.wait_finished(&experiment, 3 * MINUTE).await;
-    let succeeded = stack.scalar_i64("select count(*) from ablate.trial_results where state = 'succeeded'").await;
+    let succeeded = stack
+        .scalar_i64("select count(*) from ablate.trial_results where state = 'succeeded'")
+        .await;
     assert_eq!(succeeded, 4, "{}", stack.logs());
     let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
         "select count(*), min(step), max(step) from ablate.metric_series where name = 'train_loss' group by trial_id",
@@ -155,8 +190,14 @@ async fn a_coordinator_killed_mid_sweep_loses_no_trial_and_no_metric() {
     .fetch_all(&stack.pool)
     .await
     .unwrap();
-    assert_eq!(rows, vec![(150, 1, 150); 4], "every train_loss step of every trial is stored once");
-    let evals = stack.scalar_i64("select count(*) from ablate.metric_series where name = 'eval_loss'").await;
+    assert_eq!(
+        rows,
+        vec![(150, 1, 150); 4],
+        "every train_loss step of every trial is stored once"
+    );
+    let evals = stack
+        .scalar_i64("select count(*) from ablate.metric_series where name = 'eval_loss'")
+        .await;
     assert_eq!(evals, 4 * 3, "eval_loss at 50, 100, 150 for each trial");
 }
 
@@ -196,7 +237,11 @@ async fn stale_lease_tokens_are_refused_over_grpc() {
         values: vec![0.5],
     };
     let batches = vec![batch(&wrong, 1), batch(&leased.lease_token, 2)];
-    let mut acks = workers.stream_metrics(tokio_stream::iter(batches)).await.unwrap().into_inner();
+    let mut acks = workers
+        .stream_metrics(tokio_stream::iter(batches))
+        .await
+        .unwrap()
+        .into_inner();
     let first = acks.message().await.unwrap().unwrap();
     let second = acks.message().await.unwrap().unwrap();
     assert_eq!((first.seq, first.status.as_str()), (1, "stale_lease"));
@@ -236,18 +281,31 @@ async fn bad_specs_are_refused_with_the_field_path_and_nothing_is_stored() {
     let cases = [
         (good.replace("width = 64", "width = 64\nwidht = 32"), "base.widht"),
         (good.replace("width = 64", "width = \"wide\""), "base.width"),
-        (good.replace("params.seed = [3]", "params.seed = []"), "sweep.params.seed"),
+        (
+            good.replace("params.seed = [3]", "params.seed = []"),
+            "sweep.params.seed",
+        ),
         (good.replace("params.seed = [3]", ""), "sweep.params"),
-        (good.replace("searcher = \"grid\"", "searcher = \"grid\"\nbogus = 1"), "sweep.bogus"),
+        (
+            good.replace("searcher = \"grid\"", "searcher = \"grid\"\nbogus = 1"),
+            "sweep.bogus",
+        ),
     ];
     for (i, (text, path)) in cases.iter().enumerate() {
         let spec = stack.write_spec(&format!("bad-{i}.toml"), text);
         let out = stack.ablate(&["submit", &spec.to_string_lossy()]);
         assert!(!out.status.success(), "case {i} was accepted");
         assert!(out.stdout.is_empty(), "no id is printed for a refused spec");
-        assert!(stderr(&out).contains(&format!("{path}:")), "case {i}: `{}` lacks `{path}:`", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!("{path}:")),
+            "case {i}: `{}` lacks `{path}:`",
+            stderr(&out)
+        );
     }
-    let yaml = stack.write_spec("bad.yaml", "name: y\nfamily: train\nsweep:\n  searcher: grid\n  params: {}\n");
+    let yaml = stack.write_spec(
+        "bad.yaml",
+        "name: y\nfamily: train\nsweep:\n  searcher: grid\n  params: {}\n",
+    );
     let out = stack.ablate(&["submit", &yaml.to_string_lossy()]);
     assert!(stderr(&out).contains("sweep.params:"), "{}", stderr(&out));
     assert_eq!(stack.scalar_i64("select count(*) from experiments").await, 0);
@@ -271,7 +329,12 @@ async fn ablate_sql_refuses_writes_and_formats_results() {
         assert!(stderr(&out).contains("error:"), "{}", stderr(&out));
     }
     assert_eq!(stack.scalar_i64("select count(*) from trials").await, 1);
-    let out = stack.ablate(&["sql", "select name, 'a,b' as tricky from ablate.experiments", "--format", "csv"]);
+    let out = stack.ablate(&[
+        "sql",
+        "select name, 'a,b' as tricky from ablate.experiments",
+        "--format",
+        "csv",
+    ]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "name,tricky\nsql,\"a,b\"\n");
     let out = stack.ablate(&["sql", "select name, 2 as n from ablate.experiments", "--format", "json"]);
     let parsed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -297,7 +360,18 @@ async fn ablate_up_runs_a_sweep_on_the_embedded_default_and_down_stops_it() {
     let state = dir.join("state");
     let state = state.to_string_lossy();
     let listen = format!("127.0.0.1:{port}");
-    let up = ablate(&["up", "--detach", "--state-dir", &state, "--listen", &listen, "--pg-port", &pg_port.to_string(), "--devices", "cpu:2"]);
+    let up = ablate(&[
+        "up",
+        "--detach",
+        "--state-dir",
+        &state,
+        "--listen",
+        &listen,
+        "--pg-port",
+        &pg_port.to_string(),
+        "--devices",
+        "cpu:2",
+    ]);
     let log = || std::fs::read_to_string(dir.join("state/up.log")).unwrap_or_default();
     assert!(up.status.success(), "ablate up failed: {}\n{}", stderr(&up), log());
     let spec = dir.join("tiny.toml");
@@ -310,9 +384,15 @@ async fn ablate_up_runs_a_sweep_on_the_embedded_default_and_down_stops_it() {
     let down = ablate(&["down", "--state-dir", &state]);
     assert!(out.status.success(), "sweep failed: {}\n{}", stderr(&out), log());
     assert!(down.status.success(), "down failed: {}", stderr(&down));
-    assert!(ablate(&["workers"]).status.code() != Some(0), "the coordinator still answers after down");
+    assert!(
+        ablate(&["workers"]).status.code() != Some(0),
+        "the coordinator still answers after down"
+    );
     let mut client = ExperimentsClient::connect(addr.clone()).await;
     assert!(client.as_mut().is_err(), "the coordinator still accepts connections");
-    assert!(dir.join("state/pg/data/PG_VERSION").exists(), "the embedded PostgreSQL keeps its data");
+    assert!(
+        dir.join("state/pg/data/PG_VERSION").exists(),
+        "the embedded PostgreSQL keeps its data"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -255,7 +255,9 @@ pub async fn insert_metrics(
     .execute(pool)
     .await?;
     if done.rows_affected() == 0 && !steps.is_empty() {
-        return Err(Error::StaleLease { trial: trial.to_string() });
+        return Err(Error::StaleLease {
+            trial: trial.to_string(),
+        });
     }
     Ok(done.rows_affected())
 }
@@ -282,7 +284,9 @@ pub async fn record_checkpoint(
     .execute(pool)
     .await?;
     if done.rows_affected() == 0 {
-        return Err(Error::StaleLease { trial: trial.to_string() });
+        return Err(Error::StaleLease {
+            trial: trial.to_string(),
+        });
     }
     Ok(())
 }
@@ -310,7 +314,9 @@ pub async fn complete(
     .execute(pool)
     .await?;
     if done.rows_affected() == 0 {
-        return Err(Error::StaleLease { trial: trial.to_string() });
+        return Err(Error::StaleLease {
+            trial: trial.to_string(),
+        });
     }
     Ok(())
 }
@@ -404,11 +410,13 @@ fn experiment_row(row: &sqlx::postgres::PgRow) -> Result<ExperimentRow> {
 }
 
 pub async fn experiment(pool: &PgPool, id: ExperimentId) -> Result<ExperimentRow> {
-    let row = sqlx::query(&format!("select {EXPERIMENT_COLUMNS} from ablate.experiments where experiment_id = $1"))
-        .bind(id.0)
-        .fetch_optional(pool)
-        .await?
-        .ok_or_else(|| not_found(id))?;
+    let row = sqlx::query(&format!(
+        "select {EXPERIMENT_COLUMNS} from ablate.experiments where experiment_id = $1"
+    ))
+    .bind(id.0)
+    .fetch_optional(pool)
+    .await?
+    .ok_or_else(|| not_found(id))?;
     experiment_row(&row)
 }
 
@@ -424,7 +432,11 @@ pub async fn list_experiments(pool: &PgPool, limit: u32) -> Result<Vec<Experimen
 
 /// The best succeeded trials by the objective, best first.
 pub async fn best_trials(pool: &PgPool, e: &ExperimentRow, limit: u32) -> Result<Vec<TrialRow>> {
-    let order = if e.goal.as_deref() == Some("maximize") { "desc" } else { "asc" };
+    let order = if e.goal.as_deref() == Some("maximize") {
+        "desc"
+    } else {
+        "asc"
+    };
     let rows = sqlx::query(&format!(
         "select r.trial_id, r.ordinal, r.state, r.params, r.objective, r.attempt, r.error,
                 t.total_steps, t.total_steps as step
@@ -532,7 +544,10 @@ fn leading_keyword(sql: &str) -> String {
             break;
         }
     }
-    rest.chars().take_while(|c| c.is_ascii_alphabetic()).collect::<String>().to_ascii_lowercase()
+    rest.chars()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .collect::<String>()
+        .to_ascii_lowercase()
 }
 
 /// Result of a read-only query: column names and rows as JSON arrays.
@@ -558,7 +573,11 @@ pub async fn read_only_query(pool: &PgPool, sql: &str, timeout: Duration) -> Res
         .await?;
     sqlx::query("set local role ablate_reader").execute(&mut *tx).await?;
     let described = sqlx::Executor::describe(&mut *tx, body).await.map_err(query_error)?;
-    let columns: Vec<String> = described.columns().iter().map(|c| sqlx::Column::name(c).to_string()).collect();
+    let columns: Vec<String> = described
+        .columns()
+        .iter()
+        .map(|c| sqlx::Column::name(c).to_string())
+        .collect();
     // json (not jsonb) keeps duplicate column names and their order.
     let wrapped = format!(
         "select coalesce((select json_agg(e.value order by e.n)
@@ -572,8 +591,7 @@ pub async fn read_only_query(pool: &PgPool, sql: &str, timeout: Duration) -> Res
     tx.rollback().await?;
     let mut rows = Vec::with_capacity(texts.len());
     for (text,) in texts {
-        let row: Vec<Value> =
-            serde_json::from_str(&text).map_err(|e| Error::Query(format!("unreadable row: {e}")))?;
+        let row: Vec<Value> = serde_json::from_str(&text).map_err(|e| Error::Query(format!("unreadable row: {e}")))?;
         rows.push(row);
     }
     Ok(QueryRows { columns, rows })

@@ -57,7 +57,11 @@ impl Coordinator {
         let listener = TcpListener::bind(options.listen)
             .await
             .map_err(|e| Error::InvalidArgument(format!("cannot listen on {}: {e}", options.listen)))?;
-        Ok(Coordinator { listener, pool, options })
+        Ok(Coordinator {
+            listener,
+            pool,
+            options,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {

@@ -26,7 +26,10 @@ pub fn expand(spec: &SweepSpec) -> Result<Vec<Map<String, Value>>, ablate_schema
     if trials.len() > MAX_TRIALS {
         return Err(ablate_schema::SpecError::new(
             "sweep",
-            format!("the sweep expands to {} trials, over the limit of {MAX_TRIALS}; split it", trials.len()),
+            format!(
+                "the sweep expands to {} trials, over the limit of {MAX_TRIALS}; split it",
+                trials.len()
+            ),
         ));
     }
     Ok(trials)
@@ -90,7 +93,10 @@ mod tests {
 
     #[test]
     fn grid_is_the_full_product_in_a_stable_order() {
-        let trials = expand(&spec("searcher = \"grid\"\nparams.a = [1, 2]\nparams.b = [\"x\", \"y\", \"z\"]")).unwrap();
+        let trials = expand(&spec(
+            "searcher = \"grid\"\nparams.a = [1, 2]\nparams.b = [\"x\", \"y\", \"z\"]",
+        ))
+        .unwrap();
         assert_eq!(trials.len(), 6);
         assert_eq!(trials[0]["a"], 1);
         assert_eq!(trials[0]["b"], "x");

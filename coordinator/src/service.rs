@@ -36,8 +36,8 @@ pub fn workers_server(pool: PgPool, lease_ttl: Duration) -> workers_server::Work
     .max_decoding_message_size(64 << 20)
 }
 
-fn parse_id<T>(parse: impl Fn(&str) -> Result<T, ablate_schema::ids::BadId>, text: &str) -> Result<T, Status> {
-    parse(text).map_err(|e| Status::invalid_argument(e.to_string()))
+fn parse_id<T>(parse: impl Fn(&str) -> Result<T, ablate_schema::ids::BadId>, text: &str) -> Result<T, Error> {
+    parse(text).map_err(|e| Error::InvalidArgument(e.to_string()))
 }
 
 pub struct ExperimentsService {
@@ -101,8 +101,9 @@ fn experiment_message(
 impl experiments_server::Experiments for ExperimentsService {
     async fn submit(&self, request: Request<proto::SubmitRequest>) -> Result<Response<proto::SubmitResponse>, Status> {
         let req = request.into_inner();
-        let format = SpecFormat::parse(&req.format)
-            .ok_or_else(|| Status::invalid_argument(format!("unknown spec format `{}`, expected toml or yaml", req.format)))?;
+        let format = SpecFormat::parse(&req.format).ok_or_else(|| {
+            Status::invalid_argument(format!("unknown spec format `{}`, expected toml or yaml", req.format))
+        })?;
         let (id, count) = submit::submit(&self.pool, &req.spec_text, format).await?;
         Ok(Response::new(proto::SubmitResponse {
             experiment_id: id.to_string(),
@@ -134,17 +135,24 @@ impl experiments_server::Experiments for ExperimentsService {
         let id = parse_id(ExperimentId::parse, &request.into_inner().experiment_id)?;
         let n = db::cancel(&self.pool, id).await?;
         tracing::info!(experiment = %id, trials = n, "experiment cancelled");
-        Ok(Response::new(proto::CancelResponse { trials_cancelled: n as u32 }))
+        Ok(Response::new(proto::CancelResponse {
+            trials_cancelled: n as u32,
+        }))
     }
 
     type WatchStream = ResponseStream<proto::Experiment>;
 
-    async fn watch(&self, request: Request<proto::GetExperimentRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        request: Request<proto::GetExperimentRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let req = request.into_inner();
         let id = parse_id(ExperimentId::parse, &req.experiment_id)?;
         let first = self.snapshot(id, req.best).await?;
         let (tx, rx) = mpsc::channel(4);
-        let service = ExperimentsService { pool: self.pool.clone() };
+        let service = ExperimentsService {
+            pool: self.pool.clone(),
+        };
         tokio::spawn(async move {
             let mut last = first;
             if tx.send(Ok(last.clone())).await.is_err() {
@@ -194,13 +202,21 @@ impl experiments_server::Experiments for ExperimentsService {
 
     async fn query(&self, request: Request<proto::QueryRequest>) -> Result<Response<Self::QueryStream>, Status> {
         let req = request.into_inner();
-        let timeout = Duration::from_millis(if req.timeout_ms == 0 { 30_000 } else { req.timeout_ms as u64 });
+        let timeout = Duration::from_millis(if req.timeout_ms == 0 {
+            30_000
+        } else {
+            req.timeout_ms as u64
+        });
         let result = db::read_only_query(&self.pool, &req.sql, timeout).await?;
         let mut chunks = Vec::new();
         let mut columns = Some(result.columns);
         let mut rows = result.rows.into_iter().peekable();
         loop {
-            let rows_json: Vec<String> = rows.by_ref().take(1000).map(|r| serde_json::Value::from(r).to_string()).collect();
+            let rows_json: Vec<String> = rows
+                .by_ref()
+                .take(1000)
+                .map(|r| serde_json::Value::from(r).to_string())
+                .collect();
             let last = rows.peek().is_none();
             chunks.push(Ok(proto::QueryChunk {
                 columns: columns.take().unwrap_or_default(),
@@ -221,13 +237,13 @@ pub struct WorkersService {
     names: Arc<Mutex<HashMap<String, i32>>>,
 }
 
-fn lease_of(trial: &str, token: &str) -> Result<(TrialId, LeaseToken), Status> {
+fn lease_of(trial: &str, token: &str) -> Result<(TrialId, LeaseToken), Error> {
     Ok((parse_id(TrialId::parse, trial)?, parse_id(LeaseToken::parse, token)?))
 }
 
 /// Writes one metric batch; returns the number of points stored.
 async fn ingest(pool: &PgPool, names: &Mutex<HashMap<String, i32>>, batch: &proto::MetricBatch) -> Result<u64, Error> {
-    let (trial, token) = lease_of(&batch.trial_id, &batch.lease_token).map_err(|s| Error::InvalidArgument(s.message().into()))?;
+    let (trial, token) = lease_of(&batch.trial_id, &batch.lease_token)?;
     let n = batch.steps.len();
     if batch.values.len() != n || batch.name_index.len() != n {
         return Err(Error::InvalidArgument(format!(
@@ -247,7 +263,12 @@ async fn ingest(pool: &PgPool, names: &Mutex<HashMap<String, i32>>, batch: &prot
     }
     let missing: Vec<String> = {
         let cache = names.lock().expect("name cache lock");
-        batch.names.iter().filter(|n| !cache.contains_key(*n)).cloned().collect()
+        batch
+            .names
+            .iter()
+            .filter(|n| !cache.contains_key(*n))
+            .cloned()
+            .collect()
     };
     if !missing.is_empty() {
         let interned = db::intern_metric_names(pool, &missing).await?;
@@ -274,7 +295,10 @@ async fn ingest(pool: &PgPool, names: &Mutex<HashMap<String, i32>>, batch: &prot
 
 #[tonic::async_trait]
 impl workers_server::Workers for WorkersService {
-    async fn register(&self, request: Request<proto::RegisterRequest>) -> Result<Response<proto::RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        request: Request<proto::RegisterRequest>,
+    ) -> Result<Response<proto::RegisterResponse>, Status> {
         let req = request.into_inner();
         let id = parse_id(WorkerId::parse, &req.worker_id)?;
         db::register_worker(&self.pool, id, &req.hostname, &req.devices).await?;
@@ -398,7 +422,10 @@ impl workers_server::Workers for WorkersService {
         Ok(Response::new(proto::CheckpointAck {}))
     }
 
-    async fn complete(&self, request: Request<proto::CompleteRequest>) -> Result<Response<proto::CompleteResponse>, Status> {
+    async fn complete(
+        &self,
+        request: Request<proto::CompleteRequest>,
+    ) -> Result<Response<proto::CompleteResponse>, Status> {
         let req = request.into_inner();
         let (trial, token) = lease_of(&req.trial_id, &req.lease_token)?;
         let outcome = match TrialState::parse(&req.outcome) {
@@ -410,7 +437,13 @@ impl workers_server::Workers for WorkersService {
                 )))
             }
         };
-        let nonempty = |s: &str| if s.is_empty() { None } else { Some(s.to_string()) };
+        let nonempty = |s: &str| {
+            if s.is_empty() {
+                None
+            } else {
+                Some(s.to_string())
+            }
+        };
         db::complete(
             &self.pool,
             trial,

@@ -54,7 +54,11 @@ pub fn check(text: &str, format: SpecFormat) -> Result<Checked, SpecError> {
             total_steps: plan.total_steps as i64,
         });
     }
-    Ok(Checked { spec, objective, trials })
+    Ok(Checked {
+        spec,
+        objective,
+        trials,
+    })
 }
 
 /// Maps a path inside a trial's parameters to the spec field it came from.
@@ -139,7 +143,9 @@ params.width = [16, 32]
         let e = err(&SPEC.replace("family = \"train\"", "family = \"alchemy\""));
         assert_eq!(e.path, "family", "{e}");
         assert!(e.message.contains("train"), "{e}");
-        let e = err(&format!("{SPEC}\n[objective]\nmetric = \"loss\"\ngoal = \"minimize\"\n"));
+        let e = err(&format!(
+            "{SPEC}\n[objective]\nmetric = \"loss\"\ngoal = \"minimize\"\n"
+        ));
         assert_eq!(e.path, "objective.metric", "{e}");
     }
 }

@@ -41,7 +41,9 @@ async fn concurrent_leases_never_share_a_trial(pool: PgPool) {
     let mut tasks = Vec::new();
     for _ in 0..4 {
         let pool = pool.clone();
-        tasks.push(tokio::spawn(async move { db::lease(&pool, WorkerId::new_random(), 2, TTL).await.unwrap() }));
+        tasks.push(tokio::spawn(async move {
+            db::lease(&pool, WorkerId::new_random(), 2, TTL).await.unwrap()
+        }));
     }
     let mut ids = Vec::new();
     for t in tasks {
@@ -52,19 +54,35 @@ async fn concurrent_leases_never_share_a_trial(pool: PgPool) {
     ids.dedup();
     assert_eq!(ids.len(), n, "a trial was leased twice");
     assert_eq!(n, 6, "4 workers asking for 2 each should drain all 6 trials");
-    assert!(db::lease(&pool, WorkerId::new_random(), 5, TTL).await.unwrap().is_empty());
+    assert!(db::lease(&pool, WorkerId::new_random(), 5, TTL)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[sqlx::test(migrator = "ablate_coordinator::db::MIGRATOR")]
 async fn a_stale_token_is_refused_for_metrics_checkpoints_and_completion(pool: PgPool) {
     submit::submit(&pool, SPEC, SpecFormat::Toml).await.unwrap();
-    let first = db::lease(&pool, WorkerId::new_random(), 1, TTL).await.unwrap().remove(0);
-    db::insert_metrics(&pool, first.trial, first.token, &[intern(&pool, "train_loss").await], &[1], &[0.5])
+    let first = db::lease(&pool, WorkerId::new_random(), 1, TTL)
         .await
-        .unwrap();
+        .unwrap()
+        .remove(0);
+    db::insert_metrics(
+        &pool,
+        first.trial,
+        first.token,
+        &[intern(&pool, "train_loss").await],
+        &[1],
+        &[0.5],
+    )
+    .await
+    .unwrap();
     expire_all(&pool).await;
     assert_eq!(db::reap_expired(&pool).await.unwrap(), 1);
-    let second = db::lease(&pool, WorkerId::new_random(), 1, TTL).await.unwrap().remove(0);
+    let second = db::lease(&pool, WorkerId::new_random(), 1, TTL)
+        .await
+        .unwrap()
+        .remove(0);
     assert_eq!(second.trial, first.trial, "the reaped trial comes back first");
     assert_eq!(second.attempt, 2);
     assert_ne!(second.token, first.token);
@@ -72,19 +90,39 @@ async fn a_stale_token_is_refused_for_metrics_checkpoints_and_completion(pool: P
     let name = intern(&pool, "train_loss").await;
     let stale = db::insert_metrics(&pool, first.trial, first.token, &[name], &[2], &[0.4]).await;
     assert!(matches!(stale, Err(Error::StaleLease { .. })), "{stale:?}");
-    let ckpt = CheckpointRecord { step: 5, path: "x".into(), bytes: 1 };
+    let ckpt = CheckpointRecord {
+        step: 5,
+        path: "x".into(),
+        bytes: 1,
+    };
     let stale = db::record_checkpoint(&pool, first.trial, first.token, &ckpt).await;
     assert!(matches!(stale, Err(Error::StaleLease { .. })), "{stale:?}");
     let stale = db::complete(&pool, first.trial, first.token, TrialState::Succeeded, None, None).await;
     assert!(matches!(stale, Err(Error::StaleLease { .. })), "{stale:?}");
-    let made_up = db::complete(&pool, first.trial, LeaseToken::new_random(), TrialState::Succeeded, None, None).await;
+    let made_up = db::complete(
+        &pool,
+        first.trial,
+        LeaseToken::new_random(),
+        TrialState::Succeeded,
+        None,
+        None,
+    )
+    .await;
     assert!(matches!(made_up, Err(Error::StaleLease { .. })), "{made_up:?}");
 
     // The current holder's writes go through, and completing twice is harmless.
-    db::insert_metrics(&pool, second.trial, second.token, &[name], &[2], &[0.4]).await.unwrap();
-    db::record_checkpoint(&pool, second.trial, second.token, &ckpt).await.unwrap();
-    db::complete(&pool, second.trial, second.token, TrialState::Succeeded, None, None).await.unwrap();
-    db::complete(&pool, second.trial, second.token, TrialState::Succeeded, None, None).await.unwrap();
+    db::insert_metrics(&pool, second.trial, second.token, &[name], &[2], &[0.4])
+        .await
+        .unwrap();
+    db::record_checkpoint(&pool, second.trial, second.token, &ckpt)
+        .await
+        .unwrap();
+    db::complete(&pool, second.trial, second.token, TrialState::Succeeded, None, None)
+        .await
+        .unwrap();
+    db::complete(&pool, second.trial, second.token, TrialState::Succeeded, None, None)
+        .await
+        .unwrap();
     let stored = count(&pool, "select count(*) from ablate.metric_series").await;
     assert_eq!(stored, 2, "the stale point must not be stored");
 }
@@ -102,22 +140,32 @@ async fn the_reaper_requeues_then_fails_a_trial_out_of_attempts(pool: PgPool) {
         expire_all(&pool).await;
         db::reap_expired(&pool).await.unwrap();
     }
-    let failed: (String, String) =
-        sqlx::query_as("select state, error from ablate.trial_results where attempt = 2").fetch_one(&pool).await.unwrap();
+    let failed: (String, String) = sqlx::query_as("select state, error from ablate.trial_results where attempt = 2")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(failed.0, "failed");
     assert!(failed.1.contains("attempt 2 of 2"), "{}", failed.1);
-    assert_eq!(count(&pool, "select count(*) from trials where state = 'pending'").await, 5);
+    assert_eq!(
+        count(&pool, "select count(*) from trials where state = 'pending'").await,
+        5
+    );
 }
 
 #[sqlx::test(migrator = "ablate_coordinator::db::MIGRATOR")]
 async fn metric_replays_overwrite_instead_of_duplicating(pool: PgPool) {
     submit::submit(&pool, SPEC, SpecFormat::Toml).await.unwrap();
-    let t = db::lease(&pool, WorkerId::new_random(), 1, TTL).await.unwrap().remove(0);
+    let t = db::lease(&pool, WorkerId::new_random(), 1, TTL)
+        .await
+        .unwrap()
+        .remove(0);
     let name = intern(&pool, "train_loss").await;
     let steps: Vec<i64> = (1..=100).collect();
     let values: Vec<f64> = steps.iter().map(|s| 1.0 / *s as f64).collect();
     for _ in 0..3 {
-        db::insert_metrics(&pool, t.trial, t.token, &vec![name; 100], &steps, &values).await.unwrap();
+        db::insert_metrics(&pool, t.trial, t.token, &vec![name; 100], &steps, &values)
+            .await
+            .unwrap();
     }
     assert_eq!(count(&pool, "select count(*) from ablate.metric_series").await, 100);
 }
@@ -126,17 +174,26 @@ async fn metric_replays_overwrite_instead_of_duplicating(pool: PgPool) {
 async fn heartbeats_extend_leases_and_carry_stop_orders(pool: PgPool) {
     let (experiment, _) = submit::submit(&pool, SPEC, SpecFormat::Toml).await.unwrap();
     let worker = WorkerId::new_random();
-    db::register_worker(&pool, worker, "host", &["cpu:0".into()]).await.unwrap();
+    db::register_worker(&pool, worker, "host", &["cpu:0".into()])
+        .await
+        .unwrap();
     let leased = db::lease(&pool, worker, 2, Duration::from_secs(1)).await.unwrap();
     let held: Vec<_> = leased.iter().map(|l| (l.trial, l.token)).collect();
     assert!(db::heartbeat(&pool, worker, &held, TTL).await.unwrap().is_empty());
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert_eq!(db::reap_expired(&pool).await.unwrap(), 0, "the heartbeat extended the leases");
+    assert_eq!(
+        db::reap_expired(&pool).await.unwrap(),
+        0,
+        "the heartbeat extended the leases"
+    );
     assert_eq!(db::cancel(&pool, experiment).await.unwrap(), 6);
     let stop = db::heartbeat(&pool, worker, &held, TTL).await.unwrap();
     assert_eq!(stop.len(), 2);
     assert!(stop.iter().all(|(_, why)| why == "cancelled"), "{stop:?}");
-    let state: String = sqlx::query_scalar("select state from ablate.experiments").fetch_one(&pool).await.unwrap();
+    let state: String = sqlx::query_scalar("select state from ablate.experiments")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(state, "cancelled");
 }
 
@@ -158,11 +215,18 @@ async fn a_bad_spec_stores_nothing(pool: PgPool) {
 async fn sql_is_read_only_and_keeps_columns_in_order(pool: PgPool) {
     submit::submit(&pool, SPEC, SpecFormat::Toml).await.unwrap();
     let timeout = Duration::from_secs(5);
-    let rows = db::read_only_query(&pool, "select count(*) as n, 1 as n, 'x' as s from ablate.trial_results", timeout)
-        .await
-        .unwrap();
+    let rows = db::read_only_query(
+        &pool,
+        "select count(*) as n, 1 as n, 'x' as s from ablate.trial_results",
+        timeout,
+    )
+    .await
+    .unwrap();
     assert_eq!(rows.columns, vec!["n", "n", "s"]);
-    assert_eq!(rows.rows, vec![vec![serde_json::json!(6), serde_json::json!(1), serde_json::json!("x")]]);
+    assert_eq!(
+        rows.rows,
+        vec![vec![serde_json::json!(6), serde_json::json!(1), serde_json::json!("x")]]
+    );
     for write in [
         "delete from ablate.trial_results",
         "delete from trials",
@@ -174,9 +238,17 @@ async fn sql_is_read_only_and_keeps_columns_in_order(pool: PgPool) {
         "select * from trials",
     ] {
         let err = db::read_only_query(&pool, write, timeout).await;
-        assert!(matches!(err, Err(Error::Query(_))), "`{write}` was not refused: {:?}", err.map(|r| r.rows));
+        assert!(
+            matches!(err, Err(Error::Query(_))),
+            "`{write}` was not refused: {:?}",
+            err.map(|r| r.rows)
+        );
     }
     assert_eq!(count(&pool, "select count(*) from trials").await, 6);
     let slow = db::read_only_query(&pool, "select pg_sleep(2)", Duration::from_millis(200)).await;
-    assert!(matches!(&slow, Err(Error::Query(m)) if m.contains("timeout")), "{:?}", slow.map(|r| r.rows));
+    assert!(
+        matches!(&slow, Err(Error::Query(m)) if m.contains("timeout")),
+        "{:?}",
+        slow.map(|r| r.rows)
+    );
 }

@@ -36,7 +36,9 @@ pub fn digits(device: Device) -> Classification {
             xs.extend(ds.data[i * f..(i + 1) * f].iter().map(|v| v / 16.0));
             ys.push(ds.target[i] as i64);
         }
-        let x = Tensor::from_slice(&xs).view([idx.len() as i64, f as i64]).to_device(device);
+        let x = Tensor::from_slice(&xs)
+            .view([idx.len() as i64, f as i64])
+            .to_device(device);
         let y = Tensor::from_slice(&ys).to_kind(Kind::Int64).to_device(device);
         (x, y)
     };

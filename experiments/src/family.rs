@@ -25,7 +25,10 @@ impl ParamError {
     pub fn deserialize<T: serde::de::DeserializeOwned>(params: &Value) -> Result<T, ParamError> {
         serde_path_to_error::deserialize(params).map_err(|e| {
             let path = e.path().to_string();
-            ParamError::new(if path == "." { String::new() } else { path }, e.into_inner().to_string())
+            ParamError::new(
+                if path == "." { String::new() } else { path },
+                e.into_inner().to_string(),
+            )
         })
     }
 }
@@ -40,14 +43,10 @@ impl Family {
     pub const ALL: &'static [Family] = &[Family::Train];
 
     pub fn parse(name: &str) -> Result<Family, String> {
-        Family::ALL
-            .iter()
-            .copied()
-            .find(|f| f.name() == name)
-            .ok_or_else(|| {
-                let known: Vec<&str> = Family::ALL.iter().map(|f| f.name()).collect();
-                format!("unknown family `{name}`, expected one of: {}", known.join(", "))
-            })
+        Family::ALL.iter().copied().find(|f| f.name() == name).ok_or_else(|| {
+            let known: Vec<&str> = Family::ALL.iter().map(|f| f.name()).collect();
+            format!("unknown family `{name}`, expected one of: {}", known.join(", "))
+        })
     }
 
     pub fn name(self) -> &'static str {

@@ -64,7 +64,11 @@ impl Optimizer {
                 let mut w = p.tensor.shallow_clone();
                 match c.kind {
                     OptimizerName::Sgd => {
-                        let g = if c.weight_decay > 0.0 { &grad + &w * c.weight_decay } else { grad };
+                        let g = if c.weight_decay > 0.0 {
+                            &grad + &w * c.weight_decay
+                        } else {
+                            grad
+                        };
                         let update = if c.momentum > 0.0 {
                             let buf = &mut self.first[i];
                             let _ = buf.g_mul_scalar_(c.momentum).g_add_(&g);

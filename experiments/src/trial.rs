@@ -16,7 +16,11 @@ pub enum TrialError {
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     #[error("training diverged at step {step}: {metric} is {value}")]
-    Diverged { step: u64, metric: &'static str, value: f64 },
+    Diverged {
+        step: u64,
+        metric: &'static str,
+        value: f64,
+    },
 }
 
 /// A saved trial state: named tensors plus a JSON sidecar (step, data cursor, ...).
@@ -54,24 +58,29 @@ pub fn run(family: crate::Family, params: &Value, ctx: &mut TrialContext<'_>) ->
 /// Keeps checkpoints in memory; for tests and in-process runs.
 #[derive(Default)]
 pub struct MemoryCheckpoints {
-    pub saved: Vec<(u64, Vec<(String, Tensor)>, Value)>,
+    pub saved: Vec<Snapshot>,
     /// Resume from the newest saved checkpoint at or below this step, if set.
     pub resume_at: Option<u64>,
 }
 
 impl CheckpointStore for MemoryCheckpoints {
     fn save(&mut self, step: u64, tensors: &[(String, Tensor)], sidecar: &Value) -> Result<(), TrialError> {
-        let copies = tensors.iter().map(|(n, t)| (n.clone(), t.detach().copy())).collect();
-        self.saved.push((step, copies, sidecar.clone()));
+        self.saved.push(Snapshot {
+            step,
+            tensors: tensors.iter().map(|(n, t)| (n.clone(), t.detach().copy())).collect(),
+            sidecar: sidecar.clone(),
+        });
         Ok(())
     }
 
     fn latest(&mut self) -> Result<Option<Snapshot>, TrialError> {
-        let Some(limit) = self.resume_at else { return Ok(None) };
-        Ok(self.saved.iter().rev().find(|(s, _, _)| *s <= limit).map(|(step, tensors, sidecar)| Snapshot {
-            step: *step,
-            tensors: tensors.iter().map(|(n, t)| (n.clone(), t.copy())).collect(),
-            sidecar: sidecar.clone(),
+        let Some(limit) = self.resume_at else {
+            return Ok(None);
+        };
+        Ok(self.saved.iter().rev().find(|s| s.step <= limit).map(|s| Snapshot {
+            step: s.step,
+            tensors: s.tensors.iter().map(|(n, t)| (n.clone(), t.copy())).collect(),
+            sidecar: s.sidecar.clone(),
         }))
     }
 }

@@ -184,9 +184,9 @@ impl ParamDomain {
                     let (lo, hi) = pair("range")?;
                     let step = match map.get("step") {
                         None => 1.0,
-                        Some(v) => v.as_f64().ok_or_else(|| {
-                            SpecError::new(format!("{path}.step"), "expected a number")
-                        })?,
+                        Some(v) => v
+                            .as_f64()
+                            .ok_or_else(|| SpecError::new(format!("{path}.step"), "expected a number"))?,
                     };
                     if step <= 0.0 || !step.is_finite() {
                         return Err(SpecError::new(format!("{path}.step"), "expected a positive step"));
@@ -308,8 +308,7 @@ impl SweepSpec {
             .params
             .iter()
             .map(|(name, value)| {
-                let domain = ParamDomain::from_value(name, value)
-                    .expect("domains are checked when the spec is parsed");
+                let domain = ParamDomain::from_value(name, value).expect("domains are checked when the spec is parsed");
                 (name.clone(), domain)
             })
             .collect()
@@ -364,7 +363,10 @@ params.log2_lr = { range = [-4, -1], step = 1 }
         let domains = spec.domains();
         assert_eq!(domains[0].0, "log2_lr");
         let values = domains[0].1.grid_values().unwrap();
-        assert_eq!(values, vec![Value::from(-4), Value::from(-3), Value::from(-2), Value::from(-1)]);
+        assert_eq!(
+            values,
+            vec![Value::from(-4), Value::from(-3), Value::from(-2), Value::from(-1)]
+        );
         assert_eq!(spec.max_attempts, 3);
     }
 
@@ -372,18 +374,30 @@ params.log2_lr = { range = [-4, -1], step = 1 }
     fn unknown_top_level_field_names_its_path() {
         check_err(&format!("bogus = 1\n{GOOD}"), "bogus", "unknown field");
         check_err(&format!("{GOOD}\nbogus = 1\n"), "sweep.bogus", "unknown field");
-        check_err(&GOOD.replace("searcher = ", "serching = "), "sweep.serching", "unknown field");
+        check_err(
+            &GOOD.replace("searcher = ", "serching = "),
+            "sweep.serching",
+            "unknown field",
+        );
     }
 
     #[test]
     fn wrong_type_names_its_path() {
         check_err(&GOOD.replace("name = \"t\"", "name = 3"), "name", "string");
-        check_err(&GOOD.replace("searcher = \"grid\"", "searcher = \"tpe\""), "sweep.searcher", "grid");
+        check_err(
+            &GOOD.replace("searcher = \"grid\"", "searcher = \"tpe\""),
+            "sweep.searcher",
+            "grid",
+        );
     }
 
     #[test]
     fn empty_sweeps_are_refused() {
-        check_err(&GOOD.replace("params.seed = [0, 1]", "params.seed = []"), "sweep.params.seed", "empty list");
+        check_err(
+            &GOOD.replace("params.seed = [0, 1]", "params.seed = []"),
+            "sweep.params.seed",
+            "empty list",
+        );
         let no_params = GOOD
             .replace("params.seed = [0, 1]\n", "")
             .replace("params.log2_lr = { range = [-4, -1], step = 1 }\n", "");

@@ -113,7 +113,9 @@ pub fn discover(spec: &str, backend: &Backend) -> anyhow::Result<Vec<Slot>> {
             .trim()
             .strip_prefix("cuda:")
             .and_then(|i| i.parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("--devices: `{part}` is not cuda:N; expected auto, cpu:K or cuda:0,cuda:1"))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!("--devices: `{part}` is not cuda:N; expected auto, cpu:K or cuda:0,cuda:1")
+            })?;
         if index >= backend.cuda_devices {
             anyhow::bail!(
                 "--devices: cuda:{index} is not available; this host's backend is {}",

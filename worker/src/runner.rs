@@ -172,7 +172,12 @@ async fn drive(
     let (outcome, error) = if status.success() {
         ("succeeded", String::new())
     } else {
-        let last = tail.iter().rev().find(|l| !l.trim().is_empty()).cloned().unwrap_or_default();
+        let last = tail
+            .iter()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .cloned()
+            .unwrap_or_default();
         ("failed", format!("trial process {status}: {last}"))
     };
     let request = proto::CompleteRequest {
@@ -180,7 +185,11 @@ async fn drive(
         lease_token: trial.lease_token.clone(),
         outcome: outcome.into(),
         error,
-        stderr_tail: if status.success() { String::new() } else { tail.join("\n") },
+        stderr_tail: if status.success() {
+            String::new()
+        } else {
+            tail.join("\n")
+        },
     };
     match retry(
         || {
@@ -193,7 +202,9 @@ async fn drive(
     .await
     {
         Ok(()) => tracing::info!(trial = %trial.trial_id, outcome, "trial finished"),
-        Err(why) => tracing::info!(trial = %trial.trial_id, %why, "trial finished but its lease is gone"),
+        Err(why) => {
+            tracing::info!(trial = %trial.trial_id, %why, "trial finished but its lease is gone")
+        }
     }
     Ok(())
 }

@@ -30,9 +30,11 @@ pub fn open(url: &str) -> anyhow::Result<(Arc<dyn ObjectStore>, Path)> {
         return Ok((Arc::new(store), Path::default()));
     }
     let parsed = Url::parse(url)?;
-    let options = std::env::vars().filter(|(k, _)| k.starts_with("AWS_")).map(|(k, v)| (k.to_ascii_lowercase(), v));
-    let (store, prefix) = object_store::parse_url_opts(&parsed, options)
-        .map_err(|e| anyhow::anyhow!("object store `{url}`: {e}"))?;
+    let options = std::env::vars()
+        .filter(|(k, _)| k.starts_with("AWS_"))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v));
+    let (store, prefix) =
+        object_store::parse_url_opts(&parsed, options).map_err(|e| anyhow::anyhow!("object store `{url}`: {e}"))?;
     Ok((Arc::from(store), prefix))
 }
 
@@ -92,7 +94,10 @@ impl CheckpointStore for ObjectCheckpoints {
         let sidecar_bytes = serde_json::to_vec_pretty(&sidecar).map_err(ckpt_err)?;
         self.runtime.block_on(async {
             self.store.put(&path, bytes.into()).await.map_err(ckpt_err)?;
-            self.store.put(&sidecar_path(&path), sidecar_bytes.into()).await.map_err(ckpt_err)
+            self.store
+                .put(&sidecar_path(&path), sidecar_bytes.into())
+                .await
+                .map_err(ckpt_err)
         })?;
         (self.on_written)(Written {
             step,
@@ -103,11 +108,27 @@ impl CheckpointStore for ObjectCheckpoints {
     }
 
     fn latest(&mut self) -> Result<Option<Snapshot>, TrialError> {
-        let Some(path) = self.resume_from.clone() else { return Ok(None) };
+        let Some(path) = self.resume_from.clone() else {
+            return Ok(None);
+        };
         let path = Path::from(path);
         let (tensor_bytes, sidecar_bytes) = self.runtime.block_on(async {
-            let t = self.store.get(&path).await.map_err(ckpt_err)?.bytes().await.map_err(ckpt_err)?;
-            let s = self.store.get(&sidecar_path(&path)).await.map_err(ckpt_err)?.bytes().await.map_err(ckpt_err)?;
+            let t = self
+                .store
+                .get(&path)
+                .await
+                .map_err(ckpt_err)?
+                .bytes()
+                .await
+                .map_err(ckpt_err)?;
+            let s = self
+                .store
+                .get(&sidecar_path(&path))
+                .await
+                .map_err(ckpt_err)?
+                .bytes()
+                .await
+                .map_err(ckpt_err)?;
             Ok::<_, TrialError>((t, s))
         })?;
         let file = self.scratch.join(format!("{}-resume.safetensors", self.trial));

@@ -61,7 +61,9 @@ struct Sink<'a>(&'a std::cell::RefCell<StdoutEvents>);
 
 impl MetricSink for Sink<'_> {
     fn log(&mut self, name: &str, step: u64, value: f64) {
-        self.0.borrow_mut().emit(&Event::M(name.to_string(), step as i64, value));
+        self.0
+            .borrow_mut()
+            .emit(&Event::M(name.to_string(), step as i64, value));
     }
 }
 

@@ -15,7 +15,9 @@ const TORCH_VERSION: &str = "2.11.0";
 const TEST_PG_PORT: u16 = 54330;
 
 fn cache_dir() -> PathBuf {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
     home.join(".cache/ablate")
 }
 
@@ -24,7 +26,9 @@ fn libtorch_dir() -> PathBuf {
 }
 
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| cache_dir().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("target"))
 }
 
 fn bin_dir(profile: &str) -> PathBuf {
@@ -32,7 +36,10 @@ fn bin_dir(profile: &str) -> PathBuf {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_path_buf()
 }
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -73,12 +80,18 @@ fn provision_libtorch() -> Result {
         return Ok(());
     }
     let target = cache_dir().join(format!("libtorch-{TORCH_VERSION}"));
-    eprintln!("xtask: installing libtorch {TORCH_VERSION} from PyPI into {}", target.display());
-    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "--no-deps", "--target"]).arg(&target).args([
-        &format!("torch=={TORCH_VERSION}"),
-        "nvidia-cuda-runtime==13.0.96",
-        "nvidia-cuda-cupti==13.0.85",
-    ]))?;
+    eprintln!(
+        "xtask: installing libtorch {TORCH_VERSION} from PyPI into {}",
+        target.display()
+    );
+    run(Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--no-deps", "--target"])
+        .arg(&target)
+        .args([
+            &format!("torch=={TORCH_VERSION}"),
+            "nvidia-cuda-runtime==13.0.96",
+            "nvidia-cuda-cupti==13.0.85",
+        ]))?;
     std::fs::write(libtorch_dir().join("build-version"), TORCH_VERSION).map_err(|e| e.to_string())
 }
 
@@ -97,7 +110,11 @@ fn provision_postgres() -> Result {
     // SAFETY: geteuid has no preconditions; declared below to keep xtask free of dependencies.
     let root = unsafe { geteuid() } == 0;
     let sudo = |args: &[&str]| {
-        let mut c = if root { Command::new(args[0]) } else { Command::new("sudo") };
+        let mut c = if root {
+            Command::new(args[0])
+        } else {
+            Command::new("sudo")
+        };
         if root {
             c.args(&args[1..]);
         } else {
@@ -107,7 +124,14 @@ fn provision_postgres() -> Result {
         c
     };
     run(&mut sudo(&["apt-get", "update", "-q"]))?;
-    run(&mut sudo(&["apt-get", "install", "-y", "-q", "--no-install-recommends", "postgresql"]))
+    run(&mut sudo(&[
+        "apt-get",
+        "install",
+        "-y",
+        "-q",
+        "--no-install-recommends",
+        "postgresql",
+    ]))
 }
 
 extern "C" {
@@ -126,7 +150,14 @@ fn build(profile: &str) -> Result {
         args
     };
     run(&mut cargo(&with_profile(vec!["build", "-p", "ablate-worker"])))?;
-    run(&mut cargo(&with_profile(vec!["build", "--workspace", "--exclude", "ablate-worker", "--exclude", "xtask"])))
+    run(&mut cargo(&with_profile(vec![
+        "build",
+        "--workspace",
+        "--exclude",
+        "ablate-worker",
+        "--exclude",
+        "xtask",
+    ])))
 }
 
 fn ablate(profile: &str) -> Command {
@@ -147,7 +178,9 @@ fn test_database() -> Result<String> {
     if answers {
         return Ok(local);
     }
-    eprintln!("xtask: no PostgreSQL answers on 127.0.0.1:5432 with trust auth; starting a private one on {TEST_PG_PORT}");
+    eprintln!(
+        "xtask: no PostgreSQL answers on 127.0.0.1:5432 with trust auth; starting a private one on {TEST_PG_PORT}"
+    );
     provision_postgres()?;
     let state = cache_dir().join("pg-test");
     let out = ablate("debug")
@@ -165,17 +198,40 @@ fn test() -> Result {
     build("debug")?;
     let url = test_database()?;
     eprintln!("xtask: tests use {url}");
-    run(cargo(&["test", "--workspace", "--exclude", "ablate-worker", "--exclude", "xtask"])
-        .env("DATABASE_URL", &url)
-        .env("ABLATE_BIN_DIR", bin_dir("debug")))?;
-    run(cargo(&["test", "-p", "ablate-worker", "-p", "ablate-experiments", "--features", "ablate-experiments/torch"])
-        .env("DATABASE_URL", &url))
+    run(cargo(&[
+        "test",
+        "--workspace",
+        "--exclude",
+        "ablate-worker",
+        "--exclude",
+        "xtask",
+    ])
+    .env("DATABASE_URL", &url)
+    .env("ABLATE_BIN_DIR", bin_dir("debug")))?;
+    run(cargo(&[
+        "test",
+        "-p",
+        "ablate-worker",
+        "-p",
+        "ablate-experiments",
+        "--features",
+        "ablate-experiments/torch",
+    ])
+    .env("DATABASE_URL", &url))
 }
 
 fn check() -> Result {
     provision_libtorch()?;
     run(&mut cargo(&["fmt", "--all", "--", "--check"]))?;
-    run(&mut cargo(&["clippy", "--workspace", "--all-targets", "--all-features", "--", "-D", "warnings"]))
+    run(&mut cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--all-features",
+        "--",
+        "-D",
+        "warnings",
+    ]))
 }
 
 fn demo() -> Result {
@@ -183,12 +239,19 @@ fn demo() -> Result {
     build("debug")?;
     let state = workspace_root().join(".ablate");
     let addr = std::env::var("ABLATE_COORDINATOR").unwrap_or_else(|_| "http://127.0.0.1:7077".into());
-    let already_up = ablate("debug").args(["--coordinator", &addr, "workers"]).output().map(|o| o.status.success()).unwrap_or(false);
+    let already_up = ablate("debug")
+        .args(["--coordinator", &addr, "workers"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if !already_up {
         run(ablate("debug").args(["up", "--detach", "--state-dir"]).arg(&state))?;
     }
     let spec = workspace_root().join("experiments/specs/quickstart.toml");
-    run(ablate("debug").args(["--coordinator", &addr, "submit", "--wait"]).arg(&spec).stdout(std::process::Stdio::null()))?;
+    run(ablate("debug")
+        .args(["--coordinator", &addr, "submit", "--wait"])
+        .arg(&spec)
+        .stdout(std::process::Stdio::null()))?;
     eprintln!(
         "\nthe stack keeps running in the background (state in {}).\n  export PATH={}:$PATH   # then: ablate status, ablate sql \"...\", ablate down",
         state.display(),
@@ -203,7 +266,11 @@ fn main() -> ExitCode {
         Some("demo") => demo(),
         Some("test") => test(),
         Some("bench") => bench(&args[1..]),
-        Some("build") => build(if args.iter().any(|a| a == "--release") { "release" } else { "debug" }),
+        Some("build") => build(if args.iter().any(|a| a == "--release") {
+            "release"
+        } else {
+            "debug"
+        }),
         Some("check") => check(),
         Some("provision") => provision_libtorch().and_then(|_| provision_postgres()),
         _ => Err("usage: cargo xtask <demo|test|bench|build [--release]|check|provision>".into()),

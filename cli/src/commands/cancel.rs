@@ -12,6 +12,9 @@ pub async fn run(addr: &str, experiment: &str) -> anyhow::Result<()> {
         })
         .await
         .map_err(status_error)?;
-    eprintln!("cancelled {} trial(s) of experiment {experiment}", response.into_inner().trials_cancelled);
+    eprintln!(
+        "cancelled {} trial(s) of experiment {experiment}",
+        response.into_inner().trials_cancelled
+    );
     Ok(())
 }

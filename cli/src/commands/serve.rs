@@ -8,7 +8,7 @@ use crate::ServeArgs;
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut options = Options::new(args.database_url, args.listen);
-    if !(args.lease_ttl > 0.0) {
+    if args.lease_ttl.is_nan() || args.lease_ttl <= 0.0 {
         anyhow::bail!("--lease-ttl must be a positive number of seconds");
     }
     options.lease_ttl = Duration::from_secs_f64(args.lease_ttl);
@@ -20,8 +20,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("a SIGTERM handler");
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

@@ -37,7 +37,10 @@ pub async fn run(addr: &str, query: &str, format: Format, timeout_s: u64) -> any
         Format::Csv => {
             println!("{}", columns.iter().map(|c| csv_field(c)).collect::<Vec<_>>().join(","));
             for r in &rows {
-                println!("{}", r.iter().map(|v| csv_field(&cell(v))).collect::<Vec<_>>().join(","));
+                println!(
+                    "{}",
+                    r.iter().map(|v| csv_field(&cell(v))).collect::<Vec<_>>().join(",")
+                );
             }
         }
         Format::Json => {

@@ -3,7 +3,7 @@
 use ablate_schema::proto;
 
 use crate::client::{connect, status_error};
-use crate::render::{experiment_summary, table};
+use crate::render::{experiment_summary, progress, table};
 
 pub async fn run(addr: &str, experiment: Option<&str>) -> anyhow::Result<()> {
     let mut client = connect(addr).await?;
@@ -26,14 +26,15 @@ pub async fn run(addr: &str, experiment: Option<&str>) -> anyhow::Result<()> {
                 .map_err(status_error)?
                 .into_inner()
                 .experiments;
-            let header: Vec<String> =
-                ["experiment", "name", "family", "state", "done", "created"].iter().map(|s| s.to_string()).collect();
+            let header: Vec<String> = ["experiment", "name", "family", "state", "done", "created"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
             let rows: Vec<Vec<String>> = list
                 .into_iter()
                 .map(|e| {
                     let c = e.counts.unwrap_or_default();
-                    let total = c.pending + c.running + c.succeeded + c.failed + c.pruned + c.cancelled;
-                    let done = c.succeeded + c.failed + c.pruned + c.cancelled;
+                    let (done, total) = progress(&c);
                     vec![e.id, e.name, e.family, e.state, format!("{done}/{total}"), e.created_at]
                 })
                 .collect();

@@ -8,7 +8,8 @@ use ablate_schema::{proto, SpecFormat};
 use crate::client::connect;
 
 pub async fn run(addr: &str, spec: &Path, wait: bool) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(spec).map_err(|e| anyhow::anyhow!("cannot read spec {}: {e}", spec.display()))?;
+    let text =
+        std::fs::read_to_string(spec).map_err(|e| anyhow::anyhow!("cannot read spec {}: {e}", spec.display()))?;
     let format = SpecFormat::from_path(&spec.to_string_lossy());
     let mut client = connect(addr).await?;
     let response = client

@@ -100,7 +100,10 @@ async fn detach(args: &UpArgs) -> anyhow::Result<()> {
     let addr = format!("http://{}", args.listen);
     for _ in 0..240 {
         if crate::client::connect(&addr).await.is_ok() {
-            eprintln!("ablate is up in the background: coordinator {addr}; log {}; `ablate down` stops it", log_path.display());
+            eprintln!(
+                "ablate is up in the background: coordinator {addr}; log {}; `ablate down` stops it",
+                log_path.display()
+            );
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -111,7 +114,13 @@ async fn detach(args: &UpArgs) -> anyhow::Result<()> {
 pub async fn down(args: StateArgs) -> anyhow::Result<()> {
     let file = pid_file(&args.state_dir);
     let pid: i32 = std::fs::read_to_string(&file)
-        .map_err(|_| anyhow::anyhow!("no stack is running from {} (no {})", args.state_dir.display(), file.display()))?
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "no stack is running from {} (no {})",
+                args.state_dir.display(),
+                file.display()
+            )
+        })?
         .trim()
         .parse()?;
     // SAFETY: signalling a pid we started; kill(pid, 0) only checks it exists.

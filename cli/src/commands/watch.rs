@@ -8,7 +8,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio_stream::StreamExt;
 
 use crate::client::{connect, status_error};
-use crate::render::{experiment_summary, sql_hint};
+use crate::render::{experiment_summary, progress, sql_hint};
 
 /// Watches until the experiment ends; returns its last snapshot.
 pub async fn run(addr: &str, experiment: &str) -> anyhow::Result<proto::Experiment> {
@@ -36,10 +36,10 @@ pub async fn run(addr: &str, experiment: &str) -> anyhow::Result<proto::Experime
     let mut last = None;
     while let Some(snapshot) = stream.next().await {
         let e = snapshot.map_err(status_error)?;
-        let c = e.counts.clone().unwrap_or_default();
-        let total = c.pending + c.running + c.succeeded + c.failed + c.pruned + c.cancelled;
+        let c = e.counts.unwrap_or_default();
+        let (finished, total) = progress(&c);
         overall.set_length(total as u64);
-        overall.set_position((c.succeeded + c.failed + c.pruned + c.cancelled) as u64);
+        overall.set_position(finished as u64);
         overall.set_message(format!("({} running, {} failed)", c.running, c.failed));
         let live: Vec<&str> = e.running.iter().map(|t| t.trial_id.as_str()).collect();
         running.retain(|id, bar| {
@@ -58,7 +58,11 @@ pub async fn run(addr: &str, experiment: &str) -> anyhow::Result<proto::Experime
                 bar
             });
             bar.set_position(t.step.max(0) as u64);
-            bar.set_message(if t.attempt > 1 { format!("attempt {}", t.attempt) } else { String::new() });
+            bar.set_message(if t.attempt > 1 {
+                format!("attempt {}", t.attempt)
+            } else {
+                String::new()
+            });
         }
         last = Some(e);
     }

@@ -13,7 +13,10 @@ pub async fn run(addr: &str) -> anyhow::Result<()> {
         .map_err(status_error)?
         .into_inner()
         .workers;
-    let header: Vec<String> = ["worker", "host", "devices", "running", "last seen"].iter().map(|s| s.to_string()).collect();
+    let header: Vec<String> = ["worker", "host", "devices", "running", "last seen"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let rows: Vec<Vec<String>> = workers
         .into_iter()
         .map(|w| {

@@ -26,11 +26,17 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn spec_path(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/specs").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../experiments/specs")
+        .join(name)
 }
 
 pub struct Stack {
@@ -51,8 +57,15 @@ impl Stack {
         let admin_url = std::env::var("DATABASE_URL")
             .expect("DATABASE_URL must point at a PostgreSQL server; `cargo xtask test` sets it");
         let db_name = format!("ablate_e2e_{}", uuid::Uuid::new_v4().simple());
-        let admin = PgPoolOptions::new().max_connections(1).connect(&admin_url).await.unwrap();
-        sqlx::query(&format!("create database {db_name}")).execute(&admin).await.unwrap();
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin_url)
+            .await
+            .unwrap();
+        sqlx::query(&format!("create database {db_name}"))
+            .execute(&admin)
+            .await
+            .unwrap();
         admin.close().await;
         let db_url = with_database(&admin_url, &db_name);
         let dir = std::env::temp_dir().join(&db_name);
@@ -78,7 +91,11 @@ impl Stack {
     }
 
     fn log(&self, name: &str) -> std::fs::File {
-        std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(name)).unwrap()
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(name))
+            .unwrap()
     }
 
     fn spawn(&self, mut command: Command, log: &str) -> Child {
@@ -105,7 +122,11 @@ impl Stack {
         self.coordinator = Some(self.spawn(command, "coordinator.log"));
         let deadline = Instant::now() + Duration::from_secs(30);
         while !self.ablate(&["workers"]).status.success() {
-            assert!(Instant::now() < deadline, "coordinator did not come up:\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "coordinator did not come up:\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -114,7 +135,15 @@ impl Stack {
     pub fn start_worker(&mut self, devices: &str) -> usize {
         let mut command = Command::new(bin("ablate-worker"));
         command
-            .args(["daemon", "--coordinator", &self.addr(), "--devices", devices, "--poll-ms", "50"])
+            .args([
+                "daemon",
+                "--coordinator",
+                &self.addr(),
+                "--devices",
+                devices,
+                "--poll-ms",
+                "50",
+            ])
             .arg("--object-store")
             .arg(self.dir.join("objects"))
             .arg("--state-dir")
@@ -156,7 +185,11 @@ impl Stack {
     /// Submits a spec without waiting; returns the experiment id.
     pub fn submit(&self, spec: &Path) -> String {
         let out = self.ablate(&["submit", &spec.to_string_lossy()]);
-        assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "submit failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
@@ -172,7 +205,11 @@ impl Stack {
             if done == Some(true) {
                 return;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for `{sql}`\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for `{sql}`\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -192,7 +229,10 @@ impl Stack {
             .map(|name| {
                 let text = std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
                 let tail: Vec<&str> = text.lines().rev().take(40).collect();
-                format!("--- {name} ---\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+                format!(
+                    "--- {name} ---\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
             })
             .collect::<Vec<_>>()
             .join("\n")
@@ -205,15 +245,18 @@ fn kill_group(mut child: Child) {
     let _ = child.wait();
 }
 
+/// The same server URL with another database: `postgres://u@h:p/x?o` -> `postgres://u@h:p/db?o`.
 fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (url, String::new()),
+    let (base, query) = url.split_once('?').map_or((url, ""), |(b, q)| (b, q));
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let server = match base[authority_start..].find('/') {
+        Some(i) => &base[..authority_start + i],
+        None => base,
     };
-    let slash = base.rfind('/').filter(|i| base[..*i].ends_with('/') == false && *i > "postgres://".len());
-    match slash {
-        Some(i) => format!("{}/{db}{query}", &base[..i]),
-        None => format!("{base}/{db}{query}"),
+    if query.is_empty() {
+        format!("{server}/{db}")
+    } else {
+        format!("{server}/{db}?{query}")
     }
 }
 
@@ -227,10 +270,15 @@ impl Drop for Stack {
         }
         let (admin, name) = (self.admin_url.clone(), self.db_name.clone());
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
                 if let Ok(pool) = PgPoolOptions::new().max_connections(1).connect(&admin).await {
-                    let _ = sqlx::query(&format!("drop database if exists {name} with (force)")).execute(&pool).await;
+                    let _ = sqlx::query(&format!("drop database if exists {name} with (force)"))
+                        .execute(&pool)
+                        .await;
                 }
             });
         })

@@ -122,10 +122,18 @@ impl TrainParams {
             return Err(ParamError::new("batch_size", "expected at least 1"));
         }
         if self.eval_every == 0 || self.checkpoint_every == 0 {
-            let field = if self.eval_every == 0 { "eval_every" } else { "checkpoint_every" };
+            let field = if self.eval_every == 0 {
+                "eval_every"
+            } else {
+                "checkpoint_every"
+            };
             return Err(ParamError::new(field, "expected at least 1 step"));
         }
-        for (field, value) in [("beta1", self.beta1), ("beta2", self.beta2), ("momentum", self.momentum)] {
+        for (field, value) in [
+            ("beta1", self.beta1),
+            ("beta2", self.beta2),
+            ("momentum", self.momentum),
+        ] {
             if !(0.0..1.0).contains(&value) {
                 return Err(ParamError::new(field, "expected a value in [0, 1)"));
             }

@@ -80,8 +80,11 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
             ctx.metrics.log("eval_accuracy", done, accuracy);
         }
         if done % p.checkpoint_every == 0 && done < p.steps {
-            let mut tensors: Vec<(String, Tensor)> =
-                model.params.iter().map(|p| (p.name.clone(), p.tensor.detach())).collect();
+            let mut tensors: Vec<(String, Tensor)> = model
+                .params
+                .iter()
+                .map(|p| (p.name.clone(), p.tensor.detach()))
+                .collect();
             tensors.extend(optimizer.state_tensors(&model.params));
             let sidecar = json!({
                 "step": done,
@@ -174,11 +177,15 @@ mod tests {
             let full = train(&params, &mut store);
             let accuracy = full.last("eval_accuracy").unwrap();
             assert!(accuracy > 0.8, "{optimizer}: eval accuracy {accuracy} after 120 steps");
-            assert_eq!(store.saved.iter().map(|s| s.0).collect::<Vec<_>>(), vec![40, 80]);
+            assert_eq!(store.saved.iter().map(|s| s.step).collect::<Vec<_>>(), vec![40, 80]);
             // Resume from step 80: the rest of the curve must match the unbroken run.
             store.resume_at = Some(80);
             let resumed = train(&params, &mut store);
-            assert_eq!(resumed.points.first().unwrap().1, 81, "{optimizer}: resumed run restarted at step 0");
+            assert_eq!(
+                resumed.points.first().unwrap().1,
+                81,
+                "{optimizer}: resumed run restarted at step 0"
+            );
             for name in ["eval_loss", "train_loss_tail", "train_loss"] {
                 let (a, b) = (full.last(name).unwrap(), resumed.last(name).unwrap());
                 assert!((a - b).abs() <= 1e-6, "{optimizer} {name}: {a} unbroken vs {b} resumed");
