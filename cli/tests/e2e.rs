@@ -396,3 +396,74 @@ async fn ablate_up_runs_a_sweep_on_the_embedded_default_and_down_stops_it() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashing_trial_fails_with_its_stderr_tail_and_the_sweep_exits_non_zero() {
+    let mut stack = Stack::start(15.0).await;
+    stack.start_worker("cpu:2");
+    let spec = stack.write_spec(
+        "diverge.toml",
+        "name = \"diverge\"\nfamily = \"train\"\n[base]\noptimizer = \"sgd\"\nsteps = 50\n[sweep]\nsearcher = \"grid\"\nparams.lr = [0.05, 1e9]\n",
+    );
+    let out = stack.ablate(&["submit", &spec.to_string_lossy(), "--wait"]);
+    assert!(!out.status.success(), "a sweep with a failed trial must exit non-zero");
+    assert!(stderr(&out).contains("ended failed"), "{}", stderr(&out));
+    let (error, tail): (String, String) =
+        sqlx::query_as("select error, stderr_tail from trials where state = 'failed'")
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+    assert!(error.contains("diverged"), "{error}");
+    assert!(tail.contains("training diverged at step"), "stderr tail: {tail}");
+    let succeeded = stack
+        .scalar_i64("select count(*) from ablate.trial_results where state = 'succeeded'")
+        .await;
+    assert_eq!(succeeded, 1, "the other trial is unaffected");
+    let id = String::from_utf8(out.stdout).unwrap();
+    let status = stack.ablate(&["status", id.trim()]);
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("training diverged"),
+        "{}",
+        stderr(&status)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_stops_running_trials_and_frees_the_worker() {
+    let mut stack = Stack::start(15.0).await;
+    stack.start_worker("cpu:2");
+    let spec = stack.write_spec(
+        "long.toml",
+        &RESUME_SPEC
+            .replace("NAME", "long")
+            .replace("steps = 300", "steps = 100000")
+            .replace("params.seed = [3]", "params.seed = [0, 1, 2]"),
+    );
+    let experiment = stack.submit(&spec);
+    stack
+        .wait_for("select count(*) = 2 from trials where state = 'running'", MINUTE)
+        .await;
+    stack
+        .wait_for("select count(*) > 0 from ablate.metric_series", MINUTE)
+        .await;
+    assert_eq!(stack.trial_processes(0), 2, "two trial processes run before the cancel");
+    let out = stack.ablate(&["cancel", &experiment]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("cancelled 3 trial(s)"), "{}", stderr(&out));
+    // The heartbeat carries the stop order; the worker kills its trial processes.
+    let deadline = std::time::Instant::now() + MINUTE;
+    while stack.trial_processes(0) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "trials still running after cancel:\n{}",
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let state: String = sqlx::query_scalar("select state from ablate.experiments")
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "cancelled");
+    assert!(stack.logs().contains("stopping trial"), "{}", stack.logs());
+}

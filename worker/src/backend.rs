@@ -141,3 +141,37 @@ pub fn device(name: &str) -> anyhow::Result<tch::Device> {
         .map(tch::Device::Cuda)
         .ok_or_else(|| anyhow::anyhow!("unknown device `{name}`, expected cpu or cuda:N"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_specs_become_slots_or_clear_errors() {
+        let cpu_only = Backend {
+            cuda_devices: 0,
+            note: "cpu".into(),
+        };
+        let slots = discover("cpu:2", &cpu_only).unwrap();
+        assert_eq!(slots.len(), 2);
+        assert_eq!(slots[1].name, "cpu:1");
+        assert_eq!(slots[0].device, "cpu");
+        assert!(slots[0].threads >= 1);
+        assert!(!discover("auto", &cpu_only).unwrap().is_empty());
+        let err = discover("cuda:0", &cpu_only).unwrap_err().to_string();
+        assert!(err.contains("not available"), "{err}");
+        let err = discover("cpu:0", &cpu_only).unwrap_err().to_string();
+        assert!(err.contains("K >= 1"), "{err}");
+        let err = discover("gpu", &cpu_only).unwrap_err().to_string();
+        assert!(err.contains("expected auto, cpu:K or cuda:0,cuda:1"), "{err}");
+        let two_gpus = Backend {
+            cuda_devices: 2,
+            note: "cuda".into(),
+        };
+        let slots = discover("auto", &two_gpus).unwrap();
+        assert_eq!(
+            slots.iter().map(|s| s.device.as_str()).collect::<Vec<_>>(),
+            ["cuda:0", "cuda:1"]
+        );
+    }
+}

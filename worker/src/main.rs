@@ -45,7 +45,12 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Trial => {
             backend::init_quiet();
-            trial_process::run()
+            if let Err(error) = trial_process::run() {
+                // The daemon keeps this line as the trial's error.
+                eprintln!("error: {error:#}");
+                std::process::exit(1);
+            }
+            Ok(())
         }
         Command::Devices => {
             let backend = backend::init();

@@ -220,3 +220,51 @@ async fn relay_forever(
         tokio::time::sleep(backoff).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(trial: &str) -> proto::MetricBatch {
+        proto::MetricBatch {
+            seq: 0,
+            trial_id: trial.into(),
+            lease_token: "t".into(),
+            names: vec!["loss".into()],
+            name_index: vec![0],
+            steps: vec![1],
+            values: vec![0.5],
+        }
+    }
+
+    #[test]
+    fn the_spool_keeps_unacked_batches_across_restarts_in_order() {
+        let dir = std::env::temp_dir().join(format!("ablate-spool-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut spool = Spool::load(dir.clone(), 1 << 20).unwrap();
+        let mut waiters = Vec::new();
+        for trial in ["a", "b", "c"] {
+            let (ack, rx) = oneshot::channel();
+            waiters.push(rx);
+            spool.admit(Submission {
+                batch: batch(trial),
+                ack,
+            });
+        }
+        spool.settle(2, Ack::Durable);
+        assert_eq!(waiters[1].try_recv().unwrap(), Ack::Durable);
+        std::fs::write(dir.join("00000000000000000099.batch"), b"\xff\xff not a batch").unwrap();
+        // A new daemon finds the two unacked batches, in order, and drops the corrupt file.
+        let reloaded = Spool::load(dir.clone(), 1 << 20).unwrap();
+        let trials: Vec<&str> = reloaded.pending.values().map(|p| p.batch.trial_id.as_str()).collect();
+        assert_eq!(trials, ["a", "c"]);
+        assert!(
+            reloaded.next_seq > 3,
+            "new batches never reuse a spooled sequence number"
+        );
+        assert!(!dir.join("00000000000000000099.batch").exists());
+        let tiny = Spool::load(dir.clone(), 1).unwrap();
+        assert!(tiny.full(), "a spool over its bound takes no new batches");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -175,7 +175,8 @@ async fn drive(
         let last = tail
             .iter()
             .rev()
-            .find(|l| !l.trim().is_empty())
+            .find(|l| l.starts_with("error: "))
+            .or_else(|| tail.iter().rev().find(|l| !l.trim().is_empty()))
             .cloned()
             .unwrap_or_default();
         ("failed", format!("trial process {status}: {last}"))

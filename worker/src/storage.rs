@@ -144,3 +144,56 @@ impl CheckpointStore for ObjectCheckpoints {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ablate_experiments::trial::CheckpointStore;
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn checkpoints_round_trip_through_a_local_object_store() {
+        let dir = std::env::temp_dir().join(format!("ablate-storage-{}", uuid::Uuid::new_v4().simple()));
+        let (store, prefix) = open(&dir.to_string_lossy()).unwrap();
+        let written = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let sink = written.clone();
+        let mut checkpoints = ObjectCheckpoints {
+            store,
+            prefix,
+            experiment: "e".into(),
+            trial: "t".into(),
+            spec_hash: "abc".into(),
+            resume_from: None,
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            scratch: dir.join("scratch"),
+            on_written: Box::new(move |w| sink.borrow_mut().push(w)),
+        };
+        std::fs::create_dir_all(dir.join("scratch")).unwrap();
+        assert!(
+            checkpoints.latest().unwrap().is_none(),
+            "no checkpoint to resume from yet"
+        );
+        let weight = Tensor::from_slice(&[1.5f32, -2.0, 3.25]);
+        checkpoints
+            .save(
+                7,
+                &[("w".to_string(), weight.shallow_clone())],
+                &json!({"step": 7, "optimizer_updates": 7}),
+            )
+            .unwrap();
+        let w = written.borrow()[0].clone();
+        assert_eq!(w.path, "experiments/e/trials/t/step-7.safetensors");
+        assert!(dir.join(&w.path).exists(), "the object lands under the store's root");
+        checkpoints.resume_from = Some(w.path.clone());
+        let snapshot = checkpoints.latest().unwrap().unwrap();
+        assert_eq!(snapshot.step, 7);
+        assert_eq!(snapshot.sidecar["spec_hash"], "abc");
+        let back = &snapshot.tensors["w"];
+        assert_eq!(Vec::<f32>::try_from(back).unwrap(), vec![1.5, -2.0, 3.25]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

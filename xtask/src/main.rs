@@ -285,7 +285,15 @@ fn main() -> ExitCode {
 }
 
 fn bench(args: &[String]) -> Result {
-    build("release")?;
+    provision_libtorch()?;
+    run(&mut cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "ablate-coordinator",
+        "--bin",
+        "ablate-bench",
+    ]))?;
     let url = test_database()?;
     let mut command = Command::new(bin_dir("release").join("ablate-bench"));
     command.args(args).env("DATABASE_URL", url);

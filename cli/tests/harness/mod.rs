@@ -160,6 +160,16 @@ impl Stack {
         }
     }
 
+    /// How many trial processes worker `index` is running now.
+    pub fn trial_processes(&self, index: usize) -> usize {
+        let Some(child) = &self.workers[index] else { return 0 };
+        let out = Command::new("pgrep")
+            .args(["-P", &child.id().to_string()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+
     pub fn kill_coordinator(&mut self) {
         if let Some(child) = self.coordinator.take() {
             kill_group(child);
