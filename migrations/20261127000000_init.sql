@@ -47,9 +47,12 @@ create table metric_names (
     name text not null unique
 );
 
+-- No foreign keys here: a per-row check would cost more than the insert itself.
+-- Every batch is written by one statement that joins the trial (the lease fence),
+-- and names come from metric_names, so both ends exist.
 create table metrics (
-    trial_id    uuid not null references trials (id),
-    name_id     integer not null references metric_names (id),
+    trial_id    uuid not null,
+    name_id     integer not null,
     step        bigint not null,
     value       double precision not null,
     recorded_at timestamptz not null default now(),

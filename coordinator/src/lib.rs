@@ -76,11 +76,21 @@ impl Coordinator {
         let result = tonic::transport::Server::builder()
             .add_service(service::experiments_server(self.pool.clone()))
             .add_service(service::workers_server(self.pool.clone(), self.options.lease_ttl))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
+            .serve_with_incoming_shutdown(incoming(self.listener), shutdown)
             .await;
         reaper.abort();
         result.map_err(|e| Error::InvalidArgument(format!("grpc server: {e}")))
     }
+}
+
+/// Accepted connections with TCP_NODELAY, so small replies are not held back by Nagle's algorithm.
+fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|stream| {
+        let stream = stream?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    })
 }
 
 async fn reap_forever(pool: sqlx::PgPool, every: Duration) {

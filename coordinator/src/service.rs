@@ -9,15 +9,18 @@ use std::time::Duration;
 use ablate_schema::proto::{self, experiments_server, workers_server};
 use ablate_schema::{ExperimentId, LeaseToken, SpecFormat, TrialId, TrialState, WorkerId};
 use futures::Stream;
+use futures::StreamExt;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::db::{self, CheckpointRecord, ExperimentRow, TrialRow};
 use crate::error::Error;
 use crate::submit;
+
+/// Metric batches of one stream written concurrently.
+const INGEST_IN_FLIGHT: usize = 4;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -287,6 +290,8 @@ async fn ingest(pool: &PgPool, names: &Mutex<HashMap<String, i32>>, batch: &prot
             order.push(key);
         }
     }
+    // Rows in key order, so concurrent batches lock keys in the same order and never deadlock.
+    order.sort_unstable();
     let name_ids: Vec<i32> = order.iter().map(|k| k.0).collect();
     let steps: Vec<i64> = order.iter().map(|k| k.1).collect();
     let values: Vec<f64> = order.iter().map(|k| latest[k]).collect();
@@ -364,29 +369,37 @@ impl workers_server::Workers for WorkersService {
         &self,
         request: Request<Streaming<proto::MetricBatch>>,
     ) -> Result<Response<Self::StreamMetricsStream>, Status> {
-        let mut inbound = request.into_inner();
+        let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let pool = self.pool.clone();
         let names = self.names.clone();
         tokio::spawn(async move {
-            while let Some(next) = inbound.next().await {
-                let batch = match next {
-                    Ok(batch) => batch,
-                    Err(_) => return,
-                };
-                let ack = match ingest(&pool, &names, &batch).await {
+            // Up to INGEST_IN_FLIGHT batches of one stream are written at once; acks carry
+            // the batch's sequence number, so they may arrive out of order.
+            let mut acks = inbound
+                .filter_map(|next| futures::future::ready(next.ok()))
+                .map(|batch| {
+                    let (pool, names) = (pool.clone(), names.clone());
+                    async move {
+                        let result = ingest(&pool, &names, &batch).await;
+                        (batch.seq, result)
+                    }
+                })
+                .buffer_unordered(INGEST_IN_FLIGHT);
+            while let Some((seq, result)) = acks.next().await {
+                let ack = match result {
                     Ok(_) => proto::MetricAck {
-                        seq: batch.seq,
+                        seq,
                         status: "durable".into(),
                         error: String::new(),
                     },
                     Err(Error::StaleLease { trial }) => proto::MetricAck {
-                        seq: batch.seq,
+                        seq,
                         status: "stale_lease".into(),
                         error: format!("stale lease for trial {trial}"),
                     },
                     Err(Error::InvalidArgument(message)) => proto::MetricAck {
-                        seq: batch.seq,
+                        seq,
                         status: "invalid".into(),
                         error: message,
                     },

@@ -199,8 +199,8 @@ async fn raw_unnest(url: &str, batches: usize, batch: usize) -> Result<f64> {
 
 fn print(rows: &[Row]) {
     println!(
-        "\n{:<58} {:>12} {:<9} {:<34} {:<16} {}",
-        "benchmark", "ours", "unit", "reference (BENCHMARKS.md)", "target", "notes"
+        "\n{:<58} {:>12} {:<9} {:<34} {:<16} notes",
+        "benchmark", "ours", "unit", "reference (BENCHMARKS.md)", "target"
     );
     println!("{}", "-".repeat(150));
     for r in rows {
