@@ -74,6 +74,16 @@ pub fn run() -> anyhow::Result<()> {
     let family = Family::parse(&input.family).map_err(|e| anyhow::anyhow!(e))?;
     tch::set_num_threads(input.threads as i32);
     let device = crate::backend::device(&input.device)?;
+    if let tch::Device::Cuda(index) = device {
+        let visible = tch::Cuda::device_count();
+        if index as i64 >= visible {
+            anyhow::bail!(
+                "this trial was given {} but this host's libtorch sees {visible} CUDA device(s); \
+                 check the worker's --devices and that libtorch_cuda loads (see the daemon's backend log line)",
+                input.device
+            );
+        }
+    }
     let (store, prefix) = storage::open(&input.object_store)?;
     std::fs::create_dir_all(&input.scratch_dir)?;
     let events = std::rc::Rc::new(std::cell::RefCell::new(StdoutEvents {
