@@ -387,22 +387,15 @@ impl workers_server::Workers for WorkersService {
                 })
                 .buffer_unordered(INGEST_IN_FLIGHT);
             while let Some((seq, result)) = acks.next().await {
+                let ack = |status: &str, error: String| proto::MetricAck {
+                    seq,
+                    status: status.into(),
+                    error,
+                };
                 let ack = match result {
-                    Ok(_) => proto::MetricAck {
-                        seq,
-                        status: "durable".into(),
-                        error: String::new(),
-                    },
-                    Err(Error::StaleLease { trial }) => proto::MetricAck {
-                        seq,
-                        status: "stale_lease".into(),
-                        error: format!("stale lease for trial {trial}"),
-                    },
-                    Err(Error::InvalidArgument(message)) => proto::MetricAck {
-                        seq,
-                        status: "invalid".into(),
-                        error: message,
-                    },
+                    Ok(_) => ack("durable", String::new()),
+                    Err(Error::StaleLease { trial }) => ack("stale_lease", format!("stale lease for trial {trial}")),
+                    Err(Error::InvalidArgument(message)) => ack("invalid", message),
                     Err(error) => {
                         // Not durable and not refused: end the stream; the worker resends.
                         let _ = tx.send(Err(Status::from(error))).await;
