@@ -6,6 +6,7 @@
 mod client;
 mod commands;
 mod embedded;
+mod plot;
 mod render;
 
 use std::net::SocketAddr;
@@ -58,6 +59,15 @@ enum Command {
     Watch { experiment: String },
     /// Cancels an experiment's pending and running trials.
     Cancel { experiment: String },
+    /// The family's report: tables, the verdict on its criteria, figures (SVG and PNG).
+    Report {
+        experiment: String,
+        #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
+        format: ReportFormat,
+        /// Where figures go; defaults to reports/<EXP>.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Lists registered workers.
     Workers,
     /// Runs a read-only SQL query against the views in schema `ablate`.
@@ -83,6 +93,12 @@ enum DbAction {
         #[command(flatten)]
         state: StateArgs,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ReportFormat {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -159,6 +175,11 @@ fn main() -> std::process::ExitCode {
             Command::Watch { experiment } => commands::watch::run(&addr, &experiment).await.map(|_| ()),
             Command::Cancel { experiment } => commands::cancel::run(&addr, &experiment).await,
             Command::Workers => commands::workers::run(&addr).await,
+            Command::Report {
+                experiment,
+                format,
+                out,
+            } => commands::report::run(&addr, &experiment, format, out).await,
             Command::Sql { query, format, timeout } => commands::sql::run(&addr, &query, format, timeout).await,
         }
     });

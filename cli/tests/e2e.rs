@@ -42,12 +42,12 @@ async fn quickstart_sweep_finishes_with_one_row_per_metric_step() {
     .fetch_all(&stack.pool)
     .await
     .unwrap();
-    assert_eq!(rows.len(), 12 * 4, "{rows:?}");
+    assert_eq!(rows.len(), 12 * 5, "{rows:?}");
     for (name, count, min, max) in rows {
         let expected = match name.as_str() {
             "train_loss" => (300, 1, 300),
             "eval_loss" | "eval_accuracy" => (6, 50, 300),
-            "train_loss_tail" => (1, 300, 300),
+            "train_loss_tail" | "train_loss_final" => (1, 300, 300),
             other => panic!("unexpected metric {other}"),
         };
         assert_eq!((count, min, max), expected, "{name}");
@@ -243,7 +243,7 @@ async fn stale_lease_tokens_are_refused_over_grpc() {
         .unwrap()
         .into_inner();
     // Acks may come in any order; each names its batch.
-    let mut got = vec![
+    let mut got = [
         acks.message().await.unwrap().unwrap(),
         acks.message().await.unwrap().unwrap(),
     ];
@@ -470,4 +470,42 @@ async fn cancel_stops_running_trials_and_frees_the_worker() {
         .unwrap();
     assert_eq!(state, "cancelled");
     assert!(stack.logs().contains("stopping trial"), "{}", stack.logs());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_coord_check_sweep_reports_its_verdict_with_figures() {
+    let mut stack = Stack::start(15.0).await;
+    stack.start_worker("cpu:2");
+    let spec = spec_path("coord-check.toml");
+    let out = stack.ablate(&["submit", &spec.to_string_lossy(), "--wait"]);
+    assert!(out.status.success(), "sweep failed: {}\n{}", stderr(&out), stack.logs());
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+
+    let json = stack.ablate(&["report", &id, "--format", "json"]);
+    assert!(json.status.success(), "{}", stderr(&json));
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(report["family"], "mup_transfer");
+    let criteria = report["verdict"]["criteria"].as_array().unwrap();
+    assert_eq!(criteria.len(), 2, "{report:#}");
+    for c in criteria {
+        assert!(
+            c["name"].is_string() && c["threshold"].is_string() && c["measured"].is_number(),
+            "{c}"
+        );
+    }
+    assert_eq!(report["verdict"]["holds"], true, "{report:#}");
+
+    let figures = stack.dir.join("figures");
+    let text = stack.ablate(&["report", &id, "--out", &figures.to_string_lossy()]);
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    assert!(text.status.success(), "{}", stderr(&text));
+    assert!(stdout.contains("coordinate check: slope"), "{stdout}");
+    assert!(stdout.contains("verdict: every criterion holds"), "{stdout}");
+    let svg = std::fs::read_to_string(figures.join("coord-check.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("layer 2"),
+        "the SVG should hold the curves and their legend"
+    );
+    let png = std::fs::read(figures.join("coord-check.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
 }

@@ -485,6 +485,39 @@ fn trial_row(row: &sqlx::postgres::PgRow) -> Result<TrialRow> {
     })
 }
 
+/// The family and every trial with its final metrics, for a report.
+pub async fn report_outcomes(
+    pool: &PgPool,
+    id: ExperimentId,
+) -> Result<(String, Vec<ablate_experiments::report::TrialOutcome>)> {
+    let family: String = sqlx::query_scalar("select family from experiments where id = $1")
+        .bind(id.0)
+        .fetch_optional(pool)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    let rows: Vec<(i32, String, Value, Value)> = sqlx::query_as(
+        "select ordinal, state, params, metrics from ablate.trial_results where experiment_id = $1 order by ordinal",
+    )
+    .bind(id.0)
+    .fetch_all(pool)
+    .await?;
+    let outcomes = rows
+        .into_iter()
+        .map(
+            |(ordinal, state, params, metrics)| ablate_experiments::report::TrialOutcome {
+                ordinal: ordinal as i64,
+                state,
+                params,
+                metrics: match metrics {
+                    Value::Object(m) => m,
+                    _ => Default::default(),
+                },
+            },
+        )
+        .collect();
+    Ok((family, outcomes))
+}
+
 pub async fn register_worker(pool: &PgPool, id: WorkerId, hostname: &str, devices: &[String]) -> Result<()> {
     sqlx::query(
         "insert into workers (id, hostname, devices) values ($1, $2, $3)

@@ -201,6 +201,21 @@ impl experiments_server::Experiments for ExperimentsService {
         }))
     }
 
+    async fn report(
+        &self,
+        request: Request<proto::GetExperimentRequest>,
+    ) -> Result<Response<proto::ReportResponse>, Status> {
+        let id = parse_id(ExperimentId::parse, &request.into_inner().experiment_id)?;
+        let (family, outcomes) = db::report_outcomes(&self.pool, id).await?;
+        let family = ablate_experiments::Family::parse(&family).map_err(Error::InvalidArgument)?;
+        let report = family
+            .report(&outcomes)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        Ok(Response::new(proto::ReportResponse {
+            report_json: serde_json::to_string(&report).expect("a report serializes"),
+        }))
+    }
+
     type QueryStream = ResponseStream<proto::QueryChunk>;
 
     async fn query(&self, request: Request<proto::QueryRequest>) -> Result<Response<Self::QueryStream>, Status> {

@@ -35,7 +35,7 @@ pub fn check(text: &str, format: SpecFormat) -> Result<Checked, SpecError> {
         }
         Some(o) => o.clone(),
         None => Objective {
-            metric: family.metrics()[1].to_string(),
+            metric: family.default_objective().to_string(),
             goal: Goal::Minimize,
         },
     };

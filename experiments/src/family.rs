@@ -2,6 +2,7 @@
 
 use serde_json::Value;
 
+use crate::report::{Report, ReportError, TrialOutcome};
 use crate::train::TrainParams;
 
 /// A trial's parameters that its family can't accept.
@@ -37,10 +38,13 @@ impl ParamError {
 pub enum Family {
     /// Plain supervised training: one model, one optimizer, one data set.
     Train,
+    /// muP width and depth transfer: `train` trials across widths, depths,
+    /// learning rates and parametrizations, with the transfer report.
+    MupTransfer,
 }
 
 impl Family {
-    pub const ALL: &'static [Family] = &[Family::Train];
+    pub const ALL: &'static [Family] = &[Family::Train, Family::MupTransfer];
 
     pub fn parse(name: &str) -> Result<Family, String> {
         Family::ALL.iter().copied().find(|f| f.name() == name).ok_or_else(|| {
@@ -52,13 +56,14 @@ impl Family {
     pub fn name(self) -> &'static str {
         match self {
             Family::Train => "train",
+            Family::MupTransfer => "mup_transfer",
         }
     }
 
     /// Checks one trial's full parameter set (base merged with the swept values).
     pub fn check_params(self, params: &Value) -> Result<TrialPlan, ParamError> {
         match self {
-            Family::Train => {
+            Family::Train | Family::MupTransfer => {
                 let p: TrainParams = ParamError::deserialize(params)?;
                 p.check()?;
                 Ok(TrialPlan { total_steps: p.steps })
@@ -69,7 +74,23 @@ impl Family {
     /// The metrics every trial of the family logs; an objective must be one of them.
     pub fn metrics(self) -> &'static [&'static str] {
         match self {
-            Family::Train => crate::train::METRICS,
+            Family::Train | Family::MupTransfer => crate::train::METRICS,
+        }
+    }
+
+    /// The metric minimized when a spec names no objective.
+    pub fn default_objective(self) -> &'static str {
+        match self {
+            Family::Train => "eval_loss",
+            Family::MupTransfer => crate::mup::OBJECTIVE,
+        }
+    }
+
+    /// The family's report over its finished trials.
+    pub fn report(self, outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
+        match self {
+            Family::Train => crate::train::report(outcomes),
+            Family::MupTransfer => crate::mup::analyze(outcomes),
         }
     }
 }

@@ -9,6 +9,9 @@
 //! tch, the models and the trial loops.
 
 pub mod family;
+pub mod mup;
+pub mod parametrization;
+pub mod report;
 pub mod train;
 
 #[cfg(feature = "torch")]

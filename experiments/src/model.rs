@@ -1,15 +1,10 @@
 //! Models written on plain tensors, so every parameter has a stable name, a
-//! role and a learning-rate multiplier (parametrizations such as muP set them).
+//! role and a learning-rate multiplier set by the parametrization.
 
 use tch::{Device, Kind, Tensor};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    InputWeight,
-    HiddenWeight,
-    OutputWeight,
-    Bias,
-}
+pub use crate::parametrization::Role;
+use crate::parametrization::Scaling;
 
 /// One trainable tensor with what optimizers need to know about it.
 pub struct Param {
@@ -20,20 +15,38 @@ pub struct Param {
     pub lr_mult: f64,
 }
 
-/// A ReLU MLP: `features -> width (x depth) -> classes`.
+/// A ReLU MLP, plain (`features -> width x depth -> classes`) or residual
+/// (an input layer, `depth` blocks `h + b * W relu(h)`, a readout).
 pub struct Mlp {
     pub params: Vec<Param>,
+    residual: bool,
+    output_mult: f64,
+    branch_mult: f64,
 }
 
 impl Mlp {
     /// PyTorch's default init (uniform in +-1/sqrt(fan_in)), drawn from libtorch's seeded generator.
-    pub fn new(features: i64, width: i64, depth: u32, classes: i64, device: Device) -> Mlp {
+    pub fn new(
+        features: i64,
+        width: i64,
+        depth: u32,
+        classes: i64,
+        residual: bool,
+        scaling: Scaling,
+        device: Device,
+    ) -> Mlp {
+        let linears = if residual {
+            depth as usize + 2
+        } else {
+            depth as usize + 1
+        };
         let mut params = Vec::new();
-        let mut fan_in = features;
-        for layer in 0..=depth as usize {
-            let last = layer == depth as usize;
+        for layer in 0..linears {
+            let last = layer + 1 == linears;
+            let fan_in = if layer == 0 { features } else { width };
             let fan_out = if last { classes } else { width };
-            let bound = 1.0 / (fan_in as f64).sqrt();
+            let widen = if last { scaling.output_init_mult() } else { 1.0 };
+            let bound = widen / (fan_in as f64).sqrt();
             let init = |shape: &[i64]| {
                 (Tensor::rand(shape, (Kind::Float, device)) * (2.0 * bound) - bound).set_requires_grad(true)
             };
@@ -42,34 +55,62 @@ impl Mlp {
                 (_, true) => Role::OutputWeight,
                 _ => Role::HiddenWeight,
             };
+            let in_block = role == Role::HiddenWeight && residual;
             params.push(Param {
                 name: format!("layers.{layer}.weight"),
                 tensor: init(&[fan_out, fan_in]),
                 role,
-                lr_mult: 1.0,
+                lr_mult: scaling.lr_mult(role, in_block),
             });
             params.push(Param {
                 name: format!("layers.{layer}.bias"),
                 tensor: init(&[fan_out]),
                 role: Role::Bias,
-                lr_mult: 1.0,
+                lr_mult: scaling.lr_mult(Role::Bias, in_block),
             });
-            fan_in = fan_out;
         }
-        Mlp { params }
+        Mlp {
+            params,
+            residual,
+            output_mult: scaling.output_mult(),
+            branch_mult: scaling.branch_mult(),
+        }
     }
 
     pub fn forward(&self, xs: &Tensor) -> Tensor {
+        self.forward_recording(xs, None)
+    }
+
+    /// The forward pass; with `record`, appends the mean |output| of every layer (logits last).
+    pub fn forward_recording(&self, xs: &Tensor, mut record: Option<&mut Vec<f64>>) -> Tensor {
         let layers = self.params.len() / 2;
+        let mut note = |z: &Tensor| {
+            if let Some(r) = record.as_deref_mut() {
+                r.push(tch::no_grad(|| z.abs().mean(Kind::Float).double_value(&[])));
+            }
+        };
         let mut h = xs.shallow_clone();
         for layer in 0..layers {
             let w = &self.params[2 * layer].tensor;
             let b = &self.params[2 * layer + 1].tensor;
-            h = h.linear(w, Some(b));
-            if layer + 1 < layers {
-                h = h.relu();
+            let first = layer == 0;
+            let last = layer + 1 == layers;
+            if last {
+                let input = if self.residual { h.relu() } else { h };
+                let logits = input.linear(w, Some(b)) * self.output_mult;
+                note(&logits);
+                return logits;
+            }
+            if self.residual && !first {
+                let branch = h.relu().linear(w, Some(b));
+                note(&branch);
+                h = branch * self.branch_mult + h;
+            } else {
+                let z = h.linear(w, Some(b));
+                note(&z);
+                h = if self.residual { z } else { z.relu() };
             }
         }
-        h
+        unreachable!("the readout layer returns")
     }
 }

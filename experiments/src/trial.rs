@@ -51,7 +51,7 @@ pub struct TrialContext<'a> {
 /// Runs one trial of `family` to its end.
 pub fn run(family: crate::Family, params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> {
     match family {
-        crate::Family::Train => crate::train::run(params, ctx),
+        crate::Family::Train | crate::Family::MupTransfer => crate::train::run(params, ctx),
     }
 }
 

@@ -4,6 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::family::ParamError;
+use crate::parametrization::{Parametrization, Scaling};
+use crate::report::{Report, ReportError, Table, TrialOutcome, Verdict};
 
 #[cfg(feature = "torch")]
 mod trial;
@@ -11,7 +13,60 @@ mod trial;
 pub use trial::run;
 
 /// The metrics a `train` trial logs.
-pub const METRICS: &[&str] = &["train_loss", "eval_loss", "eval_accuracy", "train_loss_tail"];
+pub const METRICS: &[&str] = &[
+    "train_loss",
+    "eval_loss",
+    "eval_accuracy",
+    "train_loss_tail",
+    "train_loss_final",
+    "diverged",
+];
+
+/// The `train` report: every trial ranked by its final eval loss; no criteria to judge.
+pub fn report(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
+    if outcomes.is_empty() {
+        return Err(ReportError("the experiment has no trials to report on".into()));
+    }
+    let mut ranked: Vec<&TrialOutcome> = outcomes.iter().collect();
+    ranked.sort_by(|a, b| {
+        let key = |t: &TrialOutcome| t.metric("eval_loss").unwrap_or(f64::INFINITY);
+        key(a).total_cmp(&key(b))
+    });
+    let cell = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+    Ok(Report {
+        family: "train".into(),
+        title: "training runs".into(),
+        summary: format!("{} trials; the train family has no pass criteria", outcomes.len()),
+        tables: vec![Table {
+            title: "trials by final eval_loss".into(),
+            columns: [
+                "trial",
+                "state",
+                "eval_loss",
+                "eval_accuracy",
+                "train_loss_tail",
+                "params",
+            ]
+            .map(String::from)
+            .to_vec(),
+            rows: ranked
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.ordinal.to_string(),
+                        t.state.clone(),
+                        cell(t.metric("eval_loss")),
+                        cell(t.metric("eval_accuracy")),
+                        cell(t.metric("train_loss_tail")),
+                        t.params.to_string(),
+                    ]
+                })
+                .collect(),
+        }],
+        verdict: Verdict::new(Vec::new()),
+        figures: Vec::new(),
+    })
+}
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -23,7 +78,34 @@ pub enum DatasetName {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelKind {
+    /// `features -> width x depth -> classes`, ReLU.
     Mlp,
+    /// An input layer, `depth` residual blocks of one layer each, a readout.
+    Resmlp,
+}
+
+/// How the learning rate moves over training (after any warmup).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    #[default]
+    Constant,
+    /// Half a cosine from the peak to zero at the last step.
+    Cosine,
+    /// A straight line from the peak to zero at the last step.
+    Linear,
+}
+
+/// What a trial does when its loss stops being finite.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Divergence {
+    /// The trial fails.
+    #[default]
+    Fail,
+    /// The trial stops, logs `diverged` = 1 and succeeds without a `train_loss_tail`:
+    /// in a learning-rate sweep, divergence is a result.
+    Record,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -98,9 +180,27 @@ pub struct TrainParams {
     pub eval_every: u64,
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: u64,
-    /// Seconds to sleep after every step; lets tests stretch a trial without more compute.
+    /// Milliseconds to sleep after every step; lets tests stretch a trial without more compute.
     #[serde(default)]
     pub step_delay_ms: u64,
+    #[serde(default)]
+    pub parametrization: Parametrization,
+    /// The width at which muP equals SP; defaults to `width`.
+    #[serde(default)]
+    pub base_width: Option<u32>,
+    /// The depth at which depth-muP equals muP; defaults to `depth`.
+    #[serde(default)]
+    pub base_depth: Option<u32>,
+    /// Logs `act.<layer>`, the mean |output| of every layer, at every step (the coordinate check).
+    #[serde(default)]
+    pub coord_check: bool,
+    #[serde(default)]
+    pub divergence: Divergence,
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// Steps of linear warmup from zero to the peak learning rate.
+    #[serde(default)]
+    pub warmup_steps: u64,
 }
 
 impl TrainParams {
@@ -139,6 +239,30 @@ impl TrainParams {
             }
         }
         Ok(())
+    }
+
+    pub fn scaling(&self) -> Scaling {
+        Scaling {
+            parametrization: self.parametrization,
+            optimizer: self.optimizer,
+            width_mult: self.width as f64 / self.base_width.unwrap_or(self.width) as f64,
+            depth_mult: self.depth as f64 / self.base_depth.unwrap_or(self.depth) as f64,
+        }
+    }
+
+    /// The learning-rate factor for update `step` (0-based), in [0, 1].
+    pub fn lr_factor(&self, step: u64) -> f64 {
+        let t = step as f64 + 1.0;
+        if step < self.warmup_steps {
+            return t / self.warmup_steps as f64;
+        }
+        let span = (self.steps - self.warmup_steps) as f64;
+        let progress = (step - self.warmup_steps) as f64 / span;
+        match self.schedule {
+            Schedule::Constant => 1.0,
+            Schedule::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+            Schedule::Linear => 1.0 - progress,
+        }
     }
 
     pub fn learning_rate(&self) -> Result<f64, ParamError> {

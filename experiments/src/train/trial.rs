@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 
-use super::{DatasetName, ModelKind, TrainParams};
+use super::{DatasetName, Divergence, ModelKind, TrainParams};
 use crate::data::{self, DataOrder};
 use crate::family::ParamError;
 use crate::model::Mlp;
@@ -25,9 +25,16 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
         DatasetName::Digits => data::digits(device),
     };
     tch::manual_seed(p.seed as i64);
-    let mut model = match p.model {
-        ModelKind::Mlp => Mlp::new(data.features, p.width as i64, p.depth, data.classes, device),
-    };
+    let residual = p.model == ModelKind::Resmlp;
+    let mut model = Mlp::new(
+        data.features,
+        p.width as i64,
+        p.depth,
+        data.classes,
+        residual,
+        p.scaling(),
+        device,
+    );
     let config = OptimizerConfig {
         kind: p.optimizer,
         lr: p.learning_rate()?,
@@ -52,24 +59,35 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
     }
 
     let mut order = DataOrder::new(p.seed, data.train_len(), p.batch_size as usize);
+    let peak_lr = optimizer.config.lr;
     for step in start..p.steps {
+        optimizer.config.lr = peak_lr * p.lr_factor(step);
         let idx = Tensor::from_slice(&order.batch_indices(step)).to_device(device);
         let xs = data.train_x.index_select(0, &idx);
         let ys = data.train_y.index_select(0, &idx);
         optimizer.zero_grad(&mut model.params);
-        let loss = model.forward(&xs).cross_entropy_for_logits(&ys);
+        let mut activations = Vec::new();
+        let logits = model.forward_recording(&xs, p.coord_check.then_some(&mut activations));
+        let loss = logits.cross_entropy_for_logits(&ys);
         loss.backward();
         optimizer.step(&model.params);
         let done = step + 1;
         let loss_value = loss.double_value(&[]);
-        ctx.metrics.log("train_loss", done, loss_value);
+        for (layer, value) in activations.iter().enumerate() {
+            ctx.metrics.log(&format!("act.{layer}"), done, *value);
+        }
         if !loss_value.is_finite() {
+            if p.divergence == Divergence::Record {
+                ctx.metrics.log("diverged", done, 1.0);
+                return Ok(());
+            }
             return Err(TrialError::Diverged {
                 step: done,
                 metric: "train_loss",
                 value: loss_value,
             });
         }
+        ctx.metrics.log("train_loss", done, loss_value);
         if tail.len() == tail_len {
             tail.pop_front();
         }
@@ -101,6 +119,8 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
     }
     let tail_mean = tail.iter().sum::<f64>() / tail.len().max(1) as f64;
     ctx.metrics.log("train_loss_tail", p.steps, tail_mean);
+    let (train_loss_final, _) = evaluate(&model, &data.train_x, &data.train_y);
+    ctx.metrics.log("train_loss_final", p.steps, train_loss_final);
     Ok(())
 }
 
