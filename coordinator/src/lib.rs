@@ -8,7 +8,6 @@
 
 pub mod db;
 pub mod error;
-pub mod searcher;
 mod service;
 pub mod submit;
 

@@ -54,6 +54,77 @@ pub fn digits(device: Device) -> Classification {
     }
 }
 
+fn read_idx(path: &std::path::Path, magic: u32) -> Result<(Vec<usize>, Vec<u8>), String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(file)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{}: not a gzipped IDX file ({e})", path.display()))?;
+    let word = |i: usize| -> Result<usize, String> {
+        bytes
+            .get(4 * i..4 * i + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .ok_or_else(|| format!("{}: truncated IDX header", path.display()))
+    };
+    if word(0)? as u32 != magic {
+        return Err(format!(
+            "{}: IDX magic {:#x}, expected {magic:#x}",
+            path.display(),
+            word(0)?
+        ));
+    }
+    let dims: Vec<usize> = (1..=(magic & 0xff) as usize).map(word).collect::<Result<_, _>>()?;
+    let header = 4 * (1 + dims.len());
+    let expected: usize = dims.iter().product();
+    if bytes.len() != header + expected {
+        return Err(format!(
+            "{}: {} data bytes, expected {expected}",
+            path.display(),
+            bytes.len() - header
+        ));
+    }
+    Ok((dims, bytes.split_off(header)))
+}
+
+/// An IDX image-classification set (MNIST's format): `{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz` in `dir`.
+pub fn idx_images(dir: &str, device: Device, how_to_get: &str) -> Result<Classification, String> {
+    let dir = std::path::Path::new(dir);
+    let load = |split: &str| -> Result<(Tensor, Tensor, i64), String> {
+        let images = dir.join(format!("{split}-images-idx3-ubyte.gz"));
+        let labels = dir.join(format!("{split}-labels-idx1-ubyte.gz"));
+        if !images.exists() || !labels.exists() {
+            return Err(format!(
+                "{} and {} are missing; {how_to_get}",
+                images.display(),
+                labels.display()
+            ));
+        }
+        let (dims, pixels) = read_idx(&images, 0x0803)?;
+        let (label_dims, label_bytes) = read_idx(&labels, 0x0801)?;
+        if dims[0] != label_dims[0] {
+            return Err(format!("{split}: {} images but {} labels", dims[0], label_dims[0]));
+        }
+        let features = (dims[1] * dims[2]) as i64;
+        let x = Tensor::from_slice(&pixels)
+            .to_kind(Kind::Float)
+            .view([dims[0] as i64, features])
+            / 255.0;
+        let y = Tensor::from_slice(&label_bytes).to_kind(Kind::Int64);
+        Ok((x.to_device(device), y.to_device(device), features))
+    };
+    let (train_x, train_y, features) = load("train")?;
+    let (eval_x, eval_y, _) = load("t10k")?;
+    Ok(Classification {
+        train_x,
+        train_y,
+        eval_x,
+        eval_y,
+        features,
+        classes: 10,
+    })
+}
+
 /// The order in which training examples are visited: a fresh permutation per
 /// epoch, drawn from (seed, epoch). The batch of a step depends only on the
 /// seed and the step, so a resumed trial sees the same data as an unbroken one.

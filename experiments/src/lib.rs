@@ -12,6 +12,8 @@ pub mod family;
 pub mod mup;
 pub mod parametrization;
 pub mod report;
+pub mod searcher;
+pub mod sweep;
 pub mod train;
 
 #[cfg(feature = "torch")]

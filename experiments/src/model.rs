@@ -1,6 +1,8 @@
 //! Models written on plain tensors, so every parameter has a stable name, a
 //! role and a learning-rate multiplier set by the parametrization.
 
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
 pub use crate::parametrization::Role;
@@ -25,7 +27,9 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// PyTorch's default init (uniform in +-1/sqrt(fan_in)), drawn from libtorch's seeded generator.
+    /// PyTorch's default init (uniform in +-1/sqrt(fan_in)), drawn from a generator of
+    /// our own seeded by `seed`: the same on every device and safe with trials on several threads.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         features: i64,
         width: i64,
@@ -33,8 +37,10 @@ impl Mlp {
         classes: i64,
         residual: bool,
         scaling: Scaling,
+        seed: u64,
         device: Device,
     ) -> Mlp {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x1a17_0f5e_ed00_0001);
         let linears = if residual {
             depth as usize + 2
         } else {
@@ -47,8 +53,15 @@ impl Mlp {
             let fan_out = if last { classes } else { width };
             let widen = if last { scaling.output_init_mult() } else { 1.0 };
             let bound = widen / (fan_in as f64).sqrt();
-            let init = |shape: &[i64]| {
-                (Tensor::rand(shape, (Kind::Float, device)) * (2.0 * bound) - bound).set_requires_grad(true)
+            let mut init = |shape: &[i64]| {
+                let n: i64 = shape.iter().product();
+                let values: Vec<f32> = (0..n)
+                    .map(|_| ((rng.gen::<f64>() * 2.0 - 1.0) * bound) as f32)
+                    .collect();
+                Tensor::from_slice(&values)
+                    .view(shape)
+                    .to_device(device)
+                    .set_requires_grad(true)
             };
             let role = match (layer, last) {
                 (0, _) => Role::InputWeight,

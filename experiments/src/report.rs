@@ -116,6 +116,61 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
+impl Report {
+    /// The report as plain text: headline, tables, verdict (figures are drawn elsewhere).
+    pub fn to_text(&self) -> String {
+        let mut out = format!("{} ({})\n{}\n\n", self.title, self.family, self.summary);
+        for t in &self.tables {
+            out.push_str(&format!("{}:\n{}\n", t.title, text_table(&t.columns, &t.rows)));
+        }
+        if !self.verdict.criteria.is_empty() {
+            let holds = if self.verdict.holds {
+                "every criterion holds"
+            } else {
+                "NOT every criterion holds"
+            };
+            out.push_str(&format!("verdict: {holds}\n"));
+            for c in &self.verdict.criteria {
+                let measured = c.measured.map_or("not measured".to_string(), |m| format!("{m}"));
+                let mark = if c.holds { "ok" } else { "no" };
+                out.push_str(&format!("  [{mark}] {}: {measured} (needs {})\n", c.name, c.threshold));
+            }
+        }
+        out
+    }
+}
+
+/// Renders rows under a header, columns padded to their widest cell.
+pub fn text_table(header: &[String], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+    }
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths.get(i).copied().unwrap_or(0)))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = line(header);
+    out.push('\n');
+    out.push_str(&widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  "));
+    out.push('\n');
+    for row in rows {
+        out.push_str(&line(row));
+        out.push('\n');
+    }
+    out
+}
+
 /// Why a report can't be made.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{0}")]

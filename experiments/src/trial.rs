@@ -13,6 +13,8 @@ pub enum TrialError {
     Params(#[from] crate::ParamError),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    #[error("data: {0}")]
+    Data(String),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     #[error("training diverged at step {step}: {metric} is {value}")]

@@ -1,18 +1,9 @@
-//! `ablate-worker`: the worker daemon and the trial process it spawns.
-//!
-//! **Architecture invariant:** the worker never talks to PostgreSQL; all it
-//! knows of the platform is the coordinator's `Workers` gRPC service. It is
-//! the only binary that links libtorch.
-
-mod backend;
-mod daemon;
-mod relay;
-mod runner;
-mod storage;
-mod trial_process;
+//! `ablate-worker`: the worker daemon, the trial process it spawns, and the
+//! in-process `sweep` runner.
 
 use std::path::PathBuf;
 
+use ablate_worker::{backend, daemon, local, trial_process};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -30,6 +21,17 @@ enum Command {
     Trial,
     /// Prints the devices this host offers and which libtorch backend is live.
     Devices,
+    /// Runs every trial of a spec in this process, one per device slot, and prints the family's report.
+    /// No coordinator, database or object store: for a machine with devices and nothing else.
+    Sweep {
+        spec: PathBuf,
+        /// Device slots: auto, cpu:K or cuda:0,cuda:1.
+        #[arg(long, default_value = "auto")]
+        devices: String,
+        /// Writes the trials' outcomes and the report here as JSON.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,6 +54,26 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Sweep { spec, devices, out } => {
+            let backend = backend::init();
+            let slots = backend::discover(&devices, &backend)?;
+            let text = std::fs::read_to_string(&spec)
+                .map_err(|e| anyhow::anyhow!("cannot read spec {}: {e}", spec.display()))?;
+            let (report, outcomes) = local::run(
+                &text,
+                ablate_schema::SpecFormat::from_path(&spec.to_string_lossy()),
+                &slots,
+            )?;
+            print!("{}", report.to_text());
+            if let Some(out) = out {
+                std::fs::write(
+                    &out,
+                    serde_json::to_vec_pretty(&serde_json::json!({"report": report, "trials": outcomes}))?,
+                )?;
+                eprintln!("wrote {}", out.display());
+            }
+            Ok(())
+        }
         Command::Devices => {
             let backend = backend::init();
             for d in backend::discover("auto", &backend)? {
@@ -60,9 +82,4 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-/// Where the worker keeps its spool by default.
-fn default_state_dir() -> PathBuf {
-    PathBuf::from(".ablate")
 }

@@ -1,70 +1,29 @@
 //! The science families' pass criteria (SCIENCE.md), checked on the real
-//! trial code: each spec in experiments/specs is expanded by the coordinator's
-//! searcher, every trial runs in-process through the same trial function the
-//! worker runs, and the family's report gives the verdict.
+//! trial code: each spec in experiments/specs is checked and expanded as the
+//! coordinator does, every trial runs in-process (`ablate-worker sweep`)
+//! through the same trial function as the trial processes, and the family's
+//! report gives the verdict.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 use ablate_experiments::report::{Criterion, Report, TrialOutcome};
-use ablate_experiments::trial::{MemoryCheckpoints, MemoryMetrics, TrialContext};
-use ablate_experiments::Family;
-use ablate_schema::{SpecFormat, SweepSpec};
+use ablate_schema::SpecFormat;
+use ablate_worker::backend::Slot;
 
-/// Runs every trial of a spec on `threads` threads (libtorch at one thread each).
+/// Runs every trial of a spec in-process on `threads` CPU slots of one libtorch thread each.
 fn run_spec(name: &str, threads: usize) -> (Report, Vec<TrialOutcome>) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../experiments/specs")
         .join(name);
     let text = std::fs::read_to_string(&path).unwrap();
-    let checked = ablate_coordinator::submit::check(&text, SpecFormat::Toml).unwrap();
-    let spec: &SweepSpec = &checked.spec;
-    let family = Family::parse(&spec.family).unwrap();
-    tch::set_num_threads(1);
-    let queue: Arc<Mutex<Vec<(usize, serde_json::Value)>>> = Arc::new(Mutex::new(
-        checked
-            .trials
-            .iter()
-            .map(|t| t.params.clone())
-            .enumerate()
-            .rev()
-            .collect(),
-    ));
-    let outcomes = Arc::new(Mutex::new(Vec::new()));
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            let (queue, outcomes) = (queue.clone(), outcomes.clone());
-            scope.spawn(move || loop {
-                let Some((ordinal, params)) = queue.lock().unwrap().pop() else {
-                    return;
-                };
-                let mut store = MemoryCheckpoints::default();
-                let mut metrics = MemoryMetrics::default();
-                let mut ctx = TrialContext {
-                    device: tch::Device::Cpu,
-                    checkpoints: &mut store,
-                    metrics: &mut metrics,
-                };
-                let state = match ablate_experiments::trial::run(family, &params, &mut ctx) {
-                    Ok(()) => "succeeded",
-                    Err(_) => "failed",
-                };
-                let mut last = serde_json::Map::new();
-                for (name, _, value) in &metrics.points {
-                    last.insert(name.clone(), serde_json::json!(value));
-                }
-                outcomes.lock().unwrap().push(TrialOutcome {
-                    ordinal: ordinal as i64,
-                    state: state.into(),
-                    params,
-                    metrics: last,
-                });
-            });
-        }
-    });
-    let outcomes = Arc::try_unwrap(outcomes).unwrap().into_inner().unwrap();
-    let report = family.report(&outcomes).unwrap();
-    (report, outcomes)
+    let slots: Vec<Slot> = (0..threads)
+        .map(|i| Slot {
+            name: format!("cpu:{i}"),
+            device: "cpu".into(),
+            threads: 1,
+        })
+        .collect();
+    ablate_worker::local::run(&text, SpecFormat::Toml, &slots).unwrap()
 }
 
 fn show(report: &Report) -> String {
@@ -108,9 +67,10 @@ fn mup_width_transfer_holds_on_digits() {
         let c = criterion(&report, name);
         assert!(c.holds, "{name}: {}", show(&report));
     }
-    // "muP's best loss never rises with width" is measured and reported, not asserted:
-    // on digits every width memorizes the 1437 training images (final losses 0.002-0.008),
-    // and with two seeds width 128 lands 0.0005 above width 64. See the report's verdict.
+    // "muP's best loss never rises with width" is measured and reported, not asserted: on
+    // digits every width nearly memorizes the 1437 training images (final losses 0.001-0.011),
+    // and with two seeds width 512 lands 0.0007 above width 256. The report's verdict says so;
+    // the Fashion-MNIST spec on a GPU is where that criterion is judged.
     let rises = criterion(&report, "times muP's best loss rises");
     assert!(rises.measured.is_some(), "the loss-rise criterion must be measured");
 }
@@ -118,6 +78,14 @@ fn mup_width_transfer_holds_on_digits() {
 #[test]
 fn the_coordinate_check_is_flat_under_mup_and_grows_under_sp() {
     let (report, _) = run_spec("coord-check.toml", 2);
+    eprintln!("{}", show(&report));
+    assert!(report.verdict.holds, "{}", show(&report));
+}
+
+#[test]
+fn depth_mup_transfers_the_learning_rate_across_depths() {
+    let (report, outcomes) = run_spec("mup-depth-digits.toml", 2);
+    assert_eq!(outcomes.len(), 260);
     eprintln!("{}", show(&report));
     assert!(report.verdict.holds, "{}", show(&report));
 }

@@ -7,7 +7,6 @@ use ablate_experiments::report::Report;
 use ablate_schema::proto;
 
 use crate::client::{connect, status_error};
-use crate::render::table;
 use crate::{plot, ReportFormat};
 
 pub async fn run(addr: &str, experiment: &str, format: ReportFormat, out: Option<PathBuf>) -> anyhow::Result<()> {
@@ -25,29 +24,7 @@ pub async fn run(addr: &str, experiment: &str, format: ReportFormat, out: Option
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    println!("{} ({})\n{}\n", report.title, report.family, report.summary);
-    for t in &report.tables {
-        println!("{}:\n{}", t.title, table(&t.columns, &t.rows));
-    }
-    if !report.verdict.criteria.is_empty() {
-        println!(
-            "verdict: {}",
-            if report.verdict.holds {
-                "every criterion holds"
-            } else {
-                "NOT every criterion holds"
-            }
-        );
-        for c in &report.verdict.criteria {
-            let measured = c.measured.map_or("not measured".to_string(), |m| format!("{m}"));
-            println!(
-                "  [{}] {}: {measured} (needs {})",
-                if c.holds { "ok" } else { "no" },
-                c.name,
-                c.threshold
-            );
-        }
-    }
+    print!("{}", report.to_text());
     if !report.figures.is_empty() {
         let dir = out.unwrap_or_else(|| PathBuf::from("reports").join(experiment));
         println!();

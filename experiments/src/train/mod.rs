@@ -73,7 +73,12 @@ pub fn report(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
 pub enum DatasetName {
     /// The 1797 8x8 handwritten digits shipped with smartcore.
     Digits,
+    /// Fashion-MNIST from IDX files (`data_dir`, Debian's `dataset-fashion-mnist` by default).
+    FashionMnist,
 }
+
+/// Where Debian's `dataset-fashion-mnist` puts its files.
+pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -196,6 +201,9 @@ pub struct TrainParams {
     pub coord_check: bool,
     #[serde(default)]
     pub divergence: Divergence,
+    /// Directory of a file-based data set; defaults to where its Debian package installs it.
+    #[serde(default)]
+    pub data_dir: Option<String>,
     #[serde(default)]
     pub schedule: Schedule,
     /// Steps of linear warmup from zero to the peak learning rate.

@@ -23,8 +23,13 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
     let device = ctx.device;
     let data = match p.dataset {
         DatasetName::Digits => data::digits(device),
+        DatasetName::FashionMnist => data::idx_images(
+            p.data_dir.as_deref().unwrap_or(super::FASHION_MNIST_DIR),
+            device,
+            "install them with `apt-get install dataset-fashion-mnist`, or set data_dir to a directory holding them",
+        )
+        .map_err(TrialError::Data)?,
     };
-    tch::manual_seed(p.seed as i64);
     let residual = p.model == ModelKind::Resmlp;
     let mut model = Mlp::new(
         data.features,
@@ -33,6 +38,7 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
         data.classes,
         residual,
         p.scaling(),
+        p.seed,
         device,
     );
     let config = OptimizerConfig {

@@ -1,0 +1,132 @@
+//! From spec text to the trials it stands for: parse, check the family and
+//! the objective, expand the sweep with its searcher, and check every trial's
+//! parameters, naming the spec field at fault. Nothing is stored here.
+
+use ablate_schema::{Goal, Objective, SpecError, SpecFormat, SweepSpec};
+use serde_json::Value;
+
+use crate::{searcher, Family};
+
+/// One trial a spec expands into.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedTrial {
+    pub params: Value,
+    pub total_steps: u64,
+}
+
+/// A spec that passed every check, ready to store.
+pub struct Checked {
+    pub spec: SweepSpec,
+    pub objective: Objective,
+    pub trials: Vec<PlannedTrial>,
+}
+
+/// Runs every check a spec must pass; stores nothing.
+pub fn check(text: &str, format: SpecFormat) -> Result<Checked, SpecError> {
+    let spec = SweepSpec::parse(text, format)?;
+    let family = Family::parse(&spec.family).map_err(|m| SpecError::new("family", m))?;
+    let objective = match &spec.objective {
+        Some(o) if !family.metrics().contains(&o.metric.as_str()) => {
+            return Err(SpecError::new(
+                "objective.metric",
+                format!(
+                    "`{}` is not a metric of family {}; expected one of: {}",
+                    o.metric,
+                    family.name(),
+                    family.metrics().join(", ")
+                ),
+            ))
+        }
+        Some(o) => o.clone(),
+        None => Objective {
+            metric: family.default_objective().to_string(),
+            goal: Goal::Minimize,
+        },
+    };
+    let mut trials = Vec::new();
+    for (ordinal, swept) in searcher::expand(&spec)?.into_iter().enumerate() {
+        let mut params: serde_json::Map<String, Value> = spec.base.clone().into_iter().collect();
+        params.extend(swept);
+        let params = Value::Object(params);
+        let plan = family.check_params(&params).map_err(|e| {
+            let (path, message) = locate(&spec, &e.path, &e.message);
+            SpecError::new(path, format!("{message} (in trial {ordinal}: {params})"))
+        })?;
+        trials.push(PlannedTrial {
+            params,
+            total_steps: plan.total_steps,
+        });
+    }
+    Ok(Checked {
+        spec,
+        objective,
+        trials,
+    })
+}
+
+/// Maps a path inside a trial's parameters to the spec field it came from.
+fn locate(spec: &SweepSpec, param_path: &str, message: &str) -> (String, String) {
+    let field = if param_path.is_empty() {
+        // An unknown field: serde names it in the message.
+        message.split('`').nth(1).unwrap_or("").to_string()
+    } else {
+        param_path.to_string()
+    };
+    if field.is_empty() {
+        return ("base".to_string(), message.to_string());
+    }
+    let (head, rest) = match field.find(['.', '[']) {
+        Some(i) => (&field[..i], &field[i..]),
+        None => (field.as_str(), ""),
+    };
+    (format!("{}{rest}", spec.param_path(head)), message.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use ablate_schema::SpecFormat;
+
+    use super::check;
+
+    const SPEC: &str = r#"
+name = "t"
+family = "train"
+[base]
+optimizer = "adam"
+steps = 10
+[sweep]
+searcher = "grid"
+params.log2_lr = [-8, -6]
+params.width = [16, 32]
+"#;
+
+    fn err(text: &str) -> ablate_schema::SpecError {
+        match check(text, SpecFormat::Toml) {
+            Ok(_) => panic!("spec was accepted:\n{text}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn good_spec_expands_to_the_grid() {
+        let checked = check(SPEC, SpecFormat::Toml).unwrap();
+        assert_eq!(checked.trials.len(), 4);
+        assert_eq!(checked.trials[0].total_steps, 10);
+        assert_eq!(checked.objective.metric, "eval_loss");
+    }
+
+    #[test]
+    fn bad_trial_params_name_the_spec_field() {
+        let e = err(&SPEC.replace("steps = 10", "steps = 10\nstepz = 3"));
+        assert_eq!(e.path, "base.stepz", "{e}");
+        let e = err(&SPEC.replace("params.width = [16, 32]", "params.width = [16, \"wide\"]"));
+        assert_eq!(e.path, "sweep.params.width", "{e}");
+        let e = err(&SPEC.replace("family = \"train\"", "family = \"alchemy\""));
+        assert_eq!(e.path, "family", "{e}");
+        assert!(e.message.contains("train"), "{e}");
+        let e = err(&format!(
+            "{SPEC}\n[objective]\nmetric = \"loss\"\ngoal = \"minimize\"\n"
+        ));
+        assert_eq!(e.path, "objective.metric", "{e}");
+    }
+}

@@ -1,0 +1,19 @@
+//! The worker: the daemon that runs leased trials, the trial process, and
+//! `sweep`, which runs a whole spec in-process without a coordinator.
+//!
+//! **Architecture invariant:** the worker never talks to PostgreSQL; all it
+//! knows of the platform is the coordinator's `Workers` gRPC service. It is
+//! the only crate that links libtorch.
+
+pub mod backend;
+pub mod daemon;
+pub mod local;
+mod relay;
+mod runner;
+pub mod storage;
+pub mod trial_process;
+
+/// Where the worker keeps its spool by default.
+pub fn default_state_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(".ablate")
+}

@@ -1,0 +1,78 @@
+//! Runs a whole spec in this process: every trial through the same trial
+//! function the daemon's trial processes run, one thread per device slot,
+//! checkpoints and metrics kept in memory. Then the family's report.
+
+use std::sync::Mutex;
+
+use ablate_experiments::report::{Report, TrialOutcome};
+use ablate_experiments::trial::{MemoryCheckpoints, MemoryMetrics, TrialContext};
+use ablate_experiments::Family;
+use ablate_schema::SpecFormat;
+
+use crate::backend::{self, Slot};
+
+/// Checks and expands the spec, runs every trial over `slots`, and reports.
+pub fn run(text: &str, format: SpecFormat, slots: &[Slot]) -> anyhow::Result<(Report, Vec<TrialOutcome>)> {
+    let checked = ablate_experiments::sweep::check(text, format).map_err(|e| anyhow::anyhow!("invalid spec: {e}"))?;
+    let family = Family::parse(&checked.spec.family).map_err(|e| anyhow::anyhow!(e))?;
+    let threads = slots.iter().map(|s| s.threads).min().unwrap_or(1);
+    tch::set_num_threads(threads as i32);
+    let devices = slots
+        .iter()
+        .map(|s| backend::device(&s.device))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let queue = Mutex::new(
+        checked
+            .trials
+            .iter()
+            .map(|t| t.params.clone())
+            .enumerate()
+            .rev()
+            .collect::<Vec<_>>(),
+    );
+    let outcomes = Mutex::new(Vec::new());
+    let total = checked.trials.len();
+    std::thread::scope(|scope| {
+        for device in &devices {
+            let (queue, outcomes) = (&queue, &outcomes);
+            scope.spawn(move || loop {
+                let Some((ordinal, params)) = queue.lock().expect("queue lock").pop() else {
+                    return;
+                };
+                let mut store = MemoryCheckpoints::default();
+                let mut metrics = MemoryMetrics::default();
+                let mut ctx = TrialContext {
+                    device: *device,
+                    checkpoints: &mut store,
+                    metrics: &mut metrics,
+                };
+                let result = ablate_experiments::trial::run(family, &params, &mut ctx);
+                let mut last = serde_json::Map::new();
+                for (name, _, value) in &metrics.points {
+                    last.insert(name.clone(), serde_json::json!(value));
+                }
+                let state = match &result {
+                    Ok(()) => "succeeded",
+                    Err(error) => {
+                        tracing::warn!(trial = ordinal, %error, "trial failed");
+                        "failed"
+                    }
+                };
+                let mut done = outcomes.lock().expect("outcomes lock");
+                done.push(TrialOutcome {
+                    ordinal: ordinal as i64,
+                    state: state.into(),
+                    params,
+                    metrics: last,
+                });
+                if done.len() % 10 == 0 || done.len() == total {
+                    tracing::info!(finished = done.len(), total, "sweep progress");
+                }
+            });
+        }
+    });
+    let mut outcomes = outcomes.into_inner().expect("outcomes lock");
+    outcomes.sort_by_key(|o| o.ordinal);
+    let report = family.report(&outcomes).map_err(|e| anyhow::anyhow!("report: {e}"))?;
+    Ok((report, outcomes))
+}
