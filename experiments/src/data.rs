@@ -125,6 +125,63 @@ pub fn idx_images(dir: &str, device: Device, how_to_get: &str) -> Result<Classif
     })
 }
 
+/// Text as byte ids, split 90/10 into train and eval.
+pub struct CharCorpus {
+    pub train: Tensor,
+    pub eval: Tensor,
+    pub vocab: i64,
+    pub context: i64,
+}
+
+/// Every `.txt` file of `dir` (in name order) as one byte stream.
+pub fn text_dir(dir: &str, context: i64, device: Device, how_to_get: &str) -> Result<CharCorpus, String> {
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("text directory {dir}: {e}; {how_to_get}"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(format!("no .txt files in {dir}; {how_to_get}"));
+    }
+    let mut bytes = Vec::new();
+    for f in &files {
+        bytes.extend(std::fs::read(f).map_err(|e| format!("{}: {e}", f.display()))?);
+        bytes.push(b'\n');
+    }
+    let split = bytes.len() * 9 / 10;
+    if (bytes.len() - split) as i64 <= context + 1 {
+        return Err(format!(
+            "{dir} holds {} bytes: too little text for a context of {context}",
+            bytes.len()
+        ));
+    }
+    let ids = |b: &[u8]| Tensor::from_slice(b).to_kind(Kind::Int64).to_device(device);
+    Ok(CharCorpus {
+        train: ids(&bytes[..split]),
+        eval: ids(&bytes[split..]),
+        vocab: 256,
+        context,
+    })
+}
+
+/// The batch of update `step`: `batch` windows of `context` ids at offsets drawn
+/// from (seed, step), and the same windows shifted by one as targets.
+pub fn windows(text: &Tensor, seed: u64, step: u64, batch: i64, context: i64) -> (Tensor, Tensor) {
+    let len = text.size()[0];
+    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ step);
+    let starts: Vec<i64> = (0..batch)
+        .map(|_| rand::Rng::gen_range(&mut rng, 0..len - context - 1))
+        .collect();
+    let device = text.device();
+    let offsets = Tensor::arange(context, (Kind::Int64, device)).unsqueeze(0);
+    let index = Tensor::from_slice(&starts).to_device(device).unsqueeze(1) + offsets;
+    let flat = index.view([-1]);
+    let x = text.index_select(0, &flat).view([batch, context]);
+    let y = text.index_select(0, &(flat + 1)).view([batch, context]);
+    (x, y)
+}
+
 /// The order in which training examples are visited: a fresh permutation per
 /// epoch, drawn from (seed, epoch). The batch of a step depends only on the
 /// seed and the step, so a resumed trial sees the same data as an unbroken one.

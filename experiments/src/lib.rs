@@ -23,6 +23,8 @@ pub mod model;
 #[cfg(feature = "torch")]
 pub mod optim;
 #[cfg(feature = "torch")]
+pub mod transformer;
+#[cfg(feature = "torch")]
 pub mod trial;
 
 pub use family::{Family, ParamError};

@@ -17,6 +17,18 @@ pub struct Param {
     pub lr_mult: f64,
 }
 
+/// A trainable tensor uniform in +-`bound`, drawn from `rng` (so the same on every device).
+pub fn uniform(rng: &mut ChaCha8Rng, shape: &[i64], bound: f64, device: Device) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let values: Vec<f32> = (0..n)
+        .map(|_| ((rng.gen::<f64>() * 2.0 - 1.0) * bound) as f32)
+        .collect();
+    Tensor::from_slice(&values)
+        .view(shape)
+        .to_device(device)
+        .set_requires_grad(true)
+}
+
 /// A ReLU MLP, plain (`features -> width x depth -> classes`) or residual
 /// (an input layer, `depth` blocks `h + b * W relu(h)`, a readout).
 pub struct Mlp {
@@ -53,16 +65,7 @@ impl Mlp {
             let fan_out = if last { classes } else { width };
             let widen = if last { scaling.output_init_mult() } else { 1.0 };
             let bound = widen / (fan_in as f64).sqrt();
-            let mut init = |shape: &[i64]| {
-                let n: i64 = shape.iter().product();
-                let values: Vec<f32> = (0..n)
-                    .map(|_| ((rng.gen::<f64>() * 2.0 - 1.0) * bound) as f32)
-                    .collect();
-                Tensor::from_slice(&values)
-                    .view(shape)
-                    .to_device(device)
-                    .set_requires_grad(true)
-            };
+            let mut init = |shape: &[i64]| uniform(&mut rng, shape, bound, device);
             let role = match (layer, last) {
                 (0, _) => Role::InputWeight,
                 (_, true) => Role::OutputWeight,

@@ -130,3 +130,23 @@ params.width = [16, 32]
         assert_eq!(e.path, "objective.metric", "{e}");
     }
 }
+
+#[cfg(test)]
+mod shipped_specs {
+    use ablate_schema::SpecFormat;
+
+    #[test]
+    fn every_spec_in_experiments_specs_passes_its_checks() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("specs");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let spec = super::check(&text, SpecFormat::from_path(&path.to_string_lossy()))
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(!spec.trials.is_empty());
+            checked += 1;
+        }
+        assert!(checked >= 6, "found only {checked} specs in {}", dir.display());
+    }
+}

