@@ -93,7 +93,19 @@ async fn final_metrics(stack: &Stack, experiment: &str) -> (f64, f64) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_worker_trial_resumes_from_its_checkpoint_on_the_same_curve() {
+    killed_worker_resumes(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_worker_trial_resumes_from_a_checkpoint_in_s3() {
+    killed_worker_resumes(true).await;
+}
+
+async fn killed_worker_resumes(s3: bool) {
     let mut stack = Stack::start(2.0).await;
+    if s3 {
+        stack.use_s3();
+    }
     let spec = stack.write_spec("resume.toml", &RESUME_SPEC.replace("NAME", "resume"));
     let experiment = stack.submit(&spec);
     let worker = stack.start_worker("cpu:1");
@@ -143,6 +155,17 @@ async fn a_killed_worker_trial_resumes_from_its_checkpoint_on_the_same_curve() {
         .scalar_i64("select count(*) from ablate.metric_series where name = 'train_loss'")
         .await;
     assert_eq!(steps, 300);
+    let path: String = sqlx::query_scalar("select path from ablate.checkpoints order by step limit 1")
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+    let local = stack.dir.join("objects").join(&path);
+    if s3 {
+        assert!(path.starts_with("checkpoints/experiments/"), "{path}");
+        assert!(!local.exists(), "with S3 nothing is written to the local directory");
+    } else {
+        assert!(local.exists(), "{} is missing", local.display());
+    }
 
     // An unbroken run with the same seed ends on the same loss.
     let spec = stack.write_spec("reference.toml", &RESUME_SPEC.replace("NAME", "reference"));

