@@ -123,6 +123,21 @@ fn spread(best: &[Best], step: f64) -> Option<f64> {
     Some(((max - min) / step).round())
 }
 
+/// "transfer holds: muP spread 0 steps, SP 3 steps": the transfer side must stay
+/// within one grid step and the control side move at least two.
+fn spread_summary(headline: &str, transfer: (&str, Option<f64>), control: (&str, Option<f64>)) -> String {
+    let show = |s: Option<f64>| s.map_or("?".to_string(), |s| s.to_string());
+    let holds = transfer.1.is_some_and(|s| s <= 1.0) && control.1.is_some_and(|s| s >= 2.0);
+    format!(
+        "{headline} {}: {} spread {} steps, {} {} steps",
+        if holds { "holds" } else { "does not hold" },
+        transfer.0,
+        show(transfer.1),
+        control.0,
+        show(control.1)
+    )
+}
+
 fn fmt_axis(v: f64) -> String {
     format!("{v}")
 }
@@ -222,16 +237,7 @@ pub fn analyze(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
                 mup_rises,
                 0.0,
             ));
-            summary.push(format!(
-                "transfer {}: muP spread {} steps, SP {} steps",
-                if get("mup").is_some_and(|s| s <= 1.0) && get("sp").is_some_and(|s| s >= 2.0) {
-                    "holds"
-                } else {
-                    "does not hold"
-                },
-                get("mup").map_or("?".into(), |s| s.to_string()),
-                get("sp").map_or("?".into(), |s| s.to_string()),
-            ));
+            summary.push(spread_summary("transfer", ("muP", get("mup")), ("SP", get("sp"))));
         } else {
             criteria.push(Criterion::at_most(
                 "depth-muP (1/sqrt(L)) spread of best log2 lr across depths (steps)",
@@ -243,15 +249,10 @@ pub fn analyze(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
                 get("mup"),
                 2.0,
             ));
-            summary.push(format!(
-                "depth transfer {}: depth-muP spread {} steps, muP without 1/sqrt(L) {} steps",
-                if get("depth_mup").is_some_and(|s| s <= 1.0) && get("mup").is_some_and(|s| s >= 2.0) {
-                    "holds"
-                } else {
-                    "does not hold"
-                },
-                get("depth_mup").map_or("?".into(), |s| s.to_string()),
-                get("mup").map_or("?".into(), |s| s.to_string()),
+            summary.push(spread_summary(
+                "depth transfer",
+                ("depth-muP", get("depth_mup")),
+                ("muP without 1/sqrt(L)", get("mup")),
             ));
         }
         figures.push(Figure {

@@ -305,6 +305,7 @@ fn restore(
         .load_state(params, tensors, updates)
         .map_err(TrialError::Checkpoint)
 }
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -348,13 +349,6 @@ mod tests {
             }
         }
     }
-}
-
-#[cfg(test)]
-mod gpt_tests {
-    use serde_json::json;
-
-    use crate::trial::{MemoryCheckpoints, MemoryMetrics, TrialContext};
 
     fn corpus_dir() -> String {
         let dir = std::env::temp_dir().join(format!("ablate-text-{}", std::process::id()));
@@ -363,18 +357,6 @@ mod gpt_tests {
         std::fs::write(dir.join("a.txt"), line.repeat(200)).unwrap();
         std::fs::write(dir.join("notes.md"), "ignored: not a .txt file").unwrap();
         dir.to_string_lossy().into_owned()
-    }
-
-    fn train(params: &serde_json::Value, store: &mut MemoryCheckpoints) -> MemoryMetrics {
-        tch::set_num_threads(1);
-        let mut metrics = MemoryMetrics::default();
-        let mut ctx = TrialContext {
-            device: tch::Device::Cpu,
-            checkpoints: store,
-            metrics: &mut metrics,
-        };
-        super::run(params, &mut ctx).unwrap();
-        metrics
     }
 
     #[test]
