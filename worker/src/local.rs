@@ -12,7 +12,24 @@ use ablate_schema::SpecFormat;
 use crate::backend::{self, Slot};
 
 /// Checks and expands the spec, runs every trial over `slots`, and reports.
-pub fn run(text: &str, format: SpecFormat, slots: &[Slot]) -> anyhow::Result<(Report, Vec<TrialOutcome>)> {
+/// With `log`, every finished trial is appended to it at once as a JSON line,
+/// so a run cut short keeps what it finished.
+pub fn run(
+    text: &str,
+    format: SpecFormat,
+    slots: &[Slot],
+    log: Option<&std::path::Path>,
+) -> anyhow::Result<(Report, Vec<TrialOutcome>)> {
+    let log = match log {
+        Some(path) => Some(Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| anyhow::anyhow!("trial log {}: {e}", path.display()))?,
+        )),
+        None => None,
+    };
     let checked = ablate_experiments::sweep::check(text, format).map_err(|e| anyhow::anyhow!("invalid spec: {e}"))?;
     let family = Family::parse(&checked.spec.family).map_err(|e| anyhow::anyhow!(e))?;
     let threads = slots.iter().map(|s| s.threads).min().unwrap_or(1);
@@ -34,7 +51,7 @@ pub fn run(text: &str, format: SpecFormat, slots: &[Slot]) -> anyhow::Result<(Re
     let total = checked.trials.len();
     std::thread::scope(|scope| {
         for device in &devices {
-            let (queue, outcomes) = (&queue, &outcomes);
+            let (queue, outcomes, log) = (&queue, &outcomes, &log);
             scope.spawn(move || loop {
                 let Some((ordinal, params)) = queue.lock().expect("queue lock").pop() else {
                     return;
@@ -58,13 +75,21 @@ pub fn run(text: &str, format: SpecFormat, slots: &[Slot]) -> anyhow::Result<(Re
                         "failed"
                     }
                 };
-                let mut done = outcomes.lock().expect("outcomes lock");
-                done.push(TrialOutcome {
+                let outcome = TrialOutcome {
                     ordinal: ordinal as i64,
                     state: state.into(),
                     params,
                     metrics: last,
-                });
+                };
+                if let Some(file) = log {
+                    use std::io::Write;
+                    let line = serde_json::to_string(&outcome).expect("an outcome serializes");
+                    if let Err(error) = writeln!(file.lock().expect("log lock"), "{line}") {
+                        tracing::warn!(%error, "cannot append to the trial log");
+                    }
+                }
+                let mut done = outcomes.lock().expect("outcomes lock");
+                done.push(outcome);
                 if done.len() % 10 == 0 || done.len() == total {
                     tracing::info!(finished = done.len(), total, "sweep progress");
                 }

@@ -31,6 +31,9 @@ enum Command {
         /// Writes the trials' outcomes and the report here as JSON.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Appends each trial's outcome here as a JSON line the moment it finishes.
+        #[arg(long)]
+        trial_log: Option<PathBuf>,
     },
 }
 
@@ -54,7 +57,12 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Sweep { spec, devices, out } => {
+        Command::Sweep {
+            spec,
+            devices,
+            out,
+            trial_log,
+        } => {
             let backend = backend::init();
             let slots = backend::discover(&devices, &backend)?;
             let text = std::fs::read_to_string(&spec)
@@ -63,6 +71,7 @@ fn main() -> anyhow::Result<()> {
                 &text,
                 ablate_schema::SpecFormat::from_path(&spec.to_string_lossy()),
                 &slots,
+                trial_log.as_deref(),
             )?;
             print!("{}", report.to_text());
             if let Some(out) = out {

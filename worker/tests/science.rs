@@ -12,6 +12,10 @@ use ablate_worker::backend::Slot;
 
 /// Runs every trial of a spec in-process on `threads` CPU slots of one libtorch thread each.
 fn run_spec(name: &str, threads: usize) -> (Report, Vec<TrialOutcome>) {
+    run_spec_logged(name, threads, None)
+}
+
+fn run_spec_logged(name: &str, threads: usize, log: Option<&Path>) -> (Report, Vec<TrialOutcome>) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../experiments/specs")
         .join(name);
@@ -23,7 +27,7 @@ fn run_spec(name: &str, threads: usize) -> (Report, Vec<TrialOutcome>) {
             threads: 1,
         })
         .collect();
-    ablate_worker::local::run(&text, SpecFormat::Toml, &slots).unwrap()
+    ablate_worker::local::run(&text, SpecFormat::Toml, &slots, log).unwrap()
 }
 
 fn show(report: &Report) -> String {
@@ -77,7 +81,18 @@ fn mup_width_transfer_holds_on_digits() {
 
 #[test]
 fn the_coordinate_check_is_flat_under_mup_and_grows_under_sp() {
-    let (report, _) = run_spec("coord-check.toml", 2);
+    let log = std::env::temp_dir().join(format!("ablate-coord-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let (report, outcomes) = run_spec_logged("coord-check.toml", 2, Some(&log));
+    // Every finished trial was appended to the log as it finished.
+    let logged: Vec<TrialOutcome> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(logged.len(), outcomes.len());
+    assert_eq!(logged.len(), 36);
+    let _ = std::fs::remove_file(&log);
     eprintln!("{}", show(&report));
     assert!(report.verdict.holds, "{}", show(&report));
 }
