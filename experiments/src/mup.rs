@@ -123,19 +123,34 @@ fn spread(best: &[Best], step: f64) -> Option<f64> {
     Some(((max - min) / step).round())
 }
 
-/// "transfer holds: muP spread 0 steps, SP 3 steps": the transfer side must stay
-/// within one grid step and the control side move at least two.
-fn spread_summary(headline: &str, transfer: (&str, Option<f64>), control: (&str, Option<f64>)) -> String {
+/// The spread criteria and their summary line ("transfer holds: muP spread 0
+/// steps, SP 3 steps"): the transferring side stays within one grid step, the
+/// control side moves at least two.
+fn spread_verdict(
+    headline: &str,
+    across: &str,
+    transfer: (&str, Option<f64>),
+    control: (&str, Option<f64>),
+) -> (Vec<Criterion>, String) {
+    let name = |label: &str| format!("{label} spread of best log2 lr across {across} (steps)");
+    let criteria = vec![
+        Criterion::at_most(name(transfer.0), transfer.1, 1.0),
+        Criterion::at_least(name(control.0), control.1, 2.0),
+    ];
     let show = |s: Option<f64>| s.map_or("?".to_string(), |s| s.to_string());
-    let holds = transfer.1.is_some_and(|s| s <= 1.0) && control.1.is_some_and(|s| s >= 2.0);
-    format!(
+    let line = format!(
         "{headline} {}: {} spread {} steps, {} {} steps",
-        if holds { "holds" } else { "does not hold" },
+        if criteria.iter().all(|c| c.holds) {
+            "holds"
+        } else {
+            "does not hold"
+        },
         transfer.0,
         show(transfer.1),
         control.0,
         show(control.1)
-    )
+    );
+    (criteria, line)
 }
 
 fn fmt_axis(v: f64) -> String {
@@ -208,16 +223,9 @@ pub fn analyze(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
         });
         let get = |p: &str| spreads.iter().find(|(k, _)| k.as_str() == p).and_then(|(_, s)| *s);
         if axis == "width" {
-            criteria.push(Criterion::at_most(
-                "muP spread of best log2 lr across widths (steps)",
-                get("mup"),
-                1.0,
-            ));
-            criteria.push(Criterion::at_least(
-                "SP spread of best log2 lr across widths (steps)",
-                get("sp"),
-                2.0,
-            ));
+            let (spread_criteria, line) = spread_verdict("transfer", "widths", ("muP", get("mup")), ("SP", get("sp")));
+            criteria.extend(spread_criteria);
+            summary.push(line);
             let sp_increases = best
                 .iter()
                 .find(|(p, _)| p.as_str() == "sp")
@@ -237,23 +245,15 @@ pub fn analyze(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
                 mup_rises,
                 0.0,
             ));
-            summary.push(spread_summary("transfer", ("muP", get("mup")), ("SP", get("sp"))));
         } else {
-            criteria.push(Criterion::at_most(
-                "depth-muP (1/sqrt(L)) spread of best log2 lr across depths (steps)",
-                get("depth_mup"),
-                1.0,
-            ));
-            criteria.push(Criterion::at_least(
-                "muP without 1/sqrt(L) spread across depths (steps)",
-                get("mup"),
-                2.0,
-            ));
-            summary.push(spread_summary(
+            let (spread_criteria, line) = spread_verdict(
                 "depth transfer",
+                "depths",
                 ("depth-muP", get("depth_mup")),
                 ("muP without 1/sqrt(L)", get("mup")),
-            ));
+            );
+            criteria.extend(spread_criteria);
+            summary.push(line);
         }
         figures.push(Figure {
             name: "loss-vs-lr".into(),
