@@ -60,6 +60,9 @@ pub struct Scaling {
     pub width_mult: f64,
     /// depth / base_depth
     pub depth_mult: f64,
+    /// Under muP, start the readout at zero instead of at the widened default
+    /// (both are muP; only the widened form equals SP at the base width).
+    pub zero_readout: bool,
 }
 
 impl Scaling {
@@ -106,10 +109,10 @@ impl Scaling {
 
     /// Multiplier on the output weights' init scale.
     pub fn output_init_mult(&self) -> f64 {
-        if self.mup() {
-            self.width_mult.sqrt()
-        } else {
-            1.0
+        match (self.mup(), self.zero_readout) {
+            (false, _) => 1.0,
+            (true, false) => self.width_mult.sqrt(),
+            (true, true) => 0.0,
         }
     }
 
@@ -138,6 +141,7 @@ mod tests {
                     optimizer,
                     width_mult: 1.0,
                     depth_mult: 1.0,
+                    zero_readout: false,
                 };
                 for role in ROLES {
                     assert_eq!(s.lr_mult(role, true), 1.0);
@@ -157,6 +161,7 @@ mod tests {
             optimizer: OptimizerName::Adam,
             width_mult: 4.0,
             depth_mult: 1.0,
+            zero_readout: false,
         };
         assert_eq!(adam.lr_mult(Role::HiddenWeight, false), 0.25);
         assert_eq!(adam.lr_mult(Role::InputWeight, false), 1.0);

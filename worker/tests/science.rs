@@ -48,7 +48,8 @@ fn mup_width_transfer_holds_on_digits() {
     let (report, outcomes) = run_spec("mup-width-digits.toml", 2);
     assert_eq!(outcomes.len(), 260);
     eprintln!("{}", show(&report));
-    // At the base width muP is SP: identical trials, identical losses.
+    // The spec starts muP's readout at zero, so at the base width muP starts from other
+    // weights than SP (the default widened form equals SP there; see the trial tests).
     let base = |p: &str| {
         let mut v: Vec<(i64, i64, u64)> = outcomes
             .iter()
@@ -62,21 +63,17 @@ fn mup_width_transfer_holds_on_digits() {
         v.sort();
         v
     };
-    assert_eq!(
-        base("sp"),
-        base("mup"),
-        "muP must equal SP bit for bit at the base width"
-    );
-    for name in ["muP spread", "SP spread", "times SP's best lr increases"] {
+    assert_ne!(base("sp"), base("mup"), "a zero readout is not SP's readout");
+    for name in [
+        "muP spread",
+        "SP spread",
+        "times SP's best lr increases",
+        "times muP's best loss rises",
+    ] {
         let c = criterion(&report, name);
         assert!(c.holds, "{name}: {}", show(&report));
     }
-    // "muP's best loss never rises with width" is measured and reported, not asserted: on
-    // digits every width nearly memorizes the 1437 training images (final losses 0.001-0.011),
-    // and with two seeds width 512 lands 0.0007 above width 256. The report's verdict says so;
-    // the Fashion-MNIST spec on a GPU is where that criterion is judged.
-    let rises = criterion(&report, "times muP's best loss rises");
-    assert!(rises.measured.is_some(), "the loss-rise criterion must be measured");
+    assert!(report.verdict.holds, "{}", show(&report));
 }
 
 #[test]

@@ -290,7 +290,9 @@ fn check() -> Result {
     ]))
 }
 
-fn demo() -> Result {
+/// Runs a spec of experiments/specs (quickstart by default) on the embedded
+/// stack; for a research family it then prints the family's report.
+fn demo(spec_name: Option<&str>) -> Result {
     provision_postgres()?;
     build("debug")?;
     let state = workspace_root().join(".ablate");
@@ -303,11 +305,24 @@ fn demo() -> Result {
     if !already_up {
         run(ablate("debug").args(["up", "--detach", "--state-dir"]).arg(&state))?;
     }
-    let spec = workspace_root().join("experiments/specs/quickstart.toml");
-    run(ablate("debug")
-        .args(["--coordinator", &addr, "submit", "--wait"])
-        .arg(&spec)
-        .stdout(std::process::Stdio::null()))?;
+    let name = spec_name.unwrap_or("quickstart");
+    let spec = workspace_root()
+        .join("experiments/specs")
+        .join(format!("{}.toml", name.trim_end_matches(".toml")));
+    let mut submit = ablate("debug");
+    submit.args(["--coordinator", &addr, "submit", "--wait"]).arg(&spec);
+    eprintln!("xtask: {}", describe(&submit));
+    let out = submit
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let experiment = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() {
+        return Err(format!("the sweep of {} did not succeed", spec.display()));
+    }
+    if name != "quickstart" {
+        run(ablate("debug").args(["--coordinator", &addr, "report", &experiment]))?;
+    }
     eprintln!(
         "\nthe stack keeps running in the background (state in {}).\n  export PATH={}:$PATH   # then: ablate status, ablate sql \"...\", ablate down",
         state.display(),
@@ -319,7 +334,7 @@ fn demo() -> Result {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("demo") => demo(),
+        Some("demo") => demo(args.get(1).map(String::as_str)),
         Some("test") => test(),
         Some("bench") => bench(&args[1..]),
         Some("build") => build(if args.iter().any(|a| a == "--release") {
@@ -331,7 +346,7 @@ fn main() -> ExitCode {
         Some("provision") => provision_libtorch()
             .and_then(|_| provision_postgres())
             .and_then(|_| provision_data()),
-        _ => Err("usage: cargo xtask <demo|test|bench|build [--release]|check|provision>".into()),
+        _ => Err("usage: cargo xtask <demo [SPEC]|test|bench|build [--release]|check|provision>".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

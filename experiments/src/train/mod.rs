@@ -123,6 +123,18 @@ pub enum Schedule {
     Linear,
 }
 
+/// The readout's initialization under muP.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadoutInit {
+    /// The default init widened by sqrt(width / base_width): with the 1/m logit
+    /// multiplier, variance proportional to 1/fan_in^2; equals SP at the base width.
+    #[default]
+    Scaled,
+    /// Zero, as microsoft/mup's `readout_zero_init`; differs from SP at every width.
+    Zero,
+}
+
 /// What a trial does when its loss stops being finite.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -234,6 +246,9 @@ pub struct TrainParams {
     pub data_dir: Option<String>,
     #[serde(default)]
     pub schedule: Schedule,
+    /// How muP initializes the readout (SP always uses the default init).
+    #[serde(default)]
+    pub readout_init: ReadoutInit,
     /// Tokens of context (model = "gpt").
     #[serde(default = "default_context")]
     pub context: u32,
@@ -307,6 +322,7 @@ impl TrainParams {
             optimizer: self.optimizer,
             width_mult: self.width as f64 / self.base_width.unwrap_or(self.width) as f64,
             depth_mult: self.depth as f64 / self.base_depth.unwrap_or(self.depth) as f64,
+            zero_readout: self.readout_init == ReadoutInit::Zero,
         }
     }
 

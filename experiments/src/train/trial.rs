@@ -360,6 +360,29 @@ mod tests {
     }
 
     #[test]
+    fn mup_is_sp_at_the_base_width_and_a_zero_readout_starts_at_chance() {
+        let run = |parametrization: &str, readout_init: &str| {
+            let params = json!({"optimizer": "adam", "lr": 0.01, "steps": 40, "width": 32, "base_width": 32,
+                "parametrization": parametrization, "readout_init": readout_init, "seed": 4});
+            train(&params, &mut MemoryCheckpoints::default()).points
+        };
+        let sp = run("sp", "scaled");
+        assert_eq!(
+            sp,
+            run("mup", "scaled"),
+            "muP in its default form must equal SP bit for bit"
+        );
+        let zero = run("mup", "zero");
+        assert_ne!(sp, zero);
+        let first = zero.iter().find(|p| p.0 == "train_loss").unwrap().2;
+        assert!(
+            (first - 10f64.ln()).abs() < 1e-6,
+            "zero logits give ln(10), got {first}"
+        );
+        assert_eq!(run("sp", "zero"), sp, "SP ignores readout_init");
+    }
+
+    #[test]
     fn the_transformer_learns_text_in_both_forms_and_resumes_on_the_same_curve() {
         let dir = corpus_dir();
         for parametrization in ["sp", "mup"] {
