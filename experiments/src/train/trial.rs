@@ -69,6 +69,8 @@ impl Task for Classifier {
 
 /// Windows used for evaluation and the final train loss: fixed, so every trial sees the same.
 const LM_EVAL_BATCHES: u64 = 8;
+/// The seed of those fixed windows; training batches use the trial's own seed.
+const LM_EVAL_SEED: u64 = u64::MAX - 7;
 
 struct LanguageModel {
     model: Gpt,
@@ -79,21 +81,17 @@ struct LanguageModel {
 
 impl LanguageModel {
     fn loss_on(&self, text: &Tensor, seed: u64, step: u64) -> Tensor {
-        let (x, y) = data::windows(text, seed, step, self.batch, self.model_context());
+        let (x, y) = data::windows(text, seed, step, self.batch, self.corpus.context);
         let logits = self.model.forward(&x);
         logits
             .view([-1, self.corpus.vocab])
             .cross_entropy_for_logits(&y.view([-1]))
     }
 
-    fn model_context(&self) -> i64 {
-        self.corpus.context
-    }
-
     fn mean_loss(&self, text: &Tensor) -> f64 {
         tch::no_grad(|| {
             (0..LM_EVAL_BATCHES)
-                .map(|i| self.loss_on(text, u64::MAX - 7, i).double_value(&[]))
+                .map(|i| self.loss_on(text, LM_EVAL_SEED, i).double_value(&[]))
                 .sum::<f64>()
                 / LM_EVAL_BATCHES as f64
         })
