@@ -45,10 +45,41 @@ fn ensure_font() -> bool {
     })
 }
 
+/// A value on a logarithmic axis is drawn at its log10; ticks show the value itself.
+fn axis_value(log: bool, v: f64) -> Option<f64> {
+    match log {
+        false => Some(v),
+        true if v > 0.0 => Some(v.log10()),
+        true => None,
+    }
+}
+
+fn tick_label(log: bool, v: f64) -> String {
+    if !log {
+        return format!("{v}");
+    }
+    let value = 10f64.powf(v);
+    if (0.01..100_000.0).contains(&value) {
+        format!("{}", (value * 100.0).round() / 100.0)
+    } else {
+        format!("{value:.0e}")
+    }
+}
+
 fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, panel: &Panel) -> Result<(), String> {
-    let points = panel.series.iter().flat_map(|s| s.points.iter());
+    // Points a logarithmic axis can't show (zero or negative) are left out.
+    let series: Vec<Vec<(f64, f64)>> = panel
+        .series
+        .iter()
+        .map(|s| {
+            s.points
+                .iter()
+                .filter_map(|&(x, y)| Some((axis_value(panel.log_x, x)?, axis_value(panel.log_y, y)?)))
+                .collect()
+        })
+        .collect();
     let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
-    for &(x, y) in points {
+    for &(x, y) in series.iter().flatten() {
         x0 = x0.min(x);
         x1 = x1.max(x);
         y0 = y0.min(y);
@@ -69,21 +100,24 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, panel: &Panel) 
         .y_label_area_size(60)
         .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(|e| e.to_string())?;
+    let (log_x, log_y) = (panel.log_x, panel.log_y);
     chart
         .configure_mesh()
+        .x_label_formatter(&|v| tick_label(log_x, *v))
+        .y_label_formatter(&|v| tick_label(log_y, *v))
         .x_desc(&panel.x_label)
         .y_desc(&panel.y_label)
         .draw()
         .map_err(|e| e.to_string())?;
-    for (i, series) in panel.series.iter().enumerate() {
+    for (i, (points, s)) in series.iter().zip(&panel.series).enumerate() {
         let color = Palette99::pick(i).mix(0.9);
         chart
-            .draw_series(LineSeries::new(series.points.iter().copied(), color.stroke_width(2)))
+            .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
             .map_err(|e| e.to_string())?
-            .label(&series.label)
+            .label(&s.label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
         chart
-            .draw_series(series.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+            .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
             .map_err(|e| e.to_string())?;
     }
     chart
@@ -139,8 +173,10 @@ mod tests {
                 y_label: "y".into(),
                 series: vec![Series {
                     label: "s".into(),
-                    points: vec![(0.0, 1.0), (1.0, 2.0)],
+                    points: vec![(1.0, 1.0), (10.0, 2.0)],
                 }],
+                log_x: true,
+                log_y: false,
             }],
         };
         let dir = std::env::temp_dir().join(format!("ablate-plot-{}", std::process::id()));

@@ -532,3 +532,57 @@ async fn the_coord_check_sweep_reports_its_verdict_with_figures() {
     let png = std::fs::read(figures.join("coord-check.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_critical_batch_toy_reports_its_fit_from_curves_stored_in_postgres() {
+    let mut stack = Stack::start(15.0).await;
+    stack.start_worker("cpu:2");
+    let spec = spec_path("cbs-toy.toml");
+    let out = stack.ablate(&["submit", &spec.to_string_lossy(), "--wait"]);
+    assert!(out.status.success(), "sweep failed: {}\n{}", stderr(&out), stack.logs());
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+
+    // The curves the report reads are plain rows of the metric_series view.
+    let sql = stack.ablate(&[
+        "sql",
+        &format!(
+            "select count(distinct trial_id) from ablate.metric_series where experiment_id = '{id}' and name = 'b_simple'"
+        ),
+    ]);
+    assert!(sql.status.success(), "{}", stderr(&sql));
+    assert!(
+        String::from_utf8_lossy(&sql.stdout).contains("30"),
+        "every trial logs B_simple"
+    );
+
+    let json = stack.ablate(&["report", &id, "--format", "json"]);
+    assert!(json.status.success(), "{}", stderr(&json));
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(report["family"], "critical_batch");
+    let fit = &report["tables"][1];
+    assert_eq!(
+        fit["rows"].as_array().unwrap().len(),
+        3,
+        "one fit per budget: {report:#}"
+    );
+    for row in fit["rows"].as_array().unwrap() {
+        let r2: f64 = row[5].as_str().unwrap().parse().unwrap();
+        let cbs: f64 = row[6].as_str().unwrap().parse().unwrap();
+        assert!(r2 >= 0.9 && cbs > 0.0, "{row}");
+    }
+    let growth = report["verdict"]["criteria"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"].as_str().unwrap().starts_with("CBS(16D)/CBS(D)"))
+        .unwrap();
+    assert_eq!(growth["holds"], true, "{report:#}");
+
+    let figures = stack.dir.join("figures");
+    let text = stack.ablate(&["report", &id, "--out", &figures.to_string_lossy()]);
+    assert!(text.status.success(), "{}", stderr(&text));
+    for name in ["cbs-steps", "cbs-scaling", "b-simple"] {
+        let png = std::fs::read(figures.join(format!("{name}.png"))).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{name}");
+    }
+}

@@ -501,7 +501,7 @@ pub async fn report_outcomes(
     .bind(id.0)
     .fetch_all(pool)
     .await?;
-    let outcomes = rows
+    let mut outcomes: Vec<ablate_experiments::report::TrialOutcome> = rows
         .into_iter()
         .map(
             |(ordinal, state, params, metrics)| ablate_experiments::report::TrialOutcome {
@@ -512,9 +512,32 @@ pub async fn report_outcomes(
                     Value::Object(m) => m,
                     _ => Default::default(),
                 },
+                series: Default::default(),
             },
         )
         .collect();
+    let wanted: Vec<String> = ablate_experiments::Family::parse(&family)
+        .map(|f| f.series_metrics().iter().map(|m| m.to_string()).collect())
+        .unwrap_or_default();
+    if !wanted.is_empty() {
+        let points: Vec<(i32, String, i64, f64)> = sqlx::query_as(
+            "select t.ordinal, n.name, m.step, m.value
+             from metrics m join metric_names n on n.id = m.name_id join trials t on t.id = m.trial_id
+             where t.experiment_id = $1 and n.name = any($2)
+             order by t.ordinal, n.name, m.step",
+        )
+        .bind(id.0)
+        .bind(&wanted)
+        .fetch_all(pool)
+        .await?;
+        let by_ordinal: std::collections::HashMap<i64, usize> =
+            outcomes.iter().enumerate().map(|(i, o)| (o.ordinal, i)).collect();
+        for (ordinal, name, step, value) in points {
+            if let Some(&i) = by_ordinal.get(&(ordinal as i64)) {
+                outcomes[i].series.entry(name).or_default().push((step as u64, value));
+            }
+        }
+    }
     Ok((family, outcomes))
 }
 

@@ -165,6 +165,21 @@ pub fn text_dir(dir: &str, context: i64, device: Device, how_to_get: &str) -> Re
     })
 }
 
+/// `n` standard normal draws (Box-Muller on `rng`), the same on every device.
+pub fn normals(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let u1: f64 = 1.0 - rand::Rng::gen::<f64>(rng);
+        let u2: f64 = rand::Rng::gen::<f64>(rng);
+        let r = (-2.0 * u1.ln()).sqrt();
+        let angle = std::f64::consts::TAU * u2;
+        out.push((r * angle.cos()) as f32);
+        out.push((r * angle.sin()) as f32);
+    }
+    out.truncate(n);
+    out
+}
+
 /// The batch of update `step`: `batch` windows of `context` ids at offsets drawn
 /// from (seed, step), and the same windows shifted by one as targets.
 pub fn windows(text: &Tensor, seed: u64, step: u64, batch: i64, context: i64) -> (Tensor, Tensor) {
@@ -193,6 +208,10 @@ pub struct DataOrder {
 }
 
 impl DataOrder {
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
     pub fn new(seed: u64, len: usize, batch: usize) -> Self {
         DataOrder {
             seed,

@@ -41,10 +41,13 @@ pub enum Family {
     /// muP width and depth transfer: `train` trials across widths, depths,
     /// learning rates and parametrizations, with the transfer report.
     MupTransfer,
+    /// Critical batch size: `train` trials across batch sizes, learning rates and
+    /// model sizes, each with a `cbs` table (reference batch, data budgets).
+    CriticalBatch,
 }
 
 impl Family {
-    pub const ALL: &'static [Family] = &[Family::Train, Family::MupTransfer];
+    pub const ALL: &'static [Family] = &[Family::Train, Family::MupTransfer, Family::CriticalBatch];
 
     pub fn parse(name: &str) -> Result<Family, String> {
         Family::ALL.iter().copied().find(|f| f.name() == name).ok_or_else(|| {
@@ -57,6 +60,7 @@ impl Family {
         match self {
             Family::Train => "train",
             Family::MupTransfer => "mup_transfer",
+            Family::CriticalBatch => "critical_batch",
         }
     }
 
@@ -66,7 +70,15 @@ impl Family {
             Family::Train | Family::MupTransfer => {
                 let p: TrainParams = ParamError::deserialize(params)?;
                 p.check()?;
-                Ok(TrialPlan { total_steps: p.steps })
+                Ok(TrialPlan {
+                    total_steps: p.total_steps(),
+                })
+            }
+            Family::CriticalBatch => {
+                let (p, _) = crate::cbs::split(params)?;
+                Ok(TrialPlan {
+                    total_steps: p.total_steps(),
+                })
             }
         }
     }
@@ -74,7 +86,15 @@ impl Family {
     /// The metrics every trial of the family logs; an objective must be one of them.
     pub fn metrics(self) -> &'static [&'static str] {
         match self {
-            Family::Train | Family::MupTransfer => crate::train::METRICS,
+            Family::Train | Family::MupTransfer | Family::CriticalBatch => crate::train::METRICS,
+        }
+    }
+
+    /// The metrics whose whole curves the report reads (the rest it reads as last values).
+    pub fn series_metrics(self) -> &'static [&'static str] {
+        match self {
+            Family::Train | Family::MupTransfer => &[],
+            Family::CriticalBatch => crate::cbs::SERIES,
         }
     }
 
@@ -83,6 +103,7 @@ impl Family {
         match self {
             Family::Train => "eval_loss",
             Family::MupTransfer => crate::mup::OBJECTIVE,
+            Family::CriticalBatch => crate::cbs::LOSS,
         }
     }
 
@@ -91,6 +112,7 @@ impl Family {
         match self {
             Family::Train => crate::train::report(outcomes),
             Family::MupTransfer => crate::mup::analyze(outcomes),
+            Family::CriticalBatch => crate::cbs::analyze(outcomes),
         }
     }
 }

@@ -8,6 +8,7 @@
 //! family definitions and parameter checks; with it (the worker only) it brings
 //! tch, the models and the trial loops.
 
+pub mod cbs;
 pub mod family;
 pub mod mup;
 pub mod parametrization;

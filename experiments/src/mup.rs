@@ -271,6 +271,8 @@ pub fn analyze(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
                             points: by_lr.values().filter(|(_, l)| l.is_finite()).copied().collect(),
                         })
                         .collect(),
+                    log_x: false,
+                    log_y: false,
                 })
                 .collect(),
         });
@@ -357,6 +359,8 @@ fn coord_check(coord: &[&TrialOutcome]) -> (Table, Vec<Panel>, Slopes) {
                 x_label: "log2 width".into(),
                 y_label: "log2 mean |activation|".into(),
                 series: Vec::new(),
+                log_x: false,
+                log_y: false,
             })
             .series
             .push(Series {
@@ -405,6 +409,7 @@ mod tests {
             state: "succeeded".into(),
             params: json!({"parametrization": p, "width": width, "log2_lr": log2_lr}),
             metrics,
+            series: Default::default(),
         }
     }
 

@@ -2,6 +2,8 @@
 //! criteria, and figures as data (the CLI draws them). `ablate report --format
 //! json` prints this structure as it is.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -13,6 +15,10 @@ pub struct TrialOutcome {
     pub params: Value,
     /// The last value of every metric the trial logged.
     pub metrics: Map<String, Value>,
+    /// Every (step, value) of the metrics the family's report reads as curves
+    /// ([`crate::Family::series_metrics`]), in step order.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub series: BTreeMap<String, Vec<(u64, f64)>>,
 }
 
 impl TrialOutcome {
@@ -26,6 +32,11 @@ impl TrialOutcome {
 
     pub fn metric(&self, name: &str) -> Option<f64> {
         self.metrics.get(name).and_then(Value::as_f64)
+    }
+
+    /// The curve of a series metric; empty when the trial logged none.
+    pub fn curve(&self, name: &str) -> &[(u64, f64)] {
+        self.series.get(name).map(Vec::as_slice).unwrap_or(&[])
     }
 }
 
@@ -82,6 +93,16 @@ impl Criterion {
         }
     }
 
+    /// `lo <= measured <= hi`.
+    pub fn between(name: impl Into<String>, measured: Option<f64>, lo: f64, hi: f64) -> Criterion {
+        Criterion {
+            name: name.into(),
+            measured,
+            threshold: format!("in {lo}..{hi}"),
+            holds: measured.is_some_and(|m| (lo..=hi).contains(&m)),
+        }
+    }
+
     /// `measured >= limit`.
     pub fn at_least(name: impl Into<String>, measured: Option<f64>, limit: f64) -> Criterion {
         Criterion {
@@ -108,6 +129,15 @@ pub struct Panel {
     pub x_label: String,
     pub y_label: String,
     pub series: Vec<Series>,
+    /// Logarithmic axes (every value must then be positive).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub log_x: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub log_y: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -189,6 +219,93 @@ pub fn slope(points: &[(f64, f64)]) -> Option<f64> {
     (sxx > 0.0).then(|| sxy / sxx)
 }
 
+/// Least-squares line y = a + b x with its coefficient of determination R^2.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LineFit {
+    pub intercept: f64,
+    pub slope: f64,
+    pub r_squared: f64,
+}
+
+/// Fits y = a + b x; `None` with fewer than two distinct x. R^2 is 1 when y does not vary.
+pub fn fit_line(points: &[(f64, f64)]) -> Option<LineFit> {
+    let weighted: Vec<(f64, f64, f64)> = points.iter().map(|&(x, y)| (x, y, 1.0)).collect();
+    fit_line_weighted(&weighted)
+}
+
+/// Weighted least squares for y = a + b x over (x, y, weight), and the weighted R^2.
+/// Weights 1/y^2 fit relative errors, so points of very different size count alike.
+pub fn fit_line_weighted(points: &[(f64, f64, f64)]) -> Option<LineFit> {
+    let w: f64 = points.iter().map(|p| p.2).sum();
+    if points.len() < 2 || w <= 0.0 {
+        return None;
+    }
+    let mx = points.iter().map(|p| p.2 * p.0).sum::<f64>() / w;
+    let my = points.iter().map(|p| p.2 * p.1).sum::<f64>() / w;
+    let sxx: f64 = points.iter().map(|p| p.2 * (p.0 - mx).powi(2)).sum();
+    if sxx <= 0.0 {
+        return None;
+    }
+    let sxy: f64 = points.iter().map(|p| p.2 * (p.0 - mx) * (p.1 - my)).sum();
+    let b = sxy / sxx;
+    let a = my - b * mx;
+    let ss_tot: f64 = points.iter().map(|p| p.2 * (p.1 - my).powi(2)).sum();
+    let ss_res: f64 = points.iter().map(|p| p.2 * (p.1 - a - b * p.0).powi(2)).sum();
+    let r_squared = if ss_tot > 0.0 { 1.0 - ss_res / ss_tot } else { 1.0 };
+    Some(LineFit {
+        intercept: a,
+        slope: b,
+        r_squared,
+    })
+}
+
+/// Ranks from 1, ties sharing their mean rank.
+fn ranks(values: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&i, &j| values[i].total_cmp(&values[j]));
+    let mut ranks = vec![0.0; values.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && values[order[j + 1]] == values[order[i]] {
+            j += 1;
+        }
+        let rank = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &order[i..=j] {
+            ranks[k] = rank;
+        }
+        i = j + 1;
+    }
+    ranks
+}
+
+/// Spearman's rank correlation of the pairs; `None` with fewer than three or when a side is constant.
+pub fn spearman(points: &[(f64, f64)]) -> Option<f64> {
+    if points.len() < 3 {
+        return None;
+    }
+    let rx = ranks(&points.iter().map(|p| p.0).collect::<Vec<_>>());
+    let ry = ranks(&points.iter().map(|p| p.1).collect::<Vec<_>>());
+    let n = points.len() as f64;
+    let (mx, my) = (rx.iter().sum::<f64>() / n, ry.iter().sum::<f64>() / n);
+    let cov: f64 = rx.iter().zip(&ry).map(|(a, b)| (a - mx) * (b - my)).sum();
+    let vx: f64 = rx.iter().map(|a| (a - mx).powi(2)).sum();
+    let vy: f64 = ry.iter().map(|b| (b - my).powi(2)).sum();
+    (vx > 0.0 && vy > 0.0).then(|| cov / (vx * vy).sqrt())
+}
+
+/// A number for a table cell: four significant figures, `-` when absent.
+pub fn cell(value: Option<f64>) -> String {
+    match value {
+        None => "-".into(),
+        Some(v) if v == 0.0 || (1e-3..1e5).contains(&v.abs()) => {
+            let digits = (3 - v.abs().log10().floor() as i32).clamp(0, 6) as usize;
+            format!("{v:.digits$}")
+        }
+        Some(v) => format!("{v:.3e}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,5 +320,32 @@ mod tests {
         assert!(!Verdict::new(vec![yes.clone(), no]).holds);
         assert!(Verdict::new(vec![yes]).holds);
         assert!(!Verdict::new(vec![]).holds, "an empty verdict proves nothing");
+        assert!(Criterion::between("c", Some(0.5), 0.5, 2.0).holds);
+        assert!(!Criterion::between("c", Some(2.1), 0.5, 2.0).holds);
+    }
+
+    #[test]
+    fn line_fit_and_rank_correlation() {
+        let fit = fit_line(&[(1.0, 3.0), (2.0, 5.0), (3.0, 7.0)]).unwrap();
+        assert!((fit.intercept - 1.0).abs() < 1e-12 && (fit.slope - 2.0).abs() < 1e-12);
+        assert!((fit.r_squared - 1.0).abs() < 1e-12);
+        let noisy = fit_line(&[(0.0, 0.0), (1.0, 1.0), (2.0, 0.0), (3.0, 1.0)]).unwrap();
+        assert!((noisy.r_squared - 0.2).abs() < 1e-12, "{noisy:?}");
+        // Equal weights give the plain fit; a heavy point pulls the line through itself.
+        let plain = fit_line_weighted(&[(0.0, 0.0, 2.0), (1.0, 1.0, 2.0), (2.0, 0.0, 2.0), (3.0, 1.0, 2.0)]).unwrap();
+        assert_eq!(plain, noisy);
+        let heavy = fit_line_weighted(&[(0.0, 0.0, 1.0), (1.0, 5.0, 1e9), (2.0, 0.0, 1.0)]).unwrap();
+        assert!((heavy.intercept + heavy.slope - 5.0).abs() < 1e-6, "{heavy:?}");
+        // Monotone but not linear: Spearman is exactly 1 (or -1).
+        let up: Vec<(f64, f64)> = (1..6).map(|i| (i as f64, (i as f64).powi(3))).collect();
+        assert_eq!(spearman(&up), Some(1.0));
+        let down: Vec<(f64, f64)> = up.iter().map(|&(x, y)| (x, -y)).collect();
+        assert_eq!(spearman(&down), Some(-1.0));
+        assert_eq!(spearman(&[(1.0, 2.0), (2.0, 2.0), (3.0, 2.0)]), None);
+        let tied = spearman(&[(1.0, 1.0), (2.0, 1.0), (3.0, 2.0), (4.0, 3.0)]).unwrap();
+        assert!(tied > 0.9 && tied < 1.0, "{tied}");
+        assert_eq!(cell(Some(1234.5678)), "1235");
+        assert_eq!(cell(Some(0.012345)), "0.01235");
+        assert_eq!(cell(None), "-");
     }
 }

@@ -54,6 +54,10 @@ pub struct TrialContext<'a> {
 pub fn run(family: crate::Family, params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> {
     match family {
         crate::Family::Train | crate::Family::MupTransfer => crate::train::run(params, ctx),
+        crate::Family::CriticalBatch => {
+            crate::cbs::split(params)?;
+            crate::train::run(&crate::cbs::train_params(params), ctx)
+        }
     }
 }
 

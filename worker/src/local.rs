@@ -65,8 +65,12 @@ pub fn run(
                 };
                 let result = ablate_experiments::trial::run(family, &params, &mut ctx);
                 let mut last = serde_json::Map::new();
-                for (name, _, value) in &metrics.points {
+                let mut series = std::collections::BTreeMap::<String, Vec<(u64, f64)>>::new();
+                for (name, step, value) in &metrics.points {
                     last.insert(name.clone(), serde_json::json!(value));
+                    if family.series_metrics().contains(&name.as_str()) {
+                        series.entry(name.clone()).or_default().push((*step, *value));
+                    }
                 }
                 let state = match &result {
                     Ok(()) => "succeeded",
@@ -80,6 +84,7 @@ pub fn run(
                     state: state.into(),
                     params,
                     metrics: last,
+                    series,
                 };
                 if let Some(file) = log {
                     use std::io::Write;

@@ -35,6 +35,14 @@ enum Command {
         #[arg(long)]
         trial_log: Option<PathBuf>,
     },
+    /// Prints the report of a spec's family over a trial log that `sweep --trial-log` wrote
+    /// (all of it, or what a cut-short run finished).
+    Report {
+        /// The family, such as critical_batch.
+        #[arg(long)]
+        family: String,
+        trial_log: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -81,6 +89,24 @@ fn main() -> anyhow::Result<()> {
                 )?;
                 eprintln!("wrote {}", out.display());
             }
+            Ok(())
+        }
+        Command::Report { family, trial_log } => {
+            let family = ablate_experiments::Family::parse(&family).map_err(|e| anyhow::anyhow!(e))?;
+            let text = std::fs::read_to_string(&trial_log)
+                .map_err(|e| anyhow::anyhow!("cannot read trial log {}: {e}", trial_log.display()))?;
+            let outcomes = text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+                .map(|(i, l)| {
+                    serde_json::from_str(l).map_err(|e| {
+                        anyhow::anyhow!("{} line {}: not a trial outcome ({e})", trial_log.display(), i + 1)
+                    })
+                })
+                .collect::<anyhow::Result<Vec<ablate_experiments::report::TrialOutcome>>>()?;
+            let report = family.report(&outcomes).map_err(|e| anyhow::anyhow!("report: {e}"))?;
+            print!("{}", report.to_text());
             Ok(())
         }
         Command::Devices => {

@@ -101,3 +101,40 @@ fn depth_mup_transfers_the_learning_rate_across_depths() {
     eprintln!("{}", show(&report));
     assert!(report.verdict.holds, "{}", show(&report));
 }
+
+#[test]
+fn critical_batch_grows_with_data_not_model_size_on_mnist() {
+    let (report, outcomes) = run_spec("cbs-mnist.toml", 2);
+    assert_eq!(outcomes.len(), 112);
+    eprintln!("{}", show(&report));
+    assert!(
+        outcomes.iter().all(|t| t.state == "succeeded"),
+        "every run finishes: {}",
+        show(&report)
+    );
+    for name in [
+        "fit R^2",
+        "CBS(16D)/CBS(D)",
+        "CBS(widest)/CBS(narrowest)",
+        "Spearman(eval loss, B_simple)",
+    ] {
+        let c = criterion(&report, name);
+        assert!(c.holds, "{name}: {}", show(&report));
+    }
+    // Every budget's target is reached by the reference batch itself after exactly its budget.
+    let steps = &report.tables[0];
+    for row in &steps.rows {
+        assert_ne!(row[3], "not reached", "the reference batch sets the target: {row:?}");
+    }
+    assert!(report.verdict.holds, "{}", show(&report));
+}
+
+#[test]
+fn critical_batch_toy_runs_in_seconds_and_its_cbs_grows_with_data() {
+    let (report, outcomes) = run_spec("cbs-toy.toml", 2);
+    assert_eq!(outcomes.len(), 30);
+    let c = criterion(&report, "CBS(16D)/CBS(D)");
+    assert!(c.holds, "{}", show(&report));
+    let c = criterion(&report, "fit R^2");
+    assert!(c.holds, "{}", show(&report));
+}

