@@ -44,10 +44,18 @@ pub enum Family {
     /// Critical batch size: `train` trials across batch sizes, learning rates and
     /// model sizes, each with a `cbs` table (reference batch, data budgets).
     CriticalBatch,
+    /// Intrinsic dimension: `train` trials in random subspaces of growing
+    /// dimension (`subspace_dim`, `projection`) beside full training (`subspace_dim` = 0).
+    IntrinsicDim,
 }
 
 impl Family {
-    pub const ALL: &'static [Family] = &[Family::Train, Family::MupTransfer, Family::CriticalBatch];
+    pub const ALL: &'static [Family] = &[
+        Family::Train,
+        Family::MupTransfer,
+        Family::CriticalBatch,
+        Family::IntrinsicDim,
+    ];
 
     pub fn parse(name: &str) -> Result<Family, String> {
         Family::ALL.iter().copied().find(|f| f.name() == name).ok_or_else(|| {
@@ -61,13 +69,14 @@ impl Family {
             Family::Train => "train",
             Family::MupTransfer => "mup_transfer",
             Family::CriticalBatch => "critical_batch",
+            Family::IntrinsicDim => "intrinsic_dim",
         }
     }
 
     /// Checks one trial's full parameter set (base merged with the swept values).
     pub fn check_params(self, params: &Value) -> Result<TrialPlan, ParamError> {
         match self {
-            Family::Train | Family::MupTransfer => {
+            Family::Train | Family::MupTransfer | Family::IntrinsicDim => {
                 let p: TrainParams = ParamError::deserialize(params)?;
                 p.check()?;
                 Ok(TrialPlan {
@@ -86,14 +95,14 @@ impl Family {
     /// The metrics every trial of the family logs; an objective must be one of them.
     pub fn metrics(self) -> &'static [&'static str] {
         match self {
-            Family::Train | Family::MupTransfer | Family::CriticalBatch => crate::train::METRICS,
+            Family::Train | Family::MupTransfer | Family::CriticalBatch | Family::IntrinsicDim => crate::train::METRICS,
         }
     }
 
     /// The metrics whose whole curves the report reads (the rest it reads as last values).
     pub fn series_metrics(self) -> &'static [&'static str] {
         match self {
-            Family::Train | Family::MupTransfer => &[],
+            Family::Train | Family::MupTransfer | Family::IntrinsicDim => &[],
             Family::CriticalBatch => crate::cbs::SERIES,
         }
     }
@@ -104,6 +113,7 @@ impl Family {
             Family::Train => "eval_loss",
             Family::MupTransfer => crate::mup::OBJECTIVE,
             Family::CriticalBatch => crate::cbs::LOSS,
+            Family::IntrinsicDim => crate::intrinsic::ACCURACY,
         }
     }
 
@@ -113,6 +123,7 @@ impl Family {
             Family::Train => crate::train::report(outcomes),
             Family::MupTransfer => crate::mup::analyze(outcomes),
             Family::CriticalBatch => crate::cbs::analyze(outcomes),
+            Family::IntrinsicDim => crate::intrinsic::analyze(outcomes),
         }
     }
 }

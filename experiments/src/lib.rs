@@ -10,6 +10,7 @@
 
 pub mod cbs;
 pub mod family;
+pub mod intrinsic;
 pub mod mup;
 pub mod parametrization;
 pub mod report;
@@ -23,6 +24,8 @@ pub mod data;
 pub mod model;
 #[cfg(feature = "torch")]
 pub mod optim;
+#[cfg(feature = "torch")]
+pub mod subspace;
 #[cfg(feature = "torch")]
 pub mod transformer;
 #[cfg(feature = "torch")]

@@ -130,3 +130,101 @@ impl Mlp {
         unreachable!("the readout layer returns")
     }
 }
+
+/// A classifier over flat feature vectors: what the classification task trains.
+pub trait Network {
+    fn params(&self) -> &[Param];
+    fn params_mut(&mut self) -> &mut [Param];
+    /// The logits; with `record`, appends each layer's mean |output|.
+    fn forward_recording(&self, xs: &Tensor, record: Option<&mut Vec<f64>>) -> Tensor;
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        self.forward_recording(xs, None)
+    }
+}
+
+impl Network for Mlp {
+    fn params(&self) -> &[Param] {
+        &self.params
+    }
+    fn params_mut(&mut self) -> &mut [Param] {
+        &mut self.params
+    }
+    fn forward_recording(&self, xs: &Tensor, record: Option<&mut Vec<f64>>) -> Tensor {
+        Mlp::forward_recording(self, xs, record)
+    }
+}
+
+/// LeNet-5 on square single-channel images of `side` 28: conv 6@5x5 (padding 2), max-pool 2,
+/// conv 16@5x5, max-pool 2, then 400 -> 120 -> 84 -> classes, ReLU throughout. PyTorch's
+/// default init from the trial's own generator; standard parametrization only.
+pub struct Lenet {
+    pub params: Vec<Param>,
+    side: i64,
+}
+
+impl Lenet {
+    /// The image side LeNet-5 is laid out for.
+    pub const SIDE: i64 = 28;
+
+    pub fn new(classes: i64, seed: u64, device: Device) -> Lenet {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x1e7e_75ee_d000_0001);
+        let layers: [(&str, Vec<i64>, i64, Role); 5] = [
+            ("conv1", vec![6, 1, 5, 5], 25, Role::InputWeight),
+            ("conv2", vec![16, 6, 5, 5], 150, Role::HiddenWeight),
+            ("fc1", vec![120, 400], 400, Role::HiddenWeight),
+            ("fc2", vec![84, 120], 120, Role::HiddenWeight),
+            ("fc3", vec![classes, 84], 84, Role::OutputWeight),
+        ];
+        let mut params = Vec::new();
+        for (name, shape, fan_in, role) in layers {
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            params.push(Param {
+                name: format!("{name}.weight"),
+                tensor: uniform(&mut rng, &shape, bound, device),
+                role,
+                lr_mult: 1.0,
+            });
+            params.push(Param {
+                name: format!("{name}.bias"),
+                tensor: uniform(&mut rng, &shape[..1], bound, device),
+                role: Role::Bias,
+                lr_mult: 1.0,
+            });
+        }
+        Lenet {
+            params,
+            side: Self::SIDE,
+        }
+    }
+}
+
+impl Network for Lenet {
+    fn params(&self) -> &[Param] {
+        &self.params
+    }
+    fn params_mut(&mut self) -> &mut [Param] {
+        &mut self.params
+    }
+    fn forward_recording(&self, xs: &Tensor, mut record: Option<&mut Vec<f64>>) -> Tensor {
+        let p = |i: usize| &self.params[i].tensor;
+        let mut note = |z: &Tensor| {
+            if let Some(r) = record.as_deref_mut() {
+                r.push(tch::no_grad(|| z.abs().mean(Kind::Float).double_value(&[])));
+            }
+        };
+        let pool = |z: Tensor| z.relu().max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
+        let c1 = xs
+            .view([-1, 1, self.side, self.side])
+            .conv2d(p(0), Some(p(1)), [1, 1], [2, 2], [1, 1], 1);
+        note(&c1);
+        let c2 = pool(c1).conv2d(p(2), Some(p(3)), [1, 1], [0, 0], [1, 1], 1);
+        note(&c2);
+        let f1 = pool(c2).flatten(1, -1).linear(p(4), Some(p(5)));
+        note(&f1);
+        let f2 = f1.relu().linear(p(6), Some(p(7)));
+        note(&f2);
+        let logits = f2.relu().linear(p(8), Some(p(9)));
+        note(&logits);
+        logits
+    }
+}

@@ -40,7 +40,11 @@ pub fn check(text: &str, format: SpecFormat) -> Result<Checked, SpecError> {
         Some(o) => o.clone(),
         None => Objective {
             metric: family.default_objective().to_string(),
-            goal: Goal::Minimize,
+            goal: if family.default_objective() == crate::intrinsic::ACCURACY {
+                Goal::Maximize
+            } else {
+                Goal::Minimize
+            },
         },
     };
     let mut trials = Vec::new();

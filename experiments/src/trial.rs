@@ -53,7 +53,9 @@ pub struct TrialContext<'a> {
 /// Runs one trial of `family` to its end.
 pub fn run(family: crate::Family, params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> {
     match family {
-        crate::Family::Train | crate::Family::MupTransfer => crate::train::run(params, ctx),
+        crate::Family::Train | crate::Family::MupTransfer | crate::Family::IntrinsicDim => {
+            crate::train::run(params, ctx)
+        }
         crate::Family::CriticalBatch => {
             crate::cbs::split(params)?;
             crate::train::run(&crate::cbs::train_params(params), ctx)

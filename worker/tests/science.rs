@@ -138,3 +138,31 @@ fn critical_batch_toy_runs_in_seconds_and_its_cbs_grows_with_data() {
     let c = criterion(&report, "fit R^2");
     assert!(c.holds, "{}", show(&report));
 }
+
+#[test]
+fn intrinsic_dimension_is_small_and_alike_across_widths_and_projections_on_digits() {
+    let (report, outcomes) = run_spec("intrinsic-digits.toml", 2);
+    assert_eq!(outcomes.len(), 162);
+    eprintln!("{}", show(&report));
+    assert!(outcomes.iter().all(|t| t.state == "succeeded"), "{}", show(&report));
+    for name in [
+        "Spearman(d, accuracy)",
+        "d_int90 / D",
+        "d_int90(wider)/d_int90(narrower)",
+        "d_int90(fastfood)/d_int90(dense)",
+    ] {
+        let c = criterion(&report, name);
+        assert!(c.holds, "{name}: {}", show(&report));
+    }
+    // Three projections for each of the two widths, each with a d_int90 bracketed from below.
+    let table = &report.tables[1];
+    assert_eq!(table.rows.len(), 6, "{}", show(&report));
+    for row in &table.rows {
+        assert_ne!(row[5], "not reached", "{row:?}");
+        assert_ne!(
+            row[6], "-",
+            "d_int90 is above the smallest d, so it has a point below: {row:?}"
+        );
+    }
+    assert!(report.verdict.holds, "{}", show(&report));
+}

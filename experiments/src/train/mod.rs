@@ -24,6 +24,7 @@ pub const METRICS: &[&str] = &[
     "b_simple",
     "grad_noise_trace",
     "grad_sq_norm",
+    "num_params",
 ];
 
 /// The `train` report: every trial ranked by its final eval loss; no criteria to judge.
@@ -134,6 +135,21 @@ pub enum ModelKind {
     Gpt,
     /// One weight vector, no bias, started at zero (dataset = "power_law").
     Linear,
+    /// LeNet-5 on 28x28 images: conv 6@5x5 (padded), pool, conv 16@5x5, pool, 120, 84, classes.
+    Lenet,
+}
+
+/// How a subspace's coordinates map to the full parameter vector (`subspace_dim` > 0).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ProjectionKind {
+    /// Gaussian columns of unit norm: D x d floats.
+    #[default]
+    Dense,
+    /// sqrt(D) entries of +-1/D^(1/4) per column (density 1/sqrt(D)), unit-norm columns.
+    Sparse,
+    /// Fastfood, H G Pi H B: O(D) memory and O(D log D) time.
+    Fastfood,
 }
 
 /// How the learning rate moves over training (after any warmup).
@@ -327,6 +343,12 @@ pub struct TrainParams {
     /// Logs `b_simple`, `grad_noise_trace` and `grad_sq_norm` at every evaluation.
     #[serde(default)]
     pub noise_scale: Option<NoiseScale>,
+    /// Trains only z in theta = theta0 + P z (z has this many coordinates, starts at zero);
+    /// 0 trains every parameter. P is drawn from the trial's seed, so a checkpoint holds z alone.
+    #[serde(default)]
+    pub subspace_dim: u64,
+    #[serde(default)]
+    pub projection: ProjectionKind,
     /// dataset = "power_law": the exponent of the input spectrum.
     #[serde(default = "default_spectrum_exponent")]
     pub spectrum_exponent: f64,
@@ -366,6 +388,12 @@ impl TrainParams {
             return Err(ParamError::new(
                 "model",
                 "model = \"linear\" goes with dataset = \"power_law\", and only with it",
+            ));
+        }
+        if self.subspace_dim > 0 && (self.ema_decay.is_some() || self.noise_scale.is_some()) {
+            return Err(ParamError::new(
+                "subspace_dim",
+                "subspace training does not combine with ema_decay or noise_scale; drop one of them",
             ));
         }
         if let Some(g) = self.eval_growth {

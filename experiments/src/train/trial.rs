@@ -13,8 +13,9 @@ use rand_chacha::ChaCha8Rng;
 use super::{DatasetName, Divergence, ModelKind, NoiseScale, TrainParams};
 use crate::data::{self, CharCorpus, Classification, DataOrder};
 use crate::family::ParamError;
-use crate::model::{Mlp, Param, Role};
+use crate::model::{Lenet, Mlp, Network, Param, Role};
 use crate::optim::{Optimizer, OptimizerConfig};
+use crate::subspace::{self, Projection, Subspace};
 use crate::transformer::{Gpt, GptShape};
 use crate::trial::{TrialContext, TrialError};
 
@@ -44,7 +45,7 @@ fn noise_rng(seed: u64, draw: u64) -> ChaCha8Rng {
 }
 
 struct Classifier {
-    model: Mlp,
+    model: Box<dyn Network>,
     data: Classification,
     order: DataOrder,
 }
@@ -62,10 +63,10 @@ fn loss_and_accuracy(logits: &Tensor, ys: &Tensor) -> (f64, f64) {
 
 impl Task for Classifier {
     fn params(&self) -> &[Param] {
-        &self.model.params
+        self.model.params()
     }
     fn params_mut(&mut self) -> &mut [Param] {
-        &mut self.model.params
+        self.model.params_mut()
     }
     fn batch_loss(&mut self, step: u64, record: Option<&mut Vec<f64>>) -> Tensor {
         let idx = Tensor::from_slice(&self.order.batch_indices(step)).to_device(self.data.train_x.device());
@@ -431,17 +432,29 @@ fn task(p: &TrainParams, device: Device) -> Result<Box<dyn Task>, TrialError> {
             )))
         }
     };
-    let residual = p.model == ModelKind::Resmlp;
-    let model = Mlp::new(
-        data.features,
-        p.width as i64,
-        p.depth,
-        data.classes,
-        residual,
-        p.scaling(),
-        p.seed,
-        device,
-    );
+    let model: Box<dyn Network> = if p.model == ModelKind::Lenet {
+        if data.features != Lenet::SIDE * Lenet::SIDE {
+            return Err(TrialError::Params(ParamError::new(
+                "model",
+                format!(
+                    "lenet takes 28x28 images (dataset mnist or fashion_mnist); this data set has {} features",
+                    data.features
+                ),
+            )));
+        }
+        Box::new(Lenet::new(data.classes, p.seed, device))
+    } else {
+        Box::new(Mlp::new(
+            data.features,
+            p.width as i64,
+            p.depth,
+            data.classes,
+            p.model == ModelKind::Resmlp,
+            p.scaling(),
+            p.seed,
+            device,
+        ))
+    };
     let order = DataOrder::new(p.seed, data.train_len(), p.batch_size as usize);
     Ok(Box::new(Classifier { model, data, order }))
 }
@@ -456,6 +469,11 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
     let p: TrainParams = ParamError::deserialize(params)?;
     p.check()?;
     let mut task = task(&p, ctx.device)?;
+    let full: i64 = task.params().iter().map(|p| p.tensor.numel() as i64).sum();
+    let mut subspace = match p.subspace_dim {
+        0 => None,
+        dim => Some(subspace_for(&p, task.params(), full, dim as i64, ctx.device)?),
+    };
     let config = OptimizerConfig {
         kind: p.optimizer,
         lr: p.learning_rate()?,
@@ -465,7 +483,7 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
         eps: 1e-8,
         weight_decay: p.weight_decay,
     };
-    let mut optimizer = Optimizer::new(config, task.params());
+    let mut optimizer = Optimizer::new(config, trainable(task.as_ref(), &subspace));
     let steps = p.total_steps();
     let mut average = p.ema_decay.map(|decay| WeightAverage::new(decay, task.params()));
     // Running sums of the |G|^2 and tr(Sigma) estimates and of their weights.
@@ -475,7 +493,10 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
     let mut start = 0u64;
 
     if let Some(snapshot) = ctx.checkpoints.latest()? {
-        restore(task.params_mut(), &mut optimizer, &snapshot.tensors, &snapshot.sidecar)?;
+        match subspace.as_mut() {
+            Some(s) => restore(&mut s.z, &mut optimizer, &snapshot.tensors, &snapshot.sidecar)?,
+            None => restore(task.params_mut(), &mut optimizer, &snapshot.tensors, &snapshot.sidecar)?,
+        }
         if let Some(average) = average.as_mut() {
             average.load(task.params(), &snapshot.tensors)?;
         }
@@ -491,6 +512,9 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
         start = snapshot.step;
     }
 
+    if start == 0 {
+        ctx.metrics.log("num_params", 0, full as f64);
+    }
     let peak_lr = optimizer.config.lr;
     let mut next_eval = p.next_eval(0);
     while next_eval <= start {
@@ -498,11 +522,17 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
     }
     for step in start..steps {
         optimizer.config.lr = peak_lr * p.lr_factor(step);
-        optimizer.zero_grad(task.params_mut());
+        match subspace.as_mut() {
+            Some(s) => {
+                optimizer.zero_grad(&mut s.z);
+                s.materialize(task.params_mut());
+            }
+            None => optimizer.zero_grad(task.params_mut()),
+        }
         let mut activations = Vec::new();
         let loss = task.batch_loss(step, p.coord_check.then_some(&mut activations));
         loss.backward();
-        optimizer.step(task.params());
+        optimizer.step(trainable(task.as_ref(), &subspace));
         if let Some(average) = average.as_mut() {
             average.update(task.params());
         }
@@ -529,6 +559,9 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
         tail.push_back(loss_value);
         if done == next_eval || done == steps {
             next_eval = p.next_eval(done);
+            if let Some(s) = &subspace {
+                tch::no_grad(|| s.materialize(task.params_mut()));
+            }
             for (name, value) in task.evaluate() {
                 ctx.metrics.log(name, done, value);
             }
@@ -552,12 +585,11 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
             }
         }
         if done % p.checkpoint_every == 0 && done < steps {
-            let mut tensors: Vec<(String, Tensor)> = task
-                .params()
+            let mut tensors: Vec<(String, Tensor)> = trainable(task.as_ref(), &subspace)
                 .iter()
                 .map(|p| (p.name.clone(), p.tensor.detach()))
                 .collect();
-            tensors.extend(optimizer.state_tensors(task.params()));
+            tensors.extend(optimizer.state_tensors(trainable(task.as_ref(), &subspace)));
             if let Some(average) = &average {
                 tensors.extend(average.state(task.params()));
             }
@@ -575,10 +607,56 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
             std::thread::sleep(std::time::Duration::from_millis(p.step_delay_ms));
         }
     }
+    if let Some(s) = &subspace {
+        tch::no_grad(|| s.materialize(task.params_mut()));
+    }
     let tail_mean = tail.iter().sum::<f64>() / tail.len().max(1) as f64;
     ctx.metrics.log("train_loss_tail", steps, tail_mean);
     ctx.metrics.log("train_loss_final", steps, task.train_loss());
     Ok(())
+}
+
+/// What the optimizer trains: the subspace coordinates, or every parameter.
+fn trainable<'a>(task: &'a dyn Task, subspace: &'a Option<Subspace>) -> &'a [Param] {
+    match subspace {
+        Some(s) => &s.z,
+        None => task.params(),
+    }
+}
+
+/// Draws the trial's projection after checking that it fits the device.
+fn subspace_for(
+    p: &TrainParams,
+    params: &[Param],
+    full: i64,
+    dim: i64,
+    device: Device,
+) -> Result<Subspace, TrialError> {
+    let needs = Projection::bytes(p.projection, full, dim);
+    if let Some(free) = subspace::free_memory(device) {
+        if needs as f64 > 0.8 * free as f64 {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            let hint = if p.projection == super::ProjectionKind::Fastfood {
+                "lower subspace_dim".to_string()
+            } else {
+                format!(
+                    "use projection = \"fastfood\", which needs {:.3} GiB",
+                    gib(Projection::bytes(super::ProjectionKind::Fastfood, full, dim))
+                )
+            };
+            return Err(TrialError::Params(ParamError::new(
+                "subspace_dim",
+                format!(
+                    "a {:?} projection of {full} parameters onto {dim} dimensions needs {:.2} GiB, more than the \
+                     {:.2} GiB free on {device:?}; {hint}",
+                    p.projection,
+                    gib(needs),
+                    gib(free)
+                ),
+            )));
+        }
+    }
+    Ok(Subspace::new(params, p.projection, dim, p.seed, device))
 }
 
 fn restore(
@@ -802,6 +880,81 @@ mod tests {
                 "{name}: {a} unbroken vs {b} resumed"
             );
         }
+    }
+
+    #[test]
+    fn subspace_training_checkpoints_z_alone_and_resumes_on_the_same_curve() {
+        for projection in ["dense", "sparse", "fastfood"] {
+            let params = json!({"optimizer": "adam", "lr": 0.05, "steps": 80, "width": 32, "seed": 5,
+                "subspace_dim": 40, "projection": projection, "checkpoint_every": 40, "eval_every": 40});
+            let mut store = MemoryCheckpoints::default();
+            let full = train(&params, &mut store);
+            let accuracy = full.last("eval_accuracy").unwrap();
+            assert!(
+                accuracy > 0.2,
+                "{projection}: 40 dimensions beat chance (0.1), got {accuracy}"
+            );
+            assert_eq!(
+                full.last("num_params"),
+                Some((64.0 * 32.0 + 32.0) + (32.0 * 32.0 + 32.0) + (32.0 * 10.0 + 10.0))
+            );
+            let saved = &store.saved[0].tensors;
+            assert!(saved.contains_key("subspace.z"), "{projection}");
+            assert!(
+                saved.keys().all(|k| k.contains("subspace.z")),
+                "{projection}: the model's weights follow from the seed and z: {:?}",
+                saved.keys().collect::<Vec<_>>()
+            );
+            store.resume_at = Some(40);
+            let resumed = train(&params, &mut store);
+            for name in ["eval_accuracy", "eval_loss", "train_loss_final"] {
+                let (a, b) = (full.last(name).unwrap(), resumed.last(name).unwrap());
+                assert!(
+                    (a - b).abs() <= 1e-6,
+                    "{projection} {name}: {a} unbroken vs {b} resumed"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_dense_projection_too_big_for_the_device_is_refused_with_fastfood_suggested() {
+        let params = json!({"optimizer": "adam", "lr": 0.05, "steps": 10, "width": 32,
+            "subspace_dim": 1_000_000_000u64, "projection": "dense"});
+        let mut metrics = MemoryMetrics::default();
+        let mut store = MemoryCheckpoints::default();
+        let mut ctx = TrialContext {
+            device: tch::Device::Cpu,
+            checkpoints: &mut store,
+            metrics: &mut metrics,
+        };
+        let err = super::run(&params, &mut ctx).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("subspace_dim") && text.contains("fastfood") && text.contains("GiB"),
+            "{text}"
+        );
+        assert!(metrics.last("train_loss").is_none(), "refused before the first step");
+    }
+
+    #[test]
+    fn lenet_learns_mnist_and_refuses_images_of_another_size() {
+        let params = json!({"model": "lenet", "dataset": "mnist", "optimizer": "adam", "lr": 0.002,
+            "steps": 60, "batch_size": 64, "eval_every": 60});
+        let metrics = train(&params, &mut MemoryCheckpoints::default());
+        let accuracy = metrics.last("eval_accuracy").unwrap();
+        assert!(accuracy > 0.6, "LeNet after 60 steps: {accuracy}");
+        assert_eq!(metrics.last("num_params"), Some(61_706.0));
+        let digits = json!({"model": "lenet", "dataset": "digits", "optimizer": "adam", "lr": 0.002, "steps": 5});
+        let mut ctx_store = MemoryCheckpoints::default();
+        let mut sink = MemoryMetrics::default();
+        let mut ctx = TrialContext {
+            device: tch::Device::Cpu,
+            checkpoints: &mut ctx_store,
+            metrics: &mut sink,
+        };
+        let err = super::run(&digits, &mut ctx).unwrap_err().to_string();
+        assert!(err.contains("28x28"), "{err}");
     }
 
     #[test]

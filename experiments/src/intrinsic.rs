@@ -1,0 +1,446 @@
+//! The `intrinsic_dim` family (SCIENCE.md section 3): accuracy against the
+//! dimension d of a random training subspace, and d_int90, the smallest d whose
+//! mean eval accuracy reaches 90% of full training's in the same sweep.
+//!
+//! Trials are `train` trials; `subspace_dim` = 0 is full training (the
+//! baseline), any other value trains theta0 + P z with `projection` dense,
+//! sparse or fastfood. Each trial logs `num_params` (D).
+
+use std::collections::BTreeMap;
+
+use crate::report::{
+    cell, spearman, Criterion, Figure, Panel, Report, ReportError, Series, Table, TrialOutcome, Verdict,
+};
+
+/// The metric the report reads.
+pub const ACCURACY: &str = "eval_accuracy";
+/// The fraction of full training's accuracy that defines d_int90.
+pub const FRACTION: f64 = 0.9;
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct ModelKey {
+    kind: String,
+    depth: u64,
+    width: u64,
+}
+
+impl ModelKey {
+    fn of(t: &TrialOutcome) -> ModelKey {
+        let kind = t.param_str("model").unwrap_or("mlp").to_string();
+        let sized = kind == "mlp" || kind == "resmlp";
+        ModelKey {
+            depth: if sized {
+                t.param_f64("depth").unwrap_or(2.0) as u64
+            } else {
+                0
+            },
+            width: if sized {
+                t.param_f64("width").unwrap_or(64.0) as u64
+            } else {
+                0
+            },
+            kind,
+        }
+    }
+
+    fn label(&self) -> String {
+        if self.width == 0 {
+            self.kind.clone()
+        } else {
+            format!("{} width {} depth {}", self.kind, self.width, self.depth)
+        }
+    }
+}
+
+/// One model's results under one projection.
+struct Curve {
+    projection: String,
+    /// (d, mean accuracy over seeds, seeds).
+    points: Vec<(u64, f64, usize)>,
+    d_int90: Option<u64>,
+}
+
+struct ModelResult {
+    key: ModelKey,
+    params: Option<f64>,
+    baseline: Option<f64>,
+    curves: Vec<Curve>,
+}
+
+fn mean(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+/// The furthest from 1 of some ratios (so both 0.4 and 2.5 count as off by 2.5x).
+fn furthest_from_one(ratios: impl Iterator<Item = f64>) -> Option<f64> {
+    ratios.max_by(|a, b| a.ln().abs().total_cmp(&b.ln().abs()))
+}
+
+/// The intrinsic-dimension report over a sweep's finished trials.
+pub fn analyze(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
+    if outcomes.is_empty() {
+        return Err(ReportError("the experiment has no trials to report on".into()));
+    }
+    // model -> projection -> d -> accuracies; d = 0 is full training.
+    let mut grid: BTreeMap<ModelKey, BTreeMap<String, BTreeMap<u64, Vec<f64>>>> = BTreeMap::new();
+    let mut baselines: BTreeMap<ModelKey, Vec<f64>> = BTreeMap::new();
+    let mut sizes: BTreeMap<ModelKey, f64> = BTreeMap::new();
+    let mut failed = 0;
+    for t in outcomes {
+        let Some(accuracy) = t.metric(ACCURACY).filter(|_| t.state == "succeeded") else {
+            failed += 1;
+            continue;
+        };
+        let key = ModelKey::of(t);
+        if let Some(d) = t.metric("num_params") {
+            sizes.insert(key.clone(), d);
+        }
+        let dim = t.param_f64("subspace_dim").unwrap_or(0.0) as u64;
+        if dim == 0 {
+            baselines.entry(key).or_default().push(accuracy);
+        } else {
+            let projection = t.param_str("projection").unwrap_or("dense").to_string();
+            grid.entry(key)
+                .or_default()
+                .entry(projection)
+                .or_default()
+                .entry(dim)
+                .or_default()
+                .push(accuracy);
+        }
+    }
+    if grid.is_empty() {
+        return Err(ReportError(
+            "no subspace trial finished: give subspace_dim values above 0, and 0 for the full-training baseline".into(),
+        ));
+    }
+    let mnist = outcomes.iter().any(|t| t.param_str("dataset") == Some("mnist"));
+
+    let results: Vec<ModelResult> = grid
+        .into_iter()
+        .map(|(key, by_projection)| {
+            let baseline = baselines.get(&key).and_then(|v| mean(v));
+            let curves = by_projection
+                .into_iter()
+                .map(|(projection, by_dim)| {
+                    let points: Vec<(u64, f64, usize)> = by_dim
+                        .iter()
+                        .filter_map(|(d, accs)| Some((*d, mean(accs)?, accs.len())))
+                        .collect();
+                    let d_int90 =
+                        baseline.and_then(|b| points.iter().find(|(_, acc, _)| *acc >= FRACTION * b).map(|p| p.0));
+                    Curve {
+                        projection,
+                        points,
+                        d_int90,
+                    }
+                })
+                .collect();
+            ModelResult {
+                params: sizes.get(&key).copied(),
+                key,
+                baseline,
+                curves,
+            }
+        })
+        .collect();
+
+    // Tables.
+    let dims: Vec<u64> = {
+        let mut all: Vec<u64> = results
+            .iter()
+            .flat_map(|r| r.curves.iter().flat_map(|c| c.points.iter().map(|p| p.0)))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    };
+    let mut accuracy_columns = vec!["model".to_string(), "projection".to_string()];
+    accuracy_columns.extend(dims.iter().map(|d| format!("d={d}")));
+    accuracy_columns.push("full".into());
+    let mut accuracy_rows = Vec::new();
+    let mut dint_rows = Vec::new();
+    for r in &results {
+        for c in &r.curves {
+            let mut row = vec![r.key.label(), c.projection.clone()];
+            row.extend(dims.iter().map(|d| {
+                let acc = c.points.iter().find(|p| p.0 == *d).map(|p| p.1);
+                cell(acc)
+            }));
+            row.push(cell(r.baseline));
+            accuracy_rows.push(row);
+            let at = c.d_int90.and_then(|d| c.points.iter().position(|p| p.0 == d));
+            let bracket = |i: Option<usize>| {
+                i.map_or("-".to_string(), |i| {
+                    format!("{} ({})", c.points[i].0, cell(Some(c.points[i].1)))
+                })
+            };
+            dint_rows.push(vec![
+                r.key.label(),
+                c.projection.clone(),
+                r.params.map_or("-".into(), |d| format!("{d:.0}")),
+                cell(r.baseline),
+                cell(r.baseline.map(|b| FRACTION * b)),
+                c.d_int90.map_or("not reached".into(), |d| d.to_string()),
+                bracket(at.and_then(|i| i.checked_sub(1))),
+                bracket(at),
+                match (c.d_int90, r.params) {
+                    (Some(d), Some(full)) => format!("{:.4}", d as f64 / full),
+                    _ => "-".into(),
+                },
+            ]);
+        }
+    }
+
+    // Criteria.
+    let rho = results
+        .iter()
+        .flat_map(|r| {
+            r.curves.iter().map(|c| {
+                let pts: Vec<(f64, f64)> = c.points.iter().map(|p| (p.0 as f64, p.1)).collect();
+                spearman(&pts)
+            })
+        })
+        .collect::<Option<Vec<f64>>>()
+        .and_then(|v| v.into_iter().min_by(f64::total_cmp));
+    let share = results
+        .iter()
+        .flat_map(|r| r.curves.iter().map(|c| Some(c.d_int90? as f64 / r.params?)))
+        .collect::<Option<Vec<f64>>>()
+        .and_then(|v| v.into_iter().max_by(f64::total_cmp));
+    let mut criteria = vec![
+        Criterion::at_least(
+            "Spearman(d, accuracy), the smallest over models and projections",
+            rho,
+            0.9,
+        ),
+        Criterion::at_most("d_int90 / D, the largest over models and projections", share, 0.05),
+    ];
+    let d_of = |r: &ModelResult, projection: &str| {
+        r.curves
+            .iter()
+            .find(|c| c.projection == projection)
+            .and_then(|c| c.d_int90)
+    };
+    // Widths: models alike but for their width, under the same projection.
+    let mut width_ratios: Vec<Option<f64>> = Vec::new();
+    for (i, a) in results.iter().enumerate() {
+        for b in &results[i + 1..] {
+            if a.key.kind == b.key.kind && a.key.depth == b.key.depth && a.key.width != b.key.width {
+                for c in &a.curves {
+                    let (x, y) = (c.d_int90, d_of(b, &c.projection));
+                    width_ratios.push(x.zip(y).map(|(x, y)| y as f64 / x as f64));
+                }
+            }
+        }
+    }
+    if !width_ratios.is_empty() {
+        let measured = width_ratios
+            .into_iter()
+            .collect::<Option<Vec<f64>>>()
+            .and_then(|v| furthest_from_one(v.into_iter()));
+        criteria.push(Criterion::between(
+            "d_int90(wider)/d_int90(narrower), the furthest from 1",
+            measured,
+            0.5,
+            2.0,
+        ));
+    }
+    let projection_ratios: Vec<Option<f64>> = results
+        .iter()
+        .filter(|r| {
+            ["fastfood", "dense"]
+                .iter()
+                .all(|p| r.curves.iter().any(|c| c.projection == *p))
+        })
+        .map(|r| Some(d_of(r, "fastfood")? as f64 / d_of(r, "dense")? as f64))
+        .collect();
+    if !projection_ratios.is_empty() {
+        let measured = projection_ratios
+            .into_iter()
+            .collect::<Option<Vec<f64>>>()
+            .and_then(|v| furthest_from_one(v.into_iter()));
+        criteria.push(Criterion::between(
+            "d_int90(fastfood)/d_int90(dense), the furthest from 1",
+            measured,
+            0.5,
+            2.0,
+        ));
+    }
+    if mnist {
+        // The paper's MNIST figures: FC 784-200-200-10 about 750, LeNet about 290.
+        let first = |kind: &str| {
+            results
+                .iter()
+                .find(|r| r.key.kind == kind)
+                .map(|r| d_of(r, "dense").or_else(|| r.curves.iter().find_map(|c| c.d_int90)))
+        };
+        let (fc, lenet) = (first("mlp"), first("lenet"));
+        if let Some(fc) = fc {
+            criteria.push(Criterion::between(
+                "MNIST FC d_int90 (paper: 750)",
+                fc.map(|d| d as f64),
+                375.0,
+                1500.0,
+            ));
+        }
+        if let Some(lenet) = lenet {
+            criteria.push(Criterion::between(
+                "MNIST LeNet d_int90 (paper: 290)",
+                lenet.map(|d| d as f64),
+                145.0,
+                580.0,
+            ));
+            if let Some(fc) = fc {
+                criteria.push(Criterion::at_most(
+                    "MNIST d_int90(LeNet)/d_int90(FC)",
+                    lenet.zip(fc).map(|(l, f)| l as f64 / f as f64),
+                    1.0,
+                ));
+            }
+        }
+    }
+    let verdict = Verdict::new(criteria);
+
+    let headline: Vec<String> = results
+        .iter()
+        .flat_map(|r| {
+            r.curves.iter().map(move |c| {
+                format!(
+                    "{} {}: {}",
+                    r.key.label(),
+                    c.projection,
+                    c.d_int90.map_or("not reached".into(), |d| d.to_string())
+                )
+            })
+        })
+        .collect();
+    let mut summary = format!("d_int90: {}", headline.join("; "));
+    if failed > 0 {
+        summary.push_str(&format!(" ({failed} trials failed or logged no accuracy, left out)"));
+    }
+
+    let figures = vec![Figure {
+        name: "intrinsic-dim".into(),
+        title: "eval accuracy against subspace dimension, 90% of full training marked".into(),
+        panels: results
+            .iter()
+            .map(|r| {
+                let mut series: Vec<Series> = r
+                    .curves
+                    .iter()
+                    .map(|c| Series {
+                        label: c.projection.clone(),
+                        points: c.points.iter().map(|p| (p.0 as f64, p.1)).collect(),
+                    })
+                    .collect();
+                if let (Some(b), Some(lo), Some(hi)) = (r.baseline, dims.first(), dims.last()) {
+                    series.push(Series {
+                        label: format!("90% of full training ({})", cell(Some(b))),
+                        points: vec![(*lo as f64, FRACTION * b), (*hi as f64, FRACTION * b)],
+                    });
+                }
+                Panel {
+                    title: r.key.label(),
+                    x_label: "subspace dimension d".into(),
+                    y_label: "eval accuracy".into(),
+                    series,
+                    log_x: true,
+                    log_y: false,
+                }
+            })
+            .collect(),
+    }];
+
+    Ok(Report {
+        family: "intrinsic_dim".into(),
+        title: "intrinsic dimension".into(),
+        summary,
+        tables: vec![
+            Table {
+                title: "mean eval accuracy against subspace dimension (full: every parameter trained)".into(),
+                columns: accuracy_columns,
+                rows: accuracy_rows,
+            },
+            Table {
+                title: format!("d_int90: the smallest d reaching {FRACTION} x full training's accuracy"),
+                columns: [
+                    "model",
+                    "projection",
+                    "D",
+                    "full",
+                    "threshold",
+                    "d_int90",
+                    "below (acc)",
+                    "at (acc)",
+                    "d_int90/D",
+                ]
+                .map(String::from)
+                .to_vec(),
+                rows: dint_rows,
+            },
+        ],
+        verdict,
+        figures,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn trial(width: u32, projection: &str, dim: u64, seed: u64, accuracy: f64) -> TrialOutcome {
+        TrialOutcome {
+            ordinal: 0,
+            state: "succeeded".into(),
+            params: json!({"model": "mlp", "width": width, "depth": 2, "subspace_dim": dim,
+                "projection": projection, "seed": seed, "dataset": "digits"}),
+            metrics: [
+                (ACCURACY.to_string(), json!(accuracy)),
+                ("num_params".to_string(), json!(8970.0)),
+            ]
+            .into_iter()
+            .collect(),
+            series: Default::default(),
+        }
+    }
+
+    #[test]
+    fn d_int90_is_the_first_d_whose_mean_reaches_ninety_percent_of_full_training() {
+        let mut outcomes = Vec::new();
+        for width in [64, 128] {
+            for seed in 0..2 {
+                outcomes.push(trial(width, "dense", 0, seed, 0.96 + 0.01 * seed as f64));
+                // Threshold 0.9 * 0.965 = 0.8685: d = 80 averages 0.86 (below), d = 160 averages 0.88.
+                for (dim, acc) in [(10, 0.3), (40, 0.7), (80, 0.86), (160, 0.88), (320, 0.95)] {
+                    let wobble = if seed == 0 { -0.01 } else { 0.01 };
+                    outcomes.push(trial(width, "dense", dim, seed, acc + wobble));
+                    outcomes.push(trial(width, "fastfood", dim, seed, acc + wobble));
+                }
+            }
+        }
+        let report = analyze(&outcomes).unwrap();
+        let table = &report.tables[1];
+        assert_eq!(table.rows.len(), 4);
+        for row in &table.rows {
+            assert_eq!(row[5], "160", "{row:?}");
+            assert_eq!(row[6], "80 (0.8600)", "{row:?}");
+            assert_eq!(row[7], "160 (0.8800)", "{row:?}");
+        }
+        assert!(report.verdict.holds, "{}", report.to_text());
+        // A model that never gets there: the criteria say so rather than guess.
+        outcomes
+            .retain(|t| !(t.param_f64("subspace_dim") == Some(320.0) || t.param_f64("subspace_dim") == Some(160.0)));
+        let report = analyze(&outcomes).unwrap();
+        assert!(report.tables[1].rows.iter().all(|r| r[5] == "not reached"));
+        assert!(!report.verdict.holds);
+    }
+
+    #[test]
+    fn a_sweep_without_subspace_trials_is_refused_with_what_to_add() {
+        let err = analyze(&[trial(64, "dense", 0, 0, 0.9)]).unwrap_err();
+        assert!(err.0.contains("subspace_dim"), "{err}");
+    }
+}
