@@ -299,11 +299,12 @@ pub async fn complete(
     outcome: ablate_schema::TrialState,
     error: Option<&str>,
     stderr_tail: Option<&str>,
+    outputs: &Value,
 ) -> Result<()> {
     let done = sqlx::query(
         "update trials
          set state = $3, finished_at = coalesce(finished_at, now()), error = $4, stderr_tail = $5,
-             lease_expires_at = null
+             lease_expires_at = null, outputs = $6
          where id = $1 and lease_token = $2 and state in ('running', $3)",
     )
     .bind(trial.0)
@@ -311,6 +312,7 @@ pub async fn complete(
     .bind(outcome.as_str())
     .bind(error)
     .bind(stderr_tail)
+    .bind(outputs)
     .execute(pool)
     .await?;
     if done.rows_affected() == 0 {
@@ -495,8 +497,10 @@ pub async fn report_outcomes(
         .fetch_optional(pool)
         .await?
         .ok_or_else(|| not_found(id))?;
-    let rows: Vec<(i32, String, Value, Value)> = sqlx::query_as(
-        "select ordinal, state, params, metrics from ablate.trial_results where experiment_id = $1 order by ordinal",
+    let rows: Vec<(i32, String, Value, Value, Value)> = sqlx::query_as(
+        "select r.ordinal, r.state, r.params, r.metrics, t.outputs
+         from ablate.trial_results r join trials t on t.id = r.trial_id
+         where r.experiment_id = $1 order by r.ordinal",
     )
     .bind(id.0)
     .fetch_all(pool)
@@ -504,7 +508,7 @@ pub async fn report_outcomes(
     let mut outcomes: Vec<ablate_experiments::report::TrialOutcome> = rows
         .into_iter()
         .map(
-            |(ordinal, state, params, metrics)| ablate_experiments::report::TrialOutcome {
+            |(ordinal, state, params, metrics, outputs)| ablate_experiments::report::TrialOutcome {
                 ordinal: ordinal as i64,
                 state,
                 params,
@@ -513,6 +517,10 @@ pub async fn report_outcomes(
                     _ => Default::default(),
                 },
                 series: Default::default(),
+                outputs: match outputs {
+                    Value::Object(m) => m,
+                    _ => Default::default(),
+                },
             },
         )
         .collect();

@@ -465,6 +465,18 @@ impl workers_server::Workers for WorkersService {
                 Some(s.to_string())
             }
         };
+        let outputs: serde_json::Value = if req.outputs_json.trim().is_empty() {
+            serde_json::json!({})
+        } else {
+            match serde_json::from_str(&req.outputs_json) {
+                Ok(v @ serde_json::Value::Object(_)) => v,
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "outputs_json must be a JSON object of output name to value",
+                    ))
+                }
+            }
+        };
         db::complete(
             &self.pool,
             trial,
@@ -472,6 +484,7 @@ impl workers_server::Workers for WorkersService {
             outcome,
             nonempty(&req.error).as_deref(),
             nonempty(&req.stderr_tail).as_deref(),
+            &outputs,
         )
         .await?;
         tracing::info!(trial = %trial, outcome = outcome.as_str(), "trial completed");

@@ -97,7 +97,16 @@ async fn a_stale_token_is_refused_for_metrics_checkpoints_and_completion(pool: P
     };
     let stale = db::record_checkpoint(&pool, first.trial, first.token, &ckpt).await;
     assert!(matches!(stale, Err(Error::StaleLease { .. })), "{stale:?}");
-    let stale = db::complete(&pool, first.trial, first.token, TrialState::Succeeded, None, None).await;
+    let stale = db::complete(
+        &pool,
+        first.trial,
+        first.token,
+        TrialState::Succeeded,
+        None,
+        None,
+        &serde_json::json!({}),
+    )
+    .await;
     assert!(matches!(stale, Err(Error::StaleLease { .. })), "{stale:?}");
     let made_up = db::complete(
         &pool,
@@ -106,6 +115,7 @@ async fn a_stale_token_is_refused_for_metrics_checkpoints_and_completion(pool: P
         TrialState::Succeeded,
         None,
         None,
+        &serde_json::json!({}),
     )
     .await;
     assert!(matches!(made_up, Err(Error::StaleLease { .. })), "{made_up:?}");
@@ -117,12 +127,28 @@ async fn a_stale_token_is_refused_for_metrics_checkpoints_and_completion(pool: P
     db::record_checkpoint(&pool, second.trial, second.token, &ckpt)
         .await
         .unwrap();
-    db::complete(&pool, second.trial, second.token, TrialState::Succeeded, None, None)
-        .await
-        .unwrap();
-    db::complete(&pool, second.trial, second.token, TrialState::Succeeded, None, None)
-        .await
-        .unwrap();
+    db::complete(
+        &pool,
+        second.trial,
+        second.token,
+        TrialState::Succeeded,
+        None,
+        None,
+        &serde_json::json!({}),
+    )
+    .await
+    .unwrap();
+    db::complete(
+        &pool,
+        second.trial,
+        second.token,
+        TrialState::Succeeded,
+        None,
+        None,
+        &serde_json::json!({}),
+    )
+    .await
+    .unwrap();
     let stored = count(&pool, "select count(*) from ablate.metric_series").await;
     assert_eq!(stored, 2, "the stale point must not be stored");
 }

@@ -545,6 +545,7 @@ mod tests {
             series: [(LOSS.to_string(), curve), (NOISE.to_string(), noise)]
                 .into_iter()
                 .collect(),
+            outputs: Default::default(),
         }
     }
 

@@ -133,8 +133,49 @@ pub struct CharCorpus {
     pub context: i64,
 }
 
-/// Every `.txt` file of `dir` (in name order) as one byte stream.
+/// Every `.txt` file of `dir` (in name order) as one byte stream, split 90/10.
 pub fn text_dir(dir: &str, context: i64, device: Device, how_to_get: &str) -> Result<CharCorpus, String> {
+    let bytes = text_bytes(dir, how_to_get)?;
+    let split = bytes.len() * 9 / 10;
+    corpus(&bytes[..split], &bytes[split..], dir, context, device)
+}
+
+/// Trains on every `.txt` file of `train_dir` and evaluates on every one of `eval_dir`.
+pub fn text_dirs(
+    train_dir: &str,
+    eval_dir: &str,
+    context: i64,
+    device: Device,
+    how_to_get: &str,
+) -> Result<CharCorpus, String> {
+    let train = text_bytes(train_dir, how_to_get)?;
+    let eval = text_bytes(eval_dir, how_to_get)?;
+    if (train.len() as i64) <= context + 1 {
+        return Err(format!(
+            "{train_dir} holds {} bytes: too little text for a context of {context}",
+            train.len()
+        ));
+    }
+    corpus(&train, &eval, eval_dir, context, device)
+}
+
+fn corpus(train: &[u8], eval: &[u8], dir: &str, context: i64, device: Device) -> Result<CharCorpus, String> {
+    if eval.len() as i64 <= context + 1 {
+        return Err(format!(
+            "{dir} holds {} bytes of evaluation text: too little for a context of {context}",
+            eval.len()
+        ));
+    }
+    let ids = |b: &[u8]| Tensor::from_slice(b).to_kind(Kind::Int64).to_device(device);
+    Ok(CharCorpus {
+        train: ids(train),
+        eval: ids(eval),
+        vocab: 256,
+        context,
+    })
+}
+
+fn text_bytes(dir: &str, how_to_get: &str) -> Result<Vec<u8>, String> {
     let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| format!("text directory {dir}: {e}; {how_to_get}"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -149,20 +190,7 @@ pub fn text_dir(dir: &str, context: i64, device: Device, how_to_get: &str) -> Re
         bytes.extend(std::fs::read(f).map_err(|e| format!("{}: {e}", f.display()))?);
         bytes.push(b'\n');
     }
-    let split = bytes.len() * 9 / 10;
-    if (bytes.len() - split) as i64 <= context + 1 {
-        return Err(format!(
-            "{dir} holds {} bytes: too little text for a context of {context}",
-            bytes.len()
-        ));
-    }
-    let ids = |b: &[u8]| Tensor::from_slice(b).to_kind(Kind::Int64).to_device(device);
-    Ok(CharCorpus {
-        train: ids(&bytes[..split]),
-        eval: ids(&bytes[split..]),
-        vocab: 256,
-        context,
-    })
+    Ok(bytes)
 }
 
 /// `n` standard normal draws (Box-Muller on `rng`), the same on every device.

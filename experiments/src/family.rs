@@ -47,6 +47,9 @@ pub enum Family {
     /// Intrinsic dimension: `train` trials in random subspaces of growing
     /// dimension (`subspace_dim`, `projection`) beside full training (`subspace_dim` = 0).
     IntrinsicDim,
+    /// Data selection with importance resampling: features per pool shard, one
+    /// selection, and a downstream language model on the DSIR and a random selection.
+    Dsir,
 }
 
 impl Family {
@@ -55,6 +58,7 @@ impl Family {
         Family::MupTransfer,
         Family::CriticalBatch,
         Family::IntrinsicDim,
+        Family::Dsir,
     ];
 
     pub fn parse(name: &str) -> Result<Family, String> {
@@ -70,6 +74,7 @@ impl Family {
             Family::MupTransfer => "mup_transfer",
             Family::CriticalBatch => "critical_batch",
             Family::IntrinsicDim => "intrinsic_dim",
+            Family::Dsir => "dsir",
         }
     }
 
@@ -83,6 +88,9 @@ impl Family {
                     total_steps: p.total_steps(),
                 })
             }
+            Family::Dsir => Ok(TrialPlan {
+                total_steps: crate::dsir_family::DsirParams::parse(params)?.total_steps(),
+            }),
             Family::CriticalBatch => {
                 let (p, _) = crate::cbs::split(params)?;
                 Ok(TrialPlan {
@@ -96,13 +104,14 @@ impl Family {
     pub fn metrics(self) -> &'static [&'static str] {
         match self {
             Family::Train | Family::MupTransfer | Family::CriticalBatch | Family::IntrinsicDim => crate::train::METRICS,
+            Family::Dsir => crate::dsir_family::METRICS,
         }
     }
 
     /// The metrics whose whole curves the report reads (the rest it reads as last values).
     pub fn series_metrics(self) -> &'static [&'static str] {
         match self {
-            Family::Train | Family::MupTransfer | Family::IntrinsicDim => &[],
+            Family::Train | Family::MupTransfer | Family::IntrinsicDim | Family::Dsir => &[],
             Family::CriticalBatch => crate::cbs::SERIES,
         }
     }
@@ -114,6 +123,19 @@ impl Family {
             Family::MupTransfer => crate::mup::OBJECTIVE,
             Family::CriticalBatch => crate::cbs::LOSS,
             Family::IntrinsicDim => crate::intrinsic::ACCURACY,
+            Family::Dsir => "eval_loss",
+        }
+    }
+
+    /// Turns the sweep's points (base merged with swept values) into the trials to run;
+    /// most families run one trial per point.
+    pub fn expand(
+        self,
+        points: Vec<serde_json::Map<String, Value>>,
+    ) -> Result<Vec<serde_json::Map<String, Value>>, ParamError> {
+        match self {
+            Family::Dsir => crate::dsir_family::expand(points),
+            _ => Ok(points),
         }
     }
 
@@ -124,6 +146,7 @@ impl Family {
             Family::MupTransfer => crate::mup::analyze(outcomes),
             Family::CriticalBatch => crate::cbs::analyze(outcomes),
             Family::IntrinsicDim => crate::intrinsic::analyze(outcomes),
+            Family::Dsir => crate::dsir_family::analyze(outcomes),
         }
     }
 }

@@ -404,6 +404,7 @@ mod tests {
             .into_iter()
             .collect(),
             series: Default::default(),
+            outputs: Default::default(),
         }
     }
 

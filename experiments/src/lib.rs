@@ -10,6 +10,9 @@
 
 pub mod cbs;
 pub mod dsir;
+pub mod dsir_family;
+#[cfg(feature = "torch")]
+pub mod dsir_trial;
 pub mod family;
 pub mod intrinsic;
 pub mod mup;

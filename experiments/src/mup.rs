@@ -410,6 +410,7 @@ mod tests {
             params: json!({"parametrization": p, "width": width, "log2_lr": log2_lr}),
             metrics,
             series: Default::default(),
+            outputs: Default::default(),
         }
     }
 

@@ -19,6 +19,9 @@ pub struct TrialOutcome {
     /// ([`crate::Family::series_metrics`]), in step order.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub series: BTreeMap<String, Vec<(u64, f64)>>,
+    /// What the trial produced beyond metrics (`ablate.outputs`).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub outputs: Map<String, Value>,
 }
 
 impl TrialOutcome {

@@ -47,10 +47,20 @@ pub fn check(text: &str, format: SpecFormat) -> Result<Checked, SpecError> {
             },
         },
     };
+    let points: Vec<serde_json::Map<String, Value>> = searcher::expand(&spec)?
+        .into_iter()
+        .map(|swept| {
+            let mut params: serde_json::Map<String, Value> = spec.base.clone().into_iter().collect();
+            params.extend(swept);
+            params
+        })
+        .collect();
+    let points = family.expand(points).map_err(|e| {
+        let (path, message) = locate(&spec, &e.path, &e.message);
+        SpecError::new(path, message)
+    })?;
     let mut trials = Vec::new();
-    for (ordinal, swept) in searcher::expand(&spec)?.into_iter().enumerate() {
-        let mut params: serde_json::Map<String, Value> = spec.base.clone().into_iter().collect();
-        params.extend(swept);
+    for (ordinal, params) in points.into_iter().enumerate() {
         let params = Value::Object(params);
         let plan = family.check_params(&params).map_err(|e| {
             let (path, message) = locate(&spec, &e.path, &e.message);

@@ -41,6 +41,90 @@ pub trait CheckpointStore {
 
 pub trait MetricSink {
     fn log(&mut self, name: &str, step: u64, value: f64);
+    /// Records a named result beyond metrics (such as the manifest of a selected data set);
+    /// the platform keeps it with the trial, queryable as `ablate.outputs`.
+    fn output(&mut self, name: &str, value: Value);
+}
+
+/// Object storage as a trial sees it: data sets to read, and a prefix of the experiment's own.
+pub trait DataStore {
+    /// Every file of a location whose name ends with `suffix`, in name order, as (name, bytes).
+    /// A location is `s3://bucket/prefix`, `file:///dir`, an absolute path, or a path under
+    /// `$ABLATE_DATA` (`~/.cache/ablate/data`); it may name a single file.
+    fn read_location(&mut self, location: &str, suffix: &str) -> Result<Vec<(String, Vec<u8>)>, TrialError>;
+    /// Makes `bytes` durable at `name` under the experiment's prefix; returns the object's key.
+    fn put(&mut self, name: &str, bytes: Vec<u8>) -> Result<String, TrialError>;
+    /// An object under the experiment's prefix, `None` when there is none (yet).
+    fn get(&mut self, name: &str) -> Result<Option<Vec<u8>>, TrialError>;
+}
+
+/// Reads a location on this host's file system (see [`DataStore::read_location`]).
+pub fn read_local_location(location: &str, suffix: &str) -> Result<Vec<(String, Vec<u8>)>, TrialError> {
+    let path = location.strip_prefix("file://").unwrap_or(location);
+    let path = if std::path::Path::new(path).is_absolute() {
+        std::path::PathBuf::from(path)
+    } else {
+        std::path::Path::new(&crate::train::data_root()).join(path)
+    };
+    let data_err = |e: std::io::Error| TrialError::Data(format!("{}: {e}", path.display()));
+    if path.is_file() {
+        return Ok(vec![(
+            path.display().to_string(),
+            std::fs::read(&path).map_err(data_err)?,
+        )]);
+    }
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&path)
+        .map_err(data_err)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.to_string_lossy().ends_with(suffix))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|f| Ok((f.display().to_string(), std::fs::read(&f).map_err(data_err)?)))
+        .collect()
+}
+
+/// A data store on a local directory: locations on this host's file system, the
+/// experiment's own objects under `<root>/experiments/<experiment>/`.
+pub struct DirData {
+    pub root: std::path::PathBuf,
+    pub experiment: String,
+}
+
+impl DirData {
+    fn own(&self, name: &str) -> std::path::PathBuf {
+        self.root.join("experiments").join(&self.experiment).join(name)
+    }
+}
+
+impl DataStore for DirData {
+    fn read_location(&mut self, location: &str, suffix: &str) -> Result<Vec<(String, Vec<u8>)>, TrialError> {
+        read_local_location(location, suffix)
+    }
+
+    fn put(&mut self, name: &str, bytes: Vec<u8>) -> Result<String, TrialError> {
+        let path = self.own(name);
+        let err = |e: std::io::Error| TrialError::Data(format!("{}: {e}", path.display()));
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        // Written aside and renamed, so a reader never sees half an object.
+        let part = path.with_extension("part");
+        std::fs::write(&part, bytes).map_err(err)?;
+        std::fs::rename(&part, &path).map_err(err)?;
+        Ok(format!("experiments/{}/{name}", self.experiment))
+    }
+
+    fn get(&mut self, name: &str) -> Result<Option<Vec<u8>>, TrialError> {
+        let path = self.own(name);
+        match std::fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(TrialError::Data(format!("{}: {e}", path.display()))),
+        }
+    }
 }
 
 /// Everything a trial gets from its host.
@@ -48,6 +132,7 @@ pub struct TrialContext<'a> {
     pub device: Device,
     pub checkpoints: &'a mut dyn CheckpointStore,
     pub metrics: &'a mut dyn MetricSink,
+    pub data: &'a mut dyn DataStore,
 }
 
 /// Runs one trial of `family` to its end.
@@ -56,6 +141,7 @@ pub fn run(family: crate::Family, params: &Value, ctx: &mut TrialContext<'_>) ->
         crate::Family::Train | crate::Family::MupTransfer | crate::Family::IntrinsicDim => {
             crate::train::run(params, ctx)
         }
+        crate::Family::Dsir => crate::dsir_trial::run(params, ctx),
         crate::Family::CriticalBatch => {
             crate::cbs::split(params)?;
             crate::train::run(&crate::cbs::train_params(params), ctx)
@@ -93,10 +179,11 @@ impl CheckpointStore for MemoryCheckpoints {
     }
 }
 
-/// Collects metrics in memory.
+/// Collects metrics and outputs in memory.
 #[derive(Default)]
 pub struct MemoryMetrics {
     pub points: Vec<(String, u64, f64)>,
+    pub outputs: serde_json::Map<String, Value>,
 }
 
 impl MemoryMetrics {
@@ -108,5 +195,8 @@ impl MemoryMetrics {
 impl MetricSink for MemoryMetrics {
     fn log(&mut self, name: &str, step: u64, value: f64) {
         self.points.push((name.to_string(), step, value));
+    }
+    fn output(&mut self, name: &str, value: Value) {
+        self.outputs.insert(name.to_string(), value);
     }
 }

@@ -5,7 +5,7 @@
 use std::sync::Mutex;
 
 use ablate_experiments::report::{Report, TrialOutcome};
-use ablate_experiments::trial::{MemoryCheckpoints, MemoryMetrics, TrialContext};
+use ablate_experiments::trial::{DirData, MemoryCheckpoints, MemoryMetrics, TrialContext};
 use ablate_experiments::Family;
 use ablate_schema::SpecFormat;
 
@@ -13,12 +13,15 @@ use crate::backend::{self, Slot};
 
 /// Checks and expands the spec, runs every trial over `slots`, and reports.
 /// With `log`, every finished trial is appended to it at once as a JSON line,
-/// so a run cut short keeps what it finished.
+/// so a run cut short keeps what it finished. Objects trials write (data
+/// selections, ...) go under `store/experiments/<spec name>/`; by default
+/// `store` is `ablate-sweep` in the system's temporary directory.
 pub fn run(
     text: &str,
     format: SpecFormat,
     slots: &[Slot],
     log: Option<&std::path::Path>,
+    store: Option<&std::path::Path>,
 ) -> anyhow::Result<(Report, Vec<TrialOutcome>)> {
     let log = match log {
         Some(path) => Some(Mutex::new(
@@ -47,21 +50,30 @@ pub fn run(
             .rev()
             .collect::<Vec<_>>(),
     );
+    let store = store.map_or_else(
+        || std::env::temp_dir().join("ablate-sweep"),
+        std::path::Path::to_path_buf,
+    );
     let outcomes = Mutex::new(Vec::new());
     let total = checked.trials.len();
     std::thread::scope(|scope| {
         for device in &devices {
             let (queue, outcomes, log) = (&queue, &outcomes, &log);
+            let mut data = DirData {
+                root: store.clone(),
+                experiment: checked.spec.name.clone(),
+            };
             scope.spawn(move || loop {
                 let Some((ordinal, params)) = queue.lock().expect("queue lock").pop() else {
                     return;
                 };
-                let mut store = MemoryCheckpoints::default();
+                let mut checkpoints = MemoryCheckpoints::default();
                 let mut metrics = MemoryMetrics::default();
                 let mut ctx = TrialContext {
                     device: *device,
-                    checkpoints: &mut store,
+                    checkpoints: &mut checkpoints,
                     metrics: &mut metrics,
+                    data: &mut data,
                 };
                 let result = ablate_experiments::trial::run(family, &params, &mut ctx);
                 let mut last = serde_json::Map::new();
@@ -85,6 +97,7 @@ pub fn run(
                     params,
                     metrics: last,
                     series,
+                    outputs: std::mem::take(&mut metrics.outputs),
                 };
                 if let Some(file) = log {
                     use std::io::Write;

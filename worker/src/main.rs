@@ -34,6 +34,9 @@ enum Command {
         /// Appends each trial's outcome here as a JSON line the moment it finishes.
         #[arg(long)]
         trial_log: Option<PathBuf>,
+        /// Directory for the objects trials write (data selections, ...); default: ablate-sweep in the temp dir.
+        #[arg(long)]
+        store: Option<PathBuf>,
     },
     /// Prints the report of a spec's family over a trial log that `sweep --trial-log` wrote
     /// (all of it, or what a cut-short run finished).
@@ -70,6 +73,7 @@ fn main() -> anyhow::Result<()> {
             devices,
             out,
             trial_log,
+            store,
         } => {
             let backend = backend::init();
             let slots = backend::discover(&devices, &backend)?;
@@ -80,6 +84,7 @@ fn main() -> anyhow::Result<()> {
                 ablate_schema::SpecFormat::from_path(&spec.to_string_lossy()),
                 &slots,
                 trial_log.as_deref(),
+                store.as_deref(),
             )?;
             print!("{}", report.to_text());
             if let Some(out) = out {

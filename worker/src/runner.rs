@@ -96,6 +96,7 @@ async fn drive(
     };
 
     let mut metrics = Batcher::new(trial);
+    let mut outputs = serde_json::Map::new();
     let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
     let mut tick = tokio::time::interval(BATCH_DELAY);
     let end = loop {
@@ -107,6 +108,9 @@ async fn drive(
                         if metrics.len() >= BATCH_POINTS {
                             metrics.send(&shared.relay).await;
                         }
+                    }
+                    Ok(Event::Output(name, value)) => {
+                        outputs.insert(name, value);
                     }
                     Ok(Event::Checkpoint(written)) => {
                         // A checkpoint is recorded only after every metric before it is durable,
@@ -190,6 +194,11 @@ async fn drive(
             String::new()
         } else {
             tail.join("\n")
+        },
+        outputs_json: if outputs.is_empty() {
+            String::new()
+        } else {
+            serde_json::Value::Object(outputs).to_string()
         },
     };
     match retry(

@@ -145,6 +145,86 @@ impl CheckpointStore for ObjectCheckpoints {
     }
 }
 
+/// The trial process's data store: locations anywhere (S3 or this host's files), and the
+/// experiment's own objects under `<prefix>/experiments/<experiment>/` in the worker's store.
+pub struct ObjectData {
+    pub store: Arc<dyn ObjectStore>,
+    pub prefix: Path,
+    pub experiment: String,
+    pub runtime: tokio::runtime::Runtime,
+}
+
+fn data_err(e: impl std::fmt::Display) -> TrialError {
+    TrialError::Data(e.to_string())
+}
+
+impl ObjectData {
+    fn own(&self, name: &str) -> Path {
+        let mut parts: Vec<String> = self.prefix.parts().map(|p| p.as_ref().to_string()).collect();
+        parts.extend(["experiments".to_string(), self.experiment.clone()]);
+        parts.extend(name.split('/').map(String::from));
+        Path::from_iter(parts)
+    }
+}
+
+impl ablate_experiments::trial::DataStore for ObjectData {
+    fn read_location(&mut self, location: &str, suffix: &str) -> Result<Vec<(String, Vec<u8>)>, TrialError> {
+        if !location.starts_with("s3://") {
+            return ablate_experiments::trial::read_local_location(location, suffix);
+        }
+        let (store, prefix) = open(location).map_err(data_err)?;
+        self.runtime.block_on(async {
+            use futures::TryStreamExt;
+            let mut listed: Vec<object_store::ObjectMeta> = store
+                .list(Some(&prefix))
+                .try_collect()
+                .await
+                .map_err(|e| data_err(format!("{location}: {e}")))?;
+            if listed.is_empty() {
+                // A single object rather than a prefix.
+                listed.push(
+                    store
+                        .head(&prefix)
+                        .await
+                        .map_err(|e| data_err(format!("{location}: {e}")))?,
+                );
+            }
+            listed.sort_by(|a, b| a.location.cmp(&b.location));
+            let mut out = Vec::new();
+            for meta in listed.into_iter().filter(|m| m.location.as_ref().ends_with(suffix)) {
+                let bytes = store
+                    .get(&meta.location)
+                    .await
+                    .map_err(data_err)?
+                    .bytes()
+                    .await
+                    .map_err(data_err)?;
+                out.push((meta.location.to_string(), bytes.to_vec()));
+            }
+            Ok(out)
+        })
+    }
+
+    fn put(&mut self, name: &str, bytes: Vec<u8>) -> Result<String, TrialError> {
+        let path = self.own(name);
+        self.runtime
+            .block_on(self.store.put(&path, bytes.into()))
+            .map_err(data_err)?;
+        Ok(path.to_string())
+    }
+
+    fn get(&mut self, name: &str) -> Result<Option<Vec<u8>>, TrialError> {
+        let path = self.own(name);
+        self.runtime.block_on(async {
+            match self.store.get(&path).await {
+                Ok(r) => Ok(Some(r.bytes().await.map_err(data_err)?.to_vec())),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(data_err(e)),
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use ablate_experiments::trial::CheckpointStore;

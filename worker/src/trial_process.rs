@@ -34,6 +34,8 @@ pub enum Event {
     M(String, i64, f64),
     /// A checkpoint that is durable in object storage.
     Checkpoint(storage::Written),
+    /// A named result kept with the trial: (name, value).
+    Output(String, Value),
 }
 
 /// Writes events to stdout, flushing at least every 100 ms.
@@ -64,6 +66,9 @@ impl MetricSink for Sink<'_> {
         self.0
             .borrow_mut()
             .emit(&Event::M(name.to_string(), step as i64, value));
+    }
+    fn output(&mut self, name: &str, value: Value) {
+        self.0.borrow_mut().emit(&Event::Output(name.to_string(), value));
     }
 }
 
@@ -98,6 +103,12 @@ pub fn run() -> anyhow::Result<()> {
             e.flush();
         })
     };
+    let mut data = storage::ObjectData {
+        store: store.clone(),
+        prefix: prefix.clone(),
+        experiment: input.experiment_id.clone(),
+        runtime: tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+    };
     let mut checkpoints = ObjectCheckpoints {
         store,
         prefix,
@@ -114,6 +125,7 @@ pub fn run() -> anyhow::Result<()> {
         device,
         checkpoints: &mut checkpoints,
         metrics: &mut sink,
+        data: &mut data,
     };
     let result = ablate_experiments::trial::run(family, &input.params, &mut ctx);
     events.borrow_mut().flush();

@@ -27,7 +27,7 @@ fn run_spec_logged(name: &str, threads: usize, log: Option<&Path>) -> (Report, V
             threads: 1,
         })
         .collect();
-    ablate_worker::local::run(&text, SpecFormat::Toml, &slots, log).unwrap()
+    ablate_worker::local::run(&text, SpecFormat::Toml, &slots, log, None).unwrap()
 }
 
 fn show(report: &Report) -> String {

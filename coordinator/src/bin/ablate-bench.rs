@@ -85,6 +85,7 @@ async fn lifecycles(addr: &str, workers: usize, trials: usize, batch: u32) -> Re
                             outcome: "succeeded".into(),
                             error: String::new(),
                             stderr_tail: String::new(),
+                            outputs_json: String::new(),
                         })
                         .await?;
                 }

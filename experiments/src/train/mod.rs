@@ -333,6 +333,9 @@ pub struct TrainParams {
     /// relative resolution to a run of 50 steps and one of 50,000.
     #[serde(default)]
     pub eval_growth: Option<f64>,
+    /// Text models: evaluate on every .txt file of this directory instead of a 10% split of `data_dir`.
+    #[serde(default)]
+    pub eval_dir: Option<String>,
     /// Training examples to see: the trial runs max(steps, ceil(examples / batch_size)) updates.
     #[serde(default)]
     pub examples: Option<u64>,

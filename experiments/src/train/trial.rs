@@ -394,8 +394,11 @@ fn task(p: &TrainParams, device: Device) -> Result<Box<dyn Task>, TrialError> {
                 )))
             }
         };
-        let corpus =
-            data::text_dir(&dir, p.context as i64, device, super::SHAKESPEARE_HELP).map_err(TrialError::Data)?;
+        let corpus = match &p.eval_dir {
+            Some(eval) => data::text_dirs(&dir, eval, p.context as i64, device, super::SHAKESPEARE_HELP),
+            None => data::text_dir(&dir, p.context as i64, device, super::SHAKESPEARE_HELP),
+        }
+        .map_err(TrialError::Data)?;
         let shape = GptShape {
             vocab: corpus.vocab,
             context: p.context as i64,
@@ -694,7 +697,14 @@ fn restore(
 mod tests {
     use serde_json::json;
 
-    use crate::trial::{MemoryCheckpoints, MemoryMetrics, TrialContext};
+    use crate::trial::{DirData, MemoryCheckpoints, MemoryMetrics, TrialContext};
+
+    fn no_data() -> DirData {
+        DirData {
+            root: std::env::temp_dir().join(format!("ablate-trial-data-{}", std::process::id())),
+            experiment: "test".into(),
+        }
+    }
 
     fn train(params: &serde_json::Value, store: &mut MemoryCheckpoints) -> MemoryMetrics {
         tch::set_num_threads(1);
@@ -703,6 +713,7 @@ mod tests {
             device: tch::Device::Cpu,
             checkpoints: store,
             metrics: &mut metrics,
+            data: &mut no_data(),
         };
         super::run(params, &mut ctx).unwrap();
         metrics
@@ -927,6 +938,7 @@ mod tests {
             device: tch::Device::Cpu,
             checkpoints: &mut store,
             metrics: &mut metrics,
+            data: &mut no_data(),
         };
         let err = super::run(&params, &mut ctx).unwrap_err();
         let text = err.to_string();
@@ -952,6 +964,7 @@ mod tests {
             device: tch::Device::Cpu,
             checkpoints: &mut ctx_store,
             metrics: &mut sink,
+            data: &mut no_data(),
         };
         let err = super::run(&digits, &mut ctx).unwrap_err().to_string();
         assert!(err.contains("28x28"), "{err}");
