@@ -587,3 +587,90 @@ async fn the_critical_batch_toy_reports_its_fit_from_curves_stored_in_postgres()
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{name}");
     }
 }
+
+/// A pool of JSONL shards in S3 (moto), featurized by trials on any of two workers, selected by
+/// one trial, written back to S3 with a manifest whose key is a row of `ablate.outputs`.
+#[tokio::test(flavor = "multi_thread")]
+async fn dsir_selects_from_a_pool_in_s3_across_workers_and_names_the_selection_in_sql() {
+    let mut stack = Stack::start(15.0).await;
+    stack.use_s3();
+    let data = std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/ablate/data/dsir");
+    assert!(
+        data.join("target/news.jsonl").exists(),
+        "run `cargo xtask provision` for the DSIR corpus"
+    );
+    // A small pool: every fifth of the provisioned documents (the shards list genres in order).
+    for shard in 0..4 {
+        let text = std::fs::read_to_string(data.join(format!("pool/shard-{shard}.jsonl"))).unwrap();
+        let head: String = text.lines().step_by(5).map(|l| format!("{l}\n")).collect();
+        let file = stack.dir.join(format!("shard-{shard}.jsonl"));
+        std::fs::write(&file, head).unwrap();
+        stack.put_s3(&format!("pool/shard-{shard}.jsonl"), &file);
+    }
+    stack.put_s3("target/news.jsonl", &data.join("target/news.jsonl"));
+    stack.start_worker("cpu:1");
+    stack.start_worker("cpu:1");
+    let spec = stack.write_spec(
+        "dsir-s3.toml",
+        r#"
+name = "dsir-s3"
+family = "dsir"
+[base]
+pool = "s3://e2e/pool"
+target = "s3://e2e/target/news.jsonl"
+target_genre = "news"
+shards = 4
+k = 200
+[sweep]
+searcher = "grid"
+params.seed = [3]
+"#,
+    );
+    let out = stack.ablate(&["submit", &spec.to_string_lossy(), "--wait"]);
+    assert!(out.status.success(), "sweep failed: {}\n{}", stderr(&out), stack.logs());
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+
+    let sql = stack.ablate(&[
+        "sql",
+        &format!(
+            "select name, value->>'manifest' as manifest, value->>'documents' as documents from ablate.outputs \
+             where experiment_id = '{id}' order by name"
+        ),
+        "--format",
+        "csv",
+    ]);
+    assert!(sql.status.success(), "{}", stderr(&sql));
+    let rows = String::from_utf8(sql.stdout).unwrap();
+    let manifest_key = rows
+        .lines()
+        .find(|l| l.starts_with("selection,"))
+        .and_then(|l| l.split(',').nth(1))
+        .unwrap_or_else(|| panic!("no selection output: {rows}"))
+        .to_string();
+    assert!(rows.contains("random_selection,"), "{rows}");
+    assert!(manifest_key.starts_with("checkpoints/experiments/"), "{manifest_key}");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&stack.get_s3(&manifest_key).expect("manifest in S3")).unwrap();
+    assert_eq!(manifest["documents"], 200);
+    let mut selected = 0;
+    for part in manifest["parts"].as_array().unwrap() {
+        let bytes = stack.get_s3(part.as_str().unwrap()).expect("part in S3");
+        selected += String::from_utf8(bytes).unwrap().lines().count();
+    }
+    assert_eq!(selected, 200, "the parts hold exactly the selection");
+
+    let json = stack.ablate(&["report", &id, "--format", "json"]);
+    assert!(json.status.success(), "{}", stderr(&json));
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(report["family"], "dsir");
+    let criteria = report["verdict"]["criteria"].as_array().unwrap();
+    assert_eq!(criteria.len(), 2, "no downstream model in this spec: {report:#}");
+    assert!(criteria.iter().all(|c| c["holds"] == true), "{report:#}");
+    let stages = stack
+        .scalar_i64(&format!(
+            "select count(*) from ablate.trial_results where experiment_id = '{id}' and state = 'succeeded' \
+             and params->>'stage' in ('features', 'select')"
+        ))
+        .await;
+    assert_eq!(stages, 5, "four shards and one selection");
+}

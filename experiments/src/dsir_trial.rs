@@ -319,3 +319,136 @@ fn train(p: &DsirParams, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> {
     let _ = std::fs::remove_dir_all(&scratch);
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::trial::{DirData, MemoryCheckpoints, MemoryMetrics};
+
+    struct Bench {
+        dir: std::path::PathBuf,
+    }
+
+    impl Bench {
+        fn new(tag: &str) -> Bench {
+            let dir = std::env::temp_dir().join(format!("ablate-dsir-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(dir.join("pool")).unwrap();
+            let words = |topic: &str, i: usize| {
+                (0..120)
+                    .map(|w| format!("{topic}{} word{}", w % 7, (w * i) % 13))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            for shard in 0..2 {
+                let lines: String = (0..20)
+                    .map(|i| {
+                        let topic = if i % 4 == 0 { "court" } else { "bread" };
+                        format!(
+                            "{}\n",
+                            json!({"id": format!("{shard}-{i}"), "text": words(topic, i), "genre": topic})
+                        )
+                    })
+                    .collect();
+                std::fs::write(dir.join(format!("pool/shard-{shard}.jsonl")), lines).unwrap();
+            }
+            let target: String = (0..5)
+                .map(|i| format!("{}\n", json!({"text": words("court", i)})))
+                .collect();
+            std::fs::write(dir.join("target.jsonl"), target).unwrap();
+            Bench { dir }
+        }
+
+        fn params(&self, stage: &str, extra: Value) -> Value {
+            let mut p = json!({"stage": stage, "pool": self.dir.join("pool"), "target": self.dir.join("target.jsonl"),
+                "shards": 2, "k": 5, "target_genre": "court", "wait_s": 2});
+            for (k, v) in extra.as_object().unwrap() {
+                p[k] = v.clone();
+            }
+            p
+        }
+
+        fn run(&self, params: &Value) -> (Result<(), TrialError>, MemoryMetrics) {
+            let mut metrics = MemoryMetrics::default();
+            let mut data = DirData {
+                root: self.dir.join("store"),
+                experiment: "e".into(),
+            };
+            let mut ctx = TrialContext {
+                device: tch::Device::Cpu,
+                checkpoints: &mut MemoryCheckpoints::default(),
+                metrics: &mut metrics,
+                data: &mut data,
+            };
+            (run(params, &mut ctx), metrics)
+        }
+    }
+
+    #[test]
+    fn shards_then_selection_pick_the_target_topic_and_write_a_manifest() {
+        let b = Bench::new("ok");
+        for shard in 0..2 {
+            b.run(&b.params("features", json!({"shard": shard}))).0.unwrap();
+        }
+        let (result, metrics) = b.run(&b.params("select", json!({"top_k": true})));
+        result.unwrap();
+        assert_eq!(
+            metrics.last("target_share_dsir"),
+            Some(1.0),
+            "every court document first"
+        );
+        assert_eq!(metrics.last("target_base_rate"), Some(0.25));
+        assert!(metrics.last("kl_reduction_dsir").unwrap() > metrics.last("kl_reduction_random").unwrap());
+        let manifest = b.dir.join("store/experiments/e/dsir/selection/dsir/manifest.json");
+        let manifest: Value = serde_json::from_slice(&std::fs::read(manifest).unwrap()).unwrap();
+        assert_eq!(manifest["documents"], 5);
+        assert_eq!(metrics.outputs["selection"]["documents"], 5);
+    }
+
+    #[test]
+    fn bad_input_is_refused_clearly_and_computed_weights_are_kept() {
+        let b = Bench::new("bad");
+        for shard in 0..2 {
+            b.run(&b.params("features", json!({"shard": shard}))).0.unwrap();
+        }
+        // k above the pool: refused after the weights are stored.
+        let err = b.run(&b.params("select", json!({"k": 41}))).0.unwrap_err().to_string();
+        assert!(err.contains("lower k") && err.contains("weights are kept"), "{err}");
+        assert!(b.dir.join("store/experiments/e/dsir/weights/shard-1.bin").exists());
+        // An empty target.
+        std::fs::write(b.dir.join("empty.jsonl"), "").unwrap();
+        let err = b
+            .run(&b.params("select", json!({"target": b.dir.join("empty.jsonl")})))
+            .0
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("holds no text"), "{err}");
+        // A shard that is not JSONL names its file and line.
+        std::fs::write(
+            b.dir.join("pool/shard-1.jsonl"),
+            "{\"text\": \"fine\"}\nnot json at all\n",
+        )
+        .unwrap();
+        let err = b
+            .run(&b.params("features", json!({"shard": 1})))
+            .0
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("shard-1.jsonl line 2") && err.contains("not JSON"),
+            "{err}"
+        );
+        // The earlier shard's features are still there.
+        assert!(b.dir.join("store/experiments/e/dsir/features/shard-0.json").exists());
+        // A selection whose shards never finish says what it waited for.
+        let lonely = Bench::new("wait");
+        let err = lonely
+            .run(&lonely.params("select", json!({})))
+            .0
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("the features of shard 0"), "{err}");
+    }
+}

@@ -166,3 +166,28 @@ fn intrinsic_dimension_is_small_and_alike_across_widths_and_projections_on_digit
     }
     assert!(report.verdict.holds, "{}", show(&report));
 }
+
+#[test]
+fn dsir_selects_the_target_genre_and_its_lm_fits_the_target_better() {
+    let (report, outcomes) = run_spec("dsir-brown.toml", 2);
+    assert_eq!(
+        outcomes.len(),
+        4 + 1 + 4,
+        "4 shards, 1 selection, 2 seeds x 2 selections"
+    );
+    eprintln!("{}", show(&report));
+    assert!(outcomes.iter().all(|t| t.state == "succeeded"), "{}", show(&report));
+    for name in ["target share", "KL reduction of DSIR", "target perplexity"] {
+        let c = criterion(&report, name);
+        assert!(c.holds, "{name}: {}", show(&report));
+    }
+    let select = outcomes
+        .iter()
+        .find(|t| t.param_str("stage") == Some("select"))
+        .unwrap();
+    assert_eq!(select.metric("selected"), Some(1000.0));
+    assert!(select.outputs["selection"]["manifest"]
+        .as_str()
+        .unwrap()
+        .ends_with("dsir/manifest.json"));
+}

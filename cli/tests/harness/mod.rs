@@ -205,6 +205,41 @@ impl Stack {
         ));
     }
 
+    /// Uploads a local file to `s3://e2e/<key>` on the server `use_s3` started.
+    pub fn put_s3(&self, key: &str, file: &Path) {
+        let (_, env) = self.object_store.as_ref().expect("call use_s3 first");
+        let endpoint = &env.iter().find(|(k, _)| k == "AWS_ENDPOINT").expect("endpoint").1;
+        let bin = PathBuf::from(std::env::var_os("ABLATE_MOTO_BIN").expect("ABLATE_MOTO_BIN"));
+        let script = format!(
+            "import boto3, sys; boto3.client('s3', endpoint_url='{endpoint}', aws_access_key_id='test', \
+             aws_secret_access_key='test', region_name='us-east-1').upload_file(sys.argv[1], 'e2e', sys.argv[2])"
+        );
+        assert!(Command::new(bin.join("python"))
+            .args(["-c", &script])
+            .arg(file)
+            .arg(key)
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// The bytes of `s3://e2e/<key>`, `None` when it does not exist.
+    pub fn get_s3(&self, key: &str) -> Option<Vec<u8>> {
+        let (_, env) = self.object_store.as_ref().expect("call use_s3 first");
+        let endpoint = &env.iter().find(|(k, _)| k == "AWS_ENDPOINT").expect("endpoint").1;
+        let bin = PathBuf::from(std::env::var_os("ABLATE_MOTO_BIN").expect("ABLATE_MOTO_BIN"));
+        let script = format!(
+            "import boto3, sys; sys.stdout.buffer.write(boto3.client('s3', endpoint_url='{endpoint}', \
+             aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\
+             .get_object(Bucket='e2e', Key=sys.argv[1])['Body'].read())"
+        );
+        let out = Command::new(bin.join("python"))
+            .args(["-c", &script, key])
+            .output()
+            .unwrap();
+        out.status.success().then_some(out.stdout)
+    }
+
     /// SIGKILL to the worker daemon and every trial process in its group.
     pub fn kill_worker(&mut self, index: usize) {
         if let Some(child) = self.workers[index].take() {
