@@ -20,15 +20,42 @@ pub const SMOOTHING: f64 = 1e-8;
 pub fn bucket(text: &str, buckets: u32) -> u32 {
     let digest = Sha256::digest(text.as_bytes());
     let m = u64::from(buckets);
-    digest.iter().fold(0u64, |r, &b| (r * 256 + u64::from(b)) % m) as u32
+    // Four bytes at a time: r < m <= 2^32, so r * 2^32 + word stays within u64.
+    digest
+        .chunks_exact(4)
+        .fold(0u64, |r, w| ((r << 32) | u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]))) % m) as u32
 }
 
+/// A fast non-cryptographic hasher for the word cache (FxHash's multiply-rotate).
+#[derive(Default, Clone, Copy)]
+struct WordHasher(u64);
+
+impl std::hash::Hasher for WordHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(K);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
+        }
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type WordCache = HashMap<Box<str>, u32, std::hash::BuildHasherDefault<WordHasher>>;
+
 /// Turns documents into buckets of unigrams and bigrams. Keeps a cache of the
-/// buckets of strings it has hashed, so frequent words are hashed once.
+/// buckets of the words it has hashed, so frequent words are hashed once
+/// (bigrams repeat too rarely for a cache to pay for its inserts).
 pub struct Featurizer {
     tokens: regex::Regex,
     buckets: u32,
-    cache: HashMap<String, u32>,
+    cache: WordCache,
 }
 
 /// Strings hashed at most once each up to this many entries; beyond it, hashed every time.
@@ -39,7 +66,7 @@ impl Featurizer {
         Featurizer {
             tokens: regex::Regex::new(r"\w+|[^\w\s]+").expect("the token pattern compiles"),
             buckets,
-            cache: HashMap::new(),
+            cache: WordCache::default(),
         }
     }
 
@@ -53,7 +80,7 @@ impl Featurizer {
         }
         let b = bucket(s, self.buckets);
         if self.cache.len() < CACHE_LIMIT {
-            self.cache.insert(s.to_string(), b);
+            self.cache.insert(s.into(), b);
         }
         b
     }
@@ -72,8 +99,7 @@ impl Featurizer {
             pair.push_str(w[0]);
             pair.push(' ');
             pair.push_str(w[1]);
-            let b = self.hashed(&pair);
-            out.push(b);
+            out.push(bucket(&pair, self.buckets));
         }
         out
     }
@@ -152,14 +178,7 @@ pub fn log_ratio(target: &[u64], raw: &[u64]) -> Vec<f64> {
 
 /// A document's log importance weight.
 pub fn log_weight(log_ratio: &[f64], features: &[u32]) -> f64 {
-    let mut per_bucket: HashMap<u32, u32> = HashMap::with_capacity(features.len());
-    for &b in features {
-        *per_bucket.entry(b).or_default() += 1;
-    }
-    per_bucket
-        .iter()
-        .map(|(&b, &c)| log_ratio[b as usize] * f64::from(c))
-        .sum()
+    features.iter().map(|&b| log_ratio[b as usize]).sum()
 }
 
 /// The indices of the `k` largest weights, largest first (ties by index). `None` where

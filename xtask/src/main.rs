@@ -436,7 +436,7 @@ fn main() -> ExitCode {
             .and_then(|_| provision_postgres())
             .and_then(|_| provision_datasets())
             .and_then(|_| provision_dsir_reference().map(|_| ())),
-        _ => Err("usage: cargo xtask <demo [SPEC]|test|bench|build [--release]|check|provision>".into()),
+        _ => Err("usage: cargo xtask <demo [SPEC]|test|bench [dsir]|build [--release]|check|provision>".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -449,6 +449,8 @@ fn main() -> ExitCode {
 
 fn bench(args: &[String]) -> Result {
     provision_libtorch()?;
+    provision_datasets()?;
+    let dsir_python = provision_dsir_reference()?;
     run(&mut cargo(&[
         "build",
         "--release",
@@ -459,6 +461,9 @@ fn bench(args: &[String]) -> Result {
     ]))?;
     let url = test_database()?;
     let mut command = Command::new(bin_dir("release").join("ablate-bench"));
-    command.args(args).env("DATABASE_URL", url);
+    command
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env("ABLATE_DSIR_PYTHON", dsir_python);
     run(&mut command)
 }

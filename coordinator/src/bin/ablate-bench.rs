@@ -1,7 +1,10 @@
 //! `ablate-bench` (run it with `cargo xtask bench`): control-plane and metric
 //! ingest throughput through a real coordinator over gRPC on loopback and a
 //! durable PostgreSQL, beside raw PostgreSQL baselines measured in the same run.
-//! It prints a table; it asserts nothing about time.
+//! It prints a table; it asserts nothing about time. `ablate-bench dsir` runs only
+//! the DSIR rows: documents/s of our importance weights beside the reference
+//! package's (data-selection 1.0.3, from the python named by ABLATE_DSIR_PYTHON),
+//! on the same corpus in the same run.
 
 use std::time::{Duration, Instant};
 
@@ -212,8 +215,101 @@ fn print(rows: &[Row]) {
     }
 }
 
+/// The DSIR corpus `cargo xtask provision` builds: the pool's shards and the news target.
+fn dsir_corpus() -> Result<(Vec<std::path::PathBuf>, std::path::PathBuf)> {
+    let root = std::path::PathBuf::from(ablate_experiments::train::data_root()).join("dsir");
+    let mut pool: Vec<_> = std::fs::read_dir(root.join("pool"))
+        .map_err(|e| format!("{}: {e}; run `cargo xtask provision`", root.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    pool.sort();
+    Ok((pool, root.join("target/news.jsonl")))
+}
+
+/// Our importance weights over `docs` on `threads` threads (a featurizer each, cold): documents/s.
+fn dsir_ours(docs: &[String], ratio: &[f64], threads: usize) -> f64 {
+    use ablate_experiments::dsir::{log_weight, Featurizer, BUCKETS};
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for chunk in docs.chunks(docs.len().div_ceil(threads)) {
+            scope.spawn(move || {
+                let mut f = Featurizer::new(BUCKETS);
+                chunk.iter().map(|d| log_weight(ratio, &f.features(d))).sum::<f64>()
+            });
+        }
+    });
+    docs.len() as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The reference's importance weights (`compute_importance_weights`) on `procs` processes: documents/s.
+fn dsir_reference(python: &str, pool: &[std::path::PathBuf], target: &std::path::Path, procs: usize) -> Result<f64> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/tests/support/dsir_reference.py");
+    let work = std::env::temp_dir().join(format!("ablate-bench-dsir-{}-{procs}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .args(pool)
+        .arg("--target")
+        .arg(target)
+        .args(["--k", "1000", "--num-proc", &procs.to_string(), "--work"])
+        .arg(&work)
+        .output()?;
+    let _ = std::fs::remove_dir_all(&work);
+    if !out.status.success() {
+        return Err(format!("reference DSIR failed: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v["documents"].as_f64().unwrap_or(0.0) / v["seconds"].as_f64().unwrap_or(f64::INFINITY))
+}
+
+fn dsir_rows() -> Result<Vec<Row>> {
+    use ablate_experiments::dsir::{self, Featurizer, BUCKETS};
+    let (pool, target) = dsir_corpus()?;
+    let mut docs = Vec::new();
+    for path in &pool {
+        let bytes = std::fs::read(path)?;
+        docs.extend(dsir::parse_jsonl(&bytes, "text", &path.display().to_string())?.into_iter().map(|d| d.text));
+    }
+    let mut f = Featurizer::new(BUCKETS);
+    let (mut raw, mut tgt) = (vec![0u64; BUCKETS as usize], vec![0u64; BUCKETS as usize]);
+    for d in &docs {
+        dsir::count(&mut raw, &f.features(d));
+    }
+    for d in dsir::parse_jsonl(&std::fs::read(&target)?, "text", "target")? {
+        dsir::count(&mut tgt, &f.features(&d.text));
+    }
+    let ratio = dsir::log_ratio(&tgt, &raw);
+    let python = std::env::var("ABLATE_DSIR_PYTHON").ok();
+    let mut rows = Vec::new();
+    for threads in [1, 2] {
+        let ours = dsir_ours(&docs, &ratio, threads);
+        let reference = match &python {
+            Some(py) => Some(dsir_reference(py, &pool, &target, threads)?),
+            None => None,
+        };
+        rows.push(Row {
+            what: format!("DSIR importance weights, {} 128-word docs, {threads} core(s)", docs.len()),
+            ours,
+            unit: "docs/s",
+            reference: "data-selection 1,300 (1 proc), 1,900 (2)",
+            target: ">= 26,000/s/core",
+            extra: match reference {
+                Some(r) => format!("reference measured now: {r:.0} docs/s; ours {:.1}x", ours / r),
+                None => "reference not run: set ABLATE_DSIR_PYTHON (cargo xtask bench does)".into(),
+            },
+        });
+    }
+    Ok(rows)
+}
+
 #[tokio::main]
 async fn main() -> Result {
+    if std::env::args().nth(1).as_deref() == Some("dsir") {
+        print(&dsir_rows()?);
+        return Ok(());
+    }
     let admin = std::env::var("DATABASE_URL").map_err(|_| "set DATABASE_URL (cargo xtask bench does)")?;
     let db = format!("ablate_bench_{}", uuid::Uuid::new_v4().simple());
     let admin_pool = PgPoolOptions::new().max_connections(1).connect(&admin).await?;
@@ -277,6 +373,7 @@ async fn main() -> Result {
         target: "(baseline)",
         extra: "concurrent commits share fsyncs".into(),
     });
+    rows.extend(dsir_rows()?);
     rows.push(Row {
         what: "raw PostgreSQL: INSERT from UNNEST, 4,096 rows per commit".into(),
         ours: raw_unnest(&url, 100, 4096).await?,
