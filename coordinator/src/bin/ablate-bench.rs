@@ -245,7 +245,8 @@ fn dsir_ours(docs: &[String], ratio: &[f64], threads: usize) -> f64 {
 
 /// The reference's importance weights (`compute_importance_weights`) on `procs` processes: documents/s.
 fn dsir_reference(python: &str, pool: &[std::path::PathBuf], target: &std::path::Path, procs: usize) -> Result<f64> {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/tests/support/dsir_reference.py");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/tests/support/dsir_reference.py");
     let work = std::env::temp_dir().join(format!("ablate-bench-dsir-{}-{procs}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     let out = std::process::Command::new(python)
@@ -270,7 +271,11 @@ fn dsir_rows() -> Result<Vec<Row>> {
     let mut docs = Vec::new();
     for path in &pool {
         let bytes = std::fs::read(path)?;
-        docs.extend(dsir::parse_jsonl(&bytes, "text", &path.display().to_string())?.into_iter().map(|d| d.text));
+        docs.extend(
+            dsir::parse_jsonl(&bytes, "text", &path.display().to_string())?
+                .into_iter()
+                .map(|d| d.text),
+        );
     }
     let mut f = Featurizer::new(BUCKETS);
     let (mut raw, mut tgt) = (vec![0u64; BUCKETS as usize], vec![0u64; BUCKETS as usize]);
@@ -290,7 +295,10 @@ fn dsir_rows() -> Result<Vec<Row>> {
             None => None,
         };
         rows.push(Row {
-            what: format!("DSIR importance weights, {} 128-word docs, {threads} core(s)", docs.len()),
+            what: format!(
+                "DSIR importance weights, {} 128-word docs, {threads} core(s)",
+                docs.len()
+            ),
             ours,
             unit: "docs/s",
             reference: "data-selection 1,300 (1 proc), 1,900 (2)",
