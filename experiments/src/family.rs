@@ -135,6 +135,7 @@ impl Family {
     ) -> Result<Vec<serde_json::Map<String, Value>>, ParamError> {
         match self {
             Family::Dsir => crate::dsir_family::expand(points),
+            Family::IntrinsicDim => Ok(crate::intrinsic::expand(points)),
             _ => Ok(points),
         }
     }

@@ -52,6 +52,25 @@ impl ModelKey {
     }
 }
 
+/// Drops the full-training points that differ only in `projection` (which full training
+/// ignores), so a grid over projections runs each baseline once.
+pub fn expand(
+    points: Vec<serde_json::Map<String, serde_json::Value>>,
+) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    let mut seen = std::collections::HashSet::new();
+    points
+        .into_iter()
+        .filter(|p| {
+            if p.get("subspace_dim").and_then(serde_json::Value::as_u64).unwrap_or(0) != 0 {
+                return true;
+            }
+            let mut key = p.clone();
+            key.remove("projection");
+            seen.insert(serde_json::Value::Object(key).to_string())
+        })
+        .collect()
+}
+
 /// One model's results under one projection.
 struct Curve {
     projection: String,
@@ -437,6 +456,25 @@ mod tests {
         let report = analyze(&outcomes).unwrap();
         assert!(report.tables[1].rows.iter().all(|r| r[5] == "not reached"));
         assert!(!report.verdict.holds);
+    }
+
+    #[test]
+    fn full_training_runs_once_whatever_the_projection() {
+        let point = |dim: u64, projection: &str, seed: u64| {
+            json!({"subspace_dim": dim, "projection": projection, "seed": seed})
+                .as_object()
+                .unwrap()
+                .clone()
+        };
+        let mut points = Vec::new();
+        for projection in ["dense", "sparse", "fastfood"] {
+            for seed in 0..2 {
+                points.push(point(0, projection, seed));
+                points.push(point(10, projection, seed));
+            }
+        }
+        let kept = expand(points);
+        assert_eq!(kept.len(), 2 + 6, "one baseline per seed, every subspace trial");
     }
 
     #[test]
