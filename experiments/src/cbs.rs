@@ -17,8 +17,8 @@ use serde_json::Value;
 
 use crate::family::ParamError;
 use crate::report::{
-    cell, fit_line_weighted, spearman, Criterion, Figure, Panel, Report, ReportError, Series, Table, TrialOutcome,
-    Verdict,
+    cell, fit_line_weighted, furthest_from_one, mean, spearman, Criterion, Figure, Panel, Report, ReportError, Series,
+    Table, TrialOutcome, Verdict,
 };
 use crate::train::TrainParams;
 
@@ -154,9 +154,9 @@ struct BudgetResult {
     cbs: Option<f64>,
 }
 
-fn mean(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
-    let v: Vec<f64> = values.collect::<Option<_>>()?;
-    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+/// The mean over seeds, `None` unless every seed has a value.
+fn mean_all(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    mean(values.collect::<Option<Vec<f64>>>()?)
 }
 
 fn analyze_budget(runs: &Runs<'_>, b0: u32, examples: u64) -> Option<BudgetResult> {
@@ -164,7 +164,7 @@ fn analyze_budget(runs: &Runs<'_>, b0: u32, examples: u64) -> Option<BudgetResul
     let at = examples as f64 / b0 as f64;
     let target = reference
         .values()
-        .filter_map(|seeds| mean(seeds.iter().map(|t| loss_at(t.curve(LOSS), at))))
+        .filter_map(|seeds| mean_all(seeds.iter().map(|t| loss_at(t.curve(LOSS), at))))
         .min_by(f64::total_cmp)?;
     let steps: Vec<(u32, Option<(f64, f64)>)> = runs
         .iter()
@@ -172,7 +172,7 @@ fn analyze_budget(runs: &Runs<'_>, b0: u32, examples: u64) -> Option<BudgetResul
             let best = by_lr
                 .iter()
                 .filter_map(|(lr, seeds)| {
-                    let s = mean(seeds.iter().map(|t| steps_to(t.curve(LOSS), target)))?;
+                    let s = mean_all(seeds.iter().map(|t| steps_to(t.curve(LOSS), target)))?;
                     Some((s, f64::from_bits(*lr)))
                 })
                 .min_by(|a, b| a.0.total_cmp(&b.0));
@@ -317,7 +317,7 @@ pub fn analyze(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
         let at = largest as f64 / b0 as f64;
         let best = runs[&b0].values().min_by(|a, b| {
             let reached = |seeds: &&Vec<&TrialOutcome>| {
-                mean(seeds.iter().map(|t| loss_at(t.curve(LOSS), at))).unwrap_or(f64::INFINITY)
+                mean_all(seeds.iter().map(|t| loss_at(t.curve(LOSS), at))).unwrap_or(f64::INFINITY)
             };
             reached(a).total_cmp(&reached(b))
         });
@@ -361,15 +361,10 @@ pub fn analyze(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
         None
     } else {
         let (narrow, wide) = (&results[0].1, &results[results.len() - 1].1);
-        settings
-            .budgets
-            .iter()
-            .map(|d| {
-                let c = |rs: &Vec<BudgetResult>| rs.iter().find(|r| r.examples == *d)?.cbs;
-                Some(c(wide)? / c(narrow)?)
-            })
-            .collect::<Option<Vec<f64>>>()
-            .and_then(|v| v.into_iter().max_by(|a, b| a.ln().abs().total_cmp(&b.ln().abs())))
+        furthest_from_one(settings.budgets.iter().map(|d| {
+            let c = |rs: &Vec<BudgetResult>| rs.iter().find(|r| r.examples == *d)?.cbs;
+            Some(c(wide)? / c(narrow)?)
+        }))
     };
     let noise_rho = correlations
         .iter()

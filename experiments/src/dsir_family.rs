@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::family::ParamError;
-use crate::report::{cell, Criterion, Report, ReportError, Table, TrialOutcome, Verdict};
+use crate::report::{cell, mean, Criterion, Report, ReportError, Table, TrialOutcome, Verdict};
 use crate::train::TrainParams;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -249,10 +249,6 @@ pub fn expand(points: Vec<Map<String, Value>>) -> Result<Vec<Map<String, Value>>
     Ok(out)
 }
 
-fn mean(values: &[f64]) -> Option<f64> {
-    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
-}
-
 /// The DSIR report: KL reduction and target share of both selections, throughput, and the
 /// downstream perplexities.
 pub fn analyze(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
@@ -287,12 +283,7 @@ pub fn analyze(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
         .filter(|t| stage(t).as_deref() == Some("features") && t.state == "succeeded")
         .collect();
     let docs: f64 = features.iter().filter_map(|t| t.metric("documents")).sum();
-    let per_core = mean(
-        &features
-            .iter()
-            .filter_map(|t| t.metric("docs_per_s"))
-            .collect::<Vec<_>>(),
-    );
+    let per_core = mean(features.iter().filter_map(|t| t.metric("docs_per_s")));
 
     let mut perplexity = Vec::new();
     let mut lm_rows = Vec::new();
@@ -302,13 +293,14 @@ pub fn analyze(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
             .filter(|t| stage(t).as_deref() == Some("train") && t.param_str("selection") == Some(selection))
             .filter_map(|t| t.metric("eval_loss"))
             .collect();
-        let ppl = mean(&losses).map(f64::exp);
+        let mean_loss = mean(losses.iter().copied());
+        let ppl = mean_loss.map(f64::exp);
         perplexity.push(ppl);
         if !losses.is_empty() {
             lm_rows.push(vec![
                 selection.to_string(),
                 losses.len().to_string(),
-                cell(mean(&losses)),
+                cell(mean_loss),
                 cell(ppl),
             ]);
         }

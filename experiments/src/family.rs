@@ -116,14 +116,15 @@ impl Family {
         }
     }
 
-    /// The metric minimized when a spec names no objective.
-    pub fn default_objective(self) -> &'static str {
+    /// The objective when a spec names none: a metric and whether to minimize or maximize it.
+    pub fn default_objective(self) -> (&'static str, ablate_schema::Goal) {
+        use ablate_schema::Goal::{Maximize, Minimize};
         match self {
-            Family::Train => "eval_loss",
-            Family::MupTransfer => crate::mup::OBJECTIVE,
-            Family::CriticalBatch => crate::cbs::LOSS,
-            Family::IntrinsicDim => crate::intrinsic::ACCURACY,
-            Family::Dsir => "eval_loss",
+            Family::Train => ("eval_loss", Minimize),
+            Family::MupTransfer => (crate::mup::OBJECTIVE, Minimize),
+            Family::CriticalBatch => (crate::cbs::LOSS, Minimize),
+            Family::IntrinsicDim => (crate::intrinsic::ACCURACY, Maximize),
+            Family::Dsir => ("eval_loss", Minimize),
         }
     }
 

@@ -9,7 +9,8 @@
 use std::collections::BTreeMap;
 
 use crate::report::{
-    cell, spearman, Criterion, Figure, Panel, Report, ReportError, Series, Table, TrialOutcome, Verdict,
+    cell, furthest_from_one, mean, spearman, Criterion, Figure, Panel, Report, ReportError, Series, Table,
+    TrialOutcome, Verdict,
 };
 
 /// The metric the report reads.
@@ -86,15 +87,6 @@ struct ModelResult {
     curves: Vec<Curve>,
 }
 
-fn mean(v: &[f64]) -> Option<f64> {
-    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
-}
-
-/// The furthest from 1 of some ratios (so both 0.4 and 2.5 count as off by 2.5x).
-fn furthest_from_one(ratios: impl Iterator<Item = f64>) -> Option<f64> {
-    ratios.max_by(|a, b| a.ln().abs().total_cmp(&b.ln().abs()))
-}
-
 /// The intrinsic-dimension report over a sweep's finished trials.
 pub fn analyze(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
     if outcomes.is_empty() {
@@ -138,13 +130,13 @@ pub fn analyze(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
     let results: Vec<ModelResult> = grid
         .into_iter()
         .map(|(key, by_projection)| {
-            let baseline = baselines.get(&key).and_then(|v| mean(v));
+            let baseline = baselines.get(&key).and_then(|v| mean(v.iter().copied()));
             let curves = by_projection
                 .into_iter()
                 .map(|(projection, by_dim)| {
                     let points: Vec<(u64, f64, usize)> = by_dim
                         .iter()
-                        .filter_map(|(d, accs)| Some((*d, mean(accs)?, accs.len())))
+                        .filter_map(|(d, accs)| Some((*d, mean(accs.iter().copied())?, accs.len())))
                         .collect();
                     let d_int90 =
                         baseline.and_then(|b| points.iter().find(|(_, acc, _)| *acc >= FRACTION * b).map(|p| p.0));
@@ -254,10 +246,7 @@ pub fn analyze(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
         }
     }
     if !width_ratios.is_empty() {
-        let measured = width_ratios
-            .into_iter()
-            .collect::<Option<Vec<f64>>>()
-            .and_then(|v| furthest_from_one(v.into_iter()));
+        let measured = furthest_from_one(width_ratios);
         criteria.push(Criterion::between(
             "d_int90(wider)/d_int90(narrower), the furthest from 1",
             measured,
@@ -275,10 +264,7 @@ pub fn analyze(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
         .map(|r| Some(d_of(r, "fastfood")? as f64 / d_of(r, "dense")? as f64))
         .collect();
     if !projection_ratios.is_empty() {
-        let measured = projection_ratios
-            .into_iter()
-            .collect::<Option<Vec<f64>>>()
-            .and_then(|v| furthest_from_one(v.into_iter()));
+        let measured = furthest_from_one(projection_ratios);
         criteria.push(Criterion::between(
             "d_int90(fastfood)/d_int90(dense), the furthest from 1",
             measured,

@@ -262,6 +262,22 @@ pub fn fit_line_weighted(points: &[(f64, f64, f64)]) -> Option<LineFit> {
     })
 }
 
+/// The mean, `None` for no values.
+pub fn mean(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = values.into_iter().fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
+/// The ratio furthest from 1 (so 0.4 and 2.5 both count as off by 2.5x); `None` when there
+/// are none or one could not be measured.
+pub fn furthest_from_one(ratios: impl IntoIterator<Item = Option<f64>>) -> Option<f64> {
+    ratios
+        .into_iter()
+        .collect::<Option<Vec<f64>>>()?
+        .into_iter()
+        .max_by(|a, b| a.ln().abs().total_cmp(&b.ln().abs()))
+}
+
 /// Ranks from 1, ties sharing their mean rank.
 fn ranks(values: &[f64]) -> Vec<f64> {
     let mut order: Vec<usize> = (0..values.len()).collect();
@@ -350,5 +366,9 @@ mod tests {
         assert_eq!(cell(Some(1234.5678)), "1235");
         assert_eq!(cell(Some(0.012345)), "0.01235");
         assert_eq!(cell(None), "-");
+        assert_eq!(mean([1.0, 2.0, 6.0]), Some(3.0));
+        assert_eq!(mean([]), None);
+        assert_eq!(furthest_from_one([Some(1.5), Some(0.4), Some(2.0)]), Some(0.4));
+        assert_eq!(furthest_from_one([Some(1.5), None]), None);
     }
 }

@@ -2,7 +2,7 @@
 //! the objective, expand the sweep with its searcher, and check every trial's
 //! parameters, naming the spec field at fault. Nothing is stored here.
 
-use ablate_schema::{Goal, Objective, SpecError, SpecFormat, SweepSpec};
+use ablate_schema::{Objective, SpecError, SpecFormat, SweepSpec};
 use serde_json::Value;
 
 use crate::{searcher, Family};
@@ -38,14 +38,13 @@ pub fn check(text: &str, format: SpecFormat) -> Result<Checked, SpecError> {
             ))
         }
         Some(o) => o.clone(),
-        None => Objective {
-            metric: family.default_objective().to_string(),
-            goal: if family.default_objective() == crate::intrinsic::ACCURACY {
-                Goal::Maximize
-            } else {
-                Goal::Minimize
-            },
-        },
+        None => {
+            let (metric, goal) = family.default_objective();
+            Objective {
+                metric: metric.to_string(),
+                goal,
+            }
+        }
     };
     let points: Vec<serde_json::Map<String, Value>> = searcher::expand(&spec)?
         .into_iter()
