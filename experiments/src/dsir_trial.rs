@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use crate::dsir::{self, Document, Featurizer};
 use crate::dsir_family::{self as family, DsirParams, Selection, Stage};
 use crate::family::ParamError;
-use crate::trial::{TrialContext, TrialError};
+use crate::trial::{every_file, LocatedFile, TrialContext, TrialError};
 
 /// Keeps the random baseline's draws apart from the Gumbel noise.
 const RANDOM_SALT: u64 = 0x7a4d_0b5e_1ec7_0001;
@@ -27,27 +27,38 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
     }
 }
 
-/// The pool's files of shard `shard`: file i belongs to shard i mod shards.
-fn shard_files(p: &DsirParams, ctx: &mut TrialContext<'_>, shard: u32) -> Result<Vec<(String, Vec<u8>)>, TrialError> {
-    let files = ctx.data.read_location(&p.pool, ".jsonl")?;
-    if files.len() < p.shards as usize {
+/// The shard pool file `index` belongs to.
+fn shard_of_file(p: &DsirParams, index: usize) -> u32 {
+    (index % p.shards as usize) as u32
+}
+
+/// Reads the pool's files that `pick` accepts (by position), checking there are enough for every shard.
+fn pool_files(
+    p: &DsirParams,
+    ctx: &mut TrialContext<'_>,
+    pick: &dyn Fn(usize) -> bool,
+) -> Result<Vec<LocatedFile>, TrialError> {
+    let listing = ctx.data.read_location(&p.pool, ".jsonl", pick)?;
+    if listing.total < p.shards as usize {
         return Err(TrialError::Data(format!(
             "the pool {} holds {} .jsonl files, fewer than shards = {}; lower shards or split the pool",
-            p.pool,
-            files.len(),
-            p.shards
+            p.pool, listing.total, p.shards
         )));
     }
-    Ok(files
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| *i as u32 % p.shards == shard)
-        .map(|(_, f)| f)
-        .collect())
+    Ok(listing.files)
 }
 
 fn parse(bytes: &[u8], field: &str, name: &str) -> Result<Vec<Document>, TrialError> {
     dsir::parse_jsonl(bytes, field, name).map_err(TrialError::Data)
+}
+
+/// Every document of the target text.
+fn target_documents(p: &DsirParams, ctx: &mut TrialContext<'_>) -> Result<Vec<Document>, TrialError> {
+    let mut docs = Vec::new();
+    for f in ctx.data.read_location(&p.target, ".jsonl", &every_file)?.files {
+        docs.extend(parse(&f.bytes, &p.text_field, &f.name)?);
+    }
+    Ok(docs)
 }
 
 fn encode(features: &[Vec<u32>]) -> Vec<u8> {
@@ -81,15 +92,15 @@ fn decode(bytes: &[u8], name: &str) -> Result<Vec<Vec<u32>>, TrialError> {
 
 /// Featurizes this trial's share of the pool; the counts file, written last, marks it done.
 fn features(p: &DsirParams, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> {
-    let files = shard_files(p, ctx, p.shard)?;
+    let files = pool_files(p, ctx, &|i| shard_of_file(p, i) == p.shard)?;
     let start = Instant::now();
     let mut featurizer = Featurizer::new(p.buckets);
     let mut counts = vec![0u64; p.buckets as usize];
     let mut all = Vec::new();
     let mut per_file = Vec::new();
-    for (name, bytes) in &files {
-        let docs = parse(bytes, &p.text_field, name)?;
-        per_file.push(json!({"file": name, "documents": docs.len()}));
+    for f in &files {
+        let docs = parse(&f.bytes, &p.text_field, &f.name)?;
+        per_file.push(json!({"file": f.name, "documents": docs.len()}));
         for d in docs {
             let f = featurizer.features(&d.text);
             dsir::count(&mut counts, &f);
@@ -140,17 +151,16 @@ fn select(p: &DsirParams, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> 
     // The target model.
     let mut featurizer = Featurizer::new(p.buckets);
     let mut target = vec![0u64; p.buckets as usize];
-    let mut target_docs = 0;
-    for (name, bytes) in ctx.data.read_location(&p.target, ".jsonl")? {
-        for d in parse(&bytes, &p.text_field, &name)? {
-            dsir::count(&mut target, &featurizer.features(&d.text));
-            target_docs += 1;
-        }
+    let target_docs = target_documents(p, ctx)?;
+    for d in &target_docs {
+        dsir::count(&mut target, &featurizer.features(&d.text));
     }
     if target.iter().all(|&c| c == 0) {
         return Err(TrialError::Data(format!(
-            "the target {} holds no text ({target_docs} documents): give JSONL lines with a `{}` field",
-            p.target, p.text_field
+            "the target {} holds no text ({} documents): give JSONL lines with a `{}` field",
+            p.target,
+            target_docs.len(),
+            p.text_field
         )));
     }
     let ratio = dsir::log_ratio(&target, &raw);
@@ -204,10 +214,12 @@ fn select(p: &DsirParams, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> 
     let (kl_dsir, kl_random) = (kl_of(&chosen), kl_of(&random));
 
     // Write both selections back as JSONL shards with a manifest, and measure the genre share.
+    // The pool is read once, in the order the shards featurized it.
+    let pool = pool_files(p, ctx, &every_file)?;
     let mut docs: Vec<Document> = Vec::with_capacity(features.len());
     for shard in 0..p.shards {
-        for (name, bytes) in shard_files(p, ctx, shard)? {
-            docs.extend(parse(&bytes, &p.text_field, &name)?);
+        for f in pool.iter().filter(|f| shard_of_file(p, f.index) == shard) {
+            docs.extend(parse(&f.bytes, &p.text_field, &f.name)?);
         }
     }
     if docs.len() != features.len() {
@@ -307,11 +319,9 @@ fn train(p: &DsirParams, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> {
     }
     std::fs::write(train_dir.join("selected.txt"), &text).map_err(io)?;
     let mut target = String::new();
-    for (name, bytes) in ctx.data.read_location(&p.target, ".jsonl")? {
-        for d in parse(&bytes, &p.text_field, &name)? {
-            target.push_str(&d.text);
-            target.push('\n');
-        }
+    for d in target_documents(p, ctx)? {
+        target.push_str(&d.text);
+        target.push('\n');
     }
     std::fs::write(eval_dir.join("target.txt"), &target).map_err(io)?;
     let params = p.lm_params(lm, &train_dir.to_string_lossy(), &eval_dir.to_string_lossy())?;

@@ -46,12 +46,36 @@ pub trait MetricSink {
     fn output(&mut self, name: &str, value: Value);
 }
 
+/// What [`DataStore::read_location`] found: how many files matched, and those picked.
+pub struct Listing {
+    pub total: usize,
+    pub files: Vec<LocatedFile>,
+}
+
+/// One file of a location: its position among the matching files (in name order), its name, its bytes.
+pub struct LocatedFile {
+    pub index: usize,
+    pub name: String,
+    pub bytes: Vec<u8>,
+}
+
+/// Every file: the `pick` of a location read whole.
+pub fn every_file(_: usize) -> bool {
+    true
+}
+
 /// Object storage as a trial sees it: data sets to read, and a prefix of the experiment's own.
 pub trait DataStore {
-    /// Every file of a location whose name ends with `suffix`, in name order, as (name, bytes).
-    /// A location is `s3://bucket/prefix`, `file:///dir`, an absolute path, or a path under
-    /// `$ABLATE_DATA` (`~/.cache/ablate/data`); it may name a single file.
-    fn read_location(&mut self, location: &str, suffix: &str) -> Result<Vec<(String, Vec<u8>)>, TrialError>;
+    /// The files of a location whose names end with `suffix`, in name order; only those whose
+    /// position `pick` accepts are read. A location is `s3://bucket/prefix`, `file:///dir`, an
+    /// absolute path, or a path under `$ABLATE_DATA` (`~/.cache/ablate/data`); it may name a
+    /// single file.
+    fn read_location(
+        &mut self,
+        location: &str,
+        suffix: &str,
+        pick: &dyn Fn(usize) -> bool,
+    ) -> Result<Listing, TrialError>;
     /// Makes `bytes` durable at `name` under the experiment's prefix; returns the object's key.
     fn put(&mut self, name: &str, bytes: Vec<u8>) -> Result<String, TrialError>;
     /// An object under the experiment's prefix, `None` when there is none (yet).
@@ -59,7 +83,7 @@ pub trait DataStore {
 }
 
 /// Reads a location on this host's file system (see [`DataStore::read_location`]).
-pub fn read_local_location(location: &str, suffix: &str) -> Result<Vec<(String, Vec<u8>)>, TrialError> {
+pub fn read_local_location(location: &str, suffix: &str, pick: &dyn Fn(usize) -> bool) -> Result<Listing, TrialError> {
     let path = location.strip_prefix("file://").unwrap_or(location);
     let path = if std::path::Path::new(path).is_absolute() {
         std::path::PathBuf::from(path)
@@ -67,23 +91,33 @@ pub fn read_local_location(location: &str, suffix: &str) -> Result<Vec<(String, 
         std::path::Path::new(&crate::train::data_root()).join(path)
     };
     let data_err = |e: std::io::Error| TrialError::Data(format!("{}: {e}", path.display()));
-    if path.is_file() {
-        return Ok(vec![(
-            path.display().to_string(),
-            std::fs::read(&path).map_err(data_err)?,
-        )]);
-    }
-    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&path)
-        .map_err(data_err)?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_file() && p.to_string_lossy().ends_with(suffix))
-        .collect();
-    files.sort();
-    files
-        .into_iter()
-        .map(|f| Ok((f.display().to_string(), std::fs::read(&f).map_err(data_err)?)))
-        .collect()
+    let mut found: Vec<std::path::PathBuf> = if path.is_file() {
+        vec![path.clone()]
+    } else {
+        std::fs::read_dir(&path)
+            .map_err(data_err)?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file() && p.to_string_lossy().ends_with(suffix))
+            .collect()
+    };
+    found.sort();
+    let files = found
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| pick(*i))
+        .map(|(index, f)| {
+            Ok(LocatedFile {
+                index,
+                name: f.display().to_string(),
+                bytes: std::fs::read(f).map_err(data_err)?,
+            })
+        })
+        .collect::<Result<_, TrialError>>()?;
+    Ok(Listing {
+        total: found.len(),
+        files,
+    })
 }
 
 /// A data store on a local directory: locations on this host's file system, the
@@ -100,8 +134,13 @@ impl DirData {
 }
 
 impl DataStore for DirData {
-    fn read_location(&mut self, location: &str, suffix: &str) -> Result<Vec<(String, Vec<u8>)>, TrialError> {
-        read_local_location(location, suffix)
+    fn read_location(
+        &mut self,
+        location: &str,
+        suffix: &str,
+        pick: &dyn Fn(usize) -> bool,
+    ) -> Result<Listing, TrialError> {
+        read_local_location(location, suffix, pick)
     }
 
     fn put(&mut self, name: &str, bytes: Vec<u8>) -> Result<String, TrialError> {

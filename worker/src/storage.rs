@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use ablate_experiments::trial::{CheckpointStore, Snapshot, TrialError};
+use ablate_experiments::trial::{CheckpointStore, Listing, LocatedFile, Snapshot, TrialError};
 use object_store::path::Path;
 use object_store::ObjectStore;
 use serde_json::Value;
@@ -168,9 +168,14 @@ impl ObjectData {
 }
 
 impl ablate_experiments::trial::DataStore for ObjectData {
-    fn read_location(&mut self, location: &str, suffix: &str) -> Result<Vec<(String, Vec<u8>)>, TrialError> {
+    fn read_location(
+        &mut self,
+        location: &str,
+        suffix: &str,
+        pick: &dyn Fn(usize) -> bool,
+    ) -> Result<Listing, TrialError> {
         if !location.starts_with("s3://") {
-            return ablate_experiments::trial::read_local_location(location, suffix);
+            return ablate_experiments::trial::read_local_location(location, suffix, pick);
         }
         let (store, prefix) = open(location).map_err(data_err)?;
         self.runtime.block_on(async {
@@ -189,9 +194,10 @@ impl ablate_experiments::trial::DataStore for ObjectData {
                         .map_err(|e| data_err(format!("{location}: {e}")))?,
                 );
             }
+            listed.retain(|m| m.location.as_ref().ends_with(suffix));
             listed.sort_by(|a, b| a.location.cmp(&b.location));
-            let mut out = Vec::new();
-            for meta in listed.into_iter().filter(|m| m.location.as_ref().ends_with(suffix)) {
+            let mut files = Vec::new();
+            for (index, meta) in listed.iter().enumerate().filter(|(i, _)| pick(*i)) {
                 let bytes = store
                     .get(&meta.location)
                     .await
@@ -199,9 +205,16 @@ impl ablate_experiments::trial::DataStore for ObjectData {
                     .bytes()
                     .await
                     .map_err(data_err)?;
-                out.push((meta.location.to_string(), bytes.to_vec()));
+                files.push(LocatedFile {
+                    index,
+                    name: meta.location.to_string(),
+                    bytes: bytes.to_vec(),
+                });
             }
-            Ok(out)
+            Ok(Listing {
+                total: listed.len(),
+                files,
+            })
         })
     }
 
