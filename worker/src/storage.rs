@@ -38,16 +38,16 @@ pub fn open(url: &str) -> anyhow::Result<(Arc<dyn ObjectStore>, Path)> {
     Ok((Arc::from(store), prefix))
 }
 
-pub fn checkpoint_path(prefix: &Path, experiment: &str, trial: &str, step: u64) -> Path {
+/// `<prefix>/experiments/<experiment>/<name>`: where an experiment's objects live.
+pub fn experiment_path(prefix: &Path, experiment: &str, name: &str) -> Path {
     let mut parts: Vec<String> = prefix.parts().map(|p| p.as_ref().to_string()).collect();
-    parts.extend([
-        "experiments".to_string(),
-        experiment.to_string(),
-        "trials".to_string(),
-        trial.to_string(),
-        format!("step-{step}.safetensors"),
-    ]);
+    parts.extend(["experiments".to_string(), experiment.to_string()]);
+    parts.extend(name.split('/').map(String::from));
     Path::from_iter(parts)
+}
+
+pub fn checkpoint_path(prefix: &Path, experiment: &str, trial: &str, step: u64) -> Path {
+    experiment_path(prefix, experiment, &format!("trials/{trial}/step-{step}.safetensors"))
 }
 
 fn sidecar_path(tensors: &Path) -> Path {
@@ -160,10 +160,7 @@ fn data_err(e: impl std::fmt::Display) -> TrialError {
 
 impl ObjectData {
     fn own(&self, name: &str) -> Path {
-        let mut parts: Vec<String> = self.prefix.parts().map(|p| p.as_ref().to_string()).collect();
-        parts.extend(["experiments".to_string(), self.experiment.clone()]);
-        parts.extend(name.split('/').map(String::from));
-        Path::from_iter(parts)
+        experiment_path(&self.prefix, &self.experiment, name)
     }
 }
 

