@@ -503,9 +503,7 @@ async fn the_coord_check_sweep_reports_its_verdict_with_figures() {
     let mut stack = Stack::start(15.0).await;
     stack.start_worker("cpu:2");
     let spec = spec_path("coord-check.toml");
-    let out = stack.ablate(&["submit", &spec.to_string_lossy(), "--wait"]);
-    assert!(out.status.success(), "sweep failed: {}\n{}", stderr(&out), stack.logs());
-    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let id = stack.submit_and_wait(&spec);
 
     let json = stack.ablate(&["report", &id, "--format", "json"]);
     assert!(json.status.success(), "{}", stderr(&json));
@@ -541,9 +539,7 @@ async fn the_critical_batch_toy_reports_its_fit_from_curves_stored_in_postgres()
     let mut stack = Stack::start(15.0).await;
     stack.start_worker("cpu:2");
     let spec = spec_path("cbs-toy.toml");
-    let out = stack.ablate(&["submit", &spec.to_string_lossy(), "--wait"]);
-    assert!(out.status.success(), "sweep failed: {}\n{}", stderr(&out), stack.logs());
-    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let id = stack.submit_and_wait(&spec);
 
     // The curves the report reads are plain rows of the metric_series view.
     let sql = stack.ablate(&[
@@ -628,9 +624,7 @@ searcher = "grid"
 params.seed = [3]
 "#,
     );
-    let out = stack.ablate(&["submit", &spec.to_string_lossy(), "--wait"]);
-    assert!(out.status.success(), "sweep failed: {}\n{}", stderr(&out), stack.logs());
-    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let id = stack.submit_and_wait(&spec);
 
     let sql = stack.ablate(&[
         "sql",

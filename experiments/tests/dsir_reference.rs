@@ -69,6 +69,7 @@ fn counts_weights_and_top_k_match_the_reference_package() {
     for (_, text) in documents(&target) {
         dsir::count(&mut target_counts, &featurizer.features(&text));
     }
+    let floats = |v: &Value| -> Vec<f64> { v.as_array().unwrap().iter().map(|w| w.as_f64().unwrap()).collect() };
     let as_counts = |v: &Value| -> Vec<u64> { v.as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).collect() };
     assert_eq!(raw, as_counts(&reference["raw_counts"]), "raw bucket counts");
     assert_eq!(
@@ -79,12 +80,7 @@ fn counts_weights_and_top_k_match_the_reference_package() {
 
     let ratio = dsir::log_ratio(&target_counts, &raw);
     let ours: Vec<f64> = features.iter().map(|f| dsir::log_weight(&ratio, f)).collect();
-    let theirs: Vec<f64> = reference["log_weights"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w.as_f64().unwrap())
-        .collect();
+    let theirs = floats(&reference["log_weights"]);
     assert_eq!(ours.len(), theirs.len());
     let worst = ours
         .iter()
@@ -92,12 +88,7 @@ fn counts_weights_and_top_k_match_the_reference_package() {
         .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
         .fold(0.0f64, f64::max);
     assert!(worst <= 1e-9, "largest relative difference of log weights: {worst:e}");
-    let lengths: Vec<f64> = reference["lengths"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w.as_f64().unwrap())
-        .collect();
+    let lengths = floats(&reference["lengths"]);
     for (f, l) in features.iter().zip(&lengths) {
         assert_eq!(dsir::words(f) as f64, *l, "per-document length");
     }

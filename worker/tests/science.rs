@@ -34,6 +34,14 @@ fn show(report: &Report) -> String {
     serde_json::to_string_pretty(&(&report.summary, &report.tables, &report.verdict)).unwrap()
 }
 
+/// Asserts that every named criterion (matched by the start of its name) holds.
+fn assert_hold(report: &Report, names: &[&str]) {
+    for name in names {
+        let c = criterion(report, name);
+        assert!(c.holds, "{name}: {}", show(report));
+    }
+}
+
 fn criterion<'a>(report: &'a Report, starts: &str) -> &'a Criterion {
     report
         .verdict
@@ -64,15 +72,15 @@ fn mup_width_transfer_holds_on_digits() {
         v
     };
     assert_ne!(base("sp"), base("mup"), "a zero readout is not SP's readout");
-    for name in [
-        "muP spread",
-        "SP spread",
-        "times SP's best lr increases",
-        "times muP's best loss rises",
-    ] {
-        let c = criterion(&report, name);
-        assert!(c.holds, "{name}: {}", show(&report));
-    }
+    assert_hold(
+        &report,
+        &[
+            "muP spread",
+            "SP spread",
+            "times SP's best lr increases",
+            "times muP's best loss rises",
+        ],
+    );
     assert!(report.verdict.holds, "{}", show(&report));
 }
 
@@ -112,15 +120,15 @@ fn critical_batch_grows_with_data_not_model_size_on_mnist() {
         "every run finishes: {}",
         show(&report)
     );
-    for name in [
-        "fit R^2",
-        "CBS(16D)/CBS(D)",
-        "CBS(widest)/CBS(narrowest)",
-        "Spearman(eval loss, B_simple)",
-    ] {
-        let c = criterion(&report, name);
-        assert!(c.holds, "{name}: {}", show(&report));
-    }
+    assert_hold(
+        &report,
+        &[
+            "fit R^2",
+            "CBS(16D)/CBS(D)",
+            "CBS(widest)/CBS(narrowest)",
+            "Spearman(eval loss, B_simple)",
+        ],
+    );
     // Every budget's target is reached by the reference batch itself after exactly its budget.
     let steps = &report.tables[0];
     for row in &steps.rows {
@@ -149,15 +157,15 @@ fn intrinsic_dimension_is_small_and_alike_across_widths_and_projections_on_digit
     );
     eprintln!("{}", show(&report));
     assert!(outcomes.iter().all(|t| t.state == "succeeded"), "{}", show(&report));
-    for name in [
-        "Spearman(d, accuracy)",
-        "d_int90 / D",
-        "d_int90(wider)/d_int90(narrower)",
-        "d_int90(fastfood)/d_int90(dense)",
-    ] {
-        let c = criterion(&report, name);
-        assert!(c.holds, "{name}: {}", show(&report));
-    }
+    assert_hold(
+        &report,
+        &[
+            "Spearman(d, accuracy)",
+            "d_int90 / D",
+            "d_int90(wider)/d_int90(narrower)",
+            "d_int90(fastfood)/d_int90(dense)",
+        ],
+    );
     // Three projections for each of the two widths, each with a d_int90 bracketed from below.
     let table = &report.tables[1];
     assert_eq!(table.rows.len(), 6, "{}", show(&report));
@@ -181,10 +189,7 @@ fn dsir_selects_the_target_genre_and_its_lm_fits_the_target_better() {
     );
     eprintln!("{}", show(&report));
     assert!(outcomes.iter().all(|t| t.state == "succeeded"), "{}", show(&report));
-    for name in ["target share", "KL reduction of DSIR", "target perplexity"] {
-        let c = criterion(&report, name);
-        assert!(c.holds, "{name}: {}", show(&report));
-    }
+    assert_hold(&report, &["target share", "KL reduction of DSIR", "target perplexity"]);
     let select = outcomes
         .iter()
         .find(|t| t.param_str("stage") == Some("select"))

@@ -290,6 +290,18 @@ impl Stack {
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
+    /// Submits a spec with `--wait`, asserts that the sweep succeeded, and returns its id.
+    pub fn submit_and_wait(&self, spec: &Path) -> String {
+        let out = self.ablate(&["submit", &spec.to_string_lossy(), "--wait"]);
+        assert!(
+            out.status.success(),
+            "sweep failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
     pub async fn scalar_i64(&self, sql: &str) -> i64 {
         sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
     }

@@ -706,7 +706,11 @@ mod tests {
         }
     }
 
-    fn train(params: &serde_json::Value, store: &mut MemoryCheckpoints) -> MemoryMetrics {
+    /// Runs a trial on the CPU; its result and what it logged.
+    fn try_train(
+        params: &serde_json::Value,
+        store: &mut MemoryCheckpoints,
+    ) -> (Result<(), crate::trial::TrialError>, MemoryMetrics) {
         tch::set_num_threads(1);
         let mut metrics = MemoryMetrics::default();
         let mut ctx = TrialContext {
@@ -715,7 +719,13 @@ mod tests {
             metrics: &mut metrics,
             data: &mut no_data(),
         };
-        super::run(params, &mut ctx).unwrap();
+        let result = super::run(params, &mut ctx);
+        (result, metrics)
+    }
+
+    fn train(params: &serde_json::Value, store: &mut MemoryCheckpoints) -> MemoryMetrics {
+        let (result, metrics) = try_train(params, store);
+        result.unwrap();
         metrics
     }
 
@@ -932,16 +942,8 @@ mod tests {
     fn a_dense_projection_too_big_for_the_device_is_refused_with_fastfood_suggested() {
         let params = json!({"optimizer": "adam", "lr": 0.05, "steps": 10, "width": 32,
             "subspace_dim": 1_000_000_000u64, "projection": "dense"});
-        let mut metrics = MemoryMetrics::default();
-        let mut store = MemoryCheckpoints::default();
-        let mut ctx = TrialContext {
-            device: tch::Device::Cpu,
-            checkpoints: &mut store,
-            metrics: &mut metrics,
-            data: &mut no_data(),
-        };
-        let err = super::run(&params, &mut ctx).unwrap_err();
-        let text = err.to_string();
+        let (result, metrics) = try_train(&params, &mut MemoryCheckpoints::default());
+        let text = result.unwrap_err().to_string();
         assert!(
             text.contains("subspace_dim") && text.contains("fastfood") && text.contains("GiB"),
             "{text}"
@@ -958,15 +960,10 @@ mod tests {
         assert!(accuracy > 0.6, "LeNet after 60 steps: {accuracy}");
         assert_eq!(metrics.last("num_params"), Some(61_706.0));
         let digits = json!({"model": "lenet", "dataset": "digits", "optimizer": "adam", "lr": 0.002, "steps": 5});
-        let mut ctx_store = MemoryCheckpoints::default();
-        let mut sink = MemoryMetrics::default();
-        let mut ctx = TrialContext {
-            device: tch::Device::Cpu,
-            checkpoints: &mut ctx_store,
-            metrics: &mut sink,
-            data: &mut no_data(),
-        };
-        let err = super::run(&digits, &mut ctx).unwrap_err().to_string();
+        let err = try_train(&digits, &mut MemoryCheckpoints::default())
+            .0
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("28x28"), "{err}");
     }
 
