@@ -4,6 +4,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     std::env::set_var("PROTOC", protoc);
     println!("cargo:rerun-if-changed=proto");
-    tonic_build::configure().compile_protos(&["proto/ablate/v1/ablate.proto"], &["proto"])?;
+    tonic_prost_build::configure().compile_protos(&["proto/ablate/v1/ablate.proto"], &["proto"])?;
     Ok(())
 }

@@ -592,7 +592,7 @@ async fn the_critical_batch_toy_reports_its_fit_from_curves_stored_in_postgres()
 async fn dsir_selects_from_a_pool_in_s3_across_workers_and_names_the_selection_in_sql() {
     let mut stack = Stack::start(15.0).await;
     stack.use_s3();
-    let data = std::path::PathBuf::from(ablate_experiments::train::data_root()).join("dsir");
+    let data = std::path::PathBuf::from(ablate_experiments::nn::locations::data_root()).join("dsir");
     assert!(
         data.join("target/news.jsonl").exists(),
         "run `cargo xtask provision` for the DSIR corpus"

@@ -24,7 +24,7 @@ params.seed = [0, 1, 2, 3, 4, 5]
 
 const TTL: Duration = Duration::from_secs(30);
 
-async fn count(pool: &PgPool, sql: &str) -> i64 {
+async fn count(pool: &PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 

@@ -88,7 +88,7 @@ pub fn read_local_location(location: &str, suffix: &str, pick: &dyn Fn(usize) ->
     let path = if std::path::Path::new(path).is_absolute() {
         std::path::PathBuf::from(path)
     } else {
-        std::path::Path::new(&crate::train::data_root()).join(path)
+        std::path::Path::new(&crate::nn::locations::data_root()).join(path)
     };
     let data_err = |e: std::io::Error| TrialError::Data(format!("{}: {e}", path.display()));
     let mut found: Vec<std::path::PathBuf> = if path.is_file() {
@@ -176,16 +176,7 @@ pub struct TrialContext<'a> {
 
 /// Runs one trial of `family` to its end.
 pub fn run(family: crate::Family, params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> {
-    match family {
-        crate::Family::Train | crate::Family::MupTransfer | crate::Family::IntrinsicDim => {
-            crate::train::run(params, ctx)
-        }
-        crate::Family::Dsir => crate::dsir_trial::run(params, ctx),
-        crate::Family::CriticalBatch => {
-            crate::cbs::split(params)?;
-            crate::train::run(&crate::cbs::train_params(params), ctx)
-        }
-    }
+    family.run(params, ctx)
 }
 
 /// Keeps checkpoints in memory; for tests and in-process runs.

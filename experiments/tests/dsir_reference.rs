@@ -8,11 +8,11 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use ablate_experiments::dsir::{self, Featurizer, BUCKETS};
+use ablate_experiments::families::dsir::method::{self, Featurizer, BUCKETS};
 use serde_json::Value;
 
 fn corpus() -> (Vec<PathBuf>, PathBuf) {
-    let root = PathBuf::from(ablate_experiments::train::data_root()).join("dsir");
+    let root = PathBuf::from(ablate_experiments::nn::locations::data_root()).join("dsir");
     let pool: Vec<PathBuf> = (0..2).map(|i| root.join(format!("pool/shard-{i}.jsonl"))).collect();
     let target = root.join("target/news.jsonl");
     for f in pool.iter().chain([&target]) {

@@ -240,7 +240,8 @@ impl SweepSpec {
     pub fn parse(text: &str, format: SpecFormat) -> Result<SweepSpec, SpecError> {
         let spec: SweepSpec = match format {
             SpecFormat::Toml => {
-                let de = toml::Deserializer::new(text);
+                let de =
+                    toml::Deserializer::parse(text).map_err(|e| SpecError::new(String::new(), toml_message(&e)))?;
                 serde_path_to_error::deserialize(de).map_err(|e| {
                     let path = e.path().to_string();
                     let inner = e.into_inner();
@@ -248,7 +249,7 @@ impl SweepSpec {
                 })?
             }
             SpecFormat::Yaml => {
-                let de = serde_yaml::Deserializer::from_str(text);
+                let de = serde_norway::Deserializer::from_str(text);
                 serde_path_to_error::deserialize(de).map_err(|e| {
                     let path = e.path().to_string();
                     SpecError::new(path, e.into_inner().to_string())

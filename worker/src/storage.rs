@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use ablate_experiments::trial::{CheckpointStore, Listing, LocatedFile, Snapshot, TrialError};
 use object_store::path::Path;
-use object_store::ObjectStore;
+use object_store::{ObjectStore, ObjectStoreExt};
 use serde_json::Value;
 use tch::Tensor;
 use url::Url;

@@ -65,7 +65,7 @@ impl Stack {
             .connect(&admin_url)
             .await
             .unwrap();
-        sqlx::query(&format!("create database {db_name}"))
+        sqlx::query(sqlx::AssertSqlSafe(format!("create database {db_name}")))
             .execute(&admin)
             .await
             .unwrap();
@@ -303,14 +303,20 @@ impl Stack {
     }
 
     pub async fn scalar_i64(&self, sql: &str) -> i64 {
-        sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
     }
 
     /// Polls `sql` (a boolean query) until it is true or `timeout` passes.
     pub async fn wait_for(&self, sql: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            let done: Option<bool> = sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap_or(None);
+            let done: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+                .fetch_one(&self.pool)
+                .await
+                .unwrap_or(None);
             if done == Some(true) {
                 return;
             }
@@ -388,9 +394,11 @@ impl Drop for Stack {
                 .unwrap();
             rt.block_on(async {
                 if let Ok(pool) = PgPoolOptions::new().max_connections(1).connect(&admin).await {
-                    let _ = sqlx::query(&format!("drop database if exists {name} with (force)"))
-                        .execute(&pool)
-                        .await;
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "drop database if exists {name} with (force)"
+                    )))
+                    .execute(&pool)
+                    .await;
                 }
             });
         })

@@ -217,7 +217,7 @@ fn print(rows: &[Row]) {
 
 /// The DSIR corpus `cargo xtask provision` builds: the pool's shards and the news target.
 fn dsir_corpus() -> Result<(Vec<std::path::PathBuf>, std::path::PathBuf)> {
-    let root = std::path::PathBuf::from(ablate_experiments::train::data_root()).join("dsir");
+    let root = std::path::PathBuf::from(ablate_experiments::nn::locations::data_root()).join("dsir");
     let mut pool: Vec<_> = std::fs::read_dir(root.join("pool"))
         .map_err(|e| format!("{}: {e}; run `cargo xtask provision`", root.display()))?
         .flatten()
@@ -230,7 +230,7 @@ fn dsir_corpus() -> Result<(Vec<std::path::PathBuf>, std::path::PathBuf)> {
 
 /// Our importance weights over `docs` on `threads` threads (a featurizer each, cold): documents/s.
 fn dsir_ours(docs: &[String], ratio: &[f64], threads: usize) -> f64 {
-    use ablate_experiments::dsir::{log_weight, Featurizer, BUCKETS};
+    use ablate_experiments::families::dsir::method::{log_weight, Featurizer, BUCKETS};
     let start = Instant::now();
     std::thread::scope(|scope| {
         for chunk in docs.chunks(docs.len().div_ceil(threads)) {
@@ -266,7 +266,7 @@ fn dsir_reference(python: &str, pool: &[std::path::PathBuf], target: &std::path:
 }
 
 fn dsir_rows() -> Result<Vec<Row>> {
-    use ablate_experiments::dsir::{self, Featurizer, BUCKETS};
+    use ablate_experiments::families::dsir::method::{self as dsir, Featurizer, BUCKETS};
     let (pool, target) = dsir_corpus()?;
     let mut docs = Vec::new();
     for path in &pool {
@@ -321,7 +321,7 @@ async fn main() -> Result {
     let admin = std::env::var("DATABASE_URL").map_err(|_| "set DATABASE_URL (cargo xtask bench does)")?;
     let db = format!("ablate_bench_{}", uuid::Uuid::new_v4().simple());
     let admin_pool = PgPoolOptions::new().max_connections(1).connect(&admin).await?;
-    sqlx::query(&format!("create database {db}"))
+    sqlx::query(sqlx::AssertSqlSafe(format!("create database {db}")))
         .execute(&admin_pool)
         .await?;
     let url = match admin.rsplit_once('/') {
@@ -394,9 +394,11 @@ async fn main() -> Result {
 
     let _ = stop.send(());
     let _ = server.await;
-    sqlx::query(&format!("drop database if exists {db} with (force)"))
-        .execute(&admin_pool)
-        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "drop database if exists {db} with (force)"
+    )))
+    .execute(&admin_pool)
+    .await?;
     Ok(())
 }
 

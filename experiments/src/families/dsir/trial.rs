@@ -1,13 +1,13 @@
 //! The `dsir` family's trials: featurize a pool shard, select, or train the
-//! downstream language model (see [`crate::dsir_family`]).
+//! downstream language model (see [`crate::families::dsir`]).
 
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::dsir::{self, Document, Featurizer};
-use crate::dsir_family::{self as family, DsirParams, Selection, Stage};
-use crate::family::ParamError;
+use crate::error::ParamError;
+use crate::families::dsir::method::{self as dsir, Document, Featurizer};
+use crate::families::dsir::{self as family, DsirParams, Selection, Stage};
 use crate::trial::{every_file, LocatedFile, TrialContext, TrialError};
 
 /// Keeps the random baseline's draws apart from the Gumbel noise.
@@ -325,7 +325,7 @@ fn train(p: &DsirParams, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> {
     }
     std::fs::write(eval_dir.join("target.txt"), &target).map_err(io)?;
     let params = p.lm_params(lm, &train_dir.to_string_lossy(), &eval_dir.to_string_lossy())?;
-    let result = crate::train::run(&params, ctx);
+    let result = crate::families::train::run(&params, ctx);
     let _ = std::fs::remove_dir_all(&scratch);
     result
 }

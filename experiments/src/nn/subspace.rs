@@ -7,9 +7,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
-use crate::data::normals;
-use crate::model::{Param, Role};
-use crate::train::ProjectionKind;
+use crate::nn::data::normals;
+use crate::nn::model::{Param, Role};
+use crate::nn::ProjectionKind;
 
 /// A map from d subspace coordinates to D parameters.
 pub enum Projection {

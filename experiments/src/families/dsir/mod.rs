@@ -16,12 +16,20 @@
 //! Later stages wait for earlier ones by polling object storage; trials are
 //! leased in order, so the waiting never holds every slot while work is pending.
 
+pub mod method;
+#[cfg(feature = "torch")]
+mod trial;
+
+use crate::families::{Definition, TrialPlan};
+#[cfg(feature = "torch")]
+use crate::trial::{TrialContext, TrialError};
+use ablate_schema::Goal;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::family::ParamError;
+use crate::error::ParamError;
+use crate::families::train::TrainParams;
 use crate::report::{cell, mean, Criterion, Report, ReportError, Table, TrialOutcome, Verdict};
-use crate::train::TrainParams;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -51,10 +59,10 @@ fn default_text_field() -> String {
     "text".into()
 }
 fn default_buckets() -> u32 {
-    crate::dsir::BUCKETS
+    crate::families::dsir::method::BUCKETS
 }
 fn default_min_words() -> usize {
-    crate::dsir::MIN_WORDS
+    crate::families::dsir::method::MIN_WORDS
 }
 fn default_wait_s() -> u64 {
     3600
@@ -109,6 +117,37 @@ pub struct DsirParams {
 }
 
 /// The metrics of the family's trials.
+/// Data selection with importance resampling (SCIENCE.md section 4): features per pool shard, one
+/// selection, and a downstream language model on the DSIR and a random selection.
+pub struct Dsir;
+
+impl Definition for Dsir {
+    fn name(&self) -> &'static str {
+        "dsir"
+    }
+    fn check_params(&self, params: &Value) -> Result<TrialPlan, ParamError> {
+        Ok(TrialPlan {
+            total_steps: DsirParams::parse(params)?.total_steps(),
+        })
+    }
+    fn metrics(&self) -> &'static [&'static str] {
+        METRICS
+    }
+    fn default_objective(&self) -> (&'static str, Goal) {
+        ("eval_loss", Goal::Minimize)
+    }
+    fn expand(&self, points: Vec<Map<String, Value>>) -> Result<Vec<Map<String, Value>>, ParamError> {
+        expand(points)
+    }
+    fn report(&self, outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
+        analyze(outcomes)
+    }
+    #[cfg(feature = "torch")]
+    fn run(&self, params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> {
+        trial::run(params, ctx)
+    }
+}
+
 pub const METRICS: &[&str] = &[
     "documents",
     "docs_per_s",

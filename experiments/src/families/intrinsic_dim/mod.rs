@@ -6,6 +6,13 @@
 //! baseline), any other value trains theta0 + P z with `projection` dense,
 //! sparse or fastfood. Each trial logs `num_params` (D).
 
+use crate::error::ParamError;
+use crate::families::train;
+use crate::families::{Definition, TrialPlan};
+#[cfg(feature = "torch")]
+use crate::trial::{TrialContext, TrialError};
+use ablate_schema::Goal;
+use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
 use crate::report::{
@@ -14,6 +21,35 @@ use crate::report::{
 };
 
 /// The metric the report reads.
+/// Intrinsic dimension (SCIENCE.md section 3): `train` trials in random subspaces of growing
+/// dimension (`subspace_dim`, `projection`) beside full training (`subspace_dim` = 0).
+pub struct IntrinsicDim;
+
+impl Definition for IntrinsicDim {
+    fn name(&self) -> &'static str {
+        "intrinsic_dim"
+    }
+    fn check_params(&self, params: &Value) -> Result<TrialPlan, ParamError> {
+        train::check(params)
+    }
+    fn metrics(&self) -> &'static [&'static str] {
+        train::METRICS
+    }
+    fn default_objective(&self) -> (&'static str, Goal) {
+        (ACCURACY, Goal::Maximize)
+    }
+    fn expand(&self, points: Vec<Map<String, Value>>) -> Result<Vec<Map<String, Value>>, ParamError> {
+        Ok(expand(points))
+    }
+    fn report(&self, outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
+        analyze(outcomes)
+    }
+    #[cfg(feature = "torch")]
+    fn run(&self, params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> {
+        train::run(params, ctx)
+    }
+}
+
 pub const ACCURACY: &str = "eval_accuracy";
 /// The fraction of full training's accuracy that defines d_int90.
 pub const FRACTION: f64 = 0.9;

@@ -12,8 +12,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
-use crate::model::{uniform, Param, Role};
-use crate::parametrization::{Parametrization, Scaling};
+use crate::nn::model::{uniform, Param, Role};
+use crate::nn::parametrization::{Parametrization, Scaling};
 
 #[derive(Debug, Clone, Copy)]
 pub struct GptShape {

@@ -1,0 +1,294 @@
+//! Experiments and their trials: storing a submission, cancelling, and the reads behind status and reports.
+
+use ablate_schema::{ExperimentId, TrialId};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::postgres::PgPool;
+use sqlx::{AssertSqlSafe, Row};
+
+use crate::error::{Error, Result};
+
+pub struct NewExperiment<'a> {
+    pub id: ExperimentId,
+    pub name: &'a str,
+    pub family: &'a str,
+    pub spec: Value,
+    pub spec_text: &'a str,
+    pub spec_hash: &'a str,
+    pub objective_metric: Option<&'a str>,
+    pub goal: Option<&'a str>,
+    pub max_attempts: u32,
+}
+
+pub struct NewTrial {
+    pub id: TrialId,
+    pub params: Value,
+    pub total_steps: i64,
+}
+
+/// Stores an experiment and all its trials in one transaction.
+pub async fn insert_experiment(pool: &PgPool, e: &NewExperiment<'_>, trials: &[NewTrial]) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "insert into experiments (id, name, family, spec, spec_text, spec_hash, objective_metric, goal, max_attempts)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(e.id.0)
+    .bind(e.name)
+    .bind(e.family)
+    .bind(&e.spec)
+    .bind(e.spec_text)
+    .bind(e.spec_hash)
+    .bind(e.objective_metric)
+    .bind(e.goal)
+    .bind(e.max_attempts as i32)
+    .execute(&mut *tx)
+    .await?;
+    let ids: Vec<uuid::Uuid> = trials.iter().map(|t| t.id.0).collect();
+    let ordinals: Vec<i32> = (0..trials.len() as i32).collect();
+    let params: Vec<Value> = trials.iter().map(|t| t.params.clone()).collect();
+    let steps: Vec<i64> = trials.iter().map(|t| t.total_steps).collect();
+    sqlx::query(
+        "insert into trials (id, experiment_id, ordinal, params, total_steps)
+         select u.id, $1, u.ordinal, u.params, u.total_steps
+         from unnest($2::uuid[], $3::int4[], $4::jsonb[], $5::int8[]) as u(id, ordinal, params, total_steps)",
+    )
+    .bind(e.id.0)
+    .bind(&ids)
+    .bind(&ordinals)
+    .bind(&params)
+    .bind(&steps)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Cancels an experiment: its pending and running trials become cancelled.
+pub async fn cancel(pool: &PgPool, experiment: ExperimentId) -> Result<u64> {
+    let mut tx = pool.begin().await?;
+    let found = sqlx::query("update experiments set cancelled_at = coalesce(cancelled_at, now()) where id = $1")
+        .bind(experiment.0)
+        .execute(&mut *tx)
+        .await?;
+    if found.rows_affected() == 0 {
+        return Err(not_found(experiment));
+    }
+    let done = sqlx::query(
+        "update trials set state = 'cancelled', finished_at = now()
+         where experiment_id = $1 and state in ('pending', 'running')",
+    )
+    .bind(experiment.0)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(done.rows_affected())
+}
+
+fn not_found(experiment: ExperimentId) -> Error {
+    Error::NotFound(format!(
+        "no experiment {experiment}; `ablate status` lists the experiments"
+    ))
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TrialCounts {
+    pub pending: i64,
+    pub running: i64,
+    pub succeeded: i64,
+    pub failed: i64,
+    pub pruned: i64,
+    pub cancelled: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExperimentRow {
+    pub id: ExperimentId,
+    pub name: String,
+    pub family: String,
+    pub state: String,
+    pub counts: TrialCounts,
+    pub objective_metric: Option<String>,
+    pub goal: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub swept: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrialRow {
+    pub id: TrialId,
+    pub ordinal: i32,
+    pub state: String,
+    pub params: Value,
+    pub objective: Option<f64>,
+    pub attempt: i32,
+    pub step: i64,
+    pub total_steps: i64,
+    pub error: Option<String>,
+}
+
+const EXPERIMENT_COLUMNS: &str = "experiment_id, name, family, state, pending, running, succeeded, failed,
+     pruned, cancelled, objective_metric, goal, created_at,
+     (select coalesce(array_agg(k order by k), '{}') from jsonb_object_keys(spec -> 'sweep' -> 'params') k) as swept";
+
+fn experiment_row(row: &sqlx::postgres::PgRow) -> Result<ExperimentRow> {
+    Ok(ExperimentRow {
+        id: ExperimentId(row.try_get("experiment_id")?),
+        name: row.try_get("name")?,
+        family: row.try_get("family")?,
+        state: row.try_get("state")?,
+        counts: TrialCounts {
+            pending: row.try_get("pending")?,
+            running: row.try_get("running")?,
+            succeeded: row.try_get("succeeded")?,
+            failed: row.try_get("failed")?,
+            pruned: row.try_get("pruned")?,
+            cancelled: row.try_get("cancelled")?,
+        },
+        objective_metric: row.try_get("objective_metric")?,
+        goal: row.try_get("goal")?,
+        created_at: row.try_get("created_at")?,
+        swept: row.try_get("swept")?,
+    })
+}
+
+pub async fn experiment(pool: &PgPool, id: ExperimentId) -> Result<ExperimentRow> {
+    // Built from constants only.
+    let row = sqlx::query(AssertSqlSafe(format!(
+        "select {EXPERIMENT_COLUMNS} from ablate.experiments where experiment_id = $1"
+    )))
+    .bind(id.0)
+    .fetch_optional(pool)
+    .await?
+    .ok_or_else(|| not_found(id))?;
+    experiment_row(&row)
+}
+
+pub async fn list_experiments(pool: &PgPool, limit: u32) -> Result<Vec<ExperimentRow>> {
+    // Built from constants only.
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "select {EXPERIMENT_COLUMNS} from ablate.experiments order by created_at desc limit $1"
+    )))
+    .bind(limit as i64)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(experiment_row).collect()
+}
+
+/// The best succeeded trials by the objective, best first.
+pub async fn best_trials(pool: &PgPool, e: &ExperimentRow, limit: u32) -> Result<Vec<TrialRow>> {
+    let order = if e.goal.as_deref() == Some("maximize") {
+        "desc"
+    } else {
+        "asc"
+    };
+    // `order` is one of two constants.
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "select r.trial_id, r.ordinal, r.state, r.params, r.objective, r.attempt, r.error,
+                t.total_steps, t.total_steps as step
+         from ablate.trial_results r join trials t on t.id = r.trial_id
+         where r.experiment_id = $1 and r.state = 'succeeded' and r.objective is not null
+         order by r.objective {order}, r.ordinal
+         limit $2"
+    )))
+    .bind(e.id.0)
+    .bind(limit as i64)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(trial_row).collect()
+}
+
+/// Running trials with the newest step they logged, and failed trials with their reason.
+pub async fn active_and_failed_trials(pool: &PgPool, id: ExperimentId) -> Result<(Vec<TrialRow>, Vec<TrialRow>)> {
+    let rows = sqlx::query(
+        "select t.id as trial_id, t.ordinal, t.state, t.params, null::float8 as objective, t.attempt,
+                coalesce(t.error, '') || case when t.stderr_tail is not null and t.stderr_tail <> ''
+                    then E'\\n' || t.stderr_tail else '' end as error,
+                t.total_steps,
+                coalesce((select max(m.step) from metrics m where m.trial_id = t.id), 0) as step
+         from trials t
+         where t.experiment_id = $1 and t.state in ('running', 'failed')
+         order by t.ordinal",
+    )
+    .bind(id.0)
+    .fetch_all(pool)
+    .await?;
+    let all = rows.iter().map(trial_row).collect::<Result<Vec<_>>>()?;
+    Ok(all.into_iter().partition(|t| t.state == "running"))
+}
+
+fn trial_row(row: &sqlx::postgres::PgRow) -> Result<TrialRow> {
+    Ok(TrialRow {
+        id: TrialId(row.try_get("trial_id")?),
+        ordinal: row.try_get("ordinal")?,
+        state: row.try_get("state")?,
+        params: row.try_get("params")?,
+        objective: row.try_get("objective")?,
+        attempt: row.try_get("attempt")?,
+        step: row.try_get("step")?,
+        total_steps: row.try_get("total_steps")?,
+        error: row.try_get("error")?,
+    })
+}
+
+/// The family and every trial with its final metrics, for a report.
+pub async fn report_outcomes(
+    pool: &PgPool,
+    id: ExperimentId,
+) -> Result<(String, Vec<ablate_experiments::report::TrialOutcome>)> {
+    let family: String = sqlx::query_scalar("select family from experiments where id = $1")
+        .bind(id.0)
+        .fetch_optional(pool)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    let rows: Vec<(i32, String, Value, Value, Value)> = sqlx::query_as(
+        "select r.ordinal, r.state, r.params, r.metrics, t.outputs
+         from ablate.trial_results r join trials t on t.id = r.trial_id
+         where r.experiment_id = $1 order by r.ordinal",
+    )
+    .bind(id.0)
+    .fetch_all(pool)
+    .await?;
+    let mut outcomes: Vec<ablate_experiments::report::TrialOutcome> = rows
+        .into_iter()
+        .map(
+            |(ordinal, state, params, metrics, outputs)| ablate_experiments::report::TrialOutcome {
+                ordinal: ordinal as i64,
+                state,
+                params,
+                metrics: match metrics {
+                    Value::Object(m) => m,
+                    _ => Default::default(),
+                },
+                series: Default::default(),
+                outputs: match outputs {
+                    Value::Object(m) => m,
+                    _ => Default::default(),
+                },
+            },
+        )
+        .collect();
+    let wanted: Vec<String> = ablate_experiments::Family::parse(&family)
+        .map(|f| f.series_metrics().iter().map(|m| m.to_string()).collect())
+        .unwrap_or_default();
+    if !wanted.is_empty() {
+        let points: Vec<(i32, String, i64, f64)> = sqlx::query_as(
+            "select t.ordinal, n.name, m.step, m.value
+             from metrics m join metric_names n on n.id = m.name_id join trials t on t.id = m.trial_id
+             where t.experiment_id = $1 and n.name = any($2)
+             order by t.ordinal, n.name, m.step",
+        )
+        .bind(id.0)
+        .bind(&wanted)
+        .fetch_all(pool)
+        .await?;
+        let by_ordinal: std::collections::HashMap<i64, usize> =
+            outcomes.iter().enumerate().map(|(i, o)| (o.ordinal, i)).collect();
+        for (ordinal, name, step, value) in points {
+            if let Some(&i) = by_ordinal.get(&(ordinal as i64)) {
+                outcomes[i].series.entry(name).or_default().push((step as u64, value));
+            }
+        }
+    }
+    Ok((family, outcomes))
+}

@@ -1,0 +1,33 @@
+//! All SQL of ablate, by concern. Plain async functions over a pool; nothing
+//! here holds a transaction open for longer than one request.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+use crate::error::Result;
+
+mod experiments;
+mod metrics;
+mod queue;
+mod reader;
+mod workers;
+
+pub use experiments::*;
+pub use metrics::*;
+pub use queue::*;
+pub use reader::*;
+pub use workers::*;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Connects and brings the schema up to date.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await?;
+    MIGRATOR.run(&pool).await?;
+    Ok(pool)
+}

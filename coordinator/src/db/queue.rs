@@ -1,0 +1,208 @@
+//! The lease queue: leasing, heartbeats, the reaper, and the fenced writes of a trial's life
+//! (checkpoint records, completion).
+
+use std::time::Duration;
+
+use ablate_schema::{ExperimentId, LeaseToken, TrialId, WorkerId};
+use serde_json::Value;
+use sqlx::postgres::PgPool;
+use sqlx::Row;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct CheckpointRecord {
+    pub step: i64,
+    pub path: String,
+    pub bytes: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct LeasedTrial {
+    pub trial: TrialId,
+    pub experiment: ExperimentId,
+    pub token: LeaseToken,
+    pub attempt: i32,
+    pub family: String,
+    pub params: Value,
+    pub resume_from: Option<CheckpointRecord>,
+    pub spec_hash: String,
+}
+
+/// Leases up to `max` pending trials to `worker` in one statement.
+pub async fn lease(pool: &PgPool, worker: WorkerId, max: u32, ttl: Duration) -> Result<Vec<LeasedTrial>> {
+    let rows = sqlx::query(
+        "with picked as (
+             select id from trials
+             where state = 'pending'
+             order by created_at, ordinal
+             for update skip locked
+             limit $2
+         )
+         update trials t
+         set state = 'running',
+             lease_token = gen_random_uuid(),
+             lease_owner = $1,
+             lease_expires_at = now() + make_interval(secs => $3),
+             attempt = t.attempt + 1,
+             started_at = coalesce(t.started_at, now())
+         from picked, experiments e
+         where t.id = picked.id and e.id = t.experiment_id
+         returning t.id, t.experiment_id, t.lease_token, t.attempt, e.family, t.params, e.spec_hash,
+             (select jsonb_build_object('step', c.step, 'path', c.path, 'bytes', c.bytes)
+              from checkpoints c where c.trial_id = t.id order by c.step desc limit 1) as checkpoint",
+    )
+    .bind(worker.0)
+    .bind(max as i64)
+    .bind(ttl.as_secs_f64())
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|row| {
+            let checkpoint: Option<Value> = row.try_get("checkpoint")?;
+            Ok(LeasedTrial {
+                trial: TrialId(row.try_get("id")?),
+                experiment: ExperimentId(row.try_get("experiment_id")?),
+                token: LeaseToken(row.try_get("lease_token")?),
+                attempt: row.try_get("attempt")?,
+                family: row.try_get("family")?,
+                params: row.try_get("params")?,
+                spec_hash: row.try_get("spec_hash")?,
+                resume_from: checkpoint.map(|c| CheckpointRecord {
+                    step: c["step"].as_i64().unwrap_or(0),
+                    path: c["path"].as_str().unwrap_or_default().to_string(),
+                    bytes: c["bytes"].as_i64().unwrap_or(0),
+                }),
+            })
+        })
+        .collect()
+}
+
+/// Extends the leases `worker` holds; returns the trials it must stop, with why.
+pub async fn heartbeat(
+    pool: &PgPool,
+    worker: WorkerId,
+    held: &[(TrialId, LeaseToken)],
+    ttl: Duration,
+) -> Result<Vec<(TrialId, String)>> {
+    let trials: Vec<uuid::Uuid> = held.iter().map(|h| h.0 .0).collect();
+    let tokens: Vec<uuid::Uuid> = held.iter().map(|h| h.1 .0).collect();
+    let rows: Vec<(uuid::Uuid, Option<String>)> = sqlx::query_as(
+        "with held as (
+             select * from unnest($2::uuid[], $3::uuid[]) as h(trial_id, token)
+         ),
+         seen as (
+             update workers set last_seen_at = now() where id = $1
+         ),
+         extended as (
+             update trials t
+             set lease_expires_at = now() + make_interval(secs => $4)
+             from held
+             where t.id = held.trial_id and t.lease_token = held.token and t.state = 'running'
+             returning t.id
+         )
+         select held.trial_id, t.state
+         from held
+         left join trials t on t.id = held.trial_id and t.lease_token = held.token
+         where held.trial_id not in (select id from extended)",
+    )
+    .bind(worker.0)
+    .bind(&trials)
+    .bind(&tokens)
+    .bind(ttl.as_secs_f64())
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, state)| {
+            let reason = match state.as_deref() {
+                Some("cancelled") => "cancelled".to_string(),
+                Some("pruned") => "pruned".to_string(),
+                Some(other) => format!("trial is {other}"),
+                None => "lease lost: it expired and the trial went back to the queue".to_string(),
+            };
+            (TrialId(id), reason)
+        })
+        .collect())
+}
+
+/// Returns expired leases to the queue, or fails trials out of attempts.
+pub async fn reap_expired(pool: &PgPool) -> Result<u64> {
+    let done = sqlx::query(
+        "update trials t
+         set state = case when t.attempt >= e.max_attempts then 'failed' else 'pending' end,
+             error = case when t.attempt >= e.max_attempts
+                 then format('lease expired on attempt %s of %s (last held by worker %s)', t.attempt, e.max_attempts, t.lease_owner)
+                 else t.error end,
+             finished_at = case when t.attempt >= e.max_attempts then now() end,
+             lease_token = null,
+             lease_owner = null,
+             lease_expires_at = null
+         from experiments e
+         where e.id = t.experiment_id and t.state = 'running' and t.lease_expires_at < now()",
+    )
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Records a checkpoint whose object is already durable, fenced by the lease.
+pub async fn record_checkpoint(
+    pool: &PgPool,
+    trial: TrialId,
+    token: LeaseToken,
+    checkpoint: &CheckpointRecord,
+) -> Result<()> {
+    let done = sqlx::query(
+        "insert into checkpoints (trial_id, step, path, bytes, attempt)
+         select t.id, $3, $4, $5, t.attempt from trials t
+         where t.id = $1 and t.lease_token = $2 and t.state = 'running'
+         on conflict (trial_id, step) do update
+         set path = excluded.path, bytes = excluded.bytes, attempt = excluded.attempt, created_at = now()",
+    )
+    .bind(trial.0)
+    .bind(token.0)
+    .bind(checkpoint.step)
+    .bind(&checkpoint.path)
+    .bind(checkpoint.bytes)
+    .execute(pool)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Err(Error::StaleLease {
+            trial: trial.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Finishes a trial, fenced by the lease; repeating the same completion is harmless.
+pub async fn complete(
+    pool: &PgPool,
+    trial: TrialId,
+    token: LeaseToken,
+    outcome: ablate_schema::TrialState,
+    error: Option<&str>,
+    stderr_tail: Option<&str>,
+    outputs: &Value,
+) -> Result<()> {
+    let done = sqlx::query(
+        "update trials
+         set state = $3, finished_at = coalesce(finished_at, now()), error = $4, stderr_tail = $5,
+             lease_expires_at = null, outputs = $6
+         where id = $1 and lease_token = $2 and state in ('running', $3)",
+    )
+    .bind(trial.0)
+    .bind(token.0)
+    .bind(outcome.as_str())
+    .bind(error)
+    .bind(stderr_tail)
+    .bind(outputs)
+    .execute(pool)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Err(Error::StaleLease {
+            trial: trial.to_string(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,53 @@
+//! Worker registration and the workers table.
+
+use ablate_schema::WorkerId;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgPool;
+use sqlx::Row;
+
+use crate::error::Result;
+
+pub async fn register_worker(pool: &PgPool, id: WorkerId, hostname: &str, devices: &[String]) -> Result<()> {
+    sqlx::query(
+        "insert into workers (id, hostname, devices) values ($1, $2, $3)
+         on conflict (id) do update set hostname = excluded.hostname, devices = excluded.devices,
+             last_seen_at = now()",
+    )
+    .bind(id.0)
+    .bind(hostname)
+    .bind(devices)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub struct WorkerRow {
+    pub id: WorkerId,
+    pub hostname: String,
+    pub devices: Vec<String>,
+    pub registered_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    pub running: i64,
+}
+
+pub async fn list_workers(pool: &PgPool) -> Result<Vec<WorkerRow>> {
+    let rows = sqlx::query(
+        "select w.id, w.hostname, w.devices, w.registered_at, w.last_seen_at,
+                (select count(*) from trials t where t.lease_owner = w.id and t.state = 'running') as running
+         from workers w order by w.last_seen_at desc",
+    )
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(WorkerRow {
+                id: WorkerId(row.try_get("id")?),
+                hostname: row.try_get("hostname")?,
+                devices: row.try_get("devices")?,
+                registered_at: row.try_get("registered_at")?,
+                last_seen_at: row.try_get("last_seen_at")?,
+                running: row.try_get("running")?,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,161 @@
+//! The registry of experiment families: the only place that lists them.
+//!
+//! A family is a folder here with a unit type implementing [`Definition`]
+//! (its parameters and checks, its expansion, its report and, behind the
+//! `torch` feature, its trial), plus one line in [`REGISTRY`].
+//!
+//! Families build on the substrate ([`crate::nn`]) and on the `train` family's
+//! training trial; the substrate never imports a family.
+
+use ablate_schema::Goal;
+use serde_json::{Map, Value};
+
+use crate::error::ParamError;
+use crate::report::{Report, ReportError, TrialOutcome};
+#[cfg(feature = "torch")]
+use crate::trial::{TrialContext, TrialError};
+
+pub mod critical_batch;
+pub mod dsir;
+pub mod intrinsic_dim;
+pub mod mup_transfer;
+pub mod train;
+
+/// Every family, in the order `ablate` lists them.
+const REGISTRY: &[&dyn Definition] = &[
+    &train::Train,
+    &mup_transfer::MupTransfer,
+    &critical_batch::CriticalBatch,
+    &intrinsic_dim::IntrinsicDim,
+    &dsir::Dsir,
+];
+
+/// What a family tells the platform: how to check, expand, run and report its trials.
+pub trait Definition: Sync {
+    /// The name a spec's `family` gives.
+    fn name(&self) -> &'static str;
+
+    /// Checks one trial's full parameter set (base merged with the swept values).
+    fn check_params(&self, params: &Value) -> Result<TrialPlan, ParamError>;
+
+    /// The metrics every trial of the family logs; an objective must be one of them.
+    fn metrics(&self) -> &'static [&'static str];
+
+    /// The metrics whose whole curves the report reads (the rest it reads as last values).
+    fn series_metrics(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// The objective when a spec names none: a metric and whether to minimize or maximize it.
+    fn default_objective(&self) -> (&'static str, Goal);
+
+    /// Turns the sweep's points (base merged with swept values) into the trials to run;
+    /// most families run one trial per point.
+    fn expand(&self, points: Vec<Map<String, Value>>) -> Result<Vec<Map<String, Value>>, ParamError> {
+        Ok(points)
+    }
+
+    /// The family's report over its finished trials.
+    fn report(&self, outcomes: &[TrialOutcome]) -> Result<Report, ReportError>;
+
+    /// Runs one trial to its end.
+    #[cfg(feature = "torch")]
+    fn run(&self, params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>;
+}
+
+/// A registered family: a handle on its [`Definition`].
+#[derive(Clone, Copy)]
+pub struct Family(&'static dyn Definition);
+
+impl Family {
+    /// Every registered family.
+    pub fn all() -> impl Iterator<Item = Family> {
+        REGISTRY.iter().map(|d| Family(*d))
+    }
+
+    pub fn parse(name: &str) -> Result<Family, String> {
+        Family::all().find(|f| f.name() == name).ok_or_else(|| {
+            let known: Vec<&str> = Family::all().map(|f| f.name()).collect();
+            format!("unknown family `{name}`, expected one of: {}", known.join(", "))
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        self.0.name()
+    }
+
+    /// See [`Definition::check_params`].
+    pub fn check_params(self, params: &Value) -> Result<TrialPlan, ParamError> {
+        self.0.check_params(params)
+    }
+
+    /// See [`Definition::metrics`].
+    pub fn metrics(self) -> &'static [&'static str] {
+        self.0.metrics()
+    }
+
+    /// See [`Definition::series_metrics`].
+    pub fn series_metrics(self) -> &'static [&'static str] {
+        self.0.series_metrics()
+    }
+
+    /// See [`Definition::default_objective`].
+    pub fn default_objective(self) -> (&'static str, Goal) {
+        self.0.default_objective()
+    }
+
+    /// See [`Definition::expand`].
+    pub fn expand(self, points: Vec<Map<String, Value>>) -> Result<Vec<Map<String, Value>>, ParamError> {
+        self.0.expand(points)
+    }
+
+    /// See [`Definition::report`].
+    pub fn report(self, outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
+        self.0.report(outcomes)
+    }
+
+    /// See [`Definition::run`].
+    #[cfg(feature = "torch")]
+    pub fn run(self, params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> {
+        self.0.run(params, ctx)
+    }
+}
+
+impl PartialEq for Family {
+    fn eq(&self, other: &Family) -> bool {
+        self.name() == other.name()
+    }
+}
+
+impl Eq for Family {}
+
+impl std::fmt::Debug for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Family({})", self.name())
+    }
+}
+
+/// What the platform needs to know of a trial before it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrialPlan {
+    pub total_steps: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_is_found_by_its_own_name_and_names_are_unique() {
+        let names: Vec<&str> = Family::all().map(Family::name).collect();
+        for name in &names {
+            assert_eq!(Family::parse(name).unwrap().name(), *name);
+        }
+        let mut unique = names.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), names.len(), "{names:?}");
+        let err = Family::parse("nope").unwrap_err();
+        assert!(err.contains("train, mup_transfer"), "{err}");
+    }
+}

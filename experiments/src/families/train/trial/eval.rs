@@ -1,0 +1,45 @@
+//! Evaluation at the loop's evaluation steps: the task's held-out metrics,
+//! the averaged weights' eval loss, and the gradient-noise measurement.
+
+use super::averaging::WeightAverage;
+use super::noise::measure_noise;
+use super::tasks::Task;
+use crate::families::train::TrainParams;
+use crate::nn::subspace::Subspace;
+use crate::trial::TrialContext;
+
+/// Logs every evaluation of update `done`; `noise_average` carries the running noise sums.
+pub(super) fn evaluate(
+    ctx: &mut TrialContext<'_>,
+    p: &TrainParams,
+    task: &mut dyn Task,
+    subspace: &Option<Subspace>,
+    average: Option<&WeightAverage>,
+    noise_average: &mut [f64; 3],
+    done: u64,
+) {
+    if let Some(s) = subspace {
+        tch::no_grad(|| s.materialize(task.params_mut()));
+    }
+    for (name, value) in task.evaluate() {
+        ctx.metrics.log(name, done, value);
+    }
+    if let Some(average) = average {
+        for (name, value) in average.evaluate(task, done) {
+            if name == "eval_loss" {
+                ctx.metrics.log("eval_loss_ema", done, value);
+            }
+        }
+    }
+    if let Some(noise) = p.noise_scale {
+        let draws = u64::from(noise.repeats) * u64::from(noise.big / noise.small);
+        let estimate = measure_noise(task, noise, done * draws);
+        for (slot, v) in noise_average.iter_mut().zip([estimate.grad_sq, estimate.trace, 1.0]) {
+            *slot = noise.smoothing * *slot + v;
+        }
+        let [grad_sq, trace, weight] = *noise_average;
+        ctx.metrics.log("grad_sq_norm", done, grad_sq / weight);
+        ctx.metrics.log("grad_noise_trace", done, trace / weight);
+        ctx.metrics.log("b_simple", done, trace / grad_sq);
+    }
+}

@@ -1,0 +1,91 @@
+//! Online gradient-noise measurement (B_simple) and the trial's own noise stream.
+
+use tch::{Kind, Tensor};
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::tasks::Task;
+use crate::families::train::NoiseScale;
+use crate::nn::model::Param;
+
+/// Keeps the gradient-noise draws apart from every other use of a trial's seed.
+pub(super) const NOISE_SALT: u64 = 0x6e01_5e5c_a1e0_0001;
+
+/// A generator for draw `draw` of the noise stream of `seed`.
+pub(super) fn noise_rng(seed: u64, draw: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ NOISE_SALT);
+    rng.set_stream(draw);
+    rng
+}
+
+/// One measurement of the gradient noise: the unbiased estimates of |G|^2 and
+/// tr(Sigma) averaged over `repeats` draws (numerators and denominators apart).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct NoiseEstimate {
+    pub(super) grad_sq: f64,
+    pub(super) trace: f64,
+}
+
+#[cfg(test)]
+impl NoiseEstimate {
+    pub(super) fn b_simple(&self) -> f64 {
+        self.trace / self.grad_sq
+    }
+}
+
+/// Measures the gradient noise at the current weights (McCandlish et al. 2018, appendix A):
+/// each draw takes `big / small` independent batches of `small`; their gradients give
+/// |G_small|^2 (averaged) and, through their mean, |G_big|^2. `first_draw` names the draws so
+/// a measurement is reproducible. Leaves the parameters' gradients zeroed.
+pub(super) fn measure_noise(task: &mut dyn Task, noise: NoiseScale, first_draw: u64) -> NoiseEstimate {
+    let chunks = u64::from(noise.big / noise.small);
+    let (small, big) = (f64::from(noise.small), f64::from(noise.big));
+    let (mut grad_sq, mut trace) = (0.0, 0.0);
+    for repeat in 0..u64::from(noise.repeats) {
+        let mut sum: Option<Tensor> = None;
+        let mut small_sq = 0.0;
+        for chunk in 0..chunks {
+            zero_grads(task.params_mut());
+            let loss = task.sample_loss(first_draw + repeat * chunks + chunk, noise.small as usize);
+            loss.backward();
+            let g = tch::no_grad(|| {
+                Tensor::cat(
+                    &task
+                        .params()
+                        .iter()
+                        .map(|p| p.tensor.grad().to_kind(Kind::Double).view([-1]))
+                        .collect::<Vec<_>>(),
+                    0,
+                )
+            });
+            small_sq += g.square().sum(Kind::Double).double_value(&[]);
+            sum = Some(match sum {
+                Some(s) => s + g,
+                None => g,
+            });
+        }
+        small_sq /= chunks as f64;
+        let big_sq = (sum.expect("at least one chunk") / chunks as f64)
+            .square()
+            .sum(Kind::Double)
+            .double_value(&[]);
+        grad_sq += (big * big_sq - small * small_sq) / (big - small);
+        trace += (small_sq - big_sq) / (1.0 / small - 1.0 / big);
+    }
+    zero_grads(task.params_mut());
+    let repeats = f64::from(noise.repeats);
+    NoiseEstimate {
+        grad_sq: grad_sq / repeats,
+        trace: trace / repeats,
+    }
+}
+
+pub(super) fn zero_grads(params: &mut [Param]) {
+    for p in params {
+        let mut grad = p.tensor.grad();
+        if grad.defined() {
+            let _ = grad.zero_();
+        }
+    }
+}

