@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use ablate_experiments::families::dsir::method::{self, Featurizer, BUCKETS};
+use ablate_experiments::families::dsir::method::{self as dsir, Featurizer, BUCKETS};
 use serde_json::Value;
 
 fn corpus() -> (Vec<PathBuf>, PathBuf) {
