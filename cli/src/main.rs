@@ -12,6 +12,7 @@ mod render;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use ablate_schema::Limits;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -134,6 +135,84 @@ pub struct UpArgs {
     /// Use this PostgreSQL instead of the embedded one.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// What one user may send a shared coordinator (defaults in `ablate_schema::Limits`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct LimitArgs {
+    /// Trials one experiment may expand into.
+    #[arg(long, default_value_t = Limits::default().max_trials)]
+    pub max_trials: u64,
+    /// Bytes of a spec's text.
+    #[arg(long, default_value_t = Limits::default().max_spec_bytes)]
+    pub max_spec_bytes: usize,
+    /// Characters of an experiment's name.
+    #[arg(long, default_value_t = Limits::default().max_name_chars)]
+    pub max_name_chars: usize,
+    /// Characters of other strings: descriptions, parameter names and values, metric names.
+    #[arg(long, default_value_t = Limits::default().max_string_chars)]
+    pub max_string_chars: usize,
+    /// Parameters of one trial.
+    #[arg(long, default_value_t = Limits::default().max_params)]
+    pub max_params: usize,
+    /// Metric names in one batch of a trial.
+    #[arg(long, default_value_t = Limits::default().max_metric_names)]
+    pub max_metric_names: usize,
+    /// Points in one metric batch.
+    #[arg(long, default_value_t = Limits::default().max_batch_points)]
+    pub max_batch_points: usize,
+    /// Bytes of a trial's outputs (JSON).
+    #[arg(long, default_value_t = Limits::default().max_output_bytes)]
+    pub max_output_bytes: usize,
+    /// Connections of the pool that serves `ablate sql` and reports, apart from the workers'.
+    #[arg(long, default_value_t = 4)]
+    pub reader_connections: u32,
+    /// `ablate sql` and report queries one address may run at once.
+    #[arg(long, default_value_t = 2)]
+    pub queries_per_caller: u32,
+}
+
+impl LimitArgs {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_trials: self.max_trials,
+            max_spec_bytes: self.max_spec_bytes,
+            max_name_chars: self.max_name_chars,
+            max_string_chars: self.max_string_chars,
+            max_params: self.max_params,
+            max_metric_names: self.max_metric_names,
+            max_batch_points: self.max_batch_points,
+            max_output_bytes: self.max_output_bytes,
+        }
+    }
+
+    /// Puts the limits into a coordinator's options.
+    pub fn apply(&self, options: &mut ablate_coordinator::Options) {
+        options.limits = self.limits();
+        options.reader_connections = self.reader_connections;
+        options.queries_per_caller = self.queries_per_caller;
+    }
+
+    /// The same flags, for a child `ablate up`.
+    pub fn to_args(&self) -> Vec<String> {
+        [
+            ("--max-trials", self.max_trials.to_string()),
+            ("--max-spec-bytes", self.max_spec_bytes.to_string()),
+            ("--max-name-chars", self.max_name_chars.to_string()),
+            ("--max-string-chars", self.max_string_chars.to_string()),
+            ("--max-params", self.max_params.to_string()),
+            ("--max-metric-names", self.max_metric_names.to_string()),
+            ("--max-batch-points", self.max_batch_points.to_string()),
+            ("--max-output-bytes", self.max_output_bytes.to_string()),
+            ("--reader-connections", self.reader_connections.to_string()),
+            ("--queries-per-caller", self.queries_per_caller.to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_string(), value])
+        .collect()
+    }
 }
 
 #[derive(clap::Args, Clone)]
@@ -145,6 +224,8 @@ pub struct ServeArgs {
     /// Seconds a lease lasts without a heartbeat.
     #[arg(long, default_value_t = 15.0)]
     pub lease_ttl: f64,
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 fn main() -> std::process::ExitCode {

@@ -17,6 +17,9 @@ pub enum Error {
     /// A researcher's SQL query failed or was refused.
     #[error("{0}")]
     Query(String),
+    /// The reader pool, or the caller's share of it, is full: retry later.
+    #[error("{0}")]
+    Busy(String),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
     #[error("migrations: {0}")]
@@ -29,6 +32,7 @@ impl From<Error> for Status {
             Error::InvalidSpec(_) | Error::InvalidArgument(_) | Error::Query(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
             Error::StaleLease { .. } => Code::FailedPrecondition,
+            Error::Busy(_) => Code::ResourceExhausted,
             Error::Db(_) | Error::Migrate(_) => Code::Unavailable,
         };
         if code == Code::Unavailable {

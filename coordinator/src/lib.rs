@@ -8,6 +8,7 @@
 
 pub mod db;
 pub mod error;
+mod reader;
 mod service;
 pub mod submit;
 
@@ -28,6 +29,12 @@ pub struct Options {
     /// How often expired leases are reaped.
     pub reap_interval: Duration,
     pub max_connections: u32,
+    /// Connections of the researchers' own pool (`ablate sql`, reports).
+    pub reader_connections: u32,
+    /// Researchers' queries one caller (an address) may run at once.
+    pub queries_per_caller: u32,
+    /// What one spec, trial or batch may hold.
+    pub limits: ablate_schema::Limits,
 }
 
 impl Options {
@@ -38,6 +45,9 @@ impl Options {
             lease_ttl: Duration::from_secs(15),
             reap_interval: Duration::from_secs(1),
             max_connections: 16,
+            reader_connections: 4,
+            queries_per_caller: 2,
+            limits: ablate_schema::Limits::default(),
         }
     }
 }
@@ -46,6 +56,7 @@ impl Options {
 pub struct Coordinator {
     listener: TcpListener,
     pool: sqlx::PgPool,
+    reader: reader::Reader,
     options: Options,
 }
 
@@ -53,12 +64,19 @@ impl Coordinator {
     /// Connects to PostgreSQL, applies migrations and binds the listen address.
     pub async fn build(options: Options) -> Result<Coordinator> {
         let pool = db::connect(&options.database_url, options.max_connections).await?;
+        let reader_pool = db::connect_reader(&options.database_url, options.reader_connections).await?;
+        let reader = reader::Reader::new(
+            reader_pool,
+            options.reader_connections as usize,
+            options.queries_per_caller as usize,
+        );
         let listener = TcpListener::bind(options.listen)
             .await
             .map_err(|e| Error::InvalidArgument(format!("cannot listen on {}: {e}", options.listen)))?;
         Ok(Coordinator {
             listener,
             pool,
+            reader,
             options,
         })
     }
@@ -73,8 +91,16 @@ impl Coordinator {
         let reaper = tokio::spawn(reap_forever(self.pool.clone(), self.options.reap_interval));
         tracing::info!(%addr, "coordinator listening");
         let result = tonic::transport::Server::builder()
-            .add_service(service::experiments_server(self.pool.clone()))
-            .add_service(service::workers_server(self.pool.clone(), self.options.lease_ttl))
+            .add_service(service::experiments_server(
+                self.pool.clone(),
+                self.reader.clone(),
+                self.options.limits,
+            ))
+            .add_service(service::workers_server(
+                self.pool.clone(),
+                self.options.lease_ttl,
+                self.options.limits,
+            ))
             .serve_with_incoming_shutdown(incoming(self.listener), shutdown)
             .await;
         reaper.abort();

@@ -17,23 +17,34 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::db::{self, CheckpointRecord, ExperimentRow, TrialRow};
 use crate::error::Error;
+use crate::reader::Reader;
 use crate::submit;
+use ablate_schema::Limits;
 
 /// Metric batches of one stream written concurrently.
 const INGEST_IN_FLIGHT: usize = 4;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-pub fn experiments_server(pool: PgPool) -> experiments_server::ExperimentsServer<ExperimentsService> {
-    experiments_server::ExperimentsServer::new(ExperimentsService { pool })
+pub fn experiments_server(
+    pool: PgPool,
+    reader: Reader,
+    limits: Limits,
+) -> experiments_server::ExperimentsServer<ExperimentsService> {
+    experiments_server::ExperimentsServer::new(ExperimentsService { pool, reader, limits })
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20)
 }
 
-pub fn workers_server(pool: PgPool, lease_ttl: Duration) -> workers_server::WorkersServer<WorkersService> {
+pub fn workers_server(
+    pool: PgPool,
+    lease_ttl: Duration,
+    limits: Limits,
+) -> workers_server::WorkersServer<WorkersService> {
     workers_server::WorkersServer::new(WorkersService {
         pool,
         lease_ttl,
+        limits,
         names: Arc::new(Mutex::new(HashMap::new())),
     })
     .max_decoding_message_size(64 << 20)
@@ -45,6 +56,9 @@ fn parse_id<T>(parse: impl Fn(&str) -> Result<T, ablate_schema::ids::BadId>, tex
 
 pub struct ExperimentsService {
     pool: PgPool,
+    /// Researchers' reads: their own pool and admission.
+    reader: Reader,
+    limits: Limits,
 }
 
 impl ExperimentsService {
@@ -107,7 +121,7 @@ impl experiments_server::Experiments for ExperimentsService {
         let format = SpecFormat::parse(&req.format).ok_or_else(|| {
             Status::invalid_argument(format!("unknown spec format `{}`, expected toml or yaml", req.format))
         })?;
-        let (id, count) = submit::submit(&self.pool, &req.spec_text, format).await?;
+        let (id, count) = submit::submit(&self.pool, &req.spec_text, format, &self.limits).await?;
         Ok(Response::new(proto::SubmitResponse {
             experiment_id: id.to_string(),
             trial_count: count as u32,
@@ -155,6 +169,8 @@ impl experiments_server::Experiments for ExperimentsService {
         let (tx, rx) = mpsc::channel(4);
         let service = ExperimentsService {
             pool: self.pool.clone(),
+            reader: self.reader.clone(),
+            limits: self.limits,
         };
         tokio::spawn(async move {
             let mut last = first;
@@ -205,8 +221,9 @@ impl experiments_server::Experiments for ExperimentsService {
         &self,
         request: Request<proto::GetExperimentRequest>,
     ) -> Result<Response<proto::ReportResponse>, Status> {
+        let _admission = self.reader.admit(request.remote_addr().map(|a| a.ip()))?;
         let id = parse_id(ExperimentId::parse, &request.into_inner().experiment_id)?;
-        let (family, outcomes) = db::report_outcomes(&self.pool, id).await?;
+        let (family, outcomes) = db::report_outcomes(&self.reader.pool, id).await?;
         let family = ablate_experiments::Family::parse(&family).map_err(Error::InvalidArgument)?;
         let report = family
             .report(&outcomes)
@@ -219,13 +236,14 @@ impl experiments_server::Experiments for ExperimentsService {
     type QueryStream = ResponseStream<proto::QueryChunk>;
 
     async fn query(&self, request: Request<proto::QueryRequest>) -> Result<Response<Self::QueryStream>, Status> {
+        let _admission = self.reader.admit(request.remote_addr().map(|a| a.ip()))?;
         let req = request.into_inner();
         let timeout = Duration::from_millis(if req.timeout_ms == 0 {
             30_000
         } else {
             req.timeout_ms as u64
         });
-        let result = db::read_only_query(&self.pool, &req.sql, timeout).await?;
+        let result = db::read_only_query(&self.reader.pool, &req.sql, timeout).await?;
         let mut chunks = Vec::new();
         let mut columns = Some(result.columns);
         let mut rows = result.rows.into_iter().peekable();
@@ -251,6 +269,7 @@ impl experiments_server::Experiments for ExperimentsService {
 pub struct WorkersService {
     pool: PgPool,
     lease_ttl: Duration,
+    limits: Limits,
     /// Metric name -> id; a cache of `metric_names`, refilled on a miss.
     names: Arc<Mutex<HashMap<String, i32>>>,
 }
@@ -260,9 +279,33 @@ fn lease_of(trial: &str, token: &str) -> Result<(TrialId, LeaseToken), Error> {
 }
 
 /// Writes one metric batch; returns the number of points stored.
-async fn ingest(pool: &PgPool, names: &Mutex<HashMap<String, i32>>, batch: &proto::MetricBatch) -> Result<u64, Error> {
+async fn ingest(
+    pool: &PgPool,
+    names: &Mutex<HashMap<String, i32>>,
+    limits: &Limits,
+    batch: &proto::MetricBatch,
+) -> Result<u64, Error> {
     let (trial, token) = lease_of(&batch.trial_id, &batch.lease_token)?;
     let n = batch.steps.len();
+    if n > limits.max_batch_points {
+        return Err(Error::InvalidArgument(format!(
+            "metric batch {} has {n} points, over the limit of {}; send smaller batches",
+            batch.seq, limits.max_batch_points
+        )));
+    }
+    if batch.names.len() > limits.max_metric_names {
+        return Err(Error::InvalidArgument(format!(
+            "metric batch {} names {} metrics, over the limit of {} per trial",
+            batch.seq,
+            batch.names.len(),
+            limits.max_metric_names
+        )));
+    }
+    for (i, name) in batch.names.iter().enumerate() {
+        limits
+            .check_name(&format!("metric name {i}"), name, limits.max_string_chars)
+            .map_err(|e| Error::InvalidArgument(format!("metric batch {}: {e}", batch.seq)))?;
+    }
     if batch.values.len() != n || batch.name_index.len() != n {
         return Err(Error::InvalidArgument(format!(
             "metric batch {} has {} steps, {} values and {} name indexes; they must match",
@@ -388,6 +431,7 @@ impl workers_server::Workers for WorkersService {
         let (tx, rx) = mpsc::channel(64);
         let pool = self.pool.clone();
         let names = self.names.clone();
+        let limits = self.limits;
         tokio::spawn(async move {
             // Up to INGEST_IN_FLIGHT batches of one stream are written at once; acks carry
             // the batch's sequence number, so they may arrive out of order.
@@ -396,7 +440,7 @@ impl workers_server::Workers for WorkersService {
                 .map(|batch| {
                     let (pool, names) = (pool.clone(), names.clone());
                     async move {
-                        let result = ingest(&pool, &names, &batch).await;
+                        let result = ingest(&pool, &names, &limits, &batch).await;
                         (batch.seq, result)
                     }
                 })
@@ -458,13 +502,21 @@ impl workers_server::Workers for WorkersService {
                 )))
             }
         };
+        // A crashed trial's stderr may hold anything; PostgreSQL text can't hold NUL.
         let nonempty = |s: &str| {
             if s.is_empty() {
                 None
             } else {
-                Some(s.to_string())
+                Some(s.replace('\0', "\u{fffd}"))
             }
         };
+        if req.outputs_json.len() > self.limits.max_output_bytes {
+            return Err(Status::invalid_argument(format!(
+                "the trial's outputs are {} bytes of JSON, over the limit of {}; store large results in object storage and output their keys",
+                req.outputs_json.len(),
+                self.limits.max_output_bytes
+            )));
+        }
         let outputs: serde_json::Value = if req.outputs_json.trim().is_empty() {
             serde_json::json!({})
         } else {

@@ -1,16 +1,16 @@
 //! Turning a submitted spec into a stored experiment: every check of
 //! `ablate_experiments::sweep::check`, then one transaction that stores it all.
 
-use ablate_experiments::sweep::check;
-use ablate_schema::{ExperimentId, SpecFormat, TrialId};
+use ablate_experiments::sweep::check_within;
+use ablate_schema::{ExperimentId, Limits, SpecFormat, TrialId};
 use sqlx::PgPool;
 
 use crate::db::{self, NewExperiment, NewTrial};
 use crate::error::Result;
 
 /// Checks and stores a spec; returns the new experiment's id and trial count.
-pub async fn submit(pool: &PgPool, text: &str, format: SpecFormat) -> Result<(ExperimentId, usize)> {
-    let checked = check(text, format)?;
+pub async fn submit(pool: &PgPool, text: &str, format: SpecFormat, limits: &Limits) -> Result<(ExperimentId, usize)> {
+    let checked = check_within(text, format, limits)?;
     let id = ExperimentId::new_random();
     let spec_json = serde_json::to_value(&checked.spec).expect("a spec always serializes");
     let hash = checked.spec.content_hash();

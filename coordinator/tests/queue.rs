@@ -37,7 +37,9 @@ async fn expire_all(pool: &PgPool) {
 
 #[sqlx::test(migrator = "ablate_coordinator::db::MIGRATOR")]
 async fn concurrent_leases_never_share_a_trial(pool: PgPool) {
-    submit::submit(&pool, SPEC, SpecFormat::Toml).await.unwrap();
+    submit::submit(&pool, SPEC, SpecFormat::Toml, &Default::default())
+        .await
+        .unwrap();
     let mut tasks = Vec::new();
     for _ in 0..4 {
         let pool = pool.clone();
@@ -62,7 +64,9 @@ async fn concurrent_leases_never_share_a_trial(pool: PgPool) {
 
 #[sqlx::test(migrator = "ablate_coordinator::db::MIGRATOR")]
 async fn a_stale_token_is_refused_for_metrics_checkpoints_and_completion(pool: PgPool) {
-    submit::submit(&pool, SPEC, SpecFormat::Toml).await.unwrap();
+    submit::submit(&pool, SPEC, SpecFormat::Toml, &Default::default())
+        .await
+        .unwrap();
     let first = db::lease(&pool, WorkerId::new_random(), 1, TTL)
         .await
         .unwrap()
@@ -159,7 +163,9 @@ async fn intern(pool: &PgPool, name: &str) -> i32 {
 
 #[sqlx::test(migrator = "ablate_coordinator::db::MIGRATOR")]
 async fn the_reaper_requeues_then_fails_a_trial_out_of_attempts(pool: PgPool) {
-    submit::submit(&pool, SPEC, SpecFormat::Toml).await.unwrap();
+    submit::submit(&pool, SPEC, SpecFormat::Toml, &Default::default())
+        .await
+        .unwrap();
     for attempt in 1..=2 {
         let leased = db::lease(&pool, WorkerId::new_random(), 1, TTL).await.unwrap();
         assert_eq!(leased[0].attempt, attempt);
@@ -180,7 +186,9 @@ async fn the_reaper_requeues_then_fails_a_trial_out_of_attempts(pool: PgPool) {
 
 #[sqlx::test(migrator = "ablate_coordinator::db::MIGRATOR")]
 async fn metric_replays_overwrite_instead_of_duplicating(pool: PgPool) {
-    submit::submit(&pool, SPEC, SpecFormat::Toml).await.unwrap();
+    submit::submit(&pool, SPEC, SpecFormat::Toml, &Default::default())
+        .await
+        .unwrap();
     let t = db::lease(&pool, WorkerId::new_random(), 1, TTL)
         .await
         .unwrap()
@@ -198,7 +206,9 @@ async fn metric_replays_overwrite_instead_of_duplicating(pool: PgPool) {
 
 #[sqlx::test(migrator = "ablate_coordinator::db::MIGRATOR")]
 async fn heartbeats_extend_leases_and_carry_stop_orders(pool: PgPool) {
-    let (experiment, _) = submit::submit(&pool, SPEC, SpecFormat::Toml).await.unwrap();
+    let (experiment, _) = submit::submit(&pool, SPEC, SpecFormat::Toml, &Default::default())
+        .await
+        .unwrap();
     let worker = WorkerId::new_random();
     db::register_worker(&pool, worker, "host", &["cpu:0".into()])
         .await
@@ -230,7 +240,9 @@ async fn a_bad_spec_stores_nothing(pool: PgPool) {
         SPEC.replace("steps = 10\n", "steps = \"ten\"\n"),
         SPEC.replace("params.seed = [0, 1, 2, 3, 4, 5]", "params.seed = []"),
     ] {
-        let err = submit::submit(&pool, &bad, SpecFormat::Toml).await.unwrap_err();
+        let err = submit::submit(&pool, &bad, SpecFormat::Toml, &Default::default())
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::InvalidSpec(_)), "{err}");
     }
     assert_eq!(count(&pool, "select count(*) from experiments").await, 0);
@@ -239,7 +251,9 @@ async fn a_bad_spec_stores_nothing(pool: PgPool) {
 
 #[sqlx::test(migrator = "ablate_coordinator::db::MIGRATOR")]
 async fn sql_is_read_only_and_keeps_columns_in_order(pool: PgPool) {
-    submit::submit(&pool, SPEC, SpecFormat::Toml).await.unwrap();
+    submit::submit(&pool, SPEC, SpecFormat::Toml, &Default::default())
+        .await
+        .unwrap();
     let timeout = Duration::from_secs(5);
     let rows = db::read_only_query(
         &pool,
@@ -277,4 +291,92 @@ async fn sql_is_read_only_and_keeps_columns_in_order(pool: PgPool) {
         "{:?}",
         slow.map(|r| r.rows)
     );
+}
+
+#[sqlx::test(migrator = "ablate_coordinator::db::MIGRATOR")]
+async fn a_reader_query_leaves_no_lock_or_setting_behind(pool: PgPool) {
+    let url = pool.connect_options();
+    // The test pool's options with the reader's: one connection, so every query reuses it.
+    let reader = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with((*url).clone())
+        .await
+        .unwrap();
+    let timeout = Duration::from_secs(5);
+    db::read_only_query(&reader, "select pg_advisory_lock(1)", timeout)
+        .await
+        .unwrap();
+    db::read_only_query(&reader, "select set_config('work_mem', '77MB', false)", timeout)
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&pool, "select count(*) from pg_locks where locktype = 'advisory'").await,
+        0,
+        "the advisory lock was released when the query ended"
+    );
+    let rows = db::read_only_query(&reader, "select current_setting('work_mem') as m", timeout)
+        .await
+        .unwrap();
+    assert_ne!(rows.rows[0][0], serde_json::json!("77MB"), "settings are reset");
+    // A failed query resets its connection too.
+    assert!(db::read_only_query(&reader, "select pg_advisory_lock(2), 1/0", timeout)
+        .await
+        .is_err());
+    assert_eq!(
+        count(&pool, "select count(*) from pg_locks where locktype = 'advisory'").await,
+        0
+    );
+}
+
+#[sqlx::test(migrator = "ablate_coordinator::db::MIGRATOR")]
+async fn huge_sweeps_and_unprintable_names_are_refused_naming_the_field(pool: PgPool) {
+    let cases = [
+        (
+            SPEC.replace(
+                "params.seed = [0, 1, 2, 3, 4, 5]",
+                "params.width = { range = [1, 100000000], step = 1 }",
+            ),
+            "sweep.params.width",
+            "over the limit of 100000 trials",
+        ),
+        (
+            SPEC.replace(
+                "params.seed = [0, 1, 2, 3, 4, 5]",
+                "params.a = { range = [1, 1000] }\nparams.b = { range = [1, 1000] }",
+            ),
+            "sweep.params.b",
+            "1000000",
+        ),
+        (
+            SPEC.replace("name = \"queue\"", "name = \"a\\u0000b\""),
+            "name",
+            "U+0000",
+        ),
+        (
+            SPEC.replace("name = \"queue\"", &format!("name = \"{}\"", "n".repeat(200_000))),
+            "name",
+            "over the limit of 200",
+        ),
+        (
+            SPEC.replace("lr = 0.01", "lr = 0.01\nnote = \"bell\\u0007\""),
+            "base.note",
+            "U+0007",
+        ),
+        (
+            format!("{SPEC}\n# {}\n", "x".repeat(2 << 20)),
+            ".",
+            "bytes, over the limit",
+        ),
+    ];
+    for (text, path, needle) in cases {
+        let err = submit::submit(&pool, &text, SpecFormat::Toml, &Default::default())
+            .await
+            .unwrap_err();
+        let Error::InvalidSpec(spec_err) = &err else {
+            panic!("{err}")
+        };
+        assert_eq!(spec_err.path, path, "{err}");
+        assert!(spec_err.message.contains(needle), "{err}");
+    }
+    assert_eq!(count(&pool, "select count(*) from experiments").await, 0);
 }

@@ -175,8 +175,13 @@ impl Report {
 
 /// Renders rows under a header, columns padded to their widest cell.
 pub fn text_table(header: &[String], rows: &[Vec<String>]) -> String {
+    let header: Vec<String> = header.iter().map(|c| clip(c, MAX_CELL_CHARS)).collect();
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|c| clip(c, MAX_CELL_CHARS)).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (i, cell) in row.iter().enumerate() {
             if i < widths.len() {
                 widths[i] = widths[i].max(cell.chars().count());
@@ -184,22 +189,43 @@ pub fn text_table(header: &[String], rows: &[Vec<String>]) -> String {
         }
     }
     let line = |cells: &[String]| {
-        cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths.get(i).copied().unwrap_or(0)))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
+        let mut out = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i > 0 {
+                out.push_str("  ");
+            }
+            out.push_str(c);
+            let pad = widths.get(i).copied().unwrap_or(0).saturating_sub(c.chars().count());
+            out.extend(std::iter::repeat_n(' ', pad));
+        }
+        out.trim_end().to_string()
     };
-    let mut out = line(header);
+    let mut out = line(&header);
     out.push('\n');
     out.push_str(&widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  "));
     out.push('\n');
-    for row in rows {
+    for row in &rows {
         out.push_str(&line(row));
         out.push('\n');
+    }
+    out
+}
+
+/// The most characters a table cell shows; longer text is cut with an ellipsis.
+pub const MAX_CELL_CHARS: usize = 120;
+
+/// `text` on one line, control characters shown as U+FFFD, cut to `max`
+/// characters with an ellipsis: safe to print whatever a user typed.
+pub fn clip(text: &str, max: usize) -> String {
+    let count = text.chars().count();
+    let keep = if count > max { max.saturating_sub(1) } else { count };
+    let mut out: String = text
+        .chars()
+        .take(keep)
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect();
+    if count > max {
+        out.push('…');
     }
     out
 }
@@ -317,7 +343,8 @@ pub fn spearman(points: &[(f64, f64)]) -> Option<f64> {
 pub fn cell(value: Option<f64>) -> String {
     match value {
         None => "-".into(),
-        Some(v) if v == 0.0 || (1e-3..1e5).contains(&v.abs()) => {
+        Some(0.0) => "0".into(),
+        Some(v) if (1e-3..1e5).contains(&v.abs()) => {
             let digits = (3 - v.abs().log10().floor() as i32).clamp(0, 6) as usize;
             format!("{v:.digits$}")
         }
@@ -328,6 +355,50 @@ pub fn cell(value: Option<f64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cells_and_tables_take_any_number_and_any_text() {
+        let numbers = [
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            1e-300,
+            -1e300,
+            f64::MIN_POSITIVE,
+            f64::MAX,
+            f64::MIN,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            0.001,
+            99_999.9,
+        ];
+        for v in numbers {
+            let c = cell(Some(v));
+            assert!(!c.is_empty() && c.len() < 16, "{v}: {c}");
+        }
+        assert_eq!(cell(Some(0.0)), "0");
+        assert_eq!(cell(Some(0.5)), "0.5000");
+        assert_eq!(cell(Some(f64::NAN)), "NaN");
+        assert_eq!(cell(None), "-");
+        let long = "n".repeat(200_000);
+        let table = text_table(
+            &["name".to_string(), "value".to_string()],
+            &[
+                vec![long.clone(), cell(Some(f64::INFINITY))],
+                vec!["nul\0 and\nbreak\u{1b}[31m".to_string(), cell(Some(0.0))],
+                vec![String::new()],
+            ],
+        );
+        let widest = table.lines().map(|l| l.chars().count()).max().unwrap();
+        assert!(widest <= MAX_CELL_CHARS + 2 + 5, "{widest}");
+        assert!(table.contains('…'));
+        assert!(!table.contains('\0') && !table.contains('\u{1b}'));
+        assert_eq!(table.lines().count(), 5, "one line per row: {table}");
+        assert_eq!(clip("short", 10), "short");
+        assert_eq!(clip("abcdef", 4), "abc…");
+    }
 
     #[test]
     fn slope_fits_a_line_and_a_verdict_needs_every_criterion() {

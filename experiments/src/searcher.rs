@@ -9,11 +9,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Map, Value};
 
-/// The upper bound on trials one spec may expand into.
-pub const MAX_TRIALS: usize = 100_000;
-
-/// Expands a spec's sweep into one swept-parameter map per trial.
-pub fn expand(spec: &SweepSpec) -> Result<Vec<Map<String, Value>>, ablate_schema::SpecError> {
+/// Expands a spec's sweep into one swept-parameter map per trial, at most `max_trials`
+/// (parsing already refused a sweep whose domains multiply past it).
+pub fn expand(spec: &SweepSpec, max_trials: u64) -> Result<Vec<Map<String, Value>>, ablate_schema::SpecError> {
     let domains = spec.domains();
     let trials = match spec.sweep.searcher {
         Searcher::Grid => grid(&domains),
@@ -23,11 +21,11 @@ pub fn expand(spec: &SweepSpec) -> Result<Vec<Map<String, Value>>, ablate_schema
             spec.sweep.seed.unwrap_or(0),
         ),
     };
-    if trials.len() > MAX_TRIALS {
+    if trials.len() as u64 > max_trials {
         return Err(ablate_schema::SpecError::new(
             "sweep",
             format!(
-                "the sweep expands to {} trials, over the limit of {MAX_TRIALS}; split it",
+                "the sweep expands to {} trials, over the limit of {max_trials}; split it",
                 trials.len()
             ),
         ));
@@ -69,8 +67,11 @@ fn draw(domain: &ParamDomain, rng: &mut ChaCha8Rng) -> Value {
     match domain {
         ParamDomain::List(items) => items[rng.gen_range(0..items.len())].clone(),
         ParamDomain::Range { .. } => {
-            let values = domain.grid_values().expect("ranges are finite");
-            values[rng.gen_range(0..values.len())].clone()
+            // Value i directly: a range of any length costs no memory.
+            let len = domain.grid_len().expect("ranges are finite") as usize;
+            domain
+                .grid_value(rng.gen_range(0..len) as u64)
+                .expect("an index below the length")
         }
         ParamDomain::Uniform { lo, hi } => Value::from(lo + (hi - lo) * rng.gen::<f64>()),
         ParamDomain::LogUniform { lo, hi } => {
@@ -86,6 +87,12 @@ mod tests {
 
     use super::expand;
 
+    fn expand_default(
+        spec: &SweepSpec,
+    ) -> Result<Vec<serde_json::Map<String, serde_json::Value>>, ablate_schema::SpecError> {
+        expand(spec, ablate_schema::Limits::default().max_trials)
+    }
+
     fn spec(sweep: &str) -> SweepSpec {
         let text = format!("name = \"s\"\nfamily = \"train\"\n[sweep]\n{sweep}\n");
         SweepSpec::parse(&text, SpecFormat::Toml).unwrap()
@@ -93,7 +100,7 @@ mod tests {
 
     #[test]
     fn grid_is_the_full_product_in_a_stable_order() {
-        let trials = expand(&spec(
+        let trials = expand_default(&spec(
             "searcher = \"grid\"\nparams.a = [1, 2]\nparams.b = [\"x\", \"y\", \"z\"]",
         ))
         .unwrap();
@@ -108,15 +115,15 @@ mod tests {
     #[test]
     fn random_is_reproducible_from_its_seed_and_stays_in_bounds() {
         let text = "searcher = \"random\"\nsamples = 50\nseed = 3\nparams.lr = { log_uniform = [1e-4, 1e-1] }\nparams.w = [8, 16]";
-        let a = expand(&spec(text)).unwrap();
-        let b = expand(&spec(text)).unwrap();
+        let a = expand_default(&spec(text)).unwrap();
+        let b = expand_default(&spec(text)).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.len(), 50);
         for t in &a {
             let lr = t["lr"].as_f64().unwrap();
             assert!((1e-4..=1e-1).contains(&lr), "{lr}");
         }
-        let c = expand(&spec(&text.replace("seed = 3", "seed = 4"))).unwrap();
+        let c = expand_default(&spec(&text.replace("seed = 3", "seed = 4"))).unwrap();
         assert_ne!(a, c);
     }
 }

@@ -2,7 +2,7 @@
 //! the objective, expand the sweep with its searcher, and check every trial's
 //! parameters, naming the spec field at fault. Nothing is stored here.
 
-use ablate_schema::{Objective, SpecError, SpecFormat, SweepSpec};
+use ablate_schema::{Limits, Objective, SpecError, SpecFormat, SweepSpec};
 use serde_json::Value;
 
 use crate::{searcher, Family};
@@ -21,9 +21,15 @@ pub struct Checked {
     pub trials: Vec<PlannedTrial>,
 }
 
-/// Runs every check a spec must pass; stores nothing.
+/// Runs every check a spec must pass within the default limits; stores nothing.
 pub fn check(text: &str, format: SpecFormat) -> Result<Checked, SpecError> {
-    let spec = SweepSpec::parse(text, format)?;
+    check_within(text, format, &Limits::default())
+}
+
+/// Runs every check a spec must pass within `limits`; stores nothing. The
+/// trial count is known from the domains before any trial is listed.
+pub fn check_within(text: &str, format: SpecFormat, limits: &Limits) -> Result<Checked, SpecError> {
+    let spec = SweepSpec::parse_within(text, format, limits)?;
     let family = Family::parse(&spec.family).map_err(|m| SpecError::new("family", m))?;
     let objective = match &spec.objective {
         Some(o) if !family.metrics().contains(&o.metric.as_str()) => {
@@ -46,7 +52,7 @@ pub fn check(text: &str, format: SpecFormat) -> Result<Checked, SpecError> {
             }
         }
     };
-    let points: Vec<serde_json::Map<String, Value>> = searcher::expand(&spec)?
+    let points: Vec<serde_json::Map<String, Value>> = searcher::expand(&spec, limits.max_trials)?
         .into_iter()
         .map(|swept| {
             let mut params: serde_json::Map<String, Value> = spec.base.clone().into_iter().collect();

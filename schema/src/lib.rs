@@ -3,6 +3,7 @@
 //! errors, and the ID newtypes every other crate uses.
 
 pub mod ids;
+pub mod limits;
 pub mod spec;
 
 /// Generated gRPC code for `ablate.v1`. Other crates use it only at the service
@@ -12,6 +13,7 @@ pub mod proto {
 }
 
 pub use ids::{ExperimentId, LeaseToken, TrialId, WorkerId};
+pub use limits::Limits;
 pub use spec::{Goal, Objective, ParamDomain, Searcher, SpecError, SpecFormat, Sweep, SweepSpec};
 
 /// States a trial moves through; the strings are those stored in PostgreSQL.

@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::limits::Limits;
+
 /// A spec that can't be accepted, with the path of the field at fault.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{path}: {message}")]
@@ -210,34 +212,61 @@ impl ParamDomain {
         }
     }
 
-    /// The finite values of a grid domain, or `None` for a continuous one.
-    pub fn grid_values(&self) -> Option<Vec<Value>> {
+    /// How many values a grid domain holds, without listing them; `None` for a continuous one.
+    pub fn grid_len(&self) -> Option<u64> {
         match self {
-            ParamDomain::List(items) => Some(items.clone()),
+            ParamDomain::List(items) => Some(items.len() as u64),
+            // Saturates for absurd ranges, which the trial limit then refuses.
             ParamDomain::Range { lo, hi, step } => {
-                let count = ((hi - lo) / step + 1e-9).floor() as usize + 1;
-                let all_int = lo.fract() == 0.0 && step.fract() == 0.0;
-                Some(
-                    (0..count)
-                        .map(|i| {
-                            let x = lo + step * i as f64;
-                            if all_int {
-                                Value::from(x as i64)
-                            } else {
-                                Value::from(x)
-                            }
-                        })
-                        .collect(),
-                )
+                Some((((hi - lo) / step + 1e-9).floor().max(0.0) as u64).saturating_add(1))
             }
             ParamDomain::Uniform { .. } | ParamDomain::LogUniform { .. } => None,
         }
     }
+
+    /// Value `i` of a grid domain (`i < grid_len`), or `None` for a continuous one.
+    pub fn grid_value(&self, i: u64) -> Option<Value> {
+        match self {
+            ParamDomain::List(items) => items.get(i as usize).cloned(),
+            ParamDomain::Range { lo, step, .. } => {
+                let x = lo + step * i as f64;
+                Some(if lo.fract() == 0.0 && step.fract() == 0.0 {
+                    Value::from(x as i64)
+                } else {
+                    Value::from(x)
+                })
+            }
+            ParamDomain::Uniform { .. } | ParamDomain::LogUniform { .. } => None,
+        }
+    }
+
+    /// The finite values of a grid domain, or `None` for a continuous one.
+    /// Call it only on a domain whose [`ParamDomain::grid_len`] was checked.
+    pub fn grid_values(&self) -> Option<Vec<Value>> {
+        let len = self.grid_len()?;
+        (0..len).map(|i| self.grid_value(i)).collect()
+    }
 }
 
 impl SweepSpec {
-    /// Parses a spec, refusing unknown fields and wrong types with the field's path.
+    /// Parses a spec within the default [`Limits`].
     pub fn parse(text: &str, format: SpecFormat) -> Result<SweepSpec, SpecError> {
+        SweepSpec::parse_within(text, format, &Limits::default())
+    }
+
+    /// Parses a spec, refusing unknown fields and wrong types with the field's path,
+    /// and anything over `limits` (checked before any trial is listed).
+    pub fn parse_within(text: &str, format: SpecFormat, limits: &Limits) -> Result<SweepSpec, SpecError> {
+        if text.len() > limits.max_spec_bytes {
+            return Err(SpecError::new(
+                "",
+                format!(
+                    "the spec is {} bytes, over the limit of {}; sweep fewer values or split it",
+                    text.len(),
+                    limits.max_spec_bytes
+                ),
+            ));
+        }
         let spec: SweepSpec = match format {
             SpecFormat::Toml => {
                 let de =
@@ -256,14 +285,37 @@ impl SweepSpec {
                 })?
             }
         };
-        spec.check_shape()?;
+        spec.check_shape(limits)?;
         Ok(spec)
     }
 
     /// Checks that do not depend on the family: names, the sweep's domains.
-    fn check_shape(&self) -> Result<(), SpecError> {
+    fn check_shape(&self, limits: &Limits) -> Result<(), SpecError> {
         if self.name.trim().is_empty() {
             return Err(SpecError::new("name", "empty name: give the sweep a name"));
+        }
+        limits.check_name("name", &self.name, limits.max_name_chars)?;
+        limits.check_name("family", &self.family, limits.max_name_chars)?;
+        if let Some(description) = &self.description {
+            limits.check_string("description", description, limits.max_string_chars)?;
+        }
+        if let Some(objective) = &self.objective {
+            limits.check_name("objective.metric", &objective.metric, limits.max_string_chars)?;
+        }
+        let params = self.base.len() + self.sweep.params.len();
+        if params > limits.max_params {
+            return Err(SpecError::new(
+                "sweep.params",
+                format!(
+                    "{params} parameters in [base] and [sweep.params], over the limit of {}",
+                    limits.max_params
+                ),
+            ));
+        }
+        for (name, value) in &self.base {
+            let path = format!("base.{name}");
+            limits.check_name(&path, name, limits.max_string_chars)?;
+            limits.check_value(&path, value)?;
         }
         if self.max_attempts == 0 {
             return Err(SpecError::new("max_attempts", "expected at least 1"));
@@ -274,10 +326,33 @@ impl SweepSpec {
                 "empty sweep: add at least one swept parameter, e.g. params.seed = [0]",
             ));
         }
+        let mut trials: u64 = 1;
         for (name, value) in &self.sweep.params {
             let path = format!("sweep.params.{name}");
+            limits.check_name(&path, name, limits.max_string_chars)?;
+            limits.check_value(&path, value)?;
             let domain = ParamDomain::from_value(&path, value)?;
-            if self.sweep.searcher == Searcher::Grid && domain.grid_values().is_none() {
+            if let Some(len) = domain.grid_len() {
+                if self.sweep.searcher == Searcher::Grid {
+                    trials = trials.saturating_mul(len);
+                    if trials > limits.max_trials {
+                        return Err(SpecError::new(
+                            path,
+                            format!(
+                                "the grid reaches {} trials here ({len} values of `{name}`), over the limit of {} \
+                                 trials per experiment; sweep fewer values or split the sweep",
+                                if trials == u64::MAX {
+                                    "more than 10^19".to_string()
+                                } else {
+                                    trials.to_string()
+                                },
+                                limits.max_trials
+                            ),
+                        ));
+                    }
+                }
+            }
+            if self.sweep.searcher == Searcher::Grid && domain.grid_len().is_none() {
                 return Err(SpecError::new(
                     path,
                     "a continuous domain needs searcher = \"random\"; the grid searcher takes lists and ranges",
@@ -289,6 +364,16 @@ impl SweepSpec {
                     format!("`{name}` is set in [base] too; keep it in one place"),
                 ));
             }
+        }
+        if self.sweep.searcher == Searcher::Random && u64::from(self.sweep.samples.unwrap_or(0)) > limits.max_trials {
+            return Err(SpecError::new(
+                "sweep.samples",
+                format!(
+                    "{} samples, over the limit of {} trials per experiment; split the sweep",
+                    self.sweep.samples.unwrap_or(0),
+                    limits.max_trials
+                ),
+            ));
         }
         match (self.sweep.searcher, self.sweep.samples) {
             (Searcher::Random, None) | (Searcher::Random, Some(0)) => Err(SpecError::new(

@@ -12,6 +12,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::bail!("--lease-ttl must be a positive number of seconds");
     }
     options.lease_ttl = Duration::from_secs_f64(args.lease_ttl);
+    args.limits.apply(&mut options);
     let coordinator = Coordinator::build(options).await?;
     eprintln!("coordinator listening on {}", coordinator.local_addr());
     coordinator.run(shutdown_signal()).await?;

@@ -40,7 +40,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             (Some(pg), url)
         }
     };
-    let coordinator = Coordinator::build(Options::new(database_url, args.listen)).await?;
+    let mut options = Options::new(database_url, args.listen);
+    args.limits.apply(&mut options);
+    let coordinator = Coordinator::build(options).await?;
     let addr = coordinator.local_addr();
     let coordinator_url = format!("http://{addr}");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -89,6 +91,7 @@ async fn detach(args: &UpArgs) -> anyhow::Result<()> {
     command
         .args(["up", "--listen", &args.listen.to_string(), "--devices", &args.devices])
         .args(["--pg-port", &args.pg_port.to_string()])
+        .args(args.limits.to_args())
         .arg("--state-dir")
         .arg(state)
         .stdin(Stdio::null())

@@ -48,6 +48,8 @@ pub struct Stack {
     pub port: u16,
     pub lease_ttl: f64,
     coordinator: Option<Child>,
+    /// Flags added to `ablate serve` at its next start.
+    pub coordinator_args: Vec<String>,
     workers: Vec<Option<Child>>,
     /// Where workers put checkpoints: a URL and the environment it needs; a local directory when unset.
     object_store: Option<(String, Vec<(String, String)>)>,
@@ -83,6 +85,7 @@ impl Stack {
             port: free_port(),
             lease_ttl,
             coordinator: None,
+            coordinator_args: Vec::new(),
             workers: Vec::new(),
             object_store: None,
             s3_server: None,
@@ -124,6 +127,7 @@ impl Stack {
             "--lease-ttl",
             &self.lease_ttl.to_string(),
         ]);
+        command.args(&self.coordinator_args);
         self.coordinator = Some(self.spawn(command, "coordinator.log"));
         let deadline = Instant::now() + Duration::from_secs(30);
         while !self.ablate(&["workers"]).status.success() {
@@ -255,6 +259,11 @@ impl Stack {
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+
+    /// The coordinator process's id, while it runs.
+    pub fn coordinator_pid(&self) -> Option<u32> {
+        self.coordinator.as_ref().map(Child::id)
     }
 
     pub fn kill_coordinator(&mut self) {

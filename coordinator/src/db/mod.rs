@@ -1,9 +1,10 @@
 //! All SQL of ablate, by concern. Plain async functions over a pool; nothing
 //! here holds a transaction open for longer than one request.
 
+use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use crate::error::Result;
 
@@ -30,4 +31,14 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
         .await?;
     MIGRATOR.run(&pool).await?;
     Ok(pool)
+}
+
+/// The researchers' pool: its own connections, without a statement cache, so
+/// `DISCARD ALL` after each query can leave nothing behind on a connection.
+pub async fn connect_reader(url: &str, max_connections: u32) -> Result<PgPool> {
+    let options = PgConnectOptions::from_str(url)?.statement_cache_capacity(0);
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections.max(1))
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with(options))
 }

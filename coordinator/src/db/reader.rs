@@ -44,7 +44,25 @@ pub async fn read_only_query(pool: &PgPool, sql: &str, timeout: Duration) -> Res
         )));
     }
     let body = sql.trim().trim_end_matches(';');
-    let mut tx = pool.begin().await?;
+    let mut conn = pool.acquire().await?;
+    let result = run_read_only(&mut conn, body, timeout).await;
+    // Nothing a query did may outlive it on a pooled connection: session
+    // advisory locks, settings, temporary tables, prepared statements.
+    // sqlx's own prepared statements go first (closed properly), then the rest,
+    // over the simple protocol so that no statement of ours is left cached.
+    let reset = async {
+        sqlx::Connection::clear_cached_statements(&mut *conn).await?;
+        sqlx::raw_sql("discard all").execute(&mut *conn).await
+    };
+    if let Err(error) = reset.await {
+        tracing::warn!(%error, "could not reset a reader connection; closing it");
+        conn.close_on_drop();
+    }
+    result
+}
+
+async fn run_read_only(conn: &mut sqlx::PgConnection, body: &str, timeout: Duration) -> Result<QueryRows> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
     sqlx::query("set transaction read only").execute(&mut *tx).await?;
     sqlx::query("select set_config('statement_timeout', $1, true)")
         .bind(timeout.as_millis().max(1).to_string())

@@ -1,0 +1,163 @@
+//! One user's bad input or heavy queries stay theirs: limits refuse at once,
+//! nothing panics on what users type, and researchers' SQL never takes the
+//! workers' connections. Real coordinator, worker and PostgreSQL.
+
+mod harness;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use harness::{bin, Stack};
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+const BASE: &str = r#"
+name = "NAME"
+family = "train"
+[base]
+optimizer = "adam"
+log2_lr = -7
+width = 32
+steps = STEPS
+step_delay_ms = DELAY
+[sweep]
+searcher = "grid"
+SWEEP
+"#;
+
+fn spec(name: &str, steps: u32, delay: u32, sweep: &str) -> String {
+    BASE.replace("NAME", name)
+        .replace("STEPS", &steps.to_string())
+        .replace("DELAY", &delay.to_string())
+        .replace("SWEEP", sweep)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn specs_over_the_limits_are_refused_at_once_and_everyone_keeps_being_served() {
+    let stack = Stack::start(15.0).await;
+    let pid = stack.coordinator_pid().unwrap();
+    let cases = [
+        (
+            spec("huge", 10, 0, "params.width = { range = [1, 100000000], step = 1 }"),
+            "sweep.params.width",
+        ),
+        (spec(&"n".repeat(200_000), 10, 0, "params.seed = [0]"), "name"),
+        (spec("nul\\u0000name", 10, 0, "params.seed = [0]"), "name"),
+    ];
+    for (i, (text, field)) in cases.iter().enumerate() {
+        let path = stack.write_spec(&format!("bad-{i}.toml"), text);
+        let started = Instant::now();
+        let out = stack.ablate(&["submit", &path.to_string_lossy()]);
+        assert!(!out.status.success(), "case {i} was accepted");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "case {i} took {:?}",
+            started.elapsed()
+        );
+        assert!(
+            stderr(&out).contains(&format!("{field}:")),
+            "case {i}: the refusal names {field}: {}",
+            stderr(&out)
+        );
+        assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    }
+    let resident = rss(pid);
+    assert!(resident < 300 << 20, "coordinator resident memory {resident} bytes");
+    assert_eq!(stack.scalar_i64("select count(*) from experiments").await, 0);
+
+    // A long name that fits, and a table that must print it.
+    let long_name = "l".repeat(200);
+    let path = stack.write_spec("long.toml", &spec(&long_name, 5, 0, "params.seed = [0, 1]"));
+    stack.submit(&path);
+    let out = stack.ablate(&["status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains('…'), "the name is cut with an ellipsis:\n{text}");
+    assert!(stack.logs().find("panicked").is_none(), "{}", stack.logs());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_long_sql_queries_starve_neither_leases_nor_status() {
+    let mut stack = Stack::start(4.0).await;
+    stack.start_worker("cpu:2");
+    let path = stack.write_spec("steady.toml", &spec("steady", 150, 40, "params.seed = [0, 1, 2, 3]"));
+    let experiment = stack.submit(&path);
+    stack
+        .wait_for(
+            "select count(*) >= 2 from trials where state = 'running'",
+            Duration::from_secs(60),
+        )
+        .await;
+    let queries: Vec<_> = (0..50)
+        .map(|_| {
+            Command::new(bin("ablate"))
+                .args(["sql", "select pg_sleep(6)"])
+                .env("ABLATE_COORDINATOR", stack.addr())
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let out = stack.ablate(&["status", &experiment]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "status took {:?} while queries ran",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (mut ran, mut busy) = (0, 0);
+    for child in queries {
+        let out = child.wait_with_output().unwrap();
+        if out.status.success() {
+            ran += 1;
+        } else if stderr(&out).contains("busy") {
+            busy += 1;
+        } else {
+            panic!("a query failed otherwise: {}", stderr(&out));
+        }
+    }
+    assert!(ran >= 1 && busy >= 1, "{ran} ran, {busy} were told to retry");
+    stack.wait_finished(&experiment, Duration::from_secs(120)).await;
+    let attempts = stack
+        .scalar_i64(&format!(
+            "select max(attempt)::bigint from ablate.trial_results where experiment_id = '{experiment}'"
+        ))
+        .await;
+    assert_eq!(attempts, 1, "no trial lost its lease:\n{}", stack.logs());
+    let succeeded = stack
+        .scalar_i64(&format!(
+            "select count(*) from ablate.trial_results where experiment_id = '{experiment}' and state = 'succeeded'"
+        ))
+        .await;
+    assert_eq!(succeeded, 4);
+
+    let out = stack.ablate(&["sql", "select pg_advisory_lock(42)"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stack
+            .scalar_i64("select count(*) from pg_locks where locktype = 'advisory'")
+            .await,
+        0,
+        "the lock went with the query"
+    );
+}
