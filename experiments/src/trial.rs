@@ -174,11 +174,6 @@ pub struct TrialContext<'a> {
     pub data: &'a mut dyn DataStore,
 }
 
-/// Runs one trial of `family` to its end.
-pub fn run(family: crate::Family, params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> {
-    family.run(params, ctx)
-}
-
 /// Keeps checkpoints in memory; for tests and in-process runs.
 #[derive(Default)]
 pub struct MemoryCheckpoints {

@@ -75,7 +75,7 @@ pub fn run(
                     metrics: &mut metrics,
                     data: &mut data,
                 };
-                let result = ablate_experiments::trial::run(family, &params, &mut ctx);
+                let result = family.run(&params, &mut ctx);
                 let mut last = serde_json::Map::new();
                 let mut series = std::collections::BTreeMap::<String, Vec<(u64, f64)>>::new();
                 for (name, step, value) in &metrics.points {

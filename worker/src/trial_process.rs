@@ -127,7 +127,7 @@ pub fn run() -> anyhow::Result<()> {
         metrics: &mut sink,
         data: &mut data,
     };
-    let result = ablate_experiments::trial::run(family, &input.params, &mut ctx);
+    let result = family.run(&input.params, &mut ctx);
     events.borrow_mut().flush();
     result.map_err(|e| anyhow::anyhow!("{e}"))
 }

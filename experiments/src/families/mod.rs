@@ -16,10 +16,13 @@ use crate::report::{Report, ReportError, TrialOutcome};
 use crate::trial::{TrialContext, TrialError};
 
 pub mod critical_batch;
+pub mod definition;
 pub mod dsir;
 pub mod intrinsic_dim;
 pub mod mup_transfer;
 pub mod train;
+
+pub use definition::{Definition, TrialPlan};
 
 /// Every family, in the order `ablate` lists them.
 const REGISTRY: &[&dyn Definition] = &[
@@ -29,39 +32,6 @@ const REGISTRY: &[&dyn Definition] = &[
     &intrinsic_dim::IntrinsicDim,
     &dsir::Dsir,
 ];
-
-/// What a family tells the platform: how to check, expand, run and report its trials.
-pub trait Definition: Sync {
-    /// The name a spec's `family` gives.
-    fn name(&self) -> &'static str;
-
-    /// Checks one trial's full parameter set (base merged with the swept values).
-    fn check_params(&self, params: &Value) -> Result<TrialPlan, ParamError>;
-
-    /// The metrics every trial of the family logs; an objective must be one of them.
-    fn metrics(&self) -> &'static [&'static str];
-
-    /// The metrics whose whole curves the report reads (the rest it reads as last values).
-    fn series_metrics(&self) -> &'static [&'static str] {
-        &[]
-    }
-
-    /// The objective when a spec names none: a metric and whether to minimize or maximize it.
-    fn default_objective(&self) -> (&'static str, Goal);
-
-    /// Turns the sweep's points (base merged with swept values) into the trials to run;
-    /// most families run one trial per point.
-    fn expand(&self, points: Vec<Map<String, Value>>) -> Result<Vec<Map<String, Value>>, ParamError> {
-        Ok(points)
-    }
-
-    /// The family's report over its finished trials.
-    fn report(&self, outcomes: &[TrialOutcome]) -> Result<Report, ReportError>;
-
-    /// Runs one trial to its end.
-    #[cfg(feature = "torch")]
-    fn run(&self, params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>;
-}
 
 /// A registered family: a handle on its [`Definition`].
 #[derive(Clone, Copy)]
@@ -133,12 +103,6 @@ impl std::fmt::Debug for Family {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Family({})", self.name())
     }
-}
-
-/// What the platform needs to know of a trial before it runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TrialPlan {
-    pub total_steps: u64,
 }
 
 #[cfg(test)]

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 
 use tch::Tensor;
 
+use crate::nn::kinds::OptimizerName;
 use crate::nn::model::Param;
-use crate::nn::OptimizerName;
 
 #[derive(Debug, Clone, Copy)]
 pub struct OptimizerConfig {

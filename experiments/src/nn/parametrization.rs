@@ -22,7 +22,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::nn::OptimizerName;
+use crate::nn::kinds::OptimizerName;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 #[serde(rename_all = "snake_case")]

@@ -8,8 +8,8 @@ use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
 use crate::nn::data::normals;
+use crate::nn::kinds::ProjectionKind;
 use crate::nn::model::{Param, Role};
-use crate::nn::ProjectionKind;
 
 /// A map from d subspace coordinates to D parameters.
 pub enum Projection {

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::ParamError;
+use crate::families::definition::{Definition, TrialPlan};
 use crate::families::train::{self, TrainParams};
-use crate::families::{Definition, TrialPlan};
 use crate::report::{Report, ReportError, TrialOutcome};
 #[cfg(feature = "torch")]
 use crate::trial::{TrialContext, TrialError};

@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::error::ParamError;
+use crate::families::definition::{Definition, TrialPlan};
 use crate::families::train::TrainParams;
-use crate::families::{Definition, TrialPlan};
 use crate::report::{Report, ReportError, TrialOutcome};
 #[cfg(feature = "torch")]
 use crate::trial::{TrialContext, TrialError};

@@ -10,8 +10,8 @@ use ablate_schema::Goal;
 use serde_json::{Map, Value};
 
 use crate::error::ParamError;
+use crate::families::definition::{Definition, TrialPlan};
 use crate::families::train;
-use crate::families::{Definition, TrialPlan};
 use crate::report::{Report, ReportError, TrialOutcome};
 #[cfg(feature = "torch")]
 use crate::trial::{TrialContext, TrialError};

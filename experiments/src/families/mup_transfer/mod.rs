@@ -6,7 +6,8 @@ use ablate_schema::Goal;
 use serde_json::Value;
 
 use crate::error::ParamError;
-use crate::families::{train, Definition, TrialPlan};
+use crate::families::definition::{Definition, TrialPlan};
+use crate::families::train;
 use crate::report::{Report, ReportError, TrialOutcome};
 #[cfg(feature = "torch")]
 use crate::trial::{TrialContext, TrialError};

@@ -7,7 +7,7 @@ use ablate_schema::Goal;
 use serde_json::Value;
 
 use crate::error::ParamError;
-use crate::families::{Definition, TrialPlan};
+use crate::families::definition::{Definition, TrialPlan};
 use crate::nn::parametrization::{Parametrization, Scaling};
 pub use crate::nn::{OptimizerName, ProjectionKind};
 use crate::report::{Report, ReportError, Table, TrialOutcome, Verdict};

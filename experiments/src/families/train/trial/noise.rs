@@ -2,22 +2,9 @@
 
 use tch::{Kind, Tensor};
 
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-
 use super::tasks::Task;
 use crate::families::train::NoiseScale;
 use crate::nn::model::Param;
-
-/// Keeps the gradient-noise draws apart from every other use of a trial's seed.
-pub(super) const NOISE_SALT: u64 = 0x6e01_5e5c_a1e0_0001;
-
-/// A generator for draw `draw` of the noise stream of `seed`.
-pub(super) fn noise_rng(seed: u64, draw: u64) -> ChaCha8Rng {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ NOISE_SALT);
-    rng.set_stream(draw);
-    rng
-}
 
 /// One measurement of the gradient noise: the unbiased estimates of |G|^2 and
 /// tr(Sigma) averaged over `repeats` draws (numerators and denominators apart).

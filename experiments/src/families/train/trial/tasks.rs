@@ -6,7 +6,6 @@ use tch::{Device, Kind, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::noise::{noise_rng, NOISE_SALT};
 use crate::error::ParamError;
 use crate::families::train::{DatasetName, ModelKind, TrainParams};
 use crate::nn::data::{self, CharCorpus, Classification, DataOrder};
@@ -28,6 +27,16 @@ pub(super) trait Task {
     /// The loss on `size` training examples drawn with replacement from draw
     /// `draw` of a stream of the trial's own, apart from the training order.
     fn sample_loss(&mut self, draw: u64, size: usize) -> Tensor;
+}
+
+/// Keeps the gradient-noise draws apart from every other use of a trial's seed.
+const NOISE_SALT: u64 = 0x6e01_5e5c_a1e0_0001;
+
+/// A generator for draw `draw` of the noise stream of `seed`.
+fn noise_rng(seed: u64, draw: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ NOISE_SALT);
+    rng.set_stream(draw);
+    rng
 }
 
 struct Classifier {

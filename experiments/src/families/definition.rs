@@ -1,0 +1,50 @@
+//! What a family tells the platform, and what the platform needs to know of a
+//! trial before it runs: the interface every family implements, apart from
+//! the registry that lists them (so families and registry import no cycle).
+
+use ablate_schema::Goal;
+use serde_json::{Map, Value};
+
+use crate::error::ParamError;
+use crate::report::{Report, ReportError, TrialOutcome};
+#[cfg(feature = "torch")]
+use crate::trial::{TrialContext, TrialError};
+
+/// What a family tells the platform: how to check, expand, run and report its trials.
+pub trait Definition: Sync {
+    /// The name a spec's `family` gives.
+    fn name(&self) -> &'static str;
+
+    /// Checks one trial's full parameter set (base merged with the swept values).
+    fn check_params(&self, params: &Value) -> Result<TrialPlan, ParamError>;
+
+    /// The metrics every trial of the family logs; an objective must be one of them.
+    fn metrics(&self) -> &'static [&'static str];
+
+    /// The metrics whose whole curves the report reads (the rest it reads as last values).
+    fn series_metrics(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// The objective when a spec names none: a metric and whether to minimize or maximize it.
+    fn default_objective(&self) -> (&'static str, Goal);
+
+    /// Turns the sweep's points (base merged with swept values) into the trials to run;
+    /// most families run one trial per point.
+    fn expand(&self, points: Vec<Map<String, Value>>) -> Result<Vec<Map<String, Value>>, ParamError> {
+        Ok(points)
+    }
+
+    /// The family's report over its finished trials.
+    fn report(&self, outcomes: &[TrialOutcome]) -> Result<Report, ReportError>;
+
+    /// Runs one trial to its end.
+    #[cfg(feature = "torch")]
+    fn run(&self, params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>;
+}
+
+/// What the platform needs to know of a trial before it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrialPlan {
+    pub total_steps: u64,
+}
