@@ -1,6 +1,9 @@
 //! The embedded PostgreSQL of `ablate up`: a private cluster under
 //! `<state>/pg`, started with initdb and pg_ctl. As root, the server runs as
-//! the `postgres` user, since PostgreSQL refuses to run as root.
+//! the `postgres` user, since PostgreSQL refuses to run as root; when that
+//! user can't reach the state directory (a clone in root's mode-700 home or
+//! in a `mktemp -d`), the cluster lives under `/var/lib/ablate/` instead, in
+//! a folder named after the state directory, which `<state>/pg-location` names.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -45,16 +48,63 @@ pub fn find_bindir() -> anyhow::Result<PathBuf> {
     )
 }
 
+/// Where the cluster of `state_dir` lives: `<state>/pg`, unless the server
+/// runs as `postgres` and that user can't reach it; then a folder of
+/// `/var/lib/ablate` named after the state directory's absolute path.
+fn cluster_root(state_dir: &Path, as_postgres: bool) -> anyhow::Result<PathBuf> {
+    let state = std::path::absolute(state_dir)?;
+    std::fs::create_dir_all(&state)?;
+    let local = state.join("pg");
+    if !as_postgres || postgres_can_reach(&state) {
+        return Ok(local);
+    }
+    let digest = state.to_string_lossy().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    // The clone's name when the state folder is the usual hidden `.ablate`.
+    let named = if state.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+        state.parent().unwrap_or(&state)
+    } else {
+        &state
+    };
+    let name = named
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let root = PathBuf::from("/var/lib/ablate").join(format!("pg-{name}-{digest:016x}"));
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    std::fs::write(
+        state.join("pg-location"),
+        format!(
+            "{}\n(the postgres user can't reach {}, so the embedded PostgreSQL keeps its data there)\n",
+            root.display(),
+            state.display()
+        ),
+    )?;
+    Ok(root)
+}
+
+/// Whether the `postgres` user can enter `dir` (every folder above it included).
+fn postgres_can_reach(dir: &Path) -> bool {
+    Command::new("runuser")
+        .args(["-u", "postgres", "--", "test", "-x"])
+        .arg(dir)
+        .current_dir("/")
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
 impl EmbeddedPg {
     /// Initializes the cluster if needed and starts it; returns it with its connection URL.
     pub fn start(state_dir: &Path, port: u16) -> anyhow::Result<(EmbeddedPg, String)> {
         let bindir = find_bindir()?;
-        let root = std::path::absolute(state_dir.join("pg"))?;
+        // SAFETY: geteuid has no preconditions.
+        let as_postgres = unsafe { libc::geteuid() } == 0;
+        let root = cluster_root(state_dir, as_postgres)?;
         let data = root.join("data");
         let run = root.join("run");
         std::fs::create_dir_all(&run)?;
-        // SAFETY: geteuid has no preconditions.
-        let as_postgres = unsafe { libc::geteuid() } == 0;
         let pg = EmbeddedPg {
             bindir,
             data: data.clone(),
@@ -126,13 +176,16 @@ impl EmbeddedPg {
 
     /// Stops the cluster kept under `state_dir`, if it runs.
     pub fn stop_dir(state_dir: &Path) -> anyhow::Result<()> {
+        // SAFETY: geteuid has no preconditions.
+        let as_postgres = unsafe { libc::geteuid() } == 0;
         let pg = EmbeddedPg {
             bindir: find_bindir()?,
-            data: std::path::absolute(state_dir.join("pg").join("data"))?,
-            // SAFETY: geteuid has no preconditions.
-            as_postgres: unsafe { libc::geteuid() } == 0,
+            data: cluster_root(state_dir, as_postgres)?.join("data"),
+            as_postgres,
         };
-        pg.stop();
+        if pg.tool("pg_ctl", &["status", "-D", &pg.data.to_string_lossy()]).is_ok() {
+            pg.stop();
+        }
         Ok(())
     }
 

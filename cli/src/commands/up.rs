@@ -27,11 +27,27 @@ fn worker_binary() -> anyhow::Result<PathBuf> {
     Ok(worker)
 }
 
+/// The pid of the stack running from `state`, if one runs (other than this process).
+fn running_stack(state: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pid_file(state)).ok()?.trim().parse().ok()?;
+    // SAFETY: kill(pid, 0) only checks that the process exists.
+    let alive = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
+    (alive && pid as u32 != std::process::id()).then_some(pid)
+}
+
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.state.state_dir)?;
+    if let Some(pid) = running_stack(&args.state.state_dir) {
+        eprintln!(
+            "ablate is already up from {} (pid {pid}); nothing started. `ablate down` stops it",
+            args.state.state_dir.display()
+        );
+        return Ok(());
+    }
     if args.detach {
         return detach(&args).await;
     }
+    std::fs::write(pid_file(&args.state.state_dir), std::process::id().to_string())?;
     let worker = worker_binary()?;
     let (pg, database_url) = match &args.database_url {
         Some(url) => (None, url.clone()),
@@ -50,15 +66,26 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let _ = stop_rx.await;
     }));
     let state = std::path::absolute(&args.state.state_dir)?;
-    let mut child = tokio::process::Command::new(worker)
+    let mut command = tokio::process::Command::new(worker);
+    command
         .args(["daemon", "--coordinator", &coordinator_url, "--devices", &args.devices])
         .arg("--object-store")
         .arg(state.join("objects"))
         .arg("--state-dir")
         .arg(state.join("worker"))
         .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
+        .kill_on_drop(true);
+    // SAFETY: prctl is async-signal-safe; the worker gets SIGTERM if this process dies
+    // (killed, OOM), so no worker outlives its stack.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn()?;
     eprintln!(
         "ablate is up: coordinator {coordinator_url}, objects in {}; Ctrl-C stops it",
         state.join("objects").display()
@@ -114,27 +141,41 @@ async fn detach(args: &UpArgs) -> anyhow::Result<()> {
     anyhow::bail!("the stack did not come up within 60 s; see {}", log_path.display())
 }
 
+/// Stops the stack running from a state directory: its `ablate up` process
+/// (SIGTERM, then SIGKILL after 30 s), then its PostgreSQL, whatever state the
+/// process was in (a killed `up` leaves its server behind; this stops it too).
 pub async fn down(args: StateArgs) -> anyhow::Result<()> {
     let file = pid_file(&args.state_dir);
-    let pid: i32 = std::fs::read_to_string(&file)
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "no stack is running from {} (no {})",
-                args.state_dir.display(),
-                file.display()
-            )
-        })?
-        .trim()
-        .parse()?;
-    // SAFETY: signalling a pid we started; kill(pid, 0) only checks it exists.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    for _ in 0..120 {
-        if unsafe { libc::kill(pid, 0) } != 0 {
-            let _ = std::fs::remove_file(&file);
-            eprintln!("ablate is down");
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+    let pid: Option<i32> = std::fs::read_to_string(&file).ok().and_then(|t| t.trim().parse().ok());
+    let has_pg = args.state_dir.join("pg").exists() || args.state_dir.join("pg-location").exists();
+    if pid.is_none() && !has_pg {
+        anyhow::bail!(
+            "no stack is running from {} (no {})",
+            args.state_dir.display(),
+            file.display()
+        );
     }
-    anyhow::bail!("the stack (pid {pid}) did not stop within 30 s")
+    if let Some(pid) = pid.filter(|&p| p > 0) {
+        // SAFETY: signalling the pid our `ablate up` wrote; kill(pid, 0) only checks it exists.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let mut stopped = false;
+        for _ in 0..120 {
+            if unsafe { libc::kill(pid, 0) } != 0 {
+                stopped = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        if !stopped {
+            eprintln!("the stack (pid {pid}) did not stop within 30 s; killing it");
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    if has_pg {
+        EmbeddedPg::stop_dir(&args.state_dir).ok();
+    }
+    let _ = std::fs::remove_file(&file);
+    eprintln!("ablate is down");
+    Ok(())
 }
