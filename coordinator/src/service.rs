@@ -212,6 +212,7 @@ impl experiments_server::Experiments for ExperimentsService {
                     registered_at: w.registered_at.to_rfc3339(),
                     last_seen_at: w.last_seen_at.to_rfc3339(),
                     running_trials: w.running as u32,
+                    unhealthy: w.unhealthy.clone().unwrap_or_default(),
                 })
                 .collect(),
         }))
@@ -409,7 +410,9 @@ impl workers_server::Workers for WorkersService {
             .iter()
             .map(|l| lease_of(&l.trial_id, &l.lease_token))
             .collect::<Result<Vec<_>, _>>()?;
-        let stop = db::heartbeat(&self.pool, worker, &held, self.lease_ttl).await?;
+        let unhealthy = clip_reason(&req.unhealthy, self.limits.max_string_chars);
+        let unhealthy = (!unhealthy.is_empty()).then_some(unhealthy.as_str());
+        let stop = db::heartbeat(&self.pool, worker, &held, self.lease_ttl, unhealthy).await?;
         Ok(Response::new(proto::HeartbeatResponse {
             stop: stop
                 .into_iter()
@@ -487,6 +490,19 @@ impl workers_server::Workers for WorkersService {
         Ok(Response::new(proto::CheckpointAck {}))
     }
 
+    async fn release(
+        &self,
+        request: Request<proto::ReleaseRequest>,
+    ) -> Result<Response<proto::ReleaseResponse>, Status> {
+        let req = request.into_inner();
+        let worker = parse_id(WorkerId::parse, &req.worker_id)?;
+        let (trial, token) = lease_of(&req.trial_id, &req.lease_token)?;
+        let reason = clip_reason(&req.reason, self.limits.max_string_chars);
+        let released = db::release(&self.pool, worker, trial, token, &reason).await?;
+        tracing::warn!(trial = %trial, worker = %worker, %reason, released, "worker could not start a trial; it goes back to the queue");
+        Ok(Response::new(proto::ReleaseResponse { released }))
+    }
+
     async fn complete(
         &self,
         request: Request<proto::CompleteRequest>,
@@ -542,4 +558,9 @@ impl workers_server::Workers for WorkersService {
         tracing::info!(trial = %trial, outcome = outcome.as_str(), "trial completed");
         Ok(Response::new(proto::CompleteResponse {}))
     }
+}
+
+/// A worker's reason as PostgreSQL can keep it: no NUL, at most `max` characters.
+fn clip_reason(reason: &str, max: usize) -> String {
+    reason.replace('\0', "\u{fffd}").chars().take(max).collect()
 }

@@ -36,7 +36,18 @@ pub struct Options {
     /// How often to ask for work when slots are free and the queue was empty, in ms.
     #[arg(long, default_value_t = 200)]
     pub poll_ms: u64,
+    /// The executable trial processes run (`<it> trial`). By default this
+    /// daemon's own, through /proc/self/exe, which survives the file being
+    /// replaced or deleted on disk.
+    #[arg(long, default_value = "/proc/self/exe")]
+    pub trial_exe: PathBuf,
 }
+
+/// Why the worker can't start trials now, if so; sent with every heartbeat.
+type Health = Arc<Mutex<Option<String>>>;
+
+/// The longest wait between tries while the worker can't start trials.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 struct Held {
     token: String,
@@ -46,6 +57,15 @@ struct Held {
 pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
     let slots = backend::discover(&options.devices, &backend)?;
     let worker_id = WorkerId::new_random();
+    crate::storage::probe(&options.object_store, &worker_id.to_string())
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "the object store {} refuses this worker, so it takes no trials: {e:#}. \
+                 Check its address and credentials (AWS_* variables for S3)",
+                options.object_store
+            )
+        })?;
     let channel: Channel = Endpoint::from_shared(options.coordinator.clone())
         .map_err(|e| anyhow::anyhow!("--coordinator {}: {e}", options.coordinator))?
         .connect_timeout(Duration::from_secs(2))
@@ -70,33 +90,69 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
         relay,
         object_store: options.object_store.clone(),
         scratch_dir: scratch.to_string_lossy().into_owned(),
+        trial_exe: options.trial_exe.clone(),
     });
     let held: Arc<Mutex<HashMap<String, Held>>> = Arc::default();
+    let health: Health = Arc::default();
     tokio::spawn(heartbeat_forever(
         client.clone(),
         worker_id,
         held.clone(),
+        health.clone(),
         Duration::from_millis(registration.heartbeat_interval_ms.max(100) as u64),
     ));
 
-    let (freed_tx, mut freed_rx) = mpsc::unbounded_channel::<Slot>();
+    // A slot comes back with whether its trial started.
+    let (freed_tx, mut freed_rx) = mpsc::unbounded_channel::<(Slot, runner::Started)>();
     let mut free: Vec<Slot> = slots;
     let poll = Duration::from_millis(options.poll_ms);
     let mut lease_client = client.clone();
+    // Trials in a row the worker could not start; while above zero it leases one at a time, after a backoff.
+    let mut failures: u32 = 0;
+    let note = |started: runner::Started, failures: &mut u32| match started {
+        runner::Started::Yes => {
+            if *failures > 0 {
+                tracing::info!("trials start again; the worker is healthy");
+            }
+            *failures = 0;
+            *health.lock().expect("health lock") = None;
+        }
+        runner::Started::No(reason) => {
+            *failures += 1;
+            *health.lock().expect("health lock") = Some(reason);
+        }
+    };
     loop {
-        while let Ok(slot) = freed_rx.try_recv() {
+        while let Ok((slot, started)) = freed_rx.try_recv() {
             free.push(slot);
+            note(started, &mut failures);
+        }
+        if failures > 0 {
+            let wait = Duration::from_millis(500 << failures.min(7)).min(MAX_BACKOFF);
+            tracing::warn!(failures, ?wait, reason = ?health.lock().expect("health lock"), "cannot start trials; waiting before trying one again");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::signal::ctrl_c() => break,
+            }
+            while let Ok((slot, started)) = freed_rx.try_recv() {
+                free.push(slot);
+                note(started, &mut failures);
+            }
         }
         if free.is_empty() {
             tokio::select! {
-                slot = freed_rx.recv() => free.extend(slot),
+                back = freed_rx.recv() => if let Some((slot, started)) = back {
+                    free.push(slot);
+                    note(started, &mut failures);
+                },
                 _ = tokio::signal::ctrl_c() => break,
             }
             continue;
         }
         let request = proto::LeaseRequest {
             worker_id: worker_id.to_string(),
-            max_trials: free.len() as u32,
+            // A worker that can't start trials tries one at a time, and never holds more leases than free slots.
+            max_trials: if failures > 0 { 1 } else { free.len() as u32 },
         };
         let leased = match lease_client.lease(request).await {
             Ok(response) => response.into_inner().trials,
@@ -108,7 +164,10 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
         if leased.is_empty() {
             tokio::select! {
                 _ = tokio::time::sleep(poll) => {}
-                slot = freed_rx.recv() => free.extend(slot),
+                back = freed_rx.recv() => if let Some((slot, started)) = back {
+                    free.push(slot);
+                    note(started, &mut failures);
+                },
                 _ = tokio::signal::ctrl_c() => break,
             }
             continue;
@@ -126,9 +185,12 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
             let (shared, held, freed) = (shared.clone(), held.clone(), freed_tx.clone());
             tokio::spawn(async move {
                 let id = trial.trial_id.clone();
-                runner::run(shared, slot.clone(), trial, stop_rx).await;
+                let started = runner::run(shared.clone(), slot.clone(), trial.clone(), stop_rx).await;
+                if let runner::Started::No(reason) = &started {
+                    release(&shared, worker_id, &trial, reason).await;
+                }
                 held.lock().expect("held lock").remove(&id);
-                let _ = freed.send(slot);
+                let _ = freed.send((slot, started));
             });
         }
     }
@@ -138,6 +200,29 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     Ok(())
+}
+
+/// Gives a trial the worker could not start back to the queue, its attempt not counted.
+async fn release(shared: &runner::Shared, worker_id: WorkerId, trial: &proto::LeasedTrial, reason: &str) {
+    tracing::error!(trial = %trial.trial_id, %reason, "could not start the trial; giving it back");
+    let request = proto::ReleaseRequest {
+        trial_id: trial.trial_id.clone(),
+        lease_token: trial.lease_token.clone(),
+        worker_id: worker_id.to_string(),
+        reason: reason.to_string(),
+    };
+    for _ in 0..20 {
+        match shared.client.clone().release(request.clone()).await {
+            Ok(_) => return,
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            Err(status) => {
+                tracing::warn!(%status, "could not give the trial back; its lease will expire");
+                return;
+            }
+        }
+    }
 }
 
 async fn register(
@@ -170,6 +255,7 @@ async fn heartbeat_forever(
     mut client: WorkersClient<Channel>,
     worker_id: WorkerId,
     held: Arc<Mutex<HashMap<String, Held>>>,
+    health: Health,
     every: Duration,
 ) {
     let mut tick = tokio::time::interval(every);
@@ -187,6 +273,7 @@ async fn heartbeat_forever(
         let request = proto::HeartbeatRequest {
             worker_id: worker_id.to_string(),
             leases,
+            unhealthy: health.lock().expect("health lock").clone().unwrap_or_default(),
         };
         match client.heartbeat(request).await {
             Ok(response) => {

@@ -33,6 +33,17 @@ pub struct Shared {
     pub relay: Relay,
     pub object_store: String,
     pub scratch_dir: String,
+    /// What trial processes run: `/proc/self/exe` by default, so a daemon
+    /// whose executable is replaced or deleted on disk still starts trials.
+    pub trial_exe: std::path::PathBuf,
+}
+
+/// Whether the worker got a trial going.
+pub enum Started {
+    /// Its process ran (whatever its outcome, which was reported).
+    Yes,
+    /// The worker could not start it, for a cause of its own; the trial was not touched.
+    No(String),
 }
 
 /// A trial ends one of three ways.
@@ -43,14 +54,29 @@ enum End {
 }
 
 /// Runs one leased trial to its end. Never panics the daemon: every error is reported or logged.
-pub async fn run(shared: Arc<Shared>, slot: Slot, trial: proto::LeasedTrial, stop: watch::Receiver<Option<String>>) {
+pub async fn run(
+    shared: Arc<Shared>,
+    slot: Slot,
+    trial: proto::LeasedTrial,
+    stop: watch::Receiver<Option<String>>,
+) -> Started {
     let id = trial.trial_id.clone();
     tracing::info!(trial = %id, slot = %slot.name, attempt = trial.attempt,
         resume_step = trial.resume_from.as_ref().map(|c| c.step), "trial starting");
-    match drive(&shared, &slot, &trial, stop).await {
+    let child = match spawn_trial_process(&shared.trial_exe) {
+        Ok(child) => child,
+        Err(error) => {
+            return Started::No(format!(
+                "cannot start trial processes ({}): {error}",
+                shared.trial_exe.display()
+            ))
+        }
+    };
+    match drive(&shared, &slot, &trial, stop, child).await {
         Ok(()) => {}
         Err(error) => tracing::error!(trial = %id, %error, "trial runner failed"),
     }
+    Started::Yes
 }
 
 async fn drive(
@@ -58,6 +84,7 @@ async fn drive(
     slot: &Slot,
     trial: &proto::LeasedTrial,
     mut stop: watch::Receiver<Option<String>>,
+    mut child: Child,
 ) -> anyhow::Result<()> {
     let params: serde_json::Value = serde_json::from_str(&trial.params_json)?;
     let input = TrialInput {
@@ -72,7 +99,6 @@ async fn drive(
         spec_hash: trial.spec_hash.clone(),
         scratch_dir: shared.scratch_dir.clone(),
     };
-    let mut child = spawn_trial_process()?;
     let mut stdin = child.stdin.take().expect("stdin is piped");
     stdin.write_all(serde_json::to_string(&input)?.as_bytes()).await?;
     drop(stdin);
@@ -219,8 +245,7 @@ async fn drive(
     Ok(())
 }
 
-fn spawn_trial_process() -> anyhow::Result<Child> {
-    let exe = std::env::current_exe()?;
+fn spawn_trial_process(exe: &std::path::Path) -> anyhow::Result<Child> {
     let mut command = Command::new(exe);
     command
         .arg("trial")

@@ -38,6 +38,28 @@ pub fn open(url: &str) -> anyhow::Result<(Arc<dyn ObjectStore>, Path)> {
     Ok((Arc::from(store), prefix))
 }
 
+/// Writes, reads back and deletes a probe object: a worker that can't do this
+/// would fail every trial it took, so it refuses to start instead.
+pub async fn probe(url: &str, worker: &str) -> anyhow::Result<()> {
+    let (store, prefix) = open(url)?;
+    let mut parts: Vec<String> = prefix.parts().map(|p| p.as_ref().to_string()).collect();
+    parts.extend([".ablate-probe".to_string(), worker.to_string()]);
+    let path = Path::from_iter(parts);
+    let body = format!("worker {worker} checks that it can write here");
+    let fail = |what: &str, e: object_store::Error| anyhow::anyhow!("cannot {what} {path}: {e}");
+    store
+        .put(&path, body.clone().into_bytes().into())
+        .await
+        .map_err(|e| fail("write", e))?;
+    let read = store.get(&path).await.map_err(|e| fail("read", e))?.bytes().await;
+    let read = read.map_err(|e| fail("read", e))?;
+    if read.as_ref() != body.as_bytes() {
+        anyhow::bail!("{path} read back other bytes than were written");
+    }
+    store.delete(&path).await.map_err(|e| fail("delete", e))?;
+    Ok(())
+}
+
 /// `<prefix>/experiments/<experiment>/<name>`: where an experiment's objects live.
 pub fn experiment_path(prefix: &Path, experiment: &str, name: &str) -> Path {
     let mut parts: Vec<String> = prefix.parts().map(|p| p.as_ref().to_string()).collect();

@@ -13,7 +13,7 @@ pub async fn run(addr: &str) -> anyhow::Result<()> {
         .map_err(status_error)?
         .into_inner()
         .workers;
-    let header: Vec<String> = ["worker", "host", "devices", "running", "last seen"]
+    let header: Vec<String> = ["worker", "host", "devices", "running", "last seen", "health"]
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -26,6 +26,11 @@ pub async fn run(addr: &str) -> anyhow::Result<()> {
                 w.devices.join(","),
                 w.running_trials.to_string(),
                 w.last_seen_at,
+                if w.unhealthy.is_empty() {
+                    "ok".to_string()
+                } else {
+                    format!("unhealthy: {}", w.unhealthy)
+                },
             ]
         })
         .collect();

@@ -142,7 +142,12 @@ impl Stack {
 
     /// Starts a worker daemon; returns its index for `kill_worker`.
     pub fn start_worker(&mut self, devices: &str) -> usize {
-        let mut command = Command::new(bin("ablate-worker"));
+        self.start_worker_from(&bin("ablate-worker"), devices, &[])
+    }
+
+    /// Starts the worker daemon at `exe` with extra flags; returns its index for `kill_worker`.
+    pub fn start_worker_from(&mut self, exe: &Path, devices: &str, extra: &[&str]) -> usize {
+        let mut command = Command::new(exe);
         command
             .args([
                 "daemon",
@@ -164,7 +169,8 @@ impl Stack {
                     .flat_map(|(_, env)| env.iter().map(|(k, v)| (k, v))),
             )
             .arg("--state-dir")
-            .arg(self.dir.join(format!("worker-{}", self.workers.len())));
+            .arg(self.dir.join(format!("worker-{}", self.workers.len())))
+            .args(extra);
         let child = self.spawn(command, "worker.log");
         self.workers.push(Some(child));
         self.workers.len() - 1

@@ -84,6 +84,7 @@ pub async fn heartbeat(
     worker: WorkerId,
     held: &[(TrialId, LeaseToken)],
     ttl: Duration,
+    unhealthy: Option<&str>,
 ) -> Result<Vec<(TrialId, String)>> {
     let trials: Vec<uuid::Uuid> = held.iter().map(|h| h.0 .0).collect();
     let tokens: Vec<uuid::Uuid> = held.iter().map(|h| h.1 .0).collect();
@@ -92,7 +93,7 @@ pub async fn heartbeat(
              select * from unnest($2::uuid[], $3::uuid[]) as h(trial_id, token)
          ),
          seen as (
-             update workers set last_seen_at = now() where id = $1
+             update workers set last_seen_at = now(), unhealthy = $5 where id = $1
          ),
          extended as (
              update trials t
@@ -110,6 +111,7 @@ pub async fn heartbeat(
     .bind(&trials)
     .bind(&tokens)
     .bind(ttl.as_secs_f64())
+    .bind(unhealthy)
     .fetch_all(pool)
     .await?;
     Ok(rows
@@ -124,6 +126,32 @@ pub async fn heartbeat(
             (TrialId(id), reason)
         })
         .collect())
+}
+
+/// Gives back a trial its worker could not start: pending again, the attempt
+/// not counted, fenced by the lease. Marks the worker unhealthy with `reason`.
+pub async fn release(pool: &PgPool, worker: WorkerId, trial: TrialId, token: LeaseToken, reason: &str) -> Result<bool> {
+    let released = sqlx::query(
+        "with released as (
+             update trials
+             set state = 'pending', attempt = greatest(attempt - 1, 0),
+                 lease_token = null, lease_owner = null, lease_expires_at = null
+             where id = $1 and lease_token = $2 and state = 'running'
+             returning id
+         ),
+         marked as (
+             update workers set unhealthy = $4, last_seen_at = now() where id = $3
+         )
+         select count(*) from released",
+    )
+    .bind(trial.0)
+    .bind(token.0)
+    .bind(worker.0)
+    .bind(reason)
+    .fetch_one(pool)
+    .await?
+    .try_get::<i64, _>(0)?;
+    Ok(released == 1)
 }
 
 /// Returns expired leases to the queue, or fails trials out of attempts.

@@ -28,12 +28,14 @@ pub struct WorkerRow {
     pub registered_at: DateTime<Utc>,
     pub last_seen_at: DateTime<Utc>,
     pub running: i64,
+    pub unhealthy: Option<String>,
 }
 
 pub async fn list_workers(pool: &PgPool) -> Result<Vec<WorkerRow>> {
     let rows = sqlx::query(
         "select w.id, w.hostname, w.devices, w.registered_at, w.last_seen_at,
-                (select count(*) from trials t where t.lease_owner = w.id and t.state = 'running') as running
+                (select count(*) from trials t where t.lease_owner = w.id and t.state = 'running') as running,
+                w.unhealthy
          from workers w order by w.last_seen_at desc",
     )
     .fetch_all(pool)
@@ -47,6 +49,7 @@ pub async fn list_workers(pool: &PgPool) -> Result<Vec<WorkerRow>> {
                 registered_at: row.try_get("registered_at")?,
                 last_seen_at: row.try_get("last_seen_at")?,
                 running: row.try_get("running")?,
+                unhealthy: row.try_get("unhealthy")?,
             })
         })
         .collect()

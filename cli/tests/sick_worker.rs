@@ -1,0 +1,147 @@
+//! A sick worker hurts nobody else: one that can't start trials gives them
+//! back without spending their attempts and says why in `ablate workers`; one
+//! whose executable is deleted under it keeps working; one whose object store
+//! refuses writes refuses to start. Real coordinator, workers, PostgreSQL.
+
+mod harness;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use harness::{bin, Stack};
+
+const SPEC: &str = r#"
+name = "NAME"
+family = "train"
+[base]
+optimizer = "adam"
+log2_lr = -7
+width = 32
+steps = 60
+checkpoint_every = 20
+[sweep]
+searcher = "grid"
+params.seed = [0, 1, 2, 3, 4, 5]
+"#;
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+async fn first_attempt_successes(stack: &Stack, experiment: &str) -> (i64, i64) {
+    let ok = stack
+        .scalar_i64(&format!(
+            "select count(*) from ablate.trial_results where experiment_id = '{experiment}' and state = 'succeeded'"
+        ))
+        .await;
+    let most = stack
+        .scalar_i64(&format!(
+            "select coalesce(max(attempt), 0)::bigint from ablate.trial_results where experiment_id = '{experiment}'"
+        ))
+        .await;
+    (ok, most)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_cannot_start_trials_fails_none_and_says_why() {
+    let mut stack = Stack::start(15.0).await;
+    stack.start_worker_from(
+        &bin("ablate-worker"),
+        "cpu:2",
+        &["--trial-exe", "/nonexistent/ablate-worker"],
+    );
+    let spec = stack.write_spec("sick.toml", &SPEC.replace("NAME", "sick"));
+    let experiment = stack.submit(&spec);
+    // The sick worker tries, gives back, backs off and says why.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = stack.ablate(&["workers"]);
+        if text(&out).contains("unhealthy: cannot start trial processes") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no health shown:\n{}\n{}",
+            text(&out),
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let failed = stack
+        .scalar_i64("select count(*) from trials where state = 'failed' or attempt > 1")
+        .await;
+    assert_eq!(
+        failed,
+        0,
+        "the sick worker spent no trial's attempts:\n{}",
+        stack.logs()
+    );
+    let held = stack
+        .scalar_i64("select count(*) from trials where state = 'running'")
+        .await;
+    assert!(held <= 1, "a sick worker holds at most one lease, held {held}");
+
+    stack.start_worker("cpu:2");
+    stack.wait_finished(&experiment, Duration::from_secs(120)).await;
+    assert_eq!(
+        first_attempt_successes(&stack, &experiment).await,
+        (6, 1),
+        "every trial succeeded on its first attempt:\n{}",
+        stack.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_whose_executable_is_deleted_keeps_running_trials() {
+    let mut stack = Stack::start(15.0).await;
+    let copy = stack.dir.join("ablate-worker-copy");
+    std::fs::copy(bin("ablate-worker"), &copy).unwrap();
+    stack.start_worker_from(&copy, "cpu:2", &[]);
+    stack
+        .wait_for("select count(*) = 1 from workers", Duration::from_secs(30))
+        .await;
+    std::fs::remove_file(&copy).unwrap();
+    let spec = stack.write_spec("deleted.toml", &SPEC.replace("NAME", "deleted"));
+    let experiment = stack.submit(&spec);
+    stack.wait_finished(&experiment, Duration::from_secs(120)).await;
+    assert_eq!(
+        first_attempt_successes(&stack, &experiment).await,
+        (6, 1),
+        "every trial succeeded on its first attempt:\n{}",
+        stack.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_whose_object_store_refuses_writes_refuses_to_start() {
+    let stack = Stack::start(15.0).await;
+    let spec = stack.write_spec("waiting.toml", &SPEC.replace("NAME", "waiting"));
+    stack.submit(&spec);
+    // A path under a regular file: no directory can be made there.
+    let out = Command::new(bin("ablate-worker"))
+        .args(["daemon", "--coordinator", &stack.addr(), "--devices", "cpu:1"])
+        .args(["--object-store", "/etc/hostname/objects"])
+        .arg("--state-dir")
+        .arg(stack.dir.join("refused"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the worker started:\n{}", text(&out));
+    assert!(
+        text(&out).contains("refuses this worker"),
+        "the refusal says why:\n{}",
+        text(&out)
+    );
+    assert_eq!(stack.scalar_i64("select count(*) from workers").await, 0);
+    assert_eq!(
+        stack
+            .scalar_i64("select count(*) from trials where state <> 'pending' or attempt > 0")
+            .await,
+        0
+    );
+}
