@@ -15,7 +15,9 @@ use crate::backend::{self, Slot};
 /// With `log`, every finished trial is appended to it at once as a JSON line,
 /// so a run cut short keeps what it finished. Objects trials write (data
 /// selections, ...) go under `store/experiments/<spec name>/`; by default
-/// `store` is `ablate-sweep` in the system's temporary directory.
+/// `store` is a new `ablate-sweep-<pid>-<time>` in the system's temporary
+/// directory, so a run never reads what an earlier run of the same spec left
+/// (a later stage would take the earlier run's selection for its own).
 pub fn run(
     text: &str,
     format: SpecFormat,
@@ -51,7 +53,13 @@ pub fn run(
             .collect::<Vec<_>>(),
     );
     let store = store.map_or_else(
-        || std::env::temp_dir().join("ablate-sweep"),
+        || {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos();
+            std::env::temp_dir().join(format!("ablate-sweep-{}-{now}", std::process::id()))
+        },
         std::path::Path::to_path_buf,
     );
     let outcomes = Mutex::new(Vec::new());

@@ -34,7 +34,7 @@ enum Command {
         /// Appends each trial's outcome here as a JSON line the moment it finishes.
         #[arg(long)]
         trial_log: Option<PathBuf>,
-        /// Directory for the objects trials write (data selections, ...); default: ablate-sweep in the temp dir.
+        /// Directory for the objects trials write (data selections, ...); default: a new ablate-sweep-<pid>-<time> in the temp dir.
         #[arg(long)]
         store: Option<PathBuf>,
     },
