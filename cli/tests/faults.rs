@@ -1,11 +1,12 @@
-//! A sick worker hurts nobody else: one that can't start trials gives them
-//! back without spending their attempts and says why in `ablate workers`; one
-//! whose executable is deleted under it keeps working; one whose object store
-//! refuses writes refuses to start. Real coordinator, workers, PostgreSQL.
+//! No sick part hurts anyone else: a worker that can't start trials gives
+//! them back without spending their attempts and says why in `ablate
+//! workers`; one whose executable is deleted under it keeps working; one
+//! whose object store refuses writes refuses to start; `submit --wait` rides
+//! out a coordinator restart. Real coordinator, workers, PostgreSQL.
 
 mod harness;
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use harness::{bin, Stack};
@@ -144,4 +145,45 @@ async fn a_worker_whose_object_store_refuses_writes_refuses_to_start() {
             .await,
         0
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn submit_wait_rides_out_a_coordinator_restart() {
+    let mut stack = Stack::start(15.0).await;
+    stack.start_worker("cpu:2");
+    let slow = SPEC
+        .replace("NAME", "restart")
+        .replace("steps = 60", "steps = 150\nstep_delay_ms = 30")
+        .replace("params.seed = [0, 1, 2, 3, 4, 5]", "params.seed = [0, 1, 2, 3]");
+    let spec = stack.write_spec("restart.toml", &slow);
+    let waiting = Command::new(bin("ablate"))
+        .args(["submit", &spec.to_string_lossy(), "--wait"])
+        .env("ABLATE_COORDINATOR", stack.addr())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    stack
+        .wait_for(
+            "select count(*) >= 2 from trials where state = 'running'",
+            Duration::from_secs(60),
+        )
+        .await;
+    stack.kill_coordinator();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stack.start_coordinator().await;
+    let out = tokio::task::spawn_blocking(move || waiting.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "submit --wait failed:\n{}\n{}",
+        text(&out),
+        stack.logs()
+    );
+    assert!(text(&out).contains("reconnecting"), "{}", text(&out));
+    let experiment = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (ok, _) = first_attempt_successes(&stack, &experiment).await;
+    assert_eq!(ok, 4, "{}", stack.logs());
 }
