@@ -345,6 +345,8 @@ fn test_database() -> Result<String> {
 }
 
 fn test() -> Result {
+    // The embedded-stack tests start a PostgreSQL of their own.
+    provision_postgres()?;
     build("debug")?;
     provision_datasets()?;
     let url = test_database()?;
