@@ -187,3 +187,80 @@ async fn submit_wait_rides_out_a_coordinator_restart() {
     let (ok, _) = first_attempt_successes(&stack, &experiment).await;
     assert_eq!(ok, 4, "{}", stack.logs());
 }
+
+const CRASH_SPEC: &str = r#"
+name = "NAME"
+family = "train"
+max_attempts = 3
+[base]
+optimizer = "adam"
+log2_lr = -7
+width = 64
+steps = 300
+checkpoint_every = 40
+eval_every = 50
+step_delay_ms = 15
+[sweep]
+searcher = "grid"
+params.seed = [3]
+"#;
+
+async fn curve(stack: &Stack, experiment: &str) -> Vec<(i64, f64)> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select step, value from ablate.metric_series
+         where experiment_id = '{experiment}' and name = 'train_loss' order by step"
+    )))
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashed_trial_process_is_retried_from_its_checkpoint_on_the_same_curve() {
+    let mut stack = Stack::start(15.0).await;
+    let worker = stack.start_worker("cpu:1");
+    let spec = stack.write_spec("crash.toml", &CRASH_SPEC.replace("NAME", "crash"));
+    let crashed = stack.submit(&spec);
+    stack
+        .wait_for("select count(*) >= 2 from checkpoints", Duration::from_secs(60))
+        .await;
+    let pids = stack.trial_pids(worker);
+    assert_eq!(pids.len(), 1, "one trial process: {pids:?}");
+    // As the OOM killer would.
+    // SAFETY: signalling a process this test's worker started.
+    unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) };
+    stack.wait_finished(&crashed, Duration::from_secs(120)).await;
+    assert_eq!(
+        first_attempt_successes(&stack, &crashed).await,
+        (1, 2),
+        "the trial succeeded on its second attempt:\n{}",
+        stack.logs()
+    );
+    let attempts: Vec<(i32, String, Option<String>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select attempt, outcome, error from ablate.trial_attempts where experiment_id = '{crashed}' order by attempt"
+    )))
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!((attempts[0].0, attempts[0].1.as_str()), (1, "crashed"), "{attempts:?}");
+    assert!(
+        attempts[0].2.as_deref().unwrap_or_default().contains("signal: 9"),
+        "{attempts:?}"
+    );
+    assert_eq!((attempts[1].0, attempts[1].1.as_str()), (2, "succeeded"));
+
+    let spec = stack.write_spec("unbroken.toml", &CRASH_SPEC.replace("NAME", "unbroken"));
+    let unbroken = stack.submit(&spec);
+    stack.wait_finished(&unbroken, Duration::from_secs(120)).await;
+    let (a, b) = (curve(&stack, &crashed).await, curve(&stack, &unbroken).await);
+    assert_eq!(a.len(), 300, "every step exactly once");
+    assert_eq!(a.len(), b.len());
+    for ((sa, va), (sb, vb)) in a.iter().zip(&b) {
+        assert_eq!(sa, sb);
+        assert!(
+            (va - vb).abs() <= 1e-6,
+            "step {sa}: {va} after the crash, {vb} unbroken"
+        );
+    }
+}

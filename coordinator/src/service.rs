@@ -509,11 +509,25 @@ impl workers_server::Workers for WorkersService {
     ) -> Result<Response<proto::CompleteResponse>, Status> {
         let req = request.into_inner();
         let (trial, token) = lease_of(&req.trial_id, &req.lease_token)?;
+        if req.outcome == "crashed" {
+            let error = clip_reason(&req.error, self.limits.max_string_chars);
+            let tail = req.stderr_tail.replace('\0', "\u{fffd}");
+            let again = db::crashed(
+                &self.pool,
+                trial,
+                token,
+                &error,
+                Some(tail.as_str()).filter(|t| !t.is_empty()),
+            )
+            .await?;
+            tracing::warn!(trial = %trial, %error, retried = again, "trial process crashed");
+            return Ok(Response::new(proto::CompleteResponse {}));
+        }
         let outcome = match TrialState::parse(&req.outcome) {
             Some(s @ (TrialState::Succeeded | TrialState::Failed)) => s,
             _ => {
                 return Err(Status::invalid_argument(format!(
-                    "outcome `{}` is not one of succeeded, failed",
+                    "outcome `{}` is not one of succeeded, failed, crashed",
                     req.outcome
                 )))
             }

@@ -199,17 +199,21 @@ async fn drive(
         return Ok(());
     }
     let tail: Vec<String> = stderr_tail.lock().expect("stderr tail lock").iter().cloned().collect();
+    let reported_error = tail.iter().rev().find(|l| l.starts_with("error: ")).cloned();
     let (outcome, error) = if status.success() {
         ("succeeded", String::new())
     } else {
-        let last = tail
-            .iter()
-            .rev()
-            .find(|l| l.starts_with("error: "))
-            .or_else(|| tail.iter().rev().find(|l| !l.trim().is_empty()))
-            .cloned()
+        let last = reported_error
+            .clone()
+            .or_else(|| tail.iter().rev().find(|l| !l.trim().is_empty()).cloned())
             .unwrap_or_default();
-        ("failed", format!("trial process {status}: {last}"))
+        // Exit code 1 with an `error: ` line is the trial's own failure (bad
+        // parameters, divergence, data): running it again would fail again.
+        // Anything else (a signal such as the OOM killer's, a panic, a segfault
+        // in libtorch) is a crash: the coordinator retries it from its checkpoint.
+        let own_failure = status.code() == Some(1) && reported_error.is_some();
+        let outcome = if own_failure { "failed" } else { "crashed" };
+        (outcome, format!("trial process {status}: {last}"))
     };
     let request = proto::CompleteRequest {
         trial_id: trial.trial_id.clone(),

@@ -267,6 +267,21 @@ impl Stack {
         String::from_utf8_lossy(&out.stdout).lines().count()
     }
 
+    /// The pids of worker `index`'s trial processes.
+    pub fn trial_pids(&self, index: usize) -> Vec<u32> {
+        let Some(child) = &self.workers[index] else {
+            return Vec::new();
+        };
+        let out = Command::new("pgrep")
+            .args(["-P", &child.id().to_string()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
     /// The coordinator process's id, while it runs.
     pub fn coordinator_pid(&self) -> Option<u32> {
         self.coordinator.as_ref().map(Child::id)

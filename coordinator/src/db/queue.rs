@@ -154,24 +154,42 @@ pub async fn release(pool: &PgPool, worker: WorkerId, trial: TrialId, token: Lea
     Ok(released == 1)
 }
 
-/// Returns expired leases to the queue, or fails trials out of attempts.
+/// Returns expired leases to the queue, or fails trials out of attempts; each
+/// expiry is kept in `trial_attempts`.
 pub async fn reap_expired(pool: &PgPool) -> Result<u64> {
-    let done = sqlx::query(
-        "update trials t
-         set state = case when t.attempt >= e.max_attempts then 'failed' else 'pending' end,
-             error = case when t.attempt >= e.max_attempts
-                 then format('lease expired on attempt %s of %s (last held by worker %s)', t.attempt, e.max_attempts, t.lease_owner)
-                 else t.error end,
-             finished_at = case when t.attempt >= e.max_attempts then now() end,
-             lease_token = null,
-             lease_owner = null,
-             lease_expires_at = null
-         from experiments e
-         where e.id = t.experiment_id and t.state = 'running' and t.lease_expires_at < now()",
+    let reaped: i64 = sqlx::query_scalar(
+        "with expired as (
+             select t.id, t.attempt, t.lease_owner, e.max_attempts
+             from trials t join experiments e on e.id = t.experiment_id
+             where t.state = 'running' and t.lease_expires_at < now()
+             for update of t skip locked
+         ),
+         reaped as (
+             update trials t
+             set state = case when x.attempt >= x.max_attempts then 'failed' else 'pending' end,
+                 error = case when x.attempt >= x.max_attempts
+                     then format('lease expired on attempt %s of %s (last held by worker %s)', x.attempt, x.max_attempts, x.lease_owner)
+                     else t.error end,
+                 finished_at = case when x.attempt >= x.max_attempts then now() end,
+                 lease_token = null,
+                 lease_owner = null,
+                 lease_expires_at = null
+             from expired x
+             where t.id = x.id
+             returning t.id
+         ),
+         logged as (
+             insert into trial_attempts (trial_id, attempt, worker_id, outcome, error)
+             select x.id, x.attempt, x.lease_owner, 'lease_expired',
+                    format('lease expired (held by worker %s)', x.lease_owner)
+             from expired x
+             on conflict do nothing
+         )
+         select count(*) from reaped",
     )
-    .execute(pool)
+    .fetch_one(pool)
     .await?;
-    Ok(done.rows_affected())
+    Ok(reaped as u64)
 }
 
 /// Records a checkpoint whose object is already durable, fenced by the lease.
@@ -214,10 +232,19 @@ pub async fn complete(
     outputs: &Value,
 ) -> Result<()> {
     let done = sqlx::query(
-        "update trials
-         set state = $3, finished_at = coalesce(finished_at, now()), error = $4, stderr_tail = $5,
-             lease_expires_at = null, outputs = $6
-         where id = $1 and lease_token = $2 and state in ('running', $3)",
+        "with done as (
+             update trials
+             set state = $3, finished_at = coalesce(finished_at, now()), error = $4, stderr_tail = $5,
+                 lease_expires_at = null, outputs = $6
+             where id = $1 and lease_token = $2 and state in ('running', $3)
+             returning id, attempt, lease_owner
+         ),
+         logged as (
+             insert into trial_attempts (trial_id, attempt, worker_id, outcome, error, stderr_tail)
+             select id, attempt, lease_owner, $3, $4, $5 from done
+             on conflict do nothing
+         )
+         select count(*) from done",
     )
     .bind(trial.0)
     .bind(token.0)
@@ -225,12 +252,65 @@ pub async fn complete(
     .bind(error)
     .bind(stderr_tail)
     .bind(outputs)
-    .execute(pool)
-    .await?;
-    if done.rows_affected() == 0 {
+    .fetch_one(pool)
+    .await?
+    .try_get::<i64, _>(0)?;
+    if done == 0 {
         return Err(Error::StaleLease {
             trial: trial.to_string(),
         });
     }
     Ok(())
+}
+
+/// A trial whose process crashed (a signal, a panic): pending again while
+/// attempts remain, so it resumes from its newest checkpoint; failed after the
+/// last. Fenced by the lease; the attempt is kept in `trial_attempts`. Returns
+/// whether the trial will run again.
+pub async fn crashed(
+    pool: &PgPool,
+    trial: TrialId,
+    token: LeaseToken,
+    error: &str,
+    stderr_tail: Option<&str>,
+) -> Result<bool> {
+    let row: Option<(String,)> = sqlx::query_as(
+        "with held as (
+             select t.id, t.attempt, t.lease_owner, e.max_attempts
+             from trials t join experiments e on e.id = t.experiment_id
+             where t.id = $1 and t.lease_token = $2 and t.state = 'running'
+             for update of t
+         ),
+         moved as (
+             update trials t
+             set state = case when h.attempt >= h.max_attempts then 'failed' else 'pending' end,
+                 error = case when h.attempt >= h.max_attempts
+                     then format('crashed on attempt %s of %s: %s', h.attempt, h.max_attempts, $3::text)
+                     else t.error end,
+                 stderr_tail = case when h.attempt >= h.max_attempts then $4 else t.stderr_tail end,
+                 finished_at = case when h.attempt >= h.max_attempts then now() end,
+                 lease_token = null, lease_owner = null, lease_expires_at = null
+             from held h
+             where t.id = h.id
+             returning t.state
+         ),
+         logged as (
+             insert into trial_attempts (trial_id, attempt, worker_id, outcome, error, stderr_tail)
+             select id, attempt, lease_owner, 'crashed', $3, $4 from held
+             on conflict do nothing
+         )
+         select state from moved",
+    )
+    .bind(trial.0)
+    .bind(token.0)
+    .bind(error)
+    .bind(stderr_tail)
+    .fetch_optional(pool)
+    .await?;
+    match row {
+        Some((state,)) => Ok(state == "pending"),
+        None => Err(Error::StaleLease {
+            trial: trial.to_string(),
+        }),
+    }
 }
