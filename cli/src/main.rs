@@ -224,6 +224,10 @@ pub struct ServeArgs {
     /// Seconds a lease lasts without a heartbeat.
     #[arg(long, default_value_t = 15.0)]
     pub lease_ttl: f64,
+    /// Seconds after start-up before expired leases are reaped, so workers re-attach
+    /// the leases they held across a restart; default twice the lease TTL.
+    #[arg(long)]
+    pub reap_grace: Option<f64>,
     #[command(flatten)]
     pub limits: LimitArgs,
 }

@@ -205,10 +205,12 @@ searcher = "grid"
 params.seed = [3]
 "#;
 
-async fn curve(stack: &Stack, experiment: &str) -> Vec<(i64, f64)> {
+/// Every trial's train_loss curve, as (ordinal, step, value) in order.
+async fn curve(stack: &Stack, experiment: &str) -> Vec<(i32, i64, f64)> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select step, value from ablate.metric_series
-         where experiment_id = '{experiment}' and name = 'train_loss' order by step"
+        "select t.ordinal, m.step, m.value from ablate.metric_series m
+         join trials t on t.id = m.trial_id
+         where m.experiment_id = '{experiment}' and m.name = 'train_loss' order by t.ordinal, m.step"
     )))
     .fetch_all(&stack.pool)
     .await
@@ -255,12 +257,52 @@ async fn a_crashed_trial_process_is_retried_from_its_checkpoint_on_the_same_curv
     stack.wait_finished(&unbroken, Duration::from_secs(120)).await;
     let (a, b) = (curve(&stack, &crashed).await, curve(&stack, &unbroken).await);
     assert_eq!(a.len(), 300, "every step exactly once");
+    assert_same_curves(&a, &b);
+}
+
+/// The same (trial, step) points with values equal to 1e-6.
+fn assert_same_curves(a: &[(i32, i64, f64)], b: &[(i32, i64, f64)]) {
     assert_eq!(a.len(), b.len());
-    for ((sa, va), (sb, vb)) in a.iter().zip(&b) {
-        assert_eq!(sa, sb);
+    for ((oa, sa, va), (ob, sb, vb)) in a.iter().zip(b) {
+        assert_eq!((oa, sa), (ob, sb));
         assert!(
             (va - vb).abs() <= 1e-6,
-            "step {sa}: {va} after the crash, {vb} unbroken"
+            "trial {oa} step {sa}: {va} after the fault, {vb} unbroken"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_away_for_three_lease_lifetimes_restarts_no_trial() {
+    // Lease TTL 2 s; the coordinator is gone for 6 s while both trials run.
+    let mut stack = Stack::start(2.0).await;
+    stack.start_worker("cpu:2");
+    let long = CRASH_SPEC
+        .replace("steps = 300", "steps = 600")
+        .replace("params.seed = [3]", "params.seed = [3, 4]");
+    let spec = stack.write_spec("away.toml", &long.replace("NAME", "away"));
+    let away = stack.submit(&spec);
+    stack
+        .wait_for(
+            "select count(*) = 2 from trials where state = 'running'",
+            Duration::from_secs(60),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stack.kill_coordinator();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    stack.start_coordinator().await;
+    stack.wait_finished(&away, Duration::from_secs(180)).await;
+    assert_eq!(
+        first_attempt_successes(&stack, &away).await,
+        (2, 1),
+        "both trials finished on their first attempt:\n{}",
+        stack.logs()
+    );
+    let spec = stack.write_spec("steady.toml", &long.replace("NAME", "steady"));
+    let steady = stack.submit(&spec);
+    stack.wait_finished(&steady, Duration::from_secs(180)).await;
+    let (a, b) = (curve(&stack, &away).await, curve(&stack, &steady).await);
+    assert_eq!(a.len(), 2 * 600, "every step of both trials exactly once");
+    assert_same_curves(&a, &b);
 }

@@ -28,6 +28,11 @@ pub struct Options {
     pub lease_ttl: Duration,
     /// How often expired leases are reaped.
     pub reap_interval: Duration,
+    /// How long after start-up nothing is reaped: workers that kept running
+    /// while the coordinator was away re-attach their leases with their next
+    /// heartbeat (the token proves them), so a restart or upgrade shorter
+    /// than this restarts no trial. `None`: twice the lease TTL.
+    pub reap_grace: Option<Duration>,
     pub max_connections: u32,
     /// Connections of the researchers' own pool (`ablate sql`, reports).
     pub reader_connections: u32,
@@ -44,6 +49,7 @@ impl Options {
             listen,
             lease_ttl: Duration::from_secs(15),
             reap_interval: Duration::from_secs(1),
+            reap_grace: None,
             max_connections: 16,
             reader_connections: 4,
             queries_per_caller: 2,
@@ -88,7 +94,8 @@ impl Coordinator {
     /// Serves both gRPC services and runs the lease reaper until `shutdown` resolves.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send) -> Result<()> {
         let addr = self.local_addr();
-        let reaper = tokio::spawn(reap_forever(self.pool.clone(), self.options.reap_interval));
+        let grace = self.options.reap_grace.unwrap_or(self.options.lease_ttl * 2);
+        let reaper = tokio::spawn(reap_forever(self.pool.clone(), grace, self.options.reap_interval));
         tracing::info!(%addr, "coordinator listening");
         let result = tonic::transport::Server::builder()
             .add_service(service::experiments_server(
@@ -118,7 +125,9 @@ fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::
     })
 }
 
-async fn reap_forever(pool: sqlx::PgPool, every: Duration) {
+async fn reap_forever(pool: sqlx::PgPool, grace: Duration, every: Duration) {
+    tracing::info!(?grace, "reaping expired leases after the start-up grace period");
+    tokio::time::sleep(grace).await;
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;

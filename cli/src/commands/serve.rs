@@ -12,6 +12,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::bail!("--lease-ttl must be a positive number of seconds");
     }
     options.lease_ttl = Duration::from_secs_f64(args.lease_ttl);
+    if let Some(grace) = args.reap_grace {
+        if grace.is_nan() || grace < 0.0 {
+            anyhow::bail!("--reap-grace must be a number of seconds, 0 or more");
+        }
+        options.reap_grace = Some(Duration::from_secs_f64(grace));
+    }
     args.limits.apply(&mut options);
     let coordinator = Coordinator::build(options).await?;
     eprintln!("coordinator listening on {}", coordinator.local_addr());
