@@ -306,3 +306,28 @@ async fn a_coordinator_away_for_three_lease_lifetimes_restarts_no_trial() {
     assert_eq!(a.len(), 2 * 600, "every step of both trials exactly once");
     assert_same_curves(&a, &b);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_worker_is_listed_as_lost_after_the_live_ones() {
+    let mut stack = Stack::start(2.0).await;
+    let doomed = stack.start_worker("cpu:1");
+    stack
+        .wait_for("select count(*) = 1 from workers", Duration::from_secs(30))
+        .await;
+    stack.kill_worker(doomed);
+    stack.start_worker("cpu:1");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = stack.ablate(&["workers"]);
+        let lines: Vec<String> = text(&out).lines().skip(2).map(String::from).collect();
+        if lines.len() == 2 && lines[0].ends_with(" ok") && lines[1].ends_with(" lost") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected the live worker then the lost one:\n{}",
+            text(&out)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

@@ -102,6 +102,7 @@ impl Coordinator {
                 self.pool.clone(),
                 self.reader.clone(),
                 self.options.limits,
+                self.options.lease_ttl,
             ))
             .add_service(service::workers_server(
                 self.pool.clone(),

@@ -30,10 +30,16 @@ pub fn experiments_server(
     pool: PgPool,
     reader: Reader,
     limits: Limits,
+    lease_ttl: Duration,
 ) -> experiments_server::ExperimentsServer<ExperimentsService> {
-    experiments_server::ExperimentsServer::new(ExperimentsService { pool, reader, limits })
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20)
+    experiments_server::ExperimentsServer::new(ExperimentsService {
+        pool,
+        reader,
+        limits,
+        lease_ttl,
+    })
+    .max_decoding_message_size(64 << 20)
+    .max_encoding_message_size(64 << 20)
 }
 
 pub fn workers_server(
@@ -59,6 +65,8 @@ pub struct ExperimentsService {
     /// Researchers' reads: their own pool and admission.
     reader: Reader,
     limits: Limits,
+    /// A worker unheard of for longer than this is lost: its leases have expired.
+    lease_ttl: Duration,
 }
 
 impl ExperimentsService {
@@ -171,6 +179,7 @@ impl experiments_server::Experiments for ExperimentsService {
             pool: self.pool.clone(),
             reader: self.reader.clone(),
             limits: self.limits,
+            lease_ttl: self.lease_ttl,
         };
         tokio::spawn(async move {
             let mut last = first;
@@ -201,7 +210,7 @@ impl experiments_server::Experiments for ExperimentsService {
         &self,
         _request: Request<proto::ListWorkersRequest>,
     ) -> Result<Response<proto::ListWorkersResponse>, Status> {
-        let rows = db::list_workers(&self.pool).await?;
+        let rows = db::list_workers(&self.pool, self.lease_ttl).await?;
         Ok(Response::new(proto::ListWorkersResponse {
             workers: rows
                 .into_iter()
@@ -213,6 +222,7 @@ impl experiments_server::Experiments for ExperimentsService {
                     last_seen_at: w.last_seen_at.to_rfc3339(),
                     running_trials: w.running as u32,
                     unhealthy: w.unhealthy.clone().unwrap_or_default(),
+                    lost: w.lost,
                 })
                 .collect(),
         }))

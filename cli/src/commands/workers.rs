@@ -26,7 +26,9 @@ pub async fn run(addr: &str) -> anyhow::Result<()> {
                 w.devices.join(","),
                 w.running_trials.to_string(),
                 w.last_seen_at,
-                if w.unhealthy.is_empty() {
+                if w.lost {
+                    "lost".to_string()
+                } else if w.unhealthy.is_empty() {
                     "ok".to_string()
                 } else {
                     format!("unhealthy: {}", w.unhealthy)

@@ -29,15 +29,21 @@ pub struct WorkerRow {
     pub last_seen_at: DateTime<Utc>,
     pub running: i64,
     pub unhealthy: Option<String>,
+    /// Unheard of for longer than a lease lasts: its trials are (or will be) leased again.
+    pub lost: bool,
 }
 
-pub async fn list_workers(pool: &PgPool) -> Result<Vec<WorkerRow>> {
+/// Every worker, live ones first, then by when they were last seen.
+pub async fn list_workers(pool: &PgPool, lease_ttl: std::time::Duration) -> Result<Vec<WorkerRow>> {
     let rows = sqlx::query(
         "select w.id, w.hostname, w.devices, w.registered_at, w.last_seen_at,
                 (select count(*) from trials t where t.lease_owner = w.id and t.state = 'running') as running,
-                w.unhealthy
-         from workers w order by w.last_seen_at desc",
+                w.unhealthy,
+                w.last_seen_at < now() - make_interval(secs => $1) as lost
+         from workers w
+         order by (w.last_seen_at < now() - make_interval(secs => $1)), w.last_seen_at desc",
     )
+    .bind(lease_ttl.as_secs_f64())
     .fetch_all(pool)
     .await?;
     rows.iter()
@@ -50,6 +56,7 @@ pub async fn list_workers(pool: &PgPool) -> Result<Vec<WorkerRow>> {
                 last_seen_at: row.try_get("last_seen_at")?,
                 running: row.try_get("running")?,
                 unhealthy: row.try_get("unhealthy")?,
+                lost: row.try_get("lost")?,
             })
         })
         .collect()
