@@ -331,3 +331,54 @@ async fn a_killed_worker_is_listed_as_lost_after_the_live_ones() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgresql_restart_mid_sweep_loses_and_repeats_nothing() {
+    // A server of the test's own, so that restarting it disturbs no other test.
+    let pg_dir = std::env::temp_dir().join(format!("ablate-pg-restart-{}", std::process::id()));
+    let pg_dir_arg = pg_dir.to_string_lossy().into_owned();
+    let pg_port = harness::free_port().to_string();
+    let db = |action: &str| {
+        let mut args = vec!["db", action, "--state-dir", &pg_dir_arg];
+        if action == "start" {
+            args.extend(["--pg-port", &pg_port]);
+        }
+        let out = Command::new(bin("ablate")).args(&args).output().unwrap();
+        assert!(out.status.success(), "ablate db {action}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let url = db("start");
+    let mut stack = Stack::start_on(&url, 15.0).await;
+    stack.start_worker("cpu:2");
+    let spec_text = CRASH_SPEC.replace("params.seed = [3]", "params.seed = [3, 4, 5, 6]");
+    let spec = stack.write_spec("pg.toml", &spec_text.replace("NAME", "pg-restart"));
+    let restarted = stack.submit(&spec);
+    stack
+        .wait_for("select count(*) > 200 from metrics", Duration::from_secs(60))
+        .await;
+    db("stop");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    db("start");
+    stack.wait_finished(&restarted, Duration::from_secs(180)).await;
+    assert_eq!(
+        first_attempt_successes(&stack, &restarted).await,
+        (4, 1),
+        "every trial finished on its first attempt:\n{}",
+        stack.logs()
+    );
+    let spec = stack.write_spec("steady.toml", &spec_text.replace("NAME", "steady"));
+    let steady = stack.submit(&spec);
+    stack.wait_finished(&steady, Duration::from_secs(180)).await;
+    let (a, b) = (curve(&stack, &restarted).await, curve(&stack, &steady).await);
+    assert_eq!(a.len(), 4 * 300, "every (trial, step) exactly once");
+    assert_same_curves(&a, &b);
+    let evals = stack
+        .scalar_i64(&format!(
+            "select count(*) from ablate.metric_series where experiment_id = '{restarted}' and name = 'eval_loss'"
+        ))
+        .await;
+    assert_eq!(evals, 4 * 6, "eval_loss at 50, 100, ..., 300 of each trial, once");
+    drop(stack);
+    db("stop");
+    std::fs::remove_dir_all(&pg_dir).ok();
+}

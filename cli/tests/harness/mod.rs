@@ -61,6 +61,12 @@ impl Stack {
     pub async fn start(lease_ttl: f64) -> Stack {
         let admin_url = std::env::var("DATABASE_URL")
             .expect("DATABASE_URL must point at a PostgreSQL server; `cargo xtask test` sets it");
+        Stack::start_on(&admin_url, lease_ttl).await
+    }
+
+    /// The same on the PostgreSQL server at `admin_url`.
+    pub async fn start_on(admin_url: &str, lease_ttl: f64) -> Stack {
+        let admin_url = admin_url.to_string();
         let db_name = format!("ablate_e2e_{}", uuid::Uuid::new_v4().simple());
         let admin = PgPoolOptions::new()
             .max_connections(1)
