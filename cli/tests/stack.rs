@@ -104,6 +104,26 @@ fn the_embedded_stack_starts_in_a_private_directory_once_and_stops_entirely() {
         std::thread::sleep(Duration::from_millis(250));
     }
 
+    // The worker dies: `ablate up` starts another.
+    let worker_dir = state.join("worker");
+    let workers = processes_mentioning(&worker_dir);
+    assert_eq!(workers.len(), 1, "one worker daemon: {workers:?}");
+    // SAFETY: signalling the worker daemon our `ablate up` started.
+    unsafe { libc::kill(workers[0] as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = ablate(&["--coordinator", &addr, "workers"]);
+        let registered = text(&out).lines().filter(|l| l.contains("cpu:0")).count();
+        let restarted = processes_mentioning(&worker_dir);
+        if registered == 2 && restarted.len() == 1 && restarted[0] != workers[0] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no worker started again:\n{}", text(&out));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let log = std::fs::read_to_string(state.join("up.log")).unwrap();
+    assert!(log.contains("starting it again"), "{log}");
+
     // The stack's process dies hard (as under the OOM killer); `ablate down` still stops everything.
     // SAFETY: signalling the pid our `ablate up` wrote.
     unsafe { libc::kill(first, libc::SIGKILL) };

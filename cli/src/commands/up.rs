@@ -90,9 +90,28 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         "ablate is up: coordinator {coordinator_url}, objects in {}; Ctrl-C stops it",
         state.join("objects").display()
     );
-    tokio::select! {
-        _ = shutdown_signal() => {}
-        status = child.wait() => eprintln!("the local worker exited ({status:?}); stopping"),
+    // Supervise the worker: one that dies is started again (after a pause that
+    // grows while it keeps dying young), with a line in the log.
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut pause = Duration::from_secs(1);
+    loop {
+        let started = std::time::Instant::now();
+        tokio::select! {
+            _ = &mut shutdown => break,
+            status = child.wait() => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    pause = Duration::from_secs(1);
+                }
+                eprintln!("the local worker exited ({status:?}); starting it again in {} s", pause.as_secs());
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(60));
+                child = command.spawn()?;
+            }
+        }
     }
     if let Some(pid) = child.id() {
         // SAFETY: signalling our own child by pid.
