@@ -382,3 +382,44 @@ async fn a_postgresql_restart_mid_sweep_loses_and_repeats_nothing() {
     db("stop");
     std::fs::remove_dir_all(&pg_dir).ok();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_object_store_away_mid_checkpoint_costs_no_trial_and_leaves_no_dangling_record() {
+    let mut stack = Stack::start(15.0).await;
+    stack.start_worker("cpu:1");
+    let objects = stack.dir.join("objects");
+    let spec = stack.write_spec("store.toml", &CRASH_SPEC.replace("NAME", "store-away"));
+    let away = stack.submit(&spec);
+    stack
+        .wait_for("select count(*) >= 1 from checkpoints", Duration::from_secs(60))
+        .await;
+    // The store goes away for 3 s: its folder becomes a file, so every write fails.
+    let parked = stack.dir.join("objects-away");
+    std::fs::rename(&objects, &parked).unwrap();
+    std::fs::write(&objects, b"not a folder").unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    std::fs::remove_file(&objects).unwrap();
+    std::fs::rename(&parked, &objects).unwrap();
+    stack.wait_finished(&away, Duration::from_secs(120)).await;
+    assert_eq!(
+        first_attempt_successes(&stack, &away).await,
+        (1, 1),
+        "the trial succeeded on its first attempt:\n{}",
+        stack.logs()
+    );
+    let paths: Vec<(String,)> = sqlx::query_as("select path from ablate.checkpoints")
+        .fetch_all(&stack.pool)
+        .await
+        .unwrap();
+    assert!(paths.len() >= 5, "{paths:?}");
+    for (path,) in &paths {
+        assert!(
+            objects.join(path).is_file(),
+            "the checkpoint record {path} names no object"
+        );
+    }
+    let spec = stack.write_spec("steady.toml", &CRASH_SPEC.replace("NAME", "steady"));
+    let steady = stack.submit(&spec);
+    stack.wait_finished(&steady, Duration::from_secs(120)).await;
+    assert_same_curves(&curve(&stack, &away).await, &curve(&stack, &steady).await);
+}

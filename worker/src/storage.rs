@@ -98,6 +98,9 @@ pub struct ObjectCheckpoints {
     pub on_written: Box<dyn FnMut(Written)>,
 }
 
+/// Further tries of a checkpoint write that failed (pauses 0.5 s doubling: about 15 s in all).
+const CHECKPOINT_RETRIES: u32 = 5;
+
 fn ckpt_err(e: impl std::fmt::Display) -> TrialError {
     TrialError::Checkpoint(e.to_string())
 }
@@ -113,14 +116,28 @@ impl CheckpointStore for ObjectCheckpoints {
         let mut sidecar = sidecar.clone();
         sidecar["spec_hash"] = Value::from(self.spec_hash.clone());
         sidecar["tensors"] = Value::from(path.to_string());
-        let sidecar_bytes = serde_json::to_vec_pretty(&sidecar).map_err(ckpt_err)?;
-        self.runtime.block_on(async {
-            self.store.put(&path, bytes.into()).await.map_err(ckpt_err)?;
-            self.store
-                .put(&sidecar_path(&path), sidecar_bytes.into())
-                .await
-                .map_err(ckpt_err)
-        })?;
+        let sidecar_bytes = bytes::Bytes::from(serde_json::to_vec_pretty(&sidecar).map_err(ckpt_err)?);
+        let bytes = bytes::Bytes::from(bytes);
+        // An object store that is briefly away (a restart, a network blip) costs
+        // a wait, not the trial: each write is tried again with a growing pause.
+        let mut pause = std::time::Duration::from_millis(500);
+        let mut tries = 0;
+        loop {
+            let written = self.runtime.block_on(async {
+                self.store.put(&path, bytes.clone().into()).await?;
+                self.store.put(&sidecar_path(&path), sidecar_bytes.clone().into()).await
+            });
+            match written {
+                Ok(_) => break,
+                Err(e) if tries < CHECKPOINT_RETRIES => {
+                    eprintln!("checkpoint at step {step}: {e}; trying again in {pause:?}");
+                    std::thread::sleep(pause);
+                    pause *= 2;
+                    tries += 1;
+                }
+                Err(e) => return Err(ckpt_err(e)),
+            }
+        }
         (self.on_written)(Written {
             step,
             path: path.to_string(),

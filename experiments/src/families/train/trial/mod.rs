@@ -127,7 +127,10 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
                 loss_tail: tail.clone(),
                 noise_average,
             };
-            state::save(
+            // A checkpoint that can't be written (the store stayed away through every
+            // retry) costs only the progress it would have saved: training goes on,
+            // and the next checkpoint tries again.
+            let saved = state::save(
                 ctx,
                 &p,
                 task.as_ref(),
@@ -135,7 +138,10 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
                 &optimizer,
                 average.as_ref(),
                 &progress,
-            )?;
+            );
+            if let Err(error) = saved {
+                eprintln!("checkpoint at step {done} not written ({error}); training goes on");
+            }
         }
         if p.step_delay_ms > 0 {
             std::thread::sleep(std::time::Duration::from_millis(p.step_delay_ms));
