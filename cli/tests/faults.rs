@@ -423,3 +423,42 @@ async fn an_object_store_away_mid_checkpoint_costs_no_trial_and_leaves_no_dangli
     stack.wait_finished(&steady, Duration::from_secs(120)).await;
     assert_same_curves(&curve(&stack, &away).await, &curve(&stack, &steady).await);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_with_a_wrong_s3_secret_refuses_to_start_and_fails_no_trial() {
+    let mut stack = Stack::start(15.0).await;
+    let (key, _) = stack.use_s3_checking_signatures();
+    let (url, env) = stack.object_store.clone().unwrap();
+    let spec = stack.write_spec("s3.toml", &SPEC.replace("NAME", "s3-keys"));
+    let experiment = stack.submit(&spec);
+    let out = Command::new(bin("ablate-worker"))
+        .args(["daemon", "--coordinator", &stack.addr(), "--devices", "cpu:1"])
+        .args(["--object-store", &url])
+        .arg("--state-dir")
+        .arg(stack.dir.join("wrong-secret"))
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("AWS_ACCESS_KEY_ID", &key)
+        .env("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the worker started:\n{}", text(&out));
+    assert!(text(&out).contains("refuses this worker"), "{}", text(&out));
+    assert_eq!(stack.scalar_i64("select count(*) from workers").await, 0);
+    assert_eq!(
+        stack
+            .scalar_i64("select count(*) from trials where state <> 'pending' or attempt > 0")
+            .await,
+        0,
+        "no trial was touched"
+    );
+    // With the right secret, every trial runs on its first attempt.
+    stack.start_worker("cpu:2");
+    stack.wait_finished(&experiment, Duration::from_secs(120)).await;
+    assert_eq!(
+        first_attempt_successes(&stack, &experiment).await,
+        (6, 1),
+        "{}",
+        stack.logs()
+    );
+}

@@ -52,7 +52,7 @@ pub struct Stack {
     pub coordinator_args: Vec<String>,
     workers: Vec<Option<Child>>,
     /// Where workers put checkpoints: a URL and the environment it needs; a local directory when unset.
-    object_store: Option<(String, Vec<(String, String)>)>,
+    pub object_store: Option<(String, Vec<(String, String)>)>,
     s3_server: Option<Child>,
 }
 
@@ -185,6 +185,16 @@ impl Stack {
     /// Starts an S3 server (moto's; `cargo xtask test` installs it and sets ABLATE_MOTO_BIN)
     /// with a bucket, and points the workers started from now on at `s3://<bucket>/checkpoints`.
     pub fn use_s3(&mut self) {
+        self.start_s3(false);
+    }
+
+    /// The same with a server that checks request signatures: the workers get
+    /// an access key made on it; returns (key id, secret).
+    pub fn use_s3_checking_signatures(&mut self) -> (String, String) {
+        self.start_s3(true)
+    }
+
+    fn start_s3(&mut self, check_signatures: bool) -> (String, String) {
         let bin = PathBuf::from(
             std::env::var_os("ABLATE_MOTO_BIN")
                 .expect("ABLATE_MOTO_BIN must name a venv bin dir with moto[server]; `cargo xtask test` sets it"),
@@ -192,6 +202,10 @@ impl Stack {
         let port = free_port();
         let mut command = Command::new(bin.join("moto_server"));
         command.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+        if check_signatures {
+            // moto checks credentials and signatures after this many requests: the setup's own.
+            command.env("INITIAL_NO_AUTH_ACTION_COUNT", "4");
+        }
         self.s3_server = Some(self.spawn(command, "s3.log"));
         let endpoint = format!("http://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -199,26 +213,39 @@ impl Stack {
             assert!(Instant::now() < deadline, "moto_server did not start");
             std::thread::sleep(Duration::from_millis(100));
         }
-        let script = format!(
-            "import boto3; boto3.client('s3', endpoint_url='{endpoint}', aws_access_key_id='test', \
-             aws_secret_access_key='test', region_name='us-east-1').create_bucket(Bucket='e2e')"
+        let mut script = format!(
+            "import boto3, json\nkw = dict(endpoint_url='{endpoint}', aws_access_key_id='test', \
+             aws_secret_access_key='test', region_name='us-east-1')\n\
+             boto3.client('s3', **kw).create_bucket(Bucket='e2e')\n"
         );
-        assert!(Command::new(bin.join("python"))
-            .args(["-c", &script])
-            .status()
-            .unwrap()
-            .success());
+        if check_signatures {
+            script.push_str(
+                "iam = boto3.client('iam', **kw)\niam.create_user(UserName='worker')\n\
+                 iam.put_user_policy(UserName='worker', PolicyName='all', PolicyDocument=json.dumps(\
+                 {'Version': '2012-10-17', 'Statement': [{'Effect': 'Allow', 'Action': '*', 'Resource': '*'}]}))\n\
+                 k = iam.create_access_key(UserName='worker')['AccessKey']\n\
+                 print(k['AccessKeyId'], k['SecretAccessKey'])\n",
+            );
+        } else {
+            script.push_str("print('test test')\n");
+        }
+        let out = Command::new(bin.join("python")).args(["-c", &script]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let keys = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let (key, secret) = keys.split_once(' ').expect("a key id and a secret");
+        let (key, secret) = (key.to_string(), secret.to_string());
         let env = [
             ("AWS_ENDPOINT", endpoint.as_str()),
             ("AWS_ALLOW_HTTP", "true"),
-            ("AWS_ACCESS_KEY_ID", "test"),
-            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_ACCESS_KEY_ID", key.as_str()),
+            ("AWS_SECRET_ACCESS_KEY", secret.as_str()),
             ("AWS_REGION", "us-east-1"),
         ];
         self.object_store = Some((
             "s3://e2e/checkpoints".into(),
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         ));
+        (key, secret)
     }
 
     /// Uploads a local file to `s3://e2e/<key>` on the server `use_s3` started.
