@@ -462,3 +462,49 @@ async fn a_worker_with_a_wrong_s3_secret_refuses_to_start_and_fails_no_trial() {
         stack.logs()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_lost_its_libraries_fails_no_trial() {
+    let mut stack = Stack::start(15.0).await;
+    // What the dynamic loader does on a node that lost libtorch.
+    let exe = stack.dir.join("lost-libraries.sh");
+    std::fs::write(
+        &exe,
+        "#!/bin/sh\necho 'ablate-worker: error while loading shared libraries: libtorch_cpu.so: \
+         cannot open shared object file: No such file or directory' >&2\nexit 127\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    stack.start_worker_from(&bin("ablate-worker"), "cpu:2", &["--trial-exe", &exe.to_string_lossy()]);
+    let spec = stack.write_spec("libs.toml", &SPEC.replace("NAME", "lost-libraries"));
+    let experiment = stack.submit(&spec);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = stack.ablate(&["workers"]);
+        if text(&out).contains("error while loading shared libraries") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no health shown:\n{}\n{}",
+            text(&out),
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        stack
+            .scalar_i64("select count(*) from trials where state = 'failed' or attempt > 1")
+            .await,
+        0,
+        "no trial spent an attempt on the sick node"
+    );
+    stack.start_worker("cpu:2");
+    stack.wait_finished(&experiment, Duration::from_secs(120)).await;
+    assert_eq!(
+        first_attempt_successes(&stack, &experiment).await,
+        (6, 1),
+        "{}",
+        stack.logs()
+    );
+}

@@ -73,11 +73,15 @@ pub async fn run(
         }
     };
     match drive(&shared, &slot, &trial, stop, child).await {
-        Ok(()) => {}
+        Ok(Some(reason)) => return Started::No(reason),
+        Ok(None) => {}
         Err(error) => tracing::error!(trial = %id, %error, "trial runner failed"),
     }
     Started::Yes
 }
+
+/// Exit code of a process whose program or libraries the dynamic loader could not find.
+const LOADER_FAILED: i32 = 127;
 
 async fn drive(
     shared: &Shared,
@@ -85,7 +89,7 @@ async fn drive(
     trial: &proto::LeasedTrial,
     mut stop: watch::Receiver<Option<String>>,
     mut child: Child,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<String>> {
     let params: serde_json::Value = serde_json::from_str(&trial.params_json)?;
     let input = TrialInput {
         trial_id: trial.trial_id.clone(),
@@ -123,11 +127,13 @@ async fn drive(
 
     let mut metrics = Batcher::new(trial);
     let mut outputs = serde_json::Map::new();
+    // Whether the process said anything on stdout: a trial that ran did.
+    let mut any_event = false;
     let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
     let mut tick = tokio::time::interval(BATCH_DELAY);
     let end = loop {
         tokio::select! {
-            line = lines.next_line() => match line? {
+            line = lines.next_line() => match line?.inspect(|_| any_event = true) {
                 Some(line) => match serde_json::from_str::<Event>(&line) {
                     Ok(Event::M(name, step, value)) => {
                         metrics.push(name, step, value);
@@ -189,16 +195,28 @@ async fn drive(
         End::Stopped(why) => {
             tracing::info!(trial = %trial.trial_id, %why, "stopping trial");
             terminate(&mut child).await;
-            return Ok(());
+            return Ok(None);
         }
         End::Exited(status) => status,
     };
     let _ = stderr_task.await;
+    let tail: Vec<String> = stderr_tail.lock().expect("stderr tail lock").iter().cloned().collect();
+    // The process never ran the trial: the loader could not find its program or
+    // libraries (a node that lost libtorch or its shared file system). The
+    // worker's fault, not the trial's: it goes back without spending an attempt.
+    if status.code() == Some(LOADER_FAILED) && metrics.len() == 0 && outputs.is_empty() && !any_event {
+        let last = tail
+            .iter()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .cloned()
+            .unwrap_or_default();
+        return Ok(Some(format!("trial processes cannot start ({status}): {last}")));
+    }
     if let Err(why) = metrics.drain(&shared.relay).await {
         tracing::info!(trial = %trial.trial_id, %why, "trial finished but its lease is gone");
-        return Ok(());
+        return Ok(None);
     }
-    let tail: Vec<String> = stderr_tail.lock().expect("stderr tail lock").iter().cloned().collect();
     let reported_error = tail.iter().rev().find(|l| l.starts_with("error: ")).cloned();
     let (outcome, error) = if status.success() {
         ("succeeded", String::new())
@@ -246,7 +264,7 @@ async fn drive(
             tracing::info!(trial = %trial.trial_id, %why, "trial finished but its lease is gone")
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 fn spawn_trial_process(exe: &std::path::Path) -> anyhow::Result<Child> {
