@@ -5,7 +5,7 @@ mod harness;
 use std::time::Duration;
 
 use ablate_schema::proto::{self, experiments_client::ExperimentsClient, workers_client::WorkersClient};
-use harness::{spec_path, Stack};
+use harness::{spec_path, Stack, RESUME_SPEC};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -65,22 +65,6 @@ async fn quickstart_sweep_finishes_with_one_row_per_metric_step() {
     let checkpoints = stack.scalar_i64("select count(*) from ablate.checkpoints").await;
     assert_eq!(checkpoints, 12 * 2, "checkpoints at steps 100 and 200 of every trial");
 }
-
-const RESUME_SPEC: &str = r#"
-name = "NAME"
-family = "train"
-[base]
-optimizer = "adam"
-log2_lr = -7
-width = 64
-steps = 300
-checkpoint_every = 40
-eval_every = 50
-step_delay_ms = 15
-[sweep]
-searcher = "grid"
-params.seed = [3]
-"#;
 
 async fn final_metrics(stack: &Stack, experiment: &str) -> (f64, f64) {
     sqlx::query_as(

@@ -7,9 +7,9 @@
 mod harness;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use harness::{bin, Stack};
+use harness::{bin, Stack, RESUME_SPEC};
 
 const SPEC: &str = r#"
 name = "NAME"
@@ -58,20 +58,11 @@ async fn a_worker_that_cannot_start_trials_fails_none_and_says_why() {
     let spec = stack.write_spec("sick.toml", &SPEC.replace("NAME", "sick"));
     let experiment = stack.submit(&spec);
     // The sick worker tries, gives back, backs off and says why.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = stack.ablate(&["workers"]);
-        if text(&out).contains("unhealthy: cannot start trial processes") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no health shown:\n{}\n{}",
-            text(&out),
-            stack.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    stack
+        .wait_for_workers("unhealthy: cannot start trial processes", |t| {
+            t.contains("unhealthy: cannot start trial processes")
+        })
+        .await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let failed = stack
         .scalar_i64("select count(*) from trials where state = 'failed' or attempt > 1")
@@ -188,23 +179,6 @@ async fn submit_wait_rides_out_a_coordinator_restart() {
     assert_eq!(ok, 4, "{}", stack.logs());
 }
 
-const CRASH_SPEC: &str = r#"
-name = "NAME"
-family = "train"
-max_attempts = 3
-[base]
-optimizer = "adam"
-log2_lr = -7
-width = 64
-steps = 300
-checkpoint_every = 40
-eval_every = 50
-step_delay_ms = 15
-[sweep]
-searcher = "grid"
-params.seed = [3]
-"#;
-
 /// Every trial's train_loss curve, as (ordinal, step, value) in order.
 async fn curve(stack: &Stack, experiment: &str) -> Vec<(i32, i64, f64)> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -221,7 +195,7 @@ async fn curve(stack: &Stack, experiment: &str) -> Vec<(i32, i64, f64)> {
 async fn a_crashed_trial_process_is_retried_from_its_checkpoint_on_the_same_curve() {
     let mut stack = Stack::start(15.0).await;
     let worker = stack.start_worker("cpu:1");
-    let spec = stack.write_spec("crash.toml", &CRASH_SPEC.replace("NAME", "crash"));
+    let spec = stack.write_spec("crash.toml", &RESUME_SPEC.replace("NAME", "crash"));
     let crashed = stack.submit(&spec);
     stack
         .wait_for("select count(*) >= 2 from checkpoints", Duration::from_secs(60))
@@ -252,7 +226,7 @@ async fn a_crashed_trial_process_is_retried_from_its_checkpoint_on_the_same_curv
     );
     assert_eq!((attempts[1].0, attempts[1].1.as_str()), (2, "succeeded"));
 
-    let spec = stack.write_spec("unbroken.toml", &CRASH_SPEC.replace("NAME", "unbroken"));
+    let spec = stack.write_spec("unbroken.toml", &RESUME_SPEC.replace("NAME", "unbroken"));
     let unbroken = stack.submit(&spec);
     stack.wait_finished(&unbroken, Duration::from_secs(120)).await;
     let (a, b) = (curve(&stack, &crashed).await, curve(&stack, &unbroken).await);
@@ -277,7 +251,7 @@ async fn a_coordinator_away_for_three_lease_lifetimes_restarts_no_trial() {
     // Lease TTL 2 s; the coordinator is gone for 6 s while both trials run.
     let mut stack = Stack::start(2.0).await;
     stack.start_worker("cpu:2");
-    let long = CRASH_SPEC
+    let long = RESUME_SPEC
         .replace("steps = 300", "steps = 600")
         .replace("params.seed = [3]", "params.seed = [3, 4]");
     let spec = stack.write_spec("away.toml", &long.replace("NAME", "away"));
@@ -316,20 +290,12 @@ async fn a_killed_worker_is_listed_as_lost_after_the_live_ones() {
         .await;
     stack.kill_worker(doomed);
     stack.start_worker("cpu:1");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = stack.ablate(&["workers"]);
-        let lines: Vec<String> = text(&out).lines().skip(2).map(String::from).collect();
-        if lines.len() == 2 && lines[0].ends_with(" ok") && lines[1].ends_with(" lost") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "expected the live worker then the lost one:\n{}",
-            text(&out)
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    stack
+        .wait_for_workers("the live worker, then the lost one", |t| {
+            let lines: Vec<&str> = t.lines().skip(2).collect();
+            lines.len() == 2 && lines[0].ends_with(" ok") && lines[1].ends_with(" lost")
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -350,7 +316,7 @@ async fn a_postgresql_restart_mid_sweep_loses_and_repeats_nothing() {
     let url = db("start");
     let mut stack = Stack::start_on(&url, 15.0).await;
     stack.start_worker("cpu:2");
-    let spec_text = CRASH_SPEC.replace("params.seed = [3]", "params.seed = [3, 4, 5, 6]");
+    let spec_text = RESUME_SPEC.replace("params.seed = [3]", "params.seed = [3, 4, 5, 6]");
     let spec = stack.write_spec("pg.toml", &spec_text.replace("NAME", "pg-restart"));
     let restarted = stack.submit(&spec);
     stack
@@ -388,7 +354,7 @@ async fn an_object_store_away_mid_checkpoint_costs_no_trial_and_leaves_no_dangli
     let mut stack = Stack::start(15.0).await;
     stack.start_worker("cpu:1");
     let objects = stack.dir.join("objects");
-    let spec = stack.write_spec("store.toml", &CRASH_SPEC.replace("NAME", "store-away"));
+    let spec = stack.write_spec("store.toml", &RESUME_SPEC.replace("NAME", "store-away"));
     let away = stack.submit(&spec);
     stack
         .wait_for("select count(*) >= 1 from checkpoints", Duration::from_secs(60))
@@ -418,7 +384,7 @@ async fn an_object_store_away_mid_checkpoint_costs_no_trial_and_leaves_no_dangli
             "the checkpoint record {path} names no object"
         );
     }
-    let spec = stack.write_spec("steady.toml", &CRASH_SPEC.replace("NAME", "steady"));
+    let spec = stack.write_spec("steady.toml", &RESUME_SPEC.replace("NAME", "steady"));
     let steady = stack.submit(&spec);
     stack.wait_finished(&steady, Duration::from_secs(120)).await;
     assert_same_curves(&curve(&stack, &away).await, &curve(&stack, &steady).await);
@@ -478,20 +444,11 @@ async fn a_node_that_lost_its_libraries_fails_no_trial() {
     stack.start_worker_from(&bin("ablate-worker"), "cpu:2", &["--trial-exe", &exe.to_string_lossy()]);
     let spec = stack.write_spec("libs.toml", &SPEC.replace("NAME", "lost-libraries"));
     let experiment = stack.submit(&spec);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = stack.ablate(&["workers"]);
-        if text(&out).contains("error while loading shared libraries") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no health shown:\n{}\n{}",
-            text(&out),
-            stack.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    stack
+        .wait_for_workers("error while loading shared libraries", |t| {
+            t.contains("error while loading shared libraries")
+        })
+        .await;
     assert_eq!(
         stack
             .scalar_i64("select count(*) from trials where state = 'failed' or attempt > 1")

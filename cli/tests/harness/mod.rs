@@ -39,6 +39,24 @@ pub fn spec_path(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// One seeded trial of 300 steps, checkpointed every 40, slowed to about 5 s:
+/// long enough to kill something under it. `NAME` is its name.
+pub const RESUME_SPEC: &str = r#"
+name = "NAME"
+family = "train"
+[base]
+optimizer = "adam"
+log2_lr = -7
+width = 64
+steps = 300
+checkpoint_every = 40
+eval_every = 50
+step_delay_ms = 15
+[sweep]
+searcher = "grid"
+params.seed = [3]
+"#;
+
 pub struct Stack {
     pub dir: PathBuf,
     pub db_url: String,
@@ -298,6 +316,24 @@ impl Stack {
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+
+    /// Waits (up to 30 s) until the output of `ablate workers` satisfies `holds`; `what` names it in the failure.
+    pub async fn wait_for_workers(&self, what: &str, holds: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.ablate(&["workers"]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if holds(&text) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "`ablate workers` never showed {what}:\n{text}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// The pids of worker `index`'s trial processes.
