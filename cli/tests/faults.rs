@@ -33,6 +33,18 @@ fn text(out: &std::process::Output) -> String {
     )
 }
 
+/// Starts a healthy worker and checks that it finishes all six trials of `SPEC`, each on its first attempt.
+async fn a_healthy_worker_finishes_every_trial_first_time(stack: &mut Stack, experiment: &str) {
+    stack.start_worker("cpu:2");
+    stack.wait_finished(experiment, Duration::from_secs(120)).await;
+    assert_eq!(
+        first_attempt_successes(stack, experiment).await,
+        (6, 1),
+        "every trial succeeded on its first attempt:\n{}",
+        stack.logs()
+    );
+}
+
 async fn first_attempt_successes(stack: &Stack, experiment: &str) -> (i64, i64) {
     let ok = stack
         .scalar_i64(&format!(
@@ -78,14 +90,7 @@ async fn a_worker_that_cannot_start_trials_fails_none_and_says_why() {
         .await;
     assert!(held <= 1, "a sick worker holds at most one lease, held {held}");
 
-    stack.start_worker("cpu:2");
-    stack.wait_finished(&experiment, Duration::from_secs(120)).await;
-    assert_eq!(
-        first_attempt_successes(&stack, &experiment).await,
-        (6, 1),
-        "every trial succeeded on its first attempt:\n{}",
-        stack.logs()
-    );
+    a_healthy_worker_finishes_every_trial_first_time(&mut stack, &experiment).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -419,14 +424,7 @@ async fn a_worker_with_a_wrong_s3_secret_refuses_to_start_and_fails_no_trial() {
         "no trial was touched"
     );
     // With the right secret, every trial runs on its first attempt.
-    stack.start_worker("cpu:2");
-    stack.wait_finished(&experiment, Duration::from_secs(120)).await;
-    assert_eq!(
-        first_attempt_successes(&stack, &experiment).await,
-        (6, 1),
-        "{}",
-        stack.logs()
-    );
+    a_healthy_worker_finishes_every_trial_first_time(&mut stack, &experiment).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -456,12 +454,5 @@ async fn a_node_that_lost_its_libraries_fails_no_trial() {
         0,
         "no trial spent an attempt on the sick node"
     );
-    stack.start_worker("cpu:2");
-    stack.wait_finished(&experiment, Duration::from_secs(120)).await;
-    assert_eq!(
-        first_attempt_successes(&stack, &experiment).await,
-        (6, 1),
-        "{}",
-        stack.logs()
-    );
+    a_healthy_worker_finishes_every_trial_first_time(&mut stack, &experiment).await;
 }
