@@ -73,11 +73,14 @@ pub async fn run(
         }
     };
     match drive(&shared, &slot, &trial, stop, child).await {
-        Ok(Some(reason)) => return Started::No(reason),
-        Ok(None) => {}
-        Err(error) => tracing::error!(trial = %id, %error, "trial runner failed"),
+        Ok(Some(reason)) => Started::No(reason),
+        Ok(None) => Started::Yes,
+        // Never leave a lease hanging on a runner failure: the trial goes back.
+        Err(error) => {
+            tracing::error!(trial = %id, %error, "trial runner failed");
+            Started::No(format!("the trial runner failed: {error:#}"))
+        }
     }
-    Started::Yes
 }
 
 /// Exit code of a process whose program or libraries the dynamic loader could not find.
@@ -104,7 +107,11 @@ async fn drive(
         scratch_dir: shared.scratch_dir.clone(),
     };
     let mut stdin = child.stdin.take().expect("stdin is piped");
-    stdin.write_all(serde_json::to_string(&input)?.as_bytes()).await?;
+    // A process that dies at once (its loader failed) closes stdin first: its
+    // exit status, read below, says what happened.
+    if let Err(error) = stdin.write_all(serde_json::to_string(&input)?.as_bytes()).await {
+        tracing::debug!(trial = %trial.trial_id, %error, "the trial process took no input");
+    }
     drop(stdin);
 
     let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
