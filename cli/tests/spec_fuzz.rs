@@ -7,7 +7,7 @@ mod harness;
 use ablate_schema::proto::{self, experiments_client::ExperimentsClient};
 use harness::Stack;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
 /// A value of a spec field, rendered by hand so that NaN, infinities and
 /// control characters reach the parser as a user could write them.
@@ -288,11 +288,21 @@ fn generated_specs_are_accepted_or_refused_naming_a_field_and_nothing_panics() {
             if refused.get() > before { "refused" } else { "accepted" }
         );
     }
-    let mut runner = TestRunner::new(Config {
-        cases: 3000,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    // The same 3,000 cases every run, so CI is repeatable; ABLATE_FUZZ_SEED=N explores others.
+    let seed: u64 = std::env::var("ABLATE_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut seed_bytes = [0u8; 32];
+    seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let mut runner = TestRunner::new_with_rng(
+        Config {
+            cases: 3000,
+            failure_persistence: None,
+            ..Config::default()
+        },
+        TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes),
+    );
     runner
         .run(&case(), |c| {
             let format = if c.yaml { "yaml" } else { "toml" };
