@@ -1,9 +1,18 @@
-//! The CLI's connection to the coordinator, with errors that say what to do.
+//! The CLI's connection to the coordinator, with errors that say what to do,
+//! and the token it sends: `ABLATE_TOKEN`, else the one the credentials file
+//! keeps for that coordinator's address (written by `ablate login`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use ablate_schema::proto::experiments_client::ExperimentsClient;
+use ablate_schema::Bearer;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-pub async fn connect(addr: &str) -> anyhow::Result<ExperimentsClient<Channel>> {
+pub type Client = ExperimentsClient<InterceptedService<Channel, Bearer>>;
+
+pub async fn connect(addr: &str) -> anyhow::Result<Client> {
     let endpoint = Endpoint::from_shared(addr.to_string())
         .map_err(|e| anyhow::anyhow!("coordinator address `{addr}`: {e}"))?
         .connect_timeout(std::time::Duration::from_secs(3));
@@ -12,10 +21,79 @@ pub async fn connect(addr: &str) -> anyhow::Result<ExperimentsClient<Channel>> {
             "cannot reach the coordinator at {addr} ({e}); start one with `ablate up`, or point --coordinator / ABLATE_COORDINATOR at yours"
         )
     })?;
-    Ok(ExperimentsClient::new(channel).max_decoding_message_size(64 << 20))
+    let bearer = Bearer::new(token_for(addr)?.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+    Ok(ExperimentsClient::with_interceptor(channel, bearer).max_decoding_message_size(64 << 20))
 }
 
 /// A gRPC status as a plain error message.
 pub fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", status.message())
+}
+
+/// `$XDG_CONFIG_HOME/ablate/credentials.toml`, or `~/.config/ablate/credentials.toml`.
+pub fn credentials_path() -> PathBuf {
+    let config = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".config"));
+    config.join("ablate").join("credentials.toml")
+}
+
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct Credentials {
+    #[serde(default)]
+    coordinators: BTreeMap<String, Entry>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Entry {
+    token: String,
+}
+
+fn read_credentials() -> anyhow::Result<Credentials> {
+    let path = credentials_path();
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Credentials::default()),
+        Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
+    }
+}
+
+/// The token to send to `addr`: `ABLATE_TOKEN`, else the credentials file's.
+pub fn token_for(addr: &str) -> anyhow::Result<Option<String>> {
+    if let Ok(token) = std::env::var("ABLATE_TOKEN") {
+        if !token.trim().is_empty() {
+            return Ok(Some(token.trim().to_string()));
+        }
+    }
+    Ok(read_credentials()?
+        .coordinators
+        .remove(addr.trim_end_matches('/'))
+        .map(|e| e.token))
+}
+
+/// Keeps `token` for `addr` in the credentials file (mode 0600).
+pub fn store_token(addr: &str, token: &str) -> anyhow::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let path = credentials_path();
+    let mut credentials = read_credentials()?;
+    credentials.coordinators.insert(
+        addr.trim_end_matches('/').to_string(),
+        Entry {
+            token: token.trim().to_string(),
+        },
+    );
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let text = toml::to_string(&credentials)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(text.as_bytes())?;
+    Ok(path)
 }

@@ -80,6 +80,38 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
+    /// Keeps a token for a coordinator in the credentials file (~/.config/ablate/credentials.toml, mode 0600).
+    Login {
+        /// The coordinator's address, such as http://host:7077.
+        url: String,
+        /// The token; read from stdin when not given.
+        #[arg(long)]
+        token: Option<String>,
+    },
+    /// Creates, lists and revokes access tokens (admin tokens only).
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Creates a token and prints it, once, on stdout.
+    Create {
+        /// researcher, worker or admin.
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// When it expires: 30d, 12h, 45m, 90s.
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// Lists tokens (never their secrets).
+    List,
+    /// Revokes a token at once.
+    Revoke { name: String },
 }
 
 #[derive(Subcommand)]
@@ -224,6 +256,12 @@ pub struct ServeArgs {
     /// Seconds a lease lasts without a heartbeat.
     #[arg(long, default_value_t = 15.0)]
     pub lease_ttl: f64,
+    /// Require a token with the right role on every call (see `ablate token`).
+    #[arg(long)]
+    pub auth: bool,
+    /// With --auth: the first admin's token is kept in this file (created, mode 0600, when missing).
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
     /// Seconds after start-up before expired leases are reaped, so workers re-attach
     /// the leases they held across a restart; default twice the lease TTL.
     #[arg(long)]
@@ -266,6 +304,14 @@ fn main() -> std::process::ExitCode {
                 out,
             } => commands::report::run(&addr, &experiment, format, out).await,
             Command::Sql { query, format, timeout } => commands::sql::run(&addr, &query, format, timeout).await,
+            Command::Login { url, token } => commands::token::login(&url, token).await,
+            Command::Token { action } => match action {
+                TokenAction::Create { role, name, expires } => {
+                    commands::token::create(&addr, &role, name, expires).await
+                }
+                TokenAction::List => commands::token::list(&addr).await,
+                TokenAction::Revoke { name } => commands::token::revoke(&addr, &name).await,
+            },
         }
     });
     match result {

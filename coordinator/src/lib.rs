@@ -6,6 +6,7 @@
 //! name cache is only a cache), so it can be killed at any moment and several
 //! replicas can serve one database.
 
+pub mod auth;
 pub mod db;
 pub mod error;
 mod reader;
@@ -40,6 +41,11 @@ pub struct Options {
     pub queries_per_caller: u32,
     /// What one spec, trial or batch may hold.
     pub limits: ablate_schema::Limits,
+    /// Require a token with the right role on every call.
+    pub auth: bool,
+    /// With auth: an admin token to keep in (or, when missing, to create and
+    /// write to, mode 0600) this file, so the first admin can log in.
+    pub admin_token_file: Option<std::path::PathBuf>,
 }
 
 impl Options {
@@ -54,6 +60,8 @@ impl Options {
             reader_connections: 4,
             queries_per_caller: 2,
             limits: ablate_schema::Limits::default(),
+            auth: false,
+            admin_token_file: None,
         }
     }
 }
@@ -63,6 +71,7 @@ pub struct Coordinator {
     listener: TcpListener,
     pool: sqlx::PgPool,
     reader: reader::Reader,
+    tokens: Option<auth::Tokens>,
     options: Options,
 }
 
@@ -76,6 +85,14 @@ impl Coordinator {
             options.reader_connections as usize,
             options.queries_per_caller as usize,
         );
+        let tokens = if options.auth {
+            if let Some(file) = &options.admin_token_file {
+                bootstrap_admin(&pool, file).await?;
+            }
+            Some(auth::Tokens::load(pool.clone()).await?)
+        } else {
+            None
+        };
         let listener = TcpListener::bind(options.listen)
             .await
             .map_err(|e| Error::InvalidArgument(format!("cannot listen on {}: {e}", options.listen)))?;
@@ -83,6 +100,7 @@ impl Coordinator {
             listener,
             pool,
             reader,
+            tokens,
             options,
         })
     }
@@ -97,12 +115,17 @@ impl Coordinator {
         let grace = self.options.reap_grace.unwrap_or(self.options.lease_ttl * 2);
         let reaper = tokio::spawn(reap_forever(self.pool.clone(), grace, self.options.reap_interval));
         tracing::info!(%addr, "coordinator listening");
+        let reloads = self.tokens.as_ref().map(auth::Tokens::spawn_reloads);
         let result = tonic::transport::Server::builder()
+            .layer(auth::AuthLayer {
+                tokens: self.tokens.clone(),
+            })
             .add_service(service::experiments_server(
                 self.pool.clone(),
                 self.reader.clone(),
                 self.options.limits,
                 self.options.lease_ttl,
+                self.tokens.clone(),
             ))
             .add_service(service::workers_server(
                 self.pool.clone(),
@@ -112,8 +135,47 @@ impl Coordinator {
             .serve_with_incoming_shutdown(incoming(self.listener), shutdown)
             .await;
         reaper.abort();
+        if let Some(reloads) = reloads {
+            reloads.abort();
+        }
         result.map_err(|e| Error::InvalidArgument(format!("grpc server: {e}")))
     }
+}
+
+/// Makes sure the admin token in `file` is valid, creating both when the file is missing.
+async fn bootstrap_admin(pool: &sqlx::PgPool, file: &std::path::Path) -> Result<()> {
+    let io = |e: std::io::Error| Error::InvalidArgument(format!("admin token file {}: {e}", file.display()));
+    if let Ok(text) = std::fs::read_to_string(file) {
+        let token = text.trim();
+        let known = db::valid_tokens(pool)
+            .await?
+            .iter()
+            .any(|(h, _, role, _)| *h == auth::hash(token) && role == "admin");
+        if known {
+            return Ok(());
+        }
+        return Err(Error::InvalidArgument(format!(
+            "the admin token in {} is not a valid admin token of this database; remove the file to make a new one",
+            file.display()
+        )));
+    }
+    let token = auth::new_secret();
+    let name = format!("admin-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    db::create_token(pool, &name, "admin", &auth::hash(&token), None).await?;
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)
+        .map_err(io)?;
+    writeln!(f, "{token}").map_err(io)?;
+    tracing::info!(file = %file.display(), %name, "created an admin token");
+    Ok(())
 }
 
 /// Accepted connections with TCP_NODELAY, so small replies are not held back by Nagle's algorithm.

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{self, Caller, Role, Tokens};
 use crate::db::{self, CheckpointRecord, ExperimentRow, TrialRow};
 use crate::error::Error;
 use crate::reader::Reader;
@@ -31,12 +32,14 @@ pub fn experiments_server(
     reader: Reader,
     limits: Limits,
     lease_ttl: Duration,
+    tokens: Option<Tokens>,
 ) -> experiments_server::ExperimentsServer<ExperimentsService> {
     experiments_server::ExperimentsServer::new(ExperimentsService {
         pool,
         reader,
         limits,
         lease_ttl,
+        tokens,
     })
     .max_decoding_message_size(64 << 20)
     .max_encoding_message_size(64 << 20)
@@ -67,9 +70,19 @@ pub struct ExperimentsService {
     limits: Limits,
     /// A worker unheard of for longer than this is lost: its leases have expired.
     lease_ttl: Duration,
+    /// The valid tokens, when auth is on.
+    tokens: Option<Tokens>,
 }
 
 impl ExperimentsService {
+    /// A token change takes effect at once on this coordinator (others within a second).
+    async fn reload_tokens(&self) -> Result<(), Error> {
+        match &self.tokens {
+            Some(tokens) => tokens.reload().await,
+            None => Ok(()),
+        }
+    }
+
     async fn snapshot(&self, id: ExperimentId, best: u32) -> Result<proto::Experiment, Error> {
         let row = db::experiment(&self.pool, id).await?;
         let best_rows = db::best_trials(&self.pool, &row, best.max(1)).await?;
@@ -125,11 +138,13 @@ fn experiment_message(
 #[tonic::async_trait]
 impl experiments_server::Experiments for ExperimentsService {
     async fn submit(&self, request: Request<proto::SubmitRequest>) -> Result<Response<proto::SubmitResponse>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
         let req = request.into_inner();
         let format = SpecFormat::parse(&req.format).ok_or_else(|| {
             Status::invalid_argument(format!("unknown spec format `{}`, expected toml or yaml", req.format))
         })?;
-        let (id, count) = submit::submit(&self.pool, &req.spec_text, format, &self.limits).await?;
+        let by = caller.as_ref().map(|c| c.name.as_str());
+        let (id, count) = submit::submit_as(&self.pool, &req.spec_text, format, &self.limits, by).await?;
         Ok(Response::new(proto::SubmitResponse {
             experiment_id: id.to_string(),
             trial_count: count as u32,
@@ -157,12 +172,80 @@ impl experiments_server::Experiments for ExperimentsService {
     }
 
     async fn cancel(&self, request: Request<proto::CancelRequest>) -> Result<Response<proto::CancelResponse>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
         let id = parse_id(ExperimentId::parse, &request.into_inner().experiment_id)?;
+        if let Some(caller) = caller.filter(|c| c.role != Role::Admin) {
+            let owner = db::submitter(&self.pool, id).await?;
+            if owner.as_deref() != Some(caller.name.as_str()) {
+                return Err(Status::permission_denied(format!(
+                    "experiment {id} was submitted by {}; only they or an admin may cancel it",
+                    owner.as_deref().unwrap_or("no one with a token")
+                )));
+            }
+        }
         let n = db::cancel(&self.pool, id).await?;
         tracing::info!(experiment = %id, trials = n, "experiment cancelled");
         Ok(Response::new(proto::CancelResponse {
             trials_cancelled: n as u32,
         }))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<proto::CreateTokenRequest>,
+    ) -> Result<Response<proto::CreateTokenResponse>, Status> {
+        let req = request.into_inner();
+        let role = Role::parse(&req.role).ok_or_else(|| {
+            Status::invalid_argument(format!("role `{}`: expected researcher, worker or admin", req.role))
+        })?;
+        let name = if req.name.is_empty() {
+            format!("{}-{}", role.as_str(), &uuid::Uuid::new_v4().simple().to_string()[..8])
+        } else {
+            req.name
+        };
+        self.limits
+            .check_name("name", &name, self.limits.max_name_chars)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let expires =
+            (req.expires_in_s > 0).then(|| chrono::Utc::now() + chrono::Duration::seconds(req.expires_in_s as i64));
+        let token = auth::new_secret();
+        db::create_token(&self.pool, &name, role.as_str(), &auth::hash(&token), expires).await?;
+        self.reload_tokens().await?;
+        tracing::info!(%name, role = role.as_str(), "token created");
+        Ok(Response::new(proto::CreateTokenResponse { token, name }))
+    }
+
+    async fn list_tokens(
+        &self,
+        _request: Request<proto::ListTokensRequest>,
+    ) -> Result<Response<proto::ListTokensResponse>, Status> {
+        let rows = db::list_tokens(&self.pool).await?;
+        let time = |t: Option<chrono::DateTime<chrono::Utc>>| t.map(|t| t.to_rfc3339()).unwrap_or_default();
+        Ok(Response::new(proto::ListTokensResponse {
+            tokens: rows
+                .into_iter()
+                .map(|t| proto::TokenInfo {
+                    name: t.name,
+                    role: t.role,
+                    created_at: t.created_at.to_rfc3339(),
+                    expires_at: time(t.expires_at),
+                    revoked_at: time(t.revoked_at),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<proto::RevokeTokenRequest>,
+    ) -> Result<Response<proto::RevokeTokenResponse>, Status> {
+        let name = request.into_inner().name;
+        if !db::revoke_token(&self.pool, &name).await? {
+            return Err(Status::not_found(format!("no live token named `{name}`")));
+        }
+        self.reload_tokens().await?;
+        tracing::info!(%name, "token revoked");
+        Ok(Response::new(proto::RevokeTokenResponse {}))
     }
 
     type WatchStream = ResponseStream<proto::Experiment>;
@@ -180,6 +263,7 @@ impl experiments_server::Experiments for ExperimentsService {
             reader: self.reader.clone(),
             limits: self.limits,
             lease_ttl: self.lease_ttl,
+            tokens: self.tokens.clone(),
         };
         tokio::spawn(async move {
             let mut last = first;

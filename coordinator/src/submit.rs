@@ -10,6 +10,17 @@ use crate::error::Result;
 
 /// Checks and stores a spec; returns the new experiment's id and trial count.
 pub async fn submit(pool: &PgPool, text: &str, format: SpecFormat, limits: &Limits) -> Result<(ExperimentId, usize)> {
+    submit_as(pool, text, format, limits, None).await
+}
+
+/// The same, recording who submitted it (a token's name).
+pub async fn submit_as(
+    pool: &PgPool,
+    text: &str,
+    format: SpecFormat,
+    limits: &Limits,
+    submitted_by: Option<&str>,
+) -> Result<(ExperimentId, usize)> {
     let checked = check_within(text, format, limits)?;
     let id = ExperimentId::new_random();
     let spec_json = serde_json::to_value(&checked.spec).expect("a spec always serializes");
@@ -24,6 +35,7 @@ pub async fn submit(pool: &PgPool, text: &str, format: SpecFormat, limits: &Limi
         objective_metric: Some(&checked.objective.metric),
         goal: Some(checked.objective.goal.as_str()),
         max_attempts: checked.spec.max_attempts,
+        submitted_by,
     };
     let trials: Vec<NewTrial> = checked
         .trials

@@ -2,6 +2,7 @@
 //! sees generated code), sweep-spec types with their parsing and validation
 //! errors, and the ID newtypes every other crate uses.
 
+pub mod bearer;
 pub mod ids;
 pub mod limits;
 pub mod spec;
@@ -12,6 +13,7 @@ pub mod proto {
     tonic::include_proto!("ablate.v1");
 }
 
+pub use bearer::Bearer;
 pub use ids::{ExperimentId, LeaseToken, TrialId, WorkerId};
 pub use limits::Limits;
 pub use spec::{Goal, Objective, ParamDomain, Searcher, SpecError, SpecFormat, Sweep, SweepSpec};

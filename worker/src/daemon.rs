@@ -41,6 +41,10 @@ pub struct Options {
     /// replaced or deleted on disk.
     #[arg(long, default_value = "/proc/self/exe")]
     pub trial_exe: PathBuf,
+    /// A file holding the worker's token (a `worker` token from `ablate token create --role worker`);
+    /// else ABLATE_TOKEN.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// Why the worker can't start trials now, if so; sent with every heartbeat.
@@ -70,7 +74,18 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("--coordinator {}: {e}", options.coordinator))?
         .connect_timeout(Duration::from_secs(2))
         .connect_lazy();
-    let client = WorkersClient::new(channel).max_decoding_message_size(64 << 20);
+    let token = match (&options.token_file, std::env::var("ABLATE_TOKEN")) {
+        (Some(file), _) => Some(
+            std::fs::read_to_string(file)
+                .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", file.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, Ok(token)) if !token.trim().is_empty() => Some(token.trim().to_string()),
+        _ => None,
+    };
+    let bearer = ablate_schema::Bearer::new(token.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+    let client = WorkersClient::with_interceptor(channel, bearer).max_decoding_message_size(64 << 20);
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());
@@ -226,7 +241,7 @@ async fn release(shared: &runner::Shared, worker_id: WorkerId, trial: &proto::Le
 }
 
 async fn register(
-    client: &WorkersClient<Channel>,
+    client: &crate::Client,
     worker_id: WorkerId,
     hostname: &str,
     devices: &[String],
@@ -252,7 +267,7 @@ async fn register(
 }
 
 async fn heartbeat_forever(
-    mut client: WorkersClient<Channel>,
+    mut client: crate::Client,
     worker_id: WorkerId,
     held: Arc<Mutex<HashMap<String, Held>>>,
     health: Health,

@@ -17,3 +17,8 @@ pub mod trial_process;
 pub fn default_state_dir() -> std::path::PathBuf {
     std::path::PathBuf::from(".ablate")
 }
+
+/// The daemon's client of the coordinator: every call carries the worker's token, if it has one.
+pub type Client = ablate_schema::proto::workers_client::WorkersClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, ablate_schema::Bearer>,
+>;

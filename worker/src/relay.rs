@@ -8,12 +8,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ablate_schema::proto::{self, workers_client::WorkersClient};
+use ablate_schema::proto;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 /// What became of a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,7 +35,7 @@ pub struct Relay {
 
 impl Relay {
     /// Starts the relay task; batches left in `spool_dir` by an earlier run are resent first.
-    pub fn start(client: WorkersClient<Channel>, spool_dir: PathBuf, max_spool_bytes: u64) -> anyhow::Result<Relay> {
+    pub fn start(client: crate::Client, spool_dir: PathBuf, max_spool_bytes: u64) -> anyhow::Result<Relay> {
         std::fs::create_dir_all(&spool_dir)
             .map_err(|e| anyhow::anyhow!("spool directory {}: {e}", spool_dir.display()))?;
         let (tx, rx) = mpsc::channel(64);
@@ -154,11 +153,7 @@ impl Spool {
     }
 }
 
-async fn relay_forever(
-    mut client: WorkersClient<Channel>,
-    mut submissions: mpsc::Receiver<Submission>,
-    mut spool: Spool,
-) {
+async fn relay_forever(mut client: crate::Client, mut submissions: mpsc::Receiver<Submission>, mut spool: Spool) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let (out, out_rx) = mpsc::channel::<proto::MetricBatch>(1024);

@@ -7,11 +7,10 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ablate_schema::proto::{self, workers_client::WorkersClient};
+use ablate_schema::proto;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch};
-use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::backend::Slot;
@@ -29,7 +28,7 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// What the daemon shares with every runner.
 pub struct Shared {
-    pub client: WorkersClient<Channel>,
+    pub client: crate::Client,
     pub relay: Relay,
     pub object_store: String,
     pub scratch_dir: String,

@@ -6,6 +6,7 @@ pub mod serve;
 pub mod sql;
 pub mod status;
 pub mod submit;
+pub mod token;
 pub mod up;
 pub mod watch;
 pub mod workers;

@@ -19,6 +19,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         options.reap_grace = Some(Duration::from_secs_f64(grace));
     }
     args.limits.apply(&mut options);
+    options.auth = args.auth;
+    options.admin_token_file = args.admin_token_file.clone();
+    if args.admin_token_file.is_some() && !args.auth {
+        anyhow::bail!("--admin-token-file needs --auth");
+    }
     let coordinator = Coordinator::build(options).await?;
     eprintln!("coordinator listening on {}", coordinator.local_addr());
     coordinator.run(shutdown_signal()).await?;

@@ -154,7 +154,9 @@ impl Stack {
         command.args(&self.coordinator_args);
         self.coordinator = Some(self.spawn(command, "coordinator.log"));
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.ablate(&["workers"]).status.success() {
+        // Up once it answers: with `--auth`, answering is refusing a call without a token.
+        let answers = |out: Output| out.status.success() || String::from_utf8_lossy(&out.stderr).contains("token");
+        while !answers(self.ablate(&["workers"])) {
             assert!(
                 Instant::now() < deadline,
                 "coordinator did not come up:\n{}",

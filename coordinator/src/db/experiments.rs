@@ -18,6 +18,8 @@ pub struct NewExperiment<'a> {
     pub objective_metric: Option<&'a str>,
     pub goal: Option<&'a str>,
     pub max_attempts: u32,
+    /// The name of the token the spec came with; `None` without auth.
+    pub submitted_by: Option<&'a str>,
 }
 
 pub struct NewTrial {
@@ -30,8 +32,9 @@ pub struct NewTrial {
 pub async fn insert_experiment(pool: &PgPool, e: &NewExperiment<'_>, trials: &[NewTrial]) -> Result<()> {
     let mut tx = pool.begin().await?;
     sqlx::query(
-        "insert into experiments (id, name, family, spec, spec_text, spec_hash, objective_metric, goal, max_attempts)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        "insert into experiments (id, name, family, spec, spec_text, spec_hash, objective_metric, goal, max_attempts,
+                                  submitted_by)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(e.id.0)
     .bind(e.name)
@@ -42,6 +45,7 @@ pub async fn insert_experiment(pool: &PgPool, e: &NewExperiment<'_>, trials: &[N
     .bind(e.objective_metric)
     .bind(e.goal)
     .bind(e.max_attempts as i32)
+    .bind(e.submitted_by)
     .execute(&mut *tx)
     .await?;
     let ids: Vec<uuid::Uuid> = trials.iter().map(|t| t.id.0).collect();
@@ -291,4 +295,13 @@ pub async fn report_outcomes(
         }
     }
     Ok((family, outcomes))
+}
+
+/// Who submitted an experiment (the token's name), if anyone did with a token.
+pub async fn submitter(pool: &PgPool, id: ExperimentId) -> Result<Option<String>> {
+    let row: Option<(Option<String>,)> = sqlx::query_as("select submitted_by from experiments where id = $1")
+        .bind(id.0)
+        .fetch_optional(pool)
+        .await?;
+    row.map(|(who,)| who).ok_or_else(|| not_found(id))
 }

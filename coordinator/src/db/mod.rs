@@ -12,12 +12,14 @@ mod experiments;
 mod metrics;
 mod queue;
 mod reader;
+mod tokens;
 mod workers;
 
 pub use experiments::*;
 pub use metrics::*;
 pub use queue::*;
 pub use reader::*;
+pub use tokens::*;
 pub use workers::*;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");

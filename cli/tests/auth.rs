@@ -1,0 +1,278 @@
+//! Who may do what, with `ablate serve --auth`: every RPC of both services
+//! refuses a missing, unknown, expired or revoked token; a token of the wrong
+//! role is refused naming the roles that may; researchers cancel only their
+//! own experiments; a worker with a worker token runs a sweep; no token shows
+//! up in any log. Real coordinator, worker and PostgreSQL.
+
+mod harness;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use ablate_schema::proto::{self, experiments_client::ExperimentsClient, workers_client::WorkersClient};
+use ablate_schema::Bearer;
+use harness::{bin, Stack};
+use tonic::Code;
+
+/// Runs `ablate` against the stack with `token`.
+fn ablate_as(stack: &Stack, token: &str, args: &[&str]) -> std::process::Output {
+    Command::new(bin("ablate"))
+        .args(args)
+        .env("ABLATE_COORDINATOR", stack.addr())
+        .env("ABLATE_TOKEN", token)
+        .env("XDG_CONFIG_HOME", stack.dir.join("config"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn create_token(stack: &Stack, admin: &str, role: &str, name: &str, expires: Option<&str>) -> String {
+    let mut args = vec!["token", "create", "--role", role, "--name", name];
+    if let Some(e) = expires {
+        args.extend(["--expires", e]);
+    }
+    let out = ablate_as(stack, admin, &args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Calls every RPC of both services with `token` (requests that are well-formed
+/// enough to reach a handler); returns each method's status code.
+async fn call_every_rpc(addr: &str, token: Option<&str>) -> Vec<(&'static str, Code)> {
+    let channel = tonic::transport::Endpoint::from_shared(addr.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer = Bearer::new(token).unwrap();
+    let mut e = ExperimentsClient::with_interceptor(channel.clone(), bearer.clone());
+    let mut w = WorkersClient::with_interceptor(channel, bearer);
+    let code = |r: Result<(), tonic::Status>| r.err().map_or(Code::Ok, |s| s.code());
+    let id = uuid::Uuid::new_v4().to_string();
+    let get = || proto::GetExperimentRequest {
+        experiment_id: id.clone(),
+        best: 1,
+    };
+    vec![
+        (
+            "Submit",
+            code(e.submit(proto::SubmitRequest::default()).await.map(drop)),
+        ),
+        ("GetExperiment", code(e.get_experiment(get()).await.map(drop))),
+        (
+            "ListExperiments",
+            code(
+                e.list_experiments(proto::ListExperimentsRequest::default())
+                    .await
+                    .map(drop),
+            ),
+        ),
+        (
+            "Cancel",
+            code(
+                e.cancel(proto::CancelRequest {
+                    experiment_id: id.clone(),
+                })
+                .await
+                .map(drop),
+            ),
+        ),
+        ("Watch", code(e.watch(get()).await.map(drop))),
+        (
+            "ListWorkers",
+            code(e.list_workers(proto::ListWorkersRequest {}).await.map(drop)),
+        ),
+        (
+            "Query",
+            code(
+                e.query(proto::QueryRequest {
+                    sql: "select 1".into(),
+                    timeout_ms: 0,
+                })
+                .await
+                .map(drop),
+            ),
+        ),
+        ("Report", code(e.report(get()).await.map(drop))),
+        (
+            "CreateToken",
+            code(e.create_token(proto::CreateTokenRequest::default()).await.map(drop)),
+        ),
+        (
+            "ListTokens",
+            code(e.list_tokens(proto::ListTokensRequest {}).await.map(drop)),
+        ),
+        (
+            "RevokeToken",
+            code(e.revoke_token(proto::RevokeTokenRequest::default()).await.map(drop)),
+        ),
+        (
+            "Register",
+            code(w.register(proto::RegisterRequest::default()).await.map(drop)),
+        ),
+        ("Lease", code(w.lease(proto::LeaseRequest::default()).await.map(drop))),
+        (
+            "Heartbeat",
+            code(w.heartbeat(proto::HeartbeatRequest::default()).await.map(drop)),
+        ),
+        (
+            "StreamMetrics",
+            code(
+                w.stream_metrics(tokio_stream::iter(Vec::<proto::MetricBatch>::new()))
+                    .await
+                    .map(drop),
+            ),
+        ),
+        (
+            "ReportCheckpoint",
+            code(w.report_checkpoint(proto::CheckpointReport::default()).await.map(drop)),
+        ),
+        (
+            "Complete",
+            code(w.complete(proto::CompleteRequest::default()).await.map(drop)),
+        ),
+        (
+            "Release",
+            code(w.release(proto::ReleaseRequest::default()).await.map(drop)),
+        ),
+    ]
+}
+
+const EXPERIMENTS: &[&str] = &[
+    "Submit",
+    "GetExperiment",
+    "ListExperiments",
+    "Cancel",
+    "Watch",
+    "ListWorkers",
+    "Query",
+    "Report",
+];
+const TOKENS: &[&str] = &["CreateToken", "ListTokens", "RevokeToken"];
+
+fn write_secret(path: &Path, token: &str) {
+    std::fs::write(path, format!("{token}\n")).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_call_needs_a_valid_token_of_a_role_that_may_make_it() {
+    let mut stack = Stack::start(15.0).await;
+    let admin_file = stack.dir.join("admin.token");
+    stack.kill_coordinator();
+    stack.coordinator_args = vec![
+        "--auth".into(),
+        "--admin-token-file".into(),
+        admin_file.to_string_lossy().into(),
+    ];
+    stack.start_coordinator().await;
+    let admin = std::fs::read_to_string(&admin_file).unwrap().trim().to_string();
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&admin_file).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the admin token file is private");
+
+    let alice = create_token(&stack, &admin, "researcher", "alice", None);
+    let bob = create_token(&stack, &admin, "researcher", "bob", None);
+    let worker = create_token(&stack, &admin, "worker", "node-1", None);
+    let soon = create_token(&stack, &admin, "researcher", "short-lived", Some("1s"));
+    let gone = create_token(&stack, &admin, "researcher", "leaver", None);
+    let out = ablate_as(&stack, &admin, &["token", "revoke", "leaver"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // Refused, whoever they claim to be, on every RPC of both services.
+    let addr = stack.addr();
+    for (what, token) in [
+        ("no token", None),
+        ("an unknown token", Some("abl_not-a-token")),
+        ("an expired token", Some(soon.as_str())),
+        ("a revoked token", Some(gone.as_str())),
+    ] {
+        for (method, code) in call_every_rpc(&addr, token).await {
+            assert_eq!(code, Code::Unauthenticated, "{method} with {what}");
+        }
+    }
+    // The wrong role is refused; the right one gets past the door.
+    for (method, code) in call_every_rpc(&addr, Some(&worker)).await {
+        let denied = EXPERIMENTS.contains(&method) || TOKENS.contains(&method);
+        assert_eq!(
+            code == Code::PermissionDenied,
+            denied,
+            "{method} with a worker token: {code:?}"
+        );
+    }
+    for (method, code) in call_every_rpc(&addr, Some(&alice)).await {
+        let denied = !EXPERIMENTS.contains(&method);
+        assert_eq!(
+            code == Code::PermissionDenied,
+            denied,
+            "{method} with a researcher token: {code:?}"
+        );
+    }
+    for (method, code) in call_every_rpc(&addr, Some(&admin)).await {
+        assert!(
+            !matches!(code, Code::PermissionDenied | Code::Unauthenticated),
+            "{method} with an admin token: {code:?}"
+        );
+    }
+    let out = ablate_as(&stack, &worker, &["sql", "select 1"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs a researcher or admin token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Experiments record who submitted them; only they or an admin may cancel.
+    let spec = stack.write_spec(
+        "owned.toml",
+        "name = \"owned\"\nfamily = \"train\"\n[base]\noptimizer = \"adam\"\nlr = 0.01\nsteps = 30\nstep_delay_ms = 50\n\
+         [sweep]\nsearcher = \"grid\"\nparams.seed = [0, 1, 2, 3]\n",
+    );
+    let out = ablate_as(&stack, &alice, &["submit", &spec.to_string_lossy()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let experiment = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let out = ablate_as(
+        &stack,
+        &alice,
+        &["sql", "select submitted_by from ablate.experiments", "--format", "csv"],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "submitted_by\nalice\n");
+    let out = ablate_as(&stack, &bob, &["cancel", &experiment]);
+    assert!(!out.status.success(), "bob cancelled alice's experiment");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("submitted by alice"));
+
+    // A worker with its token runs the sweep.
+    let token_file = stack.dir.join("worker.token");
+    write_secret(&token_file, &worker);
+    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    stack.start_worker_from(
+        &bin("ablate-worker"),
+        "cpu:2",
+        &["--token-file", &token_file.to_string_lossy()],
+    );
+    let out = ablate_as(&stack, &alice, &["watch", &experiment]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        stack.logs()
+    );
+    let spec2 = stack.write_spec(
+        "cancel-me.toml",
+        &std::fs::read_to_string(&spec).unwrap().replace("owned", "cancel-me"),
+    );
+    let out = ablate_as(&stack, &bob, &["submit", &spec2.to_string_lossy()]);
+    let second = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let out = ablate_as(&stack, &admin, &["cancel", &second]);
+    assert!(
+        out.status.success(),
+        "an admin cancels anyone's: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // No secret in any log line.
+    let logs = stack.logs();
+    for secret in [&admin, &alice, &bob, &worker, &soon, &gone] {
+        assert!(!logs.contains(secret.as_str()), "a token appears in the logs");
+    }
+}

@@ -1,0 +1,95 @@
+//! Access tokens: names, roles, hashes of their secrets, expiry and revocation.
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgPool;
+
+use crate::error::{Error, Result};
+
+/// A token as listed: never its secret, which is not kept.
+#[derive(Debug, Clone)]
+pub struct TokenRow {
+    pub name: String,
+    pub role: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// Stores a new token's hash; refuses a name in use.
+pub async fn create_token(
+    pool: &PgPool,
+    name: &str,
+    role: &str,
+    hash: &str,
+    expires_at: Option<DateTime<Utc>>,
+) -> Result<()> {
+    let done = sqlx::query(
+        "insert into tokens (name, role, hash, expires_at) values ($1, $2, $3, $4) on conflict (name) do nothing",
+    )
+    .bind(name)
+    .bind(role)
+    .bind(hash)
+    .bind(expires_at)
+    .execute(pool)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "a token named `{name}` exists; revoke it or pick another name"
+        )));
+    }
+    Ok(())
+}
+
+type Listed = (
+    String,
+    String,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+);
+
+pub async fn list_tokens(pool: &PgPool) -> Result<Vec<TokenRow>> {
+    let rows: Vec<Listed> =
+        sqlx::query_as("select name, role, created_at, expires_at, revoked_at from tokens order by created_at")
+            .fetch_all(pool)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, role, created_at, expires_at, revoked_at)| TokenRow {
+            name,
+            role,
+            created_at,
+            expires_at,
+            revoked_at,
+        })
+        .collect())
+}
+
+/// Revokes a token by name; false when no live token has that name.
+pub async fn revoke_token(pool: &PgPool, name: &str) -> Result<bool> {
+    let done = sqlx::query("update tokens set revoked_at = now() where name = $1 and revoked_at is null")
+        .bind(name)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Every token that is neither revoked nor expired: (hash, name, role, expiry).
+pub async fn valid_tokens(pool: &PgPool) -> Result<Vec<(String, String, String, Option<DateTime<Utc>>)>> {
+    Ok(sqlx::query_as(
+        "select hash, name, role, expires_at from tokens
+         where revoked_at is null and (expires_at is null or expires_at > now())",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Whether any admin token is valid.
+pub async fn has_admin(pool: &PgPool) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "select exists (select 1 from tokens where role = 'admin' and revoked_at is null
+                        and (expires_at is null or expires_at > now()))",
+    )
+    .fetch_one(pool)
+    .await?)
+}
