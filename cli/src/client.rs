@@ -8,13 +8,14 @@ use std::path::PathBuf;
 use ablate_schema::proto::experiments_client::ExperimentsClient;
 use ablate_schema::Bearer;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 pub type Client = ExperimentsClient<InterceptedService<Channel, Bearer>>;
 
 pub async fn connect(addr: &str) -> anyhow::Result<Client> {
-    let endpoint = Endpoint::from_shared(addr.to_string())
-        .map_err(|e| anyhow::anyhow!("coordinator address `{addr}`: {e}"))?
+    let ca = std::env::var_os("ABLATE_CA").map(PathBuf::from);
+    let endpoint = ablate_schema::endpoint(addr, ca.as_deref())
+        .map_err(|e| anyhow::anyhow!(e))?
         .connect_timeout(std::time::Duration::from_secs(3));
     let channel = endpoint.connect().await.map_err(|e| {
         anyhow::anyhow!(

@@ -30,6 +30,10 @@ struct Cli {
         default_value = "http://127.0.0.1:7077"
     )]
     coordinator: String,
+    /// The CA certificate (PEM) an `https://` coordinator's certificate is checked against;
+    /// by default the system's roots.
+    #[arg(long, global = true, env = "ABLATE_CA")]
+    ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -262,6 +266,15 @@ pub struct ServeArgs {
     /// With --auth: the first admin's token is kept in this file (created, mode 0600, when missing).
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
+    /// The server's TLS certificate chain (PEM); with --tls-key, the listener speaks only TLS.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The server's TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Listen beyond this host without TLS and tokens anyway.
+    #[arg(long)]
+    pub insecure: bool,
     /// Seconds after start-up before expired leases are reaped, so workers re-attach
     /// the leases they held across a restart; default twice the lease TTL.
     #[arg(long)]
@@ -276,6 +289,10 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Some(ca) = &cli.ca {
+        // Read by every connection the CLI makes; set before any thread starts.
+        std::env::set_var("ABLATE_CA", ca);
+    }
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let result = runtime.block_on(async {
         let addr = cli.coordinator.clone();

@@ -17,14 +17,17 @@ use tonic::Code;
 
 /// Runs `ablate` against the stack with `token`.
 fn ablate_as(stack: &Stack, token: &str, args: &[&str]) -> std::process::Output {
-    Command::new(bin("ablate"))
+    let mut command = Command::new(bin("ablate"));
+    command
         .args(args)
         .env("ABLATE_COORDINATOR", stack.addr())
         .env("ABLATE_TOKEN", token)
         .env("XDG_CONFIG_HOME", stack.dir.join("config"))
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
+        .env("RUST_LOG", "warn");
+    if let Some(ca) = &stack.tls_ca {
+        command.env("ABLATE_CA", ca);
+    }
+    command.output().unwrap()
 }
 
 fn create_token(stack: &Stack, admin: &str, role: &str, name: &str, expires: Option<&str>) -> String {
@@ -275,4 +278,104 @@ async fn every_call_needs_a_valid_token_of_a_role_that_may_make_it() {
     for secret in [&admin, &alice, &bob, &worker, &soon, &gone] {
         assert!(!logs.contains(secret.as_str()), "a token appears in the logs");
     }
+}
+
+/// A CA and a certificate it signs for 127.0.0.1: (ca.pem, cert.pem, key.pem) under `dir`.
+fn make_pki(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let paths = (
+        dir.join(format!("{name}-ca.pem")),
+        dir.join(format!("{name}-cert.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_is_checked_both_ways_and_a_bare_network_listener_is_refused() {
+    let mut stack = Stack::start(15.0).await;
+    let (ca, cert, key) = make_pki(&stack.dir, "ours");
+    let (other_ca, _, _) = make_pki(&stack.dir, "theirs");
+    let admin_file = stack.dir.join("admin.token");
+    stack.kill_coordinator();
+    stack.coordinator_args = [
+        "--auth",
+        "--admin-token-file",
+        &admin_file.to_string_lossy(),
+        "--tls-cert",
+        &cert.to_string_lossy(),
+        "--tls-key",
+        &key.to_string_lossy(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    stack.tls_ca = Some(ca.clone());
+    stack.start_coordinator().await;
+    let admin = std::fs::read_to_string(&admin_file).unwrap().trim().to_string();
+
+    // Trusting our CA: a real handshake, and the sweep runs over it.
+    let out = ablate_as(&stack, &admin, &["workers"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let worker = create_token(&stack, &admin, "worker", "tls-node", None);
+    let token_file = stack.dir.join("tls-node.token");
+    write_secret(&token_file, &worker);
+    stack.start_worker_from(
+        &bin("ablate-worker"),
+        "cpu:1",
+        &["--token-file", &token_file.to_string_lossy()],
+    );
+    let spec = stack.write_spec(
+        "tls.toml",
+        "name = \"tls\"\nfamily = \"train\"\n[base]\noptimizer = \"adam\"\nlr = 0.01\nsteps = 20\n\
+         [sweep]\nsearcher = \"grid\"\nparams.seed = [0, 1]\n",
+    );
+    let out = ablate_as(&stack, &admin, &["submit", "--wait", &spec.to_string_lossy()]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        stack.logs()
+    );
+
+    // Trusting another CA: no connection.
+    let mut other = Command::new(bin("ablate"));
+    other
+        .args(["workers"])
+        .env("ABLATE_COORDINATOR", stack.addr())
+        .env("ABLATE_CA", &other_ca)
+        .env("ABLATE_TOKEN", &admin);
+    let out = other.output().unwrap();
+    assert!(!out.status.success(), "a client trusting another CA connected");
+    // Plaintext to the TLS listener: no answer either.
+    let plain = stack.addr().replace("https://", "http://");
+    let out = Command::new(bin("ablate"))
+        .args(["--coordinator", &plain, "workers"])
+        .env("ABLATE_TOKEN", &admin)
+        .env_remove("ABLATE_CA")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a plaintext client talked to the TLS listener");
+
+    // A listener beyond this host needs TLS and tokens, or --insecure.
+    let out = Command::new(bin("ablate"))
+        .args(["serve", "--database-url", &stack.db_url, "--listen"])
+        .arg(format!("0.0.0.0:{}", harness::free_port()))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(said.contains("--tls-cert") && said.contains("--insecure"), "{said}");
+    assert!(!stack.logs().contains(admin.as_str()), "a token appears in the logs");
 }

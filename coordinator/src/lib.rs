@@ -46,6 +46,8 @@ pub struct Options {
     /// With auth: an admin token to keep in (or, when missing, to create and
     /// write to, mode 0600) this file, so the first admin can log in.
     pub admin_token_file: Option<std::path::PathBuf>,
+    /// TLS for the listener: a PEM certificate chain and its PEM private key.
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Options {
@@ -62,6 +64,7 @@ impl Options {
             limits: ablate_schema::Limits::default(),
             auth: false,
             admin_token_file: None,
+            tls: None,
         }
     }
 }
@@ -116,7 +119,14 @@ impl Coordinator {
         let reaper = tokio::spawn(reap_forever(self.pool.clone(), grace, self.options.reap_interval));
         tracing::info!(%addr, "coordinator listening");
         let reloads = self.tokens.as_ref().map(auth::Tokens::spawn_reloads);
-        let result = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some((cert, key)) = &self.options.tls {
+            let identity = tonic::transport::Identity::from_pem(cert, key);
+            builder = builder
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .map_err(|e| Error::InvalidArgument(format!("TLS: {e}")))?;
+        }
+        let result = builder
             .layer(auth::AuthLayer {
                 tokens: self.tokens.clone(),
             })

@@ -1,4 +1,6 @@
-//! The client side of access control: every call carries `authorization: Bearer <token>`.
+//! The client side of access control: every call carries `authorization:
+//! Bearer <token>`, over TLS when the address is `https://` (verified against
+//! the CA in `--ca` / `ABLATE_CA`, else the system's roots).
 
 use tonic::metadata::{Ascii, MetadataValue};
 
@@ -26,4 +28,22 @@ impl tonic::service::Interceptor for Bearer {
         }
         Ok(request)
     }
+}
+
+/// An endpoint for `addr`: TLS for `https://` addresses, trusting the PEM CA
+/// certificate in `ca` if given, else the system's roots.
+pub fn endpoint(addr: &str, ca: Option<&std::path::Path>) -> Result<tonic::transport::Endpoint, String> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let endpoint = Endpoint::from_shared(addr.to_string()).map_err(|e| format!("coordinator address `{addr}`: {e}"))?;
+    if !addr.starts_with("https://") {
+        return Ok(endpoint);
+    }
+    let tls = match ca {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| format!("CA certificate {}: {e}", path.display()))?;
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
+        }
+        None => ClientTlsConfig::new().with_native_roots(),
+    };
+    endpoint.tls_config(tls).map_err(|e| format!("TLS for {addr}: {e}"))
 }

@@ -13,7 +13,7 @@ pub mod proto {
     tonic::include_proto!("ablate.v1");
 }
 
-pub use bearer::Bearer;
+pub use bearer::{endpoint, Bearer};
 pub use ids::{ExperimentId, LeaseToken, TrialId, WorkerId};
 pub use limits::Limits;
 pub use spec::{Goal, Objective, ParamDomain, Searcher, SpecError, SpecFormat, Sweep, SweepSpec};

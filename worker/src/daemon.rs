@@ -10,7 +10,7 @@ use std::time::Duration;
 use ablate_schema::proto::{self, workers_client::WorkersClient};
 use ablate_schema::WorkerId;
 use tokio::sync::{mpsc, watch};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::backend::{self, Backend, Slot};
 use crate::relay::Relay;
@@ -45,6 +45,9 @@ pub struct Options {
     /// else ABLATE_TOKEN.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// The CA certificate (PEM) an `https://` coordinator is checked against; else the system's roots.
+    #[arg(long, env = "ABLATE_CA")]
+    pub ca: Option<PathBuf>,
 }
 
 /// Why the worker can't start trials now, if so; sent with every heartbeat.
@@ -70,8 +73,8 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
                 options.object_store
             )
         })?;
-    let channel: Channel = Endpoint::from_shared(options.coordinator.clone())
-        .map_err(|e| anyhow::anyhow!("--coordinator {}: {e}", options.coordinator))?
+    let channel: Channel = ablate_schema::endpoint(&options.coordinator, options.ca.as_deref())
+        .map_err(|e| anyhow::anyhow!("--coordinator: {e}"))?
         .connect_timeout(Duration::from_secs(2))
         .connect_lazy();
     let token = match (&options.token_file, std::env::var("ABLATE_TOKEN")) {

@@ -24,6 +24,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.admin_token_file.is_some() && !args.auth {
         anyhow::bail!("--admin-token-file needs --auth");
     }
+    let tls = args.tls_cert.is_some();
+    let guarded = tls && args.auth;
+    if !(args.listen.ip().is_loopback() || guarded || args.insecure) {
+        anyhow::bail!(
+            "refusing to listen on {} without TLS and tokens: anyone who reaches it could submit, run SQL and \
+             act as a worker. Give --tls-cert FILE --tls-key FILE and --auth, or --insecure to listen anyway",
+            args.listen
+        );
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()));
+        options.tls = Some((read(cert)?, read(key)?));
+    }
     let coordinator = Coordinator::build(options).await?;
     eprintln!("coordinator listening on {}", coordinator.local_addr());
     coordinator.run(shutdown_signal()).await?;

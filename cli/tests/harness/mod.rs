@@ -68,6 +68,8 @@ pub struct Stack {
     coordinator: Option<Child>,
     /// Flags added to `ablate serve` at its next start.
     pub coordinator_args: Vec<String>,
+    /// When the coordinator speaks TLS: the CA certificate clients check it against.
+    pub tls_ca: Option<PathBuf>,
     workers: Vec<Option<Child>>,
     /// Where workers put checkpoints: a URL and the environment it needs; a local directory when unset.
     pub object_store: Option<(String, Vec<(String, String)>)>,
@@ -110,6 +112,7 @@ impl Stack {
             lease_ttl,
             coordinator: None,
             coordinator_args: Vec::new(),
+            tls_ca: None,
             workers: Vec::new(),
             object_store: None,
             s3_server: None,
@@ -119,7 +122,8 @@ impl Stack {
     }
 
     pub fn addr(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls_ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     fn log(&self, name: &str) -> std::fs::File {
@@ -136,6 +140,9 @@ impl Stack {
             .stdout(self.log(log))
             .stderr(self.log(log))
             .env("RUST_LOG", "info");
+        if let Some(ca) = &self.tls_ca {
+            command.env("ABLATE_CA", ca);
+        }
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
         command.spawn().unwrap()
     }
@@ -366,12 +373,15 @@ impl Stack {
 
     /// Runs the `ablate` CLI against this stack.
     pub fn ablate(&self, args: &[&str]) -> Output {
-        Command::new(bin("ablate"))
+        let mut command = Command::new(bin("ablate"));
+        command
             .args(args)
             .env("ABLATE_COORDINATOR", self.addr())
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap()
+            .env("RUST_LOG", "warn");
+        if let Some(ca) = &self.tls_ca {
+            command.env("ABLATE_CA", ca);
+        }
+        command.output().unwrap()
     }
 
     pub fn write_spec(&self, name: &str, text: &str) -> PathBuf {
