@@ -130,6 +130,9 @@ enum DbAction {
         #[command(flatten)]
         state: StateArgs,
     },
+    /// Prints a PostgreSQL URL (a new password each time) for a login that may read only the
+    /// views in schema `ablate`: for psql, pandas or Grafana. Asks the coordinator (admin with --auth).
+    ReaderUrl,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -310,6 +313,9 @@ fn main() -> std::process::ExitCode {
             Command::Db {
                 action: DbAction::Stop { state },
             } => embedded::EmbeddedPg::stop_dir(&state.state_dir),
+            Command::Db {
+                action: DbAction::ReaderUrl,
+            } => commands::token::reader_url(&addr).await,
             Command::Submit { spec, wait } => commands::submit::run(&addr, &spec, wait).await,
             Command::Status { experiment } => commands::status::run(&addr, experiment.as_deref()).await,
             Command::Watch { experiment } => commands::watch::run(&addr, &experiment).await.map(|_| ()),

@@ -99,6 +99,10 @@ async fn call_every_rpc(addr: &str, token: Option<&str>) -> Vec<(&'static str, C
         ),
         ("Report", code(e.report(get()).await.map(drop))),
         (
+            "ReaderUrl",
+            code(e.reader_url(proto::ReaderUrlRequest {}).await.map(drop)),
+        ),
+        (
             "CreateToken",
             code(e.create_token(proto::CreateTokenRequest::default()).await.map(drop)),
         ),
@@ -152,7 +156,8 @@ const EXPERIMENTS: &[&str] = &[
     "Query",
     "Report",
 ];
-const TOKENS: &[&str] = &["CreateToken", "ListTokens", "RevokeToken"];
+/// Admin-only methods.
+const TOKENS: &[&str] = &["ReaderUrl", "CreateToken", "ListTokens", "RevokeToken"];
 
 fn write_secret(path: &Path, token: &str) {
     std::fs::write(path, format!("{token}\n")).unwrap();
@@ -378,4 +383,60 @@ async fn tls_is_checked_both_ways_and_a_bare_network_listener_is_refused() {
     assert!(!out.status.success());
     assert!(said.contains("--tls-cert") && said.contains("--insecure"), "{said}");
     assert!(!stack.logs().contains(admin.as_str()), "a token appears in the logs");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reader_login_reads_every_view_and_nothing_else() {
+    let stack = Stack::start(15.0).await;
+    let spec = stack.write_spec(
+        "r.toml",
+        "name = \"r\"\nfamily = \"train\"\n[base]\noptimizer = \"adam\"\nlr = 0.01\nsteps = 5\n\
+         [sweep]\nsearcher = \"grid\"\nparams.seed = [0]\n",
+    );
+    stack.submit(&spec);
+    let out = stack.ablate(&["db", "reader-url"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let url = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(url.contains("ablate_reader_login:"), "{url}");
+    let reader = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    let views: Vec<(String,)> =
+        sqlx::query_as("select table_name::text from information_schema.views where table_schema = 'ablate'")
+            .fetch_all(&stack.pool)
+            .await
+            .unwrap();
+    assert!(views.len() >= 7, "{views:?}");
+    for (view,) in &views {
+        let sql = format!("select count(*) from ablate.{view}");
+        let n: Result<i64, _> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(&reader).await;
+        assert!(n.is_ok(), "ablate.{view}: {n:?}");
+    }
+    for table in [
+        "experiments",
+        "trials",
+        "metrics",
+        "tokens",
+        "workers",
+        "checkpoints",
+        "trial_attempts",
+    ] {
+        let read = sqlx::query(sqlx::AssertSqlSafe(format!("select * from public.{table} limit 1")))
+            .fetch_all(&reader)
+            .await;
+        assert!(read.is_err(), "the reader read table {table}");
+    }
+    for write in [
+        "delete from ablate.experiments",
+        "update public.trials set state = 'failed'",
+        "insert into public.metric_names (name) values ('x')",
+        "create table public.mine (x int)",
+    ] {
+        assert!(
+            sqlx::query(write).execute(&reader).await.is_err(),
+            "the reader ran: {write}"
+        );
+    }
 }

@@ -71,7 +71,7 @@ pub fn new_secret() -> String {
 fn allowed(path: &str) -> &'static [Role] {
     if path.starts_with("/ablate.v1.Workers/") {
         &[Role::Worker, Role::Admin]
-    } else if path.ends_with("Token") || path.ends_with("Tokens") {
+    } else if path.ends_with("Token") || path.ends_with("Tokens") || path.ends_with("/ReaderUrl") {
         &[Role::Admin]
     } else {
         &[Role::Researcher, Role::Admin]

@@ -136,6 +136,7 @@ impl Coordinator {
                 self.options.limits,
                 self.options.lease_ttl,
                 self.tokens.clone(),
+                self.options.database_url.clone(),
             ))
             .add_service(service::workers_server(
                 self.pool.clone(),

@@ -33,6 +33,7 @@ pub fn experiments_server(
     limits: Limits,
     lease_ttl: Duration,
     tokens: Option<Tokens>,
+    database_url: String,
 ) -> experiments_server::ExperimentsServer<ExperimentsService> {
     experiments_server::ExperimentsServer::new(ExperimentsService {
         pool,
@@ -40,6 +41,7 @@ pub fn experiments_server(
         limits,
         lease_ttl,
         tokens,
+        database_url,
     })
     .max_decoding_message_size(64 << 20)
     .max_encoding_message_size(64 << 20)
@@ -72,6 +74,8 @@ pub struct ExperimentsService {
     lease_ttl: Duration,
     /// The valid tokens, when auth is on.
     tokens: Option<Tokens>,
+    /// Where the coordinator's database is (for the reader login's URL).
+    database_url: String,
 }
 
 impl ExperimentsService {
@@ -190,6 +194,21 @@ impl experiments_server::Experiments for ExperimentsService {
         }))
     }
 
+    async fn reader_url(
+        &self,
+        _request: Request<proto::ReaderUrlRequest>,
+    ) -> Result<Response<proto::ReaderUrlResponse>, Status> {
+        let password = auth::new_secret();
+        db::set_reader_login(&self.pool, &password).await?;
+        let mut url = url::Url::parse(&self.database_url)
+            .map_err(|e| Status::internal(format!("the coordinator's database URL: {e}")))?;
+        url.set_username(db::READER_LOGIN)
+            .and_then(|_| url.set_password(Some(&password)))
+            .map_err(|_| Status::internal("the coordinator's database URL takes no user"))?;
+        tracing::info!("reader login re-keyed");
+        Ok(Response::new(proto::ReaderUrlResponse { url: url.to_string() }))
+    }
+
     async fn create_token(
         &self,
         request: Request<proto::CreateTokenRequest>,
@@ -264,6 +283,7 @@ impl experiments_server::Experiments for ExperimentsService {
             limits: self.limits,
             lease_ttl: self.lease_ttl,
             tokens: self.tokens.clone(),
+            database_url: self.database_url.clone(),
         };
         tokio::spawn(async move {
             let mut last = first;

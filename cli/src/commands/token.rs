@@ -1,4 +1,4 @@
-//! `ablate login URL` and `ablate token create|list|revoke`.
+//! `ablate login URL`, `ablate token create|list|revoke` and `ablate db reader-url`.
 
 use ablate_schema::proto;
 
@@ -86,6 +86,19 @@ pub async fn revoke(addr: &str, name: &str) -> anyhow::Result<()> {
         .await
         .map_err(status_error)?;
     eprintln!("token `{name}` revoked");
+    Ok(())
+}
+
+/// `ablate db reader-url`.
+pub async fn reader_url(addr: &str) -> anyhow::Result<()> {
+    let mut client = connect(addr).await?;
+    let url = client
+        .reader_url(proto::ReaderUrlRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .url;
+    println!("{url}");
     Ok(())
 }
 

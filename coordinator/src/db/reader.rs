@@ -98,6 +98,30 @@ async fn run_read_only(conn: &mut sqlx::PgConnection, body: &str, timeout: Durat
     Ok(QueryRows { columns, rows })
 }
 
+/// The login role people use for psql, pandas or Grafana: a member of
+/// `ablate_reader`, so it reads the views in schema `ablate` and nothing else.
+pub const READER_LOGIN: &str = "ablate_reader_login";
+
+/// Creates (or re-keys) the reader login with `password`.
+pub async fn set_reader_login(pool: &PgPool, password: &str) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    let exists: bool = sqlx::query_scalar("select exists (select 1 from pg_roles where rolname = $1)")
+        .bind(READER_LOGIN)
+        .fetch_one(&mut *tx)
+        .await?;
+    // Role names and passwords can't be bound as parameters; both are ours
+    // (a constant, and hex from the coordinator's generator), quoted anyway.
+    let quoted = password.replace('\'', "''");
+    let statement = if exists {
+        format!("alter role {READER_LOGIN} with login password '{quoted}'")
+    } else {
+        format!("create role {READER_LOGIN} with login password '{quoted}' in role ablate_reader")
+    };
+    sqlx::query(AssertSqlSafe(statement)).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 fn query_error(error: sqlx::Error) -> Error {
     match error {
         sqlx::Error::Database(db) => Error::Query(db.message().to_string()),
