@@ -11,11 +11,14 @@ use std::time::{Duration, Instant};
 
 use harness::{bin, free_port};
 
-fn ablate(args: &[&str]) -> Output {
+/// Runs `ablate` with a configuration folder of the test's own (where `ablate up` keeps its token).
+fn ablate(config: &Path, args: &[&str]) -> Output {
     Command::new(bin("ablate"))
         .args(args)
         .env("RUST_LOG", "warn")
+        .env("XDG_CONFIG_HOME", config)
         .env_remove("DATABASE_URL")
+        .env_remove("ABLATE_TOKEN")
         .output()
         .unwrap()
 }
@@ -58,6 +61,7 @@ fn the_embedded_stack_starts_in_a_private_directory_once_and_stops_entirely() {
     std::fs::create_dir_all(&home).unwrap();
     std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
     let state = home.join(".ablate");
+    let config = home.join("config");
     let state_arg = state.to_string_lossy().into_owned();
     let (pg_port, port) = (free_port().to_string(), free_port());
     let listen = format!("127.0.0.1:{port}");
@@ -74,7 +78,7 @@ fn the_embedded_stack_starts_in_a_private_directory_once_and_stops_entirely() {
         "--devices",
         "cpu:1",
     ];
-    let out = ablate(&up);
+    let out = ablate(&config, &up);
     assert!(out.status.success(), "{}", text(&out));
     let first: i32 = std::fs::read_to_string(state.join("up.pid"))
         .unwrap()
@@ -82,7 +86,7 @@ fn the_embedded_stack_starts_in_a_private_directory_once_and_stops_entirely() {
         .parse()
         .unwrap();
 
-    let out = ablate(&up);
+    let out = ablate(&config, &up);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("already up"), "{}", text(&out));
     let second: i32 = std::fs::read_to_string(state.join("up.pid"))
@@ -94,7 +98,7 @@ fn the_embedded_stack_starts_in_a_private_directory_once_and_stops_entirely() {
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let out = ablate(&["--coordinator", &addr, "workers"]);
+        let out = ablate(&config, &["--coordinator", &addr, "workers"]);
         let workers = text(&out).lines().filter(|l| l.contains("cpu:0")).count();
         if workers == 1 {
             break;
@@ -104,6 +108,11 @@ fn the_embedded_stack_starts_in_a_private_directory_once_and_stops_entirely() {
         std::thread::sleep(Duration::from_millis(250));
     }
 
+    // Tokens are on: without the credentials `ablate up` kept, the coordinator refuses.
+    let out = ablate(&home.join("elsewhere"), &["--coordinator", &addr, "workers"]);
+    assert!(!out.status.success(), "a call without a token was served");
+    assert!(text(&out).contains("no token"), "{}", text(&out));
+
     // The worker dies: `ablate up` starts another.
     let worker_dir = state.join("worker");
     let workers = processes_mentioning(&worker_dir);
@@ -112,7 +121,7 @@ fn the_embedded_stack_starts_in_a_private_directory_once_and_stops_entirely() {
     unsafe { libc::kill(workers[0] as i32, libc::SIGKILL) };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let out = ablate(&["--coordinator", &addr, "workers"]);
+        let out = ablate(&config, &["--coordinator", &addr, "workers"]);
         let registered = text(&out).lines().filter(|l| l.contains("cpu:0")).count();
         let restarted = processes_mentioning(&worker_dir);
         if registered == 2 && restarted.len() == 1 && restarted[0] != workers[0] {
@@ -127,7 +136,7 @@ fn the_embedded_stack_starts_in_a_private_directory_once_and_stops_entirely() {
     // The stack's process dies hard (as under the OOM killer); `ablate down` still stops everything.
     // SAFETY: signalling the pid our `ablate up` wrote.
     unsafe { libc::kill(first, libc::SIGKILL) };
-    let out = ablate(&["down", "--state-dir", &state_arg]);
+    let out = ablate(&config, &["down", "--state-dir", &state_arg]);
     assert!(out.status.success(), "{}", text(&out));
     let cluster = cluster_root(&state);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -148,5 +157,14 @@ fn the_embedded_stack_starts_in_a_private_directory_once_and_stops_entirely() {
     if cluster.starts_with("/var/lib/ablate") {
         std::fs::remove_dir_all(&cluster).ok();
     }
+    // Tokens were on: the CLI found the admin token `ablate up` kept for it.
+    let credentials = std::fs::read_to_string(config.join("ablate/credentials.toml")).unwrap();
+    assert!(credentials.contains(&addr), "{credentials}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(config.join("ablate/credentials.toml"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
     std::fs::remove_dir_all(&home).ok();
 }

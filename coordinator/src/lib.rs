@@ -155,38 +155,55 @@ impl Coordinator {
 
 /// Makes sure the admin token in `file` is valid, creating both when the file is missing.
 async fn bootstrap_admin(pool: &sqlx::PgPool, file: &std::path::Path) -> Result<()> {
-    let io = |e: std::io::Error| Error::InvalidArgument(format!("admin token file {}: {e}", file.display()));
+    ensure_token_file(pool, file, auth::Role::Admin).await
+}
+
+/// Makes sure `file` holds a valid token of `role`: keeps a valid one, else
+/// creates a token and writes it (mode 0600, replacing what was there).
+async fn ensure_token_file(pool: &sqlx::PgPool, file: &std::path::Path, role: auth::Role) -> Result<()> {
+    let io = |e: std::io::Error| Error::InvalidArgument(format!("token file {}: {e}", file.display()));
     if let Ok(text) = std::fs::read_to_string(file) {
-        let token = text.trim();
+        let hash = auth::hash(text.trim());
         let known = db::valid_tokens(pool)
             .await?
             .iter()
-            .any(|(h, _, role, _)| *h == auth::hash(token) && role == "admin");
+            .any(|(h, _, r, _)| *h == hash && r == role.as_str());
         if known {
             return Ok(());
         }
-        return Err(Error::InvalidArgument(format!(
-            "the admin token in {} is not a valid admin token of this database; remove the file to make a new one",
-            file.display()
-        )));
+        tracing::warn!(file = %file.display(), "the token file holds no valid token of this database; making a new one");
     }
     let token = auth::new_secret();
-    let name = format!("admin-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    db::create_token(pool, &name, "admin", &auth::hash(&token), None).await?;
+    let name = format!("{}-{}", role.as_str(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    db::create_token(pool, &name, role.as_str(), &auth::hash(&token), None).await?;
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create_new(true)
+        .create(true)
+        .truncate(true)
         .mode(0o600)
         .open(file)
         .map_err(io)?;
+    std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
     writeln!(f, "{token}").map_err(io)?;
-    tracing::info!(file = %file.display(), %name, "created an admin token");
+    tracing::info!(file = %file.display(), %name, role = role.as_str(), "created a token");
     Ok(())
+}
+
+impl Coordinator {
+    /// With auth on: a valid token of `role` in `file` (kept, or made anew). For
+    /// `ablate up`, which hands them to its user and its worker.
+    pub async fn ensure_token_file(&self, file: &std::path::Path, role: auth::Role) -> Result<()> {
+        ensure_token_file(&self.pool, file, role).await?;
+        if let Some(tokens) = &self.tokens {
+            tokens.reload().await?;
+        }
+        Ok(())
+    }
 }
 
 /// Accepted connections with TCP_NODELAY, so small replies are not held back by Nagle's algorithm.

@@ -58,17 +58,31 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
     let mut options = Options::new(database_url, args.listen);
     args.limits.apply(&mut options);
+    // Tokens on, set up for the local user: an admin token kept in the
+    // credentials file under this coordinator's address, a worker token for
+    // the local worker under the state directory (both mode 0600).
+    let state = std::path::absolute(&args.state.state_dir)?;
+    options.auth = true;
+    options.admin_token_file = Some(state.join("admin.token"));
     let coordinator = Coordinator::build(options).await?;
     let addr = coordinator.local_addr();
     let coordinator_url = format!("http://{addr}");
+    let worker_token = state.join("worker.token");
+    coordinator
+        .ensure_token_file(&worker_token, ablate_coordinator::auth::Role::Worker)
+        .await?;
+    let admin = std::fs::read_to_string(state.join("admin.token"))?;
+    let kept = crate::client::store_token(&coordinator_url, admin.trim())?;
+    eprintln!("your admin token for {coordinator_url} is kept in {}", kept.display());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(coordinator.run(async {
         let _ = stop_rx.await;
     }));
-    let state = std::path::absolute(&args.state.state_dir)?;
     let mut command = tokio::process::Command::new(worker);
     command
         .args(["daemon", "--coordinator", &coordinator_url, "--devices", &args.devices])
+        .arg("--token-file")
+        .arg(&worker_token)
         .arg("--object-store")
         .arg(state.join("objects"))
         .arg("--state-dir")
