@@ -211,6 +211,10 @@ pub struct LimitArgs {
     /// `ablate sql` and report queries one address may run at once.
     #[arg(long, default_value_t = 2)]
     pub queries_per_caller: u32,
+    /// A folder trials may read local data under (repeat it for more); by default the
+    /// provisioned data folder and /usr/share/datasets. Other paths in specs are refused.
+    #[arg(long)]
+    pub data_root: Vec<PathBuf>,
 }
 
 impl LimitArgs {
@@ -232,6 +236,9 @@ impl LimitArgs {
         options.limits = self.limits();
         options.reader_connections = self.reader_connections;
         options.queries_per_caller = self.queries_per_caller;
+        if !self.data_root.is_empty() {
+            options.data_roots = self.data_root.clone();
+        }
     }
 
     /// The same flags, for a child `ablate up`.
@@ -249,6 +256,7 @@ impl LimitArgs {
             ("--queries-per-caller", self.queries_per_caller.to_string()),
         ]
         .into_iter()
+        .chain(self.data_root.iter().map(|r| ("--data-root", r.display().to_string())))
         .flat_map(|(flag, value)| [flag.to_string(), value])
         .collect()
     }

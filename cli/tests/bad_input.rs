@@ -161,3 +161,47 @@ async fn fifty_long_sql_queries_starve_neither_leases_nor_status() {
         "the lock went with the query"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn data_outside_the_roots_is_refused_at_submit_and_on_the_worker() {
+    let mut stack = Stack::start(15.0).await;
+    let root = stack.dir.join("data");
+    std::fs::create_dir_all(&root).unwrap();
+    std::os::unix::fs::symlink("/etc", root.join("escape")).unwrap();
+    let root_arg = root.to_string_lossy().into_owned();
+    stack.kill_coordinator();
+    stack.coordinator_args = vec!["--data-root".into(), root_arg.clone()];
+    stack.start_coordinator().await;
+    stack.start_worker_from(&bin("ablate-worker"), "cpu:1", &["--data-root", &root_arg]);
+    let text_spec = |name: &str, dir: &str| {
+        format!(
+            "name = \"{name}\"\nfamily = \"train\"\n[base]\nmodel = \"gpt\"\ndataset = \"text\"\ndata_dir = \"{dir}\"\n\
+             optimizer = \"adam\"\nlr = 0.01\nsteps = 5\nwidth = 16\nheads = 2\ncontext = 16\n\
+             [sweep]\nsearcher = \"grid\"\nparams.seed = [0]\n"
+        )
+    };
+    for (i, dir) in ["/etc", "../../etc", &format!("{root_arg}/../elsewhere")]
+        .iter()
+        .enumerate()
+    {
+        let path = stack.write_spec(&format!("outside-{i}.toml"), &text_spec("outside", dir));
+        let out = stack.ablate(&["submit", &path.to_string_lossy()]);
+        assert!(!out.status.success(), "{dir} was accepted");
+        let said = stderr(&out);
+        assert!(said.contains("base.data_dir:") && said.contains(&root_arg), "{said}");
+    }
+    assert_eq!(stack.scalar_i64("select count(*) from experiments").await, 0);
+    // A link out of a root looks fine by its path; the worker follows it and refuses.
+    let escape = root.join("escape").to_string_lossy().into_owned();
+    let path = stack.write_spec("link.toml", &text_spec("link", &escape));
+    let experiment = stack.submit(&path);
+    stack.wait_finished(&experiment, Duration::from_secs(60)).await;
+    let error: String = sqlx::query_scalar("select error from trials")
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+    assert!(
+        error.contains("through a link") && error.contains("data_dir"),
+        "{error}"
+    );
+}

@@ -48,6 +48,8 @@ pub struct Options {
     pub admin_token_file: Option<std::path::PathBuf>,
     /// TLS for the listener: a PEM certificate chain and its PEM private key.
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// Where trials may read local data (specs naming other paths are refused).
+    pub data_roots: Vec<std::path::PathBuf>,
 }
 
 impl Options {
@@ -65,6 +67,7 @@ impl Options {
             auth: false,
             admin_token_file: None,
             tls: None,
+            data_roots: ablate_experiments::nn::locations::default_roots(),
         }
     }
 }
@@ -137,6 +140,7 @@ impl Coordinator {
                 self.options.lease_ttl,
                 self.tokens.clone(),
                 self.options.database_url.clone(),
+                self.options.data_roots.clone(),
             ))
             .add_service(service::workers_server(
                 self.pool.clone(),

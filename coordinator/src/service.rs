@@ -34,6 +34,7 @@ pub fn experiments_server(
     lease_ttl: Duration,
     tokens: Option<Tokens>,
     database_url: String,
+    data_roots: Vec<std::path::PathBuf>,
 ) -> experiments_server::ExperimentsServer<ExperimentsService> {
     experiments_server::ExperimentsServer::new(ExperimentsService {
         pool,
@@ -42,6 +43,7 @@ pub fn experiments_server(
         lease_ttl,
         tokens,
         database_url,
+        data_roots,
     })
     .max_decoding_message_size(64 << 20)
     .max_encoding_message_size(64 << 20)
@@ -76,6 +78,8 @@ pub struct ExperimentsService {
     tokens: Option<Tokens>,
     /// Where the coordinator's database is (for the reader login's URL).
     database_url: String,
+    /// Where trials may read local data.
+    data_roots: Vec<std::path::PathBuf>,
 }
 
 impl ExperimentsService {
@@ -148,7 +152,8 @@ impl experiments_server::Experiments for ExperimentsService {
             Status::invalid_argument(format!("unknown spec format `{}`, expected toml or yaml", req.format))
         })?;
         let by = caller.as_ref().map(|c| c.name.as_str());
-        let (id, count) = submit::submit_as(&self.pool, &req.spec_text, format, &self.limits, by).await?;
+        let (id, count) =
+            submit::submit_as(&self.pool, &req.spec_text, format, &self.limits, &self.data_roots, by).await?;
         Ok(Response::new(proto::SubmitResponse {
             experiment_id: id.to_string(),
             trial_count: count as u32,
@@ -284,6 +289,7 @@ impl experiments_server::Experiments for ExperimentsService {
             lease_ttl: self.lease_ttl,
             tokens: self.tokens.clone(),
             database_url: self.database_url.clone(),
+            data_roots: self.data_roots.clone(),
         };
         tokio::spawn(async move {
             let mut last = first;

@@ -1,7 +1,7 @@
 //! Turning a submitted spec into a stored experiment: every check of
 //! `ablate_experiments::sweep::check`, then one transaction that stores it all.
 
-use ablate_experiments::sweep::check_within;
+use ablate_experiments::sweep::check_confined;
 use ablate_schema::{ExperimentId, Limits, SpecFormat, TrialId};
 use sqlx::PgPool;
 
@@ -10,7 +10,8 @@ use crate::error::Result;
 
 /// Checks and stores a spec; returns the new experiment's id and trial count.
 pub async fn submit(pool: &PgPool, text: &str, format: SpecFormat, limits: &Limits) -> Result<(ExperimentId, usize)> {
-    submit_as(pool, text, format, limits, None).await
+    let roots = ablate_experiments::nn::locations::default_roots();
+    submit_as(pool, text, format, limits, &roots, None).await
 }
 
 /// The same, recording who submitted it (a token's name).
@@ -19,9 +20,10 @@ pub async fn submit_as(
     text: &str,
     format: SpecFormat,
     limits: &Limits,
+    data_roots: &[std::path::PathBuf],
     submitted_by: Option<&str>,
 ) -> Result<(ExperimentId, usize)> {
-    let checked = check_within(text, format, limits)?;
+    let checked = check_confined(text, format, limits, data_roots)?;
     let id = ExperimentId::new_random();
     let spec_json = serde_json::to_value(&checked.spec).expect("a spec always serializes");
     let hash = checked.spec.content_hash();

@@ -29,6 +29,17 @@ pub fn check(text: &str, format: SpecFormat) -> Result<Checked, SpecError> {
 /// Runs every check a spec must pass within `limits`; stores nothing. The
 /// trial count is known from the domains before any trial is listed.
 pub fn check_within(text: &str, format: SpecFormat, limits: &Limits) -> Result<Checked, SpecError> {
+    check_confined(text, format, limits, &crate::nn::locations::default_roots())
+}
+
+/// The same, with local data locations confined to `data_roots` (checked by
+/// path here; the worker checks again following links).
+pub fn check_confined(
+    text: &str,
+    format: SpecFormat,
+    limits: &Limits,
+    data_roots: &[std::path::PathBuf],
+) -> Result<Checked, SpecError> {
     let spec = SweepSpec::parse_within(text, format, limits)?;
     let family = Family::parse(&spec.family).map_err(|m| SpecError::new("family", m))?;
     let objective = match &spec.objective {
@@ -67,10 +78,13 @@ pub fn check_within(text: &str, format: SpecFormat, limits: &Limits) -> Result<C
     let mut trials = Vec::new();
     for (ordinal, params) in points.into_iter().enumerate() {
         let params = Value::Object(params);
-        let plan = family.check_params(&params).map_err(|e| {
-            let (path, message) = locate(&spec, &e.path, &e.message);
-            SpecError::new(path, format!("{message} (in trial {ordinal}: {params})"))
-        })?;
+        let plan = family
+            .check_params(&params)
+            .and_then(|plan| crate::nn::locations::confine_params(&params, data_roots, false).map(|_| plan))
+            .map_err(|e| {
+                let (path, message) = locate(&spec, &e.path, &e.message);
+                SpecError::new(path, format!("{message} (in trial {ordinal}: {params})"))
+            })?;
         trials.push(PlannedTrial {
             params,
             total_steps: plan.total_steps,

@@ -48,6 +48,10 @@ pub struct Options {
     /// The CA certificate (PEM) an `https://` coordinator is checked against; else the system's roots.
     #[arg(long, env = "ABLATE_CA")]
     pub ca: Option<PathBuf>,
+    /// A folder trials may read local data under (repeat it for more); by default the
+    /// provisioned data folder and /usr/share/datasets. Trials naming other paths fail.
+    #[arg(long)]
+    pub data_root: Vec<PathBuf>,
 }
 
 /// Why the worker can't start trials now, if so; sent with every heartbeat.
@@ -109,6 +113,7 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
         object_store: options.object_store.clone(),
         scratch_dir: scratch.to_string_lossy().into_owned(),
         trial_exe: options.trial_exe.clone(),
+        data_roots: options.data_root.clone(),
     });
     let held: Arc<Mutex<HashMap<String, Held>>> = Arc::default();
     let health: Health = Arc::default();

@@ -35,6 +35,8 @@ pub struct Shared {
     /// What trial processes run: `/proc/self/exe` by default, so a daemon
     /// whose executable is replaced or deleted on disk still starts trials.
     pub trial_exe: std::path::PathBuf,
+    /// Where trials may read local data; empty for the default roots.
+    pub data_roots: Vec<std::path::PathBuf>,
 }
 
 /// Whether the worker got a trial going.
@@ -104,6 +106,7 @@ async fn drive(
         resume_from: trial.resume_from.as_ref().map(|c| c.path.clone()),
         spec_hash: trial.spec_hash.clone(),
         scratch_dir: shared.scratch_dir.clone(),
+        data_roots: shared.data_roots.clone(),
     };
     let mut stdin = child.stdin.take().expect("stdin is piped");
     // A process that dies at once (its loader failed) closes stdin first: its

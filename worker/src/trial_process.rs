@@ -24,6 +24,9 @@ pub struct TrialInput {
     pub resume_from: Option<String>,
     pub spec_hash: String,
     pub scratch_dir: String,
+    /// Where the trial may read local data; empty for the default roots.
+    #[serde(default)]
+    pub data_roots: Vec<std::path::PathBuf>,
 }
 
 /// One line a trial process writes on stdout.
@@ -127,6 +130,14 @@ pub fn run() -> anyhow::Result<()> {
         metrics: &mut sink,
         data: &mut data,
     };
+    let roots = if input.data_roots.is_empty() {
+        ablate_experiments::nn::locations::default_roots()
+    } else {
+        input.data_roots.clone()
+    };
+    // Again on the host that reads the data, following links this time.
+    ablate_experiments::nn::locations::confine_params(&input.params, &roots, true)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let result = family.run(&input.params, &mut ctx);
     events.borrow_mut().flush();
     result.map_err(|e| anyhow::anyhow!("{e}"))

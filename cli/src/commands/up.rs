@@ -83,6 +83,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .args(["daemon", "--coordinator", &coordinator_url, "--devices", &args.devices])
         .arg("--token-file")
         .arg(&worker_token)
+        .args(
+            args.limits
+                .data_root
+                .iter()
+                .flat_map(|r| ["--data-root".as_ref(), r.as_os_str()]),
+        )
         .arg("--object-store")
         .arg(state.join("objects"))
         .arg("--state-dir")
