@@ -167,14 +167,7 @@ fn write_secret(path: &Path, token: &str) {
 async fn every_call_needs_a_valid_token_of_a_role_that_may_make_it() {
     let mut stack = Stack::start(15.0).await;
     let admin_file = stack.dir.join("admin.token");
-    stack.kill_coordinator();
-    stack.coordinator_args = vec![
-        "--auth".into(),
-        "--admin-token-file".into(),
-        admin_file.to_string_lossy().into(),
-    ];
-    stack.start_coordinator().await;
-    let admin = std::fs::read_to_string(&admin_file).unwrap().trim().to_string();
+    let admin = stack.admin_token.clone();
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&admin_file).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600, "the admin token file is private");
 
@@ -312,12 +305,8 @@ async fn tls_is_checked_both_ways_and_a_bare_network_listener_is_refused() {
     let mut stack = Stack::start(15.0).await;
     let (ca, cert, key) = make_pki(&stack.dir, "ours");
     let (other_ca, _, _) = make_pki(&stack.dir, "theirs");
-    let admin_file = stack.dir.join("admin.token");
     stack.kill_coordinator();
     stack.coordinator_args = [
-        "--auth",
-        "--admin-token-file",
-        &admin_file.to_string_lossy(),
         "--tls-cert",
         &cert.to_string_lossy(),
         "--tls-key",
@@ -328,7 +317,7 @@ async fn tls_is_checked_both_ways_and_a_bare_network_listener_is_refused() {
     .collect();
     stack.tls_ca = Some(ca.clone());
     stack.start_coordinator().await;
-    let admin = std::fs::read_to_string(&admin_file).unwrap().trim().to_string();
+    let admin = stack.admin_token.clone();
 
     // Trusting our CA: a real handshake, and the sweep runs over it.
     let out = ablate_as(&stack, &admin, &["workers"]);

@@ -106,6 +106,7 @@ async fn fifty_long_sql_queries_starve_neither_leases_nor_status() {
             Command::new(bin("ablate"))
                 .args(["sql", "select pg_sleep(6)"])
                 .env("ABLATE_COORDINATOR", stack.addr())
+                .env("ABLATE_TOKEN", &stack.admin_token)
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())

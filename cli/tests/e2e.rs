@@ -215,7 +215,7 @@ async fn stale_lease_tokens_are_refused_over_grpc() {
     let stack = Stack::start(15.0).await;
     let spec = stack.write_spec("stale.toml", &RESUME_SPEC.replace("NAME", "stale"));
     stack.submit(&spec);
-    let mut workers = WorkersClient::connect(stack.addr()).await.unwrap();
+    let mut workers = WorkersClient::new(stack.channel().await);
     let worker_id = uuid::Uuid::new_v4().to_string();
     workers
         .register(proto::RegisterRequest {

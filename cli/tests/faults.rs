@@ -155,6 +155,7 @@ async fn submit_wait_rides_out_a_coordinator_restart() {
     let waiting = Command::new(bin("ablate"))
         .args(["submit", &spec.to_string_lossy(), "--wait"])
         .env("ABLATE_COORDINATOR", stack.addr())
+        .env("ABLATE_TOKEN", &stack.admin_token)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -17,6 +17,8 @@ const DOOMED: usize = 4;
 const DIE_AFTER: usize = 20;
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
+type Client =
+    WorkersClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, ablate_schema::Bearer>>;
 
 /// One trial's points: `train_loss` and `grad_norm` at steps 0..50, one batch.
 fn batch(trial: &proto::LeasedTrial) -> proto::MetricBatch {
@@ -32,10 +34,7 @@ fn batch(trial: &proto::LeasedTrial) -> proto::MetricBatch {
     }
 }
 
-async fn send_points(
-    client: &mut WorkersClient<tonic::transport::Channel>,
-    trial: &proto::LeasedTrial,
-) -> Result<(), Failure> {
+async fn send_points(client: &mut Client, trial: &proto::LeasedTrial) -> Result<(), Failure> {
     let mut acks = client
         .stream_metrics(tokio_stream::iter(vec![batch(trial)]))
         .await?
@@ -49,8 +48,12 @@ async fn send_points(
 
 /// Leases, streams and completes trials until none is left; a doomed worker
 /// stops after `DIE_AFTER` trials with its next leases unfinished.
-async fn worker(addr: String, index: usize, pool: sqlx::PgPool) -> Result<usize, Failure> {
-    let mut client = WorkersClient::connect(addr).await?;
+async fn worker(
+    channel: tonic::service::interceptor::InterceptedService<tonic::transport::Channel, ablate_schema::Bearer>,
+    index: usize,
+    pool: sqlx::PgPool,
+) -> Result<usize, Failure> {
+    let mut client = WorkersClient::new(channel);
     let id = uuid::Uuid::new_v4().to_string();
     client
         .register(proto::RegisterRequest {
@@ -110,9 +113,10 @@ async fn sixty_four_workers_ten_thousand_trials_a_million_points_counted_exactly
         TRIALS - 1
     );
     let experiment = stack.submit(&stack.write_spec("load.toml", &spec));
-    let tasks: Vec<_> = (0..WORKERS)
-        .map(|i| tokio::spawn(worker(stack.addr(), i, stack.pool.clone())))
-        .collect();
+    let mut tasks = Vec::new();
+    for i in 0..WORKERS {
+        tasks.push(tokio::spawn(worker(stack.channel().await, i, stack.pool.clone())));
+    }
     let mut completed = 0;
     for task in tasks {
         completed += task

@@ -240,10 +240,7 @@ fn generated_specs_are_accepted_or_refused_naming_a_field_and_nothing_panics() {
         stack.start_coordinator().await;
     });
     let client = std::cell::RefCell::new(
-        runtime
-            .block_on(ExperimentsClient::connect(stack.addr()))
-            .unwrap()
-            .max_decoding_message_size(64 << 20),
+        ExperimentsClient::new(runtime.block_on(stack.channel())).max_decoding_message_size(64 << 20),
     );
     let accepted = std::cell::Cell::new(0i64);
     let refused = std::cell::Cell::new(0i64);

@@ -70,6 +70,8 @@ pub struct Stack {
     pub coordinator_args: Vec<String>,
     /// When the coordinator speaks TLS: the CA certificate clients check it against.
     pub tls_ca: Option<PathBuf>,
+    /// The admin token the coordinator (always run with `--auth`) made; the CLI calls use it.
+    pub admin_token: String,
     workers: Vec<Option<Child>>,
     /// Where workers put checkpoints: a URL and the environment it needs; a local directory when unset.
     pub object_store: Option<(String, Vec<(String, String)>)>,
@@ -113,6 +115,7 @@ impl Stack {
             coordinator: None,
             coordinator_args: Vec::new(),
             tls_ca: None,
+            admin_token: String::new(),
             workers: Vec::new(),
             object_store: None,
             s3_server: None,
@@ -157,7 +160,10 @@ impl Stack {
             &format!("127.0.0.1:{}", self.port),
             "--lease-ttl",
             &self.lease_ttl.to_string(),
+            "--auth",
+            "--admin-token-file",
         ]);
+        command.arg(self.dir.join("admin.token"));
         command.args(&self.coordinator_args);
         self.coordinator = Some(self.spawn(command, "coordinator.log"));
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -170,6 +176,17 @@ impl Stack {
                 self.logs()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.admin_token = std::fs::read_to_string(self.dir.join("admin.token"))
+            .expect("the coordinator writes its admin token")
+            .trim()
+            .to_string();
+        let worker_token = self.dir.join("worker.token");
+        if !worker_token.exists() {
+            let name = format!("harness-worker-{}", self.port);
+            let out = self.ablate(&["token", "create", "--role", "worker", "--name", &name]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            std::fs::write(&worker_token, &out.stdout).unwrap();
         }
     }
 
@@ -204,6 +221,9 @@ impl Stack {
             .arg("--state-dir")
             .arg(self.dir.join(format!("worker-{}", self.workers.len())))
             .args(extra);
+        if !extra.contains(&"--token-file") {
+            command.arg("--token-file").arg(self.dir.join("worker.token"));
+        }
         let child = self.spawn(command, "worker.log");
         self.workers.push(Some(child));
         self.workers.len() - 1
@@ -345,6 +365,19 @@ impl Stack {
         }
     }
 
+    /// A gRPC channel to the coordinator, with the admin token on every call.
+    pub async fn channel(
+        &self,
+    ) -> tonic::service::interceptor::InterceptedService<tonic::transport::Channel, ablate_schema::Bearer> {
+        let channel = ablate_schema::endpoint(&self.addr(), self.tls_ca.as_deref())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let bearer = ablate_schema::Bearer::new(Some(&self.admin_token)).unwrap();
+        tonic::service::interceptor::InterceptedService::new(channel, bearer)
+    }
+
     /// The pids of worker `index`'s trial processes.
     pub fn trial_pids(&self, index: usize) -> Vec<u32> {
         let Some(child) = &self.workers[index] else {
@@ -377,6 +410,7 @@ impl Stack {
         command
             .args(args)
             .env("ABLATE_COORDINATOR", self.addr())
+            .env("ABLATE_TOKEN", &self.admin_token)
             .env("RUST_LOG", "warn");
         if let Some(ca) = &self.tls_ca {
             command.env("ABLATE_CA", ca);
