@@ -169,11 +169,11 @@ async fn data_outside_the_roots_is_refused_at_submit_and_on_the_worker() {
     let root = stack.dir.join("data");
     std::fs::create_dir_all(&root).unwrap();
     std::os::unix::fs::symlink("/etc", root.join("escape")).unwrap();
+    std::fs::create_dir_all(root.join("later")).unwrap();
     let root_arg = root.to_string_lossy().into_owned();
     stack.kill_coordinator();
     stack.coordinator_args = vec!["--data-root".into(), root_arg.clone()];
     stack.start_coordinator().await;
-    stack.start_worker_from(&bin("ablate-worker"), "cpu:1", &["--data-root", &root_arg]);
     let text_spec = |name: &str, dir: &str| {
         format!(
             "name = \"{name}\"\nfamily = \"train\"\n[base]\nmodel = \"gpt\"\ndataset = \"text\"\ndata_dir = \"{dir}\"\n\
@@ -181,7 +181,8 @@ async fn data_outside_the_roots_is_refused_at_submit_and_on_the_worker() {
              [sweep]\nsearcher = \"grid\"\nparams.seed = [0]\n"
         )
     };
-    for (i, dir) in ["/etc", "../../etc", &format!("{root_arg}/../elsewhere")]
+    let escape = root.join("escape").to_string_lossy().into_owned();
+    for (i, dir) in ["/etc", "../../etc", &format!("{root_arg}/../elsewhere"), &escape]
         .iter()
         .enumerate()
     {
@@ -192,10 +193,13 @@ async fn data_outside_the_roots_is_refused_at_submit_and_on_the_worker() {
         assert!(said.contains("base.data_dir:") && said.contains(&root_arg), "{said}");
     }
     assert_eq!(stack.scalar_i64("select count(*) from experiments").await, 0);
-    // A link out of a root looks fine by its path; the worker follows it and refuses.
-    let escape = root.join("escape").to_string_lossy().into_owned();
-    let path = stack.write_spec("link.toml", &text_spec("link", &escape));
+    // A folder that becomes a link out of the root after the submit: the worker follows it and refuses.
+    let later = root.join("later");
+    let path = stack.write_spec("link.toml", &text_spec("link", &later.to_string_lossy()));
     let experiment = stack.submit(&path);
+    std::fs::remove_dir(&later).unwrap();
+    std::os::unix::fs::symlink("/etc", &later).unwrap();
+    stack.start_worker_from(&bin("ablate-worker"), "cpu:1", &["--data-root", &root_arg]);
     stack.wait_finished(&experiment, Duration::from_secs(60)).await;
     let error: String = sqlx::query_scalar("select error from trials")
         .fetch_one(&stack.pool)

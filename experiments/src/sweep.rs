@@ -32,8 +32,8 @@ pub fn check_within(text: &str, format: SpecFormat, limits: &Limits) -> Result<C
     check_confined(text, format, limits, &crate::nn::locations::default_roots())
 }
 
-/// The same, with local data locations confined to `data_roots` (checked by
-/// path here; the worker checks again following links).
+/// The same, with local data locations confined to `data_roots` (links that
+/// exist on this host are followed; the worker checks again on its own).
 pub fn check_confined(
     text: &str,
     format: SpecFormat,
@@ -80,7 +80,7 @@ pub fn check_confined(
         let params = Value::Object(params);
         let plan = family
             .check_params(&params)
-            .and_then(|plan| crate::nn::locations::confine_params(&params, data_roots, false).map(|_| plan))
+            .and_then(|plan| crate::nn::locations::confine_params(&params, data_roots, true).map(|_| plan))
             .map_err(|e| {
                 let (path, message) = locate(&spec, &e.path, &e.message);
                 SpecError::new(path, format!("{message} (in trial {ordinal}: {params})"))
