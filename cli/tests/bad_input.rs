@@ -156,7 +156,10 @@ async fn fifty_long_sql_queries_starve_neither_leases_nor_status() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
         stack
-            .scalar_i64("select count(*) from pg_locks where locktype = 'advisory'")
+            .scalar_i64(
+                "select count(*) from pg_locks where locktype = 'advisory' and objid = 42 \
+                 and database = (select oid from pg_database where datname = current_database())"
+            )
             .await,
         0,
         "the lock went with the query"
