@@ -67,6 +67,7 @@ fn parse_id<T>(parse: impl Fn(&str) -> Result<T, ablate_schema::ids::BadId>, tex
     parse(text).map_err(|e| Error::InvalidArgument(e.to_string()))
 }
 
+#[derive(Clone)]
 pub struct ExperimentsService {
     pool: PgPool,
     /// Researchers' reads: their own pool and admission.
@@ -282,15 +283,7 @@ impl experiments_server::Experiments for ExperimentsService {
         let id = parse_id(ExperimentId::parse, &req.experiment_id)?;
         let first = self.snapshot(id, req.best).await?;
         let (tx, rx) = mpsc::channel(4);
-        let service = ExperimentsService {
-            pool: self.pool.clone(),
-            reader: self.reader.clone(),
-            limits: self.limits,
-            lease_ttl: self.lease_ttl,
-            tokens: self.tokens.clone(),
-            database_url: self.database_url.clone(),
-            data_roots: self.data_roots.clone(),
-        };
+        let service = self.clone();
         tokio::spawn(async move {
             let mut last = first;
             if tx.send(Ok(last.clone())).await.is_err() {
@@ -631,7 +624,7 @@ impl workers_server::Workers for WorkersService {
         let (trial, token) = lease_of(&req.trial_id, &req.lease_token)?;
         if req.outcome == "crashed" {
             let error = clip_reason(&req.error, self.limits.max_string_chars);
-            let tail = req.stderr_tail.replace('\0', "\u{fffd}");
+            let tail = pg_text(&req.stderr_tail);
             let again = db::crashed(
                 &self.pool,
                 trial,
@@ -657,7 +650,7 @@ impl workers_server::Workers for WorkersService {
             if s.is_empty() {
                 None
             } else {
-                Some(s.replace('\0', "\u{fffd}"))
+                Some(pg_text(s))
             }
         };
         if req.outputs_json.len() > self.limits.max_output_bytes {
@@ -696,5 +689,10 @@ impl workers_server::Workers for WorkersService {
 
 /// A worker's reason as PostgreSQL can keep it: no NUL, at most `max` characters.
 fn clip_reason(reason: &str, max: usize) -> String {
-    reason.replace('\0', "\u{fffd}").chars().take(max).collect()
+    pg_text(reason).chars().take(max).collect()
+}
+
+/// Text PostgreSQL can keep: NUL, which it can't, shown as U+FFFD.
+fn pg_text(text: &str) -> String {
+    text.replace('\0', "\u{fffd}")
 }
