@@ -93,7 +93,7 @@ impl Coordinator {
         );
         let tokens = if options.auth {
             if let Some(file) = &options.admin_token_file {
-                bootstrap_admin(&pool, file).await?;
+                ensure_token_file(&pool, file, auth::Role::Admin).await?;
             }
             Some(auth::Tokens::load(pool.clone()).await?)
         } else {
@@ -155,11 +155,6 @@ impl Coordinator {
         }
         result.map_err(|e| Error::InvalidArgument(format!("grpc server: {e}")))
     }
-}
-
-/// Makes sure the admin token in `file` is valid, creating both when the file is missing.
-async fn bootstrap_admin(pool: &sqlx::PgPool, file: &std::path::Path) -> Result<()> {
-    ensure_token_file(pool, file, auth::Role::Admin).await
 }
 
 /// Makes sure `file` holds a valid token of `role`: keeps a valid one, else

@@ -83,13 +83,3 @@ pub async fn valid_tokens(pool: &PgPool) -> Result<Vec<(String, String, String, 
     .fetch_all(pool)
     .await?)
 }
-
-/// Whether any admin token is valid.
-pub async fn has_admin(pool: &PgPool) -> Result<bool> {
-    Ok(sqlx::query_scalar(
-        "select exists (select 1 from tokens where role = 'admin' and revoked_at is null
-                        and (expires_at is null or expires_at > now()))",
-    )
-    .fetch_one(pool)
-    .await?)
-}
