@@ -21,19 +21,15 @@ pub struct Checked {
     pub trials: Vec<PlannedTrial>,
 }
 
-/// Runs every check a spec must pass within the default limits; stores nothing.
+/// Runs every check a spec must pass within the default limits and data roots; stores nothing.
 pub fn check(text: &str, format: SpecFormat) -> Result<Checked, SpecError> {
-    check_within(text, format, &Limits::default())
+    check_confined(text, format, &Limits::default(), &crate::nn::locations::default_roots())
 }
 
-/// Runs every check a spec must pass within `limits`; stores nothing. The
-/// trial count is known from the domains before any trial is listed.
-pub fn check_within(text: &str, format: SpecFormat, limits: &Limits) -> Result<Checked, SpecError> {
-    check_confined(text, format, limits, &crate::nn::locations::default_roots())
-}
-
-/// The same, with local data locations confined to `data_roots` (links that
-/// exist on this host are followed; the worker checks again on its own).
+/// Runs every check a spec must pass within `limits`, with local data
+/// locations confined to `data_roots` (links that exist on this host are
+/// followed; the worker checks again on its own); stores nothing. The trial
+/// count is known from the domains before any trial is listed.
 pub fn check_confined(
     text: &str,
     format: SpecFormat,
