@@ -114,6 +114,7 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
         scratch_dir: scratch.to_string_lossy().into_owned(),
         trial_exe: options.trial_exe.clone(),
         data_roots: options.data_root.clone(),
+        worker_id: worker_id.to_string(),
     });
     let held: Arc<Mutex<HashMap<String, Held>>> = Arc::default();
     let health: Health = Arc::default();
@@ -126,48 +127,28 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
     ));
 
     // A slot comes back with whether its trial started.
-    let (freed_tx, mut freed_rx) = mpsc::unbounded_channel::<(Slot, runner::Started)>();
-    let mut free: Vec<Slot> = slots;
+    let (freed_tx, mut freed_rx) = mpsc::unbounded_channel::<Back>();
+    let mut slots = Slots {
+        free: slots,
+        failures: 0,
+        health: health.clone(),
+    };
     let poll = Duration::from_millis(options.poll_ms);
     let mut lease_client = client.clone();
-    // Trials in a row the worker could not start; while above zero it leases one at a time, after a backoff.
-    let mut failures: u32 = 0;
-    let note = |started: runner::Started, failures: &mut u32| match started {
-        runner::Started::Yes => {
-            if *failures > 0 {
-                tracing::info!("trials start again; the worker is healthy");
-            }
-            *failures = 0;
-            *health.lock().expect("health lock") = None;
-        }
-        runner::Started::No(reason) => {
-            *failures += 1;
-            *health.lock().expect("health lock") = Some(reason);
-        }
-    };
     loop {
-        while let Ok((slot, started)) = freed_rx.try_recv() {
-            free.push(slot);
-            note(started, &mut failures);
-        }
-        if failures > 0 {
-            let wait = Duration::from_millis(500 << failures.min(7)).min(MAX_BACKOFF);
-            tracing::warn!(failures, ?wait, reason = ?health.lock().expect("health lock"), "cannot start trials; waiting before trying one again");
+        slots.drain(&mut freed_rx);
+        if slots.failures > 0 {
+            let wait = Duration::from_millis(500 << slots.failures.min(7)).min(MAX_BACKOFF);
+            tracing::warn!(failures = slots.failures, ?wait, reason = ?health.lock().expect("health lock"), "cannot start trials; waiting before trying one again");
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = tokio::signal::ctrl_c() => break,
             }
-            while let Ok((slot, started)) = freed_rx.try_recv() {
-                free.push(slot);
-                note(started, &mut failures);
-            }
+            slots.drain(&mut freed_rx);
         }
-        if free.is_empty() {
+        if slots.free.is_empty() {
             tokio::select! {
-                back = freed_rx.recv() => if let Some((slot, started)) = back {
-                    free.push(slot);
-                    note(started, &mut failures);
-                },
+                back = freed_rx.recv() => slots.back(back),
                 _ = tokio::signal::ctrl_c() => break,
             }
             continue;
@@ -175,7 +156,7 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
         let request = proto::LeaseRequest {
             worker_id: worker_id.to_string(),
             // A worker that can't start trials tries one at a time, and never holds more leases than free slots.
-            max_trials: if failures > 0 { 1 } else { free.len() as u32 },
+            max_trials: if slots.failures > 0 { 1 } else { slots.free.len() as u32 },
         };
         let leased = match lease_client.lease(request).await {
             Ok(response) => response.into_inner().trials,
@@ -187,16 +168,13 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
         if leased.is_empty() {
             tokio::select! {
                 _ = tokio::time::sleep(poll) => {}
-                back = freed_rx.recv() => if let Some((slot, started)) = back {
-                    free.push(slot);
-                    note(started, &mut failures);
-                },
+                back = freed_rx.recv() => slots.back(back),
                 _ = tokio::signal::ctrl_c() => break,
             }
             continue;
         }
         for trial in leased {
-            let slot = free.pop().expect("never lease more than the free slots");
+            let slot = slots.free.pop().expect("never lease more than the free slots");
             let (stop_tx, stop_rx) = watch::channel(None);
             held.lock().expect("held lock").insert(
                 trial.trial_id.clone(),
@@ -208,10 +186,7 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
             let (shared, held, freed) = (shared.clone(), held.clone(), freed_tx.clone());
             tokio::spawn(async move {
                 let id = trial.trial_id.clone();
-                let started = runner::run(shared.clone(), slot.clone(), trial.clone(), stop_rx).await;
-                if let runner::Started::No(reason) = &started {
-                    release(&shared, worker_id, &trial, reason).await;
-                }
+                let started = runner::run(shared, slot.clone(), trial, stop_rx).await;
                 held.lock().expect("held lock").remove(&id);
                 let _ = freed.send((slot, started));
             });
@@ -225,25 +200,40 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Gives a trial the worker could not start back to the queue, its attempt not counted.
-async fn release(shared: &runner::Shared, worker_id: WorkerId, trial: &proto::LeasedTrial, reason: &str) {
-    tracing::error!(trial = %trial.trial_id, %reason, "could not start the trial; giving it back");
-    let request = proto::ReleaseRequest {
-        trial_id: trial.trial_id.clone(),
-        lease_token: trial.lease_token.clone(),
-        worker_id: worker_id.to_string(),
-        reason: reason.to_string(),
-    };
-    for _ in 0..20 {
-        match shared.client.clone().release(request.clone()).await {
-            Ok(_) => return,
-            Err(status) if status.code() == tonic::Code::Unavailable => {
-                tokio::time::sleep(Duration::from_millis(500)).await
+/// A slot given back by its trial's task, with whether the trial started.
+type Back = (Slot, runner::Started);
+
+/// The free slots, and how many trials in a row could not be started (while
+/// above zero the worker leases one at a time, after a backoff).
+struct Slots {
+    free: Vec<Slot>,
+    failures: u32,
+    health: Health,
+}
+
+impl Slots {
+    fn back(&mut self, back: Option<Back>) {
+        let Some((slot, started)) = back else { return };
+        self.free.push(slot);
+        match started {
+            runner::Started::Yes => {
+                if self.failures > 0 {
+                    tracing::info!("trials start again; the worker is healthy");
+                }
+                self.failures = 0;
+                *self.health.lock().expect("health lock") = None;
             }
-            Err(status) => {
-                tracing::warn!(%status, "could not give the trial back; its lease will expire");
-                return;
+            runner::Started::No(reason) => {
+                self.failures += 1;
+                *self.health.lock().expect("health lock") = Some(reason);
             }
+        }
+    }
+
+    /// Takes back every slot already returned.
+    fn drain(&mut self, freed: &mut mpsc::UnboundedReceiver<Back>) {
+        while let Ok(back) = freed.try_recv() {
+            self.back(Some(back));
         }
     }
 }

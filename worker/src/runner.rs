@@ -37,6 +37,8 @@ pub struct Shared {
     pub trial_exe: std::path::PathBuf,
     /// Where trials may read local data; empty for the default roots.
     pub data_roots: Vec<std::path::PathBuf>,
+    /// This daemon's id, for the coordinator's records of what it gave back.
+    pub worker_id: String,
 }
 
 /// Whether the worker got a trial going.
@@ -59,28 +61,52 @@ pub async fn run(
     shared: Arc<Shared>,
     slot: Slot,
     trial: proto::LeasedTrial,
-    stop: watch::Receiver<Option<String>>,
+    mut stop: watch::Receiver<Option<String>>,
 ) -> Started {
     let id = trial.trial_id.clone();
     tracing::info!(trial = %id, slot = %slot.name, attempt = trial.attempt,
         resume_step = trial.resume_from.as_ref().map(|c| c.step), "trial starting");
-    let child = match spawn_trial_process(&shared.trial_exe) {
-        Ok(child) => child,
-        Err(error) => {
-            return Started::No(format!(
-                "cannot start trial processes ({}): {error}",
-                shared.trial_exe.display()
-            ))
-        }
+    let not_started = match spawn_trial_process(&shared.trial_exe) {
+        Err(error) => format!("cannot start trial processes ({}): {error}", shared.trial_exe.display()),
+        Ok(child) => match drive(&shared, &slot, &trial, &mut stop, child).await {
+            Ok(Some(reason)) => reason,
+            Ok(None) => return Started::Yes,
+            // Never leave a lease hanging on a runner failure: the trial goes back.
+            Err(error) => {
+                tracing::error!(trial = %id, %error, "trial runner failed");
+                format!("the trial runner failed: {error:#}")
+            }
+        },
     };
-    match drive(&shared, &slot, &trial, stop, child).await {
-        Ok(Some(reason)) => Started::No(reason),
-        Ok(None) => Started::Yes,
-        // Never leave a lease hanging on a runner failure: the trial goes back.
-        Err(error) => {
-            tracing::error!(trial = %id, %error, "trial runner failed");
-            Started::No(format!("the trial runner failed: {error:#}"))
-        }
+    give_back(&shared, &trial, &not_started, &mut stop).await;
+    Started::No(not_started)
+}
+
+/// Gives a trial the worker could not start back to the queue, its attempt not counted.
+async fn give_back(
+    shared: &Shared,
+    trial: &proto::LeasedTrial,
+    reason: &str,
+    stop: &mut watch::Receiver<Option<String>>,
+) {
+    tracing::error!(trial = %trial.trial_id, %reason, "could not start the trial; giving it back");
+    let request = proto::ReleaseRequest {
+        trial_id: trial.trial_id.clone(),
+        lease_token: trial.lease_token.clone(),
+        worker_id: shared.worker_id.clone(),
+        reason: reason.to_string(),
+    };
+    let given = retry(
+        || {
+            let r = request.clone();
+            let mut c = shared.client.clone();
+            async move { c.release(r).await }
+        },
+        stop,
+    )
+    .await;
+    if let Err(why) = given {
+        tracing::warn!(trial = %trial.trial_id, %why, "could not give the trial back; its lease will expire");
     }
 }
 
@@ -91,7 +117,7 @@ async fn drive(
     shared: &Shared,
     slot: &Slot,
     trial: &proto::LeasedTrial,
-    mut stop: watch::Receiver<Option<String>>,
+    stop: &mut watch::Receiver<Option<String>>,
     mut child: Child,
 ) -> anyhow::Result<Option<String>> {
     let params: serde_json::Value = serde_json::from_str(&trial.params_json)?;
@@ -174,7 +200,7 @@ async fn drive(
                                 let mut c = shared.client.clone();
                                 async move { c.report_checkpoint(r).await }
                             },
-                            &mut stop,
+                            stop,
                         )
                         .await;
                         if let Err(why) = reported {
@@ -264,7 +290,7 @@ async fn drive(
             let mut c = shared.client.clone();
             async move { c.complete(r).await }
         },
-        &mut stop,
+        stop,
     )
     .await
     {
