@@ -7,7 +7,7 @@ mod harness;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use harness::{bin, Stack};
+use harness::{bin, stderr, Stack};
 
 /// Resident memory of a process, in bytes.
 fn rss(pid: u32) -> u64 {
@@ -18,10 +18,6 @@ fn rss(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap();
     kb * 1024
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 const BASE: &str = r#"

@@ -5,13 +5,9 @@ mod harness;
 use std::time::Duration;
 
 use ablate_schema::proto::{self, experiments_client::ExperimentsClient, workers_client::WorkersClient};
-use harness::{spec_path, Stack, RESUME_SPEC};
+use harness::{spec_path, stderr, Stack, RESUME_SPEC};
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn quickstart_sweep_finishes_with_one_row_per_metric_step() {

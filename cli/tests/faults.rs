@@ -9,7 +9,7 @@ mod harness;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use harness::{bin, Stack, RESUME_SPEC};
+use harness::{bin, text, Stack, RESUME_SPEC};
 
 const SPEC: &str = r#"
 name = "NAME"
@@ -24,14 +24,6 @@ checkpoint_every = 20
 searcher = "grid"
 params.seed = [0, 1, 2, 3, 4, 5]
 "#;
-
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// Starts a healthy worker and checks that it finishes all six trials of `SPEC`, each on its first attempt.
 async fn a_healthy_worker_finishes_every_trial_first_time(stack: &mut Stack, experiment: &str) {

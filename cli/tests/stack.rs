@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use harness::{bin, free_port};
+use harness::{bin, free_port, text};
 
 /// Runs `ablate` with a configuration folder of the test's own (where `ablate up` keeps its token).
 fn ablate(config: &Path, args: &[&str]) -> Output {
@@ -21,14 +21,6 @@ fn ablate(config: &Path, args: &[&str]) -> Output {
         .env_remove("ABLATE_TOKEN")
         .output()
         .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Pids of processes whose command line mentions `needle`.

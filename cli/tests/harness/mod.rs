@@ -39,6 +39,20 @@ pub fn spec_path(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// A command's stderr, as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A command's stdout and stderr, as text.
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// One seeded trial of 300 steps, checkpointed every 40, slowed to about 5 s:
 /// long enough to kill something under it. `NAME` is its name.
 pub const RESUME_SPEC: &str = r#"
