@@ -502,6 +502,7 @@ impl workers_server::Workers for WorkersService {
                     family: t.family,
                     params_json: t.params.to_string(),
                     spec_hash: t.spec_hash,
+                    fresh_process: t.fresh_process,
                     resume_from: t.resume_from.map(|c| proto::Checkpoint {
                         step: c.step,
                         path: c.path,

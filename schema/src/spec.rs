@@ -80,6 +80,25 @@ pub struct SweepSpec {
     /// How many times a trial may be leased before it is failed for good.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// What the trials need of a worker.
+    #[serde(default, skip_serializing_if = "Resources::is_default")]
+    pub resources: Resources,
+}
+
+/// What a spec's trials need of the worker that runs them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// Runs each trial in a fresh process instead of the slot's warm one (for
+    /// trials that change process-wide state).
+    #[serde(default)]
+    pub fresh_process: bool,
+}
+
+impl Resources {
+    fn is_default(&self) -> bool {
+        *self == Resources::default()
+    }
 }
 
 fn default_max_attempts() -> u32 {

@@ -1,6 +1,7 @@
 //! The worker daemon: registers, leases trials up to its free device slots,
 //! heartbeats the leases in hand and stops the trials it is told to stop.
-//! The slot, not the process, is the daemon's unit.
+//! The slot, not the process, is the daemon's unit: each free slot keeps its
+//! warm trial process, if it has one, for its next trial.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -13,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 
 use crate::backend::{self, Backend, Slot};
+use crate::process::TrialProcess;
 use crate::relay::Relay;
 use crate::runner::{self, Shared};
 
@@ -52,6 +54,12 @@ pub struct Options {
     /// provisioned data folder and /usr/share/datasets. Trials naming other paths fail.
     #[arg(long)]
     pub data_root: Vec<PathBuf>,
+    /// Runs every trial in a fresh process of its own. By default each slot keeps
+    /// one warm process (libtorch loaded, data sets read) for trial after trial,
+    /// and replaces it after a crash; a spec can ask for fresh processes with
+    /// `[resources] fresh_process = true`.
+    #[arg(long)]
+    pub fresh_process_per_trial: bool,
 }
 
 /// Why the worker can't start trials now, if so; sent with every heartbeat.
@@ -115,6 +123,7 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
         trial_exe: options.trial_exe.clone(),
         data_roots: options.data_root.clone(),
         worker_id: worker_id.to_string(),
+        fresh_processes: options.fresh_process_per_trial,
     });
     let held: Arc<Mutex<HashMap<String, Held>>> = Arc::default();
     let health: Health = Arc::default();
@@ -129,7 +138,7 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
     // A slot comes back with whether its trial started.
     let (freed_tx, mut freed_rx) = mpsc::unbounded_channel::<Back>();
     let mut slots = Slots {
-        free: slots,
+        free: slots.into_iter().map(|slot| (slot, None)).collect(),
         failures: 0,
         health: health.clone(),
     };
@@ -174,7 +183,7 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
             continue;
         }
         for trial in leased {
-            let slot = slots.free.pop().expect("never lease more than the free slots");
+            let (slot, warm) = slots.free.pop().expect("never lease more than the free slots");
             let (stop_tx, stop_rx) = watch::channel(None);
             held.lock().expect("held lock").insert(
                 trial.trial_id.clone(),
@@ -186,9 +195,9 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
             let (shared, held, freed) = (shared.clone(), held.clone(), freed_tx.clone());
             tokio::spawn(async move {
                 let id = trial.trial_id.clone();
-                let started = runner::run(shared, slot.clone(), trial, stop_rx).await;
+                let (started, warm) = runner::run(shared, slot.clone(), warm, trial, stop_rx).await;
                 held.lock().expect("held lock").remove(&id);
-                let _ = freed.send((slot, started));
+                let _ = freed.send((slot, warm, started));
             });
         }
     }
@@ -200,21 +209,21 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A slot given back by its trial's task, with whether the trial started.
-type Back = (Slot, runner::Started);
+/// A slot given back by its trial's task, with its warm process and whether the trial started.
+type Back = (Slot, Option<TrialProcess>, runner::Started);
 
-/// The free slots, and how many trials in a row could not be started (while
-/// above zero the worker leases one at a time, after a backoff).
+/// The free slots with their warm processes, and how many trials in a row could
+/// not be started (while above zero the worker leases one at a time, after a backoff).
 struct Slots {
-    free: Vec<Slot>,
+    free: Vec<(Slot, Option<TrialProcess>)>,
     failures: u32,
     health: Health,
 }
 
 impl Slots {
     fn back(&mut self, back: Option<Back>) {
-        let Some((slot, started)) = back else { return };
-        self.free.push(slot);
+        let Some((slot, warm, started)) = back else { return };
+        self.free.push((slot, warm));
         match started {
             runner::Started::Yes => {
                 if self.failures > 0 {

@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod daemon;
 pub mod local;
+mod process;
 mod relay;
 mod runner;
 pub mod storage;

@@ -18,7 +18,11 @@ enum Command {
     /// Registers with the coordinator and runs leased trials, one process per device slot.
     Daemon(daemon::Options),
     /// Runs one trial: its spec as JSON on stdin, metrics and events as JSON lines on stdout.
-    Trial,
+    Trial {
+        /// Runs one trial per stdin line, one after another, until stdin ends (a warm slot's process).
+        #[arg(long)]
+        warm: bool,
+    },
     /// Prints the devices this host offers and which libtorch backend is live.
     Devices,
     /// Runs every trial of a spec in this process, one per device slot, and prints the family's report.
@@ -59,9 +63,14 @@ fn main() -> anyhow::Result<()> {
             let backend = backend::init();
             tokio::runtime::Runtime::new()?.block_on(daemon::run(options, backend))
         }
-        Command::Trial => {
+        Command::Trial { warm } => {
             backend::init_quiet();
-            if let Err(error) = trial_process::run() {
+            let result = if warm {
+                trial_process::run_warm()
+            } else {
+                trial_process::run()
+            };
+            if let Err(error) = result {
                 // The daemon keeps this line as the trial's error.
                 eprintln!("error: {error:#}");
                 std::process::exit(1);

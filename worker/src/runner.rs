@@ -1,19 +1,17 @@
-//! One trial's life in the daemon: spawn its process, relay its metrics,
-//! record its checkpoints once the metrics before them are durable, obey stop
-//! orders, and report how it ended, all fenced by its lease token.
+//! One trial's life in the daemon: hand it to its slot's process, relay its
+//! metrics, record its checkpoints once the metrics before them are durable,
+//! obey stop orders, and report how it ended, all fenced by its lease token.
 
 use std::collections::VecDeque;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ablate_schema::proto;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch};
 use tonic::Code;
 
 use crate::backend::Slot;
+use crate::process::TrialProcess;
 use crate::relay::{Ack, Relay};
 use crate::trial_process::{Event, TrialInput};
 
@@ -21,10 +19,6 @@ use crate::trial_process::{Event, TrialInput};
 const BATCH_POINTS: usize = 4096;
 /// How long metric points may wait before they are sent.
 const BATCH_DELAY: Duration = Duration::from_millis(200);
-/// Lines of a failed trial's stderr kept with the failure.
-const STDERR_LINES: usize = 40;
-/// Time between SIGTERM and SIGKILL when a trial is stopped.
-const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// What the daemon shares with every runner.
 pub struct Shared {
@@ -39,6 +33,8 @@ pub struct Shared {
     pub data_roots: Vec<std::path::PathBuf>,
     /// This daemon's id, for the coordinator's records of what it gave back.
     pub worker_id: String,
+    /// Every trial in a fresh process of its own, none kept warm.
+    pub fresh_processes: bool,
 }
 
 /// Whether the worker got a trial going.
@@ -49,28 +45,52 @@ pub enum Started {
     No(String),
 }
 
-/// A trial ends one of three ways.
+/// How a trial process's part ended.
 enum End {
+    /// A warm process finished the trial (with its error if it failed) and waits for the next.
+    Done(Option<String>),
     Exited(std::process::ExitStatus),
     /// The lease is gone (stale, cancelled, pruned): nothing more is reported.
     Stopped(String),
 }
 
-/// Runs one leased trial to its end. Never panics the daemon: every error is reported or logged.
+/// How `drive` left the trial.
+enum Driven {
+    /// Its outcome was reported (or its lease is gone); the process, if it may run the slot's next trial.
+    Ended(Option<TrialProcess>),
+    /// The worker could not start it, for this reason.
+    NotStarted(String),
+}
+
+/// Runs one leased trial to its end in the slot's warm process (`warm`, when it
+/// has one that fits) or a new one. Returns whether it started, and the process
+/// to keep for the slot's next trial. Never panics the daemon: every error is
+/// reported or logged.
 pub async fn run(
     shared: Arc<Shared>,
     slot: Slot,
+    warm: Option<TrialProcess>,
     trial: proto::LeasedTrial,
     mut stop: watch::Receiver<Option<String>>,
-) -> Started {
+) -> (Started, Option<TrialProcess>) {
     let id = trial.trial_id.clone();
+    let fresh = shared.fresh_processes || trial.fresh_process;
+    // A process that does not fit (or died while idle) is dropped, which kills it.
+    let warm = warm.filter(|p| !fresh && p.device == slot.device);
+    let warm = warm.and_then(|mut p| (!p.exited()).then_some(p));
     tracing::info!(trial = %id, slot = %slot.name, attempt = trial.attempt,
-        resume_step = trial.resume_from.as_ref().map(|c| c.step), "trial starting");
-    let not_started = match spawn_trial_process(&shared.trial_exe) {
+        resume_step = trial.resume_from.as_ref().map(|c| c.step),
+        process = warm.as_ref().and_then(|p| p.pid()).map(|p| format!("warm pid {p}")).unwrap_or_else(|| "new".into()),
+        "trial starting");
+    let process = match warm {
+        Some(p) => Ok(p),
+        None => TrialProcess::spawn(&shared.trial_exe, !fresh, &slot.device),
+    };
+    let not_started = match process {
         Err(error) => format!("cannot start trial processes ({}): {error}", shared.trial_exe.display()),
-        Ok(child) => match drive(&shared, &slot, &trial, &mut stop, child).await {
-            Ok(Some(reason)) => reason,
-            Ok(None) => return Started::Yes,
+        Ok(process) => match drive(&shared, &slot, &trial, &mut stop, process).await {
+            Ok(Driven::Ended(keep)) => return (Started::Yes, keep),
+            Ok(Driven::NotStarted(reason)) => reason,
             // Never leave a lease hanging on a runner failure: the trial goes back.
             Err(error) => {
                 tracing::error!(trial = %id, %error, "trial runner failed");
@@ -79,7 +99,7 @@ pub async fn run(
         },
     };
     give_back(&shared, &trial, &not_started, &mut stop).await;
-    Started::No(not_started)
+    (Started::No(not_started), None)
 }
 
 /// Gives a trial the worker could not start back to the queue, its attempt not counted.
@@ -118,8 +138,8 @@ async fn drive(
     slot: &Slot,
     trial: &proto::LeasedTrial,
     stop: &mut watch::Receiver<Option<String>>,
-    mut child: Child,
-) -> anyhow::Result<Option<String>> {
+    mut process: TrialProcess,
+) -> anyhow::Result<Driven> {
     let params: serde_json::Value = serde_json::from_str(&trial.params_json)?;
     let input = TrialInput {
         trial_id: trial.trial_id.clone(),
@@ -134,41 +154,30 @@ async fn drive(
         scratch_dir: shared.scratch_dir.clone(),
         data_roots: shared.data_roots.clone(),
     };
-    let mut stdin = child.stdin.take().expect("stdin is piped");
-    // A process that dies at once (its loader failed) closes stdin first: its
-    // exit status, read below, says what happened.
-    if let Err(error) = stdin.write_all(serde_json::to_string(&input)?.as_bytes()).await {
-        tracing::debug!(trial = %trial.trial_id, %error, "the trial process took no input");
-    }
-    drop(stdin);
-
-    let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
-    let stderr_task = {
-        let tail = stderr_tail.clone();
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let id = trial.trial_id.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                tracing::debug!(trial = %id, "{line}");
-                let mut t = tail.lock().expect("stderr tail lock");
-                if t.len() == STDERR_LINES {
-                    t.pop_front();
-                }
-                t.push_back(line);
+    if let Err(error) = process.send(&input).await {
+        if process.trials > 1 {
+            // A warm process that died between trials is the worker's matter, not
+            // the trial's: a new one takes the trial.
+            tracing::warn!(trial = %trial.trial_id, %error, "the slot's warm process is gone; starting a new one");
+            process = TrialProcess::spawn(&shared.trial_exe, process.warm, &slot.device)?;
+            if let Err(error) = process.send(&input).await {
+                tracing::debug!(trial = %trial.trial_id, %error, "the trial process took no input");
             }
-        })
-    };
+        } else {
+            // A process that dies at once (its loader failed) closes stdin first: its
+            // exit status, read below, says what happened.
+            tracing::debug!(trial = %trial.trial_id, %error, "the trial process took no input");
+        }
+    }
 
     let mut metrics = Batcher::new(trial);
     let mut outputs = serde_json::Map::new();
     // Whether the process said anything on stdout: a trial that ran did.
     let mut any_event = false;
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
     let mut tick = tokio::time::interval(BATCH_DELAY);
     let end = loop {
         tokio::select! {
-            line = lines.next_line() => match line?.inspect(|_| any_event = true) {
+            line = process.stdout.next_line() => match line?.inspect(|_| any_event = true) {
                 Some(line) => match serde_json::from_str::<Event>(&line) {
                     Ok(Event::M(name, step, value)) => {
                         metrics.push(name, step, value);
@@ -179,6 +188,7 @@ async fn drive(
                     Ok(Event::Output(name, value)) => {
                         outputs.insert(name, value);
                     }
+                    Ok(Event::Done(error)) => break End::Done(error),
                     Ok(Event::Checkpoint(written)) => {
                         // A checkpoint is recorded only after every metric before it is durable,
                         // so a resume from it never skips a point.
@@ -209,7 +219,7 @@ async fn drive(
                     }
                     Err(_) => tracing::warn!(trial = %trial.trial_id, %line, "ignoring a stdout line that is not an event"),
                 },
-                None => break End::Exited(child.wait().await?),
+                None => break End::Exited(process.wait().await?),
             },
             _ = tick.tick() => {
                 if metrics.len() > 0 {
@@ -226,54 +236,65 @@ async fn drive(
         }
     };
 
-    let status = match end {
+    match &end {
         End::Stopped(why) => {
             tracing::info!(trial = %trial.trial_id, %why, "stopping trial");
-            terminate(&mut child).await;
-            return Ok(None);
+            process.terminate().await;
+            return Ok(Driven::Ended(None));
         }
-        End::Exited(status) => status,
-    };
-    let _ = stderr_task.await;
-    let tail: Vec<String> = stderr_tail.lock().expect("stderr tail lock").iter().cloned().collect();
-    // The process never ran the trial: the loader could not find its program or
-    // libraries (a node that lost libtorch or its shared file system). The
-    // worker's fault, not the trial's: it goes back without spending an attempt.
-    if status.code() == Some(LOADER_FAILED) && metrics.len() == 0 && outputs.is_empty() && !any_event {
-        let last = tail
-            .iter()
+        End::Done(_) => process.wait_done_mark(&trial.trial_id).await,
+        End::Exited(_) => {}
+    }
+    let tail = process.tail();
+    // A warm process that finished its trial stays for the slot's next one.
+    let keep = matches!(end, End::Done(_)) && process.warm;
+    let last_line = || {
+        tail.iter()
             .rev()
             .find(|l| !l.trim().is_empty())
             .cloned()
-            .unwrap_or_default();
-        return Ok(Some(format!("trial processes cannot start ({status}): {last}")));
+            .unwrap_or_default()
+    };
+    // The process never ran the trial: the loader could not find its program or
+    // libraries (a node that lost libtorch or its shared file system). The
+    // worker's fault, not the trial's: it goes back without spending an attempt.
+    if let End::Exited(status) = &end {
+        if status.code() == Some(LOADER_FAILED) && metrics.len() == 0 && outputs.is_empty() && !any_event {
+            return Ok(Driven::NotStarted(format!(
+                "trial processes cannot start ({status}): {}",
+                last_line()
+            )));
+        }
     }
+    let kept = |process: TrialProcess| Driven::Ended(keep.then_some(process));
     if let Err(why) = metrics.drain(&shared.relay).await {
         tracing::info!(trial = %trial.trial_id, %why, "trial finished but its lease is gone");
-        return Ok(None);
+        return Ok(kept(process));
     }
-    let reported_error = tail.iter().rev().find(|l| l.starts_with("error: ")).cloned();
-    let (outcome, error) = if status.success() {
-        ("succeeded", String::new())
-    } else {
-        let last = reported_error
-            .clone()
-            .or_else(|| tail.iter().rev().find(|l| !l.trim().is_empty()).cloned())
-            .unwrap_or_default();
-        // Exit code 1 with an `error: ` line is the trial's own failure (bad
-        // parameters, divergence, data): running it again would fail again.
-        // Anything else (a signal such as the OOM killer's, a panic, a segfault
-        // in libtorch) is a crash: the coordinator retries it from its checkpoint.
-        let own_failure = status.code() == Some(1) && reported_error.is_some();
-        let outcome = if own_failure { "failed" } else { "crashed" };
-        (outcome, format!("trial process {status}: {last}"))
+    let (outcome, error) = match &end {
+        End::Done(None) => ("succeeded", String::new()),
+        // The trial's own failure (bad parameters, divergence, data): running it again would fail again.
+        End::Done(Some(error)) => ("failed", format!("trial failed: error: {error}")),
+        End::Exited(status) if status.success() => ("succeeded", String::new()),
+        End::Exited(status) => {
+            let reported_error = tail.iter().rev().find(|l| l.starts_with("error: ")).cloned();
+            // Exit code 1 with an `error: ` line is a fresh process's report of the
+            // trial's own failure. Anything else (a signal such as the OOM killer's,
+            // a panic, a segfault in libtorch) is a crash: the coordinator retries
+            // it from its checkpoint.
+            let own_failure = status.code() == Some(1) && reported_error.is_some();
+            let last = reported_error.unwrap_or_else(last_line);
+            let outcome = if own_failure { "failed" } else { "crashed" };
+            (outcome, format!("trial process {status}: {last}"))
+        }
+        End::Stopped(_) => unreachable!("a stopped trial returned above"),
     };
     let request = proto::CompleteRequest {
         trial_id: trial.trial_id.clone(),
         lease_token: trial.lease_token.clone(),
         outcome: outcome.into(),
         error,
-        stderr_tail: if status.success() {
+        stderr_tail: if outcome == "succeeded" {
             String::new()
         } else {
             tail.join("\n")
@@ -299,37 +320,7 @@ async fn drive(
             tracing::info!(trial = %trial.trial_id, %why, "trial finished but its lease is gone")
         }
     }
-    Ok(None)
-}
-
-fn spawn_trial_process(exe: &std::path::Path) -> anyhow::Result<Child> {
-    let mut command = Command::new(exe);
-    command
-        .arg("trial")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the
-    // trial if the daemon dies, so no trial outlives its daemon.
-    unsafe {
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    Ok(command.spawn()?)
-}
-
-/// SIGTERM, then SIGKILL after the grace period.
-async fn terminate(child: &mut Child) {
-    if let Some(pid) = child.id() {
-        // SAFETY: signalling our own child by pid.
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    }
-    if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
-        let _ = child.kill().await;
-    }
+    Ok(kept(process))
 }
 
 /// Retries a fenced call while the coordinator is unreachable; gives up when the lease is stale or the trial is stopped.

@@ -1,5 +1,12 @@
-//! The trial process: one trial, its spec as JSON on stdin, its metrics and
+//! The trial process: its trial's input as JSON on stdin, its metrics and
 //! events as JSON lines on stdout, its logs on stderr.
+//!
+//! Cold (`ablate-worker trial`): one trial, its input up to the end of stdin;
+//! it exits 0, or 1 after an `error: ` line on stderr.
+//! Warm (`ablate-worker trial --warm`): one input per line, run one after
+//! another in this process (libtorch loaded once, data sets read once); each
+//! trial ends with a [`Event::Done`] event on stdout and a [`DONE_MARK`] line
+//! on stderr, after which its stderr is complete. It exits at the end of stdin.
 
 use std::io::{BufWriter, Read, Write};
 use std::time::{Duration, Instant};
@@ -39,7 +46,12 @@ pub enum Event {
     Checkpoint(storage::Written),
     /// A named result kept with the trial: (name, value).
     Output(String, Value),
+    /// Warm processes: the trial ended, with its error if it failed.
+    Done(Option<String>),
 }
+
+/// The stderr line a warm process writes after each trial, followed by the trial's id.
+pub const DONE_MARK: &str = "ablate-trial-done ";
 
 /// Writes events to stdout, flushing at least every 100 ms.
 struct StdoutEvents {
@@ -79,6 +91,44 @@ pub fn run() -> anyhow::Result<()> {
     let mut text = String::new();
     std::io::stdin().read_to_string(&mut text)?;
     let input: TrialInput = serde_json::from_str(&text)?;
+    let events = stdout_events();
+    let result = run_one(&input, &events);
+    events.borrow_mut().flush();
+    result
+}
+
+/// Runs every trial of stdin, one input per line, until stdin ends.
+pub fn run_warm() -> anyhow::Result<()> {
+    let events = stdout_events();
+    for line in std::io::stdin().lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let input: TrialInput = serde_json::from_str(&line)?;
+        let result = run_one(&input, &events);
+        let error = result.err().map(|e| format!("{e:#}"));
+        if let Some(error) = &error {
+            eprintln!("error: {error}");
+        }
+        let mut e = events.borrow_mut();
+        e.emit(&Event::Done(error));
+        e.flush();
+        eprintln!("{DONE_MARK}{}", input.trial_id);
+    }
+    Ok(())
+}
+
+type Events = std::rc::Rc<std::cell::RefCell<StdoutEvents>>;
+
+fn stdout_events() -> Events {
+    std::rc::Rc::new(std::cell::RefCell::new(StdoutEvents {
+        out: BufWriter::with_capacity(1 << 16, std::io::stdout()),
+        last_flush: Instant::now(),
+    }))
+}
+
+fn run_one(input: &TrialInput, events: &Events) -> anyhow::Result<()> {
     let family = Family::parse(&input.family).map_err(|e| anyhow::anyhow!(e))?;
     tch::set_num_threads(input.threads as i32);
     let device = crate::backend::device(&input.device)?;
@@ -94,10 +144,6 @@ pub fn run() -> anyhow::Result<()> {
     }
     let (store, prefix) = storage::open(&input.object_store)?;
     std::fs::create_dir_all(&input.scratch_dir)?;
-    let events = std::rc::Rc::new(std::cell::RefCell::new(StdoutEvents {
-        out: BufWriter::with_capacity(1 << 16, std::io::stdout()),
-        last_flush: Instant::now(),
-    }));
     let on_written = {
         let events = events.clone();
         Box::new(move |w: storage::Written| {
@@ -123,7 +169,7 @@ pub fn run() -> anyhow::Result<()> {
         scratch: input.scratch_dir.clone().into(),
         on_written,
     };
-    let mut sink = Sink(&events);
+    let mut sink = Sink(events);
     let mut ctx = TrialContext {
         device,
         checkpoints: &mut checkpoints,

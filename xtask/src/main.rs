@@ -450,7 +450,8 @@ fn main() -> ExitCode {
         Some("provision") => provision_libtorch()
             .and_then(|_| provision_postgres())
             .and_then(|_| provision_datasets())
-            .and_then(|_| provision_dsir_reference().map(|_| ())),
+            .and_then(|_| provision_dsir_reference().map(|_| ()))
+            .and_then(|_| provision_moto().map(|_| ())),
         _ => Err("usage: cargo xtask <demo [SPEC]|test|bench [dsir]|build [--release]|check|provision>".into()),
     };
     match result {

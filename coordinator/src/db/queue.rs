@@ -27,6 +27,7 @@ pub struct LeasedTrial {
     pub params: Value,
     pub resume_from: Option<CheckpointRecord>,
     pub spec_hash: String,
+    pub fresh_process: bool,
 }
 
 /// Leases up to `max` pending trials to `worker` in one statement.
@@ -49,6 +50,7 @@ pub async fn lease(pool: &PgPool, worker: WorkerId, max: u32, ttl: Duration) -> 
          from picked, experiments e
          where t.id = picked.id and e.id = t.experiment_id
          returning t.id, t.experiment_id, t.lease_token, t.attempt, e.family, t.params, e.spec_hash,
+             coalesce((e.spec #>> '{resources,fresh_process}')::boolean, false) as fresh_process,
              (select jsonb_build_object('step', c.step, 'path', c.path, 'bytes', c.bytes)
               from checkpoints c where c.trial_id = t.id order by c.step desc limit 1) as checkpoint",
     )
@@ -68,6 +70,7 @@ pub async fn lease(pool: &PgPool, worker: WorkerId, max: u32, ttl: Duration) -> 
                 family: row.try_get("family")?,
                 params: row.try_get("params")?,
                 spec_hash: row.try_get("spec_hash")?,
+                fresh_process: row.try_get("fresh_process")?,
                 resume_from: checkpoint.map(|c| CheckpointRecord {
                     step: c["step"].as_i64().unwrap_or(0),
                     path: c["path"].as_str().unwrap_or_default().to_string(),

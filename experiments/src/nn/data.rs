@@ -54,7 +54,80 @@ pub fn digits(device: Device) -> Classification {
     }
 }
 
-fn read_idx(path: &std::path::Path, magic: u32) -> Result<(Vec<usize>, Vec<u8>), String> {
+/// Data files read by earlier trials of this process (a warm slot's runs trial
+/// after trial), decoded, keyed by what was read and the files' sizes and
+/// modification times, so a changed file is read again.
+mod cache {
+    use std::any::Any;
+    use std::collections::HashMap;
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+    use std::time::SystemTime;
+
+    /// Above this many bytes held, the cache starts over.
+    const MAX_BYTES: usize = 4 << 30;
+
+    type Stamp = Vec<(u64, Option<SystemTime>)>;
+
+    #[derive(Default)]
+    struct Cache {
+        bytes: usize,
+        entries: HashMap<String, (Stamp, Arc<dyn Any + Send + Sync>)>,
+    }
+
+    static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
+
+    fn stamp(files: &[&Path]) -> Stamp {
+        files
+            .iter()
+            .map(|f| match std::fs::metadata(f) {
+                Ok(m) => (m.len(), m.modified().ok()),
+                Err(_) => (u64::MAX, None),
+            })
+            .collect()
+    }
+
+    /// `load()`'s value for `key` over `files`, from memory when the files are unchanged.
+    pub fn get<T: Any + Send + Sync>(
+        key: &str,
+        files: &[&Path],
+        size: impl Fn(&T) -> usize,
+        load: impl FnOnce() -> Result<T, String>,
+    ) -> Result<Arc<T>, String> {
+        let stamp = stamp(files);
+        if let Some(cache) = CACHE.lock().expect("data cache lock").as_ref() {
+            if let Some((s, value)) = cache.entries.get(key) {
+                if *s == stamp {
+                    if let Ok(value) = value.clone().downcast::<T>() {
+                        return Ok(value);
+                    }
+                }
+            }
+        }
+        let value = Arc::new(load()?);
+        let mut guard = CACHE.lock().expect("data cache lock");
+        let cache = guard.get_or_insert_with(Cache::default);
+        let bytes = size(&value);
+        if cache.bytes + bytes > MAX_BYTES {
+            *cache = Cache::default();
+        }
+        cache.bytes += bytes;
+        cache.entries.insert(key.to_string(), (stamp, value.clone()));
+        Ok(value)
+    }
+}
+
+/// An IDX file's dimensions and data bytes, read once per process while it is unchanged.
+fn read_idx(path: &std::path::Path, magic: u32) -> Result<std::sync::Arc<(Vec<usize>, Vec<u8>)>, String> {
+    cache::get(
+        &format!("idx {magic:#x} {}", path.display()),
+        &[path],
+        |(_, bytes): &(Vec<usize>, Vec<u8>)| bytes.len(),
+        || read_idx_file(path, magic),
+    )
+}
+
+fn read_idx_file(path: &std::path::Path, magic: u32) -> Result<(Vec<usize>, Vec<u8>), String> {
     use std::io::Read;
     let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut bytes = Vec::new();
@@ -100,17 +173,18 @@ pub fn idx_images(dir: &str, device: Device, how_to_get: &str) -> Result<Classif
                 labels.display()
             ));
         }
-        let (dims, pixels) = read_idx(&images, 0x0803)?;
-        let (label_dims, label_bytes) = read_idx(&labels, 0x0801)?;
+        let image_file = read_idx(&images, 0x0803)?;
+        let label_file = read_idx(&labels, 0x0801)?;
+        let ((dims, pixels), (label_dims, label_bytes)) = (&*image_file, &*label_file);
         if dims[0] != label_dims[0] {
             return Err(format!("{split}: {} images but {} labels", dims[0], label_dims[0]));
         }
         let features = (dims[1] * dims[2]) as i64;
-        let x = Tensor::from_slice(&pixels)
+        let x = Tensor::from_slice(pixels)
             .to_kind(Kind::Float)
             .view([dims[0] as i64, features])
             / 255.0;
-        let y = Tensor::from_slice(&label_bytes).to_kind(Kind::Int64);
+        let y = Tensor::from_slice(label_bytes).to_kind(Kind::Int64);
         Ok((x.to_device(device), y.to_device(device), features))
     };
     let (train_x, train_y, features) = load("train")?;
@@ -175,7 +249,8 @@ fn corpus(train: &[u8], eval: &[u8], dir: &str, context: i64, device: Device) ->
     })
 }
 
-fn text_bytes(dir: &str, how_to_get: &str) -> Result<Vec<u8>, String> {
+/// Every `.txt` file of `dir` in name order, each followed by a newline; read once per process while they are unchanged.
+fn text_bytes(dir: &str, how_to_get: &str) -> Result<std::sync::Arc<Vec<u8>>, String> {
     let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| format!("text directory {dir}: {e}; {how_to_get}"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -185,12 +260,15 @@ fn text_bytes(dir: &str, how_to_get: &str) -> Result<Vec<u8>, String> {
     if files.is_empty() {
         return Err(format!("no .txt files in {dir}; {how_to_get}"));
     }
-    let mut bytes = Vec::new();
-    for f in &files {
-        bytes.extend(std::fs::read(f).map_err(|e| format!("{}: {e}", f.display()))?);
-        bytes.push(b'\n');
-    }
-    Ok(bytes)
+    let paths: Vec<&std::path::Path> = files.iter().map(|f| f.as_path()).collect();
+    cache::get(&format!("text {dir}"), &paths, Vec::len, || {
+        let mut bytes = Vec::new();
+        for f in &files {
+            bytes.extend(std::fs::read(f).map_err(|e| format!("{}: {e}", f.display()))?);
+            bytes.push(b'\n');
+        }
+        Ok(bytes)
+    })
 }
 
 /// `n` standard normal draws (Box-Muller on `rng`), the same on every device.

@@ -1,0 +1,165 @@
+//! A trial process as the runner sees it: its pipes, the tail of its stderr,
+//! and whether it stays for the slot's next trial (a warm process) or runs one
+//! trial and exits (a fresh one).
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::trial_process::{TrialInput, DONE_MARK};
+
+/// Lines of a failed trial's stderr kept with the failure.
+const STDERR_LINES: usize = 40;
+/// Time between SIGTERM and SIGKILL when a trial is stopped.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a warm process's stderr may lag behind its stdout at the end of a trial.
+const STDERR_LAG: Duration = Duration::from_secs(2);
+
+/// The stderr lines of the trial running now, and its id for the log.
+#[derive(Default)]
+struct Tail {
+    trial: String,
+    lines: VecDeque<String>,
+}
+
+pub struct TrialProcess {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    pub stdout: Lines<BufReader<ChildStdout>>,
+    tail: Arc<Mutex<Tail>>,
+    /// The id of the last trial whose end the process marked on stderr.
+    done: watch::Receiver<String>,
+    stderr_task: Option<JoinHandle<()>>,
+    /// Whether it runs trial after trial (`trial --warm`).
+    pub warm: bool,
+    /// The device its trials run on; a slot's next trial on another device gets a new process.
+    pub device: String,
+    /// Trials handed to it so far.
+    pub trials: u32,
+}
+
+impl TrialProcess {
+    /// Starts `<exe> trial` (or `trial --warm`); the kernel kills it if the daemon dies.
+    pub fn spawn(exe: &Path, warm: bool, device: &str) -> anyhow::Result<TrialProcess> {
+        let mut command = Command::new(exe);
+        command.arg("trial");
+        if warm {
+            command.arg("--warm");
+        }
+        command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the
+        // trial if the daemon dies, so no trial outlives its daemon.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn()?;
+        let tail: Arc<Mutex<Tail>> = Arc::default();
+        let (done_tx, done) = watch::channel(String::new());
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let stderr_task = {
+            let tail = tail.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Some(id) = line.strip_prefix(DONE_MARK) {
+                        let _ = done_tx.send(id.to_string());
+                        continue;
+                    }
+                    let mut t = tail.lock().expect("stderr tail lock");
+                    tracing::debug!(trial = %t.trial, "{line}");
+                    if t.lines.len() == STDERR_LINES {
+                        t.lines.pop_front();
+                    }
+                    t.lines.push_back(line);
+                }
+            })
+        };
+        Ok(TrialProcess {
+            stdin: child.stdin.take(),
+            stdout: BufReader::new(child.stdout.take().expect("stdout is piped")).lines(),
+            child,
+            tail,
+            done,
+            stderr_task: Some(stderr_task),
+            warm,
+            device: device.to_string(),
+            trials: 0,
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Whether the process has exited (a warm process may die between trials).
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Hands it a trial: one line to a warm process; the whole of stdin, then its end, to a fresh one.
+    pub async fn send(&mut self, input: &TrialInput) -> std::io::Result<()> {
+        {
+            let mut t = self.tail.lock().expect("stderr tail lock");
+            t.trial = input.trial_id.clone();
+            t.lines.clear();
+        }
+        self.trials += 1;
+        let mut text = serde_json::to_vec(input)?;
+        let Some(stdin) = self.stdin.as_mut() else {
+            return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "stdin closed"));
+        };
+        if self.warm {
+            text.push(b'\n');
+            stdin.write_all(&text).await?;
+            stdin.flush().await
+        } else {
+            let written = stdin.write_all(&text).await;
+            self.stdin = None;
+            written
+        }
+    }
+
+    /// Waits until a warm process has marked `trial`'s end on stderr, so its tail is complete.
+    pub async fn wait_done_mark(&mut self, trial: &str) {
+        let _ = tokio::time::timeout(STDERR_LAG, self.done.wait_for(|id| id == trial)).await;
+    }
+
+    /// Waits for the process to exit, and for the rest of its stderr.
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        let status = self.child.wait().await?;
+        if let Some(task) = self.stderr_task.take() {
+            let _ = tokio::time::timeout(STDERR_LAG, task).await;
+        }
+        Ok(status)
+    }
+
+    /// The current trial's stderr lines, oldest first.
+    pub fn tail(&self) -> Vec<String> {
+        self.tail.lock().expect("stderr tail lock").lines.iter().cloned().collect()
+    }
+
+    /// SIGTERM, then SIGKILL after the grace period.
+    pub async fn terminate(&mut self) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: signalling our own child by pid.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+        if tokio::time::timeout(STOP_GRACE, self.child.wait()).await.is_err() {
+            let _ = self.child.kill().await;
+        }
+    }
+}
