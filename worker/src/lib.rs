@@ -11,6 +11,7 @@ pub mod local;
 mod process;
 mod relay;
 mod runner;
+pub mod step_bench;
 pub mod storage;
 pub mod trial_process;
 

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use ablate_worker::{backend, daemon, local, trial_process};
+use ablate_worker::{backend, daemon, local, step_bench, trial_process};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -25,6 +25,9 @@ enum Command {
     },
     /// Prints the devices this host offers and which libtorch backend is live.
     Devices,
+    /// Times one training step of a built-in model (for `cargo xtask bench`).
+    #[command(hide = true)]
+    BenchStep(step_bench::Options),
     /// Runs every trial of a spec in this process, one per device slot, and prints the family's report.
     /// No coordinator, database or object store: for a machine with devices and nothing else.
     Sweep {
@@ -123,6 +126,7 @@ fn main() -> anyhow::Result<()> {
             print!("{}", report.to_text());
             Ok(())
         }
+        Command::BenchStep(options) => step_bench::run(&options),
         Command::Devices => {
             let backend = backend::init();
             for d in backend::discover("auto", &backend)? {

@@ -463,10 +463,35 @@ fn main() -> ExitCode {
     }
 }
 
+/// The peers `bench` runs beside ours (Ray Tune, Optuna, MLflow, PyTorch), in a venv of their own.
+fn provision_peers() -> Result<PathBuf> {
+    let venv = cache_dir().join("peers-venv");
+    let python = venv.join("bin/python");
+    let ready = venv.join(".ablate-peers-ready");
+    if ready.exists() {
+        return Ok(python);
+    }
+    eprintln!("xtask: installing the bench's peers from PyPI into {} (once; several GB with torch)", venv.display());
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        &format!("torch=={TORCH_VERSION}"),
+        "ray[tune]",
+        "optuna",
+        "mlflow",
+        "psycopg2-binary",
+    ]))?;
+    std::fs::write(&ready, "").map_err(|e| e.to_string())?;
+    Ok(python)
+}
+
 fn bench(args: &[String]) -> Result {
     provision_libtorch()?;
     provision_datasets()?;
     let dsir_python = provision_dsir_reference()?;
+    let peers_python = provision_peers()?;
+    build("release")?;
     run(&mut cargo(&[
         "build",
         "--release",
@@ -480,6 +505,8 @@ fn bench(args: &[String]) -> Result {
     command
         .args(args)
         .env("DATABASE_URL", url)
-        .env("ABLATE_DSIR_PYTHON", dsir_python);
+        .env("ABLATE_DSIR_PYTHON", dsir_python)
+        .env("ABLATE_PEERS_PYTHON", peers_python)
+        .env("ABLATE_WORKER_BIN", bin_dir("release").join("ablate-worker"));
     run(&mut command)
 }

@@ -1,10 +1,23 @@
-//! `ablate-bench` (run it with `cargo xtask bench`): control-plane and metric
-//! ingest throughput through a real coordinator over gRPC on loopback and a
-//! durable PostgreSQL, beside raw PostgreSQL baselines measured in the same run.
-//! It prints a table; it asserts nothing about time. `ablate-bench dsir` runs only
-//! the DSIR rows: documents/s of our importance weights beside the reference
-//! package's (data-selection 1.0.3, from the python named by ABLATE_DSIR_PYTHON),
-//! on the same corpus in the same run.
+//! `ablate-bench` (run it with `cargo xtask bench`): ablate beside its peers
+//! and beside raw PostgreSQL, all measured in the same run on this machine, so
+//! the ratios hold on any machine even where the absolute figures move. It
+//! prints tables and, with `--json FILE`, writes the side-by-side rows as a
+//! JSON list of `{name, ours, peer, peer_name, unit, ratio}` (ratio > 1: ours
+//! is better). It asserts nothing about time.
+//!
+//! - Control plane: trial lifecycles through a real coordinator over gRPC on
+//!   loopback and a durable PostgreSQL (beside Optuna's RDB storage), metric
+//!   ingest (beside MLflow's `log_batch`), each also as a share of the raw
+//!   PostgreSQL rows of the same run (one-row commits, UNNEST and binary COPY
+//!   into a table shaped and keyed like `metrics`).
+//! - Sweep bookkeeping: sleeping trials on 2 slots through a real worker daemon
+//!   (ABLATE_WORKER_BIN), beside Ray Tune and Optuna on the same work.
+//! - The training step: the quickstart MLP and a small GPT in tch beside the
+//!   same models in PyTorch from Python, same libtorch, same threads.
+//! - DSIR: documents/s of our importance weights beside data-selection 1.0.3.
+//!
+//! The peers run from ABLATE_PEERS_PYTHON (xtask/scripts/peers.py); rows whose
+//! peer is missing say so. `ablate-bench dsir` runs only the DSIR rows.
 
 use std::time::{Duration, Instant};
 
@@ -15,13 +28,67 @@ use tonic::transport::Channel;
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
+/// One figure of ours, beside a peer's on the same work where there is one.
 struct Row {
-    what: String,
+    name: String,
     ours: f64,
+    peer: Option<f64>,
+    peer_name: String,
     unit: &'static str,
-    reference: &'static str,
-    target: &'static str,
-    extra: String,
+    /// Rates: larger is better; times: smaller is.
+    higher_is_better: bool,
+    note: String,
+}
+
+impl Row {
+    fn new(name: impl Into<String>, ours: f64, unit: &'static str) -> Row {
+        Row {
+            name: name.into(),
+            ours,
+            peer: None,
+            peer_name: String::new(),
+            unit,
+            higher_is_better: true,
+            note: String::new(),
+        }
+    }
+
+    fn peer(mut self, name: &str, figure: std::result::Result<f64, String>) -> Row {
+        self.peer_name = name.into();
+        match figure {
+            Ok(f) => self.peer = Some(f),
+            Err(why) => self.note = format!("{} not measured: {why}", name),
+        }
+        self
+    }
+
+    fn note(mut self, note: impl Into<String>) -> Row {
+        let note = note.into();
+        self.note = if self.note.is_empty() { note } else { format!("{note}; {}", self.note) };
+        self
+    }
+
+    fn lower_is_better(mut self) -> Row {
+        self.higher_is_better = false;
+        self
+    }
+
+    /// How many times better ours is than the peer's.
+    fn ratio(&self) -> Option<f64> {
+        let peer = self.peer.filter(|p| *p > 0.0)?;
+        Some(if self.higher_is_better { self.ours / peer } else { peer / self.ours })
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "ours": self.ours,
+            "peer": self.peer,
+            "peer_name": self.peer_name,
+            "unit": self.unit,
+            "ratio": self.ratio(),
+        })
+    }
 }
 
 fn spec(name: &str, trials: usize) -> String {
@@ -150,6 +217,17 @@ async fn metric_ingest(addr: &str, streams: usize, per_trial: usize, batch: usiz
                     break;
                 }
             }
+            // Done with it: a trial left running would be re-leased by the sweep rows' worker.
+            client
+                .complete(proto::CompleteRequest {
+                    trial_id: trial.trial_id,
+                    lease_token: trial.lease_token,
+                    outcome: "succeeded".into(),
+                    error: String::new(),
+                    stderr_tail: String::new(),
+                    outputs_json: String::new(),
+                })
+                .await?;
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(durable * batch)
         }));
     }
@@ -186,33 +264,144 @@ async fn raw_commits(url: &str, conns: usize, per_conn: usize) -> Result<f64> {
     Ok((conns * per_conn) as f64 / start.elapsed().as_secs_f64())
 }
 
-/// Raw PostgreSQL: rows/s for multi-row INSERT ... SELECT FROM UNNEST, `batch` rows per commit.
+/// A table shaped and keyed like `metrics`, for the raw baselines of metric ingest.
+async fn metrics_shaped(pool: &sqlx::PgPool) -> Result {
+    sqlx::query(
+        "create table if not exists bench_metrics (
+             trial_id uuid not null, name_id integer not null, step bigint not null,
+             value double precision not null, recorded_at timestamptz not null default now(),
+             primary key (trial_id, name_id, step))",
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Raw PostgreSQL: rows/s for INSERT ... SELECT FROM UNNEST into the metrics-shaped
+/// table, `batch` rows (two metrics) per commit.
 async fn raw_unnest(url: &str, batches: usize, batch: usize) -> Result<f64> {
     let pool = PgPoolOptions::new().max_connections(1).connect(url).await?;
-    let steps: Vec<i64> = (0..batch as i64).collect();
-    let values: Vec<f64> = steps.iter().map(|s| *s as f64).collect();
+    metrics_shaped(&pool).await?;
+    let names: Vec<i32> = (0..batch).map(|i| (i % 2) as i32).collect();
+    let steps: Vec<i64> = (0..batch as i64).map(|i| i / 2).collect();
+    let values: Vec<f64> = steps.iter().map(|s| 1.0 / (1.0 + *s as f64)).collect();
     let start = Instant::now();
     for _ in 0..batches {
-        sqlx::query("insert into bench_raw (v) select * from unnest($1::float8[])")
-            .bind(&values)
-            .execute(&pool)
-            .await?;
+        sqlx::query(
+            "insert into bench_metrics (trial_id, name_id, step, value)
+             select $1, * from unnest($2::int4[], $3::int8[], $4::float8[])",
+        )
+        .bind(uuid::Uuid::new_v4())
+        .bind(&names)
+        .bind(&steps)
+        .bind(&values)
+        .execute(&pool)
+        .await?;
     }
     Ok((batches * batch) as f64 / start.elapsed().as_secs_f64())
 }
 
-fn print(rows: &[Row]) {
+/// Raw PostgreSQL: rows/s for `COPY ... FROM STDIN (FORMAT binary)` into the
+/// metrics-shaped table, `batch` rows per COPY (one commit each).
+async fn raw_copy(url: &str, batches: usize, batch: usize) -> Result<f64> {
+    let pool = PgPoolOptions::new().max_connections(1).connect(url).await?;
+    metrics_shaped(&pool).await?;
+    let mut conn = pool.acquire().await?;
+    let start = Instant::now();
+    for _ in 0..batches {
+        let trial = uuid::Uuid::new_v4();
+        // The binary format: signature, flags, header extension, then per row the
+        // field count and each field as length + big-endian bytes; -1 ends it.
+        let mut data = Vec::with_capacity(19 + batch * 46 + 2);
+        data.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+        data.extend_from_slice(&0i32.to_be_bytes());
+        data.extend_from_slice(&0i32.to_be_bytes());
+        for i in 0..batch {
+            let step = (i / 2) as i64;
+            data.extend_from_slice(&4i16.to_be_bytes());
+            data.extend_from_slice(&16i32.to_be_bytes());
+            data.extend_from_slice(trial.as_bytes());
+            data.extend_from_slice(&4i32.to_be_bytes());
+            data.extend_from_slice(&((i % 2) as i32).to_be_bytes());
+            data.extend_from_slice(&8i32.to_be_bytes());
+            data.extend_from_slice(&step.to_be_bytes());
+            data.extend_from_slice(&8i32.to_be_bytes());
+            data.extend_from_slice(&(1.0 / (1.0 + step as f64)).to_be_bytes());
+        }
+        data.extend_from_slice(&(-1i16).to_be_bytes());
+        let mut copy = conn
+            .copy_in_raw("copy bench_metrics (trial_id, name_id, step, value) from stdin (format binary)")
+            .await?;
+        copy.send(data).await?;
+        copy.finish().await?;
+    }
+    Ok((batches * batch) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// The median of three runs of a short measurement, by its first figure.
+async fn median3<T, F, Fut>(mut measure: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(f64, T)>>,
+{
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        runs.push(measure().await?);
+    }
+    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(runs.swap_remove(1).1)
+}
+
+fn print(title: &str, rows: &[Row]) {
+    println!("\n{title}");
     println!(
-        "\n{:<58} {:>12} {:<9} {:<34} {:<16} notes",
-        "benchmark", "ours", "unit", "reference (BENCHMARKS.md)", "target"
+        "{:<62} {:>12} {:>12} {:<24} {:<10} {:>7}  notes",
+        "benchmark", "ours", "peer", "peer (same run)", "unit", "ratio"
     );
-    println!("{}", "-".repeat(150));
+    println!("{}", "-".repeat(160));
     for r in rows {
+        let figure = |f: f64| {
+            if f.abs() >= 100.0 {
+                format!("{f:.0}")
+            } else {
+                format!("{f:.2}")
+            }
+        };
         println!(
-            "{:<58} {:>12.0} {:<9} {:<34} {:<16} {}",
-            r.what, r.ours, r.unit, r.reference, r.target, r.extra
+            "{:<62} {:>12} {:>12} {:<24} {:<10} {:>7}  {}",
+            r.name,
+            figure(r.ours),
+            r.peer.map(figure).unwrap_or_else(|| "-".into()),
+            r.peer_name,
+            r.unit,
+            r.ratio().map(|x| format!("{x:.2}x")).unwrap_or_else(|| "-".into()),
+            r.note
         );
     }
+}
+
+/// Runs `peers.py ARGS` with the peers' python; its JSON answer.
+fn peer(args: &[&str]) -> std::result::Result<serde_json::Value, String> {
+    let python = std::env::var("ABLATE_PEERS_PYTHON")
+        .map_err(|_| "set ABLATE_PEERS_PYTHON (cargo xtask bench does)".to_string())?;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../xtask/scripts/peers.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+        return Err(format!("peers.py {}: {}", args.join(" "), last));
+    }
+    let line = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or_default();
+    serde_json::from_str(line).map_err(|e| format!("peers.py {}: {e}", args.join(" ")))
+}
+
+fn field(v: &serde_json::Value, name: &str) -> std::result::Result<f64, String> {
+    v[name].as_f64().ok_or_else(|| format!("no {name} in {v}"))
 }
 
 /// The DSIR corpus `cargo xtask provision` builds: the pool's shards and the news target.
@@ -290,36 +479,249 @@ fn dsir_rows() -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for threads in [1, 2] {
         let ours = dsir_ours(&docs, &ratio, threads);
-        let reference = match &python {
-            Some(py) => Some(dsir_reference(py, &pool, &target, threads)?),
-            None => None,
-        };
-        rows.push(Row {
-            what: format!(
-                "DSIR importance weights, {} 128-word docs, {threads} core(s)",
-                docs.len()
-            ),
+        let row = Row::new(
+            format!("DSIR importance weights, {} 128-word docs, {threads} core(s)", docs.len()),
             ours,
-            unit: "docs/s",
-            reference: "data-selection 1,300 (1 proc), 1,900 (2)",
-            target: ">= 26,000/s/core",
-            extra: match reference {
-                Some(r) => format!("reference measured now: {r:.0} docs/s; ours {:.1}x", ours / r),
-                None => "reference not run: set ABLATE_DSIR_PYTHON (cargo xtask bench does)".into(),
-            },
+            "docs/s",
+        );
+        rows.push(match &python {
+            Some(py) => row.peer(
+                "data-selection 1.0.3",
+                dsir_reference(py, &pool, &target, threads).map_err(|e| e.to_string()),
+            ),
+            None => row.note("reference not run: set ABLATE_DSIR_PYTHON (cargo xtask bench does)"),
         });
     }
     Ok(rows)
 }
 
+/// A real worker daemon (ABLATE_WORKER_BIN) with `slots` CPU slots on the coordinator at `addr`.
+fn start_worker(addr: &str, slots: usize, dir: &std::path::Path) -> Result<std::process::Child> {
+    let bin = std::env::var("ABLATE_WORKER_BIN").map_err(|_| "set ABLATE_WORKER_BIN (cargo xtask bench does)")?;
+    let log = std::fs::File::create(dir.join("worker.log"))?;
+    Ok(std::process::Command::new(bin)
+        .args(["daemon", "--coordinator", addr, "--devices", &format!("cpu:{slots}"), "--poll-ms", "50"])
+        .arg("--object-store")
+        .arg(dir.join("objects"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .env("RUST_LOG", "warn")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?)
+}
+
+/// Submits `trials` train trials of one step sleeping `delay_ms`; the seconds until the sweep is done.
+async fn sweep_ours(addr: &str, pool: &sqlx::PgPool, trials: usize, delay_ms: u64) -> Result<f64> {
+    let text = format!(
+        "name = \"sleep-{trials}x{delay_ms}\"\nfamily = \"train\"\n[base]\noptimizer = \"adam\"\nlr = 0.001\nwidth = 16\nsteps = 1\nstep_delay_ms = {delay_ms}\n[sweep]\nsearcher = \"grid\"\nparams.seed = {{ range = [0, {}] }}\n",
+        trials - 1
+    );
+    let mut client = ExperimentsClient::connect(addr.to_string()).await?;
+    let start = Instant::now();
+    let id = client
+        .submit(proto::SubmitRequest {
+            spec_text: text,
+            format: "toml".into(),
+        })
+        .await?
+        .into_inner()
+        .experiment_id;
+    let id = uuid::Uuid::parse_str(&id)?;
+    loop {
+        let (state, succeeded): (String, i64) = sqlx::query_as(
+            "select state, succeeded::bigint from ablate.experiments where experiment_id = $1",
+        )
+        .bind(id)
+        .fetch_one(pool)
+        .await?;
+        if state != "running" {
+            if succeeded as usize != trials {
+                return Err(format!("sweep ended {state} with {succeeded} of {trials} trials succeeded").into());
+            }
+            return Ok(start.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A database on the bench's server for a peer; its URL for SQLAlchemy.
+async fn peer_database(admin_pool: &sqlx::PgPool, admin_url: &str, name: &str) -> Result<String> {
+    sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}")))
+        .execute(admin_pool)
+        .await?;
+    let (server, _) = admin_url.rsplit_once('/').ok_or("DATABASE_URL must name a database")?;
+    let server = server.split_once("://").map(|(_, rest)| rest).unwrap_or(server);
+    Ok(format!("postgresql+psycopg2://{server}/{name}"))
+}
+
+async fn control_plane(addr: &str, url: &str, admin_pool: &sqlx::PgPool, admin_url: &str, tag: &str) -> Result<Vec<Row>> {
+    let one_commit = median3(|| async {
+        let r = raw_commits(url, 1, 500).await?;
+        Ok((r, r))
+    })
+    .await?;
+    let many_commits = median3(|| async {
+        let r = raw_commits(url, 16, 200).await?;
+        Ok((r, r))
+    })
+    .await?;
+    let unnest = median3(|| async {
+        let r = raw_unnest(url, 100, 4096).await?;
+        Ok((r, r))
+    })
+    .await?;
+    let copy = median3(|| async {
+        let r = raw_copy(url, 100, 4096).await?;
+        Ok((r, r))
+    })
+    .await?;
+    let mut rows = vec![
+        Row::new("raw PostgreSQL: 1-row INSERT per commit, 1 connection", one_commit, "rows/s").note("baseline"),
+        Row::new("raw PostgreSQL: 1-row INSERT per commit, 16 connections", many_commits, "rows/s")
+            .note("baseline; concurrent commits share fsyncs"),
+        Row::new("raw PostgreSQL: INSERT from UNNEST into metrics' shape, 4,096/commit", unnest, "rows/s")
+            .note("baseline; same columns and key as metrics"),
+        Row::new("raw PostgreSQL: COPY binary into metrics' shape, 4,096/commit", copy, "rows/s")
+            .note("baseline; same columns and key as metrics"),
+    ];
+
+    let optuna_db = peer_database(admin_pool, admin_url, &format!("ablate_bench_optuna_{tag}")).await?;
+    let optuna = peer(&["optuna-lifecycles", "--pg", &optuna_db, "--trials", "300"]).and_then(|v| field(&v, "rate"));
+    for (workers, trials, batch) in [(1, 1000, 1), (8, 2000, 4), (64, 4000, 4)] {
+        let (rate, p50, p99) = median3(|| async {
+            let (rate, p50, p99) = lifecycles(addr, workers, trials, batch).await?;
+            Ok((rate, (rate, p50, p99)))
+        })
+        .await?;
+        let raw = if workers == 1 { one_commit } else { many_commits };
+        let row = Row::new(format!("trial lifecycles (lease + complete), {workers} worker(s), batch {batch}"), rate, "trials/s")
+            .note(format!(
+                "lease p50 {:.1} ms, p99 {:.1} ms; {:.2}x raw 1-row commits ({} conn)",
+                ms(p50),
+                ms(p99),
+                rate / raw,
+                if workers == 1 { 1 } else { 16 }
+            ));
+        rows.push(if workers == 1 {
+            row.peer("Optuna ask+tell, RDB", optuna.clone())
+        } else {
+            row
+        });
+    }
+    let mlflow_db = peer_database(admin_pool, admin_url, &format!("ablate_bench_mlflow_{tag}")).await?;
+    let mlflow = peer(&["mlflow-ingest", "--pg", &mlflow_db.replace("+psycopg2", ""), "--points", "50000"])
+        .and_then(|v| field(&v, "rate"));
+    for streams in [1, 4] {
+        let rate = median3(|| async {
+            let r = metric_ingest(addr, streams, 200_000, 4096).await?;
+            Ok((r, r))
+        })
+        .await?;
+        let row = Row::new(format!("metric points -> durable rows, {streams} stream(s)"), rate, "points/s").note(format!(
+            "{:.0}% of raw UNNEST, {:.0}% of raw COPY",
+            100.0 * rate / unnest,
+            100.0 * rate / copy
+        ));
+        rows.push(if streams == 1 { row.peer("MLflow log_batch", mlflow.clone()) } else { row });
+    }
+    Ok(rows)
+}
+
+async fn sweeps(addr: &str, pool: &sqlx::PgPool, admin_pool: &sqlx::PgPool, admin_url: &str, tag: &str) -> Result<Vec<Row>> {
+    let dir = std::env::temp_dir().join(format!("ablate-bench-{tag}"));
+    std::fs::create_dir_all(&dir)?;
+    let mut worker = start_worker(addr, 2, &dir)?;
+    let mut rows = Vec::new();
+    for (i, (trials, delay_ms)) in [(1000usize, 50u64), (200, 500)].into_iter().enumerate() {
+        let ideal = trials as f64 * delay_ms as f64 / 1000.0 / 2.0;
+        let ours = sweep_ours(addr, pool, trials, delay_ms).await?;
+        let seconds = format!("{}", delay_ms as f64 / 1000.0);
+        let n = trials.to_string();
+        let overhead = |wall: f64| format!("{:.0}%", 100.0 * (wall / ideal - 1.0));
+        let name = format!("sweep of {trials} trials of {delay_ms} ms on 2 slots (ideal {ideal:.0} s)");
+        let ray = peer(&["sweep", "--tool", "ray", "--trials", &n, "--seconds", &seconds, "--slots", "2"]).and_then(|v| field(&v, "wall"));
+        let db = peer_database(admin_pool, admin_url, &format!("ablate_bench_sweep{i}_{tag}")).await?;
+        let optuna = peer(&["sweep", "--tool", "optuna", "--trials", &n, "--seconds", &seconds, "--slots", "2", "--pg", &db])
+            .and_then(|v| field(&v, "wall"));
+        for (peer_name, figure) in [("Ray Tune, reuse_actors", ray), ("Optuna, RDB, 2 processes", optuna)] {
+            let note = match &figure {
+                Ok(wall) => format!("overhead over ideal: ours {}, theirs {}", overhead(ours), overhead(*wall)),
+                Err(_) => format!("overhead over ideal: ours {}", overhead(ours)),
+            };
+            rows.push(Row::new(name.clone(), ours, "s").lower_is_better().peer(peer_name, figure).note(note));
+        }
+    }
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(rows)
+}
+
+/// Steps/s of one training step, ours (ablate-worker bench-step) beside PyTorch's.
+fn training_steps() -> Vec<Row> {
+    let steps = |model: &str| if model == "gpt" { "50" } else { "500" };
+    let ours = |model: &str, threads: &str| -> std::result::Result<f64, String> {
+        let bin = std::env::var("ABLATE_WORKER_BIN").map_err(|_| "set ABLATE_WORKER_BIN".to_string())?;
+        let mut runs = Vec::new();
+        for _ in 0..3 {
+            let out = std::process::Command::new(&bin)
+                .args(["bench-step", "--model", model, "--threads", threads, "--steps", steps(model)])
+                .output()
+                .map_err(|e| e.to_string())?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .map_err(|e| format!("bench-step: {e}: {}", String::from_utf8_lossy(&out.stderr)))?;
+            runs.push(field(&v, "rate")?);
+        }
+        runs.sort_by(f64::total_cmp);
+        Ok(runs[1])
+    };
+    let theirs = |model: &str, threads: &str| -> std::result::Result<f64, String> {
+        let mut runs = Vec::new();
+        for _ in 0..3 {
+            let args = ["torch-step", "--model", model, "--threads", threads, "--steps", steps(model)];
+            runs.push(field(&peer(&args)?, "rate")?);
+        }
+        runs.sort_by(f64::total_cmp);
+        Ok(runs[1])
+    };
+    let mut rows = Vec::new();
+    for (model, what, threads) in [
+        ("mlp", "MLP 64-256-256-10, batch 128", "1"),
+        ("gpt", "char GPT 2x128, context 64, batch 32", "1"),
+        ("gpt", "char GPT 2x128, context 64, batch 32", "2"),
+    ] {
+        let name = format!("training step (fwd+bwd+Adam), {what}, {threads} thread(s)");
+        match ours(model, threads) {
+            Ok(rate) => rows.push(Row::new(name, rate, "steps/s").peer("PyTorch 2.11, Python", theirs(model, threads))),
+            Err(why) => rows.push(Row::new(name, 0.0, "steps/s").note(format!("ours not measured: {why}"))),
+        }
+    }
+    rows
+}
+
+fn write_json(path: &str, rows: &[Row]) -> Result {
+    let list: Vec<serde_json::Value> = rows.iter().map(Row::json).collect();
+    std::fs::write(path, serde_json::to_vec_pretty(&list)?)?;
+    eprintln!("wrote {path}");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result {
-    if std::env::args().nth(1).as_deref() == Some("dsir") {
-        print(&dsir_rows()?);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let json = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).cloned();
+    if args.first().map(String::as_str) == Some("dsir") {
+        let rows = dsir_rows()?;
+        print("DSIR", &rows);
+        if let Some(path) = json {
+            write_json(&path, &rows)?;
+        }
         return Ok(());
     }
     let admin = std::env::var("DATABASE_URL").map_err(|_| "set DATABASE_URL (cargo xtask bench does)")?;
-    let db = format!("ablate_bench_{}", uuid::Uuid::new_v4().simple());
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let db = format!("ablate_bench_{tag}");
     let admin_pool = PgPoolOptions::new().max_connections(1).connect(&admin).await?;
     sqlx::query(sqlx::AssertSqlSafe(format!("create database {db}")))
         .execute(&admin_pool)
@@ -336,72 +738,43 @@ async fn main() -> Result {
     let server = tokio::spawn(coordinator.run(async {
         let _ = stopped.await;
     }));
+    let pool = PgPoolOptions::new().max_connections(2).connect(&url).await?;
     let synchronous_commit: String = sqlx::query_scalar("show synchronous_commit")
         .fetch_one(&admin_pool)
         .await?;
     let fsync: String = sqlx::query_scalar("show fsync").fetch_one(&admin_pool).await?;
     println!("PostgreSQL fsync={fsync} synchronous_commit={synchronous_commit}; coordinator at {addr}");
 
-    let mut rows = Vec::new();
-    for (workers, trials, batch) in [(1, 1000, 1), (8, 2000, 4), (64, 4000, 4)] {
-        let (rate, p50, p99) = lifecycles(&addr, workers, trials, batch).await?;
-        rows.push(Row {
-            what: format!("no-op trial lifecycles, {workers} workers, lease batch {batch}"),
-            ours: rate,
-            unit: "trials/s",
-            reference: "Optuna 8.9-57 trials/s",
-            target: ">= 2,000/s",
-            extra: format!("lease p50 {:.1} ms, p99 {:.1} ms", ms(p50), ms(p99)),
-        });
+    let measured = async {
+        let mut sections = vec![("Control plane (median of 3 runs)", control_plane(&addr, &url, &admin_pool, &admin, &tag).await?)];
+        sections.push(("Sweep bookkeeping (one run each)", sweeps(&addr, &pool, &admin_pool, &admin, &tag).await?));
+        sections.push(("Training step (median of 3 runs)", training_steps()));
+        sections.push(("DSIR", dsir_rows()?));
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(sections)
     }
-    for (streams, per_trial) in [(1, 200_000), (4, 200_000)] {
-        let rate = metric_ingest(&addr, streams, per_trial, 4096).await?;
-        rows.push(Row {
-            what: format!("metric points worker -> durable row, {streams} stream(s)"),
-            ours: rate,
-            unit: "points/s",
-            reference: "MLflow log_batch 2,481 rows/s",
-            target: ">= 250,000/s",
-            extra: "batches of 4,096 points over one gRPC stream each".into(),
-        });
-    }
-    rows.push(Row {
-        what: "raw PostgreSQL: 1-row INSERT per commit, 1 connection".into(),
-        ours: raw_commits(&url, 1, 500).await?,
-        unit: "rows/s",
-        reference: "254 commits/s",
-        target: "(baseline)",
-        extra: String::new(),
-    });
-    rows.push(Row {
-        what: "raw PostgreSQL: 1-row INSERT per commit, 16 connections".into(),
-        ours: raw_commits(&url, 16, 200).await?,
-        unit: "rows/s",
-        reference: "",
-        target: "(baseline)",
-        extra: "concurrent commits share fsyncs".into(),
-    });
-    rows.extend(dsir_rows()?);
-    rows.push(Row {
-        what: "raw PostgreSQL: INSERT from UNNEST, 4,096 rows per commit".into(),
-        ours: raw_unnest(&url, 100, 4096).await?,
-        unit: "rows/s",
-        reference: "36,463 rows/s (1,000/commit)",
-        target: "(baseline)",
-        extra: String::new(),
-    });
-    print(&rows);
-
+    .await;
     let _ = stop.send(());
     let _ = server.await;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "drop database if exists {db} with (force)"
-    )))
-    .execute(&admin_pool)
-    .await?;
+    pool.close().await;
+    let dbs: Vec<String> = sqlx::query_scalar("select datname::text from pg_database where datname like $1")
+        .bind(format!("ablate_bench_%{tag}"))
+        .fetch_all(&admin_pool)
+        .await?;
+    for name in dbs {
+        sqlx::query(sqlx::AssertSqlSafe(format!("drop database if exists {name} with (force)")))
+            .execute(&admin_pool)
+            .await?;
+    }
+    let sections = measured?;
+    for (title, rows) in &sections {
+        print(title, rows);
+    }
+    if let Some(path) = json {
+        let all: Vec<Row> = sections.into_iter().flat_map(|(_, rows)| rows).collect();
+        write_json(&path, &all)?;
+    }
     Ok(())
 }
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
