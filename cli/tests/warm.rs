@@ -53,7 +53,11 @@ async fn pids_until_finished(stack: &Stack, worker: usize, experiment: &str) -> 
         if running == 0 {
             return seen;
         }
-        assert!(std::time::Instant::now() < deadline, "sweep too slow:\n{}", stack.logs());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sweep too slow:\n{}",
+            stack.logs()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -73,7 +77,12 @@ async fn a_warm_slot_runs_trial_after_trial_in_one_process_on_the_curves_of_fres
     let warm = stack.submit(&stack.write_spec("warm.toml", &THREE.replace("NAME", "warm")));
     let pids = pids_until_finished(&stack, warm_worker, &warm).await;
     assert_eq!(succeeded(&stack, &warm).await, 3, "{}", stack.logs());
-    assert_eq!(pids.len(), 1, "one process ran all three trials: {pids:?}\n{}", stack.logs());
+    assert_eq!(
+        pids.len(),
+        1,
+        "one process ran all three trials: {pids:?}\n{}",
+        stack.logs()
+    );
     assert_eq!(
         stack.trial_pids(warm_worker),
         pids.iter().copied().collect::<Vec<_>>(),
@@ -119,7 +128,11 @@ async fn a_crash_in_a_warm_process_is_retried_on_a_new_one_on_the_same_curve() {
             MINUTE,
         )
         .await;
-    assert_eq!(stack.trial_pids(worker), first, "the second trial runs in the warm process");
+    assert_eq!(
+        stack.trial_pids(worker),
+        first,
+        "the second trial runs in the warm process"
+    );
     // As the OOM killer would.
     // SAFETY: signalling a process this test's worker started.
     unsafe { libc::kill(first[0] as i32, libc::SIGKILL) };
@@ -144,14 +157,19 @@ async fn a_crash_in_a_warm_process_is_retried_on_a_new_one_on_the_same_curve() {
     assert_eq!(now.len(), 1, "a new warm process: {now:?}");
     assert_ne!(now, first, "the crashed process was replaced");
 
-    let unbroken = stack.submit(&stack.write_spec(
-        "unbroken.toml",
-        &RESUME_SPEC
-            .replace("NAME", "unbroken")
-            .replace("params.seed = [3]", "params.seed = [3, 4]"),
-    ));
+    let unbroken = stack.submit(
+        &stack.write_spec(
+            "unbroken.toml",
+            &RESUME_SPEC
+                .replace("NAME", "unbroken")
+                .replace("params.seed = [3]", "params.seed = [3, 4]"),
+        ),
+    );
     stack.wait_finished(&unbroken, 2 * MINUTE).await;
     let (a, b) = (points(&stack, &crashed).await, points(&stack, &unbroken).await);
-    assert!(a.iter().filter(|p| p.1 == "train_loss").count() == 600, "every step exactly once");
+    assert!(
+        a.iter().filter(|p| p.1 == "train_loss").count() == 600,
+        "every step exactly once"
+    );
     assert_eq!(a, b, "the resumed trial is on the unbroken curve");
 }

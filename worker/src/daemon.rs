@@ -195,9 +195,14 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
             let (shared, held, freed) = (shared.clone(), held.clone(), freed_tx.clone());
             tokio::spawn(async move {
                 let id = trial.trial_id.clone();
-                let (started, warm) = runner::run(shared, slot.clone(), warm, trial, stop_rx).await;
-                held.lock().expect("held lock").remove(&id);
+                let (started, warm, finish) = runner::run(shared.clone(), slot.clone(), warm, trial, stop_rx).await;
+                // The slot takes its next trial while this one's last metrics and
+                // completion are sent; its lease is heartbeated until they are.
                 let _ = freed.send((slot, warm, started));
+                if let Some(finish) = finish {
+                    finish.run(&shared).await;
+                }
+                held.lock().expect("held lock").remove(&id);
             });
         }
     }

@@ -149,7 +149,13 @@ impl TrialProcess {
 
     /// The current trial's stderr lines, oldest first.
     pub fn tail(&self) -> Vec<String> {
-        self.tail.lock().expect("stderr tail lock").lines.iter().cloned().collect()
+        self.tail
+            .lock()
+            .expect("stderr tail lock")
+            .lines
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// SIGTERM, then SIGKILL after the grace period.

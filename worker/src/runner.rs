@@ -56,23 +56,24 @@ enum End {
 
 /// How `drive` left the trial.
 enum Driven {
-    /// Its outcome was reported (or its lease is gone); the process, if it may run the slot's next trial.
-    Ended(Option<TrialProcess>),
+    /// Its process is done with it: the process, if it may run the slot's next
+    /// trial, and what is left to report (nothing when its lease is gone).
+    Ended(Box<(Option<TrialProcess>, Option<Finish>)>),
     /// The worker could not start it, for this reason.
     NotStarted(String),
 }
 
-/// Runs one leased trial to its end in the slot's warm process (`warm`, when it
-/// has one that fits) or a new one. Returns whether it started, and the process
-/// to keep for the slot's next trial. Never panics the daemon: every error is
-/// reported or logged.
+/// Runs one leased trial in the slot's warm process (`warm`, when it has one
+/// that fits) or a new one. Returns whether it started, the process to keep for
+/// the slot's next trial, and what is left to report once the slot is free.
+/// Never panics the daemon: every error is reported or logged.
 pub async fn run(
     shared: Arc<Shared>,
     slot: Slot,
     warm: Option<TrialProcess>,
     trial: proto::LeasedTrial,
     mut stop: watch::Receiver<Option<String>>,
-) -> (Started, Option<TrialProcess>) {
+) -> (Started, Option<TrialProcess>, Option<Finish>) {
     let id = trial.trial_id.clone();
     let fresh = shared.fresh_processes || trial.fresh_process;
     // A process that does not fit (or died while idle) is dropped, which kills it.
@@ -89,7 +90,10 @@ pub async fn run(
     let not_started = match process {
         Err(error) => format!("cannot start trial processes ({}): {error}", shared.trial_exe.display()),
         Ok(process) => match drive(&shared, &slot, &trial, &mut stop, process).await {
-            Ok(Driven::Ended(keep)) => return (Started::Yes, keep),
+            Ok(Driven::Ended(ended)) => {
+                let (keep, finish) = *ended;
+                return (Started::Yes, keep, finish);
+            }
             Ok(Driven::NotStarted(reason)) => reason,
             // Never leave a lease hanging on a runner failure: the trial goes back.
             Err(error) => {
@@ -99,7 +103,7 @@ pub async fn run(
         },
     };
     give_back(&shared, &trial, &not_started, &mut stop).await;
-    (Started::No(not_started), None)
+    (Started::No(not_started), None, None)
 }
 
 /// Gives a trial the worker could not start back to the queue, its attempt not counted.
@@ -240,7 +244,7 @@ async fn drive(
         End::Stopped(why) => {
             tracing::info!(trial = %trial.trial_id, %why, "stopping trial");
             process.terminate().await;
-            return Ok(Driven::Ended(None));
+            return Ok(Driven::Ended(Box::new((None, None))));
         }
         End::Done(_) => process.wait_done_mark(&trial.trial_id).await,
         End::Exited(_) => {}
@@ -265,11 +269,6 @@ async fn drive(
                 last_line()
             )));
         }
-    }
-    let kept = |process: TrialProcess| Driven::Ended(keep.then_some(process));
-    if let Err(why) = metrics.drain(&shared.relay).await {
-        tracing::info!(trial = %trial.trial_id, %why, "trial finished but its lease is gone");
-        return Ok(kept(process));
     }
     let (outcome, error) = match &end {
         End::Done(None) => ("succeeded", String::new()),
@@ -305,22 +304,46 @@ async fn drive(
             serde_json::Value::Object(outputs).to_string()
         },
     };
-    match retry(
-        || {
-            let r = request.clone();
-            let mut c = shared.client.clone();
-            async move { c.complete(r).await }
-        },
-        stop,
-    )
-    .await
-    {
-        Ok(()) => tracing::info!(trial = %trial.trial_id, outcome, "trial finished"),
-        Err(why) => {
-            tracing::info!(trial = %trial.trial_id, %why, "trial finished but its lease is gone")
+    let finish = Finish {
+        metrics,
+        request,
+        stop: stop.clone(),
+    };
+    Ok(Driven::Ended(Box::new((keep.then_some(process), Some(finish)))))
+}
+
+/// What is left of a trial once its process is done with it: its last metrics
+/// to make durable, then its completion. It runs after the slot is free again,
+/// so the slot's next trial need not wait for it; the daemon keeps heartbeating
+/// the lease until it ends.
+pub struct Finish {
+    metrics: Batcher,
+    request: proto::CompleteRequest,
+    stop: watch::Receiver<Option<String>>,
+}
+
+impl Finish {
+    pub async fn run(mut self, shared: &Shared) {
+        let id = self.request.trial_id.clone();
+        if let Err(why) = self.metrics.drain(&shared.relay).await {
+            tracing::info!(trial = %id, %why, "trial finished but its lease is gone");
+            return;
+        }
+        let request = self.request;
+        match retry(
+            || {
+                let r = request.clone();
+                let mut c = shared.client.clone();
+                async move { c.complete(r).await }
+            },
+            &mut self.stop,
+        )
+        .await
+        {
+            Ok(()) => tracing::info!(trial = %id, outcome = %request.outcome, "trial finished"),
+            Err(why) => tracing::info!(trial = %id, %why, "trial finished but its lease is gone"),
         }
     }
-    Ok(kept(process))
 }
 
 /// Retries a fenced call while the coordinator is unreachable; gives up when the lease is stale or the trial is stopped.

@@ -471,7 +471,10 @@ fn provision_peers() -> Result<PathBuf> {
     if ready.exists() {
         return Ok(python);
     }
-    eprintln!("xtask: installing the bench's peers from PyPI into {} (once; several GB with torch)", venv.display());
+    eprintln!(
+        "xtask: installing the bench's peers from PyPI into {} (once; several GB with torch)",
+        venv.display()
+    );
     run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     run(Command::new(venv.join("bin/pip")).args([
         "install",

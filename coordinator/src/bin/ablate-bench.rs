@@ -64,7 +64,11 @@ impl Row {
 
     fn note(mut self, note: impl Into<String>) -> Row {
         let note = note.into();
-        self.note = if self.note.is_empty() { note } else { format!("{note}; {}", self.note) };
+        self.note = if self.note.is_empty() {
+            note
+        } else {
+            format!("{note}; {}", self.note)
+        };
         self
     }
 
@@ -76,7 +80,11 @@ impl Row {
     /// How many times better ours is than the peer's.
     fn ratio(&self) -> Option<f64> {
         let peer = self.peer.filter(|p| *p > 0.0)?;
-        Some(if self.higher_is_better { self.ours / peer } else { peer / self.ours })
+        Some(if self.higher_is_better {
+            self.ours / peer
+        } else {
+            peer / self.ours
+        })
     }
 
     fn json(&self) -> serde_json::Value {
@@ -480,7 +488,10 @@ fn dsir_rows() -> Result<Vec<Row>> {
     for threads in [1, 2] {
         let ours = dsir_ours(&docs, &ratio, threads);
         let row = Row::new(
-            format!("DSIR importance weights, {} 128-word docs, {threads} core(s)", docs.len()),
+            format!(
+                "DSIR importance weights, {} 128-word docs, {threads} core(s)",
+                docs.len()
+            ),
             ours,
             "docs/s",
         );
@@ -500,7 +511,15 @@ fn start_worker(addr: &str, slots: usize, dir: &std::path::Path) -> Result<std::
     let bin = std::env::var("ABLATE_WORKER_BIN").map_err(|_| "set ABLATE_WORKER_BIN (cargo xtask bench does)")?;
     let log = std::fs::File::create(dir.join("worker.log"))?;
     Ok(std::process::Command::new(bin)
-        .args(["daemon", "--coordinator", addr, "--devices", &format!("cpu:{slots}"), "--poll-ms", "50"])
+        .args([
+            "daemon",
+            "--coordinator",
+            addr,
+            "--devices",
+            &format!("cpu:{slots}"),
+            "--poll-ms",
+            "50",
+        ])
         .arg("--object-store")
         .arg(dir.join("objects"))
         .arg("--state-dir")
@@ -529,12 +548,11 @@ async fn sweep_ours(addr: &str, pool: &sqlx::PgPool, trials: usize, delay_ms: u6
         .experiment_id;
     let id = uuid::Uuid::parse_str(&id)?;
     loop {
-        let (state, succeeded): (String, i64) = sqlx::query_as(
-            "select state, succeeded::bigint from ablate.experiments where experiment_id = $1",
-        )
-        .bind(id)
-        .fetch_one(pool)
-        .await?;
+        let (state, succeeded): (String, i64) =
+            sqlx::query_as("select state, succeeded::bigint from ablate.experiments where experiment_id = $1")
+                .bind(id)
+                .fetch_one(pool)
+                .await?;
         if state != "running" {
             if succeeded as usize != trials {
                 return Err(format!("sweep ended {state} with {succeeded} of {trials} trials succeeded").into());
@@ -555,7 +573,13 @@ async fn peer_database(admin_pool: &sqlx::PgPool, admin_url: &str, name: &str) -
     Ok(format!("postgresql+psycopg2://{server}/{name}"))
 }
 
-async fn control_plane(addr: &str, url: &str, admin_pool: &sqlx::PgPool, admin_url: &str, tag: &str) -> Result<Vec<Row>> {
+async fn control_plane(
+    addr: &str,
+    url: &str,
+    admin_pool: &sqlx::PgPool,
+    admin_url: &str,
+    tag: &str,
+) -> Result<Vec<Row>> {
     let one_commit = median3(|| async {
         let r = raw_commits(url, 1, 500).await?;
         Ok((r, r))
@@ -577,13 +601,30 @@ async fn control_plane(addr: &str, url: &str, admin_pool: &sqlx::PgPool, admin_u
     })
     .await?;
     let mut rows = vec![
-        Row::new("raw PostgreSQL: 1-row INSERT per commit, 1 connection", one_commit, "rows/s").note("baseline"),
-        Row::new("raw PostgreSQL: 1-row INSERT per commit, 16 connections", many_commits, "rows/s")
-            .note("baseline; concurrent commits share fsyncs"),
-        Row::new("raw PostgreSQL: INSERT from UNNEST into metrics' shape, 4,096/commit", unnest, "rows/s")
-            .note("baseline; same columns and key as metrics"),
-        Row::new("raw PostgreSQL: COPY binary into metrics' shape, 4,096/commit", copy, "rows/s")
-            .note("baseline; same columns and key as metrics"),
+        Row::new(
+            "raw PostgreSQL: 1-row INSERT per commit, 1 connection",
+            one_commit,
+            "rows/s",
+        )
+        .note("baseline"),
+        Row::new(
+            "raw PostgreSQL: 1-row INSERT per commit, 16 connections",
+            many_commits,
+            "rows/s",
+        )
+        .note("baseline; concurrent commits share fsyncs"),
+        Row::new(
+            "raw PostgreSQL: INSERT from UNNEST into metrics' shape, 4,096/commit",
+            unnest,
+            "rows/s",
+        )
+        .note("baseline; same columns and key as metrics"),
+        Row::new(
+            "raw PostgreSQL: COPY binary into metrics' shape, 4,096/commit",
+            copy,
+            "rows/s",
+        )
+        .note("baseline; same columns and key as metrics"),
     ];
 
     let optuna_db = peer_database(admin_pool, admin_url, &format!("ablate_bench_optuna_{tag}")).await?;
@@ -595,14 +636,18 @@ async fn control_plane(addr: &str, url: &str, admin_pool: &sqlx::PgPool, admin_u
         })
         .await?;
         let raw = if workers == 1 { one_commit } else { many_commits };
-        let row = Row::new(format!("trial lifecycles (lease + complete), {workers} worker(s), batch {batch}"), rate, "trials/s")
-            .note(format!(
-                "lease p50 {:.1} ms, p99 {:.1} ms; {:.2}x raw 1-row commits ({} conn)",
-                ms(p50),
-                ms(p99),
-                rate / raw,
-                if workers == 1 { 1 } else { 16 }
-            ));
+        let row = Row::new(
+            format!("trial lifecycles (lease + complete), {workers} worker(s), batch {batch}"),
+            rate,
+            "trials/s",
+        )
+        .note(format!(
+            "lease p50 {:.1} ms, p99 {:.1} ms; {:.2}x raw 1-row commits ({} conn), at 2 commits each",
+            ms(p50),
+            ms(p99),
+            rate / raw,
+            if workers == 1 { 1 } else { 16 }
+        ));
         rows.push(if workers == 1 {
             row.peer("Optuna ask+tell, RDB", optuna.clone())
         } else {
@@ -610,25 +655,39 @@ async fn control_plane(addr: &str, url: &str, admin_pool: &sqlx::PgPool, admin_u
         });
     }
     let mlflow_db = peer_database(admin_pool, admin_url, &format!("ablate_bench_mlflow_{tag}")).await?;
-    let mlflow = peer(&["mlflow-ingest", "--pg", &mlflow_db.replace("+psycopg2", ""), "--points", "50000"])
-        .and_then(|v| field(&v, "rate"));
+    let mlflow = peer(&["mlflow-ingest", "--pg", &mlflow_db, "--points", "50000"]).and_then(|v| field(&v, "rate"));
     for streams in [1, 4] {
         let rate = median3(|| async {
             let r = metric_ingest(addr, streams, 200_000, 4096).await?;
             Ok((r, r))
         })
         .await?;
-        let row = Row::new(format!("metric points -> durable rows, {streams} stream(s)"), rate, "points/s").note(format!(
+        let row = Row::new(
+            format!("metric points -> durable rows, {streams} stream(s)"),
+            rate,
+            "points/s",
+        )
+        .note(format!(
             "{:.0}% of raw UNNEST, {:.0}% of raw COPY",
             100.0 * rate / unnest,
             100.0 * rate / copy
         ));
-        rows.push(if streams == 1 { row.peer("MLflow log_batch", mlflow.clone()) } else { row });
+        rows.push(if streams == 1 {
+            row.peer("MLflow log_batch", mlflow.clone())
+        } else {
+            row
+        });
     }
     Ok(rows)
 }
 
-async fn sweeps(addr: &str, pool: &sqlx::PgPool, admin_pool: &sqlx::PgPool, admin_url: &str, tag: &str) -> Result<Vec<Row>> {
+async fn sweeps(
+    addr: &str,
+    pool: &sqlx::PgPool,
+    admin_pool: &sqlx::PgPool,
+    admin_url: &str,
+    tag: &str,
+) -> Result<Vec<Row>> {
     let dir = std::env::temp_dir().join(format!("ablate-bench-{tag}"));
     std::fs::create_dir_all(&dir)?;
     let mut worker = start_worker(addr, 2, &dir)?;
@@ -640,16 +699,48 @@ async fn sweeps(addr: &str, pool: &sqlx::PgPool, admin_pool: &sqlx::PgPool, admi
         let n = trials.to_string();
         let overhead = |wall: f64| format!("{:.0}%", 100.0 * (wall / ideal - 1.0));
         let name = format!("sweep of {trials} trials of {delay_ms} ms on 2 slots (ideal {ideal:.0} s)");
-        let ray = peer(&["sweep", "--tool", "ray", "--trials", &n, "--seconds", &seconds, "--slots", "2"]).and_then(|v| field(&v, "wall"));
+        let ray = peer(&[
+            "sweep",
+            "--tool",
+            "ray",
+            "--trials",
+            &n,
+            "--seconds",
+            &seconds,
+            "--slots",
+            "2",
+        ])
+        .and_then(|v| field(&v, "wall"));
         let db = peer_database(admin_pool, admin_url, &format!("ablate_bench_sweep{i}_{tag}")).await?;
-        let optuna = peer(&["sweep", "--tool", "optuna", "--trials", &n, "--seconds", &seconds, "--slots", "2", "--pg", &db])
-            .and_then(|v| field(&v, "wall"));
+        let optuna = peer(&[
+            "sweep",
+            "--tool",
+            "optuna",
+            "--trials",
+            &n,
+            "--seconds",
+            &seconds,
+            "--slots",
+            "2",
+            "--pg",
+            &db,
+        ])
+        .and_then(|v| field(&v, "wall"));
         for (peer_name, figure) in [("Ray Tune, reuse_actors", ray), ("Optuna, RDB, 2 processes", optuna)] {
             let note = match &figure {
-                Ok(wall) => format!("overhead over ideal: ours {}, theirs {}", overhead(ours), overhead(*wall)),
+                Ok(wall) => format!(
+                    "overhead over ideal: ours {}, theirs {}",
+                    overhead(ours),
+                    overhead(*wall)
+                ),
                 Err(_) => format!("overhead over ideal: ours {}", overhead(ours)),
             };
-            rows.push(Row::new(name.clone(), ours, "s").lower_is_better().peer(peer_name, figure).note(note));
+            rows.push(
+                Row::new(name.clone(), ours, "s")
+                    .lower_is_better()
+                    .peer(peer_name, figure)
+                    .note(note),
+            );
         }
     }
     let _ = worker.kill();
@@ -666,7 +757,15 @@ fn training_steps() -> Vec<Row> {
         let mut runs = Vec::new();
         for _ in 0..3 {
             let out = std::process::Command::new(&bin)
-                .args(["bench-step", "--model", model, "--threads", threads, "--steps", steps(model)])
+                .args([
+                    "bench-step",
+                    "--model",
+                    model,
+                    "--threads",
+                    threads,
+                    "--steps",
+                    steps(model),
+                ])
                 .output()
                 .map_err(|e| e.to_string())?;
             let v: serde_json::Value = serde_json::from_slice(&out.stdout)
@@ -679,7 +778,15 @@ fn training_steps() -> Vec<Row> {
     let theirs = |model: &str, threads: &str| -> std::result::Result<f64, String> {
         let mut runs = Vec::new();
         for _ in 0..3 {
-            let args = ["torch-step", "--model", model, "--threads", threads, "--steps", steps(model)];
+            let args = [
+                "torch-step",
+                "--model",
+                model,
+                "--threads",
+                threads,
+                "--steps",
+                steps(model),
+            ];
             runs.push(field(&peer(&args)?, "rate")?);
         }
         runs.sort_by(f64::total_cmp);
@@ -688,10 +795,10 @@ fn training_steps() -> Vec<Row> {
     let mut rows = Vec::new();
     for (model, what, threads) in [
         ("mlp", "MLP 64-256-256-10, batch 128", "1"),
-        ("gpt", "char GPT 2x128, context 64, batch 32", "1"),
-        ("gpt", "char GPT 2x128, context 64, batch 32", "2"),
+        ("gpt", "char GPT 2x128, ctx 64, batch 32", "1"),
+        ("gpt", "char GPT 2x128, ctx 64, batch 32", "2"),
     ] {
-        let name = format!("training step (fwd+bwd+Adam), {what}, {threads} thread(s)");
+        let name = format!("train step + Adam, {what}, {threads} thr");
         match ours(model, threads) {
             Ok(rate) => rows.push(Row::new(name, rate, "steps/s").peer("PyTorch 2.11, Python", theirs(model, threads))),
             Err(why) => rows.push(Row::new(name, 0.0, "steps/s").note(format!("ours not measured: {why}"))),
@@ -710,7 +817,11 @@ fn write_json(path: &str, rows: &[Row]) -> Result {
 #[tokio::main]
 async fn main() -> Result {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let json = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).cloned();
+    let json = args
+        .iter()
+        .position(|a| a == "--json")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
     if args.first().map(String::as_str) == Some("dsir") {
         let rows = dsir_rows()?;
         print("DSIR", &rows);
@@ -746,8 +857,14 @@ async fn main() -> Result {
     println!("PostgreSQL fsync={fsync} synchronous_commit={synchronous_commit}; coordinator at {addr}");
 
     let measured = async {
-        let mut sections = vec![("Control plane (median of 3 runs)", control_plane(&addr, &url, &admin_pool, &admin, &tag).await?)];
-        sections.push(("Sweep bookkeeping (one run each)", sweeps(&addr, &pool, &admin_pool, &admin, &tag).await?));
+        let mut sections = vec![(
+            "Control plane (median of 3 runs)",
+            control_plane(&addr, &url, &admin_pool, &admin, &tag).await?,
+        )];
+        sections.push((
+            "Sweep bookkeeping (one run each)",
+            sweeps(&addr, &pool, &admin_pool, &admin, &tag).await?,
+        ));
         sections.push(("Training step (median of 3 runs)", training_steps()));
         sections.push(("DSIR", dsir_rows()?));
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(sections)
@@ -761,9 +878,11 @@ async fn main() -> Result {
         .fetch_all(&admin_pool)
         .await?;
     for name in dbs {
-        sqlx::query(sqlx::AssertSqlSafe(format!("drop database if exists {name} with (force)")))
-            .execute(&admin_pool)
-            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "drop database if exists {name} with (force)"
+        )))
+        .execute(&admin_pool)
+        .await?;
     }
     let sections = measured?;
     for (title, rows) in &sections {

@@ -117,17 +117,20 @@ mod cache {
     }
 }
 
-/// An IDX file's dimensions and data bytes, read once per process while it is unchanged.
-fn read_idx(path: &std::path::Path, magic: u32) -> Result<std::sync::Arc<(Vec<usize>, Vec<u8>)>, String> {
+/// An IDX file's dimensions and data bytes.
+type Idx = (Vec<usize>, Vec<u8>);
+
+/// An IDX file, read once per process while it is unchanged.
+fn read_idx(path: &std::path::Path, magic: u32) -> Result<std::sync::Arc<Idx>, String> {
     cache::get(
         &format!("idx {magic:#x} {}", path.display()),
         &[path],
-        |(_, bytes): &(Vec<usize>, Vec<u8>)| bytes.len(),
+        |(_, bytes): &Idx| bytes.len(),
         || read_idx_file(path, magic),
     )
 }
 
-fn read_idx_file(path: &std::path::Path, magic: u32) -> Result<(Vec<usize>, Vec<u8>), String> {
+fn read_idx_file(path: &std::path::Path, magic: u32) -> Result<Idx, String> {
     use std::io::Read;
     let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut bytes = Vec::new();
