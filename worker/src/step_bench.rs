@@ -15,9 +15,15 @@ use tch::{Device, Kind, Tensor};
 
 #[derive(clap::Args, Debug)]
 pub struct Options {
-    /// mlp (64 -> 256 x 2 -> 10, batch 128) or gpt (2 layers, width 128, 4 heads, context 64, batch 32).
+    /// mlp (64 -> width x 2 -> 10) or gpt (2 layers, width 128, 4 heads, context 64, batch 32).
     #[arg(long)]
     pub model: String,
+    /// The MLP's width.
+    #[arg(long, default_value_t = 256)]
+    pub width: i64,
+    /// The MLP's batch.
+    #[arg(long, default_value_t = 128)]
+    pub batch: i64,
     #[arg(long, default_value_t = 1)]
     pub threads: i32,
     #[arg(long, default_value_t = 500)]
@@ -36,9 +42,9 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
     };
     let (params, loss): (&[Param], Box<dyn Fn() -> Tensor>) = match o.model.as_str() {
         "mlp" => {
-            let model = Box::leak(Box::new(Mlp::new(64, 256, 2, 10, false, scaling, 0, device)));
-            let x = Tensor::rand([128, 64], (Kind::Float, device));
-            let y = Tensor::randint(10, [128], (Kind::Int64, device));
+            let model = Box::leak(Box::new(Mlp::new(64, o.width, 2, 10, false, scaling, 0, device)));
+            let x = Tensor::rand([o.batch, 64], (Kind::Float, device));
+            let y = Tensor::randint(10, [o.batch], (Kind::Int64, device));
             let m: &Mlp = model;
             (&m.params, Box::new(move || m.forward(&x).cross_entropy_for_logits(&y)))
         }

@@ -6,7 +6,7 @@ of the work alone (library imports and cluster start-up excluded).
   peers.py sweep --tool {ray,optuna} --trials N --seconds S --slots K [--pg URL]
   peers.py optuna-lifecycles --pg URL --trials N
   peers.py mlflow-ingest --pg URL --points N
-  peers.py torch-step --model {mlp,gpt} --threads T --steps N
+  peers.py torch-step --model {mlp,gpt} --threads T --steps N [--width W --batch B]
 """
 
 import argparse
@@ -125,14 +125,15 @@ def torch_step(a):
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     if a.model == "mlp":
-        # The quickstart MLP: 64 inputs (8x8 digits), depth 2, width 256, 10 classes; batch 128; Adam.
+        # The quickstart MLP: 64 inputs (8x8 digits), depth 2, 10 classes; Adam.
+        w = a.width
         model = torch.nn.Sequential(
-            torch.nn.Linear(64, 256), torch.nn.ReLU(),
-            torch.nn.Linear(256, 256), torch.nn.ReLU(),
-            torch.nn.Linear(256, 10),
+            torch.nn.Linear(64, w), torch.nn.ReLU(),
+            torch.nn.Linear(w, w), torch.nn.ReLU(),
+            torch.nn.Linear(w, 10),
         )
-        x = torch.rand(128, 64)
-        y = torch.randint(0, 10, (128,))
+        x = torch.rand(a.batch, 64)
+        y = torch.randint(0, 10, (a.batch,))
 
         def loss_fn():
             return torch.nn.functional.cross_entropy(model(x), y)
@@ -219,6 +220,8 @@ def main():
     t.add_argument("--model", choices=["mlp", "gpt"], required=True)
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--steps", type=int, default=500)
+    t.add_argument("--width", type=int, default=256)
+    t.add_argument("--batch", type=int, default=128)
     a = p.parse_args()
     if a.command == "sweep":
         (sweep_ray if a.tool == "ray" else sweep_optuna)(a)

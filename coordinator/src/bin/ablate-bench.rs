@@ -751,56 +751,61 @@ async fn sweeps(
 
 /// Steps/s of one training step, ours (ablate-worker bench-step) beside PyTorch's.
 fn training_steps() -> Vec<Row> {
-    let steps = |model: &str| if model == "gpt" { "50" } else { "500" };
-    let ours = |model: &str, threads: &str| -> std::result::Result<f64, String> {
-        let bin = std::env::var("ABLATE_WORKER_BIN").map_err(|_| "set ABLATE_WORKER_BIN".to_string())?;
-        let mut runs = Vec::new();
-        for _ in 0..3 {
-            let out = std::process::Command::new(&bin)
-                .args([
-                    "bench-step",
-                    "--model",
-                    model,
-                    "--threads",
-                    threads,
-                    "--steps",
-                    steps(model),
-                ])
-                .output()
-                .map_err(|e| e.to_string())?;
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-                .map_err(|e| format!("bench-step: {e}: {}", String::from_utf8_lossy(&out.stderr)))?;
-            runs.push(field(&v, "rate")?);
-        }
+    // (model, extra arguments, what, threads, steps): a small MLP (dispatch-bound),
+    // the quickstart-sized one, and a small GPT (kernel-bound).
+    let cases: [(&str, &[&str], &str, &str, &str); 4] = [
+        (
+            "mlp",
+            &["--width", "32", "--batch", "32"],
+            "MLP 64-32-32-10, batch 32",
+            "1",
+            "2000",
+        ),
+        (
+            "mlp",
+            &["--width", "256", "--batch", "128"],
+            "MLP 64-256-256-10, batch 128",
+            "1",
+            "500",
+        ),
+        ("gpt", &[], "char GPT 2x128, ctx 64, batch 32", "1", "50"),
+        ("gpt", &[], "char GPT 2x128, ctx 64, batch 32", "2", "50"),
+    ];
+    let median = |mut runs: Vec<f64>| {
         runs.sort_by(f64::total_cmp);
-        Ok(runs[1])
-    };
-    let theirs = |model: &str, threads: &str| -> std::result::Result<f64, String> {
-        let mut runs = Vec::new();
-        for _ in 0..3 {
-            let args = [
-                "torch-step",
-                "--model",
-                model,
-                "--threads",
-                threads,
-                "--steps",
-                steps(model),
-            ];
-            runs.push(field(&peer(&args)?, "rate")?);
-        }
-        runs.sort_by(f64::total_cmp);
-        Ok(runs[1])
+        runs[runs.len() / 2]
     };
     let mut rows = Vec::new();
-    for (model, what, threads) in [
-        ("mlp", "MLP 64-256-256-10, batch 128", "1"),
-        ("gpt", "char GPT 2x128, ctx 64, batch 32", "1"),
-        ("gpt", "char GPT 2x128, ctx 64, batch 32", "2"),
-    ] {
+    for (model, extra, what, threads, steps) in cases {
+        let mut args = vec!["--model", model, "--threads", threads, "--steps", steps];
+        args.extend_from_slice(extra);
+        let ours = || -> std::result::Result<f64, String> {
+            let bin = std::env::var("ABLATE_WORKER_BIN").map_err(|_| "set ABLATE_WORKER_BIN".to_string())?;
+            let mut runs = Vec::new();
+            for _ in 0..3 {
+                let out = std::process::Command::new(&bin)
+                    .arg("bench-step")
+                    .args(&args)
+                    .output()
+                    .map_err(|e| e.to_string())?;
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+                    .map_err(|e| format!("bench-step: {e}: {}", String::from_utf8_lossy(&out.stderr)))?;
+                runs.push(field(&v, "rate")?);
+            }
+            Ok(median(runs))
+        };
+        let theirs = || -> std::result::Result<f64, String> {
+            let mut peer_args = vec!["torch-step"];
+            peer_args.extend_from_slice(&args);
+            let mut runs = Vec::new();
+            for _ in 0..3 {
+                runs.push(field(&peer(&peer_args)?, "rate")?);
+            }
+            Ok(median(runs))
+        };
         let name = format!("train step + Adam, {what}, {threads} thr");
-        match ours(model, threads) {
-            Ok(rate) => rows.push(Row::new(name, rate, "steps/s").peer("PyTorch 2.11, Python", theirs(model, threads))),
+        match ours() {
+            Ok(rate) => rows.push(Row::new(name, rate, "steps/s").peer("PyTorch 2.11, Python", theirs())),
             Err(why) => rows.push(Row::new(name, 0.0, "steps/s").note(format!("ours not measured: {why}"))),
         }
     }

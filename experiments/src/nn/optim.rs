@@ -87,14 +87,23 @@ impl Optimizer {
                         if c.kind == OptimizerName::Adamw && c.weight_decay > 0.0 {
                             let _ = w.g_mul_scalar_(1.0 - lr * c.weight_decay);
                         }
+                        // In place on the temporaries where the arithmetic allows: the same
+                        // operations in the same order (so the same bits), fewer allocations.
                         let m = &mut self.first[i];
-                        let _ = m.g_mul_scalar_(c.beta1).g_add_(&(&g * (1.0 - c.beta1)));
+                        let scaled = &g * (1.0 - c.beta1);
+                        let _ = m.g_mul_scalar_(c.beta1).g_add_(&scaled);
                         let v = &mut self.second[i];
-                        let _ = v.g_mul_scalar_(c.beta2).g_add_(&(&g * &g * (1.0 - c.beta2)));
+                        let mut square = &g * &g;
+                        let _ = square.g_mul_scalar_(1.0 - c.beta2);
+                        let _ = v.g_mul_scalar_(c.beta2).g_add_(&square);
                         let bc1 = 1.0 - c.beta1.powi(t);
                         let bc2 = 1.0 - c.beta2.powi(t);
-                        let denom = (&self.second[i] / bc2).sqrt() + c.eps;
-                        let _ = w.g_sub_(&(&self.first[i] / &denom * (lr / bc1)));
+                        let mut denom = &self.second[i] / bc2;
+                        let _ = denom.sqrt_();
+                        let _ = denom.g_add_scalar_(c.eps);
+                        let mut update = &self.first[i] / &denom;
+                        let _ = update.g_mul_scalar_(lr / bc1);
+                        let _ = w.g_sub_(&update);
                     }
                 }
             }
