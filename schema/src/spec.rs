@@ -64,6 +64,52 @@ impl SpecFormat {
     }
 }
 
+/// Applies `path=value` overrides (`base.steps=4`, `sweep.params.width=[64, 128]`,
+/// `base.train.steps=10`) to a spec's text; returns the result as YAML. A value
+/// is read as TOML (a number, a boolean, a quoted string, an array, an inline
+/// table) and otherwise taken as a bare string. Missing tables on the path are
+/// made; the result is checked like any spec when it is parsed.
+pub fn apply_overrides(text: &str, format: SpecFormat, sets: &[String]) -> Result<String, SpecError> {
+    let mut spec: serde_json::Value = match format {
+        SpecFormat::Toml => toml::from_str(text).map_err(|e| SpecError::new("", toml_message(&e)))?,
+        SpecFormat::Yaml => serde_norway::from_str(text).map_err(|e| SpecError::new("", e.to_string()))?,
+    };
+    for set in sets {
+        let (path, raw) = set.split_once('=').ok_or_else(|| {
+            SpecError::new(
+                "",
+                format!("override `{set}`: expected PATH=VALUE, such as base.steps=4"),
+            )
+        })?;
+        let path = path.trim();
+        let value: serde_json::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+            Ok(mut table) => serde_json::to_value(table.remove("v")).unwrap_or_default(),
+            Err(_) => serde_json::Value::String(raw.trim().to_string()),
+        };
+        let keys: Vec<&str> = path.split('.').collect();
+        if path.is_empty() || keys.iter().any(|k| k.is_empty()) {
+            return Err(SpecError::new(
+                path,
+                format!("override `{set}`: the path must be dotted names"),
+            ));
+        }
+        let mut node = &mut spec;
+        for (i, key) in keys.iter().enumerate() {
+            let table = node
+                .as_object_mut()
+                .ok_or_else(|| SpecError::new(keys[..i].join("."), format!("override `{set}`: not a table")))?;
+            if i + 1 == keys.len() {
+                table.insert(key.to_string(), value.clone());
+                break;
+            }
+            node = table
+                .entry(key.to_string())
+                .or_insert_with(|| serde_json::Value::Object(Default::default()));
+        }
+    }
+    serde_norway::to_string(&spec).map_err(|e| SpecError::new("", e.to_string()))
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SweepSpec {
@@ -449,6 +495,30 @@ mod tests {
         let err = SweepSpec::parse(text, SpecFormat::Toml).unwrap_err();
         assert_eq!(err.path, path, "{err}");
         assert!(err.message.contains(needle), "`{}` lacks `{needle}`", err.message);
+    }
+
+    #[test]
+    fn overrides_set_nested_values_and_refuse_paths_through_values() {
+        let text = "name = \"t\"\nfamily = \"dsir\"\n[base]\nsteps = 300\ntrain = { steps = 3000, lr = 0.001 }\n[sweep]\nsearcher = \"grid\"\nparams.width = [64, 128, 256]\n";
+        let sets = [
+            "base.steps=4".to_string(),
+            "base.train.steps=10".to_string(),
+            "sweep.params.width=[32]".to_string(),
+            "base.data_dir=fashion-mnist".to_string(),
+            "resources.fresh_process=true".to_string(),
+        ];
+        let yaml = apply_overrides(text, SpecFormat::Toml, &sets).unwrap();
+        let spec = SweepSpec::parse(&yaml, SpecFormat::Yaml).unwrap();
+        assert_eq!(spec.base["steps"], 4);
+        assert_eq!(spec.base["train"]["steps"], 10);
+        assert_eq!(spec.base["train"]["lr"], 0.001);
+        assert_eq!(spec.base["data_dir"], "fashion-mnist");
+        assert_eq!(spec.sweep.params["width"], serde_json::json!([32]));
+        assert!(spec.resources.fresh_process);
+        let err = apply_overrides(text, SpecFormat::Toml, &["base.steps.x=1".to_string()]).unwrap_err();
+        assert_eq!(err.path, "base.steps", "{err}");
+        let err = apply_overrides(text, SpecFormat::Toml, &["base.steps".to_string()]).unwrap_err();
+        assert!(err.message.contains("PATH=VALUE"), "{err}");
     }
 
     const GOOD: &str = r#"

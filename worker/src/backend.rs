@@ -73,7 +73,8 @@ pub struct Slot {
     pub threads: usize,
 }
 
-/// Turns `--devices` into slots: `auto`, `cpu:K` (K CPU slots) or `cuda:0,cuda:1`.
+/// Turns `--devices` into slots: `auto`, `cpu:K` (K CPU slots) or `cuda:0,cuda:1`
+/// (`cuda:0*4`: four slots sharing device 0).
 pub fn discover(spec: &str, backend: &Backend) -> anyhow::Result<Vec<Slot>> {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let cpu_slots = |k: usize| {
@@ -109,12 +110,22 @@ pub fn discover(spec: &str, backend: &Backend) -> anyhow::Result<Vec<Slot>> {
     }
     let mut slots = Vec::new();
     for part in spec.split(',') {
-        let index: usize = part
-            .trim()
+        let part = part.trim();
+        // cuda:N*K: K slots sharing device N (small trials that cannot fill a GPU alone).
+        let (device, share) = match part.split_once('*') {
+            Some((device, k)) => (
+                device,
+                k.parse::<usize>().ok().filter(|k| *k > 0).ok_or_else(|| {
+                    anyhow::anyhow!("--devices: `{part}`: expected cuda:N*K with K >= 1 slots on device N")
+                })?,
+            ),
+            None => (part, 1),
+        };
+        let index: usize = device
             .strip_prefix("cuda:")
             .and_then(|i| i.parse().ok())
             .ok_or_else(|| {
-                anyhow::anyhow!("--devices: `{part}` is not cuda:N; expected auto, cpu:K or cuda:0,cuda:1")
+                anyhow::anyhow!("--devices: `{part}` is not cuda:N; expected auto, cpu:K or cuda:0,cuda:1 (cuda:0*4 for 4 slots on one device)")
             })?;
         if index >= backend.cuda_devices {
             anyhow::bail!(
@@ -122,11 +133,17 @@ pub fn discover(spec: &str, backend: &Backend) -> anyhow::Result<Vec<Slot>> {
                 backend.note
             );
         }
-        slots.push(Slot {
-            name: format!("cuda:{index}"),
-            device: format!("cuda:{index}"),
-            threads: 1,
-        });
+        for k in 0..share {
+            slots.push(Slot {
+                name: if share == 1 {
+                    format!("cuda:{index}")
+                } else {
+                    format!("cuda:{index}#{k}")
+                },
+                device: format!("cuda:{index}"),
+                threads: 1,
+            });
+        }
     }
     Ok(slots)
 }
@@ -173,5 +190,20 @@ mod tests {
             slots.iter().map(|s| s.device.as_str()).collect::<Vec<_>>(),
             ["cuda:0", "cuda:1"]
         );
+        let shared = discover("cuda:0*3,cuda:1", &two_gpus).unwrap();
+        assert_eq!(
+            shared
+                .iter()
+                .map(|s| (s.name.as_str(), s.device.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                ("cuda:0#0", "cuda:0"),
+                ("cuda:0#1", "cuda:0"),
+                ("cuda:0#2", "cuda:0"),
+                ("cuda:1", "cuda:1")
+            ]
+        );
+        let err = discover("cuda:0*0", &two_gpus).unwrap_err().to_string();
+        assert!(err.contains("K >= 1"), "{err}");
     }
 }

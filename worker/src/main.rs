@@ -44,6 +44,10 @@ enum Command {
         /// Directory for the objects trials write (data selections, ...); default: a new ablate-sweep-<pid>-<time> in the temp dir.
         #[arg(long)]
         store: Option<PathBuf>,
+        /// Overrides a field of the spec: PATH=VALUE, such as base.steps=10 or
+        /// sweep.params.width=[64,128] (VALUE is read as TOML); repeat it for more.
+        #[arg(long = "set", value_name = "PATH=VALUE")]
+        sets: Vec<String>,
     },
     /// Prints the report of a spec's family over a trial log that `sweep --trial-log` wrote
     /// (all of it, or what a cut-short run finished).
@@ -86,18 +90,22 @@ fn main() -> anyhow::Result<()> {
             out,
             trial_log,
             store,
+            sets,
         } => {
             let backend = backend::init();
             let slots = backend::discover(&devices, &backend)?;
             let text = std::fs::read_to_string(&spec)
                 .map_err(|e| anyhow::anyhow!("cannot read spec {}: {e}", spec.display()))?;
-            let (report, outcomes) = local::run(
-                &text,
-                ablate_schema::SpecFormat::from_path(&spec.to_string_lossy()),
-                &slots,
-                trial_log.as_deref(),
-                store.as_deref(),
-            )?;
+            let mut format = ablate_schema::SpecFormat::from_path(&spec.to_string_lossy());
+            let text = if sets.is_empty() {
+                text
+            } else {
+                let changed = ablate_schema::spec::apply_overrides(&text, format, &sets)
+                    .map_err(|e| anyhow::anyhow!("--set: {e}"))?;
+                format = ablate_schema::SpecFormat::Yaml;
+                changed
+            };
+            let (report, outcomes) = local::run(&text, format, &slots, trial_log.as_deref(), store.as_deref())?;
             print!("{}", report.to_text());
             if let Some(out) = out {
                 std::fs::write(

@@ -2,7 +2,8 @@
 //!
 //! - `demo`: provision, build, start the embedded stack, run the quickstart sweep.
 //! - `test`: provision, build, make sure PostgreSQL answers, run every test.
-//! - `bench`: the benchmark tables.
+//! - `bench`: ablate beside its peers and raw PostgreSQL, in one run.
+//! - `gpu`: the GPU check's bundle and command; `gpu --dry-run` runs it here on the CPU.
 //! - `build`, `check` (fmt + clippy), `provision`.
 //!
 //! libtorch and the build directory live under `~/.cache/ablate`, outside the
@@ -19,6 +20,11 @@ fn cache_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/tmp"));
     home.join(".cache/ablate")
+}
+
+/// Where the data sets are provisioned (what the worker reads as its data root).
+fn data_dir() -> PathBuf {
+    cache_dir().join("data")
 }
 
 fn libtorch_dir() -> PathBuf {
@@ -257,6 +263,11 @@ fn provision_postgres() -> Result {
         return Ok(());
     }
     eprintln!("xtask: installing PostgreSQL server binaries from apt");
+    apt_install("postgresql")
+}
+
+/// Installs a Debian package (through sudo unless root).
+fn apt_install(package: &str) -> Result {
     // SAFETY: geteuid has no preconditions; declared below to keep xtask free of dependencies.
     let root = unsafe { geteuid() } == 0;
     let sudo = |args: &[&str]| {
@@ -280,8 +291,76 @@ fn provision_postgres() -> Result {
         "-y",
         "-q",
         "--no-install-recommends",
-        "postgresql",
+        package,
     ]))
+}
+
+const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
+
+/// Debian's Fashion-MNIST (the GPU check's muP width sweep reads it).
+fn provision_fashion_mnist() -> Result {
+    if Path::new(FASHION_MNIST).join("train-images-idx3-ubyte.gz").exists() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Fashion-MNIST from apt");
+    apt_install("dataset-fashion-mnist")
+}
+
+/// The GPU check. `gpu`: builds the release worker, packs it with the data sets
+/// into gpu/bundle.tar.gz (well under the 64 MiB a GPU machine receives beside
+/// the tracked files) and prints the command to run there. `gpu --dry-run`:
+/// runs the same script here on the CPU with every spec cut to a few steps.
+fn gpu(args: &[String]) -> Result {
+    provision_libtorch()?;
+    provision_datasets()?;
+    provision_fashion_mnist()?;
+    let root = workspace_root();
+    let script = root.join("xtask/scripts/gpu-check.sh");
+    if args.iter().any(|a| a == "--dry-run") {
+        build("debug")?;
+        let out = target_dir().join("gpu-dry-run");
+        let _ = std::fs::remove_dir_all(&out);
+        return run(Command::new("bash")
+            .arg(&script)
+            .arg("--dry-run")
+            .current_dir(&root)
+            .env("ABLATE_GPU_BIN", bin_dir("debug").join("ablate-worker"))
+            .env("ABLATE_DATA", data_dir())
+            .env("OUT", &out));
+    }
+    build("release")?;
+    let stage = target_dir().join("gpu-bundle");
+    let _ = std::fs::remove_dir_all(&stage);
+    std::fs::create_dir_all(stage.join("bin")).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(stage.join("data")).map_err(|e| e.to_string())?;
+    std::fs::copy(
+        bin_dir("release").join("ablate-worker"),
+        stage.join("bin/ablate-worker"),
+    )
+    .map_err(|e| e.to_string())?;
+    for set in ["mnist", "shakespeare", "dsir"] {
+        std::os::unix::fs::symlink(data_dir().join(set), stage.join("data").join(set)).map_err(|e| e.to_string())?;
+    }
+    std::os::unix::fs::symlink(FASHION_MNIST, stage.join("data/fashion-mnist")).map_err(|e| e.to_string())?;
+    let bundle_dir = root.join("gpu");
+    std::fs::create_dir_all(&bundle_dir).map_err(|e| e.to_string())?;
+    let bundle = bundle_dir.join("bundle.tar.gz");
+    run(Command::new("tar")
+        .args(["-czhf"])
+        .arg(&bundle)
+        .arg("-C")
+        .arg(&stage)
+        .args(["bin", "data"]))?;
+    let bytes = std::fs::metadata(&bundle).map_err(|e| e.to_string())?.len();
+    eprintln!(
+        "xtask: wrote {} ({:.1} MiB; gpu/ is ignored by git, so carry it)",
+        bundle.display(),
+        bytes as f64 / (1 << 20) as f64
+    );
+    println!("On the GPU machine, from the repository root (carry: [\"gpu\"]; 9 minutes for all, the rest of 15 for a rerun):");
+    println!("  timeout 560 bash xtask/scripts/gpu-check.sh");
+    println!("A rerun of some families: timeout 300 bash xtask/scripts/gpu-check.sh cbs dsir");
+    Ok(())
 }
 
 extern "C" {
@@ -376,7 +455,9 @@ fn test() -> Result {
     ];
     run(cargo(&torch_tests)
         .env("DATABASE_URL", &url)
-        .env("ABLATE_MOTO_BIN", moto))
+        .env("ABLATE_MOTO_BIN", moto))?;
+    // The GPU check's script, on the CPU with its specs cut to a few steps.
+    gpu(&["--dry-run".to_string()])
 }
 
 fn check() -> Result {
@@ -441,6 +522,7 @@ fn main() -> ExitCode {
         Some("demo") => demo(args.get(1).map(String::as_str)),
         Some("test") => test(),
         Some("bench") => bench(&args[1..]),
+        Some("gpu") => gpu(&args[1..]),
         Some("build") => build(if args.iter().any(|a| a == "--release") {
             "release"
         } else {
@@ -452,7 +534,7 @@ fn main() -> ExitCode {
             .and_then(|_| provision_datasets())
             .and_then(|_| provision_dsir_reference().map(|_| ()))
             .and_then(|_| provision_moto().map(|_| ())),
-        _ => Err("usage: cargo xtask <demo [SPEC]|test|bench [dsir]|build [--release]|check|provision>".into()),
+        _ => Err("usage: cargo xtask <demo [SPEC]|test|bench [dsir] [--json FILE]|gpu [--dry-run]|build [--release]|check|provision>".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
