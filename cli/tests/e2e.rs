@@ -207,6 +207,107 @@ async fn a_coordinator_killed_mid_sweep_loses_no_trial_and_no_metric() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn completions_in_one_call_are_fenced_one_by_one_and_checked_before_any_is_kept() {
+    let stack = Stack::start(15.0).await;
+    let spec = RESUME_SPEC
+        .replace("NAME", "many")
+        .replace("params.seed = [3]", "params.seed = [3, 4, 5]");
+    stack.submit(&stack.write_spec("many.toml", &spec));
+    let mut workers = WorkersClient::new(stack.channel().await);
+    let worker_id = uuid::Uuid::new_v4().to_string();
+    workers
+        .register(proto::RegisterRequest {
+            worker_id: worker_id.clone(),
+            hostname: "test".into(),
+            devices: vec!["cpu:0".into()],
+        })
+        .await
+        .unwrap();
+    let mut leased = workers
+        .lease(proto::LeaseRequest {
+            worker_id,
+            max_trials: 3,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .trials;
+    assert_eq!(leased.len(), 3);
+    leased.sort_by_key(|t| t.trial_id.clone());
+    let ids: Vec<String> = leased.iter().map(|t| t.trial_id.clone()).collect();
+    let with = |t: &proto::LeasedTrial, token: &str, outcome: &str| proto::CompleteRequest {
+        lease_token: token.to_string(),
+        outcome: outcome.to_string(),
+        error: if outcome == "crashed" {
+            "signal: 9".into()
+        } else {
+            String::new()
+        },
+        ..proto::CompleteRequest::succeeded(t.clone())
+    };
+    let wrong = uuid::Uuid::new_v4().to_string();
+
+    // A bad outcome anywhere refuses the whole call: nothing changes.
+    let refused = workers
+        .complete_many(proto::CompleteManyRequest {
+            completions: vec![
+                with(&leased[0], &leased[0].lease_token, "succeeded"),
+                with(&leased[1], &leased[1].lease_token, "exploded"),
+            ],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("exploded"), "{}", refused.message());
+    let running = stack
+        .scalar_i64("select count(*) from trials where state = 'running'")
+        .await;
+    assert_eq!(running, 3, "a refused call records nothing");
+
+    let answer = workers
+        .complete_many(proto::CompleteManyRequest {
+            completions: vec![
+                with(&leased[0], &leased[0].lease_token, "succeeded"),
+                with(&leased[1], &wrong, "succeeded"),
+                with(&leased[2], &leased[2].lease_token, "crashed"),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        answer.stale_trial_ids,
+        vec![ids[1].clone()],
+        "only the wrong token is stale"
+    );
+    let states: Vec<(String, String)> = sqlx::query_as("select id::text, state from trials order by id::text")
+        .fetch_all(&stack.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        states,
+        vec![
+            (ids[0].clone(), "succeeded".to_string()),
+            (ids[1].clone(), "running".to_string()),
+            (ids[2].clone(), "pending".to_string())
+        ],
+        "one succeeded, the stale one untouched, the crashed one back in the queue"
+    );
+    let attempts: Vec<(String, String)> =
+        sqlx::query_as("select trial_id::text, outcome from ablate.trial_attempts order by trial_id::text")
+            .fetch_all(&stack.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        attempts,
+        vec![
+            (ids[0].clone(), "succeeded".to_string()),
+            (ids[2].clone(), "crashed".to_string())
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn stale_lease_tokens_are_refused_over_grpc() {
     let stack = Stack::start(15.0).await;
     let spec = stack.write_spec("stale.toml", &RESUME_SPEC.replace("NAME", "stale"));

@@ -89,16 +89,7 @@ async fn worker(
         }
         for trial in leased {
             send_points(&mut client, &trial).await?;
-            client
-                .complete(proto::CompleteRequest {
-                    trial_id: trial.trial_id,
-                    lease_token: trial.lease_token,
-                    outcome: "succeeded".into(),
-                    error: String::new(),
-                    stderr_tail: String::new(),
-                    outputs_json: String::new(),
-                })
-                .await?;
+            client.complete(proto::CompleteRequest::succeeded(trial)).await?;
             done += 1;
         }
     }

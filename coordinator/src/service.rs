@@ -621,21 +621,75 @@ impl workers_server::Workers for WorkersService {
         &self,
         request: Request<proto::CompleteRequest>,
     ) -> Result<Response<proto::CompleteResponse>, Status> {
+        let completion = Completion::check(request.into_inner(), &self.limits)?;
+        let mut conn = self.pool.acquire().await.map_err(Error::from)?;
+        completion.record(&mut conn).await?;
+        Ok(Response::new(proto::CompleteResponse {}))
+    }
+
+    async fn complete_many(
+        &self,
+        request: Request<proto::CompleteManyRequest>,
+    ) -> Result<Response<proto::CompleteManyResponse>, Status> {
         let req = request.into_inner();
+        if req.completions.len() as u64 > self.limits.max_trials {
+            return Err(Status::invalid_argument(format!(
+                "{} completions in one call, over the limit of {}",
+                req.completions.len(),
+                self.limits.max_trials
+            )));
+        }
+        // Every completion is checked before any is recorded: a bad one refuses the call and changes nothing.
+        let completions = req
+            .completions
+            .into_iter()
+            .map(|c| Completion::check(c, &self.limits))
+            .collect::<Result<Vec<_>, Status>>()?;
+        let mut tx = self.pool.begin().await.map_err(Error::from)?;
+        let mut stale_trial_ids = Vec::new();
+        for completion in &completions {
+            match completion.record(&mut tx).await {
+                Ok(()) => {}
+                Err(Error::StaleLease { trial }) => stale_trial_ids.push(trial),
+                Err(error) => return Err(error.into()),
+            }
+        }
+        tx.commit().await.map_err(Error::from)?;
+        Ok(Response::new(proto::CompleteManyResponse { stale_trial_ids }))
+    }
+}
+
+/// A worker's report of how a trial ended, checked and ready to record.
+enum Completion {
+    /// Its process crashed: pending again while attempts remain.
+    Crashed {
+        trial: TrialId,
+        token: LeaseToken,
+        error: String,
+        tail: Option<String>,
+    },
+    Finished {
+        trial: TrialId,
+        token: LeaseToken,
+        outcome: TrialState,
+        error: Option<String>,
+        tail: Option<String>,
+        outputs: serde_json::Value,
+    },
+}
+
+impl Completion {
+    fn check(req: proto::CompleteRequest, limits: &Limits) -> Result<Completion, Status> {
         let (trial, token) = lease_of(&req.trial_id, &req.lease_token)?;
+        // A crashed trial's stderr may hold anything; PostgreSQL text can't hold NUL.
+        let nonempty = |s: &str| Some(pg_text(s)).filter(|s| !s.is_empty());
         if req.outcome == "crashed" {
-            let error = clip_reason(&req.error, self.limits.max_string_chars);
-            let tail = pg_text(&req.stderr_tail);
-            let again = db::crashed(
-                &self.pool,
+            return Ok(Completion::Crashed {
                 trial,
                 token,
-                &error,
-                Some(tail.as_str()).filter(|t| !t.is_empty()),
-            )
-            .await?;
-            tracing::warn!(trial = %trial, %error, retried = again, "trial process crashed");
-            return Ok(Response::new(proto::CompleteResponse {}));
+                error: clip_reason(&req.error, limits.max_string_chars),
+                tail: nonempty(&req.stderr_tail),
+            });
         }
         let outcome = match TrialState::parse(&req.outcome) {
             Some(s @ (TrialState::Succeeded | TrialState::Failed)) => s,
@@ -646,19 +700,11 @@ impl workers_server::Workers for WorkersService {
                 )))
             }
         };
-        // A crashed trial's stderr may hold anything; PostgreSQL text can't hold NUL.
-        let nonempty = |s: &str| {
-            if s.is_empty() {
-                None
-            } else {
-                Some(pg_text(s))
-            }
-        };
-        if req.outputs_json.len() > self.limits.max_output_bytes {
+        if req.outputs_json.len() > limits.max_output_bytes {
             return Err(Status::invalid_argument(format!(
                 "the trial's outputs are {} bytes of JSON, over the limit of {}; store large results in object storage and output their keys",
                 req.outputs_json.len(),
-                self.limits.max_output_bytes
+                limits.max_output_bytes
             )));
         }
         let outputs: serde_json::Value = if req.outputs_json.trim().is_empty() {
@@ -673,18 +719,49 @@ impl workers_server::Workers for WorkersService {
                 }
             }
         };
-        db::complete(
-            &self.pool,
+        Ok(Completion::Finished {
             trial,
             token,
             outcome,
-            nonempty(&req.error).as_deref(),
-            nonempty(&req.stderr_tail).as_deref(),
-            &outputs,
-        )
-        .await?;
-        tracing::info!(trial = %trial, outcome = outcome.as_str(), "trial completed");
-        Ok(Response::new(proto::CompleteResponse {}))
+            error: nonempty(&req.error),
+            tail: nonempty(&req.stderr_tail),
+            outputs,
+        })
+    }
+
+    async fn record(&self, conn: &mut sqlx::PgConnection) -> Result<(), Error> {
+        match self {
+            Completion::Crashed {
+                trial,
+                token,
+                error,
+                tail,
+            } => {
+                let again = db::crashed(&mut *conn, *trial, *token, error, tail.as_deref()).await?;
+                tracing::warn!(trial = %trial, %error, retried = again, "trial process crashed");
+            }
+            Completion::Finished {
+                trial,
+                token,
+                outcome,
+                error,
+                tail,
+                outputs,
+            } => {
+                db::complete(
+                    &mut *conn,
+                    *trial,
+                    *token,
+                    *outcome,
+                    error.as_deref(),
+                    tail.as_deref(),
+                    outputs,
+                )
+                .await?;
+                tracing::info!(trial = %trial, outcome = outcome.as_str(), "trial completed");
+            }
+        }
+        Ok(())
     }
 }
 

@@ -168,8 +168,18 @@ mod shipped_specs {
     fn every_spec_in_experiments_specs_passes_its_checks() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("specs");
         let mut checked = 0;
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
+        // The specs and those of the GPU check in specs/gpu.
+        let mut paths: Vec<std::path::PathBuf> = Vec::new();
+        for folder in [dir.clone(), dir.join("gpu")] {
+            for entry in std::fs::read_dir(&folder).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_file() {
+                    paths.push(path);
+                }
+            }
+        }
+        assert!(paths.iter().filter(|p| p.starts_with(dir.join("gpu"))).count() >= 5);
+        for path in paths {
             let text = std::fs::read_to_string(&path).unwrap();
             let spec = super::check(&text, SpecFormat::from_path(&path.to_string_lossy()))
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));

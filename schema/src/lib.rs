@@ -11,6 +11,20 @@ pub mod spec;
 /// and client edges and convert to domain types right away.
 pub mod proto {
     tonic::include_proto!("ablate.v1");
+
+    impl CompleteRequest {
+        /// The completion of a trial that succeeded with nothing more to report.
+        pub fn succeeded(trial: LeasedTrial) -> CompleteRequest {
+            CompleteRequest {
+                trial_id: trial.trial_id,
+                lease_token: trial.lease_token,
+                outcome: "succeeded".into(),
+                error: String::new(),
+                stderr_tail: String::new(),
+                outputs_json: String::new(),
+            }
+        }
+    }
 }
 
 pub use bearer::{endpoint, Bearer};

@@ -76,23 +76,14 @@ fi
 fashion=/usr/share/datasets/fashion-mnist
 [ -d "$ABLATE_DATA/fashion-mnist" ] && fashion=$ABLATE_DATA/fashion-mnist
 
-# family -> spec, time limit (s), family name for the report, then the dry run's cuts.
-spec_of() {
+# family -> spec|time limit (s)|family for the report|the dry run's cuts
+family_row() {
     case "$1" in
-        mup-fashion) echo "mup-width-fashion-mnist.toml 60 mup_transfer" ;;
-        mup-transformer) echo "mup-width-transformer.toml 150 mup_transfer" ;;
-        cbs) echo "cbs-char-gpt.toml 150 critical_batch" ;;
-        intrinsic) echo "intrinsic-mnist.toml 80 intrinsic_dim" ;;
-        dsir) echo "dsir-downstream-gpu.toml 90 dsir" ;;
-    esac
-}
-cuts_of() {
-    case "$1" in
-        mup-fashion) echo "base.steps=3 base.base_width=32 sweep.params.width=[32,64] sweep.params.log2_lr=[-8,-6]" ;;
-        mup-transformer) echo "base.steps=3 base.warmup_steps=0 base.context=32 base.base_width=32 sweep.params.width=[32,64] sweep.params.log2_lr=[-8,-6]" ;;
-        cbs) echo "base.width=32 base.context=32 base.examples=256 base.cbs={reference_batch=8,budgets=[64,128]} base.noise_scale={small=4,big=16,repeats=1} sweep.params.batch_size=[8,16] sweep.params.log2_lr=[-9]" ;;
-        intrinsic) echo "base.steps=3 sweep.params.subspace_dim=[0,50]" ;;
-        dsir) echo "base.train.steps=3 base.train.warmup_steps=0 base.train.width=32 base.train.depth=1 base.train.context=32 base.train.batch_size=8 base.train.eval_every=3" ;;
+        mup-fashion) echo "mup-width-fashion-mnist.toml|60|mup_transfer|base.steps=3 base.base_width=32 sweep.params.width=[32,64] sweep.params.log2_lr=[-8,-6]" ;;
+        mup-transformer) echo "mup-width-transformer.toml|150|mup_transfer|base.steps=3 base.warmup_steps=0 base.context=32 base.base_width=32 sweep.params.width=[32,64] sweep.params.log2_lr=[-8,-6]" ;;
+        cbs) echo "cbs-char-gpt.toml|150|critical_batch|base.width=32 base.context=32 base.examples=256 base.cbs={reference_batch=8,budgets=[64,128]} base.noise_scale={small=4,big=16,repeats=1} sweep.params.batch_size=[8,16] sweep.params.log2_lr=[-9]" ;;
+        intrinsic) echo "intrinsic-mnist.toml|80|intrinsic_dim|base.steps=3 sweep.params.subspace_dim=[0,50]" ;;
+        dsir) echo "dsir-downstream-gpu.toml|90|dsir|base.train.steps=3 base.train.warmup_steps=0 base.train.width=32 base.train.depth=1 base.train.context=32 base.train.batch_size=8 base.train.eval_every=3" ;;
     esac
 }
 
@@ -120,11 +111,11 @@ print(json.dumps({"family": name, "trials": len(trials), "succeeded": len(ok), "
 status=0
 if [ ${#families[@]} -eq 5 ]; then rm -f "$out/summary.jsonl"; fi
 for family in "${families[@]}"; do
-    read -r spec limit report_family <<<"$(spec_of "$family")"
+    IFS='|' read -r spec limit report_family cuts <<<"$(family_row "$family")"
     sets=()
     if [ "$family" = mup-fashion ]; then sets+=(--set "base.data_dir=$fashion"); fi
     if [ $dry = 1 ]; then
-        for cut in $(cuts_of "$family"); do sets+=(--set "$cut"); done
+        for cut in $cuts; do sets+=(--set "$cut"); done
         limit=300
     fi
     log=$out/$family.trials.jsonl

@@ -226,7 +226,7 @@ pub async fn record_checkpoint(
 
 /// Finishes a trial, fenced by the lease; repeating the same completion is harmless.
 pub async fn complete(
-    pool: &PgPool,
+    db: impl sqlx::PgExecutor<'_>,
     trial: TrialId,
     token: LeaseToken,
     outcome: ablate_schema::TrialState,
@@ -255,7 +255,7 @@ pub async fn complete(
     .bind(error)
     .bind(stderr_tail)
     .bind(outputs)
-    .fetch_one(pool)
+    .fetch_one(db)
     .await?
     .try_get::<i64, _>(0)?;
     if done == 0 {
@@ -271,7 +271,7 @@ pub async fn complete(
 /// last. Fenced by the lease; the attempt is kept in `trial_attempts`. Returns
 /// whether the trial will run again.
 pub async fn crashed(
-    pool: &PgPool,
+    db: impl sqlx::PgExecutor<'_>,
     trial: TrialId,
     token: LeaseToken,
     error: &str,
@@ -308,7 +308,7 @@ pub async fn crashed(
     .bind(token.0)
     .bind(error)
     .bind(stderr_tail)
-    .fetch_optional(pool)
+    .fetch_optional(db)
     .await?;
     match row {
         Some((state,)) => Ok(state == "pending"),
