@@ -17,7 +17,8 @@
 //! - DSIR: documents/s of our importance weights beside data-selection 1.0.3.
 //!
 //! The peers run from ABLATE_PEERS_PYTHON (xtask/scripts/peers.py); rows whose
-//! peer is missing say so. `ablate-bench dsir` runs only the DSIR rows.
+//! peer is missing say so. `ablate-bench dsir` runs only the DSIR rows,
+//! `ablate-bench control` only the control plane's.
 
 use std::time::{Duration, Instant};
 
@@ -850,17 +851,20 @@ async fn main() -> Result {
     let fsync: String = sqlx::query_scalar("show fsync").fetch_one(&admin_pool).await?;
     println!("PostgreSQL fsync={fsync} synchronous_commit={synchronous_commit}; coordinator at {addr}");
 
+    let only_control = args.first().map(String::as_str) == Some("control");
     let measured = async {
         let mut sections = vec![(
             "Control plane (median of 3 runs)",
             control_plane(&addr, &url, &admin_pool, &admin, &tag).await?,
         )];
-        sections.push((
-            "Sweep bookkeeping (one run each)",
-            sweeps(&addr, &pool, &admin_pool, &admin, &tag).await?,
-        ));
-        sections.push(("Training step (median of 3 runs)", training_steps()));
-        sections.push(("DSIR", dsir_rows()?));
+        if !only_control {
+            sections.push((
+                "Sweep bookkeeping (one run each)",
+                sweeps(&addr, &pool, &admin_pool, &admin, &tag).await?,
+            ));
+            sections.push(("Training step (median of 3 runs)", training_steps()));
+            sections.push(("DSIR", dsir_rows()?));
+        }
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(sections)
     }
     .await;
