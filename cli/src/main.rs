@@ -165,6 +165,10 @@ pub struct UpArgs {
     /// The coordinator's listen address.
     #[arg(long, default_value = "127.0.0.1:7077")]
     pub listen: SocketAddr,
+    /// The coordinator's HTTP listener (Prometheus metrics at /metrics, /healthz,
+    /// /readyz), or `off`.
+    #[arg(long, default_value = "127.0.0.1:7078")]
+    pub http_listen: String,
     /// The local worker's device slots: auto, cpu:K or cuda:0,cuda:1.
     #[arg(long, default_value = "auto")]
     pub devices: String,
@@ -290,6 +294,9 @@ pub struct ServeArgs {
     /// the leases they held across a restart; default twice the lease TTL.
     #[arg(long)]
     pub reap_grace: Option<f64>,
+    /// An HTTP listener for Prometheus metrics (/metrics) and probes (/healthz, /readyz).
+    #[arg(long)]
+    pub http_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub limits: LimitArgs,
 }

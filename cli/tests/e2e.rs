@@ -471,6 +471,7 @@ async fn ablate_up_runs_a_sweep_on_the_embedded_default_and_down_stops_it() {
     let state = dir.join("state");
     let state = state.to_string_lossy();
     let listen = format!("127.0.0.1:{port}");
+    let http = format!("127.0.0.1:{}", harness::free_port());
     let up = ablate(&[
         "up",
         "--detach",
@@ -478,6 +479,8 @@ async fn ablate_up_runs_a_sweep_on_the_embedded_default_and_down_stops_it() {
         &state,
         "--listen",
         &listen,
+        "--http-listen",
+        &http,
         "--pg-port",
         &pg_port.to_string(),
         "--devices",
@@ -485,6 +488,11 @@ async fn ablate_up_runs_a_sweep_on_the_embedded_default_and_down_stops_it() {
     ]);
     let log = || std::fs::read_to_string(dir.join("state/up.log")).unwrap_or_default();
     assert!(up.status.success(), "ablate up failed: {}\n{}", stderr(&up), log());
+    // The HTTP listener answers probes and serves metrics.
+    assert_eq!(harness::http_get(&http, "/readyz").unwrap().0, 200, "{}", log());
+    let (status, page) = harness::http_get(&http, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert!(page.contains("ablate_trials{state=\"pending\"}"), "{page}");
     let spec = dir.join("tiny.toml");
     std::fs::write(
         &spec,

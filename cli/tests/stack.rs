@@ -58,6 +58,7 @@ fn the_embedded_stack_starts_in_a_private_directory_once_and_stops_entirely() {
     let (pg_port, port) = (free_port().to_string(), free_port());
     let listen = format!("127.0.0.1:{port}");
     let addr = format!("http://{listen}");
+    let http = format!("127.0.0.1:{}", free_port());
     let up = [
         "up",
         "--detach",
@@ -67,6 +68,8 @@ fn the_embedded_stack_starts_in_a_private_directory_once_and_stops_entirely() {
         &pg_port,
         "--listen",
         &listen,
+        "--http-listen",
+        &http,
         "--devices",
         "cpu:1",
     ];

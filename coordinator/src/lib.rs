@@ -12,6 +12,7 @@ pub mod error;
 mod reader;
 mod service;
 pub mod submit;
+mod telemetry;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -50,6 +51,8 @@ pub struct Options {
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     /// Where trials may read local data (specs naming other paths are refused).
     pub data_roots: Vec<std::path::PathBuf>,
+    /// The HTTP listener: Prometheus metrics at /metrics, /healthz, /readyz.
+    pub http_listen: Option<SocketAddr>,
 }
 
 impl Options {
@@ -68,6 +71,7 @@ impl Options {
             admin_token_file: None,
             tls: None,
             data_roots: ablate_experiments::nn::locations::default_roots(),
+            http_listen: None,
         }
     }
 }
@@ -75,6 +79,7 @@ impl Options {
 /// A bound, migrated coordinator, ready to serve.
 pub struct Coordinator {
     listener: TcpListener,
+    http: Option<TcpListener>,
     pool: sqlx::PgPool,
     reader: reader::Reader,
     tokens: Option<auth::Tokens>,
@@ -102,8 +107,17 @@ impl Coordinator {
         let listener = TcpListener::bind(options.listen)
             .await
             .map_err(|e| Error::InvalidArgument(format!("cannot listen on {}: {e}", options.listen)))?;
+        let http = match options.http_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "cannot listen for HTTP on {addr}: {e}; pick another --http-listen"
+                ))
+            })?),
+            None => None,
+        };
         Ok(Coordinator {
             listener,
+            http,
             pool,
             reader,
             tokens,
@@ -115,12 +129,36 @@ impl Coordinator {
         self.listener.local_addr().expect("a bound listener has an address")
     }
 
+    /// The HTTP listener's address, when there is one.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Serves both gRPC services and runs the lease reaper until `shutdown` resolves.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send) -> Result<()> {
         let addr = self.local_addr();
         let grace = self.options.reap_grace.unwrap_or(self.options.lease_ttl * 2);
-        let reaper = tokio::spawn(reap_forever(self.pool.clone(), grace, self.options.reap_interval));
+        let telemetry = std::sync::Arc::new(telemetry::Telemetry::default());
+        let reaper = tokio::spawn(reap_forever(
+            self.pool.clone(),
+            grace,
+            self.options.reap_interval,
+            telemetry.clone(),
+        ));
         tracing::info!(%addr, "coordinator listening");
+        let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+        let http = self.http.map(|listener| {
+            tracing::info!(addr = ?listener.local_addr().ok(), "HTTP listener: /metrics, /healthz, /readyz");
+            tokio::spawn(telemetry::serve(
+                listener,
+                self.pool.clone(),
+                telemetry.clone(),
+                self.options.lease_ttl,
+                async {
+                    let _ = http_stopped.await;
+                },
+            ))
+        });
         let reloads = self.tokens.as_ref().map(auth::Tokens::spawn_reloads);
         let mut builder = tonic::transport::Server::builder();
         if let Some((cert, key)) = &self.options.tls {
@@ -146,10 +184,15 @@ impl Coordinator {
                 self.pool.clone(),
                 self.options.lease_ttl,
                 self.options.limits,
+                telemetry,
             ))
             .serve_with_incoming_shutdown(incoming(self.listener), shutdown)
             .await;
         reaper.abort();
+        let _ = http_stop.send(());
+        if let Some(http) = http {
+            let _ = http.await;
+        }
         if let Some(reloads) = reloads {
             reloads.abort();
         }
@@ -215,7 +258,12 @@ fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::
     })
 }
 
-async fn reap_forever(pool: sqlx::PgPool, grace: Duration, every: Duration) {
+async fn reap_forever(
+    pool: sqlx::PgPool,
+    grace: Duration,
+    every: Duration,
+    telemetry: std::sync::Arc<telemetry::Telemetry>,
+) {
     tracing::info!(?grace, "reaping expired leases after the start-up grace period");
     tokio::time::sleep(grace).await;
     let mut tick = tokio::time::interval(every);
@@ -223,7 +271,10 @@ async fn reap_forever(pool: sqlx::PgPool, grace: Duration, every: Duration) {
         tick.tick().await;
         match db::reap_expired(&pool).await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(trials = n, "reaped expired leases"),
+            Ok(n) => {
+                telemetry.reaper_requeues.add(n);
+                tracing::info!(trials = n, "reaped expired leases")
+            }
             Err(error) => tracing::warn!(%error, "reaper pass failed"),
         }
     }

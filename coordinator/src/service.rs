@@ -20,6 +20,7 @@ use crate::db::{self, CheckpointRecord, ExperimentRow, TrialRow};
 use crate::error::Error;
 use crate::reader::Reader;
 use crate::submit;
+use crate::telemetry::Telemetry;
 use ablate_schema::Limits;
 
 /// Metric batches of one stream written concurrently.
@@ -53,12 +54,14 @@ pub fn workers_server(
     pool: PgPool,
     lease_ttl: Duration,
     limits: Limits,
+    telemetry: Arc<Telemetry>,
 ) -> workers_server::WorkersServer<WorkersService> {
     workers_server::WorkersServer::new(WorkersService {
         pool,
         lease_ttl,
         limits,
         names: Arc::new(Mutex::new(HashMap::new())),
+        telemetry,
     })
     .max_decoding_message_size(64 << 20)
 }
@@ -386,6 +389,7 @@ pub struct WorkersService {
     limits: Limits,
     /// Metric name -> id; a cache of `metric_names`, refilled on a miss.
     names: Arc<Mutex<HashMap<String, i32>>>,
+    telemetry: Arc<Telemetry>,
 }
 
 fn lease_of(trial: &str, token: &str) -> Result<(TrialId, LeaseToken), Error> {
@@ -490,7 +494,10 @@ impl workers_server::Workers for WorkersService {
     async fn lease(&self, request: Request<proto::LeaseRequest>) -> Result<Response<proto::LeaseResponse>, Status> {
         let req = request.into_inner();
         let worker = parse_id(WorkerId::parse, &req.worker_id)?;
+        let started = std::time::Instant::now();
         let leased = db::lease(&self.pool, worker, req.max_trials, self.lease_ttl).await?;
+        self.telemetry.lease_seconds.observe(started.elapsed().as_secs_f64());
+        self.telemetry.trials_leased.add(leased.len() as u64);
         Ok(Response::new(proto::LeaseResponse {
             trials: leased
                 .into_iter()
@@ -549,15 +556,21 @@ impl workers_server::Workers for WorkersService {
         let pool = self.pool.clone();
         let names = self.names.clone();
         let limits = self.limits;
+        let telemetry = self.telemetry.clone();
         tokio::spawn(async move {
             // Up to INGEST_IN_FLIGHT batches of one stream are written at once; acks carry
             // the batch's sequence number, so they may arrive out of order.
             let mut acks = inbound
                 .filter_map(|next| futures::future::ready(next.ok()))
                 .map(|batch| {
-                    let (pool, names) = (pool.clone(), names.clone());
+                    let (pool, names, telemetry) = (pool.clone(), names.clone(), telemetry.clone());
                     async move {
+                        let started = std::time::Instant::now();
                         let result = ingest(&pool, &names, &limits, &batch).await;
+                        if result.is_ok() {
+                            telemetry.metric_batch_seconds.observe(started.elapsed().as_secs_f64());
+                            telemetry.metric_points.add(batch.steps.len() as u64);
+                        }
                         (batch.seq, result)
                     }
                 })
@@ -624,6 +637,7 @@ impl workers_server::Workers for WorkersService {
         let completion = Completion::check(request.into_inner(), &self.limits)?;
         let mut conn = self.pool.acquire().await.map_err(Error::from)?;
         completion.record(&mut conn).await?;
+        completion.count(&self.telemetry);
         Ok(Response::new(proto::CompleteResponse {}))
     }
 
@@ -649,7 +663,7 @@ impl workers_server::Workers for WorkersService {
         let mut stale_trial_ids = Vec::new();
         for completion in &completions {
             match completion.record(&mut tx).await {
-                Ok(()) => {}
+                Ok(()) => completion.count(&self.telemetry),
                 Err(Error::StaleLease { trial }) => stale_trial_ids.push(trial),
                 Err(error) => return Err(error.into()),
             }
@@ -727,6 +741,17 @@ impl Completion {
             tail: nonempty(&req.stderr_tail),
             outputs,
         })
+    }
+
+    fn count(&self, telemetry: &Telemetry) {
+        match self {
+            Completion::Crashed { .. } => telemetry.completions_crashed.add(1),
+            Completion::Finished {
+                outcome: TrialState::Succeeded,
+                ..
+            } => telemetry.completions_succeeded.add(1),
+            Completion::Finished { .. } => telemetry.completions_failed.add(1),
+        }
     }
 
     async fn record(&self, conn: &mut sqlx::PgConnection) -> Result<(), Error> {

@@ -3,6 +3,7 @@
 //! errors, and the ID newtypes every other crate uses.
 
 pub mod bearer;
+pub mod exposition;
 pub mod ids;
 pub mod limits;
 pub mod spec;

@@ -60,6 +60,9 @@ pub struct Options {
     /// `[resources] fresh_process = true`.
     #[arg(long)]
     pub fresh_process_per_trial: bool,
+    /// An HTTP listener for Prometheus metrics (/metrics) and a health probe (/healthz).
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Why the worker can't start trials now, if so; sent with every heartbeat.
@@ -115,6 +118,23 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
     )?;
     let scratch = options.state_dir.join("scratch");
     std::fs::create_dir_all(&scratch)?;
+    let telemetry = Arc::new(crate::telemetry::Telemetry::default());
+    telemetry
+        .slots
+        .store(slots.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    let health: Health = Arc::default();
+    if let Some(addr) = options.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("--metrics-listen {addr}: {e}"))?;
+        tracing::info!(addr = ?listener.local_addr().ok(), "metrics at /metrics, health at /healthz");
+        tokio::spawn(crate::telemetry::serve(
+            listener,
+            telemetry.clone(),
+            options.state_dir.join("spool"),
+            health.clone(),
+        ));
+    }
     let shared = Arc::new(Shared {
         client: client.clone(),
         relay,
@@ -124,9 +144,9 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
         data_roots: options.data_root.clone(),
         worker_id: worker_id.to_string(),
         fresh_processes: options.fresh_process_per_trial,
+        telemetry: telemetry.clone(),
     });
     let held: Arc<Mutex<HashMap<String, Held>>> = Arc::default();
-    let health: Health = Arc::default();
     tokio::spawn(heartbeat_forever(
         client.clone(),
         worker_id,
@@ -193,9 +213,11 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
                 },
             );
             let (shared, held, freed) = (shared.clone(), held.clone(), freed_tx.clone());
+            shared.telemetry.busy.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tokio::spawn(async move {
                 let id = trial.trial_id.clone();
                 let (started, warm, finish) = runner::run(shared.clone(), slot.clone(), warm, trial, stop_rx).await;
+                shared.telemetry.busy.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 // The slot takes its next trial while this one's last metrics and
                 // completion are sent; its lease is heartbeated until they are.
                 let _ = freed.send((slot, warm, started));

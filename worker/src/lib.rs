@@ -13,6 +13,7 @@ mod relay;
 mod runner;
 pub mod step_bench;
 pub mod storage;
+mod telemetry;
 pub mod trial_process;
 
 /// Where the worker keeps its spool by default.

@@ -35,6 +35,7 @@ pub struct Shared {
     pub worker_id: String,
     /// Every trial in a fresh process of its own, none kept warm.
     pub fresh_processes: bool,
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 /// Whether the worker got a trial going.
@@ -102,6 +103,7 @@ pub async fn run(
             }
         },
     };
+    shared.telemetry.exit("not_started");
     give_back(&shared, &trial, &not_started, &mut stop).await;
     (Started::No(not_started), None, None)
 }
@@ -243,6 +245,7 @@ async fn drive(
     match &end {
         End::Stopped(why) => {
             tracing::info!(trial = %trial.trial_id, %why, "stopping trial");
+            shared.telemetry.exit("stopped");
             process.terminate().await;
             return Ok(Driven::Ended(Box::new((None, None))));
         }
@@ -288,6 +291,7 @@ async fn drive(
         }
         End::Stopped(_) => unreachable!("a stopped trial returned above"),
     };
+    shared.telemetry.exit(outcome);
     let request = proto::CompleteRequest {
         trial_id: trial.trial_id.clone(),
         lease_token: trial.lease_token.clone(),

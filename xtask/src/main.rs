@@ -295,6 +295,16 @@ fn apt_install(package: &str) -> Result {
     ]))
 }
 
+/// Debian's Prometheus server (the telemetry test scrapes the stack with it).
+fn provision_prometheus() -> Result<PathBuf> {
+    let bin = PathBuf::from("/usr/bin/prometheus");
+    if !bin.exists() {
+        eprintln!("xtask: installing Prometheus from apt");
+        apt_install("prometheus")?;
+    }
+    Ok(bin)
+}
+
 const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
 
 /// Debian's Fashion-MNIST (the GPU check's muP width sweep reads it).
@@ -431,6 +441,7 @@ fn test() -> Result {
     let url = test_database()?;
     let moto = provision_moto()?;
     let dsir_python = provision_dsir_reference()?;
+    let prometheus = provision_prometheus()?;
     eprintln!("xtask: tests use {url}");
     run(cargo(&[
         "test",
@@ -443,6 +454,7 @@ fn test() -> Result {
     .env("DATABASE_URL", &url)
     .env("ABLATE_BIN_DIR", bin_dir("debug"))
     .env("ABLATE_MOTO_BIN", &moto)
+    .env("ABLATE_PROMETHEUS_BIN", &prometheus)
     .env("ABLATE_DSIR_PYTHON", &dsir_python))?;
     let torch_tests = [
         "test",

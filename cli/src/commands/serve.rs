@@ -37,8 +37,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()));
         options.tls = Some((read(cert)?, read(key)?));
     }
+    options.http_listen = args.http_listen;
     let coordinator = Coordinator::build(options).await?;
     eprintln!("coordinator listening on {}", coordinator.local_addr());
+    if let Some(http) = coordinator.http_addr() {
+        eprintln!("metrics at http://{http}/metrics");
+    }
     coordinator.run(shutdown_signal()).await?;
     Ok(())
 }

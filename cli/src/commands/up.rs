@@ -58,6 +58,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
     let mut options = Options::new(database_url, args.listen);
     args.limits.apply(&mut options);
+    options.http_listen = http_listen(&args.http_listen)?;
     // Tokens on, set up for the local user: an admin token kept in the
     // credentials file under this coordinator's address, a worker token for
     // the local worker under the state directory (both mode 0600).
@@ -67,6 +68,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let coordinator = Coordinator::build(options).await?;
     let addr = coordinator.local_addr();
     let coordinator_url = format!("http://{addr}");
+    if let Some(http) = coordinator.http_addr() {
+        eprintln!("metrics at http://{http}/metrics");
+    }
     let worker_token = state.join("worker.token");
     coordinator
         .ensure_token_file(&worker_token, ablate_coordinator::auth::Role::Worker)
@@ -156,6 +160,7 @@ async fn detach(args: &UpArgs) -> anyhow::Result<()> {
     let mut command = std::process::Command::new(std::env::current_exe()?);
     command
         .args(["up", "--listen", &args.listen.to_string(), "--devices", &args.devices])
+        .args(["--http-listen", &args.http_listen])
         .args(["--pg-port", &args.pg_port.to_string()])
         .args(args.limits.to_args())
         .arg("--state-dir")
@@ -217,4 +222,14 @@ pub async fn down(args: StateArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&file);
     eprintln!("ablate is down");
     Ok(())
+}
+
+/// `--http-listen`: an address, or `off`.
+fn http_listen(text: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    if text == "off" {
+        return Ok(None);
+    }
+    text.parse()
+        .map(Some)
+        .map_err(|_| anyhow::anyhow!("--http-listen {text}: expected an address such as 127.0.0.1:7078, or off"))
 }
