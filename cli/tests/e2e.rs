@@ -377,6 +377,7 @@ async fn stale_lease_tokens_are_refused_over_grpc() {
         error: String::new(),
         stderr_tail: String::new(),
         outputs_json: String::new(),
+        provenance_json: String::new(),
     };
     let refused = workers.complete(complete(wrong)).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);

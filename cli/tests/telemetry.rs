@@ -1,6 +1,7 @@
 //! Telemetry seen from outside: a real Prometheus (Debian's `prometheus`,
 //! started here on loopback) scrapes the coordinator's and a worker's
-//! `/metrics` during a sweep, and PromQL through its HTTP API sees the sweep.
+//! `/metrics` during a sweep, and PromQL through its HTTP API sees the sweep;
+//! `ablate sql` shows what every attempt ran on, as the worker binary reports it.
 
 mod harness;
 
@@ -43,7 +44,7 @@ fn until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn prometheus_scrapes_the_coordinator_and_a_worker_during_a_sweep() {
+async fn prometheus_scrapes_a_sweep_and_sql_shows_what_each_attempt_ran_on() {
     let bin = prometheus_bin();
     let mut stack = Stack::start(15.0).await;
     let http = format!("127.0.0.1:{}", free_port());
@@ -124,4 +125,42 @@ async fn prometheus_scrapes_the_coordinator_and_a_worker_during_a_sweep() {
     assert_eq!(slots, Some(2.0));
     let live = query(&prom, "ablate_workers{health=\"ok\"}");
     assert_eq!(live, Some(1.0));
+
+    // Provenance: every attempt, in SQL, as the worker binary reports it.
+    let reported = Command::new(harness::bin("ablate-worker"))
+        .args(["provenance", "--devices", "cpu:2"])
+        .output()
+        .unwrap();
+    assert!(reported.status.success(), "{}", harness::stderr(&reported));
+    let reported: serde_json::Value = serde_json::from_slice(&reported.stdout).unwrap();
+    let commit = reported["git_commit"].as_str().unwrap();
+    assert_eq!(commit.len(), 40, "a git commit: {commit}");
+    let libtorch = reported["libtorch_version"].as_str().unwrap();
+    assert!(libtorch.starts_with("2.11"), "{libtorch}");
+    let cpu = reported["device_names"]["cpu"].as_str().unwrap();
+    let cuda = reported["cuda_version"].as_str().unwrap();
+    assert!(
+        cuda != "unknown",
+        "the CUDA version libtorch was built for (or none): {cuda}"
+    );
+    let out = stack.ablate(&[
+        "sql",
+        "--format",
+        "csv",
+        "select ordinal, git_commit, libtorch_version, cuda_version, device, device_name, host, ablate_version \
+         from ablate.trial_attempts where outcome = 'succeeded' order by ordinal",
+    ]);
+    assert!(out.status.success(), "{}", harness::text(&out));
+    let csv = String::from_utf8_lossy(&out.stdout).to_string();
+    let rows: Vec<&str> = csv.lines().skip(1).filter(|l| !l.is_empty()).collect();
+    assert_eq!(rows.len(), 4, "{csv}");
+    for row in rows {
+        assert!(row.contains(commit), "{row}");
+        assert!(row.contains(libtorch), "{row}");
+        assert!(row.contains(&format!(",{cuda},")), "{row}");
+        assert!(row.contains(",cpu,"), "{row}");
+        assert!(row.contains(cpu), "{row} lacks {cpu}");
+        assert!(row.contains(reported["host"].as_str().unwrap()), "{row}");
+        assert!(row.contains(reported["ablate_version"].as_str().unwrap()), "{row}");
+    }
 }

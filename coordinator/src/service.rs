@@ -681,6 +681,7 @@ enum Completion {
         token: LeaseToken,
         error: String,
         tail: Option<String>,
+        provenance: Option<serde_json::Value>,
     },
     Finished {
         trial: TrialId,
@@ -689,12 +690,45 @@ enum Completion {
         error: Option<String>,
         tail: Option<String>,
         outputs: serde_json::Value,
+        provenance: Option<serde_json::Value>,
     },
+}
+
+/// A worker's provenance report: a JSON object of short strings, or nothing.
+fn provenance(text: &str, limits: &Limits) -> Result<Option<serde_json::Value>, Status> {
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    let bad = || {
+        Status::invalid_argument(
+            "provenance_json must be a JSON object of names to short strings (ablate_version, git_commit, ...)",
+        )
+    };
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|_| bad())?;
+    let object = value.as_object().ok_or_else(bad)?;
+    if object.len() > 32
+        || object
+            .values()
+            .any(|v| !v.is_string() || v.as_str().is_some_and(|s| s.len() > limits.max_string_chars))
+    {
+        return Err(bad());
+    }
+    let clean: serde_json::Map<String, serde_json::Value> = object
+        .iter()
+        .map(|(k, v)| {
+            (
+                pg_text(k),
+                serde_json::Value::String(pg_text(v.as_str().unwrap_or_default())),
+            )
+        })
+        .collect();
+    Ok(Some(serde_json::Value::Object(clean)))
 }
 
 impl Completion {
     fn check(req: proto::CompleteRequest, limits: &Limits) -> Result<Completion, Status> {
         let (trial, token) = lease_of(&req.trial_id, &req.lease_token)?;
+        let provenance = provenance(&req.provenance_json, limits)?;
         // A crashed trial's stderr may hold anything; PostgreSQL text can't hold NUL.
         let nonempty = |s: &str| Some(pg_text(s)).filter(|s| !s.is_empty());
         if req.outcome == "crashed" {
@@ -703,6 +737,7 @@ impl Completion {
                 token,
                 error: clip_reason(&req.error, limits.max_string_chars),
                 tail: nonempty(&req.stderr_tail),
+                provenance,
             });
         }
         let outcome = match TrialState::parse(&req.outcome) {
@@ -740,6 +775,7 @@ impl Completion {
             error: nonempty(&req.error),
             tail: nonempty(&req.stderr_tail),
             outputs,
+            provenance,
         })
     }
 
@@ -761,8 +797,10 @@ impl Completion {
                 token,
                 error,
                 tail,
+                provenance,
             } => {
-                let again = db::crashed(&mut *conn, *trial, *token, error, tail.as_deref()).await?;
+                let again =
+                    db::crashed(&mut *conn, *trial, *token, error, tail.as_deref(), provenance.as_ref()).await?;
                 tracing::warn!(trial = %trial, %error, retried = again, "trial process crashed");
             }
             Completion::Finished {
@@ -772,6 +810,7 @@ impl Completion {
                 error,
                 tail,
                 outputs,
+                provenance,
             } => {
                 db::complete(
                     &mut *conn,
@@ -781,6 +820,7 @@ impl Completion {
                     error.as_deref(),
                     tail.as_deref(),
                     outputs,
+                    provenance.as_ref(),
                 )
                 .await?;
                 tracing::info!(trial = %trial, outcome = outcome.as_str(), "trial completed");

@@ -109,6 +109,7 @@ async fn a_stale_token_is_refused_for_metrics_checkpoints_and_completion(pool: P
         None,
         None,
         &serde_json::json!({}),
+        None,
     )
     .await;
     assert!(matches!(stale, Err(Error::StaleLease { .. })), "{stale:?}");
@@ -120,6 +121,7 @@ async fn a_stale_token_is_refused_for_metrics_checkpoints_and_completion(pool: P
         None,
         None,
         &serde_json::json!({}),
+        None,
     )
     .await;
     assert!(matches!(made_up, Err(Error::StaleLease { .. })), "{made_up:?}");
@@ -139,6 +141,7 @@ async fn a_stale_token_is_refused_for_metrics_checkpoints_and_completion(pool: P
         None,
         None,
         &serde_json::json!({}),
+        None,
     )
     .await
     .unwrap();
@@ -150,6 +153,7 @@ async fn a_stale_token_is_refused_for_metrics_checkpoints_and_completion(pool: P
         None,
         None,
         &serde_json::json!({}),
+        None,
     )
     .await
     .unwrap();

@@ -23,6 +23,7 @@ pub mod proto {
                 error: String::new(),
                 stderr_tail: String::new(),
                 outputs_json: String::new(),
+                provenance_json: String::new(),
             }
         }
     }

@@ -145,6 +145,7 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
         worker_id: worker_id.to_string(),
         fresh_processes: options.fresh_process_per_trial,
         telemetry: telemetry.clone(),
+        provenance: crate::provenance::Provenance::gather(&slots),
     });
     let held: Arc<Mutex<HashMap<String, Held>>> = Arc::default();
     tokio::spawn(heartbeat_forever(

@@ -9,6 +9,7 @@ pub mod backend;
 pub mod daemon;
 pub mod local;
 mod process;
+pub mod provenance;
 mod relay;
 mod runner;
 pub mod step_bench;

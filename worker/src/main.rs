@@ -25,6 +25,13 @@ enum Command {
     },
     /// Prints the devices this host offers and which libtorch backend is live.
     Devices,
+    /// Prints what this worker reports with every trial attempt (version, commit,
+    /// libtorch and CUDA versions, device names, host) as JSON.
+    Provenance {
+        /// Device slots: auto, cpu:K or cuda:0,cuda:1.
+        #[arg(long, default_value = "auto")]
+        devices: String,
+    },
     /// Times one training step of a built-in model (for `cargo xtask bench`).
     #[command(hide = true)]
     BenchStep(step_bench::Options),
@@ -135,6 +142,13 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::BenchStep(options) => step_bench::run(&options),
+        Command::Provenance { devices } => {
+            let backend = backend::init_quiet();
+            let slots = backend::discover(&devices, &backend)?;
+            let provenance = ablate_worker::provenance::Provenance::gather(&slots);
+            println!("{}", serde_json::to_string_pretty(&provenance)?);
+            Ok(())
+        }
         Command::Devices => {
             let backend = backend::init();
             for d in backend::discover("auto", &backend)? {

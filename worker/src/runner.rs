@@ -36,6 +36,8 @@ pub struct Shared {
     /// Every trial in a fresh process of its own, none kept warm.
     pub fresh_processes: bool,
     pub telemetry: Arc<crate::telemetry::Telemetry>,
+    /// What this worker runs trials on and with, reported with every attempt's end.
+    pub provenance: crate::provenance::Provenance,
 }
 
 /// Whether the worker got a trial going.
@@ -307,6 +309,7 @@ async fn drive(
         } else {
             serde_json::Value::Object(outputs).to_string()
         },
+        provenance_json: shared.provenance.for_device(&slot.device),
     };
     let finish = Finish {
         metrics,

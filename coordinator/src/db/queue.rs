@@ -225,6 +225,7 @@ pub async fn record_checkpoint(
 }
 
 /// Finishes a trial, fenced by the lease; repeating the same completion is harmless.
+#[allow(clippy::too_many_arguments)] // the columns of one row, each bound once
 pub async fn complete(
     db: impl sqlx::PgExecutor<'_>,
     trial: TrialId,
@@ -233,6 +234,7 @@ pub async fn complete(
     error: Option<&str>,
     stderr_tail: Option<&str>,
     outputs: &Value,
+    provenance: Option<&Value>,
 ) -> Result<()> {
     let done = sqlx::query(
         "with done as (
@@ -243,8 +245,8 @@ pub async fn complete(
              returning id, attempt, lease_owner
          ),
          logged as (
-             insert into trial_attempts (trial_id, attempt, worker_id, outcome, error, stderr_tail)
-             select id, attempt, lease_owner, $3, $4, $5 from done
+             insert into trial_attempts (trial_id, attempt, worker_id, outcome, error, stderr_tail, provenance)
+             select id, attempt, lease_owner, $3, $4, $5, $7 from done
              on conflict do nothing
          )
          select count(*) from done",
@@ -255,6 +257,7 @@ pub async fn complete(
     .bind(error)
     .bind(stderr_tail)
     .bind(outputs)
+    .bind(provenance)
     .fetch_one(db)
     .await?
     .try_get::<i64, _>(0)?;
@@ -276,6 +279,7 @@ pub async fn crashed(
     token: LeaseToken,
     error: &str,
     stderr_tail: Option<&str>,
+    provenance: Option<&Value>,
 ) -> Result<bool> {
     let row: Option<(String,)> = sqlx::query_as(
         "with held as (
@@ -298,8 +302,8 @@ pub async fn crashed(
              returning t.state
          ),
          logged as (
-             insert into trial_attempts (trial_id, attempt, worker_id, outcome, error, stderr_tail)
-             select id, attempt, lease_owner, 'crashed', $3, $4 from held
+             insert into trial_attempts (trial_id, attempt, worker_id, outcome, error, stderr_tail, provenance)
+             select id, attempt, lease_owner, 'crashed', $3, $4, $5 from held
              on conflict do nothing
          )
          select state from moved",
@@ -308,6 +312,7 @@ pub async fn crashed(
     .bind(token.0)
     .bind(error)
     .bind(stderr_tail)
+    .bind(provenance)
     .fetch_optional(db)
     .await?;
     match row {
