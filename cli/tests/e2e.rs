@@ -4,7 +4,7 @@ mod harness;
 
 use std::time::Duration;
 
-use ablate_schema::proto::{self, experiments_client::ExperimentsClient, workers_client::WorkersClient};
+use ablate_schema::proto::{self, experiments_client::ExperimentsClient};
 use harness::{spec_path, stderr, Stack, RESUME_SPEC};
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -213,25 +213,7 @@ async fn completions_in_one_call_are_fenced_one_by_one_and_checked_before_any_is
         .replace("NAME", "many")
         .replace("params.seed = [3]", "params.seed = [3, 4, 5]");
     stack.submit(&stack.write_spec("many.toml", &spec));
-    let mut workers = WorkersClient::new(stack.channel().await);
-    let worker_id = uuid::Uuid::new_v4().to_string();
-    workers
-        .register(proto::RegisterRequest {
-            worker_id: worker_id.clone(),
-            hostname: "test".into(),
-            devices: vec!["cpu:0".into()],
-        })
-        .await
-        .unwrap();
-    let mut leased = workers
-        .lease(proto::LeaseRequest {
-            worker_id,
-            max_trials: 3,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .trials;
+    let (mut workers, mut leased) = stack.lease_as_worker(3).await;
     assert_eq!(leased.len(), 3);
     leased.sort_by_key(|t| t.trial_id.clone());
     let ids: Vec<String> = leased.iter().map(|t| t.trial_id.clone()).collect();
@@ -312,26 +294,8 @@ async fn stale_lease_tokens_are_refused_over_grpc() {
     let stack = Stack::start(15.0).await;
     let spec = stack.write_spec("stale.toml", &RESUME_SPEC.replace("NAME", "stale"));
     stack.submit(&spec);
-    let mut workers = WorkersClient::new(stack.channel().await);
-    let worker_id = uuid::Uuid::new_v4().to_string();
-    workers
-        .register(proto::RegisterRequest {
-            worker_id: worker_id.clone(),
-            hostname: "test".into(),
-            devices: vec!["cpu:0".into()],
-        })
-        .await
-        .unwrap();
-    let leased = workers
-        .lease(proto::LeaseRequest {
-            worker_id,
-            max_trials: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .trials
-        .remove(0);
+    let (mut workers, mut leased) = stack.lease_as_worker(1).await;
+    let leased = leased.remove(0);
     let wrong = uuid::Uuid::new_v4().to_string();
     let batch = |token: &str, seq| proto::MetricBatch {
         seq,

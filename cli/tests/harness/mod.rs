@@ -392,6 +392,39 @@ impl Stack {
         tonic::service::interceptor::InterceptedService::new(channel, bearer)
     }
 
+    /// A worker registered over gRPC by the test itself (no daemon), and up to `max` trials it leased.
+    pub async fn lease_as_worker(
+        &self,
+        max: u32,
+    ) -> (
+        ablate_schema::proto::workers_client::WorkersClient<
+            tonic::service::interceptor::InterceptedService<tonic::transport::Channel, ablate_schema::Bearer>,
+        >,
+        Vec<ablate_schema::proto::LeasedTrial>,
+    ) {
+        use ablate_schema::proto;
+        let mut workers = proto::workers_client::WorkersClient::new(self.channel().await);
+        let worker_id = uuid::Uuid::new_v4().to_string();
+        workers
+            .register(proto::RegisterRequest {
+                worker_id: worker_id.clone(),
+                hostname: "test".into(),
+                devices: vec!["cpu:0".into()],
+            })
+            .await
+            .unwrap();
+        let leased = workers
+            .lease(proto::LeaseRequest {
+                worker_id,
+                max_trials: max,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .trials;
+        (workers, leased)
+    }
+
     /// The pids of worker `index`'s trial processes.
     pub fn trial_pids(&self, index: usize) -> Vec<u32> {
         let Some(child) = &self.workers[index] else {

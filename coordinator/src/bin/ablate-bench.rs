@@ -349,6 +349,22 @@ where
     Ok(runs.swap_remove(1).1)
 }
 
+/// The median of three runs of a measurement that yields one figure.
+async fn median3_of<F, Fut>(mut measure: F) -> Result<f64>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<f64>>,
+{
+    median3(|| {
+        let run = measure();
+        async move {
+            let r = run.await?;
+            Ok((r, r))
+        }
+    })
+    .await
+}
+
 fn print(title: &str, rows: &[Row]) {
     println!("\n{title}");
     println!(
@@ -569,26 +585,10 @@ async fn control_plane(
     admin_url: &str,
     tag: &str,
 ) -> Result<Vec<Row>> {
-    let one_commit = median3(|| async {
-        let r = raw_commits(url, 1, 500).await?;
-        Ok((r, r))
-    })
-    .await?;
-    let many_commits = median3(|| async {
-        let r = raw_commits(url, 16, 200).await?;
-        Ok((r, r))
-    })
-    .await?;
-    let unnest = median3(|| async {
-        let r = raw_unnest(url, 100, 4096).await?;
-        Ok((r, r))
-    })
-    .await?;
-    let copy = median3(|| async {
-        let r = raw_copy(url, 100, 4096).await?;
-        Ok((r, r))
-    })
-    .await?;
+    let one_commit = median3_of(|| raw_commits(url, 1, 500)).await?;
+    let many_commits = median3_of(|| raw_commits(url, 16, 200)).await?;
+    let unnest = median3_of(|| raw_unnest(url, 100, 4096)).await?;
+    let copy = median3_of(|| raw_copy(url, 100, 4096)).await?;
     let mut rows = vec![
         Row::new(
             "raw PostgreSQL: 1-row INSERT per commit, 1 connection",
@@ -647,11 +647,7 @@ async fn control_plane(
     let mlflow_db = peer_database(admin_pool, admin_url, &format!("ablate_bench_mlflow_{tag}")).await?;
     let mlflow = peer(&["mlflow-ingest", "--pg", &mlflow_db, "--points", "50000"]).and_then(|v| field(&v, "rate"));
     for streams in [1, 4] {
-        let rate = median3(|| async {
-            let r = metric_ingest(addr, streams, 200_000, 4096).await?;
-            Ok((r, r))
-        })
-        .await?;
+        let rate = median3_of(|| metric_ingest(addr, streams, 200_000, 4096)).await?;
         let row = Row::new(
             format!("metric points -> durable rows, {streams} stream(s)"),
             rate,
