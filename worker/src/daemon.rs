@@ -104,11 +104,9 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
     };
     let bearer = ablate_schema::Bearer::new(token.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
     let client = WorkersClient::with_interceptor(channel, bearer).max_decoding_message_size(64 << 20);
-    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into());
+    let provenance = crate::provenance::Provenance::gather(&slots);
     let devices: Vec<String> = slots.iter().map(|s| s.name.clone()).collect();
-    let registration = register(&client, worker_id, &hostname, &devices).await;
+    let registration = register(&client, worker_id, &provenance.host, &devices).await;
     tracing::info!(worker = %worker_id, slots = ?devices, backend = %backend.note, coordinator = %options.coordinator, "worker registered");
 
     let relay = Relay::start(
@@ -145,7 +143,7 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
         worker_id: worker_id.to_string(),
         fresh_processes: options.fresh_process_per_trial,
         telemetry: telemetry.clone(),
-        provenance: crate::provenance::Provenance::gather(&slots),
+        provenance,
     });
     let held: Arc<Mutex<HashMap<String, Held>>> = Arc::default();
     tokio::spawn(heartbeat_forever(

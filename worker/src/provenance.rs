@@ -20,7 +20,7 @@ pub struct Provenance {
 }
 
 impl Provenance {
-    /// Gathers it for `slots`' devices; anything unknown reads `unknown`.
+    /// Gathers it for `slots`' devices; anything unknown reads `unknown` (the host: `localhost`).
     pub fn gather(slots: &[Slot]) -> Provenance {
         let (libtorch_version, cuda_version) = libtorch_versions();
         let mut device_names = BTreeMap::new();
@@ -36,7 +36,7 @@ impl Provenance {
             cuda_version,
             host: std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_string())
-                .unwrap_or_else(|_| "unknown".into()),
+                .unwrap_or_else(|_| "localhost".into()),
             device_names,
         }
     }

@@ -107,42 +107,29 @@ async fn metrics(State(http): State<Http>) -> impl IntoResponse {
         dir_bytes(&http.spool) as f64,
     );
     let gpus = tokio::task::spawn_blocking(gpus).await.unwrap_or_default();
-    if !gpus.is_empty() {
-        p.family(
+    let per_gpu: [GpuGauge; 3] = [
+        (
             "ablate_worker_gpu_memory_used_bytes",
-            "gauge",
             "GPU memory in use (nvidia-smi).",
-        );
-        for g in &gpus {
-            p.sample(
-                "ablate_worker_gpu_memory_used_bytes",
-                &[("device", &g.device), ("name", &g.name)],
-                g.used_mib * 1048576.0,
-            );
-        }
-        p.family(
+            |g| g.used_mib * 1048576.0,
+        ),
+        (
             "ablate_worker_gpu_memory_total_bytes",
-            "gauge",
             "GPU memory (nvidia-smi).",
-        );
-        for g in &gpus {
-            p.sample(
-                "ablate_worker_gpu_memory_total_bytes",
-                &[("device", &g.device), ("name", &g.name)],
-                g.total_mib * 1048576.0,
-            );
-        }
-        p.family(
+            |g| g.total_mib * 1048576.0,
+        ),
+        (
             "ablate_worker_gpu_utilization_ratio",
-            "gauge",
             "GPU utilisation, 0 to 1 (nvidia-smi).",
-        );
-        for g in &gpus {
-            p.sample(
-                "ablate_worker_gpu_utilization_ratio",
-                &[("device", &g.device), ("name", &g.name)],
-                g.utilization / 100.0,
-            );
+            |g| g.utilization / 100.0,
+        ),
+    ];
+    if !gpus.is_empty() {
+        for (name, help, value) in per_gpu {
+            p.family(name, "gauge", help);
+            for g in &gpus {
+                p.sample(name, &[("device", &g.device), ("name", &g.name)], value(g));
+            }
         }
     }
     (StatusCode::OK, [(header::CONTENT_TYPE, CONTENT_TYPE)], p.text())
@@ -160,6 +147,9 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// A per-GPU gauge: its name, its help, and its value for one GPU.
+type GpuGauge = (&'static str, &'static str, fn(&Gpu) -> f64);
 
 struct Gpu {
     device: String,

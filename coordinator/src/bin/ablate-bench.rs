@@ -685,33 +685,24 @@ async fn sweeps(
         let n = trials.to_string();
         let overhead = |wall: f64| format!("{:.0}%", 100.0 * (wall / ideal - 1.0));
         let name = format!("sweep of {trials} trials of {delay_ms} ms on 2 slots (ideal {ideal:.0} s)");
-        let ray = peer(&[
-            "sweep",
-            "--tool",
-            "ray",
-            "--trials",
-            &n,
-            "--seconds",
-            &seconds,
-            "--slots",
-            "2",
-        ])
-        .and_then(|v| field(&v, "wall"));
+        let sweep = |tool: &str, extra: &[&str]| {
+            let mut args = vec![
+                "sweep",
+                "--tool",
+                tool,
+                "--trials",
+                &n,
+                "--seconds",
+                &seconds,
+                "--slots",
+                "2",
+            ];
+            args.extend_from_slice(extra);
+            peer(&args).and_then(|v| field(&v, "wall"))
+        };
+        let ray = sweep("ray", &[]);
         let db = peer_database(admin_pool, admin_url, &format!("ablate_bench_sweep{i}_{tag}")).await?;
-        let optuna = peer(&[
-            "sweep",
-            "--tool",
-            "optuna",
-            "--trials",
-            &n,
-            "--seconds",
-            &seconds,
-            "--slots",
-            "2",
-            "--pg",
-            &db,
-        ])
-        .and_then(|v| field(&v, "wall"));
+        let optuna = sweep("optuna", &["--pg", &db]);
         for (peer_name, figure) in [("Ray Tune, reuse_actors", ray), ("Optuna, RDB, 2 processes", optuna)] {
             let note = match &figure {
                 Ok(wall) => format!(
