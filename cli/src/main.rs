@@ -302,11 +302,18 @@ pub struct ServeArgs {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let service = match cli.command {
+        Command::Up(_) | Command::Serve(_) => "ablate-coordinator",
+        _ => "ablate",
+    };
+    let _traces = match ablate_schema::trace::init(service) {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     if let Some(ca) = &cli.ca {
         // Read by every connection the CLI makes; set before any thread starts.
         std::env::set_var("ABLATE_CA", ca);

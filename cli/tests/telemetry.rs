@@ -1,7 +1,9 @@
 //! Telemetry seen from outside: a real Prometheus (Debian's `prometheus`,
 //! started here on loopback) scrapes the coordinator's and a worker's
 //! `/metrics` during a sweep, and PromQL through its HTTP API sees the sweep;
-//! `ablate sql` shows what every attempt ran on, as the worker binary reports it.
+//! `ablate sql` shows what every attempt ran on, as the worker binary reports it;
+//! every query of the Grafana dashboards in `dashboards/` runs against that
+//! sweep as the read-only role, and every PromQL one against that Prometheus.
 
 mod harness;
 
@@ -163,4 +165,271 @@ async fn prometheus_scrapes_a_sweep_and_sql_shows_what_each_attempt_ran_on() {
         assert!(row.contains(reported["host"].as_str().unwrap()), "{row}");
         assert!(row.contains(reported["ablate_version"].as_str().unwrap()), "{row}");
     }
+
+    // The dashboards, against this finished sweep and this Prometheus.
+    let pages = [&http, &worker_http]
+        .iter()
+        .map(|addr| http_get(addr, "/metrics").unwrap().1)
+        .collect::<Vec<_>>()
+        .join("\n");
+    check_dashboards(&stack.pool, &experiment, &prom, &pages).await;
+}
+
+/// Grafana's SQL macros, expanded as its PostgreSQL data source does.
+fn expand_macros(sql: &str, from: &str, to: &str) -> String {
+    let mut out = String::new();
+    let mut rest = sql;
+    while let Some(at) = rest.find("$__") {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at + 3..];
+        let name_len = tail.find(|c: char| !c.is_ascii_alphanumeric()).unwrap_or(tail.len());
+        let name = &tail[..name_len];
+        let after = &tail[name_len..];
+        assert!(after.starts_with('('), "macro $__{name} without arguments in {sql}");
+        let mut depth = 0;
+        let close = after
+            .char_indices()
+            .find(|&(_, c)| {
+                depth += match c {
+                    '(' => 1,
+                    ')' => -1,
+                    _ => 0,
+                };
+                depth == 0
+            })
+            .map(|(i, _)| i)
+            .expect("balanced parentheses");
+        let args: Vec<&str> = after[1..close].split(',').map(str::trim).collect();
+        let seconds = |interval: &str| -> u64 {
+            let i = interval.trim_matches('\'');
+            let (n, unit) = i.split_at(i.len() - 1);
+            n.parse::<u64>().expect("an interval such as '1h'")
+                * match unit {
+                    "s" => 1,
+                    "m" => 60,
+                    "h" => 3600,
+                    "d" => 86400,
+                    _ => panic!("interval {i}"),
+                }
+        };
+        out.push_str(&match name {
+            "timeFilter" => format!("{} BETWEEN '{from}' AND '{to}'", args[0]),
+            "timeFrom" => format!("'{from}'"),
+            "timeTo" => format!("'{to}'"),
+            "time" => format!("{} AS \"time\"", args[0]),
+            "timeGroup" | "timeGroupAlias" => {
+                let n = seconds(args[1]);
+                let group = format!("floor(extract(epoch from {})/{n})*{n}", args[0]);
+                if name == "timeGroupAlias" {
+                    format!("{group} AS \"time\"")
+                } else {
+                    group
+                }
+            }
+            other => panic!("Grafana macro $__{other} is not handled by this check"),
+        });
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The dashboards' variables, `$name` and `${name}`.
+fn expand_variables(text: &str, variables: &[(String, String)]) -> String {
+    let mut text = text.to_string();
+    // Longest names first, so $param never eats $parameter.
+    let mut sorted: Vec<&(String, String)> = variables.iter().collect();
+    sorted.sort_by_key(|(n, _)| std::cmp::Reverse(n.len()));
+    for (name, value) in sorted {
+        text = text
+            .replace(&format!("${{{name}}}"), value)
+            .replace(&format!("${name}"), value);
+    }
+    text
+}
+
+/// Runs one query as the read-only role; returns its column names and row count.
+async fn run_as_reader(pool: &sqlx::PgPool, sql: &str) -> Result<(Vec<String>, usize), String> {
+    use sqlx::{Column, Executor, Row};
+    let mut conn = pool.acquire().await.map_err(|e| e.to_string())?;
+    conn.execute("set role ablate_reader")
+        .await
+        .map_err(|e| e.to_string())?;
+    let result = async {
+        let described = (&mut *conn)
+            .describe(sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(sql.to_string())))
+            .await?;
+        let columns: Vec<String> = described.columns().iter().map(|c| c.name().to_string()).collect();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+            .fetch_all(&mut *conn)
+            .await?;
+        let _ = rows.first().map(|r| r.len());
+        Ok::<_, sqlx::Error>((columns, rows.len()))
+    }
+    .await
+    .map_err(|e| e.to_string());
+    conn.execute("reset role").await.map_err(|e| e.to_string())?;
+    result
+}
+
+/// The first column's values of a variable's query (Grafana's `__value` when it has one).
+async fn variable_values(pool: &sqlx::PgPool, sql: &str) -> Result<Vec<String>, String> {
+    use sqlx::{Column, Executor, Row};
+    let mut conn = pool.acquire().await.map_err(|e| e.to_string())?;
+    conn.execute("set role ablate_reader")
+        .await
+        .map_err(|e| e.to_string())?;
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| e.to_string());
+    conn.execute("reset role").await.map_err(|e| e.to_string())?;
+    Ok(rows?
+        .iter()
+        .map(|row| {
+            let index = row.columns().iter().position(|c| c.name() == "__value").unwrap_or(0);
+            row.try_get::<String, _>(index).unwrap_or_default()
+        })
+        .collect())
+}
+
+/// Every SQL query of every dashboard runs as the read-only role and returns
+/// what its panel needs; every PromQL expression is accepted by Prometheus
+/// and names only metrics the coordinator or a worker serves.
+async fn check_dashboards(pool: &sqlx::PgPool, experiment: &str, prom: &str, pages: &str) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards/grafana");
+    let (from, to) = time_range();
+    let (from, to) = (from.as_str(), to.as_str());
+    let mut checked_sql = 0;
+    let mut checked_promql = 0;
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    for file in files.iter().filter(|f| f.extension().is_some_and(|e| e == "json")) {
+        let name = file.file_name().unwrap().to_string_lossy().to_string();
+        let dashboard: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(
+            dashboard["uid"].as_str().is_some_and(|u| u.starts_with("ablate-")),
+            "{name}: uid"
+        );
+        let mut variables: Vec<(String, String)> = Vec::new();
+        for var in dashboard["templating"]["list"].as_array().into_iter().flatten() {
+            let var_name = var["name"].as_str().unwrap().to_string();
+            assert_eq!(var["datasource"]["uid"], "ablate-postgres", "{name}: ${var_name}");
+            let sql = expand_macros(&expand_variables(var["query"].as_str().unwrap(), &variables), from, to);
+            assert!(
+                !sql.contains('$'),
+                "{name}: ${var_name} left a variable unexpanded: {sql}"
+            );
+            let values = variable_values(pool, &sql)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: variable ${var_name}: {e}\n{sql}"));
+            checked_sql += 1;
+            let value = if var_name == "experiment" {
+                assert!(
+                    values.iter().any(|v| v == experiment),
+                    "{name}: $experiment offers {values:?}"
+                );
+                experiment.to_string()
+            } else {
+                values
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| panic!("{name}: ${var_name} offers nothing for a finished sweep\n{sql}"))
+            };
+            variables.push((var_name, value));
+        }
+        for panel in dashboard["panels"].as_array().unwrap() {
+            let title = expand_variables(panel["title"].as_str().unwrap(), &variables);
+            let kind = panel["type"].as_str().unwrap();
+            for target in panel["targets"].as_array().unwrap() {
+                let uid = target["datasource"]["uid"].as_str().unwrap();
+                if let Some(raw) = target["rawSql"].as_str() {
+                    assert_eq!(uid, "ablate-postgres", "{name}: {title}");
+                    let sql = expand_macros(&expand_variables(raw, &variables), from, to);
+                    assert!(!sql.contains('$'), "{name}: {title}: unexpanded: {sql}");
+                    let (columns, rows) = run_as_reader(pool, &sql)
+                        .await
+                        .unwrap_or_else(|e| panic!("{name}: {title}: {e}\n{sql}"));
+                    checked_sql += 1;
+                    let has = |c: &str| columns.iter().any(|x| x == c);
+                    let needed: Vec<String> = match kind {
+                        "timeseries" => vec!["time".into()],
+                        "trend" => vec![panel["options"]["xField"].as_str().unwrap().into()],
+                        "xychart" => panel["options"]["series"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .flat_map(|s| [&s["x"]["matcher"]["options"], &s["y"]["matcher"]["options"]])
+                            .map(|v| expand_variables(v.as_str().unwrap(), &variables))
+                            .collect(),
+                        "stat" if panel["options"]["reduceOptions"]["fields"] == "/^value$/" => vec!["value".into()],
+                        _ => vec![],
+                    };
+                    for column in &needed {
+                        assert!(has(column), "{name}: {title} needs column `{column}`, has {columns:?}");
+                    }
+                    assert!(!columns.is_empty(), "{name}: {title}: no columns");
+                    if target["format"] == "time_series" {
+                        assert!(has("time"), "{name}: {title}: a time series needs `time`: {columns:?}");
+                    }
+                    // Every panel shows something for a finished sweep, but the
+                    // failures of a sweep that had none.
+                    if !title.starts_with("Failures") {
+                        assert!(rows > 0, "{name}: {title}: no rows for a finished sweep\n{sql}");
+                    }
+                }
+                if let Some(expr) = target["expr"].as_str() {
+                    assert_eq!(uid, "ablate-prometheus", "{name}: {title}");
+                    let promql = expr
+                        .replace("$__rate_interval", "1m")
+                        .replace("$__interval", "15s")
+                        .replace("$__range", "1h");
+                    assert!(!promql.contains('$'), "{name}: {title}: unexpanded: {promql}");
+                    let encoded: String = promql.bytes().map(|b| format!("%{b:02X}")).collect();
+                    let (status, body) = http_get(prom, &format!("/api/v1/query?query={encoded}")).unwrap();
+                    assert_eq!(status, 200, "{name}: {title}: Prometheus refused `{promql}`: {body}");
+                    checked_promql += 1;
+                    for metric in metric_names(&promql) {
+                        let family = ["_bucket", "_count", "_sum"]
+                            .iter()
+                            .find_map(|s| metric.strip_suffix(s))
+                            .unwrap_or(&metric);
+                        let served = pages.contains(&format!("# TYPE {family} "))
+                            // Served only where nvidia-smi answers; named in the worker's source.
+                            || (family.starts_with("ablate_worker_gpu_") && include_str!("../../worker/src/telemetry.rs").contains(&format!("\"{family}\"")));
+                        assert!(served, "{name}: {title}: `{metric}` is not a metric ablate serves");
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        checked_sql >= 15 && checked_promql >= 15,
+        "{checked_sql} SQL, {checked_promql} PromQL"
+    );
+}
+
+fn metric_names(promql: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = promql;
+    while let Some(at) = rest.find("ablate_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.push(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The dashboards' time range for the check: the last day, as Grafana writes it.
+fn time_range() -> (String, String) {
+    let now = chrono::Utc::now();
+    let stamp = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    (
+        stamp(now - chrono::Duration::days(1)),
+        stamp(now + chrono::Duration::minutes(1)),
+    )
 }

@@ -168,6 +168,7 @@ impl Coordinator {
                 .map_err(|e| Error::InvalidArgument(format!("TLS: {e}")))?;
         }
         let result = builder
+            .trace_fn(rpc_span)
             .layer(auth::AuthLayer {
                 tokens: self.tokens.clone(),
             })
@@ -246,6 +247,20 @@ impl Coordinator {
         }
         Ok(())
     }
+}
+
+/// The span of one gRPC call: named by its method, a child of the caller's span
+/// when the call carries a `traceparent`; handlers record the ids they learn.
+fn rpc_span(request: &http::Request<()>) -> tracing::Span {
+    let method = request.uri().path().rsplit('/').next().unwrap_or_default();
+    let span = tracing::info_span!("rpc",
+        otel.name = %format_args!("coordinator {method}"),
+        otel.kind = "server",
+        rpc.method = %method,
+        experiment_id = tracing::field::Empty,
+        trial_id = tracing::field::Empty);
+    ablate_schema::trace::set_parent_from_headers(&span, request.headers());
+    span
 }
 
 /// Accepted connections with TCP_NODELAY, so small replies are not held back by Nagle's algorithm.

@@ -147,6 +147,23 @@ fn experiment_message(
     }
 }
 
+/// The span of one trial's lease, in the trace its experiment's submit began
+/// (when traces are on); its `traceparent` goes to the worker with the trial.
+fn lease_span(trial: &db::LeasedTrial, worker: &WorkerId) -> String {
+    if !ablate_schema::trace::enabled() {
+        return String::new();
+    }
+    let span = tracing::info_span!("lease",
+        experiment_id = %trial.experiment,
+        trial_id = %trial.trial,
+        attempt = trial.attempt,
+        worker_id = %worker);
+    if let Some(parent) = &trial.traceparent {
+        ablate_schema::trace::set_parent(&span, parent);
+    }
+    ablate_schema::trace::traceparent(&span).unwrap_or_default()
+}
+
 #[tonic::async_trait]
 impl experiments_server::Experiments for ExperimentsService {
     async fn submit(&self, request: Request<proto::SubmitRequest>) -> Result<Response<proto::SubmitResponse>, Status> {
@@ -392,8 +409,11 @@ pub struct WorkersService {
     telemetry: Arc<Telemetry>,
 }
 
+/// A call's trial and lease token; the trial's id goes on the call's span.
 fn lease_of(trial: &str, token: &str) -> Result<(TrialId, LeaseToken), Error> {
-    Ok((parse_id(TrialId::parse, trial)?, parse_id(LeaseToken::parse, token)?))
+    let ids = (parse_id(TrialId::parse, trial)?, parse_id(LeaseToken::parse, token)?);
+    tracing::Span::current().record("trial_id", trial);
+    Ok(ids)
 }
 
 /// Writes one metric batch; returns the number of points stored.
@@ -502,6 +522,7 @@ impl workers_server::Workers for WorkersService {
             trials: leased
                 .into_iter()
                 .map(|t| proto::LeasedTrial {
+                    traceparent: lease_span(&t, &worker),
                     trial_id: t.trial.to_string(),
                     experiment_id: t.experiment.to_string(),
                     lease_token: t.token.to_string(),

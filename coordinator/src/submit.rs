@@ -38,6 +38,7 @@ pub async fn submit_as(
         goal: Some(checked.objective.goal.as_str()),
         max_attempts: checked.spec.max_attempts,
         submitted_by,
+        traceparent: ablate_schema::trace::current(),
     };
     let trials: Vec<NewTrial> = checked
         .trials
@@ -48,6 +49,7 @@ pub async fn submit_as(
             total_steps: t.total_steps as i64,
         })
         .collect();
+    tracing::Span::current().record("experiment_id", id.to_string());
     db::insert_experiment(pool, &experiment, &trials).await?;
     tracing::info!(experiment = %id, name = %checked.spec.name, trials = checked.trials.len(), "experiment submitted");
     Ok((id, checked.trials.len()))

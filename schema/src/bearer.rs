@@ -4,7 +4,8 @@
 
 use tonic::metadata::{Ascii, MetadataValue};
 
-/// Adds `authorization: Bearer <token>` to every call when there is a token.
+/// Adds `authorization: Bearer <token>` to every call when there is a token,
+/// and the calling span's `traceparent` when traces are on.
 #[derive(Clone)]
 pub struct Bearer(Option<MetadataValue<Ascii>>);
 
@@ -26,6 +27,7 @@ impl tonic::service::Interceptor for Bearer {
         if let Some(value) = &self.0 {
             request.metadata_mut().insert("authorization", value.clone());
         }
+        crate::trace::inject(request.metadata_mut());
         Ok(request)
     }
 }

@@ -7,6 +7,7 @@ pub mod exposition;
 pub mod ids;
 pub mod limits;
 pub mod spec;
+pub mod trace;
 
 /// Generated gRPC code for `ablate.v1`. Other crates use it only at the service
 /// and client edges and convert to domain types right away.

@@ -67,11 +67,12 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let service = match cli.command {
+        Command::Trial { .. } => "ablate-trial",
+        _ => "ablate-worker",
+    };
+    let _traces = ablate_schema::trace::init(service).map_err(|e| anyhow::anyhow!(e))?;
     match cli.command {
         Command::Daemon(options) => {
             let backend = backend::init();

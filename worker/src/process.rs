@@ -58,6 +58,10 @@ impl TrialProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        // A trial process names itself after its daemon in traces.
+        if let Ok(service) = std::env::var("OTEL_SERVICE_NAME") {
+            command.env("OTEL_SERVICE_NAME", format!("{service}-trial"));
+        }
         // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the
         // trial if the daemon dies, so no trial outlives its daemon.
         unsafe {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use ablate_schema::proto;
 use tokio::sync::{oneshot, watch};
 use tonic::Code;
+use tracing::Instrument;
 
 use crate::backend::Slot;
 use crate::process::TrialProcess;
@@ -71,6 +72,25 @@ enum Driven {
 /// the slot's next trial, and what is left to report once the slot is free.
 /// Never panics the daemon: every error is reported or logged.
 pub async fn run(
+    shared: Arc<Shared>,
+    slot: Slot,
+    warm: Option<TrialProcess>,
+    trial: proto::LeasedTrial,
+    stop: watch::Receiver<Option<String>>,
+) -> (Started, Option<TrialProcess>, Option<Finish>) {
+    // The trial's span continues its lease's (and so its submit's) trace; its
+    // process's spans and the coordinator's for its calls are its children.
+    let span = tracing::info_span!("trial",
+        otel.name = "worker trial",
+        experiment_id = %trial.experiment_id,
+        trial_id = %trial.trial_id,
+        attempt = trial.attempt,
+        slot = %slot.name);
+    ablate_schema::trace::set_parent(&span, &trial.traceparent);
+    run_in_span(shared, slot, warm, trial, stop).instrument(span).await
+}
+
+async fn run_in_span(
     shared: Arc<Shared>,
     slot: Slot,
     warm: Option<TrialProcess>,
@@ -161,6 +181,7 @@ async fn drive(
         spec_hash: trial.spec_hash.clone(),
         scratch_dir: shared.scratch_dir.clone(),
         data_roots: shared.data_roots.clone(),
+        traceparent: ablate_schema::trace::current(),
     };
     if let Err(error) = process.send(&input).await {
         if process.trials > 1 {
@@ -315,6 +336,7 @@ async fn drive(
         metrics,
         request,
         stop: stop.clone(),
+        span: tracing::Span::current(),
     };
     Ok(Driven::Ended(Box::new((keep.then_some(process), Some(finish)))))
 }
@@ -327,10 +349,17 @@ pub struct Finish {
     metrics: Batcher,
     request: proto::CompleteRequest,
     stop: watch::Receiver<Option<String>>,
+    /// The trial's span: the completion is part of its trace.
+    span: tracing::Span,
 }
 
 impl Finish {
-    pub async fn run(mut self, shared: &Shared) {
+    pub async fn run(self, shared: &Shared) {
+        let span = self.span.clone();
+        self.report(shared).instrument(span).await
+    }
+
+    async fn report(mut self, shared: &Shared) {
         let id = self.request.trial_id.clone();
         if let Err(why) = self.metrics.drain(&shared.relay).await {
             tracing::info!(trial = %id, %why, "trial finished but its lease is gone");

@@ -107,11 +107,13 @@ fn ckpt_err(e: impl std::fmt::Display) -> TrialError {
 
 impl CheckpointStore for ObjectCheckpoints {
     fn save(&mut self, step: u64, tensors: &[(String, Tensor)], sidecar: &Value) -> Result<(), TrialError> {
+        let span = tracing::info_span!("checkpoint write", step, bytes = tracing::field::Empty).entered();
         let file = self.scratch.join(format!("{}-{step}.safetensors", self.trial));
         Tensor::write_safetensors(tensors, &file)?;
         let bytes = std::fs::read(&file).map_err(ckpt_err)?;
         let _ = std::fs::remove_file(&file);
         let size = bytes.len() as u64;
+        span.record("bytes", size);
         let path = checkpoint_path(&self.prefix, &self.experiment, &self.trial, step);
         let mut sidecar = sidecar.clone();
         sidecar["spec_hash"] = Value::from(self.spec_hash.clone());
@@ -151,6 +153,7 @@ impl CheckpointStore for ObjectCheckpoints {
             return Ok(None);
         };
         let path = Path::from(path);
+        let _span = tracing::info_span!("checkpoint read", path = %path).entered();
         let (tensor_bytes, sidecar_bytes) = self.runtime.block_on(async {
             let t = self
                 .store

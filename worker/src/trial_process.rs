@@ -34,6 +34,9 @@ pub struct TrialInput {
     /// Where the trial may read local data; empty for the default roots.
     #[serde(default)]
     pub data_roots: Vec<std::path::PathBuf>,
+    /// The daemon's span for this trial (W3C `traceparent`), when traces are on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// One line a trial process writes on stdout.
@@ -128,7 +131,24 @@ fn stdout_events() -> Events {
     }))
 }
 
+/// Runs one trial in a span that continues the daemon's, then exports the
+/// trial's spans (a warm process may wait long for its next trial).
 fn run_one(input: &TrialInput, events: &Events) -> anyhow::Result<()> {
+    let span = tracing::info_span!("train",
+        experiment_id = %input.experiment_id,
+        trial_id = %input.trial_id,
+        family = %input.family,
+        device = %input.device);
+    if let Some(parent) = &input.traceparent {
+        ablate_schema::trace::set_parent(&span, parent);
+    }
+    let result = span.in_scope(|| train(input, events));
+    drop(span);
+    ablate_schema::trace::flush();
+    result
+}
+
+fn train(input: &TrialInput, events: &Events) -> anyhow::Result<()> {
     let family = Family::parse(&input.family).map_err(|e| anyhow::anyhow!(e))?;
     tch::set_num_threads(input.threads as i32);
     let device = crate::backend::device(&input.device)?;

@@ -90,6 +90,8 @@ pub struct Stack {
     /// Where workers put checkpoints: a URL and the environment it needs; a local directory when unset.
     pub object_store: Option<(String, Vec<(String, String)>)>,
     s3_server: Option<Child>,
+    /// Variables given to every process the stack starts from now on (the CLI's too).
+    pub env: Vec<(String, String)>,
 }
 
 impl Stack {
@@ -133,6 +135,7 @@ impl Stack {
             workers: Vec::new(),
             object_store: None,
             s3_server: None,
+            env: Vec::new(),
         };
         stack.start_coordinator().await;
         stack
@@ -156,7 +159,8 @@ impl Stack {
             .stdin(Stdio::null())
             .stdout(self.log(log))
             .stderr(self.log(log))
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(ca) = &self.tls_ca {
             command.env("ABLATE_CA", ca);
         }
@@ -458,7 +462,8 @@ impl Stack {
             .args(args)
             .env("ABLATE_COORDINATOR", self.addr())
             .env("ABLATE_TOKEN", &self.admin_token)
-            .env("RUST_LOG", "warn");
+            .env("RUST_LOG", "warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(ca) = &self.tls_ca {
             command.env("ABLATE_CA", ca);
         }

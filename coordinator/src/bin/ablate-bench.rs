@@ -15,10 +15,15 @@
 //! - The training step: the quickstart MLP and a small GPT in tch beside the
 //!   same models in PyTorch from Python, same libtorch, same threads.
 //! - DSIR: documents/s of our importance weights beside data-selection 1.0.3.
+//! - Tracing: the lifecycle and ingest rows again, each in a process of its own
+//!   logging as a deployed coordinator does, once exporting traces (OTLP/gRPC to
+//!   a receiver in this process) and once with traces off, side by side.
 //!
 //! The peers run from ABLATE_PEERS_PYTHON (xtask/scripts/peers.py); rows whose
 //! peer is missing say so. `ablate-bench dsir` runs only the DSIR rows,
-//! `ablate-bench control` only the control plane's.
+//! `ablate-bench control` only the control plane's and the tracing rows;
+//! `ablate-bench traced` runs the rows the tracing section compares and
+//! prints them as JSON (traces go where OTEL_EXPORTER_OTLP_ENDPOINT says).
 
 use std::time::{Duration, Instant};
 
@@ -667,6 +672,73 @@ async fn control_plane(
     Ok(rows)
 }
 
+/// The rows the tracing section compares, measured in this process.
+async fn traced_rows(addr: &str) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for (workers, trials, batch) in [(1, 1000, 1), (8, 2000, 4)] {
+        let rate = median3_of(|| async { Ok(lifecycles(addr, workers, trials, batch).await?.0) }).await?;
+        rows.push(Row::new(
+            format!("trial lifecycles, {workers} worker(s), leases and completions of {batch}"),
+            rate,
+            "trials/s",
+        ));
+    }
+    let rate = median3_of(|| metric_ingest(addr, 1, 200_000, 4096)).await?;
+    rows.push(Row::new("metric points -> durable rows, 1 stream", rate, "points/s"));
+    Ok(rows)
+}
+
+/// `ablate-bench traced` in a child process, traces exported to `endpoint` or off.
+fn traced_child(endpoint: Option<&str>) -> Result<Vec<(String, f64)>> {
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command
+        .arg("traced")
+        .env("RUST_LOG", "info")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .stderr(std::process::Stdio::null());
+    if let Some(endpoint) = endpoint {
+        command.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
+    }
+    let out = command.output()?;
+    if !out.status.success() {
+        return Err(format!("ablate-bench traced: {}", out.status).into());
+    }
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap_or_default().to_string(),
+                r["ours"].as_f64().unwrap_or(0.0),
+            )
+        })
+        .collect())
+}
+
+/// The same rows with traces exported and without, side by side.
+async fn tracing() -> Result<Vec<Row>> {
+    let (receiver, endpoint) = ablate_schema::trace::receiver::Receiver::start().await?;
+    let off = tokio::task::spawn_blocking(|| traced_child(None)).await??;
+    let on = tokio::task::spawn_blocking(move || traced_child(Some(&endpoint))).await??;
+    // The last batch of spans is exported as the child exits.
+    let spans = receiver.count();
+    Ok(on
+        .into_iter()
+        .zip(off)
+        .map(|((name, on), (_, off))| {
+            let unit = if name.starts_with("metric") {
+                "points/s"
+            } else {
+                "trials/s"
+            };
+            Row::new(format!("{name}, traces exported"), on, unit)
+                .peer("same, traces off", Ok(off))
+                .note(format!("{spans} spans received in all"))
+        })
+        .collect())
+}
+
 async fn sweeps(
     addr: &str,
     pool: &sqlx::PgPool,
@@ -812,6 +884,12 @@ async fn main() -> Result {
         }
         return Ok(());
     }
+    let traced = args.first().map(String::as_str) == Some("traced");
+    let _traces = if traced {
+        Some(ablate_schema::trace::init("ablate-bench")?)
+    } else {
+        None
+    };
     let admin = std::env::var("DATABASE_URL").map_err(|_| "set DATABASE_URL (cargo xtask bench does)")?;
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let db = format!("ablate_bench_{tag}");
@@ -836,14 +914,23 @@ async fn main() -> Result {
         .fetch_one(&admin_pool)
         .await?;
     let fsync: String = sqlx::query_scalar("show fsync").fetch_one(&admin_pool).await?;
-    println!("PostgreSQL fsync={fsync} synchronous_commit={synchronous_commit}; coordinator at {addr}");
+    if !traced {
+        println!("PostgreSQL fsync={fsync} synchronous_commit={synchronous_commit}; coordinator at {addr}");
+    }
 
     let only_control = args.first().map(String::as_str) == Some("control");
     let measured = async {
+        if traced {
+            return Ok(vec![("traced", traced_rows(&addr).await?)]);
+        }
         let mut sections = vec![(
             "Control plane (median of 3 runs)",
             control_plane(&addr, &url, &admin_pool, &admin, &tag).await?,
         )];
+        sections.push((
+            "Tracing (median of 3 runs each, one process per column)",
+            tracing().await?,
+        ));
         if !only_control {
             sections.push((
                 "Sweep bookkeeping (one run each)",
@@ -870,6 +957,14 @@ async fn main() -> Result {
         .await?;
     }
     let sections = measured?;
+    if traced {
+        let rows: Vec<serde_json::Value> = sections
+            .iter()
+            .flat_map(|(_, rows)| rows.iter().map(Row::json))
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(());
+    }
     for (title, rows) in &sections {
         print(title, rows);
     }

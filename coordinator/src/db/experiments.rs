@@ -20,6 +20,8 @@ pub struct NewExperiment<'a> {
     pub max_attempts: u32,
     /// The name of the token the spec came with; `None` without auth.
     pub submitted_by: Option<&'a str>,
+    /// The submit's span, in W3C `traceparent` form, when traces are on.
+    pub traceparent: Option<String>,
 }
 
 pub struct NewTrial {
@@ -33,8 +35,8 @@ pub async fn insert_experiment(pool: &PgPool, e: &NewExperiment<'_>, trials: &[N
     let mut tx = pool.begin().await?;
     sqlx::query(
         "insert into experiments (id, name, family, spec, spec_text, spec_hash, objective_metric, goal, max_attempts,
-                                  submitted_by)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                                  submitted_by, traceparent)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(e.id.0)
     .bind(e.name)
@@ -46,6 +48,7 @@ pub async fn insert_experiment(pool: &PgPool, e: &NewExperiment<'_>, trials: &[N
     .bind(e.goal)
     .bind(e.max_attempts as i32)
     .bind(e.submitted_by)
+    .bind(&e.traceparent)
     .execute(&mut *tx)
     .await?;
     let ids: Vec<uuid::Uuid> = trials.iter().map(|t| t.id.0).collect();

@@ -28,6 +28,8 @@ pub struct LeasedTrial {
     pub resume_from: Option<CheckpointRecord>,
     pub spec_hash: String,
     pub fresh_process: bool,
+    /// The experiment's submit span, when traces were on.
+    pub traceparent: Option<String>,
 }
 
 /// Leases up to `max` pending trials to `worker` in one statement.
@@ -49,7 +51,7 @@ pub async fn lease(pool: &PgPool, worker: WorkerId, max: u32, ttl: Duration) -> 
              started_at = coalesce(t.started_at, now())
          from picked, experiments e
          where t.id = picked.id and e.id = t.experiment_id
-         returning t.id, t.experiment_id, t.lease_token, t.attempt, e.family, t.params, e.spec_hash,
+         returning t.id, t.experiment_id, t.lease_token, t.attempt, e.family, t.params, e.spec_hash, e.traceparent,
              coalesce((e.spec #>> '{resources,fresh_process}')::boolean, false) as fresh_process,
              (select jsonb_build_object('step', c.step, 'path', c.path, 'bytes', c.bytes)
               from checkpoints c where c.trial_id = t.id order by c.step desc limit 1) as checkpoint",
@@ -71,6 +73,7 @@ pub async fn lease(pool: &PgPool, worker: WorkerId, max: u32, ttl: Duration) -> 
                 params: row.try_get("params")?,
                 spec_hash: row.try_get("spec_hash")?,
                 fresh_process: row.try_get("fresh_process")?,
+                traceparent: row.try_get("traceparent")?,
                 resume_from: checkpoint.map(|c| CheckpointRecord {
                     step: c["step"].as_i64().unwrap_or(0),
                     path: c["path"].as_str().unwrap_or_default().to_string(),
