@@ -73,8 +73,11 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Lists registered workers.
-    Workers,
+    /// Lists registered workers; `ablate workers drain ID` drains one.
+    Workers {
+        #[command(subcommand)]
+        action: Option<WorkersAction>,
+    },
     /// Runs a read-only SQL query against the views in schema `ablate`.
     Sql {
         query: String,
@@ -96,6 +99,15 @@ enum Command {
     Token {
         #[command(subcommand)]
         action: TokenAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkersAction {
+    /// The worker takes no new trials and exits once its running ones have ended (admin).
+    Drain {
+        /// The worker's id, or a prefix that names one worker.
+        worker: String,
     },
 }
 
@@ -342,7 +354,10 @@ fn main() -> std::process::ExitCode {
             Command::Status { experiment } => commands::status::run(&addr, experiment.as_deref()).await,
             Command::Watch { experiment } => commands::watch::run(&addr, &experiment).await.map(|_| ()),
             Command::Cancel { experiment } => commands::cancel::run(&addr, &experiment).await,
-            Command::Workers => commands::workers::run(&addr).await,
+            Command::Workers { action: None } => commands::workers::run(&addr).await,
+            Command::Workers {
+                action: Some(WorkersAction::Drain { worker }),
+            } => commands::workers::drain(&addr, &worker).await,
             Command::Report {
                 experiment,
                 format,

@@ -9,7 +9,7 @@ mod harness;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use harness::{bin, text, Stack, RESUME_SPEC};
+use harness::{assert_same_curves, bin, curve, text, Stack, RESUME_SPEC};
 
 const SPEC: &str = r#"
 name = "NAME"
@@ -177,18 +177,6 @@ async fn submit_wait_rides_out_a_coordinator_restart() {
     assert_eq!(ok, 4, "{}", stack.logs());
 }
 
-/// Every trial's train_loss curve, as (ordinal, step, value) in order.
-async fn curve(stack: &Stack, experiment: &str) -> Vec<(i32, i64, f64)> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select t.ordinal, m.step, m.value from ablate.metric_series m
-         join trials t on t.id = m.trial_id
-         where m.experiment_id = '{experiment}' and m.name = 'train_loss' order by t.ordinal, m.step"
-    )))
-    .fetch_all(&stack.pool)
-    .await
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crashed_trial_process_is_retried_from_its_checkpoint_on_the_same_curve() {
     let mut stack = Stack::start(15.0).await;
@@ -230,18 +218,6 @@ async fn a_crashed_trial_process_is_retried_from_its_checkpoint_on_the_same_curv
     let (a, b) = (curve(&stack, &crashed).await, curve(&stack, &unbroken).await);
     assert_eq!(a.len(), 300, "every step exactly once");
     assert_same_curves(&a, &b);
-}
-
-/// The same (trial, step) points with values equal to 1e-6.
-fn assert_same_curves(a: &[(i32, i64, f64)], b: &[(i32, i64, f64)]) {
-    assert_eq!(a.len(), b.len());
-    for ((oa, sa, va), (ob, sb, vb)) in a.iter().zip(b) {
-        assert_eq!((oa, sa), (ob, sb));
-        assert!(
-            (va - vb).abs() <= 1e-6,
-            "trial {oa} step {sa}: {va} after the fault, {vb} unbroken"
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -71,7 +71,11 @@ pub fn new_secret() -> String {
 fn allowed(path: &str) -> &'static [Role] {
     if path.starts_with("/ablate.v1.Workers/") {
         &[Role::Worker, Role::Admin]
-    } else if path.ends_with("Token") || path.ends_with("Tokens") || path.ends_with("/ReaderUrl") {
+    } else if path.ends_with("Token")
+        || path.ends_with("Tokens")
+        || path.ends_with("/ReaderUrl")
+        || path.ends_with("/DrainWorker")
+    {
         &[Role::Admin]
     } else {
         &[Role::Researcher, Role::Admin]
@@ -238,6 +242,7 @@ mod tests {
         );
         assert_eq!(allowed("/ablate.v1.Experiments/CreateToken"), &[Role::Admin]);
         assert_eq!(allowed("/ablate.v1.Experiments/ListTokens"), &[Role::Admin]);
+        assert_eq!(allowed("/ablate.v1.Experiments/DrainWorker"), &[Role::Admin]);
         assert_eq!(hash("abc").len(), 64);
         assert!(new_secret().starts_with("abl_") && new_secret().len() == 68);
     }

@@ -346,9 +346,39 @@ impl experiments_server::Experiments for ExperimentsService {
                     running_trials: w.running as u32,
                     unhealthy: w.unhealthy.clone().unwrap_or_default(),
                     lost: w.lost,
+                    draining_since: w.draining_since.map(|t| t.to_rfc3339()).unwrap_or_default(),
                 })
                 .collect(),
         }))
+    }
+
+    async fn drain_worker(
+        &self,
+        request: Request<proto::DrainWorkerRequest>,
+    ) -> Result<Response<proto::DrainWorkerResponse>, Status> {
+        let id = request.into_inner().worker_id;
+        let id = id.trim();
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            return Err(Status::invalid_argument(format!(
+                "`{id}` is not a worker id; `ablate workers` lists them (a unique prefix will do)"
+            )));
+        }
+        match db::drain(&self.pool, id).await? {
+            db::Drained::Yes(worker, running) => {
+                tracing::info!(%worker, running, "draining worker");
+                Ok(Response::new(proto::DrainWorkerResponse {
+                    worker_id: worker.to_string(),
+                    running_trials: running as u32,
+                }))
+            }
+            db::Drained::NoSuchWorker => Err(Status::not_found(format!(
+                "no worker's id starts with `{id}`; `ablate workers` lists them"
+            ))),
+            db::Drained::Ambiguous(ids) => Err(Status::invalid_argument(format!(
+                "`{id}` names several workers ({}); give more of the id",
+                ids.join(", ")
+            ))),
+        }
     }
 
     async fn report(
@@ -555,7 +585,9 @@ impl workers_server::Workers for WorkersService {
         let unhealthy = clip_reason(&req.unhealthy, self.limits.max_string_chars);
         let unhealthy = (!unhealthy.is_empty()).then_some(unhealthy.as_str());
         let stop = db::heartbeat(&self.pool, worker, &held, self.lease_ttl, unhealthy).await?;
+        let drain = db::draining(&self.pool, worker).await?;
         Ok(Response::new(proto::HeartbeatResponse {
+            drain,
             stop: stop
                 .into_iter()
                 .map(|(trial, reason)| proto::StopOrder {

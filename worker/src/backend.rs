@@ -100,6 +100,9 @@ pub fn discover(spec: &str, backend: &Backend) -> anyhow::Result<Vec<Slot>> {
             cpu_slots(cores)
         });
     }
+    if spec == "slurm" {
+        return slurm_slots(backend, &|name| std::env::var(name).ok());
+    }
     if let Some(k) = spec.strip_prefix("cpu:") {
         let k: usize = k
             .parse()
@@ -125,7 +128,7 @@ pub fn discover(spec: &str, backend: &Backend) -> anyhow::Result<Vec<Slot>> {
             .strip_prefix("cuda:")
             .and_then(|i| i.parse().ok())
             .ok_or_else(|| {
-                anyhow::anyhow!("--devices: `{part}` is not cuda:N; expected auto, cpu:K or cuda:0,cuda:1 (cuda:0*4 for 4 slots on one device)")
+                anyhow::anyhow!("--devices: `{part}` is not cuda:N; expected auto, slurm, cpu:K or cuda:0,cuda:1 (cuda:0*4 for 4 slots on one device)")
             })?;
         if index >= backend.cuda_devices {
             anyhow::bail!(
@@ -146,6 +149,51 @@ pub fn discover(spec: &str, backend: &Backend) -> anyhow::Result<Vec<Slot>> {
         }
     }
     Ok(slots)
+}
+
+/// The slots of what Slurm granted this node's task: one per GPU in
+/// `CUDA_VISIBLE_DEVICES` (else `SLURM_JOB_GPUS`), which CUDA numbers from 0;
+/// without GPUs, one single-thread slot per CPU in `SLURM_CPUS_ON_NODE`.
+/// With `ABLATE_GPU_STAND_IN=cpu` the granted GPUs' slots run their trials on
+/// the CPU (to try a cluster's wiring where its GPUs are fake).
+fn slurm_slots(backend: &Backend, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Vec<Slot>> {
+    let list = |name: &str| {
+        env(name)
+            .map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).count())
+            .filter(|n| *n > 0)
+    };
+    let stand_in = env("ABLATE_GPU_STAND_IN").is_some_and(|v| v == "cpu");
+    if let Some(gpus) = list("CUDA_VISIBLE_DEVICES").or_else(|| list("SLURM_JOB_GPUS")) {
+        if !stand_in && gpus > backend.cuda_devices {
+            anyhow::bail!(
+                "--devices slurm: Slurm granted {gpus} GPU(s) but libtorch sees {}; this host's backend is {}",
+                backend.cuda_devices,
+                backend.note
+            );
+        }
+        return Ok((0..gpus)
+            .map(|i| Slot {
+                name: format!("cuda:{i}"),
+                device: if stand_in { "cpu".into() } else { format!("cuda:{i}") },
+                threads: 1,
+            })
+            .collect());
+    }
+    let cpus: usize = env("SLURM_CPUS_ON_NODE")
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|n| *n > 0)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--devices slurm: no GPUs (CUDA_VISIBLE_DEVICES, SLURM_JOB_GPUS) and no SLURM_CPUS_ON_NODE; run it inside a Slurm job step (srun)"
+            )
+        })?;
+    Ok((0..cpus)
+        .map(|i| Slot {
+            name: format!("cpu:{i}"),
+            device: "cpu".into(),
+            threads: 1,
+        })
+        .collect())
 }
 
 /// Parses `cpu` or `cuda:N` into a tch device.
@@ -180,7 +228,7 @@ mod tests {
         let err = discover("cpu:0", &cpu_only).unwrap_err().to_string();
         assert!(err.contains("K >= 1"), "{err}");
         let err = discover("gpu", &cpu_only).unwrap_err().to_string();
-        assert!(err.contains("expected auto, cpu:K or cuda:0,cuda:1"), "{err}");
+        assert!(err.contains("expected auto, slurm, cpu:K or cuda:0,cuda:1"), "{err}");
         let two_gpus = Backend {
             cuda_devices: 2,
             note: "cuda".into(),
@@ -205,5 +253,55 @@ mod tests {
         );
         let err = discover("cuda:0*0", &two_gpus).unwrap_err().to_string();
         assert!(err.contains("K >= 1"), "{err}");
+    }
+
+    #[test]
+    fn slurm_grants_become_slots() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        };
+        let two_gpus = Backend {
+            cuda_devices: 2,
+            note: "cuda".into(),
+        };
+        let cpu_only = Backend {
+            cuda_devices: 0,
+            note: "cpu".into(),
+        };
+        let names = |slots: Vec<Slot>| slots.into_iter().map(|s| (s.name, s.device)).collect::<Vec<_>>();
+        // CUDA numbers the granted devices from 0 whatever their ids on the node.
+        let slots = slurm_slots(
+            &two_gpus,
+            &env(&[("CUDA_VISIBLE_DEVICES", "2,3"), ("SLURM_CPUS_ON_NODE", "8")]),
+        )
+        .unwrap();
+        assert_eq!(
+            names(slots),
+            [("cuda:0".into(), "cuda:0".into()), ("cuda:1".into(), "cuda:1".into())]
+        );
+        let slots = slurm_slots(&two_gpus, &env(&[("SLURM_JOB_GPUS", "1")])).unwrap();
+        assert_eq!(slots.len(), 1);
+        let err = slurm_slots(&cpu_only, &env(&[("CUDA_VISIBLE_DEVICES", "0,1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("granted 2 GPU(s) but libtorch sees 0"), "{err}");
+        let slots = slurm_slots(
+            &cpu_only,
+            &env(&[("CUDA_VISIBLE_DEVICES", "0,1"), ("ABLATE_GPU_STAND_IN", "cpu")]),
+        )
+        .unwrap();
+        assert_eq!(
+            names(slots),
+            [("cuda:0".into(), "cpu".into()), ("cuda:1".into(), "cpu".into())]
+        );
+        let slots = slurm_slots(
+            &cpu_only,
+            &env(&[("CUDA_VISIBLE_DEVICES", ""), ("SLURM_CPUS_ON_NODE", "3")]),
+        )
+        .unwrap();
+        assert_eq!(slots.len(), 3);
+        assert!(slots.iter().all(|s| s.device == "cpu" && s.threads == 1));
+        let err = slurm_slots(&cpu_only, &env(&[])).unwrap_err().to_string();
+        assert!(err.contains("inside a Slurm job step"), "{err}");
     }
 }

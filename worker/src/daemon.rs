@@ -23,7 +23,8 @@ pub struct Options {
     /// The coordinator's address.
     #[arg(long, env = "ABLATE_COORDINATOR", default_value = "http://127.0.0.1:7077")]
     pub coordinator: String,
-    /// Device slots: auto, cpu:K (K CPU slots) or cuda:0,cuda:1.
+    /// Device slots: auto, slurm (what the Slurm job step was granted), cpu:K (K CPU slots),
+    /// cuda:0,cuda:1, or cuda:0*4 (4 slots sharing one device).
     #[arg(long, default_value = "auto")]
     pub devices: String,
     /// Where checkpoints go: a directory, file:///dir or s3://bucket/prefix.
@@ -146,11 +147,13 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
         provenance,
     });
     let held: Arc<Mutex<HashMap<String, Held>>> = Arc::default();
+    let (drain_tx, mut drain) = watch::channel(false);
     tokio::spawn(heartbeat_forever(
         client.clone(),
         worker_id,
         held.clone(),
         health.clone(),
+        drain_tx,
         Duration::from_millis(registration.heartbeat_interval_ms.max(100) as u64),
     ));
 
@@ -163,21 +166,28 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
     };
     let poll = Duration::from_millis(options.poll_ms);
     let mut lease_client = client.clone();
+    let mut shutdown = shutdown_signals()?;
+    let mut signalled = false;
     loop {
+        if *drain.borrow() {
+            break;
+        }
         slots.drain(&mut freed_rx);
         if slots.failures > 0 {
             let wait = Duration::from_millis(500 << slots.failures.min(7)).min(MAX_BACKOFF);
             tracing::warn!(failures = slots.failures, ?wait, reason = ?health.lock().expect("health lock"), "cannot start trials; waiting before trying one again");
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = tokio::signal::ctrl_c() => break,
+                _ = shutdown.changed() => { signalled = true; break }
+                _ = drain.changed() => break,
             }
             slots.drain(&mut freed_rx);
         }
         if slots.free.is_empty() {
             tokio::select! {
                 back = freed_rx.recv() => slots.back(back),
-                _ = tokio::signal::ctrl_c() => break,
+                _ = shutdown.changed() => { signalled = true; break }
+                _ = drain.changed() => break,
             }
             continue;
         }
@@ -197,7 +207,8 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
             tokio::select! {
                 _ = tokio::time::sleep(poll) => {}
                 back = freed_rx.recv() => slots.back(back),
-                _ = tokio::signal::ctrl_c() => break,
+                _ = shutdown.changed() => { signalled = true; break }
+                _ = drain.changed() => break,
             }
             continue;
         }
@@ -227,12 +238,92 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
             });
         }
     }
-    tracing::info!("shutting down: stopping running trials; their leases will expire and they will be re-leased");
-    for h in held.lock().expect("held lock").values() {
-        let _ = h.stop.send(Some("worker shutting down".into()));
+    if *drain.borrow() && !signalled {
+        // Drained: the running trials end as they would have; a signal meanwhile stops them.
+        loop {
+            let running = held.lock().expect("held lock").len();
+            if running == 0 {
+                tracing::info!("drained: no trial left running; exiting");
+                return Ok(());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = shutdown.changed() => break,
+            }
+        }
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    give_back_running(&client, &worker_id, &held, &shared.telemetry).await;
     Ok(())
+}
+
+/// Changes once the daemon is asked to stop: SIGTERM (scancel, a pod's
+/// deletion, systemd) or SIGINT.
+fn shutdown_signals() -> anyhow::Result<watch::Receiver<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let (tx, rx) = watch::channel(());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = interrupt.recv() => tracing::info!("SIGINT"),
+        }
+        let _ = tx.send(());
+        // Keep the sender, so the receiver never sees it closed.
+        std::future::pending::<()>().await;
+    });
+    Ok(rx)
+}
+
+/// Shutting down: stops every running trial's process and gives the trials
+/// back at once, so they are leased again (and resume from their newest
+/// checkpoint) without waiting for their leases to expire. Trials whose
+/// completion is already on its way keep it. Quick enough for Slurm's
+/// KillWait and a pod's grace period (a few seconds at most).
+async fn give_back_running(
+    client: &crate::Client,
+    worker_id: &WorkerId,
+    held: &Arc<Mutex<HashMap<String, Held>>>,
+    telemetry: &crate::telemetry::Telemetry,
+) {
+    let running: Vec<(String, String)> = {
+        let held = held.lock().expect("held lock");
+        for h in held.values() {
+            let _ = h.stop.send(Some("worker shutting down".into()));
+        }
+        held.iter().map(|(id, h)| (id.clone(), h.token.clone())).collect()
+    };
+    tracing::info!(
+        trials = running.len(),
+        "shutting down: stopping running trials and giving them back"
+    );
+    // Their processes end (the runner kills them) and finished trials report.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while telemetry.busy.load(std::sync::atomic::Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let releases = running.into_iter().map(|(trial_id, lease_token)| {
+        let mut client = client.clone();
+        let request = proto::ReleaseRequest {
+            trial_id: trial_id.clone(),
+            lease_token,
+            worker_id: worker_id.to_string(),
+            reason: "worker shutting down".into(),
+        };
+        async move {
+            match tokio::time::timeout(Duration::from_secs(2), client.release(request)).await {
+                Ok(Ok(r)) if r.get_ref().released => tracing::info!(trial = %trial_id, "given back"),
+                Ok(Ok(_)) => tracing::info!(trial = %trial_id, "already ended or re-leased; nothing to give back"),
+                Ok(Err(status)) => {
+                    tracing::warn!(trial = %trial_id, %status, "could not give the trial back; its lease will expire")
+                }
+                Err(_) => {
+                    tracing::warn!(trial = %trial_id, "the coordinator did not answer; the trial's lease will expire")
+                }
+            }
+        }
+    });
+    futures::future::join_all(releases).await;
 }
 
 /// A slot given back by its trial's task, with its warm process and whether the trial started.
@@ -304,6 +395,7 @@ async fn heartbeat_forever(
     worker_id: WorkerId,
     held: Arc<Mutex<HashMap<String, Held>>>,
     health: Health,
+    drain: watch::Sender<bool>,
     every: Duration,
 ) {
     let mut tick = tokio::time::interval(every);
@@ -325,8 +417,13 @@ async fn heartbeat_forever(
         };
         match client.heartbeat(request).await {
             Ok(response) => {
+                let response = response.into_inner();
+                if response.drain && !*drain.borrow() {
+                    tracing::info!("drained by an admin: taking no new trials; exiting when the running ones end");
+                    let _ = drain.send(true);
+                }
                 let held = held.lock().expect("held lock");
-                for order in response.into_inner().stop {
+                for order in response.stop {
                     if let Some(h) = held.get(&order.trial_id) {
                         let _ = h.stop.send(Some(order.reason));
                     }

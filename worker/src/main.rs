@@ -79,6 +79,7 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Runtime::new()?.block_on(daemon::run(options, backend))
         }
         Command::Trial { warm } => {
+            obey_only_the_daemons_sigterm();
             backend::init_quiet();
             let result = if warm {
                 trial_process::run_warm()
@@ -157,5 +158,29 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// A trial process ends on SIGTERM only when its daemon sends it (a stop
+/// order). Slurm's `scancel` and systemd signal every process of the job: the
+/// daemon then stops the trial itself and gives it back, so the trial must not
+/// die first and be counted as a crash.
+fn obey_only_the_daemons_sigterm() {
+    extern "C" fn on_sigterm(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        // SAFETY: the kernel passes a valid siginfo with SA_SIGINFO; getppid and
+        // _exit are async-signal-safe.
+        unsafe {
+            if (*info).si_pid() == libc::getppid() {
+                libc::_exit(128 + libc::SIGTERM);
+            }
+        }
+    }
+    // SAFETY: installs a handler that only calls async-signal-safe functions.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigterm as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGTERM, &action, std::ptr::null_mut());
     }
 }

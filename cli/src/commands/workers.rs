@@ -28,6 +28,8 @@ pub async fn run(addr: &str) -> anyhow::Result<()> {
                 w.last_seen_at,
                 if w.lost {
                     "lost".to_string()
+                } else if !w.draining_since.is_empty() {
+                    format!("draining since {}", w.draining_since)
                 } else if w.unhealthy.is_empty() {
                     "ok".to_string()
                 } else {
@@ -37,5 +39,22 @@ pub async fn run(addr: &str) -> anyhow::Result<()> {
         })
         .collect();
     print!("{}", table(&header, &rows));
+    Ok(())
+}
+
+/// `ablate workers drain ID`.
+pub async fn drain(addr: &str, worker: &str) -> anyhow::Result<()> {
+    let mut client = connect(addr).await?;
+    let drained = client
+        .drain_worker(proto::DrainWorkerRequest {
+            worker_id: worker.to_string(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    eprintln!(
+        "worker {} is draining: it takes no new trials and exits when its {} running trial(s) end",
+        drained.worker_id, drained.running_trials
+    );
     Ok(())
 }

@@ -639,3 +639,27 @@ impl Drop for Stack {
         }
     }
 }
+
+/// Every trial's train_loss curve, as (ordinal, step, value) in order.
+pub async fn curve(stack: &Stack, experiment: &str) -> Vec<(i32, i64, f64)> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select t.ordinal, m.step, m.value from ablate.metric_series m
+         join trials t on t.id = m.trial_id
+         where m.experiment_id = '{experiment}' and m.name = 'train_loss' order by t.ordinal, m.step"
+    )))
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap()
+}
+
+/// The same (trial, step) points with values equal to 1e-6.
+pub fn assert_same_curves(a: &[(i32, i64, f64)], b: &[(i32, i64, f64)]) {
+    assert_eq!(a.len(), b.len());
+    for ((oa, sa, va), (ob, sb, vb)) in a.iter().zip(b) {
+        assert_eq!((oa, sa), (ob, sb));
+        assert!(
+            (va - vb).abs() <= 1e-6,
+            "trial {oa} step {sa}: {va} after the fault, {vb} unbroken"
+        );
+    }
+}

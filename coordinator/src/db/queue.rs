@@ -38,6 +38,7 @@ pub async fn lease(pool: &PgPool, worker: WorkerId, max: u32, ttl: Duration) -> 
         "with picked as (
              select id from trials
              where state = 'pending'
+               and not exists (select 1 from workers w where w.id = $1 and w.draining_since is not null)
              order by created_at, ordinal
              for update skip locked
              limit $2
