@@ -145,6 +145,16 @@ enum DbAction {
     /// Prints a PostgreSQL URL (a new password each time) for a login that may read only the
     /// views in schema `ablate`: for psql, pandas or Grafana. Asks the coordinator (admin with --auth).
     ReaderUrl,
+    /// Applies the schema migrations to a database (a deployment's migration job), and
+    /// registers tokens whose secrets you made (such as a Kubernetes Secret's).
+    Migrate {
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        /// ROLE:NAME:FILE: the token in FILE (32 or more characters) is NAME's, with ROLE
+        /// (researcher, worker or admin); it replaces what NAME held. Repeat it for more.
+        #[arg(long = "register-token", value_name = "ROLE:NAME:FILE")]
+        register_tokens: Vec<String>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -347,6 +357,13 @@ fn main() -> std::process::ExitCode {
             Command::Db {
                 action: DbAction::Stop { state },
             } => embedded::EmbeddedPg::stop_dir(&state.state_dir),
+            Command::Db {
+                action:
+                    DbAction::Migrate {
+                        database_url,
+                        register_tokens,
+                    },
+            } => commands::serve::migrate(&database_url, &register_tokens).await,
             Command::Db {
                 action: DbAction::ReaderUrl,
             } => commands::token::reader_url(&addr).await,

@@ -5,7 +5,7 @@ mod harness;
 use std::time::Duration;
 
 use ablate_schema::proto::{self, experiments_client::ExperimentsClient};
-use harness::{spec_path, stderr, Stack, RESUME_SPEC};
+use harness::{spec_path, stderr, text, Stack, RESUME_SPEC};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -723,4 +723,57 @@ params.seed = [3]
         ))
         .await;
     assert_eq!(stages, 5, "four shards and one selection");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drained_worker_finishes_its_trial_takes_no_more_and_exits() {
+    let mut stack = Stack::start(15.0).await;
+    let worker = stack.start_worker("cpu:1");
+    let spec = RESUME_SPEC
+        .replace("NAME", "drain")
+        .replace("params.seed = [3]", "params.seed = [0, 1]");
+    let experiment = stack.submit(&stack.write_spec("drain.toml", &spec));
+    stack
+        .wait_for(
+            "select count(*) = 1 from trials where state = 'running'",
+            Duration::from_secs(60),
+        )
+        .await;
+    let id: String = sqlx::query_scalar("select id::text from workers")
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+    // Bad input first: nothing is drained.
+    for (arg, says) in [("zzz", "not a worker id"), ("0000000", "no worker's id starts with")] {
+        let out = stack.ablate(&["workers", "drain", arg]);
+        assert!(!out.status.success());
+        assert!(text(&out).contains(says), "{arg}: {}", text(&out));
+    }
+    let out = stack.ablate(&["workers", "drain", &id[..8]]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("1 running trial"), "{}", text(&out));
+    stack
+        .wait_for_workers("the worker listed as draining", |t| t.contains("draining since"))
+        .await;
+    let status = stack.wait_worker_exit(worker, Duration::from_secs(60)).await;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{}", stack.logs());
+    // It finished the trial it had and took no other.
+    let states: Vec<(i32, String)> =
+        sqlx::query_as("select ordinal, state from trials where experiment_id = $1::uuid order by ordinal")
+            .bind(&experiment)
+            .fetch_all(&stack.pool)
+            .await
+            .unwrap();
+    let succeeded = states.iter().filter(|(_, s)| s == "succeeded").count();
+    let pending = states.iter().filter(|(_, s)| s == "pending").count();
+    assert_eq!((succeeded, pending), (1, 1), "{states:?}");
+    // A new worker takes the rest.
+    stack.start_worker("cpu:1");
+    stack.wait_finished(&experiment, Duration::from_secs(60)).await;
+    let attempts = stack
+        .scalar_i64(&format!(
+            "select count(*) from ablate.trial_attempts where experiment_id = '{experiment}' and outcome = 'succeeded'"
+        ))
+        .await;
+    assert_eq!(attempts, 2);
 }

@@ -294,3 +294,32 @@ async fn reap_forever(
         }
     }
 }
+
+/// `ablate db migrate`: applies the migrations, then registers tokens whose
+/// secrets the operator made, each `(role, name, secret)`. Returns a line per token.
+pub async fn migrate(database_url: &str, tokens: &[(auth::Role, String, String)]) -> Result<Vec<String>> {
+    let pool = db::connect(database_url, 2).await?;
+    let mut said = Vec::new();
+    for (role, name, secret) in tokens {
+        let secret = secret.trim();
+        if secret.len() < 32 {
+            return Err(Error::InvalidArgument(format!(
+                "the {} token for `{name}` has {} characters; use 32 or more random ones (openssl rand -hex 32)",
+                role.as_str(),
+                secret.len()
+            )));
+        }
+        let done = db::register_token(&pool, name, role.as_str(), &auth::hash(secret)).await?;
+        said.push(format!(
+            "{} token `{name}`: {}",
+            role.as_str(),
+            match done {
+                db::Registered::New => "registered",
+                db::Registered::Kept => "already registered",
+                db::Registered::Replaced => "replaced (the old one no longer works)",
+            }
+        ));
+    }
+    pool.close().await;
+    Ok(said)
+}

@@ -238,17 +238,37 @@ fn provision_dsir_reference() -> Result<PathBuf> {
     Ok(python)
 }
 
-/// A venv with moto's S3 server (`moto[server]` from PyPI) for the object-storage tests; returns its bin dir.
-fn provision_moto() -> Result<PathBuf> {
-    let venv = cache_dir().join("moto-venv");
+/// A venv under the cache holding `package` from PyPI; returns its bin dir
+/// (made once: kept while it holds `program`).
+fn provision_venv(name: &str, package: &str, program: &str) -> Result<PathBuf> {
+    let venv = cache_dir().join(name);
     let bin = venv.join("bin");
-    if bin.join("moto_server").exists() {
+    if bin.join(program).exists() {
         return Ok(bin);
     }
-    eprintln!("xtask: installing moto[server] from PyPI into {}", venv.display());
+    eprintln!("xtask: installing {package} from PyPI into {}", venv.display());
     run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    run(Command::new(bin.join("pip")).args(["install", "--quiet", "moto[server]"]))?;
+    run(Command::new(bin.join("pip")).args(["install", "--quiet", package]))?;
     Ok(bin)
+}
+
+/// moto's S3 server for the object-storage tests; returns its venv's bin dir.
+fn provision_moto() -> Result<PathBuf> {
+    provision_venv("moto-venv", "moto[server]", "moto_server")
+}
+
+/// `kubernetes-validate` (offline schemas) for the check of deploy/k8s; returns the program.
+fn provision_kubernetes_validate() -> Result<PathBuf> {
+    Ok(provision_venv("k8s-venv", "kubernetes-validate==1.37.0", "kubernetes-validate")?.join("kubernetes-validate"))
+}
+
+/// Debian's Slurm and munge (the Slurm test runs a real two-node cluster with them).
+fn provision_slurm() -> Result {
+    if Path::new("/usr/sbin/slurmctld").exists() && Path::new("/usr/sbin/munged").exists() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Slurm and munge from apt");
+    apt_install(&["slurm-wlm", "munge"])
 }
 
 fn pg_server_installed() -> bool {
@@ -263,11 +283,11 @@ fn provision_postgres() -> Result {
         return Ok(());
     }
     eprintln!("xtask: installing PostgreSQL server binaries from apt");
-    apt_install("postgresql")
+    apt_install(&["postgresql"])
 }
 
-/// Installs a Debian package (through sudo unless root).
-fn apt_install(package: &str) -> Result {
+/// Installs Debian packages (through sudo unless root).
+fn apt_install(packages: &[&str]) -> Result {
     // SAFETY: geteuid has no preconditions; declared below to keep xtask free of dependencies.
     let root = unsafe { geteuid() } == 0;
     let sudo = |args: &[&str]| {
@@ -285,14 +305,13 @@ fn apt_install(package: &str) -> Result {
         c
     };
     run(&mut sudo(&["apt-get", "update", "-q"]))?;
-    run(&mut sudo(&[
-        "apt-get",
-        "install",
-        "-y",
-        "-q",
-        "--no-install-recommends",
-        package,
-    ]))
+    run(&mut sudo(
+        &["apt-get", "install", "-y", "-q", "--no-install-recommends"]
+            .iter()
+            .chain(packages)
+            .copied()
+            .collect::<Vec<_>>(),
+    ))
 }
 
 /// Debian's Prometheus server (the telemetry test scrapes the stack with it).
@@ -300,7 +319,7 @@ fn provision_prometheus() -> Result<PathBuf> {
     let bin = PathBuf::from("/usr/bin/prometheus");
     if !bin.exists() {
         eprintln!("xtask: installing Prometheus from apt");
-        apt_install("prometheus")?;
+        apt_install(&["prometheus"])?;
     }
     Ok(bin)
 }
@@ -313,7 +332,7 @@ fn provision_fashion_mnist() -> Result {
         return Ok(());
     }
     eprintln!("xtask: installing Fashion-MNIST from apt");
-    apt_install("dataset-fashion-mnist")
+    apt_install(&["dataset-fashion-mnist"])
 }
 
 /// The GPU check. `gpu`: builds the release worker, packs it with the data sets
@@ -442,6 +461,8 @@ fn test() -> Result {
     let moto = provision_moto()?;
     let dsir_python = provision_dsir_reference()?;
     let prometheus = provision_prometheus()?;
+    let kubernetes_validate = provision_kubernetes_validate()?;
+    provision_slurm()?;
     eprintln!("xtask: tests use {url}");
     run(cargo(&[
         "test",
@@ -455,6 +476,7 @@ fn test() -> Result {
     .env("ABLATE_BIN_DIR", bin_dir("debug"))
     .env("ABLATE_MOTO_BIN", &moto)
     .env("ABLATE_PROMETHEUS_BIN", &prometheus)
+    .env("ABLATE_K8S_VALIDATE", &kubernetes_validate)
     .env("ABLATE_DSIR_PYTHON", &dsir_python))?;
     let torch_tests = [
         "test",
@@ -545,7 +567,10 @@ fn main() -> ExitCode {
             .and_then(|_| provision_postgres())
             .and_then(|_| provision_datasets())
             .and_then(|_| provision_dsir_reference().map(|_| ()))
-            .and_then(|_| provision_moto().map(|_| ())),
+            .and_then(|_| provision_moto().map(|_| ()))
+            .and_then(|_| provision_prometheus().map(|_| ()))
+            .and_then(|_| provision_kubernetes_validate().map(|_| ()))
+            .and_then(|_| provision_slurm()),
         _ => Err("usage: cargo xtask <demo [SPEC]|test|bench [dsir] [--json FILE]|gpu [--dry-run]|build [--release]|check|provision>".into()),
     };
     match result {

@@ -56,3 +56,30 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
     }
 }
+
+/// `ablate db migrate`.
+pub async fn migrate(database_url: &str, register: &[String]) -> anyhow::Result<()> {
+    use ablate_coordinator::auth::Role;
+    let mut tokens = Vec::new();
+    for arg in register {
+        let parts: Vec<&str> = arg.splitn(3, ':').collect();
+        let [role, name, file] = parts.as_slice() else {
+            anyhow::bail!(
+                "--register-token `{arg}`: expected ROLE:NAME:FILE, such as worker:gpu-workers:/tokens/worker"
+            );
+        };
+        let role = Role::parse(role)
+            .ok_or_else(|| anyhow::anyhow!("--register-token `{arg}`: the role must be researcher, worker or admin"))?;
+        if name.is_empty() {
+            anyhow::bail!("--register-token `{arg}`: the token needs a name");
+        }
+        let secret = std::fs::read_to_string(file)
+            .map_err(|e| anyhow::anyhow!("--register-token `{arg}`: cannot read {file}: {e}"))?;
+        tokens.push((role, name.to_string(), secret));
+    }
+    for line in ablate_coordinator::migrate(database_url, &tokens).await? {
+        eprintln!("{line}");
+    }
+    eprintln!("migrations applied");
+    Ok(())
+}

@@ -355,6 +355,19 @@ impl Stack {
         }
     }
 
+    /// Waits up to `timeout` for worker `index` to exit by itself; its exit status, if it did.
+    pub async fn wait_worker_exit(&mut self, index: usize, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.workers[index].as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.workers[index] = None;
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
     /// How many trial processes worker `index` is running now.
     pub fn trial_processes(&self, index: usize) -> usize {
         let Some(child) = &self.workers[index] else { return 0 };

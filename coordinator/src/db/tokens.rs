@@ -83,3 +83,53 @@ pub async fn valid_tokens(pool: &PgPool) -> Result<Vec<(String, String, String, 
     .fetch_all(pool)
     .await?)
 }
+
+/// How registering a token of known secret went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registered {
+    New,
+    /// The name held this very token already.
+    Kept,
+    /// The name held another (or a revoked) token, which no longer works.
+    Replaced,
+}
+
+/// Registers a token whose secret the operator made (a Kubernetes Secret):
+/// stores its hash under `name` with `role`, replacing what the name held.
+pub async fn register_token(pool: &PgPool, name: &str, role: &str, hash: &str) -> Result<Registered> {
+    let existing: Option<(String, String, bool)> =
+        sqlx::query_as("select hash, role, revoked_at is not null from tokens where name = $1")
+            .bind(name)
+            .fetch_optional(pool)
+            .await?;
+    if let Some((h, r, revoked)) = &existing {
+        if h == hash && r == role && !revoked {
+            return Ok(Registered::Kept);
+        }
+    }
+    let taken: Option<String> = sqlx::query_scalar("select name from tokens where hash = $1 and name <> $2")
+        .bind(hash)
+        .bind(name)
+        .fetch_optional(pool)
+        .await?;
+    if let Some(other) = taken {
+        return Err(Error::InvalidArgument(format!(
+            "this token is registered already, as `{other}`; give each name its own token"
+        )));
+    }
+    sqlx::query(
+        "insert into tokens (name, role, hash) values ($1, $2, $3)
+         on conflict (name) do update set role = excluded.role, hash = excluded.hash,
+             created_at = now(), expires_at = null, revoked_at = null",
+    )
+    .bind(name)
+    .bind(role)
+    .bind(hash)
+    .execute(pool)
+    .await?;
+    Ok(if existing.is_some() {
+        Registered::Replaced
+    } else {
+        Registered::New
+    })
+}
