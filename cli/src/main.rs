@@ -128,6 +128,9 @@ enum TokenAction {
     List,
     /// Revokes a token at once.
     Revoke { name: String },
+    /// Sets the fair-share weight of the user a token names (default 1): with weight 2
+    /// their sweeps get twice the slots of a weight-1 user's while both wait for slots.
+    Weight { name: String, weight: f64 },
 }
 
 #[derive(Subcommand)]
@@ -388,6 +391,7 @@ fn main() -> std::process::ExitCode {
                 }
                 TokenAction::List => commands::token::list(&addr).await,
                 TokenAction::Revoke { name } => commands::token::revoke(&addr, &name).await,
+                TokenAction::Weight { name, weight } => commands::token::weight(&addr, &name, weight).await,
             },
         }
     });

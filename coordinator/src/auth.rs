@@ -75,6 +75,7 @@ fn allowed(path: &str) -> &'static [Role] {
         || path.ends_with("Tokens")
         || path.ends_with("/ReaderUrl")
         || path.ends_with("/DrainWorker")
+        || path.ends_with("/SetTokenWeight")
     {
         &[Role::Admin]
     } else {

@@ -293,6 +293,24 @@ impl experiments_server::Experiments for ExperimentsService {
         Ok(Response::new(proto::RevokeTokenResponse {}))
     }
 
+    async fn set_token_weight(
+        &self,
+        request: Request<proto::SetTokenWeightRequest>,
+    ) -> Result<Response<proto::SetTokenWeightResponse>, Status> {
+        let req = request.into_inner();
+        if !(req.weight.is_finite() && req.weight > 0.0 && req.weight <= 1000.0) {
+            return Err(Status::invalid_argument(format!(
+                "weight {}: expected above 0 and at most 1000, such as 2",
+                req.weight
+            )));
+        }
+        if !db::set_token_weight(&self.pool, &req.name, req.weight).await? {
+            return Err(Status::not_found(format!("no token named `{}`", req.name)));
+        }
+        tracing::info!(name = %req.name, weight = req.weight, "fair-share weight set");
+        Ok(Response::new(proto::SetTokenWeightResponse {}))
+    }
+
     type WatchStream = ResponseStream<proto::Experiment>;
 
     async fn watch(

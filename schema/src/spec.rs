@@ -129,6 +129,10 @@ pub struct SweepSpec {
     /// What the trials need of a worker.
     #[serde(default, skip_serializing_if = "Resources::is_default")]
     pub resources: Resources,
+    /// The experiment's weight in the fair share of slots (default 1): with
+    /// priority 2 it gets twice the slots of a priority-1 experiment of the same user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<f64>,
 }
 
 /// What a spec's trials need of the worker that runs them.
@@ -139,6 +143,9 @@ pub struct Resources {
     /// trials that change process-wide state).
     #[serde(default)]
     pub fresh_process: bool,
+    /// At most this many of the experiment's trials run at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
 }
 
 impl Resources {
@@ -384,6 +391,20 @@ impl SweepSpec {
         }
         if self.max_attempts == 0 {
             return Err(SpecError::new("max_attempts", "expected at least 1"));
+        }
+        if let Some(p) = self.priority {
+            if !(p.is_finite() && p > 0.0 && p <= 1000.0) {
+                return Err(SpecError::new(
+                    "priority",
+                    format!("{p}: expected a weight above 0 and at most 1000, such as 2"),
+                ));
+            }
+        }
+        if self.resources.max_concurrent == Some(0) {
+            return Err(SpecError::new(
+                "resources.max_concurrent",
+                "expected at least 1 (or leave it out: no cap)",
+            ));
         }
         if self.sweep.params.is_empty() {
             return Err(SpecError::new(

@@ -26,16 +26,42 @@ pub async fn run(addr: &str, experiment: Option<&str>) -> anyhow::Result<()> {
                 .map_err(status_error)?
                 .into_inner()
                 .experiments;
-            let header: Vec<String> = ["experiment", "name", "family", "state", "done", "created"]
+            let header: Vec<String> = [
+                "experiment",
+                "name",
+                "family",
+                "state",
+                "done",
+                "running (share)",
+                "created",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            // Each experiment's part of the slots in use: what fair share gives it now.
+            let all_running: u64 = list
                 .iter()
-                .map(|s| s.to_string())
-                .collect();
+                .map(|e| e.counts.as_ref().map_or(0, |c| c.running as u64))
+                .sum();
             let rows: Vec<Vec<String>> = list
                 .into_iter()
                 .map(|e| {
                     let c = e.counts.unwrap_or_default();
                     let (done, total) = progress(&c);
-                    vec![e.id, e.name, e.family, e.state, format!("{done}/{total}"), e.created_at]
+                    let share = if c.running > 0 {
+                        format!("{} ({:.0}%)", c.running, 100.0 * c.running as f64 / all_running as f64)
+                    } else {
+                        "0".to_string()
+                    };
+                    vec![
+                        e.id,
+                        e.name,
+                        e.family,
+                        e.state,
+                        format!("{done}/{total}"),
+                        share,
+                        e.created_at,
+                    ]
                 })
                 .collect();
             print!("{}", table(&header, &rows));

@@ -89,6 +89,20 @@ pub async fn revoke(addr: &str, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ablate token weight NAME W`.
+pub async fn weight(addr: &str, name: &str, weight: f64) -> anyhow::Result<()> {
+    let mut client = connect(addr).await?;
+    client
+        .set_token_weight(proto::SetTokenWeightRequest {
+            name: name.to_string(),
+            weight,
+        })
+        .await
+        .map_err(status_error)?;
+    eprintln!("`{name}` has fair-share weight {weight}");
+    Ok(())
+}
+
 /// `ablate db reader-url`.
 pub async fn reader_url(addr: &str) -> anyhow::Result<()> {
     let mut client = connect(addr).await?;

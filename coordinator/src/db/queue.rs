@@ -32,15 +32,62 @@ pub struct LeasedTrial {
     pub traceparent: Option<String>,
 }
 
-/// Leases up to `max` pending trials to `worker` in one statement.
+/// Leases up to `max` pending trials to `worker` in one statement, by fair
+/// share: each next trial goes to the user, then (among that user's) the
+/// experiment, whose running trials plus those picked so far are fewest for
+/// its weight (a user's weight, set by an admin; an experiment's `priority`),
+/// ties to the older experiment and the trial's order; an experiment never
+/// runs more than its `[resources] max_concurrent`. The 64 candidates beyond
+/// `max` are for concurrent lessors, which skip the rows another one locked.
 pub async fn lease(pool: &PgPool, worker: WorkerId, max: u32, ttl: Duration) -> Result<Vec<LeasedTrial>> {
     let rows = sqlx::query(
-        "with picked as (
-             select id from trials
-             where state = 'pending'
+        "with recursive pending_experiments as (
+             (select experiment_id from trials where state = 'pending' order by experiment_id limit 1)
+             union all
+             select (select t.experiment_id from trials t
+                     where t.state = 'pending' and t.experiment_id > p.experiment_id
+                     order by t.experiment_id limit 1)
+             from pending_experiments p where p.experiment_id is not null
+         ),
+         experiments_waiting as (
+             select e.id, coalesce(e.submitted_by, '') as owner, e.created_at,
+                    coalesce((e.spec->>'priority')::float8, 1) as weight,
+                    (select count(*) from trials r where r.experiment_id = e.id and r.state = 'running')::float8 as running,
+                    (e.spec #>> '{resources,max_concurrent}')::float8 as cap
+             from pending_experiments p join experiments e on e.id = p.experiment_id
+         ),
+         users_waiting as (
+             select x.owner, coalesce(max(k.weight), 1) as weight,
+                    (select count(*) from trials r join experiments re on re.id = r.experiment_id
+                     where r.state = 'running' and coalesce(re.submitted_by, '') = x.owner)::float8 as running
+             from experiments_waiting x left join tokens k on k.name = x.owner
+             group by x.owner
+         ),
+         candidates as (
+             select c.id, x.owner, x.created_at, c.ordinal,
+                    (x.running + row_number() over (partition by x.id order by c.ordinal)) / x.weight as share
+             from experiments_waiting x
+             cross join lateral (
+                 select t.id, t.ordinal from trials t
+                 where t.experiment_id = x.id and t.state = 'pending'
+                 order by t.ordinal
+                 limit greatest(0, least($2 + 64, coalesce(x.cap - x.running, $2 + 64)))::bigint
+             ) c
+         ),
+         ordered as (
+             select c.id, c.share, c.created_at, c.ordinal,
+                    (u.running + row_number() over (partition by c.owner order by c.share, c.created_at, c.ordinal))
+                        / u.weight as user_share
+             from candidates c join users_waiting u on u.owner = c.owner
+             order by user_share, c.share, c.created_at, c.ordinal
+             limit $2 + 64
+         ),
+         picked as (
+             select t.id from trials t join ordered o on o.id = t.id
+             where t.state = 'pending'
                and not exists (select 1 from workers w where w.id = $1 and w.draining_since is not null)
-             order by created_at, ordinal
-             for update skip locked
+             order by o.user_share, o.share, o.created_at, o.ordinal
+             for update of t skip locked
              limit $2
          )
          update trials t

@@ -133,3 +133,13 @@ pub async fn register_token(pool: &PgPool, name: &str, role: &str, hash: &str) -
         Registered::New
     })
 }
+
+/// Sets the fair-share weight of the user a token names; false when no token has that name.
+pub async fn set_token_weight(pool: &PgPool, name: &str, weight: f64) -> Result<bool> {
+    let done = sqlx::query("update tokens set weight = $2 where name = $1")
+        .bind(name)
+        .bind(weight)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}

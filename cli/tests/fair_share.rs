@@ -1,0 +1,224 @@
+//! Fair share, seen through the leases a worker gets: a sweep submitted after
+//! a long one gets slots as they free up instead of waiting for it; two users
+//! get half the slots each whatever their number of sweeps; a spec's
+//! `priority` and a user's weight count; `max_concurrent` caps a sweep.
+
+mod harness;
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use ablate_schema::proto::{self, workers_client::WorkersClient};
+use harness::{Stack, RESUME_SPEC};
+
+type Client =
+    WorkersClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, ablate_schema::Bearer>>;
+
+/// A worker registered by the test itself, leasing through gRPC.
+struct Worker {
+    client: Client,
+    id: String,
+    held: Vec<proto::LeasedTrial>,
+}
+
+impl Worker {
+    async fn new(stack: &Stack) -> Worker {
+        let mut client = WorkersClient::new(stack.channel().await);
+        let id = uuid::Uuid::new_v4().to_string();
+        client
+            .register(proto::RegisterRequest {
+                worker_id: id.clone(),
+                hostname: "fair".into(),
+                devices: vec!["cpu:0".into()],
+            })
+            .await
+            .unwrap();
+        Worker {
+            client,
+            id,
+            held: Vec::new(),
+        }
+    }
+
+    /// Leases up to `n` trials; returns their experiments' ids in lease order.
+    async fn lease(&mut self, n: u32) -> Vec<String> {
+        let leased = self
+            .client
+            .lease(proto::LeaseRequest {
+                worker_id: self.id.clone(),
+                max_trials: n,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .trials;
+        let experiments = leased.iter().map(|t| t.experiment_id.clone()).collect();
+        self.held.extend(leased);
+        experiments
+    }
+
+    /// Completes every trial it holds (the slots free up).
+    async fn complete_all(&mut self) {
+        for trial in std::mem::take(&mut self.held) {
+            self.client
+                .complete(proto::CompleteRequest::succeeded(trial))
+                .await
+                .unwrap();
+        }
+    }
+
+    /// Completes the first trial it holds of experiment `of`.
+    async fn complete_one(&mut self, of: &str) {
+        let i = self
+            .held
+            .iter()
+            .position(|t| t.experiment_id == of)
+            .expect("a trial of it");
+        let trial = self.held.remove(i);
+        self.client
+            .complete(proto::CompleteRequest::succeeded(trial))
+            .await
+            .unwrap();
+    }
+}
+
+/// A sweep of `trials` trials; `extra` is TOML added to it (top-level keys or tables).
+fn spec(name: &str, trials: usize, extra: &str) -> String {
+    let seeds: Vec<String> = (0..trials).map(|i| i.to_string()).collect();
+    let text = RESUME_SPEC
+        .replace("NAME", name)
+        .replace("params.seed = [3]", &format!("params.seed = [{}]", seeds.join(", ")));
+    // Top-level keys before the first table; tables after the last.
+    if extra.starts_with('[') {
+        format!("{text}\n{extra}\n")
+    } else {
+        format!("{extra}\n{text}")
+    }
+}
+
+/// Submits as the user whose token is `token`; returns the experiment id.
+fn submit_as(stack: &Stack, token: &str, name: &str, text: &str) -> String {
+    let path = stack.write_spec(&format!("{name}.toml"), text);
+    let out = Command::new(harness::bin("ablate"))
+        .arg("submit")
+        .arg(&path)
+        .env("ABLATE_COORDINATOR", stack.addr())
+        .env("ABLATE_TOKEN", token)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", harness::text(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn researcher(stack: &Stack, name: &str) -> String {
+    let out = stack.ablate(&["token", "create", "--role", "researcher", "--name", name]);
+    assert!(out.status.success(), "{}", harness::text(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn count(leased: &[String]) -> HashMap<&str, usize> {
+    let mut counts = HashMap::new();
+    for e in leased {
+        *counts.entry(e.as_str()).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_later_small_sweep_gets_slots_as_they_free_instead_of_waiting() {
+    let stack = Stack::start(60.0).await;
+    let alice = researcher(&stack, "alice");
+    let big = submit_as(&stack, &alice, "big", &spec("big", 100, ""));
+    let mut worker = Worker::new(&stack).await;
+    assert_eq!(
+        worker.lease(4).await,
+        vec![big.clone(); 4],
+        "4 slots, all the long sweep's"
+    );
+    let small = submit_as(&stack, &alice, "small", &spec("small", 4, ""));
+    // The first two slots that free up go to the small sweep (first come,
+    // first served would have given it none until 100 trials had run) ...
+    for _ in 0..2 {
+        worker.complete_one(&big).await;
+        assert_eq!(worker.lease(1).await, vec![small.clone()]);
+    }
+    // ... and from then on the two share the slots evenly.
+    worker.complete_one(&big).await;
+    assert_eq!(worker.lease(1).await, vec![big.clone()]);
+    worker.complete_all().await;
+    let leased = worker.lease(4).await;
+    assert_eq!(count(&leased)[small.as_str()], 2, "{leased:?}");
+    assert_eq!(count(&leased)[big.as_str()], 2, "{leased:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn users_share_slots_by_weight_and_sweeps_by_priority_and_cap() {
+    let stack = Stack::start(60.0).await;
+    let (alice, bob) = (researcher(&stack, "alice"), researcher(&stack, "bob"));
+    // Alice submits three sweeps, Bob one: still half the slots each.
+    let a: Vec<String> = (0..3)
+        .map(|i| submit_as(&stack, &alice, &format!("a{i}"), &spec(&format!("a{i}"), 20, "")))
+        .collect();
+    let b = submit_as(&stack, &bob, "b", &spec("b", 20, ""));
+    let mut worker = Worker::new(&stack).await;
+    let leased = worker.lease(8).await;
+    let counts = count(&leased);
+    assert_eq!(counts[b.as_str()], 4, "{leased:?}");
+    assert_eq!(
+        a.iter()
+            .map(|e| counts.get(e.as_str()).copied().unwrap_or(0))
+            .sum::<usize>(),
+        4
+    );
+    worker.complete_all().await;
+
+    // An admin gives Bob weight 3: three slots of his to each of Alice's.
+    let out = stack.ablate(&["token", "weight", "bob", "3"]);
+    assert!(out.status.success(), "{}", harness::text(&out));
+    let leased = worker.lease(8).await;
+    assert_eq!(count(&leased)[b.as_str()], 6, "{leased:?}");
+    worker.complete_all().await;
+    for (args, says) in [(["bob", "0"], "above 0"), (["carol", "2"], "no token named `carol`")] {
+        let out = stack.ablate(&["token", "weight", args[0], args[1]]);
+        assert!(!out.status.success());
+        assert!(harness::text(&out).contains(says), "{}", harness::text(&out));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn within_a_user_priority_weighs_and_max_concurrent_caps() {
+    let stack = Stack::start(60.0).await;
+    let carol = researcher(&stack, "carol");
+    let low = submit_as(&stack, &carol, "low", &spec("low", 20, ""));
+    let high = submit_as(&stack, &carol, "high", &spec("high", 20, "priority = 3"));
+    let capped = submit_as(
+        &stack,
+        &carol,
+        "capped",
+        &spec("capped", 20, "[resources]\nmax_concurrent = 1"),
+    );
+    let mut worker = Worker::new(&stack).await;
+    let leased = worker.lease(9).await;
+    let counts = count(&leased);
+    assert_eq!(counts[capped.as_str()], 1, "max_concurrent = 1: {leased:?}");
+    // Priority 3 gets three slots to priority 1's one.
+    assert_eq!((counts[high.as_str()], counts[low.as_str()]), (6, 2), "{leased:?}");
+    // The cap holds while its trial runs, and frees with it.
+    assert!(!worker.lease(9).await.contains(&capped));
+    worker.complete_one(&capped).await;
+    assert!(worker.lease(9).await.contains(&capped));
+
+    // Bad values are refused with the field's path.
+    for (extra, path) in [
+        ("priority = 0", "priority"),
+        ("[resources]\nmax_concurrent = 0", "resources.max_concurrent"),
+    ] {
+        let out = stack.ablate(&[
+            "submit",
+            &stack.write_spec("bad.toml", &spec("bad", 2, extra)).to_string_lossy(),
+        ]);
+        assert!(!out.status.success());
+        assert!(harness::text(&out).contains(path), "{}", harness::text(&out));
+    }
+}
