@@ -38,6 +38,9 @@ pub fn experiment_summary(e: &proto::Experiment) -> String {
         e.state,
         counts_line(e)
     );
+    if !e.waiting.is_empty() {
+        out.push_str(&format!("waiting: {}\n", e.waiting));
+    }
     if !e.best.is_empty() {
         out.push_str(&format!("\nbest trials by {} ({}):\n", e.objective_metric, e.goal));
         let header: Vec<String> = ["rank", "trial", e.objective_metric.as_str(), "params"]

@@ -1,7 +1,9 @@
 //! Fair share, seen through the leases a worker gets: a sweep submitted after
 //! a long one gets slots as they free up instead of waiting for it; two users
 //! get half the slots each whatever their number of sweeps; a spec's
-//! `priority` and a user's weight count; `max_concurrent` caps a sweep.
+//! `priority` and a user's weight count; `max_concurrent` caps a sweep; a
+//! sweep asking for a pool or labels runs only on matching workers, and says
+//! why it waits while none is live.
 
 mod harness;
 
@@ -23,6 +25,11 @@ struct Worker {
 
 impl Worker {
     async fn new(stack: &Stack) -> Worker {
+        Worker::in_pool(stack, "", &[]).await
+    }
+
+    /// A worker of `pool` (empty: none) with these labels.
+    async fn in_pool(stack: &Stack, pool: &str, labels: &[(&str, &str)]) -> Worker {
         let mut client = WorkersClient::new(stack.channel().await);
         let id = uuid::Uuid::new_v4().to_string();
         client
@@ -30,6 +37,8 @@ impl Worker {
                 worker_id: id.clone(),
                 hostname: "fair".into(),
                 devices: vec!["cpu:0".into()],
+                pool: pool.into(),
+                labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             })
             .await
             .unwrap();
@@ -221,4 +230,67 @@ async fn within_a_user_priority_weighs_and_max_concurrent_caps() {
         assert!(!out.status.success());
         assert!(harness::text(&out).contains(path), "{}", harness::text(&out));
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sweep_asking_for_a_pool_runs_only_there_and_says_why_it_waits() {
+    let stack = Stack::start(60.0).await;
+    let pooled = stack.submit(&stack.write_spec("pooled.toml", &spec("pooled", 4, "[resources]\npool = \"a100\"")));
+    let labelled = stack.submit(&stack.write_spec(
+        "labelled.toml",
+        &spec("labelled", 2, "[resources]\nlabels = { zone = \"b\", disk = \"nvme\" }"),
+    ));
+    let status = |id: &str| harness::text(&stack.ablate(&["status", id]));
+    // No worker at all, then workers of other pools and labels: nothing is leased, and status says why.
+    assert!(
+        status(&pooled).contains("waiting: no live worker in pool `a100`"),
+        "{}",
+        status(&pooled)
+    );
+    let mut other = Worker::in_pool(&stack, "v100", &[("zone", "b")]).await;
+    assert!(other.lease(8).await.is_empty());
+    assert!(status(&pooled).contains("waiting: no live worker in pool `a100`"));
+    assert!(
+        status(&labelled).contains("with labels disk=nvme,zone=b"),
+        "{}",
+        status(&labelled)
+    );
+    let list = harness::text(&stack.ablate(&["status"]));
+    assert!(list.contains("waiting: no live worker in pool `a100`"), "{list}");
+    // The pool's worker leases its trials; the waiting line goes.
+    let mut a100 = Worker::in_pool(&stack, "a100", &[]).await;
+    assert_eq!(a100.lease(8).await, vec![pooled.clone(); 4]);
+    assert!(!status(&pooled).contains("waiting"), "{}", status(&pooled));
+    // All the labels asked for, and more, match.
+    let mut labels = Worker::in_pool(&stack, "", &[("zone", "b"), ("disk", "nvme"), ("rack", "7")]).await;
+    assert_eq!(labels.lease(8).await, vec![labelled.clone(); 2]);
+    // A sweep that asks for nothing runs anywhere, a pooled worker included.
+    let open = stack.submit(&stack.write_spec("open.toml", &spec("open", 1, "")));
+    assert_eq!(other.lease(8).await, vec![open]);
+    let workers = harness::text(&stack.ablate(&["workers"]));
+    assert!(
+        workers.contains("v100 (zone=b)") && workers.contains("a100"),
+        "{workers}"
+    );
+    // Bad input is refused with what to fix.
+    let out = stack.ablate(&[
+        "submit",
+        &stack
+            .write_spec("bad.toml", &spec("bad", 1, "[resources]\npool = \"\""))
+            .to_string_lossy(),
+    ]);
+    assert!(
+        !out.status.success() && harness::text(&out).contains("resources.pool"),
+        "{}",
+        harness::text(&out)
+    );
+    let bad = Command::new(harness::bin("ablate-worker"))
+        .args(["daemon", "--label", "nokey"])
+        .output()
+        .unwrap();
+    assert!(
+        !bad.status.success() && harness::text(&bad).contains("expected KEY=VALUE"),
+        "{}",
+        harness::text(&bad)
+    );
 }

@@ -60,6 +60,7 @@ async fn worker(
             worker_id: id.clone(),
             hostname: format!("sim-{index}"),
             devices: vec!["cpu:0".into()],
+            ..Default::default()
         })
         .await?;
     let mut done = 0;

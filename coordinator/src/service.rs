@@ -99,7 +99,11 @@ impl ExperimentsService {
         let row = db::experiment(&self.pool, id).await?;
         let best_rows = db::best_trials(&self.pool, &row, best.max(1)).await?;
         let (running, failed) = db::active_and_failed_trials(&self.pool, id).await?;
-        Ok(experiment_message(&row, &best_rows, &running, &failed))
+        let mut message = experiment_message(&row, &best_rows, &running, &failed);
+        message.waiting = db::waiting_reason(&self.pool, id, self.lease_ttl)
+            .await?
+            .unwrap_or_default();
+        Ok(message)
     }
 }
 
@@ -144,6 +148,7 @@ fn experiment_message(
         running: running.iter().map(trial_message).collect(),
         failures: failed.iter().map(trial_message).collect(),
         swept_params: e.swept.clone(),
+        waiting: String::new(),
     }
 }
 
@@ -196,9 +201,17 @@ impl experiments_server::Experiments for ExperimentsService {
     ) -> Result<Response<proto::ListExperimentsResponse>, Status> {
         let limit = request.into_inner().limit;
         let rows = db::list_experiments(&self.pool, if limit == 0 { 50 } else { limit }).await?;
-        Ok(Response::new(proto::ListExperimentsResponse {
-            experiments: rows.iter().map(|r| experiment_message(r, &[], &[], &[])).collect(),
-        }))
+        let mut experiments = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut message = experiment_message(row, &[], &[], &[]);
+            if row.counts.pending > 0 {
+                message.waiting = db::waiting_reason(&self.pool, row.id, self.lease_ttl)
+                    .await?
+                    .unwrap_or_default();
+            }
+            experiments.push(message);
+        }
+        Ok(Response::new(proto::ListExperimentsResponse { experiments }))
     }
 
     async fn cancel(&self, request: Request<proto::CancelRequest>) -> Result<Response<proto::CancelResponse>, Status> {
@@ -365,6 +378,16 @@ impl experiments_server::Experiments for ExperimentsService {
                     unhealthy: w.unhealthy.clone().unwrap_or_default(),
                     lost: w.lost,
                     draining_since: w.draining_since.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                    pool: w.pool.clone().unwrap_or_default(),
+                    labels: w
+                        .labels
+                        .as_object()
+                        .map(|m| {
+                            m.iter()
+                                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                 })
                 .collect(),
         }))
@@ -550,8 +573,29 @@ impl workers_server::Workers for WorkersService {
     ) -> Result<Response<proto::RegisterResponse>, Status> {
         let req = request.into_inner();
         let id = parse_id(WorkerId::parse, &req.worker_id)?;
-        db::register_worker(&self.pool, id, &req.hostname, &req.devices).await?;
-        tracing::info!(worker = %id, hostname = %req.hostname, devices = ?req.devices, "worker registered");
+        let limits = &self.limits;
+        let text = |path: &str, s: &str| {
+            limits
+                .check_name(path, s, limits.max_string_chars)
+                .map_err(|e| Status::invalid_argument(e.to_string()))
+        };
+        text("pool", &req.pool)?;
+        for (k, v) in &req.labels {
+            text("labels", k)?;
+            text("labels", v)?;
+        }
+        db::register_worker(
+            &self.pool,
+            &db::NewWorker {
+                id,
+                hostname: &req.hostname,
+                devices: &req.devices,
+                pool: (!req.pool.is_empty()).then_some(req.pool.as_str()),
+                labels: serde_json::to_value(&req.labels).expect("labels serialize"),
+            },
+        )
+        .await?;
+        tracing::info!(worker = %id, hostname = %req.hostname, devices = ?req.devices, pool = %req.pool, labels = ?req.labels, "worker registered");
         let ttl = self.lease_ttl.as_millis() as u32;
         Ok(Response::new(proto::RegisterResponse {
             lease_ttl_ms: ttl,

@@ -214,9 +214,18 @@ async fn heartbeats_extend_leases_and_carry_stop_orders(pool: PgPool) {
         .await
         .unwrap();
     let worker = WorkerId::new_random();
-    db::register_worker(&pool, worker, "host", &["cpu:0".into()])
-        .await
-        .unwrap();
+    db::register_worker(
+        &pool,
+        &db::NewWorker {
+            id: worker,
+            hostname: "host",
+            devices: &["cpu:0".into()],
+            pool: None,
+            labels: serde_json::json!({}),
+        },
+    )
+    .await
+    .unwrap();
     let leased = db::lease(&pool, worker, 2, Duration::from_secs(1)).await.unwrap();
     let held: Vec<_> = leased.iter().map(|l| (l.trial, l.token)).collect();
     assert!(db::heartbeat(&pool, worker, &held, TTL, None).await.unwrap().is_empty());

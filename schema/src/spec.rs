@@ -146,6 +146,12 @@ pub struct Resources {
     /// At most this many of the experiment's trials run at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<u32>,
+    /// Only workers of this pool (`ablate-worker daemon --pool`) lease its trials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Only workers with all these labels (`--label key=value`) lease its trials.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Resources {
@@ -399,6 +405,20 @@ impl SweepSpec {
                     format!("{p}: expected a weight above 0 and at most 1000, such as 2"),
                 ));
             }
+        }
+        if let Some(pool) = &self.resources.pool {
+            if pool.trim().is_empty() {
+                return Err(SpecError::new(
+                    "resources.pool",
+                    "empty; name a pool, such as \"a100\", or leave it out",
+                ));
+            }
+            limits.check_name("resources.pool", pool, limits.max_string_chars)?;
+        }
+        for (key, value) in &self.resources.labels {
+            let path = format!("resources.labels.{key}");
+            limits.check_name(&path, key, limits.max_string_chars)?;
+            limits.check_name(&path, value, limits.max_string_chars)?;
         }
         if self.resources.max_concurrent == Some(0) {
             return Err(SpecError::new(

@@ -64,6 +64,19 @@ pub struct Options {
     /// An HTTP listener for Prometheus metrics (/metrics) and a health probe (/healthz).
     #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The pool this worker joins: specs asking `[resources] pool = "NAME"` run only on its workers.
+    #[arg(long)]
+    pub pool: Option<String>,
+    /// A label (KEY=VALUE, repeatable): specs asking `[resources] labels` run only on workers with all of theirs.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => Err(format!("`{text}`: expected KEY=VALUE, such as gpu=a100")),
+    }
 }
 
 /// Why the worker can't start trials now, if so; sent with every heartbeat.
@@ -107,7 +120,14 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
     let client = WorkersClient::with_interceptor(channel, bearer).max_decoding_message_size(64 << 20);
     let provenance = crate::provenance::Provenance::gather(&slots);
     let devices: Vec<String> = slots.iter().map(|s| s.name.clone()).collect();
-    let registration = register(&client, worker_id, &provenance.host, &devices).await;
+    let request = proto::RegisterRequest {
+        worker_id: worker_id.to_string(),
+        hostname: provenance.host.clone(),
+        devices: devices.clone(),
+        pool: options.pool.clone().unwrap_or_default(),
+        labels: options.labels.iter().cloned().collect(),
+    };
+    let registration = register(&client, request).await?;
     tracing::info!(worker = %worker_id, slots = ?devices, backend = %backend.note, coordinator = %options.coordinator, "worker registered");
 
     let relay = Relay::start(
@@ -364,21 +384,15 @@ impl Slots {
     }
 }
 
-async fn register(
-    client: &crate::Client,
-    worker_id: WorkerId,
-    hostname: &str,
-    devices: &[String],
-) -> proto::RegisterResponse {
+/// Registers, retrying while the coordinator is away; a refusal (a bad pool or label) is an error.
+async fn register(client: &crate::Client, request: proto::RegisterRequest) -> anyhow::Result<proto::RegisterResponse> {
     let mut warned = false;
     loop {
-        let request = proto::RegisterRequest {
-            worker_id: worker_id.to_string(),
-            hostname: hostname.to_string(),
-            devices: devices.to_vec(),
-        };
-        match client.clone().register(request).await {
-            Ok(response) => return response.into_inner(),
+        match client.clone().register(request.clone()).await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                anyhow::bail!("the coordinator refused this worker: {}", status.message())
+            }
             Err(status) => {
                 if !warned {
                     tracing::warn!(%status, "coordinator not reachable yet; retrying");

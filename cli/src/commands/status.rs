@@ -53,11 +53,16 @@ pub async fn run(addr: &str, experiment: Option<&str>) -> anyhow::Result<()> {
                     } else {
                         "0".to_string()
                     };
+                    let state = if e.waiting.is_empty() {
+                        e.state
+                    } else {
+                        format!("{}, waiting: {}", e.state, e.waiting)
+                    };
                     vec![
                         e.id,
                         e.name,
                         e.family,
-                        e.state,
+                        state,
                         format!("{done}/{total}"),
                         share,
                         e.created_at,

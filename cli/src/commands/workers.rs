@@ -13,7 +13,7 @@ pub async fn run(addr: &str) -> anyhow::Result<()> {
         .map_err(status_error)?
         .into_inner()
         .workers;
-    let header: Vec<String> = ["worker", "host", "devices", "running", "last seen", "health"]
+    let header: Vec<String> = ["worker", "host", "devices", "pool", "running", "last seen", "health"]
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -24,6 +24,20 @@ pub async fn run(addr: &str) -> anyhow::Result<()> {
                 w.worker_id,
                 w.hostname,
                 w.devices.join(","),
+                {
+                    let mut labels: Vec<String> = w.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    labels.sort();
+                    let pool = if w.pool.is_empty() {
+                        "-".to_string()
+                    } else {
+                        w.pool.clone()
+                    };
+                    if labels.is_empty() {
+                        pool
+                    } else {
+                        format!("{pool} ({})", labels.join(","))
+                    }
+                },
                 w.running_trials.to_string(),
                 w.last_seen_at,
                 if w.lost {

@@ -427,6 +427,7 @@ impl Stack {
                 worker_id: worker_id.clone(),
                 hostname: "test".into(),
                 devices: vec!["cpu:0".into()],
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -130,6 +130,7 @@ async fn register(client: &mut WorkersClient<Channel>) -> Result<String> {
             worker_id: id.clone(),
             hostname: "bench".into(),
             devices: vec!["cpu:0".into()],
+            ..Default::default()
         })
         .await?;
     Ok(id)

@@ -55,6 +55,11 @@ pub async fn lease(pool: &PgPool, worker: WorkerId, max: u32, ttl: Duration) -> 
                     (select count(*) from trials r where r.experiment_id = e.id and r.state = 'running')::float8 as running,
                     (e.spec #>> '{resources,max_concurrent}')::float8 as cap
              from pending_experiments p join experiments e on e.id = p.experiment_id
+             left join workers me on me.id = $1
+             -- Only what this worker's pool and labels allow.
+             where (e.spec #>> '{resources,pool}' is null or e.spec #>> '{resources,pool}' = me.pool)
+               and (e.spec #> '{resources,labels}' is null
+                    or coalesce(me.labels, '{}'::jsonb) @> (e.spec #> '{resources,labels}'))
          ),
          users_waiting as (
              select x.owner, coalesce(max(k.weight), 1) as weight,

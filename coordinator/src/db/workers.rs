@@ -1,21 +1,32 @@
 //! Worker registration and the workers table.
 
-use ablate_schema::WorkerId;
+use ablate_schema::{ExperimentId, WorkerId};
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgPool;
 use sqlx::Row;
 
 use crate::error::Result;
 
-pub async fn register_worker(pool: &PgPool, id: WorkerId, hostname: &str, devices: &[String]) -> Result<()> {
+/// A worker as it registers: where it runs, its slots, its pool and labels.
+pub struct NewWorker<'a> {
+    pub id: WorkerId,
+    pub hostname: &'a str,
+    pub devices: &'a [String],
+    pub pool: Option<&'a str>,
+    pub labels: serde_json::Value,
+}
+
+pub async fn register_worker(pool: &PgPool, w: &NewWorker<'_>) -> Result<()> {
     sqlx::query(
-        "insert into workers (id, hostname, devices) values ($1, $2, $3)
+        "insert into workers (id, hostname, devices, pool, labels) values ($1, $2, $3, $4, $5)
          on conflict (id) do update set hostname = excluded.hostname, devices = excluded.devices,
-             last_seen_at = now()",
+             pool = excluded.pool, labels = excluded.labels, last_seen_at = now()",
     )
-    .bind(id.0)
-    .bind(hostname)
-    .bind(devices)
+    .bind(w.id.0)
+    .bind(w.hostname)
+    .bind(w.devices)
+    .bind(w.pool)
+    .bind(&w.labels)
     .execute(pool)
     .await?;
     Ok(())
@@ -32,6 +43,8 @@ pub struct WorkerRow {
     /// Unheard of for longer than a lease lasts: its trials are (or will be) leased again.
     pub lost: bool,
     pub draining_since: Option<DateTime<Utc>>,
+    pub pool: Option<String>,
+    pub labels: serde_json::Value,
 }
 
 /// Every worker, live ones first, then by when they were last seen.
@@ -41,7 +54,7 @@ pub async fn list_workers(pool: &PgPool, lease_ttl: std::time::Duration) -> Resu
                 (select count(*) from trials t where t.lease_owner = w.id and t.state = 'running') as running,
                 w.unhealthy,
                 w.last_seen_at < now() - make_interval(secs => $1) as lost,
-                w.draining_since
+                w.draining_since, w.pool, w.labels
          from workers w
          order by (w.last_seen_at < now() - make_interval(secs => $1)), w.last_seen_at desc",
     )
@@ -60,6 +73,8 @@ pub async fn list_workers(pool: &PgPool, lease_ttl: std::time::Duration) -> Resu
                 unhealthy: row.try_get("unhealthy")?,
                 lost: row.try_get("lost")?,
                 draining_since: row.try_get("draining_since")?,
+                pool: row.try_get("pool")?,
+                labels: row.try_get("labels")?,
             })
         })
         .collect()
@@ -109,4 +124,43 @@ pub async fn draining(pool: &PgPool, worker: WorkerId) -> Result<bool> {
             .await?
             .unwrap_or(false),
     )
+}
+
+/// Why an experiment's pending trials wait, when its pool or labels match no
+/// live worker (one heard from within `lease_ttl` and not draining).
+pub async fn waiting_reason(pool: &PgPool, id: ExperimentId, lease_ttl: std::time::Duration) -> Result<Option<String>> {
+    let row: Option<(Option<String>, Option<serde_json::Value>, bool)> = sqlx::query_as(
+        "select e.spec #>> '{resources,pool}', e.spec #> '{resources,labels}',
+                exists (select 1 from workers w
+                        where w.last_seen_at > now() - make_interval(secs => $2) and w.draining_since is null
+                          and (e.spec #>> '{resources,pool}' is null or w.pool = e.spec #>> '{resources,pool}')
+                          and (e.spec #> '{resources,labels}' is null or w.labels @> (e.spec #> '{resources,labels}')))
+         from experiments e
+         where e.id = $1 and exists (select 1 from trials t where t.experiment_id = e.id and t.state = 'pending')",
+    )
+    .bind(id.0)
+    .bind(lease_ttl.as_secs_f64())
+    .fetch_optional(pool)
+    .await?;
+    let Some((wanted_pool, labels, served)) = row else {
+        return Ok(None);
+    };
+    if served || (wanted_pool.is_none() && labels.is_none()) {
+        return Ok(None);
+    }
+    let mut wants = Vec::new();
+    if let Some(p) = wanted_pool {
+        wants.push(format!("in pool `{p}`"));
+    }
+    if let Some(serde_json::Value::Object(labels)) = labels {
+        let pairs: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+            .collect();
+        wants.push(format!("with labels {}", pairs.join(",")));
+    }
+    Ok(Some(format!(
+        "no live worker {} (see `ablate workers`)",
+        wants.join(" and ")
+    )))
 }
