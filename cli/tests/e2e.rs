@@ -729,9 +729,7 @@ params.seed = [3]
 async fn a_drained_worker_finishes_its_trial_takes_no_more_and_exits() {
     let mut stack = Stack::start(15.0).await;
     let worker = stack.start_worker("cpu:1");
-    let spec = RESUME_SPEC
-        .replace("NAME", "drain")
-        .replace("params.seed = [3]", "params.seed = [0, 1]");
+    let spec = harness::resume_spec("drain", 0..2);
     let experiment = stack.submit(&stack.write_spec("drain.toml", &spec));
     stack
         .wait_for(

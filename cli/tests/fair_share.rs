@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::process::Command;
 
 use ablate_schema::proto::{self, workers_client::WorkersClient};
-use harness::{Stack, RESUME_SPEC};
+use harness::Stack;
 
 type Client =
     WorkersClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, ablate_schema::Bearer>>;
@@ -93,10 +93,7 @@ impl Worker {
 
 /// A sweep of `trials` trials; `extra` is TOML added to it (top-level keys or tables).
 fn spec(name: &str, trials: usize, extra: &str) -> String {
-    let seeds: Vec<String> = (0..trials).map(|i| i.to_string()).collect();
-    let text = RESUME_SPEC
-        .replace("NAME", name)
-        .replace("params.seed = [3]", &format!("params.seed = [{}]", seeds.join(", ")));
+    let text = harness::resume_spec(name, 0..trials as u32);
     // Top-level keys before the first table; tables after the last.
     if extra.starts_with('[') {
         format!("{text}\n{extra}\n")

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use harness::{assert_same_curves, curve, free_port, Guard, Stack, RESUME_SPEC};
+use harness::{assert_same_curves, curve, free_port, Guard, Stack};
 
 /// munged, slurmctld and two slurmd, stopped when dropped.
 struct Slurm {
@@ -240,9 +240,7 @@ async fn slurm_workers_take_their_granted_gpus_and_give_trials_back_on_scancel()
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let spec = RESUME_SPEC
-        .replace("NAME", "slurm")
-        .replace("params.seed = [3]", "params.seed = [0, 1, 2, 3]");
+    let spec = harness::resume_spec("slurm", 0..4);
     let experiment = stack.submit(&stack.write_spec("slurm.toml", &spec));
     // Mid-trial everywhere: all four trials (two per node) run and have checkpoints.
     stack

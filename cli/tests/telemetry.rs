@@ -10,7 +10,7 @@ mod harness;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use harness::{free_port, http_get, Guard, Stack, RESUME_SPEC};
+use harness::{free_port, http_get, Guard, Stack};
 
 /// The `prometheus` server: $ABLATE_PROMETHEUS_BIN, else Debian's (`cargo xtask test` installs it).
 fn prometheus_bin() -> String {
@@ -107,10 +107,7 @@ async fn prometheus_scrapes_a_sweep_and_sql_shows_what_each_attempt_ran_on() {
         query(&prom, "sum(up)") == Some(2.0)
     });
 
-    let spec = RESUME_SPEC
-        .replace("NAME", "scraped")
-        .replace("steps = 300", "steps = 150")
-        .replace("params.seed = [3]", "params.seed = [0, 1, 2, 3]");
+    let spec = harness::resume_spec("scraped", 0..4).replace("steps = 300", "steps = 150");
     let experiment = stack.submit(&stack.write_spec("scraped.toml", &spec));
     stack.wait_finished(&experiment, Duration::from_secs(120)).await;
     // The last scrapes after the sweep.

@@ -71,6 +71,14 @@ searcher = "grid"
 params.seed = [3]
 "#;
 
+/// RESUME_SPEC named `name`, one trial per seed.
+pub fn resume_spec(name: &str, seeds: impl IntoIterator<Item = u32>) -> String {
+    let seeds: Vec<String> = seeds.into_iter().map(|s| s.to_string()).collect();
+    RESUME_SPEC
+        .replace("NAME", name)
+        .replace("params.seed = [3]", &format!("params.seed = [{}]", seeds.join(", ")))
+}
+
 pub struct Stack {
     pub dir: PathBuf,
     pub db_url: String,
