@@ -12,18 +12,31 @@ use tonic::transport::Channel;
 
 pub type Client = ExperimentsClient<InterceptedService<Channel, Bearer>>;
 
+/// Connects to the first coordinator of `addr` (one address, or several
+/// separated by commas: replicas serving one database) that answers.
 pub async fn connect(addr: &str) -> anyhow::Result<Client> {
     let ca = std::env::var_os("ABLATE_CA").map(PathBuf::from);
-    let endpoint = ablate_schema::endpoint(addr, ca.as_deref())
-        .map_err(|e| anyhow::anyhow!(e))?
-        .connect_timeout(std::time::Duration::from_secs(3));
-    let channel = endpoint.connect().await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot reach the coordinator at {addr} ({e}); start one with `ablate up`, or point --coordinator / ABLATE_COORDINATOR at yours"
-        )
-    })?;
-    let bearer = Bearer::new(token_for(addr)?.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
-    Ok(ExperimentsClient::with_interceptor(channel, bearer).max_decoding_message_size(64 << 20))
+    let mut failures = Vec::new();
+    for one in ablate_schema::addresses(addr).map_err(|e| anyhow::anyhow!(e))? {
+        let endpoint = ablate_schema::endpoint(one, ca.as_deref())
+            .map_err(|e| anyhow::anyhow!(e))?
+            .connect_timeout(std::time::Duration::from_secs(3));
+        match endpoint.connect().await {
+            Ok(channel) => {
+                let token = match token_for(addr)? {
+                    Some(token) => Some(token),
+                    None => token_for(one)?,
+                };
+                let bearer = Bearer::new(token.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+                return Ok(ExperimentsClient::with_interceptor(channel, bearer).max_decoding_message_size(64 << 20));
+            }
+            Err(e) => failures.push(format!("{one} ({e})")),
+        }
+    }
+    Err(anyhow::anyhow!(
+        "cannot reach the coordinator at {}; start one with `ablate up`, or point --coordinator / ABLATE_COORDINATOR at yours",
+        failures.join(", ")
+    ))
 }
 
 /// A gRPC status as a plain error message.

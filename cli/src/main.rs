@@ -22,7 +22,8 @@ use clap::{Parser, Subcommand, ValueEnum};
     about = "scaling-science sweeps: submit, watch, query in SQL"
 )]
 struct Cli {
-    /// The coordinator's address.
+    /// The coordinator's address, or several replicas' (serving one database) separated by
+    /// commas: the first that answers is used.
     #[arg(
         long,
         global = true,

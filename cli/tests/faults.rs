@@ -425,3 +425,61 @@ async fn a_node_that_lost_its_libraries_fails_no_trial() {
     );
     a_healthy_worker_finishes_every_trial_first_time(&mut stack, &experiment).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_coordinators_share_a_sweep_and_one_killed_loses_nothing() {
+    let mut stack = Stack::start(15.0).await;
+    let (replica, _replica) = stack.start_replica().await;
+    let both = format!("{},{replica}", stack.addr());
+    // Workers list both replicas (in either order); the CLI goes through the replica.
+    stack.worker_coordinator = Some(both.clone());
+    stack.start_worker("cpu:1");
+    stack.worker_coordinator = Some(format!("{replica},{}", stack.addr()));
+    stack.start_worker("cpu:1");
+    let spec = stack.write_spec("replicas.toml", &harness::resume_spec("replicas", 0..4));
+    let token = stack.admin_token.clone();
+    let via = |addr: &str, args: &[&str]| {
+        Command::new(bin("ablate"))
+            .args(args)
+            .env("ABLATE_COORDINATOR", addr)
+            .env("ABLATE_TOKEN", &token)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let out = via(&replica, &["submit", &spec.to_string_lossy()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let experiment = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    stack
+        .wait_for(
+            "select count(*) >= 2 from trials t where t.state = 'running'
+               and exists (select 1 from checkpoints c where c.trial_id = t.id)",
+            Duration::from_secs(60),
+        )
+        .await;
+    // SIGKILL the first coordinator mid-sweep: its workers' calls move to the replica.
+    stack.kill_coordinator();
+    stack.wait_finished(&experiment, Duration::from_secs(120)).await;
+    let succeeded = stack
+        .scalar_i64(&format!(
+            "select count(*) from trials where experiment_id = '{experiment}' and state = 'succeeded'"
+        ))
+        .await;
+    assert_eq!(succeeded, 4, "{}", stack.logs());
+    // Nothing lost or counted twice: every step's point exactly once, no attempt lost.
+    let points = curve(&stack, &experiment).await;
+    assert_eq!(points.len(), 4 * 300, "{}", stack.logs());
+    let attempts = stack
+        .scalar_i64(&format!(
+            "select count(*) from ablate.trial_attempts where experiment_id = '{experiment}' and outcome <> 'succeeded'"
+        ))
+        .await;
+    assert_eq!(attempts, 0, "{}", stack.logs());
+    // The CLI given both addresses, the dead one first, reaches the live one.
+    let out = via(&both, &["status", &experiment]);
+    assert!(
+        out.status.success() && text(&out).contains("succeeded"),
+        "{}",
+        text(&out)
+    );
+}

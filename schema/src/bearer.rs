@@ -49,3 +49,33 @@ pub fn endpoint(addr: &str, ca: Option<&std::path::Path>) -> Result<tonic::trans
     };
     endpoint.tls_config(tls).map_err(|e| format!("TLS for {addr}: {e}"))
 }
+
+/// A lazy channel to the coordinator at `addrs`: one address, or several
+/// separated by commas (replicas serving one database). With several, calls
+/// are spread over them, and a call to one that is down fails and is retried
+/// (as every worker call is), so the others carry on without it.
+pub fn channel(
+    addrs: &str,
+    ca: Option<&std::path::Path>,
+    connect_timeout: std::time::Duration,
+) -> Result<tonic::transport::Channel, String> {
+    let endpoints = addresses(addrs)?
+        .into_iter()
+        .map(|a| endpoint(a, ca).map(|e| e.connect_timeout(connect_timeout)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(match endpoints.len() {
+        1 => endpoints.into_iter().next().expect("one endpoint").connect_lazy(),
+        _ => tonic::transport::Channel::balance_list(endpoints.into_iter()),
+    })
+}
+
+/// The addresses in `addrs` (comma-separated); an empty list is an error.
+pub fn addresses(addrs: &str) -> Result<Vec<&str>, String> {
+    let list: Vec<&str> = addrs.split(',').map(str::trim).filter(|a| !a.is_empty()).collect();
+    if list.is_empty() {
+        return Err(format!(
+            "`{addrs}` names no coordinator; give an address such as http://127.0.0.1:7077"
+        ));
+    }
+    Ok(list)
+}

@@ -30,7 +30,7 @@ pub mod proto {
     }
 }
 
-pub use bearer::{endpoint, Bearer};
+pub use bearer::{addresses, channel, endpoint, Bearer};
 pub use ids::{ExperimentId, LeaseToken, TrialId, WorkerId};
 pub use limits::Limits;
 pub use spec::{Goal, Objective, ParamDomain, Searcher, SpecError, SpecFormat, Sweep, SweepSpec};

@@ -20,7 +20,7 @@ use crate::runner::{self, Shared};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Options {
-    /// The coordinator's address.
+    /// The coordinator's address, or several replicas' (serving one database) separated by commas.
     #[arg(long, env = "ABLATE_COORDINATOR", default_value = "http://127.0.0.1:7077")]
     pub coordinator: String,
     /// Device slots: auto, slurm (what the Slurm job step was granted), cpu:K (K CPU slots),
@@ -102,10 +102,8 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
                 options.object_store
             )
         })?;
-    let channel: Channel = ablate_schema::endpoint(&options.coordinator, options.ca.as_deref())
-        .map_err(|e| anyhow::anyhow!("--coordinator: {e}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .connect_lazy();
+    let channel: Channel = ablate_schema::channel(&options.coordinator, options.ca.as_deref(), Duration::from_secs(2))
+        .map_err(|e| anyhow::anyhow!("--coordinator: {e}"))?;
     let token = match (&options.token_file, std::env::var("ABLATE_TOKEN")) {
         (Some(file), _) => Some(
             std::fs::read_to_string(file)

@@ -100,6 +100,8 @@ pub struct Stack {
     s3_server: Option<Child>,
     /// Variables given to every process the stack starts from now on (the CLI's too).
     pub env: Vec<(String, String)>,
+    /// What workers started from now on are given as `--coordinator`; this stack's address when unset.
+    pub worker_coordinator: Option<String>,
 }
 
 impl Stack {
@@ -144,6 +146,7 @@ impl Stack {
             object_store: None,
             s3_server: None,
             env: Vec::new(),
+            worker_coordinator: None,
         };
         stack.start_coordinator().await;
         stack
@@ -176,14 +179,15 @@ impl Stack {
         command.spawn().unwrap()
     }
 
-    pub async fn start_coordinator(&mut self) {
+    /// `ablate serve` on this stack's database, listening on `port`.
+    fn serve_command(&self, port: u16) -> Command {
         let mut command = Command::new(bin("ablate"));
         command.args([
             "serve",
             "--database-url",
             &self.db_url,
             "--listen",
-            &format!("127.0.0.1:{}", self.port),
+            &format!("127.0.0.1:{port}"),
             "--lease-ttl",
             &self.lease_ttl.to_string(),
             "--auth",
@@ -191,6 +195,29 @@ impl Stack {
         ]);
         command.arg(self.dir.join("admin.token"));
         command.args(&self.coordinator_args);
+        command
+    }
+
+    /// A second coordinator on the same database (a replica), on its own port;
+    /// stopped with its guard. Returns its address.
+    pub async fn start_replica(&self) -> (String, Guard) {
+        let port = free_port();
+        let guard = Guard(Some(self.spawn(self.serve_command(port), "replica.log")));
+        let addr = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the replica did not come up:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (addr, guard)
+    }
+
+    pub async fn start_coordinator(&mut self) {
+        let command = self.serve_command(self.port);
         self.coordinator = Some(self.spawn(command, "coordinator.log"));
         let deadline = Instant::now() + Duration::from_secs(30);
         // Up once it answers: with `--auth`, answering is refusing a call without a token.
@@ -228,7 +255,7 @@ impl Stack {
             .args([
                 "daemon",
                 "--coordinator",
-                &self.addr(),
+                &self.worker_coordinator.clone().unwrap_or_else(|| self.addr()),
                 "--devices",
                 devices,
                 "--poll-ms",
