@@ -74,6 +74,13 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Prints the web dashboard's address with a login token in it: open it in a browser.
+    Dashboard {
+        /// The dashboard's base address, when the coordinator's HTTP listener is reached
+        /// at another host or port than its gRPC address (behind a proxy or port-forward).
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Lists registered workers; `ablate workers drain ID` drains one.
     Workers {
         #[command(subcommand)]
@@ -191,8 +198,8 @@ pub struct UpArgs {
     /// The coordinator's listen address.
     #[arg(long, default_value = "127.0.0.1:7077")]
     pub listen: SocketAddr,
-    /// The coordinator's HTTP listener (Prometheus metrics at /metrics, /healthz,
-    /// /readyz), or `off`.
+    /// The coordinator's HTTP listener (the web dashboard at /, Prometheus metrics at
+    /// /metrics, /healthz, /readyz), or `off`.
     #[arg(long, default_value = "127.0.0.1:7078")]
     pub http_listen: String,
     /// The local worker's device slots: auto, cpu:K or cuda:0,cuda:1.
@@ -386,6 +393,7 @@ fn main() -> std::process::ExitCode {
             } => commands::report::run(&addr, &experiment, format, out).await,
             Command::Sql { query, format, timeout } => commands::sql::run(&addr, &query, format, timeout).await,
             Command::Login { url, token } => commands::token::login(&url, token).await,
+            Command::Dashboard { url } => commands::dashboard::run(&addr, url.as_deref()).await,
             Command::Token { action } => match action {
                 TokenAction::Create { role, name, expires } => {
                     commands::token::create(&addr, &role, name, expires).await

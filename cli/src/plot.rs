@@ -45,28 +45,88 @@ fn ensure_font() -> bool {
     })
 }
 
-/// A value on a logarithmic axis is drawn at its log10; ticks show the value itself.
-fn axis_value(log: bool, v: f64) -> Option<f64> {
-    match log {
-        false => Some(v),
-        true if v > 0.0 => Some(v.log10()),
-        true => None,
+/// How an axis draws values: linearly, or at their logarithm in `base` (2
+/// when every value is a power of two or they span less than two decades, 10
+/// otherwise), with ticks only at whole powers, labelled as round values
+/// (32, 1024, 1e6, 0.001), as a paper's axes read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Scale {
+    Linear,
+    Log(f64),
+}
+
+impl Scale {
+    /// The scale for `values` on an axis asked to be logarithmic or not.
+    fn choose(log: bool, values: &[f64]) -> Scale {
+        let positive: Vec<f64> = values.iter().copied().filter(|v| *v > 0.0 && v.is_finite()).collect();
+        if !log || positive.is_empty() {
+            return Scale::Linear;
+        }
+        let powers_of_two = positive.iter().all(|v| (v.log2() - v.log2().round()).abs() < 1e-9);
+        let (lo, hi) = positive
+            .iter()
+            .fold((f64::INFINITY, 0f64), |(l, h), v| (l.min(*v), h.max(*v)));
+        if powers_of_two || hi / lo < 100.0 {
+            Scale::Log(2.0)
+        } else {
+            Scale::Log(10.0)
+        }
+    }
+
+    /// Where a value is drawn; `None` where a log axis can't show it.
+    fn at(self, v: f64) -> Option<f64> {
+        match self {
+            Scale::Linear => Some(v),
+            Scale::Log(base) if v > 0.0 => Some(v.log(base)),
+            Scale::Log(_) => None,
+        }
+    }
+
+    /// How many labels to ask for over `lo..hi` (drawn coordinates): about one per
+    /// whole power on a log axis, so the ticks fall on them.
+    fn labels(self, lo: f64, hi: f64) -> usize {
+        match self {
+            Scale::Linear => 10,
+            Scale::Log(_) => ((hi.floor() - lo.ceil()) as usize + 1).clamp(2, 12),
+        }
+    }
+
+    /// The label at drawn coordinate `v`: the value itself, at whole powers only.
+    fn label(self, v: f64) -> String {
+        let Scale::Log(base) = self else {
+            return format!("{v}");
+        };
+        if (v - v.round()).abs() > 1e-6 {
+            return String::new();
+        }
+        let value = base.powf(v.round());
+        if (1.0..100_000.0).contains(&value) {
+            format!("{}", value.round())
+        } else if (0.001..1.0).contains(&value) {
+            let text = format!("{value:.6}");
+            text.trim_end_matches('0').to_string()
+        } else if base == 2.0 {
+            format!("2^{}", v.round())
+        } else {
+            format!("{value:.0e}")
+        }
     }
 }
 
-fn tick_label(log: bool, v: f64) -> String {
-    if !log {
-        return format!("{v}");
-    }
-    let value = 10f64.powf(v);
-    if (0.01..100_000.0).contains(&value) {
-        format!("{}", (value * 100.0).round() / 100.0)
-    } else {
-        format!("{value:.0e}")
-    }
+/// Whether a panel's y axis is drawn on a log scale: asked for, or a loss whose
+/// positive values span a decade or more (so its minima stay visible).
+fn log_y(panel: &Panel) -> bool {
+    let ys: Vec<f64> = panel.series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).collect();
+    let spans_decades = !ys.is_empty()
+        && ys.iter().all(|y| *y > 0.0 && y.is_finite())
+        && ys.iter().copied().fold(0f64, f64::max) / ys.iter().copied().fold(f64::INFINITY, f64::min) >= 10.0;
+    panel.log_y || (panel.y_label.to_lowercase().contains("loss") && spans_decades)
 }
 
 fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, panel: &Panel) -> Result<(), String> {
+    let xs: Vec<f64> = panel.series.iter().flat_map(|s| s.points.iter().map(|p| p.0)).collect();
+    let ys: Vec<f64> = panel.series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).collect();
+    let (sx, sy) = (Scale::choose(panel.log_x, &xs), Scale::choose(log_y(panel), &ys));
     // Points a logarithmic axis can't show (zero or negative) are left out.
     let series: Vec<Vec<(f64, f64)>> = panel
         .series
@@ -74,7 +134,7 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, panel: &Panel) 
         .map(|s| {
             s.points
                 .iter()
-                .filter_map(|&(x, y)| Some((axis_value(panel.log_x, x)?, axis_value(panel.log_y, y)?)))
+                .filter_map(|&(x, y)| Some((sx.at(x)?, sy.at(y)?)))
                 .collect()
         })
         .collect();
@@ -100,11 +160,12 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, panel: &Panel) 
         .y_label_area_size(60)
         .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(|e| e.to_string())?;
-    let (log_x, log_y) = (panel.log_x, panel.log_y);
     chart
         .configure_mesh()
-        .x_label_formatter(&|v| tick_label(log_x, *v))
-        .y_label_formatter(&|v| tick_label(log_y, *v))
+        .x_labels(sx.labels(x0, x1))
+        .y_labels(sy.labels(y0, y1))
+        .x_label_formatter(&|v| sx.label(*v))
+        .y_label_formatter(&|v| sy.label(*v))
         .x_desc(&panel.x_label)
         .y_desc(&panel.y_label)
         .draw()
@@ -183,5 +244,53 @@ mod tests {
         let written = super::write(&figure, &dir).unwrap();
         assert_eq!(written.len(), 2);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn log_axes_tick_at_round_values() {
+        use super::Scale;
+        // Batch sizes and widths: powers of two, labelled as such.
+        let widths = [64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0];
+        let scale = Scale::choose(true, &widths);
+        assert_eq!(scale, Scale::Log(2.0));
+        let labels: Vec<String> = (6..=11).map(|e| scale.label(e as f64)).collect();
+        assert_eq!(labels, ["64", "128", "256", "512", "1024", "2048"]);
+        assert_eq!(scale.label(8.5), "", "no label between whole powers");
+        assert_eq!(scale.labels(5.8, 11.2), 6);
+        // Data budgets over decades: decades.
+        let budgets = [1e3, 3.2e3, 1e4, 3.2e4, 1e5, 1e6];
+        let scale = Scale::choose(true, &budgets);
+        assert_eq!(scale, Scale::Log(10.0));
+        assert_eq!(scale.label(3.0), "1000");
+        assert_eq!(scale.label(6.0), "1e6");
+        assert_eq!(scale.label(-3.0), "0.001");
+        assert_eq!(scale.label(3.5), "", "not 3162.28");
+        // Within two decades, powers of two; linear axes stay linear.
+        assert_eq!(Scale::choose(true, &[1000.0, 5000.0]), Scale::Log(2.0));
+        assert_eq!(Scale::choose(false, &widths), Scale::Linear);
+        assert_eq!(Scale::Log(2.0).label(-1.0), "0.5");
+        assert_eq!(Scale::Log(2.0).label(20.0), "2^20");
+    }
+
+    #[test]
+    fn a_loss_spanning_decades_is_drawn_on_a_log_axis() {
+        let panel = |y_label: &str, ys: &[f64]| Panel {
+            title: "p".into(),
+            x_label: "step".into(),
+            y_label: y_label.into(),
+            series: vec![Series {
+                label: "s".into(),
+                points: ys.iter().enumerate().map(|(i, y)| (i as f64, *y)).collect(),
+            }],
+            log_x: false,
+            log_y: false,
+        };
+        assert!(super::log_y(&panel("eval loss", &[5.0, 0.4, 0.03])));
+        assert!(!super::log_y(&panel("eval loss", &[2.0, 1.5, 1.2])));
+        assert!(!super::log_y(&panel("accuracy", &[0.01, 0.5, 0.99])));
+        assert!(
+            !super::log_y(&panel("train loss", &[5.0, 0.0, 0.03])),
+            "a zero can't be drawn on it"
+        );
     }
 }

@@ -3,7 +3,8 @@
 //! get half the slots each whatever their number of sweeps; a spec's
 //! `priority` and a user's weight count; `max_concurrent` caps a sweep; a
 //! sweep asking for a pool or labels runs only on matching workers, and says
-//! why it waits while none is live.
+//! why it waits while none is live; a trial of several GPUs goes only to a
+//! worker with as many free, and gets them together in one process.
 
 mod harness;
 
@@ -30,13 +31,18 @@ impl Worker {
 
     /// A worker of `pool` (empty: none) with these labels.
     async fn in_pool(stack: &Stack, pool: &str, labels: &[(&str, &str)]) -> Worker {
+        Worker::registered(stack, pool, labels, &["cpu:0"]).await
+    }
+
+    /// A worker with these device slots.
+    async fn registered(stack: &Stack, pool: &str, labels: &[(&str, &str)], devices: &[&str]) -> Worker {
         let mut client = WorkersClient::new(stack.channel().await);
         let id = uuid::Uuid::new_v4().to_string();
         client
             .register(proto::RegisterRequest {
                 worker_id: id.clone(),
                 hostname: "fair".into(),
-                devices: vec!["cpu:0".into()],
+                devices: devices.iter().map(|d| d.to_string()).collect(),
                 pool: pool.into(),
                 labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             })
@@ -51,11 +57,17 @@ impl Worker {
 
     /// Leases up to `n` trials; returns their experiments' ids in lease order.
     async fn lease(&mut self, n: u32) -> Vec<String> {
+        self.lease_gpus(n, 1).await
+    }
+
+    /// Leases into `slots` free slots on `gpus` distinct free GPUs.
+    async fn lease_gpus(&mut self, slots: u32, gpus: u32) -> Vec<String> {
         let leased = self
             .client
             .lease(proto::LeaseRequest {
                 worker_id: self.id.clone(),
-                max_trials: n,
+                max_trials: slots,
+                free_gpus: gpus,
             })
             .await
             .unwrap()
@@ -289,5 +301,122 @@ async fn a_sweep_asking_for_a_pool_runs_only_there_and_says_why_it_waits() {
         !bad.status.success() && harness::text(&bad).contains("expected KEY=VALUE"),
         "{}",
         harness::text(&bad)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trial_of_two_gpus_is_leased_only_with_two_free_and_says_why_it_waits() {
+    let stack = Stack::start(60.0).await;
+    let pair = stack.submit(&stack.write_spec("pair.toml", &spec("pair", 3, "[resources]\ngpus_per_trial = 2")));
+    let status = || harness::text(&stack.ablate(&["status", &pair]));
+    // A worker of one GPU (however many slots share it) never gets it, and status says why.
+    let mut one = Worker::registered(&stack, "", &[], &["cuda:0#0", "cuda:0#1"]).await;
+    assert!(one.lease_gpus(2, 1).await.is_empty());
+    assert!(
+        status()
+            .contains("waiting: its trials need 2 GPUs each (resources.gpus_per_trial); the largest live worker has 1"),
+        "{}",
+        status()
+    );
+    // Neither does a CPU worker.
+    assert!(Worker::new(&stack).await.lease_gpus(4, 0).await.is_empty());
+    // Three free slots on three GPUs hold one trial of two, not two.
+    let mut three = Worker::registered(&stack, "", &[], &["cuda:0", "cuda:1", "cuda:2"]).await;
+    assert_eq!(three.lease_gpus(3, 3).await, vec![pair.clone()]);
+    assert!(three.held.iter().all(|t| t.gpus == 2), "{:?}", three.held);
+    assert!(!status().contains("waiting"), "{}", status());
+    // Four slots hold the other two.
+    let mut four = Worker::registered(&stack, "", &[], &["cuda:0", "cuda:1", "cuda:2", "cuda:3"]).await;
+    assert_eq!(four.lease_gpus(4, 4).await, vec![pair.clone(); 2]);
+    // Out-of-range values are refused with the field's path.
+    for bad in ["0", "17"] {
+        let out = stack.ablate(&[
+            "submit",
+            &stack
+                .write_spec(
+                    "bad.toml",
+                    &spec("bad", 1, &format!("[resources]\ngpus_per_trial = {bad}")),
+                )
+                .to_string_lossy(),
+        ]);
+        assert!(
+            !out.status.success() && harness::text(&out).contains("resources.gpus_per_trial"),
+            "{}",
+            harness::text(&out)
+        );
+    }
+}
+
+/// The `CUDA_VISIBLE_DEVICES` a process was started with, if any.
+fn visible_devices(pid: u32) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    environ
+        .split(|b| *b == 0)
+        .filter_map(|kv| std::str::from_utf8(kv).ok())
+        .find_map(|kv| kv.strip_prefix("CUDA_VISIBLE_DEVICES=").map(str::to_string))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_runs_a_trial_of_two_gpus_in_one_process_that_sees_just_them() {
+    let mut stack = Stack::start(60.0).await;
+    // Four granted GPUs, as Slurm would name them, stood in for by the CPU.
+    stack.env = vec![
+        ("CUDA_VISIBLE_DEVICES".into(), "4,5,6,7".into()),
+        ("ABLATE_GPU_STAND_IN".into(), "cpu".into()),
+    ];
+    let worker = stack.start_worker("slurm");
+    let pair = stack.submit(&stack.write_spec("pair.toml", &spec("pair", 4, "[resources]\ngpus_per_trial = 2")));
+    // While trials run: at most two processes, each seeing two granted GPUs, none shared.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let mut seen = 0;
+    while stack
+        .scalar_i64(&format!(
+            "select count(*) from trials where experiment_id = '{pair}' and state in ('pending', 'running')"
+        ))
+        .await
+        > 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sweep did not finish:\n{}",
+            stack.logs()
+        );
+        let granted: Vec<String> = stack
+            .trial_pids(worker)
+            .into_iter()
+            .filter_map(visible_devices)
+            .collect();
+        assert!(granted.len() <= 2, "{granted:?}");
+        let mut gpus: Vec<&str> = granted.iter().flat_map(|g| g.split(',')).collect();
+        assert!(granted.iter().all(|g| g.split(',').count() == 2), "{granted:?}");
+        gpus.sort_unstable();
+        let all = gpus.len();
+        gpus.dedup();
+        assert_eq!(gpus.len(), all, "a GPU in two trials at once: {granted:?}");
+        assert!(gpus.iter().all(|g| ["4", "5", "6", "7"].contains(g)), "{granted:?}");
+        seen = seen.max(granted.len());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(seen >= 1, "no trial process seen with its GPUs");
+    assert_eq!(
+        stack
+            .scalar_i64(&format!(
+                "select count(*) from trials where experiment_id = '{pair}' and state = 'succeeded'"
+            ))
+            .await,
+        4,
+        "{}",
+        stack.logs()
+    );
+    // Each attempt says what it ran on.
+    assert_eq!(
+        stack
+            .scalar_i64(&format!(
+                "select count(*) from trial_attempts a join trials t on t.id = a.trial_id
+                 where t.experiment_id = '{pair}' and a.provenance->>'gpus' ~ '^cuda:[0-3][+]cuda:[0-3]$'
+                   and a.provenance->>'cuda_visible_devices' ~ '^[4-7],[4-7]$'"
+            ))
+            .await,
+        4
     );
 }

@@ -69,6 +69,7 @@ async fn worker(
             .lease(proto::LeaseRequest {
                 worker_id: id.clone(),
                 max_trials: 4,
+                free_gpus: 1,
             })
             .await?
             .into_inner()

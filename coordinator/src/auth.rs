@@ -138,7 +138,7 @@ impl Tokens {
     }
 
     /// The caller a bearer token stands for, if it is valid now.
-    fn caller(&self, token: &str) -> Option<Caller> {
+    pub fn caller(&self, token: &str) -> Option<Caller> {
         let valid = self.valid.read().expect("token lock");
         let (caller, expires) = valid.get(&hash(token))?;
         match expires {

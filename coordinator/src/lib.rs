@@ -8,11 +8,13 @@
 
 pub mod auth;
 pub mod db;
+mod downsample;
 pub mod error;
 mod reader;
 mod service;
 pub mod submit;
 mod telemetry;
+mod web;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -51,7 +53,8 @@ pub struct Options {
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     /// Where trials may read local data (specs naming other paths are refused).
     pub data_roots: Vec<std::path::PathBuf>,
-    /// The HTTP listener: Prometheus metrics at /metrics, /healthz, /readyz.
+    /// The HTTP listener: the web dashboard at / (its API at /api/v1), Prometheus
+    /// metrics at /metrics, /healthz, /readyz.
     pub http_listen: Option<SocketAddr>,
 }
 
@@ -146,14 +149,16 @@ impl Coordinator {
             telemetry.clone(),
         ));
         tracing::info!(%addr, "coordinator listening");
+        let http_port = self.http.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
         let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
         let http = self.http.map(|listener| {
-            tracing::info!(addr = ?listener.local_addr().ok(), "HTTP listener: /metrics, /healthz, /readyz");
+            tracing::info!(addr = ?listener.local_addr().ok(), "HTTP listener: the dashboard at /, /api/v1, /metrics, /healthz, /readyz");
             tokio::spawn(telemetry::serve(
                 listener,
                 self.pool.clone(),
                 telemetry.clone(),
                 self.options.lease_ttl,
+                web::router(self.pool.clone(), self.tokens.clone(), self.options.lease_ttl),
                 async {
                     let _ = http_stopped.await;
                 },
@@ -175,11 +180,9 @@ impl Coordinator {
             .add_service(service::experiments_server(
                 self.pool.clone(),
                 self.reader.clone(),
-                self.options.limits,
-                self.options.lease_ttl,
                 self.tokens.clone(),
-                self.options.database_url.clone(),
-                self.options.data_roots.clone(),
+                &self.options,
+                http_port,
             ))
             .add_service(service::workers_server(
                 self.pool.clone(),

@@ -31,20 +31,19 @@ type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 pub fn experiments_server(
     pool: PgPool,
     reader: Reader,
-    limits: Limits,
-    lease_ttl: Duration,
     tokens: Option<Tokens>,
-    database_url: String,
-    data_roots: Vec<std::path::PathBuf>,
+    options: &crate::Options,
+    http_port: Option<u16>,
 ) -> experiments_server::ExperimentsServer<ExperimentsService> {
     experiments_server::ExperimentsServer::new(ExperimentsService {
         pool,
         reader,
-        limits,
-        lease_ttl,
+        limits: options.limits,
+        lease_ttl: options.lease_ttl,
         tokens,
-        database_url,
-        data_roots,
+        database_url: options.database_url.clone(),
+        data_roots: options.data_roots.clone(),
+        http_port,
     })
     .max_decoding_message_size(64 << 20)
     .max_encoding_message_size(64 << 20)
@@ -84,6 +83,8 @@ pub struct ExperimentsService {
     database_url: String,
     /// Where trials may read local data.
     data_roots: Vec<std::path::PathBuf>,
+    /// The HTTP listener's port (the dashboard), when there is one.
+    http_port: Option<u16>,
 }
 
 impl ExperimentsService {
@@ -246,6 +247,15 @@ impl experiments_server::Experiments for ExperimentsService {
             .map_err(|_| Status::internal("the coordinator's database URL takes no user"))?;
         tracing::info!("reader login re-keyed");
         Ok(Response::new(proto::ReaderUrlResponse { url: url.to_string() }))
+    }
+
+    async fn dashboard(
+        &self,
+        _request: Request<proto::DashboardRequest>,
+    ) -> Result<Response<proto::DashboardResponse>, Status> {
+        Ok(Response::new(proto::DashboardResponse {
+            http_port: self.http_port.map_or(0, u32::from),
+        }))
     }
 
     async fn create_token(
@@ -607,7 +617,7 @@ impl workers_server::Workers for WorkersService {
         let req = request.into_inner();
         let worker = parse_id(WorkerId::parse, &req.worker_id)?;
         let started = std::time::Instant::now();
-        let leased = db::lease(&self.pool, worker, req.max_trials, self.lease_ttl).await?;
+        let leased = db::lease(&self.pool, worker, req.max_trials, req.free_gpus, self.lease_ttl).await?;
         self.telemetry.lease_seconds.observe(started.elapsed().as_secs_f64());
         self.telemetry.trials_leased.add(leased.len() as u64);
         Ok(Response::new(proto::LeaseResponse {
@@ -623,6 +633,7 @@ impl workers_server::Workers for WorkersService {
                     params_json: t.params.to_string(),
                     spec_hash: t.spec_hash,
                     fresh_process: t.fresh_process,
+                    gpus: t.gpus,
                     resume_from: t.resume_from.map(|c| proto::Checkpoint {
                         step: c.step,
                         path: c.path,

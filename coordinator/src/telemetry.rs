@@ -1,6 +1,6 @@
 //! The coordinator's HTTP listener (`--http-listen`): Prometheus metrics at
 //! `/metrics`, liveness at `/healthz` and readiness (PostgreSQL answers) at
-//! `/readyz`. Counters and histograms live here; the gauges (trials by state,
+//! `/readyz`, and the web dashboard (`crate::web`). Counters and histograms live here; the gauges (trials by state,
 //! workers, slots) are read from PostgreSQL at each scrape, so every replica
 //! reports the same queue.
 
@@ -55,6 +55,7 @@ pub async fn serve(
     pool: PgPool,
     telemetry: Arc<Telemetry>,
     lease_ttl: Duration,
+    dashboard: axum::Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let app = axum::Router::new()
@@ -65,7 +66,8 @@ pub async fn serve(
             pool,
             telemetry,
             lease_ttl,
-        });
+        })
+        .merge(dashboard);
     if let Err(error) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
         tracing::error!(%error, "the HTTP listener stopped");
     }

@@ -50,6 +50,13 @@ pub fn endpoint(addr: &str, ca: Option<&std::path::Path>) -> Result<tonic::trans
     endpoint.tls_config(tls).map_err(|e| format!("TLS for {addr}: {e}"))
 }
 
+/// How often a connection to the coordinator is pinged (HTTP/2 PING), busy or
+/// idle, and how long a ping may go unanswered before the connection is taken
+/// for dead: its calls fail (workers retry them on a new connection) instead of
+/// hanging behind a dead link until TCP gives up, many minutes later.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// A lazy channel to the coordinator at `addrs`: one address, or several
 /// separated by commas (replicas serving one database). With several, calls
 /// are spread over them, and a call to one that is down fails and is retried
@@ -61,7 +68,14 @@ pub fn channel(
 ) -> Result<tonic::transport::Channel, String> {
     let endpoints = addresses(addrs)?
         .into_iter()
-        .map(|a| endpoint(a, ca).map(|e| e.connect_timeout(connect_timeout)))
+        .map(|a| {
+            endpoint(a, ca).map(|e| {
+                e.connect_timeout(connect_timeout)
+                    .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                    .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                    .keep_alive_while_idle(true)
+            })
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(match endpoints.len() {
         1 => endpoints.into_iter().next().expect("one endpoint").connect_lazy(),

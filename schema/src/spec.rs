@@ -152,6 +152,11 @@ pub struct Resources {
     /// Only workers with all these labels (`--label key=value`) lease its trials.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// GPUs each trial gets together, in one process (`CUDA_VISIBLE_DEVICES`
+    /// set to them); only a worker with that many free GPUs leases it. 1 when
+    /// left out; CPU workers lease only trials that ask for at most 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus_per_trial: Option<u32>,
 }
 
 impl Resources {
@@ -159,6 +164,9 @@ impl Resources {
         *self == Resources::default()
     }
 }
+
+/// The most GPUs one trial may ask for: all of one large host's.
+pub const MAX_GPUS_PER_TRIAL: u32 = 16;
 
 fn default_max_attempts() -> u32 {
     3
@@ -425,6 +433,14 @@ impl SweepSpec {
                 "resources.max_concurrent",
                 "expected at least 1 (or leave it out: no cap)",
             ));
+        }
+        if let Some(gpus) = self.resources.gpus_per_trial {
+            if !(1..=MAX_GPUS_PER_TRIAL).contains(&gpus) {
+                return Err(SpecError::new(
+                    "resources.gpus_per_trial",
+                    format!("{gpus} GPUs per trial; expected 1 to {MAX_GPUS_PER_TRIAL} (one host's GPUs)"),
+                ));
+            }
         }
         if self.sweep.params.is_empty() {
             return Err(SpecError::new(

@@ -63,14 +63,62 @@ pub fn init_quiet() -> Backend {
 }
 
 /// One device slot: runs one trial at a time.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Slot {
-    /// `cpu:N` (the N-th CPU slot) or `cuda:N`.
+    /// `cpu:N` (the N-th CPU slot), `cuda:N`, `cuda:N#K` (the K-th slot sharing
+    /// device N), or for a trial of several GPUs `cuda:0+cuda:1`.
     pub name: String,
     /// The device a trial in this slot uses: `cpu` or `cuda:N`.
     pub device: String,
     /// Intra-op threads for a trial in this slot.
     pub threads: usize,
+    /// `CUDA_VISIBLE_DEVICES` for its trial process (a trial of several GPUs);
+    /// `None`: the daemon's own.
+    pub visible_devices: Option<String>,
+    /// The slots a trial of several GPUs took together; empty for one slot.
+    pub parts: Vec<Slot>,
+}
+
+impl Slot {
+    pub fn new(name: String, device: String, threads: usize) -> Slot {
+        Slot {
+            name,
+            device,
+            threads,
+            ..Slot::default()
+        }
+    }
+
+    /// The GPU this slot runs on (`cuda:N`, also where `cuda:N#K` shares it
+    /// or a stand-in runs it on the CPU); `None` for a CPU slot.
+    pub fn gpu(&self) -> Option<&str> {
+        self.name
+            .starts_with("cuda:")
+            .then(|| self.name.split('#').next().unwrap_or(&self.name))
+    }
+
+    /// One slot for a trial of several GPUs, from slots on distinct GPUs: its
+    /// process sees just those GPUs (`CUDA_VISIBLE_DEVICES`, mapped through the
+    /// daemon's own, as Slurm sets it) and trains on the first, `cuda:0`.
+    pub fn group(parts: Vec<Slot>, daemon_visible: Option<&str>) -> Slot {
+        let granted: Vec<String> = daemon_visible
+            .map(|v| v.split(',').map(|d| d.trim().to_string()).collect())
+            .unwrap_or_default();
+        let physical: Vec<String> = parts
+            .iter()
+            .filter_map(|p| p.gpu())
+            .filter_map(|gpu| gpu.strip_prefix("cuda:")?.parse::<usize>().ok())
+            .map(|n| granted.get(n).cloned().unwrap_or_else(|| n.to_string()))
+            .collect();
+        let on_cpu = parts.iter().all(|p| p.device == "cpu");
+        Slot {
+            name: parts.iter().filter_map(|p| p.gpu()).collect::<Vec<_>>().join("+"),
+            device: if on_cpu { "cpu".into() } else { "cuda:0".into() },
+            threads: parts.iter().map(|p| p.threads).max().unwrap_or(1),
+            visible_devices: Some(physical.join(",")),
+            parts,
+        }
+    }
 }
 
 /// Turns `--devices` into slots: `auto`, `cpu:K` (K CPU slots) or `cuda:0,cuda:1`
@@ -79,22 +127,14 @@ pub fn discover(spec: &str, backend: &Backend) -> anyhow::Result<Vec<Slot>> {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let cpu_slots = |k: usize| {
         (0..k)
-            .map(|i| Slot {
-                name: format!("cpu:{i}"),
-                device: "cpu".into(),
-                threads: (cores / k).max(1),
-            })
+            .map(|i| Slot::new(format!("cpu:{i}"), "cpu".into(), (cores / k).max(1)))
             .collect::<Vec<_>>()
     };
     let spec = spec.trim();
     if spec == "auto" {
         return Ok(if backend.cuda_devices > 0 {
             (0..backend.cuda_devices)
-                .map(|i| Slot {
-                    name: format!("cuda:{i}"),
-                    device: format!("cuda:{i}"),
-                    threads: 1,
-                })
+                .map(|i| Slot::new(format!("cuda:{i}"), format!("cuda:{i}"), 1))
                 .collect()
         } else {
             cpu_slots(cores)
@@ -137,15 +177,12 @@ pub fn discover(spec: &str, backend: &Backend) -> anyhow::Result<Vec<Slot>> {
             );
         }
         for k in 0..share {
-            slots.push(Slot {
-                name: if share == 1 {
-                    format!("cuda:{index}")
-                } else {
-                    format!("cuda:{index}#{k}")
-                },
-                device: format!("cuda:{index}"),
-                threads: 1,
-            });
+            let name = if share == 1 {
+                format!("cuda:{index}")
+            } else {
+                format!("cuda:{index}#{k}")
+            };
+            slots.push(Slot::new(name, format!("cuda:{index}"), 1));
         }
     }
     Ok(slots)
@@ -172,10 +209,12 @@ fn slurm_slots(backend: &Backend, env: &dyn Fn(&str) -> Option<String>) -> anyho
             );
         }
         return Ok((0..gpus)
-            .map(|i| Slot {
-                name: format!("cuda:{i}"),
-                device: if stand_in { "cpu".into() } else { format!("cuda:{i}") },
-                threads: 1,
+            .map(|i| {
+                Slot::new(
+                    format!("cuda:{i}"),
+                    if stand_in { "cpu".into() } else { format!("cuda:{i}") },
+                    1,
+                )
             })
             .collect());
     }
@@ -188,11 +227,7 @@ fn slurm_slots(backend: &Backend, env: &dyn Fn(&str) -> Option<String>) -> anyho
             )
         })?;
     Ok((0..cpus)
-        .map(|i| Slot {
-            name: format!("cpu:{i}"),
-            device: "cpu".into(),
-            threads: 1,
-        })
+        .map(|i| Slot::new(format!("cpu:{i}"), "cpu".into(), 1))
         .collect())
 }
 
@@ -210,6 +245,34 @@ pub fn device(name: &str) -> anyhow::Result<tch::Device> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_trial_of_several_gpus_sees_the_granted_ones() {
+        let four = Backend {
+            cuda_devices: 4,
+            note: "cuda".into(),
+        };
+        let slots = discover("cuda:0*2,cuda:1,cuda:3", &four).unwrap();
+        assert_eq!(
+            slots.iter().map(|s| s.gpu()).collect::<Vec<_>>(),
+            [Some("cuda:0"), Some("cuda:0"), Some("cuda:1"), Some("cuda:3")]
+        );
+        assert_eq!(Slot::new("cpu:0".into(), "cpu".into(), 1).gpu(), None);
+        // Without a daemon-wide CUDA_VISIBLE_DEVICES, the indices are the physical ones.
+        let group = Slot::group(vec![slots[1].clone(), slots[3].clone()], None);
+        assert_eq!(group.name, "cuda:0+cuda:3");
+        assert_eq!(group.device, "cuda:0");
+        assert_eq!(group.visible_devices.as_deref(), Some("0,3"));
+        assert_eq!(group.parts.len(), 2);
+        // Under Slurm's CUDA_VISIBLE_DEVICES=4,5,6,7 the daemon's cuda:1 and cuda:3 are GPUs 5 and 7.
+        let group = Slot::group(vec![slots[2].clone(), slots[3].clone()], Some("4,5,6,7"));
+        assert_eq!(group.visible_devices.as_deref(), Some("5,7"));
+        // A stand-in on the CPU stays on the CPU.
+        let stand_in: Vec<Slot> = (0..2)
+            .map(|i| Slot::new(format!("cuda:{i}"), "cpu".into(), 1))
+            .collect();
+        assert_eq!(Slot::group(stand_in, Some("0,1")).device, "cpu");
+    }
 
     #[test]
     fn device_specs_become_slots_or_clear_errors() {

@@ -181,6 +181,7 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
         free: slots.into_iter().map(|slot| (slot, None)).collect(),
         failures: 0,
         health: health.clone(),
+        visible_devices: std::env::var("CUDA_VISIBLE_DEVICES").ok(),
     };
     let poll = Duration::from_millis(options.poll_ms);
     let mut lease_client = client.clone();
@@ -213,6 +214,7 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
             worker_id: worker_id.to_string(),
             // A worker that can't start trials tries one at a time, and never holds more leases than free slots.
             max_trials: if slots.failures > 0 { 1 } else { slots.free.len() as u32 },
+            free_gpus: if slots.failures > 0 { 1 } else { slots.free_gpus() },
         };
         let leased = match lease_client.lease(request).await {
             Ok(response) => response.into_inner().trials,
@@ -231,7 +233,24 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
             continue;
         }
         for trial in leased {
-            let (slot, warm) = slots.free.pop().expect("never lease more than the free slots");
+            let Some((slot, warm)) = slots.take(trial.gpus.max(1) as usize) else {
+                // Free slots on too few distinct GPUs (where `cuda:N*K` shares one):
+                // the trial goes back at once for a worker with room.
+                let (mut client, worker_id) = (client.clone(), worker_id.to_string());
+                tokio::spawn(async move {
+                    let reason = format!("no {} free slots on distinct GPUs on this worker now", trial.gpus);
+                    let request = proto::ReleaseRequest {
+                        trial_id: trial.trial_id,
+                        lease_token: trial.lease_token,
+                        worker_id,
+                        reason,
+                    };
+                    if let Err(status) = client.release(request).await {
+                        tracing::warn!(%status, "could not give back a trial without room; its lease will expire");
+                    }
+                });
+                continue;
+            };
             let (stop_tx, stop_rx) = watch::channel(None);
             held.lock().expect("held lock").insert(
                 trial.trial_id.clone(),
@@ -353,12 +372,51 @@ struct Slots {
     free: Vec<(Slot, Option<TrialProcess>)>,
     failures: u32,
     health: Health,
+    /// The daemon's `CUDA_VISIBLE_DEVICES` (what Slurm granted), through which
+    /// a trial of several GPUs names them to its process.
+    visible_devices: Option<String>,
 }
 
 impl Slots {
+    /// Distinct GPUs among the free slots.
+    fn free_gpus(&self) -> u32 {
+        let gpus: std::collections::HashSet<&str> = self.free.iter().filter_map(|(s, _)| s.gpu()).collect();
+        gpus.len() as u32
+    }
+
+    /// A free slot for a trial of `gpus` GPUs: one slot, or for several one
+    /// made of free slots on that many distinct GPUs (their warm processes
+    /// end, giving the trial their GPU memory). `None` when there is no room.
+    fn take(&mut self, gpus: usize) -> Option<(Slot, Option<TrialProcess>)> {
+        if gpus <= 1 {
+            return self.free.pop();
+        }
+        let mut chosen: Vec<usize> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, (slot, _)) in self.free.iter().enumerate().rev() {
+            if let Some(gpu) = slot.gpu() {
+                if chosen.len() < gpus && seen.insert(gpu.to_string()) {
+                    chosen.push(i);
+                }
+            }
+        }
+        if chosen.len() < gpus {
+            return None;
+        }
+        chosen.sort_unstable();
+        let mut parts: Vec<Slot> = chosen.iter().rev().map(|&i| self.free.remove(i).0).collect();
+        parts.sort_by(|a, b| a.name.cmp(&b.name));
+        Some((Slot::group(parts, self.visible_devices.as_deref()), None))
+    }
+
     fn back(&mut self, back: Option<Back>) {
         let Some((slot, warm, started)) = back else { return };
-        self.free.push((slot, warm));
+        if slot.parts.is_empty() {
+            self.free.push((slot, warm));
+        } else {
+            // A trial of several GPUs ran in a process of its own; its slots come back bare.
+            self.free.extend(slot.parts.into_iter().map(|part| (part, None)));
+        }
         match started {
             runner::Started::Yes => {
                 if self.failures > 0 {
@@ -443,5 +501,45 @@ async fn heartbeat_forever(
             }
             Err(status) => tracing::debug!(%status, "heartbeat failed; retrying"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slots(names: &[&str]) -> Slots {
+        Slots {
+            free: names
+                .iter()
+                .map(|n| (Slot::new(n.to_string(), n.split('#').next().unwrap().into(), 1), None))
+                .collect(),
+            failures: 0,
+            health: Health::default(),
+            visible_devices: Some("2,3,4".into()),
+        }
+    }
+
+    #[test]
+    fn trials_of_several_gpus_take_slots_on_distinct_gpus_and_give_them_back() {
+        let mut free = slots(&["cuda:0#0", "cuda:0#1", "cuda:1", "cuda:2"]);
+        assert_eq!(free.free_gpus(), 3);
+        let (group, warm) = free.take(3).expect("three distinct GPUs are free");
+        assert!(warm.is_none());
+        assert_eq!(group.name, "cuda:0+cuda:1+cuda:2");
+        assert_eq!(group.visible_devices.as_deref(), Some("2,3,4"));
+        assert_eq!(free.free.len(), 1);
+        assert_eq!(free.free_gpus(), 1);
+        // One slot left, on cuda:0: no room for two GPUs; one still fits.
+        assert!(free.take(2).is_none());
+        assert_eq!(free.free.len(), 1, "a refused take keeps the free slots");
+        free.back(Some((group, None, runner::Started::Yes)));
+        assert_eq!(free.free.len(), 4, "the group's slots all come back");
+        assert_eq!(free.free_gpus(), 3);
+        let (one, _) = free.take(1).unwrap();
+        assert!(one.parts.is_empty() && one.visible_devices.is_none());
+        // CPU slots count as no GPU: the coordinator leases them trials of one.
+        assert_eq!(slots(&["cpu:0", "cpu:1"]).free_gpus(), 0);
+        assert!(slots(&["cpu:0", "cpu:1"]).take(2).is_none());
     }
 }

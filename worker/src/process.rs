@@ -13,6 +13,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::backend::Slot;
 use crate::trial_process::{TrialInput, DONE_MARK};
 
 /// Lines of a failed trial's stderr kept with the failure.
@@ -39,15 +40,18 @@ pub struct TrialProcess {
     stderr_task: Option<JoinHandle<()>>,
     /// Whether it runs trial after trial (`trial --warm`).
     pub warm: bool,
-    /// The device its trials run on; a slot's next trial on another device gets a new process.
+    /// The device its trials run on, and the GPUs it sees when not the daemon's
+    /// (`CUDA_VISIBLE_DEVICES`); a slot's next trial on others gets a new process.
     pub device: String,
+    pub visible_devices: Option<String>,
     /// Trials handed to it so far.
     pub trials: u32,
 }
 
 impl TrialProcess {
-    /// Starts `<exe> trial` (or `trial --warm`); the kernel kills it if the daemon dies.
-    pub fn spawn(exe: &Path, warm: bool, device: &str) -> anyhow::Result<TrialProcess> {
+    /// Starts `<exe> trial` (or `trial --warm`) for `slot`'s device; the kernel
+    /// kills it if the daemon dies.
+    pub fn spawn(exe: &Path, warm: bool, slot: &Slot) -> anyhow::Result<TrialProcess> {
         let mut command = Command::new(exe);
         command.arg("trial");
         if warm {
@@ -58,6 +62,10 @@ impl TrialProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        // A trial of several GPUs sees just those, as CUDA numbers them from 0.
+        if let Some(visible) = &slot.visible_devices {
+            command.env("CUDA_VISIBLE_DEVICES", visible);
+        }
         // A trial process names itself after its daemon in traces.
         if let Ok(service) = std::env::var("OTEL_SERVICE_NAME") {
             command.env("OTEL_SERVICE_NAME", format!("{service}-trial"));
@@ -100,7 +108,8 @@ impl TrialProcess {
             done,
             stderr_task: Some(stderr_task),
             warm,
-            device: device.to_string(),
+            device: slot.device.clone(),
+            visible_devices: slot.visible_devices.clone(),
             trials: 0,
         })
     }

@@ -41,9 +41,13 @@ impl Provenance {
         }
     }
 
-    /// The JSON object a completion carries for a trial on `device`.
-    pub fn for_device(&self, device: &str) -> String {
-        serde_json::json!({
+    /// The JSON object a completion carries for a trial in `slot`: its device,
+    /// and for a trial of several GPUs the slot's name (`gpus`: `cuda:0+cuda:1`) and the
+    /// `CUDA_VISIBLE_DEVICES` its process had.
+    pub fn for_slot(&self, slot: &Slot) -> String {
+        // A trial of several GPUs runs on the first of them (its process's cuda:0).
+        let device = slot.parts.first().map_or(slot.device.as_str(), |p| p.device.as_str());
+        let mut json = serde_json::json!({
             "ablate_version": self.ablate_version,
             "git_commit": self.git_commit,
             "libtorch_version": self.libtorch_version,
@@ -51,8 +55,12 @@ impl Provenance {
             "device": device,
             "device_name": self.device_names.get(device).cloned().unwrap_or_else(|| "unknown".into()),
             "host": self.host,
-        })
-        .to_string()
+        });
+        if let Some(visible) = &slot.visible_devices {
+            json["gpus"] = slot.name.as_str().into();
+            json["cuda_visible_devices"] = visible.as_str().into();
+        }
+        json.to_string()
     }
 }
 

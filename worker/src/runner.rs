@@ -100,7 +100,7 @@ async fn run_in_span(
     let id = trial.trial_id.clone();
     let fresh = shared.fresh_processes || trial.fresh_process;
     // A process that does not fit (or died while idle) is dropped, which kills it.
-    let warm = warm.filter(|p| !fresh && p.device == slot.device);
+    let warm = warm.filter(|p| !fresh && p.device == slot.device && p.visible_devices == slot.visible_devices);
     let warm = warm.and_then(|mut p| (!p.exited()).then_some(p));
     tracing::info!(trial = %id, slot = %slot.name, attempt = trial.attempt,
         resume_step = trial.resume_from.as_ref().map(|c| c.step),
@@ -108,7 +108,7 @@ async fn run_in_span(
         "trial starting");
     let process = match warm {
         Some(p) => Ok(p),
-        None => TrialProcess::spawn(&shared.trial_exe, !fresh, &slot.device),
+        None => TrialProcess::spawn(&shared.trial_exe, !fresh, &slot),
     };
     let not_started = match process {
         Err(error) => format!("cannot start trial processes ({}): {error}", shared.trial_exe.display()),
@@ -188,7 +188,7 @@ async fn drive(
             // A warm process that died between trials is the worker's matter, not
             // the trial's: a new one takes the trial.
             tracing::warn!(trial = %trial.trial_id, %error, "the slot's warm process is gone; starting a new one");
-            process = TrialProcess::spawn(&shared.trial_exe, process.warm, &slot.device)?;
+            process = TrialProcess::spawn(&shared.trial_exe, process.warm, slot)?;
             if let Err(error) = process.send(&input).await {
                 tracing::debug!(trial = %trial.trial_id, %error, "the trial process took no input");
             }
@@ -330,7 +330,7 @@ async fn drive(
         } else {
             serde_json::Value::Object(outputs).to_string()
         },
-        provenance_json: shared.provenance.for_device(&slot.device),
+        provenance_json: shared.provenance.for_slot(slot),
     };
     let finish = Finish {
         metrics,

@@ -21,11 +21,7 @@ fn run_spec_logged(name: &str, threads: usize, log: Option<&Path>) -> (Report, V
         .join(name);
     let text = std::fs::read_to_string(&path).unwrap();
     let slots: Vec<Slot> = (0..threads)
-        .map(|i| Slot {
-            name: format!("cpu:{i}"),
-            device: "cpu".into(),
-            threads: 1,
-        })
+        .map(|i| Slot::new(format!("cpu:{i}"), "cpu".into(), 1))
         .collect();
     ablate_worker::local::run(&text, SpecFormat::Toml, &slots, log, None).unwrap()
 }

@@ -324,6 +324,16 @@ fn provision_prometheus() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// Debian's Chromium: the dashboard's tests load its pages in it, headless.
+fn provision_chromium() -> Result<PathBuf> {
+    let bin = PathBuf::from("/usr/bin/chromium");
+    if !bin.exists() {
+        eprintln!("xtask: installing Chromium from apt (the dashboard's browser tests)");
+        apt_install(&["chromium"])?;
+    }
+    Ok(bin)
+}
+
 const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
 
 /// Debian's Fashion-MNIST (the GPU check's muP width sweep reads it).
@@ -463,6 +473,7 @@ fn test() -> Result {
     let prometheus = provision_prometheus()?;
     let kubernetes_validate = provision_kubernetes_validate()?;
     provision_slurm()?;
+    let chromium = provision_chromium()?;
     eprintln!("xtask: tests use {url}");
     run(cargo(&[
         "test",
@@ -477,6 +488,7 @@ fn test() -> Result {
     .env("ABLATE_MOTO_BIN", &moto)
     .env("ABLATE_PROMETHEUS_BIN", &prometheus)
     .env("ABLATE_K8S_VALIDATE", &kubernetes_validate)
+    .env("ABLATE_CHROMIUM", &chromium)
     .env("ABLATE_DSIR_PYTHON", &dsir_python))?;
     let torch_tests = [
         "test",
@@ -570,7 +582,8 @@ fn main() -> ExitCode {
             .and_then(|_| provision_moto().map(|_| ()))
             .and_then(|_| provision_prometheus().map(|_| ()))
             .and_then(|_| provision_kubernetes_validate().map(|_| ()))
-            .and_then(|_| provision_slurm()),
+            .and_then(|_| provision_slurm())
+            .and_then(|_| provision_chromium().map(|_| ())),
         _ => Err("usage: cargo xtask <demo [SPEC]|test|bench [dsir] [--json FILE]|gpu [--dry-run]|build [--release]|check|provision>".into()),
     };
     match result {

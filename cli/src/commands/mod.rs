@@ -1,6 +1,7 @@
 //! One module per `ablate` command.
 
 pub mod cancel;
+pub mod dashboard;
 pub mod report;
 pub mod serve;
 pub mod sql;

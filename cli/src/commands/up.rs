@@ -68,9 +68,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let coordinator = Coordinator::build(options).await?;
     let addr = coordinator.local_addr();
     let coordinator_url = format!("http://{addr}");
-    if let Some(http) = coordinator.http_addr() {
-        eprintln!("metrics at http://{http}/metrics");
-    }
     let worker_token = state.join("worker.token");
     coordinator
         .ensure_token_file(&worker_token, ablate_coordinator::auth::Role::Worker)
@@ -78,6 +75,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let admin = std::fs::read_to_string(state.join("admin.token"))?;
     let kept = crate::client::store_token(&coordinator_url, admin.trim())?;
     eprintln!("your admin token for {coordinator_url} is kept in {}", kept.display());
+    if let Some(http) = coordinator.http_addr() {
+        eprintln!("metrics at http://{http}/metrics");
+        eprintln!(
+            "dashboard: {}  (opening it logs the browser in; `ablate dashboard` prints it again)",
+            crate::commands::dashboard::login_url(&format!("http://{http}"), Some(admin.trim()))
+        );
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(coordinator.run(async {
         let _ = stop_rx.await;

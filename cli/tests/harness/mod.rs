@@ -470,6 +470,7 @@ impl Stack {
             .lease(proto::LeaseRequest {
                 worker_id,
                 max_trials: max,
+                free_gpus: 1,
             })
             .await
             .unwrap()
@@ -602,12 +603,22 @@ impl Stack {
 
 /// A plain HTTP GET on loopback: the status code and the body.
 pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, path, &[]).map(|(status, _, body)| (status, body))
+}
+
+/// The status code, the headers (lowercase names) and the body of an HTTP response.
+pub type HttpResponse = (u16, Vec<(String, String)>, String);
+
+/// A plain HTTP GET on loopback with extra request headers: the status code,
+/// the response's headers (lowercase names) and the body.
+pub fn http_request(addr: &str, path: &str, headers: &[(&str, &str)]) -> std::io::Result<HttpResponse> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     write!(
         stream,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n{extra}\r\n"
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
@@ -616,11 +627,14 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok((status, headers, body.to_string()))
 }
 
 /// A process this test started, killed with its group when dropped.

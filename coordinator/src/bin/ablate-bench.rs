@@ -154,6 +154,7 @@ async fn lifecycles(addr: &str, workers: usize, trials: usize, batch: u32) -> Re
                     .lease(proto::LeaseRequest {
                         worker_id: id.clone(),
                         max_trials: batch,
+                        free_gpus: 1,
                     })
                     .await?
                     .into_inner()
@@ -193,6 +194,7 @@ async fn metric_ingest(addr: &str, streams: usize, per_trial: usize, batch: usiz
         .lease(proto::LeaseRequest {
             worker_id: id,
             max_trials: streams as u32,
+            free_gpus: 1,
         })
         .await?
         .into_inner()

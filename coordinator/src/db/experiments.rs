@@ -92,7 +92,7 @@ pub async fn cancel(pool: &PgPool, experiment: ExperimentId) -> Result<u64> {
     Ok(done.rows_affected())
 }
 
-fn not_found(experiment: ExperimentId) -> Error {
+pub(super) fn not_found(experiment: ExperimentId) -> Error {
     Error::NotFound(format!(
         "no experiment {experiment}; `ablate status` lists the experiments"
     ))

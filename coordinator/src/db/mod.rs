@@ -8,6 +8,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use crate::error::Result;
 
+mod dashboard;
 mod experiments;
 mod metrics;
 mod queue;
@@ -15,6 +16,7 @@ mod reader;
 mod tokens;
 mod workers;
 
+pub use dashboard::*;
 pub use experiments::*;
 pub use metrics::*;
 pub use queue::*;

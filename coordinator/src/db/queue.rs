@@ -30,16 +30,27 @@ pub struct LeasedTrial {
     pub fresh_process: bool,
     /// The experiment's submit span, when traces were on.
     pub traceparent: Option<String>,
+    /// GPUs it takes together (`[resources] gpus_per_trial`).
+    pub gpus: u32,
 }
 
-/// Leases up to `max` pending trials to `worker` in one statement, by fair
-/// share: each next trial goes to the user, then (among that user's) the
-/// experiment, whose running trials plus those picked so far are fewest for
-/// its weight (a user's weight, set by an admin; an experiment's `priority`),
-/// ties to the older experiment and the trial's order; an experiment never
-/// runs more than its `[resources] max_concurrent`. The 64 candidates beyond
-/// `max` are for concurrent lessors, which skip the rows another one locked.
-pub async fn lease(pool: &PgPool, worker: WorkerId, max: u32, ttl: Duration) -> Result<Vec<LeasedTrial>> {
+/// Leases pending trials to `worker` in one statement, filling at most `slots`
+/// free slots (a trial of N GPUs, `[resources] gpus_per_trial`, fills N, and
+/// is leased only when the worker has `free_gpus` >= N), by fair share: each
+/// next trial goes to the user, then (among that user's) the experiment, whose
+/// slots in use plus those picked so far are fewest for its weight (a user's
+/// weight, set by an admin; an experiment's `priority`), ties to the older
+/// experiment and the trial's order; an experiment never runs more than its
+/// `[resources] max_concurrent` trials. The 64 candidates beyond `slots` are
+/// for concurrent lessors, which skip the rows another one locked; rows picked
+/// beyond the slots are left pending.
+pub async fn lease(
+    pool: &PgPool,
+    worker: WorkerId,
+    slots: u32,
+    free_gpus: u32,
+    ttl: Duration,
+) -> Result<Vec<LeasedTrial>> {
     let rows = sqlx::query(
         "with recursive pending_experiments as (
              (select experiment_id from trials where state = 'pending' order by experiment_id limit 1)
@@ -52,25 +63,28 @@ pub async fn lease(pool: &PgPool, worker: WorkerId, max: u32, ttl: Duration) -> 
          experiments_waiting as (
              select e.id, coalesce(e.submitted_by, '') as owner, e.created_at,
                     coalesce((e.spec->>'priority')::float8, 1) as weight,
+                    coalesce((e.spec #>> '{resources,gpus_per_trial}')::int, 1) as gpus,
                     (select count(*) from trials r where r.experiment_id = e.id and r.state = 'running')::float8 as running,
                     (e.spec #>> '{resources,max_concurrent}')::float8 as cap
              from pending_experiments p join experiments e on e.id = p.experiment_id
              left join workers me on me.id = $1
-             -- Only what this worker's pool and labels allow.
-             where (e.spec #>> '{resources,pool}' is null or e.spec #>> '{resources,pool}' = me.pool)
+             -- Only what this worker's pool, labels and free GPUs allow.
+             where coalesce((e.spec #>> '{resources,gpus_per_trial}')::int, 1) <= greatest($4, 1)
+               and (e.spec #>> '{resources,pool}' is null or e.spec #>> '{resources,pool}' = me.pool)
                and (e.spec #> '{resources,labels}' is null
                     or coalesce(me.labels, '{}'::jsonb) @> (e.spec #> '{resources,labels}'))
          ),
          users_waiting as (
              select x.owner, coalesce(max(k.weight), 1) as weight,
-                    (select count(*) from trials r join experiments re on re.id = r.experiment_id
+                    (select coalesce(sum(coalesce((re.spec #>> '{resources,gpus_per_trial}')::int, 1)), 0)
+                     from trials r join experiments re on re.id = r.experiment_id
                      where r.state = 'running' and coalesce(re.submitted_by, '') = x.owner)::float8 as running
              from experiments_waiting x left join tokens k on k.name = x.owner
              group by x.owner
          ),
          candidates as (
-             select c.id, x.owner, x.created_at, c.ordinal,
-                    (x.running + row_number() over (partition by x.id order by c.ordinal)) / x.weight as share
+             select c.id, x.owner, x.created_at, c.ordinal, x.gpus,
+                    (x.running + row_number() over (partition by x.id order by c.ordinal)) * x.gpus / x.weight as share
              from experiments_waiting x
              cross join lateral (
                  select t.id, t.ordinal from trials t
@@ -80,20 +94,28 @@ pub async fn lease(pool: &PgPool, worker: WorkerId, max: u32, ttl: Duration) -> 
              ) c
          ),
          ordered as (
-             select c.id, c.share, c.created_at, c.ordinal,
-                    (u.running + row_number() over (partition by c.owner order by c.share, c.created_at, c.ordinal))
+             select c.id, c.share, c.created_at, c.ordinal, c.gpus,
+                    (u.running + sum(c.gpus) over (partition by c.owner order by c.share, c.created_at, c.ordinal
+                                                   rows between unbounded preceding and current row))
                         / u.weight as user_share
              from candidates c join users_waiting u on u.owner = c.owner
              order by user_share, c.share, c.created_at, c.ordinal
              limit $2 + 64
          ),
          picked as (
-             select t.id from trials t join ordered o on o.id = t.id
+             select t.id, o.gpus, o.user_share, o.share, o.created_at, o.ordinal
+             from trials t join ordered o on o.id = t.id
              where t.state = 'pending'
                and not exists (select 1 from workers w where w.id = $1 and w.draining_since is not null)
              order by o.user_share, o.share, o.created_at, o.ordinal
              for update of t skip locked
              limit $2
+         ),
+         fits as (
+             select p.id, p.gpus,
+                    sum(p.gpus) over (order by p.user_share, p.share, p.created_at, p.ordinal
+                                      rows between unbounded preceding and current row) as used
+             from picked p
          )
          update trials t
          set state = 'running',
@@ -102,16 +124,17 @@ pub async fn lease(pool: &PgPool, worker: WorkerId, max: u32, ttl: Duration) -> 
              lease_expires_at = now() + make_interval(secs => $3),
              attempt = t.attempt + 1,
              started_at = coalesce(t.started_at, now())
-         from picked, experiments e
-         where t.id = picked.id and e.id = t.experiment_id
-         returning t.id, t.experiment_id, t.lease_token, t.attempt, e.family, t.params, e.spec_hash, e.traceparent,
+         from fits, experiments e
+         where t.id = fits.id and fits.used <= $2 and e.id = t.experiment_id
+         returning t.id, t.experiment_id, t.lease_token, t.attempt, e.family, t.params, e.spec_hash, e.traceparent, fits.gpus,
              coalesce((e.spec #>> '{resources,fresh_process}')::boolean, false) as fresh_process,
              (select jsonb_build_object('step', c.step, 'path', c.path, 'bytes', c.bytes)
               from checkpoints c where c.trial_id = t.id order by c.step desc limit 1) as checkpoint",
     )
     .bind(worker.0)
-    .bind(max as i64)
+    .bind(slots as i64)
     .bind(ttl.as_secs_f64())
+    .bind(free_gpus as i32)
     .fetch_all(pool)
     .await?;
     rows.into_iter()
@@ -127,6 +150,7 @@ pub async fn lease(pool: &PgPool, worker: WorkerId, max: u32, ttl: Duration) -> 
                 spec_hash: row.try_get("spec_hash")?,
                 fresh_process: row.try_get("fresh_process")?,
                 traceparent: row.try_get("traceparent")?,
+                gpus: row.try_get::<i32, _>("gpus")? as u32,
                 resume_from: checkpoint.map(|c| CheckpointRecord {
                     step: c["step"].as_i64().unwrap_or(0),
                     path: c["path"].as_str().unwrap_or_default().to_string(),

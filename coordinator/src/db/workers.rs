@@ -126,15 +126,21 @@ pub async fn draining(pool: &PgPool, worker: WorkerId) -> Result<bool> {
     )
 }
 
-/// Why an experiment's pending trials wait, when its pool or labels match no
-/// live worker (one heard from within `lease_ttl` and not draining).
+/// Why an experiment's pending trials wait, when no live worker (one heard
+/// from within `lease_ttl` and not draining) matches its pool and labels or
+/// has as many GPUs as its trials ask for.
 pub async fn waiting_reason(pool: &PgPool, id: ExperimentId, lease_ttl: std::time::Duration) -> Result<Option<String>> {
-    let row: Option<(Option<String>, Option<serde_json::Value>, bool)> = sqlx::query_as(
+    // The pool and labels asked for, GPUs per trial, the most GPUs of a matching live worker.
+    type Wants = (Option<String>, Option<serde_json::Value>, i32, Option<i64>);
+    let row: Option<Wants> = sqlx::query_as(
         "select e.spec #>> '{resources,pool}', e.spec #> '{resources,labels}',
-                exists (select 1 from workers w
-                        where w.last_seen_at > now() - make_interval(secs => $2) and w.draining_since is null
-                          and (e.spec #>> '{resources,pool}' is null or w.pool = e.spec #>> '{resources,pool}')
-                          and (e.spec #> '{resources,labels}' is null or w.labels @> (e.spec #> '{resources,labels}')))
+                coalesce((e.spec #>> '{resources,gpus_per_trial}')::int, 1),
+                (select max((select count(distinct split_part(d, '#', 1)) from unnest(w.devices) d
+                             where d like 'cuda:%'))
+                 from workers w
+                 where w.last_seen_at > now() - make_interval(secs => $2) and w.draining_since is null
+                   and (e.spec #>> '{resources,pool}' is null or w.pool = e.spec #>> '{resources,pool}')
+                   and (e.spec #> '{resources,labels}' is null or w.labels @> (e.spec #> '{resources,labels}')))
          from experiments e
          where e.id = $1 and exists (select 1 from trials t where t.experiment_id = e.id and t.state = 'pending')",
     )
@@ -142,12 +148,10 @@ pub async fn waiting_reason(pool: &PgPool, id: ExperimentId, lease_ttl: std::tim
     .bind(lease_ttl.as_secs_f64())
     .fetch_optional(pool)
     .await?;
-    let Some((wanted_pool, labels, served)) = row else {
+    // `most_gpus`: the most GPUs of a matching live worker (none: no such worker).
+    let Some((wanted_pool, labels, gpus, most_gpus)) = row else {
         return Ok(None);
     };
-    if served || (wanted_pool.is_none() && labels.is_none()) {
-        return Ok(None);
-    }
     let mut wants = Vec::new();
     if let Some(p) = wanted_pool {
         wants.push(format!("in pool `{p}`"));
@@ -159,8 +163,19 @@ pub async fn waiting_reason(pool: &PgPool, id: ExperimentId, lease_ttl: std::tim
             .collect();
         wants.push(format!("with labels {}", pairs.join(",")));
     }
-    Ok(Some(format!(
-        "no live worker {} (see `ablate workers`)",
-        wants.join(" and ")
-    )))
+    Ok(match most_gpus {
+        None if wants.is_empty() => None,
+        None => Some(format!("no live worker {} (see `ablate workers`)", wants.join(" and "))),
+        Some(most) if gpus > 1 && most < gpus as i64 => {
+            let workers = if wants.is_empty() {
+                "live worker".to_string()
+            } else {
+                format!("live worker {}", wants.join(" and "))
+            };
+            Some(format!(
+                "its trials need {gpus} GPUs each (resources.gpus_per_trial); the largest {workers} has {most} (see `ablate workers`)"
+            ))
+        }
+        Some(_) => None,
+    })
 }

@@ -1,0 +1,245 @@
+//! The web dashboard, as a researcher sees it: headless Chromium (Debian's,
+//! with --no-sandbox) loads every page of a running stack after a quickstart
+//! sweep and a muP report, through the login link `ablate dashboard` prints;
+//! the DOM holds the experiments, all their trials and the verdict line, and
+//! a screenshot of each page is kept. The JSON API answers 401 without a
+//! token and 403 to a worker's, reduces long curves to at most 2,000 points,
+//! exports CSV, and answers an unchanged poll with an empty 304.
+
+mod harness;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use harness::{free_port, http_request, spec_path, text, Stack};
+
+/// Debian's Chromium (`cargo xtask test` installs it and sets ABLATE_CHROMIUM).
+fn chromium() -> PathBuf {
+    std::env::var_os("ABLATE_CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"))
+}
+
+/// Loads `url` in headless Chromium, lets its scripts run for a few seconds
+/// of virtual time, writes a screenshot to `png`, and returns the DOM.
+fn browse(url: &str, png: &Path, profile: &Path) -> String {
+    let run = |extra: &[String]| {
+        let out = Command::new(chromium())
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--hide-scrollbars",
+                "--window-size=1400,3600",
+                "--virtual-time-budget=8000",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(extra)
+            .arg(url)
+            .output()
+            .expect("Chromium runs (cargo xtask test installs it)");
+        assert!(out.status.success(), "chromium: {}", text(&out));
+        out
+    };
+    let dom = String::from_utf8_lossy(&run(&["--dump-dom".to_string()]).stdout).to_string();
+    run(&[format!("--screenshot={}", png.display())]);
+    assert!(
+        std::fs::metadata(png).map(|m| m.len() > 10_000).unwrap_or(false),
+        "no screenshot at {}",
+        png.display()
+    );
+    dom
+}
+
+fn count(haystack: &str, needle: &str) -> usize {
+    haystack.matches(needle).count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_page_loads_in_chromium_with_its_data_behind_the_tokens() {
+    let mut stack = Stack::start(15.0).await;
+    let http = format!("127.0.0.1:{}", free_port());
+    stack.kill_coordinator();
+    stack
+        .coordinator_args
+        .extend(["--http-listen".to_string(), http.clone()]);
+    stack.start_coordinator().await;
+    stack.start_worker("cpu:2");
+    let quickstart = stack.submit_and_wait(&spec_path("quickstart.toml"));
+    let mup = stack.submit_and_wait(&spec_path("coord-check.toml"));
+
+    // The login link, as `ablate dashboard` prints it.
+    let out = stack.ablate(&["dashboard"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let link = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(
+        link,
+        format!("http://{http}/login?token={}", stack.admin_token),
+        "{}",
+        text(&out)
+    );
+
+    // The API: tokens first.
+    let api = |path: &str, token: Option<&str>| {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+        http_request(&http, path, &headers).unwrap()
+    };
+    let admin = stack.admin_token.clone();
+    let worker = std::fs::read_to_string(stack.dir.join("worker.token")).unwrap();
+    assert_eq!(api("/api/v1/experiments", None).0, 401);
+    assert_eq!(api("/api/v1/experiments", Some("abl_not_a_token")).0, 401);
+    let (status, _, body) = api("/api/v1/experiments", Some(worker.trim()));
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("researcher or admin"), "{body}");
+    let created = stack.ablate(&["token", "create", "--role", "researcher", "--name", "ada"]);
+    assert!(created.status.success(), "{}", text(&created));
+    let researcher = String::from_utf8_lossy(&created.stdout).trim().to_string();
+    let (status, headers, body) = api("/api/v1/experiments", Some(&researcher));
+    assert_eq!(status, 200, "{body}");
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(list["experiments"].as_array().unwrap().len(), 2, "{list:#}");
+    // An unchanged answer is an empty 304 to a poll that has it.
+    let etag = headers.iter().find(|(k, _)| k == "etag").unwrap().1.clone();
+    let (status, _, body) = http_request(
+        &http,
+        "/api/v1/experiments",
+        &[
+            ("Authorization", &format!("Bearer {researcher}")),
+            ("If-None-Match", &etag),
+        ],
+    )
+    .unwrap();
+    assert_eq!((status, body.as_str()), (304, ""));
+    // Filters.
+    let (_, _, body) = api("/api/v1/experiments?family=mup_transfer", Some(&admin));
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(list["experiments"][0]["id"], mup.as_str(), "{list:#}");
+    assert_eq!(list["experiments"].as_array().unwrap().len(), 1);
+
+    // CSV export: a header with every swept parameter, one line per trial.
+    let (status, _, csv) = api(
+        &format!("/api/v1/experiments/{quickstart}/trials?format=csv"),
+        Some(&admin),
+    );
+    assert_eq!(status, 200);
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 13, "{csv}");
+    assert!(
+        lines[0].starts_with("ordinal,trial_id,state,objective,attempts,param."),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[1..].iter().all(|l| l.contains(",succeeded,")), "{csv}");
+
+    // A long curve comes back reduced, ends kept, never over 2,000 points.
+    sqlx::query("insert into metric_names (name) values ('long_curve') on conflict do nothing;")
+        .execute(&stack.pool)
+        .await
+        .unwrap();
+    let trial: uuid::Uuid = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "select id from trials where experiment_id = '{quickstart}' order by ordinal limit 1"
+    )))
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "insert into metrics (trial_id, name_id, step, value)
+         select $1, (select id from metric_names where name = 'long_curve'), s, sin(s / 100.0)
+         from generate_series(0, 9999) s",
+    )
+    .bind(trial)
+    .execute(&stack.pool)
+    .await
+    .unwrap();
+    for (asked, most) in [(100_000usize, 2000usize), (300, 300)] {
+        let (status, _, body) = api(
+            &format!("/api/v1/experiments/{quickstart}/curves?metric=long_curve&trials={trial}&points={asked}"),
+            Some(&admin),
+        );
+        assert_eq!(status, 200, "{body}");
+        let curves: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let series = &curves["series"][0];
+        let steps = series["steps"].as_array().unwrap();
+        assert_eq!(series["total_points"], 10_000);
+        assert_eq!(steps.len(), most, "asked for {asked}");
+        assert_eq!((steps[0].as_i64(), steps[most - 1].as_i64()), (Some(0), Some(9999)));
+    }
+    let (status, _, body) = api(&format!("/api/v1/trials/{trial}/curves?points=5000"), Some(&admin));
+    assert_eq!(status, 200);
+    let curves: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        curves["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["steps"].as_array().unwrap().len() <= 2000),
+        "{body}"
+    );
+    assert_eq!(api("/api/v1/experiments/not-an-id", Some(&admin)).0, 400);
+    assert_eq!(
+        api(&format!("/api/v1/trials/{}", uuid::Uuid::new_v4()), Some(&admin)).0,
+        404
+    );
+
+    // The pages, in Chromium, logged in through the link.
+    let shots = stack.dir.join("screenshots");
+    let keep = std::env::var_os("ABLATE_SCREENSHOTS").map(PathBuf::from);
+    std::fs::create_dir_all(&shots).unwrap();
+    let profile = stack.dir.join("chromium-profile");
+    let page = |next: &str, name: &str| {
+        let url = format!("{link}&next={}", next.replace('#', "%23").replace('/', "%2F"));
+        let png = shots.join(format!("{name}.png"));
+        let dom = browse(&url, &png, &profile);
+        if let Some(dir) = &keep {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::copy(&png, dir.join(format!("{name}.png"))).unwrap();
+        }
+        dom
+    };
+    let home = page("/#/", "experiments");
+    assert!(home.contains("id=\"experiments-table\""), "{home}");
+    assert!(
+        home.contains(">quickstart<") && home.contains(">coord-check<"),
+        "{home}"
+    );
+
+    let dom = page(&format!("/#/experiments/{quickstart}"), "experiment-quickstart");
+    assert!(dom.contains("id=\"experiment-name\">quickstart<"), "{dom}");
+    assert_eq!(count(&dom, "class=\"trial-row\""), 12, "{dom}");
+    assert!(dom.contains("class=\"uplot"), "the curves are drawn: {dom}");
+
+    let dom = page(&format!("/#/experiments/{mup}"), "experiment-coord-check");
+    assert_eq!(count(&dom, "class=\"trial-row\""), 36, "{dom}");
+    let verdict = text(&stack.ablate(&["report", &mup]));
+    let line = verdict
+        .lines()
+        .find(|l| l.starts_with("verdict:"))
+        .expect("the CLI's verdict line");
+    assert!(dom.contains(&format!("id=\"verdict\">{line}<")), "{line}\n{dom}");
+    assert!(
+        count(&dom, "class=\"uplot") > 3,
+        "curves, scatter and the report's figures: {dom}"
+    );
+
+    let dom = page(&format!("/#/trials/{trial}"), "trial");
+    assert!(dom.contains("Checkpoints") && dom.contains("<code>"), "{dom}");
+    assert!(dom.contains("long_curve (10000 points)"), "{dom}");
+
+    let dom = page("/#/workers", "workers");
+    assert!(dom.contains("id=\"workers-table\""), "{dom}");
+    assert!(dom.contains("state-live"), "{dom}");
+
+    // Without the session, the page says how to log in.
+    let dom = browse(
+        &format!("http://{http}/#/"),
+        &shots.join("logged-out.png"),
+        &stack.dir.join("chromium-fresh"),
+    );
+    assert!(
+        dom.contains("Not logged in") && dom.contains("ablate dashboard"),
+        "{dom}"
+    );
+}

@@ -1,0 +1,607 @@
+//! The web dashboard on the coordinator's HTTP listener: the page and its
+//! assets (embedded from `dashboards/web/`, served to anyone: they hold no
+//! data), `/login?token=...` (sets the session cookie and redirects to the
+//! page), and the read-only JSON API `/api/v1/...`, behind the gRPC services'
+//! tokens: a researcher or admin token as `Authorization: Bearer` or the
+//! session cookie; none or an unknown one gets 401, a worker token 403.
+//! Responses carry an ETag, so a poll that finds nothing changed gets an
+//! empty 304; curves are reduced here (LTTB) to at most `MAX_POINTS` per series.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use ablate_schema::{ExperimentId, TrialId};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+
+use crate::auth::{Role, Tokens};
+use crate::downsample::lttb;
+use crate::{db, Error};
+
+/// The most points of one series a response carries.
+pub const MAX_POINTS: usize = 2000;
+/// Points per series when the page does not say.
+const DEFAULT_POINTS: usize = 500;
+/// Trials whose curves the experiment page draws when it names none.
+const DEFAULT_TOP: u32 = 10;
+/// The most trials one curves request may name.
+const MAX_CURVE_TRIALS: usize = 200;
+/// The session cookie.
+const COOKIE: &str = "ablate_session";
+
+/// The page and its assets, embedded at build time.
+const ASSETS: &[(&str, &str, &[u8])] = &[
+    (
+        "index.html",
+        "text/html; charset=utf-8",
+        include_bytes!("../../dashboards/web/index.html"),
+    ),
+    (
+        "app.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../dashboards/web/app.js"),
+    ),
+    (
+        "style.css",
+        "text/css; charset=utf-8",
+        include_bytes!("../../dashboards/web/style.css"),
+    ),
+    (
+        "uPlot.iife.min.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../dashboards/web/vendor/uplot/uPlot.iife.min.js"),
+    ),
+    (
+        "uPlot.min.css",
+        "text/css; charset=utf-8",
+        include_bytes!("../../dashboards/web/vendor/uplot/uPlot.min.css"),
+    ),
+];
+
+#[derive(Clone)]
+struct Web {
+    pool: PgPool,
+    /// `None`: the coordinator runs without tokens, and so does the API.
+    tokens: Option<Tokens>,
+    lease_ttl: Duration,
+}
+
+/// The dashboard's routes, to merge into the HTTP listener's.
+pub fn router(pool: PgPool, tokens: Option<Tokens>, lease_ttl: Duration) -> Router {
+    let web = Web {
+        pool,
+        tokens,
+        lease_ttl,
+    };
+    let api = Router::new()
+        .route("/api/v1/experiments", get(experiments))
+        .route("/api/v1/experiments/{id}", get(experiment))
+        .route("/api/v1/experiments/{id}/trials", get(trials))
+        .route("/api/v1/experiments/{id}/curves", get(experiment_curves))
+        .route("/api/v1/experiments/{id}/report", get(report))
+        .route("/api/v1/trials/{id}", get(trial))
+        .route("/api/v1/trials/{id}/curves", get(trial_curves))
+        .route("/api/v1/workers", get(workers))
+        .route(
+            "/api/v1/{*rest}",
+            get(|| async { ApiError::not_found("no such API path; see the README's /api/v1 list") }),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(web.clone(), authorize));
+    Router::new()
+        .route("/", get(|| async { asset("index.html") }))
+        .route(
+            "/assets/{file}",
+            get(|Path(file): Path<String>| async move { asset(&file) }),
+        )
+        .route("/login", get(login))
+        .route("/logout", get(logout))
+        .merge(api)
+        .with_state(web)
+}
+
+fn asset(name: &str) -> Response {
+    match ASSETS.iter().find(|(n, _, _)| *n == name) {
+        Some((_, kind, bytes)) => (
+            [(header::CONTENT_TYPE, *kind), (header::CACHE_CONTROL, "no-cache")],
+            *bytes,
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "no such asset\n").into_response(),
+    }
+}
+
+/// An API error: a status and a JSON body saying what to do.
+struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn not_found(message: &str) -> ApiError {
+        ApiError(StatusCode::NOT_FOUND, message.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(error: Error) -> ApiError {
+        let status = match &error {
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::InvalidArgument(_) | Error::InvalidSpec(_) | Error::Query(_) => StatusCode::BAD_REQUEST,
+            Error::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
+            _ => {
+                tracing::warn!(%error, "dashboard request failed");
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        };
+        ApiError(status, error.to_string())
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> ApiError {
+        Error::from(error).into()
+    }
+}
+
+/// The token a request carries: `Authorization: Bearer`, else the session cookie.
+fn request_token(headers: &HeaderMap) -> Option<String> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_string());
+    bearer.or_else(|| {
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .find(|(k, _)| *k == COOKIE)
+            .map(|(_, v)| v.to_string())
+    })
+}
+
+/// Lets researcher and admin tokens through to the API.
+async fn authorize(State(web): State<Web>, request: Request, next: Next) -> Response {
+    let Some(tokens) = &web.tokens else {
+        return next.run(request).await;
+    };
+    let Some(token) = request_token(request.headers()).filter(|t| !t.is_empty()) else {
+        return ApiError(
+            StatusCode::UNAUTHORIZED,
+            "no token: open the link `ablate dashboard` prints, or send Authorization: Bearer <token>".into(),
+        )
+        .into_response();
+    };
+    match tokens.caller(&token) {
+        None => ApiError(
+            StatusCode::UNAUTHORIZED,
+            "the token is unknown, expired or revoked; ask an admin for a new one".into(),
+        )
+        .into_response(),
+        Some(caller) if caller.role == Role::Worker => ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "the dashboard needs a researcher or admin token; `{}` is a worker token",
+                caller.name
+            ),
+        )
+        .into_response(),
+        Some(_) => next.run(request).await,
+    }
+}
+
+#[derive(Deserialize)]
+struct LoginQuery {
+    token: Option<String>,
+    /// Where to go once logged in: a path on this server, such as `/#/workers`.
+    next: Option<String>,
+}
+
+/// `/login?token=T[&next=/#/...]`: a valid researcher or admin token becomes
+/// the session cookie (HttpOnly, SameSite=Strict), and the page opens without
+/// it in the address.
+async fn login(State(web): State<Web>, Query(q): Query<LoginQuery>) -> Response {
+    let token = q.token.unwrap_or_default();
+    let valid = match &web.tokens {
+        None => true,
+        Some(tokens) => tokens.caller(&token).is_some_and(|c| c.role != Role::Worker),
+    };
+    if !valid || token.chars().any(|c| !c.is_ascii_graphic() || c == ';') {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "this login link's token is unknown, expired, revoked or a worker's; run `ablate dashboard` for a new link\n",
+        )
+            .into_response();
+    }
+    let cookie = format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age=2592000");
+    // Only a path on this server: never another site.
+    let next = q
+        .next
+        .filter(|n| n.starts_with('/') && !n.starts_with("//") && !n.contains(['\\', '\r', '\n']))
+        .unwrap_or_else(|| "/".into());
+    (
+        StatusCode::SEE_OTHER,
+        [(header::LOCATION, next), (header::SET_COOKIE, cookie)],
+    )
+        .into_response()
+}
+
+async fn logout() -> Response {
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (header::LOCATION, "/".to_string()),
+            (
+                header::SET_COOKIE,
+                format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+            ),
+        ],
+    )
+        .into_response()
+}
+
+/// A JSON answer with an ETag; an empty 304 when the client has it already.
+fn fresh(headers: &HeaderMap, body: &Value) -> Response {
+    let bytes = serde_json::to_vec(body).expect("JSON serializes");
+    let digest = Sha256::digest(&bytes);
+    let tag = format!(
+        "\"{}\"",
+        digest.iter().take(12).map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    let matches = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == tag));
+    let etag = HeaderValue::from_str(&tag).expect("hex is a header value");
+    if matches {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
+    }
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            (header::ETAG, etag),
+        ],
+        bytes,
+    )
+        .into_response()
+}
+
+fn experiment_id(text: &str) -> Result<ExperimentId, ApiError> {
+    ExperimentId::parse(text)
+        .map_err(|_| ApiError(StatusCode::BAD_REQUEST, format!("`{text}` is not an experiment id")))
+}
+
+fn trial_id(text: &str) -> Result<TrialId, ApiError> {
+    TrialId::parse(text).map_err(|_| ApiError(StatusCode::BAD_REQUEST, format!("`{text}` is not a trial id")))
+}
+
+#[derive(Deserialize)]
+struct ExperimentsQuery {
+    state: Option<String>,
+    family: Option<String>,
+    name: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn experiments(
+    State(web): State<Web>,
+    headers: HeaderMap,
+    Query(q): Query<ExperimentsQuery>,
+) -> Result<Response, ApiError> {
+    let nonempty = |v: Option<String>| v.filter(|s| !s.trim().is_empty());
+    let filter = db::ExperimentFilter {
+        state: nonempty(q.state),
+        family: nonempty(q.family),
+        name: nonempty(q.name),
+        limit: q.limit.unwrap_or(200).clamp(1, 1000),
+    };
+    let list = db::dashboard_experiments(&web.pool, &filter).await?;
+    Ok(fresh(&headers, &json!({ "experiments": list })))
+}
+
+async fn experiment(State(web): State<Web>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = experiment_id(&id)?;
+    let mut e = db::dashboard_experiment(&web.pool, id).await?;
+    if e["pending"].as_i64().unwrap_or(0) > 0 {
+        e["waiting"] = db::waiting_reason(&web.pool, id, web.lease_ttl).await?.into();
+    }
+    Ok(fresh(&headers, &json!({ "experiment": e })))
+}
+
+#[derive(Deserialize)]
+struct TrialsQuery {
+    format: Option<String>,
+}
+
+async fn trials(
+    State(web): State<Web>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<TrialsQuery>,
+) -> Result<Response, ApiError> {
+    let id = experiment_id(&id)?;
+    let trials = db::dashboard_trials(&web.pool, id).await?;
+    match q.format.as_deref() {
+        None | Some("json") => Ok(fresh(&headers, &json!({ "trials": trials }))),
+        Some("csv") => Ok((
+            [
+                (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),
+                (
+                    header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"trials-{id}.csv\""),
+                ),
+            ],
+            trials_csv(&trials),
+        )
+            .into_response()),
+        Some(other) => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("format `{other}`: expected json or csv"),
+        )),
+    }
+}
+
+/// The trial table as CSV: ordinal, id, state, objective, attempts, then every
+/// parameter (`param.NAME`) and final metric (`metric.NAME`), blank where a trial has none.
+fn trials_csv(trials: &Value) -> String {
+    let rows = trials.as_array().map(Vec::as_slice).unwrap_or_default();
+    let keys = |field: &str| -> BTreeSet<String> {
+        rows.iter()
+            .filter_map(|t| t[field].as_object())
+            .flat_map(|o| o.keys().cloned())
+            .collect()
+    };
+    let (params, metrics) = (keys("params"), keys("metrics"));
+    let cell = |v: &Value| -> String {
+        let text = match v {
+            Value::Null => String::new(),
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        if text.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", text.replace('"', "\"\""))
+        } else {
+            text
+        }
+    };
+    let mut header: Vec<String> = ["ordinal", "trial_id", "state", "objective", "attempts"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    header.extend(params.iter().map(|p| cell(&Value::String(format!("param.{p}")))));
+    header.extend(metrics.iter().map(|m| cell(&Value::String(format!("metric.{m}")))));
+    let mut out = header.join(",") + "\n";
+    for t in rows {
+        let mut line: Vec<String> = ["ordinal", "id", "state", "objective", "attempts"]
+            .iter()
+            .map(|f| cell(&t[*f]))
+            .collect();
+        line.extend(params.iter().map(|p| cell(&t["params"][p])));
+        line.extend(metrics.iter().map(|m| cell(&t["metrics"][m])));
+        out.push_str(&line.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+#[derive(Deserialize)]
+struct CurvesQuery {
+    /// A metric's name; the objective (else the first recorded) when left out.
+    metric: Option<String>,
+    /// Trial ids separated by commas; the top trials when left out.
+    trials: Option<String>,
+    /// Points per series (the width drawn); at most `MAX_POINTS`.
+    points: Option<usize>,
+    /// With `trials` left out: how many of the best.
+    top: Option<u32>,
+}
+
+fn points_wanted(points: Option<usize>) -> usize {
+    points.unwrap_or(DEFAULT_POINTS).clamp(3, MAX_POINTS)
+}
+
+/// Each trial's curve of `name`, reduced to `points`.
+async fn series(
+    pool: &PgPool,
+    experiment: Option<ExperimentId>,
+    trials: &[TrialId],
+    name: &str,
+    points: usize,
+) -> Result<Vec<Value>, ApiError> {
+    let rows = db::curve_points(pool, experiment, trials, name).await?;
+    let mut by_trial: BTreeMap<uuid::Uuid, (i32, Vec<(i64, f64)>)> = BTreeMap::new();
+    for (trial, ordinal, step, value) in rows {
+        by_trial
+            .entry(trial)
+            .or_insert_with(|| (ordinal, Vec::new()))
+            .1
+            .push((step, value));
+    }
+    // In the order asked for.
+    Ok(trials
+        .iter()
+        .filter_map(|t| by_trial.remove(&t.0).map(|v| (t.0, v)))
+        .map(|(trial, (ordinal, all))| {
+            let kept = lttb(&all, points);
+            json!({
+                "trial_id": trial,
+                "ordinal": ordinal,
+                "metric": name,
+                "total_points": all.len(),
+                "steps": kept.iter().map(|p| p.0).collect::<Vec<_>>(),
+                "values": kept.iter().map(|p| p.1).collect::<Vec<_>>(),
+            })
+        })
+        .collect())
+}
+
+async fn experiment_curves(
+    State(web): State<Web>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<CurvesQuery>,
+) -> Result<Response, ApiError> {
+    let id = experiment_id(&id)?;
+    let trials: Vec<TrialId> = match q.trials.as_deref().filter(|t| !t.trim().is_empty()) {
+        Some(list) => list
+            .split(',')
+            .map(|t| trial_id(t.trim()))
+            .take(MAX_CURVE_TRIALS + 1)
+            .collect::<Result<_, _>>()?,
+        None => {
+            db::top_trials(
+                &web.pool,
+                id,
+                q.top.unwrap_or(DEFAULT_TOP).clamp(1, MAX_CURVE_TRIALS as u32),
+            )
+            .await?
+        }
+    };
+    if trials.len() > MAX_CURVE_TRIALS {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("at most {MAX_CURVE_TRIALS} trials per request"),
+        ));
+    }
+    let metric = match q.metric.filter(|m| !m.is_empty()) {
+        Some(m) => m,
+        None => {
+            let e = db::dashboard_experiment(&web.pool, id).await?;
+            let first = e["metrics"].get(0).and_then(Value::as_str).map(str::to_string);
+            e["objective_metric"]
+                .as_str()
+                .map(str::to_string)
+                .or(first)
+                .unwrap_or_default()
+        }
+    };
+    let points = points_wanted(q.points);
+    let series = series(&web.pool, Some(id), &trials, &metric, points).await?;
+    Ok(fresh(
+        &headers,
+        &json!({ "metric": metric, "points": points, "series": series }),
+    ))
+}
+
+async fn report(State(web): State<Web>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = experiment_id(&id)?;
+    let (family, outcomes) = db::report_outcomes(&web.pool, id).await?;
+    let family = ablate_experiments::Family::parse(&family).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    let report = family
+        .report(&outcomes)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let text = report.to_text();
+    Ok(fresh(&headers, &json!({ "report": report, "text": text })))
+}
+
+async fn trial(State(web): State<Web>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = trial_id(&id)?;
+    Ok(fresh(
+        &headers,
+        &json!({ "trial": db::dashboard_trial(&web.pool, id).await? }),
+    ))
+}
+
+async fn trial_curves(
+    State(web): State<Web>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<CurvesQuery>,
+) -> Result<Response, ApiError> {
+    let id = trial_id(&id)?;
+    let trial = db::dashboard_trial(&web.pool, id).await?;
+    let names: Vec<String> = match q.metric.filter(|m| !m.is_empty()) {
+        Some(m) => vec![m],
+        None => serde_json::from_value(trial["metric_names"].clone()).unwrap_or_default(),
+    };
+    let points = points_wanted(q.points);
+    let mut all = Vec::new();
+    for name in &names {
+        all.extend(series(&web.pool, None, &[id], name, points).await?);
+    }
+    Ok(fresh(&headers, &json!({ "points": points, "series": all })))
+}
+
+async fn workers(State(web): State<Web>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let rows = db::list_workers(&web.pool, web.lease_ttl).await?;
+    let running = db::running_by_worker(&web.pool).await?;
+    let workers: Vec<Value> = rows
+        .iter()
+        .map(|w| {
+            let state = if w.lost {
+                "lost"
+            } else if w.draining_since.is_some() {
+                "draining"
+            } else if w.unhealthy.is_some() {
+                "unhealthy"
+            } else {
+                "live"
+            };
+            json!({
+                "id": w.id.to_string(),
+                "hostname": w.hostname,
+                "devices": w.devices,
+                "pool": w.pool,
+                "labels": w.labels,
+                "state": state,
+                "unhealthy": w.unhealthy,
+                "registered_at": w.registered_at,
+                "last_seen_at": w.last_seen_at,
+                "running": running
+                    .iter()
+                    .filter(|r| r.0 == w.id.0)
+                    .map(|r| json!({ "trial_id": r.1, "experiment_id": r.2, "experiment": r.3 }))
+                    .collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(fresh(&headers, &json!({ "workers": workers })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_trial_table_exports_as_csv_with_every_parameter_and_metric() {
+        let trials = json!([
+            {"ordinal": 0, "id": "a", "state": "succeeded", "objective": 0.5, "attempts": 1,
+             "params": {"width": 64, "note": "x, \"y\""}, "metrics": {"eval_loss": 0.5}},
+            {"ordinal": 1, "id": "b", "state": "failed", "objective": null, "attempts": 3,
+             "params": {"width": 128}, "metrics": {}}
+        ]);
+        let csv = trials_csv(&trials);
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            lines[0],
+            "ordinal,trial_id,state,objective,attempts,param.note,param.width,metric.eval_loss"
+        );
+        assert_eq!(lines[1], "0,a,succeeded,0.5,1,\"x, \"\"y\"\"\",64,0.5");
+        assert_eq!(lines[2], "1,b,failed,,3,,128,");
+    }
+
+    #[test]
+    fn tokens_come_from_the_header_or_the_session_cookie() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::COOKIE, HeaderValue::from_static("a=b; ablate_session=abl_x"));
+        assert_eq!(request_token(&headers).as_deref(), Some("abl_x"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer abl_y"));
+        assert_eq!(request_token(&headers).as_deref(), Some("abl_y"));
+        assert_eq!(request_token(&HeaderMap::new()), None);
+    }
+}
