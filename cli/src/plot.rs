@@ -94,7 +94,7 @@ impl Scale {
     /// The label at drawn coordinate `v`: the value itself, at whole powers only.
     fn label(self, v: f64) -> String {
         let Scale::Log(base) = self else {
-            return format!("{v}");
+            return linear_label(v);
         };
         if (v - v.round()).abs() > 1e-6 {
             return String::new();
@@ -110,6 +110,21 @@ impl Scale {
         } else {
             format!("{value:.0e}")
         }
+    }
+}
+
+/// A linear axis's tick: six significant digits at most, without float noise
+/// (-0.9, not -0.9000000000000002).
+fn linear_label(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return format!("{}", if v == 0.0 { 0.0 } else { v });
+    }
+    let decimals = (5 - v.abs().log10().floor() as i32).clamp(0, 12) as usize;
+    let text = format!("{v:.decimals$}");
+    if text.contains('.') {
+        text.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        text
     }
 }
 
@@ -270,6 +285,10 @@ mod tests {
         assert_eq!(Scale::choose(false, &widths), Scale::Linear);
         assert_eq!(Scale::Log(2.0).label(-1.0), "0.5");
         assert_eq!(Scale::Log(2.0).label(20.0), "2^20");
+        assert_eq!(Scale::Linear.label(-0.9000000000000002), "-0.9");
+        assert_eq!(Scale::Linear.label(1234.5), "1234.5");
+        assert_eq!(Scale::Linear.label(0.0), "0");
+        assert_eq!(Scale::Linear.label(2.5e-8), "0.000000025");
     }
 
     #[test]

@@ -423,9 +423,15 @@ async fn series(
     name: &str,
     points: usize,
 ) -> Result<Vec<Value>, ApiError> {
-    let rows = db::curve_points(pool, experiment, trials, name).await?;
+    let ordinals: BTreeMap<uuid::Uuid, i32> = db::trial_ordinals(pool, experiment, trials)
+        .await?
+        .into_iter()
+        .collect();
+    let ids: Vec<uuid::Uuid> = ordinals.keys().copied().collect();
+    let rows = db::curve_points(pool, &ids, name).await?;
     let mut by_trial: BTreeMap<uuid::Uuid, (i32, Vec<(i64, f64)>)> = BTreeMap::new();
-    for (trial, ordinal, step, value) in rows {
+    for (trial, step, value) in rows {
+        let ordinal = ordinals.get(&trial).copied().unwrap_or_default();
         by_trial
             .entry(trial)
             .or_insert_with(|| (ordinal, Vec::new()))

@@ -340,7 +340,12 @@ function experimentView(id) {
     const box = document.getElementById("curves");
     const width = plotWidth(box);
     const q = new URLSearchParams({ metric: state.metric, points: String(Math.min(2000, width)) });
-    if (state.selected.size > 0) q.set("trials", [...state.selected].join(","));
+    // The ticked trials, else the best 10 by objective (the table has them already).
+    const sign = state.experiment.goal === "maximize" ? -1 : 1;
+    const best = state.trials.filter((t) => typeof t.objective === "number")
+      .sort((a, b) => sign * (a.objective - b.objective) || a.ordinal - b.ordinal).slice(0, 10).map((t) => t.id);
+    const chosen = state.selected.size > 0 ? [...state.selected] : best;
+    if (chosen.length > 0) q.set("trials", chosen.join(","));
     const { series } = await api(`/api/v1/experiments/${id}/curves?${q}`);
     const text = JSON.stringify(series);
     if (text === state.lastCurves) return;
@@ -389,7 +394,7 @@ function experimentView(id) {
     const dims = paramNames().filter((p) => new Set(done.map((t) => fmt(t.params[p]))).size > 0);
     if (done.length === 0 || dims.length === 0) { box.innerHTML = `<p class="muted">no objective yet</p>`; return; }
     const axes = [...dims.map((p) => ({ name: p, get: (t) => t.params[p] })), { name: state.experiment.objective_metric || "objective", get: (t) => t.objective }];
-    const W = Math.max(600, Math.min(box.clientWidth || 900, 1300)), H = 280, pad = 40;
+    const W = Math.max(600, Math.min(box.clientWidth || 900, 1300)), H = 300, pad = 40, padX = 90;
     const scales = axes.map((a) => {
       const vals = done.map(a.get);
       if (numeric(vals)) {
@@ -401,7 +406,7 @@ function experimentView(id) {
       const kinds = [...new Set(vals.map(fmt))].sort();
       return { pos: (v) => (kinds.length === 1 ? 0.5 : kinds.indexOf(fmt(v)) / (kinds.length - 1)), lo: kinds[0], hi: kinds[kinds.length - 1] };
     });
-    const x = (i) => pad + (i * (W - 2 * pad)) / Math.max(axes.length - 1, 1);
+    const x = (i) => padX + (i * (W - 2 * padX)) / Math.max(axes.length - 1, 1);
     const y = (f) => H - pad - f * (H - 2 * pad);
     const objectiveScale = scales[scales.length - 1];
     const better = state.experiment.goal === "maximize" ? (f) => f : (f) => 1 - f;
@@ -468,11 +473,14 @@ function experimentView(id) {
         drawFilters();
       }
       drawTable();
+      // The curves and the report load while the rest is drawn.
+      const loading = [drawCurves(), drawReport()];
       drawScatter();
       drawParallel();
-      await drawReport();
+      await Promise.all(loading);
+    } else {
+      await drawCurves();
     }
-    await drawCurves();
     // When the first full view is drawn (read by the bench): ms since navigation.
     if (!document.body.dataset.readyMs) document.body.dataset.readyMs = String(Math.round(performance.now()));
     const running = experiment.state === "running";

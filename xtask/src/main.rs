@@ -584,7 +584,7 @@ fn main() -> ExitCode {
             .and_then(|_| provision_kubernetes_validate().map(|_| ()))
             .and_then(|_| provision_slurm())
             .and_then(|_| provision_chromium().map(|_| ())),
-        _ => Err("usage: cargo xtask <demo [SPEC]|test|bench [dsir] [--json FILE]|gpu [--dry-run]|build [--release]|check|provision>".into()),
+        _ => Err("usage: cargo xtask <demo [SPEC]|test|bench [dsir|control|dashboard] [--json FILE]|gpu [--dry-run]|build [--release]|check|provision>".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -624,8 +624,15 @@ fn provision_peers() -> Result<PathBuf> {
 fn bench(args: &[String]) -> Result {
     provision_libtorch()?;
     provision_datasets()?;
-    let dsir_python = provision_dsir_reference()?;
-    let peers_python = provision_peers()?;
+    // The dashboard's rows need no peers.
+    let peers = args.first().map(String::as_str) != Some("dashboard");
+    let dsir_python = if peers {
+        provision_dsir_reference()?
+    } else {
+        PathBuf::new()
+    };
+    let peers_python = if peers { provision_peers()? } else { PathBuf::new() };
+    let chromium = provision_chromium()?;
     build("release")?;
     run(&mut cargo(&[
         "build",
@@ -642,6 +649,7 @@ fn bench(args: &[String]) -> Result {
         .env("DATABASE_URL", url)
         .env("ABLATE_DSIR_PYTHON", dsir_python)
         .env("ABLATE_PEERS_PYTHON", peers_python)
+        .env("ABLATE_CHROMIUM", chromium)
         .env("ABLATE_WORKER_BIN", bin_dir("release").join("ablate-worker"));
     run(&mut command)
 }

@@ -19,6 +19,10 @@
 //!   logging as a deployed coordinator does, once exporting traces (OTLP/gRPC to
 //!   a receiver in this process) and once with traces off, side by side.
 //!
+//! - Dashboard: the web dashboard's data requests and its experiment page in
+//!   headless Chromium on an experiment of 1,000 trials x 10,000 steps x 2
+//!   metrics (`ablate-bench dashboard` runs only these).
+//!
 //! The peers run from ABLATE_PEERS_PYTHON (xtask/scripts/peers.py); rows whose
 //! peer is missing say so. `ablate-bench dsir` runs only the DSIR rows,
 //! `ablate-bench control` only the control plane's and the tracing rows;
@@ -26,6 +30,9 @@
 //! prints them as JSON (traces go where OTEL_EXPORTER_OTLP_ENDPOINT says).
 
 use std::time::{Duration, Instant};
+
+#[path = "ablate-bench/dashboard.rs"]
+mod dashboard;
 
 use ablate_coordinator::{Coordinator, Options};
 use ablate_schema::proto::{self, experiments_client::ExperimentsClient, workers_client::WorkersClient};
@@ -906,8 +913,10 @@ async fn main() -> Result {
     };
     let mut options = Options::new(url.clone(), "127.0.0.1:0".parse()?);
     options.max_connections = 32;
+    options.http_listen = Some("127.0.0.1:0".parse()?);
     let coordinator = Coordinator::build(options).await?;
     let addr = format!("http://{}", coordinator.local_addr());
+    let http = coordinator.http_addr().ok_or("no HTTP listener")?.to_string();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(coordinator.run(async {
         let _ = stopped.await;
@@ -922,9 +931,14 @@ async fn main() -> Result {
     }
 
     let only_control = args.first().map(String::as_str) == Some("control");
+    let only_dashboard = args.first().map(String::as_str) == Some("dashboard");
     let measured = async {
         if traced {
             return Ok(vec![("traced", traced_rows(&addr).await?)]);
+        }
+        let dashboard_title = "Dashboard (1,000 trials x 10,000 steps x 2 metrics; median of 3)";
+        if only_dashboard {
+            return Ok(vec![(dashboard_title, dashboard::rows(&addr, &http, &pool).await?)]);
         }
         let mut sections = vec![(
             "Control plane (median of 3 runs)",
@@ -941,6 +955,7 @@ async fn main() -> Result {
             ));
             sections.push(("Training step (median of 3 runs)", training_steps()));
             sections.push(("DSIR", dsir_rows()?));
+            sections.push((dashboard_title, dashboard::rows(&addr, &http, &pool).await?));
         }
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(sections)
     }

@@ -26,12 +26,16 @@ pub use workers::*;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
-/// Connects and brings the schema up to date.
+/// Connects and brings the schema up to date. The coordinator's statements
+/// are short and run many times: JIT compilation (which PostgreSQL starts
+/// for any plan it costs high, such as the dashboard's reads of a large
+/// experiment) would cost more than it saves, so it is off.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
+    let options = PgConnectOptions::from_str(url)?.options([("jit", "off")]);
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
-        .connect(url)
+        .connect_with(options)
         .await?;
     MIGRATOR.run(&pool).await?;
     Ok(pool)
