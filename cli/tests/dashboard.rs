@@ -11,7 +11,7 @@ mod harness;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use harness::{free_port, http_request, spec_path, text, Stack};
+use harness::{http_request, spec_path, text, Stack};
 
 /// Debian's Chromium (`cargo xtask test` installs it and sets ABLATE_CHROMIUM).
 fn chromium() -> PathBuf {
@@ -60,12 +60,7 @@ fn count(haystack: &str, needle: &str) -> usize {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_page_loads_in_chromium_with_its_data_behind_the_tokens() {
     let mut stack = Stack::start(15.0).await;
-    let http = format!("127.0.0.1:{}", free_port());
-    stack.kill_coordinator();
-    stack
-        .coordinator_args
-        .extend(["--http-listen".to_string(), http.clone()]);
-    stack.start_coordinator().await;
+    let http = stack.serve_http().await;
     stack.start_worker("cpu:2");
     let quickstart = stack.submit_and_wait(&spec_path("quickstart.toml"));
     let mup = stack.submit_and_wait(&spec_path("coord-check.toml"));

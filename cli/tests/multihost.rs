@@ -146,8 +146,10 @@ async fn a_worker_cut_off_mid_trial_loses_it_cleanly_and_comes_back() {
     // Host C is far away all along.
     c.set(Link::Delay(Duration::from_millis(20)));
     let (_, host_a) = start_host(&mut stack, &a).await;
+    let (index_b, _) = start_host(&mut stack, &b).await;
+    let (index_c, _) = start_host(&mut stack, &c).await;
+    // One trial per host.
     let cut = stack.submit(&stack.write_spec("cut.toml", &harness::resume_spec("cut", 0..3)));
-    // A holds a trial with a checkpoint recorded; the other hosts join.
     stack
         .wait_for(
             &format!(
@@ -157,10 +159,8 @@ async fn a_worker_cut_off_mid_trial_loses_it_cleanly_and_comes_back() {
             Duration::from_secs(60),
         )
         .await;
-    let (index_b, _) = start_host(&mut stack, &b).await;
-    let (index_c, _) = start_host(&mut stack, &c).await;
-
-    // Cut A off mid-trial. Until its lease expires, A still owns the trial.
+    // Cut A off mid-trial, once its trial has a checkpoint. Until its lease
+    // expires, A still owns the trial.
     a.set(Link::Blackhole);
     let held: uuid::Uuid = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "select id from trials where lease_owner = '{host_a}' and state = 'running'"

@@ -49,12 +49,7 @@ fn until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
 async fn prometheus_scrapes_a_sweep_and_sql_shows_what_each_attempt_ran_on() {
     let bin = prometheus_bin();
     let mut stack = Stack::start(15.0).await;
-    let http = format!("127.0.0.1:{}", free_port());
-    stack.kill_coordinator();
-    stack
-        .coordinator_args
-        .extend(["--http-listen".to_string(), http.clone()]);
-    stack.start_coordinator().await;
+    let http = stack.serve_http().await;
     let worker_http = format!("127.0.0.1:{}", free_port());
     stack.start_worker_from(
         &harness::bin("ablate-worker"),

@@ -657,11 +657,11 @@ impl workers_server::Workers for WorkersService {
             .collect::<Result<Vec<_>, _>>()?;
         let unhealthy = clip_reason(&req.unhealthy, self.limits.max_string_chars);
         let unhealthy = (!unhealthy.is_empty()).then_some(unhealthy.as_str());
-        let stop = db::heartbeat(&self.pool, worker, &held, self.lease_ttl, unhealthy).await?;
-        let drain = db::draining(&self.pool, worker).await?;
+        let beat = db::heartbeat(&self.pool, worker, &held, self.lease_ttl, unhealthy).await?;
         Ok(Response::new(proto::HeartbeatResponse {
-            drain,
-            stop: stop
+            drain: beat.drain,
+            stop: beat
+                .stop
                 .into_iter()
                 .map(|(trial, reason)| proto::StopOrder {
                     trial_id: trial.to_string(),

@@ -228,7 +228,11 @@ async fn heartbeats_extend_leases_and_carry_stop_orders(pool: PgPool) {
     .unwrap();
     let leased = db::lease(&pool, worker, 2, 1, Duration::from_secs(1)).await.unwrap();
     let held: Vec<_> = leased.iter().map(|l| (l.trial, l.token)).collect();
-    assert!(db::heartbeat(&pool, worker, &held, TTL, None).await.unwrap().is_empty());
+    assert!(db::heartbeat(&pool, worker, &held, TTL, None)
+        .await
+        .unwrap()
+        .stop
+        .is_empty());
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(
         db::reap_expired(&pool).await.unwrap(),
@@ -236,7 +240,7 @@ async fn heartbeats_extend_leases_and_carry_stop_orders(pool: PgPool) {
         "the heartbeat extended the leases"
     );
     assert_eq!(db::cancel(&pool, experiment).await.unwrap(), 6);
-    let stop = db::heartbeat(&pool, worker, &held, TTL, None).await.unwrap();
+    let stop = db::heartbeat(&pool, worker, &held, TTL, None).await.unwrap().stop;
     assert_eq!(stop.len(), 2);
     assert!(stop.iter().all(|(_, why)| why == "cancelled"), "{stop:?}");
     let state: String = sqlx::query_scalar("select state from ablate.experiments")

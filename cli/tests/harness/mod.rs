@@ -499,6 +499,17 @@ impl Stack {
         self.coordinator.as_ref().map(Child::id)
     }
 
+    /// Restarts the coordinator with its HTTP listener (the dashboard, /metrics)
+    /// on a free loopback port; returns that address.
+    pub async fn serve_http(&mut self) -> String {
+        let http = format!("127.0.0.1:{}", free_port());
+        self.kill_coordinator();
+        self.coordinator_args
+            .extend(["--http-listen".to_string(), http.clone()]);
+        self.start_coordinator().await;
+        http
+    }
+
     pub fn kill_coordinator(&mut self) {
         if let Some(child) = self.coordinator.take() {
             kill_group(child);

@@ -161,22 +161,33 @@ pub async fn lease(
         .collect()
 }
 
-/// Extends the leases `worker` holds; returns the trials it must stop, with why.
+/// What a heartbeat tells its worker.
+#[derive(Debug, Default)]
+pub struct Beat {
+    /// The trials it must stop, with why.
+    pub stop: Vec<(TrialId, String)>,
+    /// An admin drained it: it takes no new trials.
+    pub drain: bool,
+}
+
+/// Extends the leases `worker` holds and marks it seen, in one statement;
+/// says which trials it must stop and whether it is drained.
 pub async fn heartbeat(
     pool: &PgPool,
     worker: WorkerId,
     held: &[(TrialId, LeaseToken)],
     ttl: Duration,
     unhealthy: Option<&str>,
-) -> Result<Vec<(TrialId, String)>> {
+) -> Result<Beat> {
     let trials: Vec<uuid::Uuid> = held.iter().map(|h| h.0 .0).collect();
     let tokens: Vec<uuid::Uuid> = held.iter().map(|h| h.1 .0).collect();
-    let rows: Vec<(uuid::Uuid, Option<String>)> = sqlx::query_as(
+    let (drain, stopped, states): (Option<bool>, Vec<uuid::Uuid>, Vec<Option<String>>) = sqlx::query_as(
         "with held as (
              select * from unnest($2::uuid[], $3::uuid[]) as h(trial_id, token)
          ),
          seen as (
              update workers set last_seen_at = now(), unhealthy = $5 where id = $1
+             returning draining_since is not null as drain
          ),
          extended as (
              update trials t
@@ -184,21 +195,28 @@ pub async fn heartbeat(
              from held
              where t.id = held.trial_id and t.lease_token = held.token and t.state = 'running'
              returning t.id
+         ),
+         stops as (
+             select held.trial_id, t.state
+             from held
+             left join trials t on t.id = held.trial_id and t.lease_token = held.token
+             where held.trial_id not in (select id from extended)
          )
-         select held.trial_id, t.state
-         from held
-         left join trials t on t.id = held.trial_id and t.lease_token = held.token
-         where held.trial_id not in (select id from extended)",
+         select (select bool_or(drain) from seen),
+                coalesce(array_agg(stops.trial_id), '{}'),
+                coalesce(array_agg(stops.state), '{}')
+         from stops",
     )
     .bind(worker.0)
     .bind(&trials)
     .bind(&tokens)
     .bind(ttl.as_secs_f64())
     .bind(unhealthy)
-    .fetch_all(pool)
+    .fetch_one(pool)
     .await?;
-    Ok(rows
+    let stop = stopped
         .into_iter()
+        .zip(states)
         .map(|(id, state)| {
             let reason = match state.as_deref() {
                 Some("cancelled") => "cancelled".to_string(),
@@ -208,7 +226,11 @@ pub async fn heartbeat(
             };
             (TrialId(id), reason)
         })
-        .collect())
+        .collect();
+    Ok(Beat {
+        stop,
+        drain: drain.unwrap_or(false),
+    })
 }
 
 /// Gives back a trial its worker could not start: pending again, the attempt

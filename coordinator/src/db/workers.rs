@@ -115,17 +115,6 @@ pub async fn drain(pool: &PgPool, id: &str) -> Result<Drained> {
     }
 }
 
-/// Whether an admin has drained the worker.
-pub async fn draining(pool: &PgPool, worker: WorkerId) -> Result<bool> {
-    Ok(
-        sqlx::query_scalar::<_, bool>("select draining_since is not null from workers where id = $1")
-            .bind(worker.0)
-            .fetch_optional(pool)
-            .await?
-            .unwrap_or(false),
-    )
-}
-
 /// Why an experiment's pending trials wait, when no live worker (one heard
 /// from within `lease_ttl` and not draining) matches its pool and labels or
 /// has as many GPUs as its trials ask for.
