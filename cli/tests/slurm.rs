@@ -20,6 +20,24 @@ struct Slurm {
     _daemons: Vec<Guard>,
 }
 
+impl Drop for Slurm {
+    /// Job steps outlive the slurmd that started them: every process of this
+    /// cluster's jobs (slurmstepd, srun, the workers) carries its SLURM_CONF.
+    fn drop(&mut self) {
+        let mark = format!("SLURM_CONF={}", self.conf.display());
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+            if environ.split(|b| *b == 0).any(|kv| kv == mark.as_bytes()) && pid as u32 != std::process::id() {
+                // SAFETY: signalling a process of this test's own cluster.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
 fn sbin(name: &str) -> String {
     for dir in ["/usr/sbin", "/usr/bin"] {
         let path = format!("{dir}/{name}");
