@@ -22,8 +22,14 @@ pub fn progress(c: &proto::TrialCounts) -> (u32, u32) {
 fn counts_line(e: &proto::Experiment) -> String {
     let c = e.counts.unwrap_or_default();
     let (_, total) = progress(&c);
+    // Pruned: stopped at an ASHA or Hyperband rung (`ablate.rungs` has their values there).
+    let pruned = if c.pruned > 0 {
+        format!(", {} pruned at a rung", c.pruned)
+    } else {
+        String::new()
+    };
     format!(
-        "{total} trials: {} succeeded, {} failed, {} running, {} pending, {} cancelled",
+        "{total} trials: {} succeeded{pruned}, {} failed, {} running, {} pending, {} cancelled",
         c.succeeded, c.failed, c.running, c.pending, c.cancelled
     )
 }

@@ -335,13 +335,8 @@ async fn stale_lease_tokens_are_refused_over_grpc() {
         .unwrap_err();
     assert_eq!(checkpoint.code(), tonic::Code::FailedPrecondition);
     let complete = |token: String| proto::CompleteRequest {
-        trial_id: leased.trial_id.clone(),
         lease_token: token,
-        outcome: "succeeded".into(),
-        error: String::new(),
-        stderr_tail: String::new(),
-        outputs_json: String::new(),
-        provenance_json: String::new(),
+        ..proto::CompleteRequest::succeeded(leased.clone())
     };
     let refused = workers.complete(complete(wrong)).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);

@@ -634,6 +634,7 @@ impl workers_server::Workers for WorkersService {
                     spec_hash: t.spec_hash,
                     fresh_process: t.fresh_process,
                     gpus: t.gpus,
+                    pause_at_step: t.pause_at,
                     resume_from: t.resume_from.map(|c| proto::Checkpoint {
                         step: c.step,
                         path: c.path,
@@ -801,6 +802,13 @@ impl workers_server::Workers for WorkersService {
 
 /// A worker's report of how a trial ended, checked and ready to record.
 enum Completion {
+    /// It stopped at its rung (ASHA, Hyperband) with a checkpoint there.
+    Paused {
+        trial: TrialId,
+        token: LeaseToken,
+        step: u64,
+        provenance: Option<serde_json::Value>,
+    },
     /// Its process crashed: pending again while attempts remain.
     Crashed {
         trial: TrialId,
@@ -857,6 +865,14 @@ impl Completion {
         let provenance = provenance(&req.provenance_json, limits)?;
         // A crashed trial's stderr may hold anything; PostgreSQL text can't hold NUL.
         let nonempty = |s: &str| Some(pg_text(s)).filter(|s| !s.is_empty());
+        if req.outcome == "paused" {
+            return Ok(Completion::Paused {
+                trial,
+                token,
+                step: req.paused_at_step,
+                provenance,
+            });
+        }
         if req.outcome == "crashed" {
             return Ok(Completion::Crashed {
                 trial,
@@ -870,7 +886,7 @@ impl Completion {
             Some(s @ (TrialState::Succeeded | TrialState::Failed)) => s,
             _ => {
                 return Err(Status::invalid_argument(format!(
-                    "outcome `{}` is not one of succeeded, failed, crashed",
+                    "outcome `{}` is not one of succeeded, failed, crashed, paused",
                     req.outcome
                 )))
             }
@@ -907,6 +923,7 @@ impl Completion {
 
     fn count(&self, telemetry: &Telemetry) {
         match self {
+            Completion::Paused { .. } => telemetry.completions_paused.add(1),
             Completion::Crashed { .. } => telemetry.completions_crashed.add(1),
             Completion::Finished {
                 outcome: TrialState::Succeeded,
@@ -918,6 +935,15 @@ impl Completion {
 
     async fn record(&self, conn: &mut sqlx::PgConnection) -> Result<(), Error> {
         match self {
+            Completion::Paused {
+                trial,
+                token,
+                step,
+                provenance,
+            } => {
+                let pause = db::pause(&mut *conn, *trial, *token, *step, provenance.as_ref()).await?;
+                tracing::info!(trial = %trial, step, value = ?pause.value, promoted = ?pause.promoted, "trial paused at its rung");
+            }
             Completion::Crashed {
                 trial,
                 token,

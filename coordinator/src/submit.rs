@@ -40,13 +40,22 @@ pub async fn submit_as(
         submitted_by,
         traceparent: ablate_schema::trace::current(),
     };
+    let ladder = checked.spec.sweep.ladder();
+    let ids: Vec<TrialId> = checked.trials.iter().map(|_| TrialId::new_random()).collect();
     let trials: Vec<NewTrial> = checked
         .trials
         .iter()
-        .map(|t| NewTrial {
-            id: TrialId::new_random(),
-            params: t.params.clone(),
-            total_steps: t.total_steps as i64,
+        .enumerate()
+        .map(|(ordinal, t)| {
+            let bracket = ladder.map(|l| l.bracket_of(ordinal));
+            NewTrial {
+                id: ids[ordinal],
+                depends_on: t.depends_on.iter().map(|&i| ids[i]).collect(),
+                params: t.params.clone(),
+                total_steps: t.total_steps as i64,
+                bracket: bracket.map(|b| b as i32),
+                pause_at: ladder.zip(bracket).and_then(|(l, b)| l.rung_after(b, 0)).map(|s| s as i64),
+            }
         })
         .collect();
     tracing::Span::current().record("experiment_id", id.to_string());

@@ -25,6 +25,7 @@ pub struct Telemetry {
     pub completions_succeeded: Counter,
     pub completions_failed: Counter,
     pub completions_crashed: Counter,
+    pub completions_paused: Counter,
 }
 
 impl Default for Telemetry {
@@ -38,6 +39,7 @@ impl Default for Telemetry {
             completions_succeeded: Counter::default(),
             completions_failed: Counter::default(),
             completions_crashed: Counter::default(),
+            completions_paused: Counter::default(),
         }
     }
 }
@@ -162,6 +164,7 @@ async fn page(http: &Http) -> crate::Result<String> {
         ("succeeded", &t.completions_succeeded),
         ("failed", &t.completions_failed),
         ("crashed", &t.completions_crashed),
+        ("paused", &t.completions_paused),
     ] {
         p.sample(
             "ablate_trial_completions_total",

@@ -2,9 +2,12 @@
 //!
 //! `grid` is the cartesian product in name order (the last name varies
 //! fastest); `random` draws `samples` sets from a seeded generator, so the
-//! same spec always gives the same trials.
+//! same spec always gives the same trials. `asha` and `hyperband` take the
+//! grid, or `samples` draws, in a seeded random order, each trial set to
+//! train `max_steps`; their rungs are kept and decided by the coordinator.
 
-use ablate_schema::{ParamDomain, Searcher, SweepSpec};
+use ablate_schema::{ParamDomain, SweepSpec};
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Map, Value};
@@ -13,14 +16,25 @@ use serde_json::{Map, Value};
 /// (parsing already refused a sweep whose domains multiply past it).
 pub fn expand(spec: &SweepSpec, max_trials: u64) -> Result<Vec<Map<String, Value>>, ablate_schema::SpecError> {
     let domains = spec.domains();
-    let trials = match spec.sweep.searcher {
-        Searcher::Grid => grid(&domains),
-        Searcher::Random => random(
+    let mut trials = if spec.sweep.draws() {
+        random(
             &domains,
             spec.sweep.samples.unwrap_or(1) as usize,
             spec.sweep.seed.unwrap_or(0),
-        ),
+        )
+    } else {
+        grid(&domains)
     };
+    if let Some(ladder) = spec.sweep.ladder() {
+        // Every configuration may train the whole run; its rungs stop it before.
+        for trial in &mut trials {
+            trial.insert("steps".to_string(), Value::from(ladder.max_steps));
+        }
+        // Configurations reach the first rung in lease order, and each is judged against those
+        // before it: in the grid's order (say, learning rates rising) every newcomer could be
+        // the best so far and go on. A seeded shuffle makes the order as good as random.
+        trials.shuffle(&mut ChaCha8Rng::seed_from_u64(spec.sweep.seed.unwrap_or(0) ^ 0x5a5a));
+    }
     if trials.len() as u64 > max_trials {
         return Err(ablate_schema::SpecError::new(
             "sweep",

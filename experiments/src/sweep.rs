@@ -12,6 +12,8 @@ use crate::{searcher, Family};
 pub struct PlannedTrial {
     pub params: Value,
     pub total_steps: u64,
+    /// The positions of the trials it waits for (all before it).
+    pub depends_on: Vec<usize>,
 }
 
 /// A spec that passed every check, ready to store.
@@ -67,12 +69,33 @@ pub fn check_confined(
             params
         })
         .collect();
+    if spec.sweep.ladder().is_some() && !family.pauses_at_rungs() {
+        let pausing: Vec<&str> = crate::Family::all().filter(|f| f.pauses_at_rungs()).map(|f| f.name()).collect();
+        return Err(SpecError::new(
+            "sweep.searcher",
+            format!(
+                "the {} searcher stops trials at rungs, which family {}'s trials can't do; use it with {}",
+                spec.sweep.searcher.as_str(),
+                family.name(),
+                pausing.join(", ")
+            ),
+        ));
+    }
     let points = family.expand(points).map_err(|e| {
         let (path, message) = locate(&spec, &e.path, &e.message);
         SpecError::new(path, message)
     })?;
+    let dependencies = family.dependencies(&points);
+    if dependencies.len() != points.len()
+        || dependencies.iter().enumerate().any(|(i, d)| d.iter().any(|&j| j >= i))
+    {
+        return Err(SpecError::new(
+            "family",
+            format!("family {} listed dependencies that are not of earlier trials", family.name()),
+        ));
+    }
     let mut trials = Vec::new();
-    for (ordinal, params) in points.into_iter().enumerate() {
+    for ((ordinal, params), depends_on) in points.into_iter().enumerate().zip(dependencies) {
         let params = Value::Object(params);
         let plan = family
             .check_params(&params)
@@ -84,6 +107,7 @@ pub fn check_confined(
         trials.push(PlannedTrial {
             params,
             total_steps: plan.total_steps,
+            depends_on,
         });
     }
     Ok(Checked {

@@ -172,6 +172,10 @@ pub struct TrialContext<'a> {
     pub checkpoints: &'a mut dyn CheckpointStore,
     pub metrics: &'a mut dyn MetricSink,
     pub data: &'a mut dyn DataStore,
+    /// A rung (ASHA, Hyperband): stop after this step with a checkpoint at it, and set `paused`.
+    pub pause_at: Option<u64>,
+    /// Set by a trial that stopped at `pause_at`: the step it stopped at.
+    pub paused: Option<u64>,
 }
 
 /// Keeps checkpoints in memory; for tests and in-process runs.

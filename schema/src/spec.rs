@@ -177,6 +177,76 @@ fn default_max_attempts() -> u32 {
 pub enum Searcher {
     Grid,
     Random,
+    /// Asynchronous successive halving: every configuration trains to the
+    /// first rung, the best `1/reduction_factor` of each rung go on to the next.
+    Asha,
+    /// Brackets of ASHA, each starting at a larger first rung.
+    Hyperband,
+}
+
+impl Searcher {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Searcher::Grid => "grid",
+            Searcher::Random => "random",
+            Searcher::Asha => "asha",
+            Searcher::Hyperband => "hyperband",
+        }
+    }
+}
+
+/// `[sweep.asha]` and `[sweep.hyperband]`: the rungs, in training steps.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Rungs {
+    /// The first rung: every configuration trains this many steps.
+    pub min_steps: u64,
+    /// The whole run; the trials' `steps` is set to it.
+    pub max_steps: u64,
+    /// Each rung is this many times the one below, and keeps the best 1 in this many (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reduction_factor: Option<u64>,
+    /// Hyperband only: how many brackets (default: one per rung, the last training every
+    /// configuration fully).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brackets: Option<u32>,
+}
+
+/// The rung ladder of an ASHA or Hyperband sweep. Bracket `b`'s rungs are
+/// `min_steps * rf^(b + k)` below `max_steps`; configuration `i` is in bracket
+/// `i % brackets`. A trial pauses at each rung of its bracket (checkpointed);
+/// it goes on when it is among the best `1/rf` of the trials that reached that
+/// rung so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ladder {
+    pub min_steps: u64,
+    pub max_steps: u64,
+    pub reduction_factor: u64,
+    pub brackets: u32,
+}
+
+impl Ladder {
+    /// The rung after `step` in `bracket`, or `None` when the next stop is the end of the run.
+    pub fn rung_after(&self, bracket: u32, step: u64) -> Option<u64> {
+        let mut rung = self.min_steps;
+        for _ in 0..bracket {
+            rung = rung.saturating_mul(self.reduction_factor);
+        }
+        while rung <= step {
+            rung = rung.saturating_mul(self.reduction_factor);
+        }
+        (rung < self.max_steps).then_some(rung)
+    }
+
+    /// Every rung of `bracket`, lowest first.
+    pub fn rungs(&self, bracket: u32) -> Vec<u64> {
+        std::iter::successors(self.rung_after(bracket, 0), |&r| self.rung_after(bracket, r)).collect()
+    }
+
+    /// The bracket of the configuration at `ordinal`.
+    pub fn bracket_of(&self, ordinal: usize) -> u32 {
+        (ordinal % self.brackets.max(1) as usize) as u32
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -192,6 +262,54 @@ pub struct Sweep {
     /// Seed of the random searcher; the same seed gives the same trials.
     #[serde(default)]
     pub seed: Option<u64>,
+    /// The rungs of `searcher = "asha"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asha: Option<Rungs>,
+    /// The rungs of `searcher = "hyperband"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hyperband: Option<Rungs>,
+}
+
+impl Sweep {
+    /// Whether the configurations are drawn at random (`samples` of them) rather than
+    /// the grid: `random`, and `asha` or `hyperband` given `samples`.
+    pub fn draws(&self) -> bool {
+        match self.searcher {
+            Searcher::Grid => false,
+            Searcher::Random => true,
+            Searcher::Asha | Searcher::Hyperband => self.samples.is_some(),
+        }
+    }
+
+    /// The rung ladder of an ASHA or Hyperband sweep (checked at parse time).
+    pub fn ladder(&self) -> Option<Ladder> {
+        let (rungs, hyperband) = match self.searcher {
+            Searcher::Asha => (self.asha.as_ref()?, false),
+            Searcher::Hyperband => (self.hyperband.as_ref()?, true),
+            _ => return None,
+        };
+        let rf = rungs.reduction_factor.unwrap_or(3);
+        let brackets = if hyperband {
+            rungs.brackets.unwrap_or_else(|| {
+                // One bracket per rung of the first, plus the one that trains fully.
+                let mut n = 1;
+                let mut r = rungs.min_steps;
+                while r < rungs.max_steps {
+                    n += 1;
+                    r = r.saturating_mul(rf);
+                }
+                n.max(1)
+            })
+        } else {
+            1
+        };
+        Some(Ladder {
+            min_steps: rungs.min_steps,
+            max_steps: rungs.max_steps,
+            reduction_factor: rf,
+            brackets,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -455,7 +573,7 @@ impl SweepSpec {
             limits.check_value(&path, value)?;
             let domain = ParamDomain::from_value(&path, value)?;
             if let Some(len) = domain.grid_len() {
-                if self.sweep.searcher == Searcher::Grid {
+                if !self.sweep.draws() {
                     trials = trials.saturating_mul(len);
                     if trials > limits.max_trials {
                         return Err(SpecError::new(
@@ -474,11 +592,17 @@ impl SweepSpec {
                     }
                 }
             }
-            if self.sweep.searcher == Searcher::Grid && domain.grid_len().is_none() {
-                return Err(SpecError::new(
-                    path,
-                    "a continuous domain needs searcher = \"random\"; the grid searcher takes lists and ranges",
-                ));
+            if !self.sweep.draws() && domain.grid_len().is_none() {
+                let message = if self.sweep.searcher == Searcher::Grid {
+                    "a continuous domain needs searcher = \"random\"; the grid searcher takes lists and ranges".to_string()
+                } else {
+                    format!(
+                        "a continuous domain needs samples = N in [sweep] (the {} searcher then draws N configurations); \
+                         without it, it runs the grid of lists and ranges",
+                        self.sweep.searcher.as_str()
+                    )
+                };
+                return Err(SpecError::new(path, message));
             }
             if self.base.contains_key(name) {
                 return Err(SpecError::new(
@@ -487,7 +611,8 @@ impl SweepSpec {
                 ));
             }
         }
-        if self.sweep.searcher == Searcher::Random && u64::from(self.sweep.samples.unwrap_or(0)) > limits.max_trials {
+        self.check_rungs()?;
+        if self.sweep.draws() && u64::from(self.sweep.samples.unwrap_or(0)) > limits.max_trials {
             return Err(SpecError::new(
                 "sweep.samples",
                 format!(
@@ -498,16 +623,100 @@ impl SweepSpec {
             ));
         }
         match (self.sweep.searcher, self.sweep.samples) {
-            (Searcher::Random, None) | (Searcher::Random, Some(0)) => Err(SpecError::new(
+            (Searcher::Random, None) | (_, Some(0)) => Err(SpecError::new(
                 "sweep.samples",
-                "the random searcher needs samples = N with N >= 1",
+                format!("the {} searcher needs samples = N with N >= 1", self.sweep.searcher.as_str()),
             )),
             (Searcher::Grid, Some(_)) => Err(SpecError::new(
                 "sweep.samples",
-                "samples applies to searcher = \"random\" only; the grid runs every combination",
+                "samples applies to searcher = \"random\", \"asha\" or \"hyperband\"; the grid runs every combination",
             )),
             _ => Ok(()),
         }
+    }
+
+    /// The `[sweep.asha]` / `[sweep.hyperband]` table: given exactly for its searcher, rungs that make sense,
+    /// and `steps` left to it.
+    fn check_rungs(&self) -> Result<(), SpecError> {
+        let sweep = &self.sweep;
+        for (name, table, searcher) in [
+            ("asha", &sweep.asha, Searcher::Asha),
+            ("hyperband", &sweep.hyperband, Searcher::Hyperband),
+        ] {
+            match (table, sweep.searcher == searcher) {
+                (Some(_), false) => {
+                    return Err(SpecError::new(
+                        format!("sweep.{name}"),
+                        format!(
+                            "[sweep.{name}] applies to searcher = \"{name}\" only; this sweep's searcher is \"{}\"",
+                            sweep.searcher.as_str()
+                        ),
+                    ))
+                }
+                (None, true) => {
+                    return Err(SpecError::new(
+                        format!("sweep.{name}"),
+                        format!(
+                            "searcher = \"{name}\" needs a [sweep.{name}] table: min_steps = N (the first rung), \
+                             max_steps = M (the whole run), and optionally reduction_factor = 3"
+                        ),
+                    ))
+                }
+                (Some(rungs), true) => {
+                    let path = |field: &str| format!("sweep.{name}.{field}");
+                    if rungs.min_steps == 0 {
+                        return Err(SpecError::new(path("min_steps"), "expected at least 1 step"));
+                    }
+                    if rungs.max_steps <= rungs.min_steps {
+                        return Err(SpecError::new(
+                            path("max_steps"),
+                            format!(
+                                "{} is not above min_steps ({}): the first rung must come before the end of the run",
+                                rungs.max_steps, rungs.min_steps
+                            ),
+                        ));
+                    }
+                    if rungs.max_steps > 1 << 40 {
+                        return Err(SpecError::new(path("max_steps"), "expected at most 2^40 steps"));
+                    }
+                    if let Some(rf) = rungs.reduction_factor {
+                        if !(2..=100).contains(&rf) {
+                            return Err(SpecError::new(
+                                path("reduction_factor"),
+                                format!("{rf}: expected 2 to 100 (3 or 4 are usual)"),
+                            ));
+                        }
+                    }
+                    match (rungs.brackets, searcher) {
+                        (Some(_), Searcher::Asha) => {
+                            return Err(SpecError::new(
+                                path("brackets"),
+                                "brackets applies to searcher = \"hyperband\"; ASHA is one bracket",
+                            ))
+                        }
+                        (Some(b), _) if !(1..=32).contains(&b) => {
+                            return Err(SpecError::new(path("brackets"), format!("{b}: expected 1 to 32")))
+                        }
+                        _ => {}
+                    }
+                    let steps = self.base.get("steps").or_else(|| self.sweep.params.get("steps"));
+                    if let Some(steps) = steps {
+                        if steps.as_u64() != Some(rungs.max_steps) {
+                            return Err(SpecError::new(
+                                self.param_path("steps"),
+                                format!(
+                                    "the {name} searcher sets every trial's steps to sweep.{name}.max_steps ({}); \
+                                     leave steps out",
+                                    rungs.max_steps
+                                ),
+                            ));
+                        }
+                    }
+                }
+                (None, false) => {}
+            }
+        }
+        Ok(())
     }
 
     /// The domain of every swept parameter, in name order.
@@ -617,7 +826,7 @@ params.log2_lr = { range = [-4, -1], step = 1 }
     fn wrong_type_names_its_path() {
         check_err(&GOOD.replace("name = \"t\"", "name = 3"), "name", "string");
         check_err(
-            &GOOD.replace("searcher = \"grid\"", "searcher = \"tpe\""),
+            &GOOD.replace("searcher = \"grid\"", "searcher = \"bayes\""),
             "sweep.searcher",
             "grid",
         );
@@ -644,6 +853,62 @@ params.log2_lr = { range = [-4, -1], step = 1 }
         assert!(err.message.contains("extra"), "{err}");
         let ok = "name: t\nfamily: train\nsweep:\n  searcher: grid\n  params:\n    seed: [0, 1]\n";
         assert_eq!(SweepSpec::parse(ok, SpecFormat::Yaml).unwrap().sweep.params.len(), 1);
+    }
+
+    const ASHA: &str = r#"
+name = "t"
+family = "train"
+[sweep]
+searcher = "asha"
+params.log2_lr = [-8, -6, -4]
+[sweep.asha]
+min_steps = 20
+max_steps = 300
+"#;
+
+    #[test]
+    fn asha_ladders_rise_by_the_reduction_factor_below_max_steps() {
+        let spec = SweepSpec::parse(ASHA, SpecFormat::Toml).unwrap();
+        let ladder = spec.sweep.ladder().unwrap();
+        assert_eq!(ladder.rungs(0), vec![20, 60, 180]);
+        assert_eq!(ladder.rung_after(0, 60), Some(180));
+        assert_eq!(ladder.rung_after(0, 180), None);
+        assert_eq!(ladder.brackets, 1);
+        let hb = SweepSpec::parse(
+            &ASHA.replace("\"asha\"", "\"hyperband\"").replace("[sweep.asha]", "[sweep.hyperband]"),
+            SpecFormat::Toml,
+        )
+        .unwrap();
+        let ladder = hb.sweep.ladder().unwrap();
+        assert_eq!(ladder.brackets, 4);
+        assert_eq!(ladder.rungs(1), vec![60, 180]);
+        assert_eq!(ladder.rungs(3), Vec::<u64>::new());
+        assert_eq!(ladder.bracket_of(5), 1);
+    }
+
+    #[test]
+    fn asha_tables_are_checked_with_their_paths() {
+        check_err(&ASHA.replace("[sweep.asha]\nmin_steps = 20\nmax_steps = 300\n", ""), "sweep.asha", "min_steps");
+        check_err(&ASHA.replace("max_steps = 300", "max_steps = 20"), "sweep.asha.max_steps", "not above");
+        check_err(&ASHA.replace("min_steps = 20", "min_steps = 0"), "sweep.asha.min_steps", "at least 1");
+        check_err(
+            &ASHA.replace("max_steps = 300", "max_steps = 300\nreduction_factor = 1"),
+            "sweep.asha.reduction_factor",
+            "2 to 100",
+        );
+        check_err(&ASHA.replace("\"asha\"", "\"grid\""), "sweep.asha", "searcher = \"asha\" only");
+        check_err(
+            &ASHA.replace("[sweep]", "[base]\nsteps = 100\n[sweep]"),
+            "base.steps",
+            "leave steps out",
+        );
+        check_err(
+            &ASHA.replace("[-8, -6, -4]", "{ uniform = [-8, -4] }"),
+            "sweep.params.log2_lr",
+            "samples = N",
+        );
+        let drawn = ASHA.replace("[-8, -6, -4]", "{ uniform = [-8, -4] }\nsamples = 9");
+        assert!(SweepSpec::parse(&drawn, SpecFormat::Toml).unwrap().sweep.draws());
     }
 
     #[test]

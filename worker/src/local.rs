@@ -36,6 +36,13 @@ pub fn run(
         None => None,
     };
     let checked = ablate_experiments::sweep::check(text, format).map_err(|e| anyhow::anyhow!("invalid spec: {e}"))?;
+    if checked.spec.sweep.ladder().is_some() {
+        anyhow::bail!(
+            "invalid spec: sweep.searcher: the {} searcher decides rungs on the coordinator; submit it with \
+             `ablate submit` (this runs whole sweeps only: grid or random)",
+            checked.spec.sweep.searcher.as_str()
+        );
+    }
     let family = Family::parse(&checked.spec.family).map_err(|e| anyhow::anyhow!(e))?;
     let threads = slots.iter().map(|s| s.threads).min().unwrap_or(1);
     tch::set_num_threads(threads as i32);
@@ -82,6 +89,8 @@ pub fn run(
                     checkpoints: &mut checkpoints,
                     metrics: &mut metrics,
                     data: &mut data,
+                    pause_at: None,
+                    paused: None,
                 };
                 let result = family.run(&params, &mut ctx);
                 let mut last = serde_json::Map::new();

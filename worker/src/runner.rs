@@ -182,6 +182,7 @@ async fn drive(
         scratch_dir: shared.scratch_dir.clone(),
         data_roots: shared.data_roots.clone(),
         traceparent: ablate_schema::trace::current(),
+        pause_at: trial.pause_at_step,
     };
     if let Err(error) = process.send(&input).await {
         if process.trials > 1 {
@@ -203,6 +204,8 @@ async fn drive(
     let mut outputs = serde_json::Map::new();
     // Whether the process said anything on stdout: a trial that ran did.
     let mut any_event = false;
+    // The step it stopped at for its rung (ASHA, Hyperband), checkpointed there.
+    let mut paused: Option<u64> = None;
     let mut tick = tokio::time::interval(BATCH_DELAY);
     let end = loop {
         tokio::select! {
@@ -217,6 +220,7 @@ async fn drive(
                     Ok(Event::Output(name, value)) => {
                         outputs.insert(name, value);
                     }
+                    Ok(Event::Paused(step)) => paused = Some(step),
                     Ok(Event::Done(error)) => break End::Done(error),
                     Ok(Event::Checkpoint(written)) => {
                         // A checkpoint is recorded only after every metric before it is durable,
@@ -297,6 +301,8 @@ async fn drive(
         }
     }
     let (outcome, error) = match &end {
+        End::Done(None) if paused.is_some() => ("paused", String::new()),
+        End::Exited(status) if status.success() && paused.is_some() => ("paused", String::new()),
         End::Done(None) => ("succeeded", String::new()),
         // The trial's own failure (bad parameters, divergence, data): running it again would fail again.
         End::Done(Some(error)) => ("failed", format!("trial failed: error: {error}")),
@@ -320,7 +326,8 @@ async fn drive(
         lease_token: trial.lease_token.clone(),
         outcome: outcome.into(),
         error,
-        stderr_tail: if outcome == "succeeded" {
+        paused_at_step: paused.unwrap_or(0),
+        stderr_tail: if outcome == "succeeded" || outcome == "paused" {
             String::new()
         } else {
             tail.join("\n")

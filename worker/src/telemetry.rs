@@ -21,6 +21,7 @@ pub struct Telemetry {
     pub failed: Counter,
     pub crashed: Counter,
     pub stopped: Counter,
+    pub paused: Counter,
     pub not_started: Counter,
 }
 
@@ -32,6 +33,7 @@ impl Telemetry {
             "failed" => self.failed.add(1),
             "crashed" => self.crashed.add(1),
             "stopped" => self.stopped.add(1),
+            "paused" => self.paused.add(1),
             _ => self.not_started.add(1),
         }
     }
@@ -86,13 +88,14 @@ async fn metrics(State(http): State<Http>) -> impl IntoResponse {
     p.family(
         "ablate_worker_trial_exits_total",
         "counter",
-        "Trials this worker ran to an end, by outcome (stopped: cancelled, pruned or lease lost; not_started: given back).",
+        "Trials this worker ran to an end, by outcome (stopped: cancelled, pruned or lease lost; paused: at an ASHA rung; not_started: given back).",
     );
     for (outcome, c) in [
         ("succeeded", &t.succeeded),
         ("failed", &t.failed),
         ("crashed", &t.crashed),
         ("stopped", &t.stopped),
+        ("paused", &t.paused),
         ("not_started", &t.not_started),
     ] {
         p.sample(

@@ -37,6 +37,9 @@ pub struct TrialInput {
     /// The daemon's span for this trial (W3C `traceparent`), when traces are on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// The rung to stop at (ASHA, Hyperband), checkpointed there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_at: Option<u64>,
 }
 
 /// One line a trial process writes on stdout.
@@ -49,6 +52,8 @@ pub enum Event {
     Checkpoint(storage::Written),
     /// A named result kept with the trial: (name, value).
     Output(String, Value),
+    /// The trial stopped at its rung, checkpointed at this step (comes before its end).
+    Paused(u64),
     /// Warm processes: the trial ended, with its error if it failed.
     Done(Option<String>),
 }
@@ -195,6 +200,8 @@ fn train(input: &TrialInput, events: &Events) -> anyhow::Result<()> {
         checkpoints: &mut checkpoints,
         metrics: &mut sink,
         data: &mut data,
+        pause_at: input.pause_at,
+        paused: None,
     };
     let roots = if input.data_roots.is_empty() {
         ablate_experiments::nn::locations::default_roots()
@@ -205,6 +212,9 @@ fn train(input: &TrialInput, events: &Events) -> anyhow::Result<()> {
     ablate_experiments::nn::locations::confine_params(&input.params, &roots, true)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let result = family.run(&input.params, &mut ctx);
+    if let (Ok(()), Some(step)) = (&result, ctx.paused) {
+        events.borrow_mut().emit(&Event::Paused(step));
+    }
     events.borrow_mut().flush();
     result.map_err(|e| anyhow::anyhow!("{e}"))
 }

@@ -28,6 +28,11 @@ pub struct NewTrial {
     pub id: TrialId,
     pub params: Value,
     pub total_steps: i64,
+    /// ASHA and Hyperband: its bracket and first rung.
+    pub bracket: Option<i32>,
+    pub pause_at: Option<i64>,
+    /// The trials of the same experiment it waits for.
+    pub depends_on: Vec<TrialId>,
 }
 
 /// Stores an experiment and all its trials in one transaction.
@@ -55,16 +60,28 @@ pub async fn insert_experiment(pool: &PgPool, e: &NewExperiment<'_>, trials: &[N
     let ordinals: Vec<i32> = (0..trials.len() as i32).collect();
     let params: Vec<Value> = trials.iter().map(|t| t.params.clone()).collect();
     let steps: Vec<i64> = trials.iter().map(|t| t.total_steps).collect();
+    let brackets: Vec<Option<i32>> = trials.iter().map(|t| t.bracket).collect();
+    let pause_at: Vec<Option<i64>> = trials.iter().map(|t| t.pause_at).collect();
+    // Arrays of arrays can't be ragged: each trial's dependencies travel as a JSON list.
+    let depends_on: Vec<Value> = trials
+        .iter()
+        .map(|t| Value::from(t.depends_on.iter().map(|d| d.to_string()).collect::<Vec<_>>()))
+        .collect();
     sqlx::query(
-        "insert into trials (id, experiment_id, ordinal, params, total_steps)
-         select u.id, $1, u.ordinal, u.params, u.total_steps
-         from unnest($2::uuid[], $3::int4[], $4::jsonb[], $5::int8[]) as u(id, ordinal, params, total_steps)",
+        "insert into trials (id, experiment_id, ordinal, params, total_steps, bracket, pause_at, depends_on)
+         select u.id, $1, u.ordinal, u.params, u.total_steps, u.bracket, u.pause_at,
+                array(select d::uuid from jsonb_array_elements_text(u.depends_on) d)
+         from unnest($2::uuid[], $3::int4[], $4::jsonb[], $5::int8[], $6::int4[], $7::int8[], $8::jsonb[])
+              as u(id, ordinal, params, total_steps, bracket, pause_at, depends_on)",
     )
     .bind(e.id.0)
     .bind(&ids)
     .bind(&ordinals)
     .bind(&params)
     .bind(&steps)
+    .bind(&brackets)
+    .bind(&pause_at)
+    .bind(&depends_on)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;

@@ -13,6 +13,7 @@ mod experiments;
 mod metrics;
 mod queue;
 mod reader;
+mod rungs;
 mod tokens;
 mod workers;
 
@@ -21,6 +22,7 @@ pub use experiments::*;
 pub use metrics::*;
 pub use queue::*;
 pub use reader::*;
+pub use rungs::*;
 pub use tokens::*;
 pub use workers::*;
 

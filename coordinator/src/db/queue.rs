@@ -32,6 +32,8 @@ pub struct LeasedTrial {
     pub traceparent: Option<String>,
     /// GPUs it takes together (`[resources] gpus_per_trial`).
     pub gpus: u32,
+    /// The rung it stops at (ASHA, Hyperband); `None`: the end of the run.
+    pub pause_at: Option<u64>,
 }
 
 /// Leases pending trials to `worker` in one statement, filling at most `slots`
@@ -87,10 +89,17 @@ pub async fn lease(
                     (x.running + row_number() over (partition by x.id order by c.ordinal)) * x.gpus / x.weight as share
              from experiments_waiting x
              cross join lateral (
-                 select t.id, t.ordinal from trials t
-                 where t.experiment_id = x.id and t.state = 'pending'
-                 order by t.ordinal
-                 limit greatest(0, least($2 + 64, coalesce(x.cap - x.running, $2 + 64)))::bigint
+                 -- An experiment's trials in its own order (promoted ones first: ASHA's rungs),
+                 -- numbered so that the order below keeps it.
+                 select p.id, row_number() over (order by p.pauses desc, p.ordinal) as ordinal from (
+                     select t.id, t.pauses, t.ordinal from trials t
+                     where t.experiment_id = x.id and t.state = 'pending'
+                       -- Only once every trial it waits for succeeded.
+                       and (t.depends_on = '{}' or not exists (
+                           select 1 from trials d where d.id = any(t.depends_on) and d.state <> 'succeeded'))
+                     order by t.pauses desc, t.ordinal
+                     limit greatest(0, least($2 + 64, coalesce(x.cap - x.running, $2 + 64)))::bigint
+                 ) p
              ) c
          ),
          ordered as (
@@ -127,6 +136,7 @@ pub async fn lease(
          from fits, experiments e
          where t.id = fits.id and fits.used <= $2 and e.id = t.experiment_id
          returning t.id, t.experiment_id, t.lease_token, t.attempt, e.family, t.params, e.spec_hash, e.traceparent, fits.gpus,
+             t.pause_at,
              coalesce((e.spec #>> '{resources,fresh_process}')::boolean, false) as fresh_process,
              (select jsonb_build_object('step', c.step, 'path', c.path, 'bytes', c.bytes)
               from checkpoints c where c.trial_id = t.id order by c.step desc limit 1) as checkpoint",
@@ -151,6 +161,7 @@ pub async fn lease(
                 fresh_process: row.try_get("fresh_process")?,
                 traceparent: row.try_get("traceparent")?,
                 gpus: row.try_get::<i32, _>("gpus")? as u32,
+                pause_at: row.try_get::<Option<i64>, _>("pause_at")?.map(|s| s as u64),
                 resume_from: checkpoint.map(|c| CheckpointRecord {
                     step: c["step"].as_i64().unwrap_or(0),
                     path: c["path"].as_str().unwrap_or_default().to_string(),
@@ -264,18 +275,18 @@ pub async fn release(pool: &PgPool, worker: WorkerId, trial: TrialId, token: Lea
 pub async fn reap_expired(pool: &PgPool) -> Result<u64> {
     let reaped: i64 = sqlx::query_scalar(
         "with expired as (
-             select t.id, t.attempt, t.lease_owner, e.max_attempts
+             select t.id, t.attempt, t.attempt - t.pauses as tries, t.lease_owner, e.max_attempts
              from trials t join experiments e on e.id = t.experiment_id
              where t.state = 'running' and t.lease_expires_at < now()
              for update of t skip locked
          ),
          reaped as (
              update trials t
-             set state = case when x.attempt >= x.max_attempts then 'failed' else 'pending' end,
-                 error = case when x.attempt >= x.max_attempts
-                     then format('lease expired on attempt %s of %s (last held by worker %s)', x.attempt, x.max_attempts, x.lease_owner)
+             set state = case when x.tries >= x.max_attempts then 'failed' else 'pending' end,
+                 error = case when x.tries >= x.max_attempts
+                     then format('lease expired on attempt %s of %s (last held by worker %s)', x.tries, x.max_attempts, x.lease_owner)
                      else t.error end,
-                 finished_at = case when x.attempt >= x.max_attempts then now() end,
+                 finished_at = case when x.tries >= x.max_attempts then now() end,
                  lease_token = null,
                  lease_owner = null,
                  lease_expires_at = null
@@ -385,19 +396,19 @@ pub async fn crashed(
 ) -> Result<bool> {
     let row: Option<(String,)> = sqlx::query_as(
         "with held as (
-             select t.id, t.attempt, t.lease_owner, e.max_attempts
+             select t.id, t.attempt, t.attempt - t.pauses as tries, t.lease_owner, e.max_attempts
              from trials t join experiments e on e.id = t.experiment_id
              where t.id = $1 and t.lease_token = $2 and t.state = 'running'
              for update of t
          ),
          moved as (
              update trials t
-             set state = case when h.attempt >= h.max_attempts then 'failed' else 'pending' end,
-                 error = case when h.attempt >= h.max_attempts
-                     then format('crashed on attempt %s of %s: %s', h.attempt, h.max_attempts, $3::text)
+             set state = case when h.tries >= h.max_attempts then 'failed' else 'pending' end,
+                 error = case when h.tries >= h.max_attempts
+                     then format('crashed on attempt %s of %s: %s', h.tries, h.max_attempts, $3::text)
                      else t.error end,
-                 stderr_tail = case when h.attempt >= h.max_attempts then $4 else t.stderr_tail end,
-                 finished_at = case when h.attempt >= h.max_attempts then now() end,
+                 stderr_tail = case when h.tries >= h.max_attempts then $4 else t.stderr_tail end,
+                 finished_at = case when h.tries >= h.max_attempts then now() end,
                  lease_token = null, lease_owner = null, lease_expires_at = null
              from held h
              where t.id = h.id

@@ -120,7 +120,8 @@ pub async fn drain(pool: &PgPool, id: &str) -> Result<Drained> {
 /// has as many GPUs as its trials ask for.
 pub async fn waiting_reason(pool: &PgPool, id: ExperimentId, lease_ttl: std::time::Duration) -> Result<Option<String>> {
     // The pool and labels asked for, GPUs per trial, the most GPUs of a matching live worker.
-    type Wants = (Option<String>, Option<serde_json::Value>, i32, Option<i64>);
+    // Then how many pending trials still wait for others (trial dependencies), of how many.
+    type Wants = (Option<String>, Option<serde_json::Value>, i32, Option<i64>, i64, i64);
     let row: Option<Wants> = sqlx::query_as(
         "select e.spec #>> '{resources,pool}', e.spec #> '{resources,labels}',
                 coalesce((e.spec #>> '{resources,gpus_per_trial}')::int, 1),
@@ -129,7 +130,10 @@ pub async fn waiting_reason(pool: &PgPool, id: ExperimentId, lease_ttl: std::tim
                  from workers w
                  where w.last_seen_at > now() - make_interval(secs => $2) and w.draining_since is null
                    and (e.spec #>> '{resources,pool}' is null or w.pool = e.spec #>> '{resources,pool}')
-                   and (e.spec #> '{resources,labels}' is null or w.labels @> (e.spec #> '{resources,labels}')))
+                   and (e.spec #> '{resources,labels}' is null or w.labels @> (e.spec #> '{resources,labels}'))),
+                (select count(*) from trials t where t.experiment_id = e.id and t.state = 'pending'
+                   and exists (select 1 from trials d where d.id = any(t.depends_on) and d.state <> 'succeeded')),
+                (select count(*) from trials t where t.experiment_id = e.id and t.state = 'pending')
          from experiments e
          where e.id = $1 and exists (select 1 from trials t where t.experiment_id = e.id and t.state = 'pending')",
     )
@@ -138,9 +142,14 @@ pub async fn waiting_reason(pool: &PgPool, id: ExperimentId, lease_ttl: std::tim
     .fetch_optional(pool)
     .await?;
     // `most_gpus`: the most GPUs of a matching live worker (none: no such worker).
-    let Some((wanted_pool, labels, gpus, most_gpus)) = row else {
+    let Some((wanted_pool, labels, gpus, most_gpus, blocked, pending)) = row else {
         return Ok(None);
     };
+    let blocked = (blocked == pending).then(|| {
+        format!(
+            "its {pending} pending trial(s) wait for trials they depend on to succeed (see ablate.trial_dependencies)"
+        )
+    });
     let mut wants = Vec::new();
     if let Some(p) = wanted_pool {
         wants.push(format!("in pool `{p}`"));
@@ -153,7 +162,7 @@ pub async fn waiting_reason(pool: &PgPool, id: ExperimentId, lease_ttl: std::tim
         wants.push(format!("with labels {}", pairs.join(",")));
     }
     Ok(match most_gpus {
-        None if wants.is_empty() => None,
+        None if wants.is_empty() => blocked,
         None => Some(format!("no live worker {} (see `ablate workers`)", wants.join(" and "))),
         Some(most) if gpus > 1 && most < gpus as i64 => {
             let workers = if wants.is_empty() {
@@ -165,6 +174,6 @@ pub async fn waiting_reason(pool: &PgPool, id: ExperimentId, lease_ttl: std::tim
                 "its trials need {gpus} GPUs each (resources.gpus_per_trial); the largest {workers} has {most} (see `ablate workers`)"
             ))
         }
-        Some(_) => None,
+        Some(_) => blocked,
     })
 }

@@ -35,6 +35,19 @@ pub trait Definition: Sync {
         Ok(points)
     }
 
+    /// For each of the trials `expand` made, the positions (among them) of the trials it
+    /// waits for: it is leased only once they succeeded, and fails when one fails for good.
+    /// Each must come before it. Most families' trials wait for none.
+    fn dependencies(&self, trials: &[Map<String, Value>]) -> Vec<Vec<usize>> {
+        vec![Vec::new(); trials.len()]
+    }
+
+    /// Whether its trials stop at a rung when the host asks (`TrialContext::pause_at`): a
+    /// checkpoint at that step, then the trial ends paused. ASHA and Hyperband need it.
+    fn pauses_at_rungs(&self) -> bool {
+        false
+    }
+
     /// The family's report over its finished trials.
     fn report(&self, outcomes: &[TrialOutcome]) -> Result<Report, ReportError>;
 

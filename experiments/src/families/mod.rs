@@ -79,6 +79,16 @@ impl Family {
         self.0.expand(points)
     }
 
+    /// See [`Definition::dependencies`].
+    pub fn dependencies(self, trials: &[Map<String, Value>]) -> Vec<Vec<usize>> {
+        self.0.dependencies(trials)
+    }
+
+    /// See [`Definition::pauses_at_rungs`].
+    pub fn pauses_at_rungs(self) -> bool {
+        self.0.pauses_at_rungs()
+    }
+
     /// See [`Definition::report`].
     pub fn report(self, outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
         self.0.report(outcomes)

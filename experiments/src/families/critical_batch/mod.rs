@@ -39,6 +39,11 @@ impl Definition for CriticalBatch {
             total_steps: p.total_steps(),
         })
     }
+
+    fn pauses_at_rungs(&self) -> bool {
+        true // its trials are train trials
+    }
+
     fn metrics(&self) -> &'static [&'static str] {
         train::METRICS
     }

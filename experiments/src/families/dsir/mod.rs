@@ -13,8 +13,12 @@
 //!    language model trained on the DSIR selection and on the random one, for
 //!    each `train_seed`, evaluated on the target text.
 //!
-//! Later stages wait for earlier ones by polling object storage; trials are
-//! leased in order, so the waiting never holds every slot while work is pending.
+//! Later stages wait for earlier ones through the queue's dependencies
+//! ([`dependencies`]): the coordinator leases the select trial only once every
+//! features trial succeeded, the train trials once the select did, and fails
+//! them when what they wait for fails for good. `ablate-worker sweep`, which
+//! has no queue, runs stages on several threads: there a later stage polls
+//! object storage for the earlier one's objects.
 
 pub mod method;
 #[cfg(feature = "torch")]
@@ -141,6 +145,9 @@ impl Definition for Dsir {
     }
     fn expand(&self, points: Vec<Map<String, Value>>) -> Result<Vec<Map<String, Value>>, ParamError> {
         expand(points)
+    }
+    fn dependencies(&self, trials: &[Map<String, Value>]) -> Vec<Vec<usize>> {
+        dependencies(trials)
     }
     fn report(&self, outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
         analyze(outcomes)
@@ -292,6 +299,22 @@ pub fn expand(points: Vec<Map<String, Value>>) -> Result<Vec<Map<String, Value>>
     Ok(out)
 }
 
+/// The stages' order: the select trial waits for every features trial, each train trial for
+/// the select trial.
+pub fn dependencies(trials: &[Map<String, Value>]) -> Vec<Vec<usize>> {
+    let stage = |t: &Map<String, Value>| t.get("stage").and_then(Value::as_str).map(String::from);
+    let positions = |name: &str| -> Vec<usize> { (0..trials.len()).filter(|&i| stage(&trials[i]).as_deref() == Some(name)).collect() };
+    let (features, select) = (positions("features"), positions("select"));
+    trials
+        .iter()
+        .map(|t| match stage(t).as_deref() {
+            Some("select") => features.clone(),
+            Some("train") => select.clone(),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,6 +355,10 @@ mod tests {
         for t in &trials {
             DsirParams::parse(&Value::Object(t.clone())).unwrap();
         }
+        let deps = dependencies(&trials);
+        assert_eq!(deps[0], Vec::<usize>::new());
+        assert_eq!(deps[3], vec![0, 1, 2]);
+        assert!(deps[4..].iter().all(|d| d == &vec![3]), "{deps:?}");
     }
 
     #[test]

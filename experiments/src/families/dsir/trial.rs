@@ -391,6 +391,8 @@ mod tests {
                 checkpoints: &mut MemoryCheckpoints::default(),
                 metrics: &mut metrics,
                 data: &mut data,
+                pause_at: None,
+                paused: None,
             };
             (run(params, &mut ctx), metrics)
         }

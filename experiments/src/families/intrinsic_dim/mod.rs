@@ -31,6 +31,11 @@ impl Definition for IntrinsicDim {
     fn check_params(&self, params: &Value) -> Result<TrialPlan, ParamError> {
         train::check(params)
     }
+
+    fn pauses_at_rungs(&self) -> bool {
+        true // its trials are train trials
+    }
+
     fn metrics(&self) -> &'static [&'static str] {
         train::METRICS
     }

@@ -26,6 +26,11 @@ impl Definition for MupTransfer {
     fn check_params(&self, params: &Value) -> Result<TrialPlan, ParamError> {
         train::check(params)
     }
+
+    fn pauses_at_rungs(&self) -> bool {
+        true // its trials are train trials
+    }
+
     fn metrics(&self) -> &'static [&'static str] {
         train::METRICS
     }

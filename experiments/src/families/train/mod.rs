@@ -29,6 +29,11 @@ impl Definition for Train {
     fn check_params(&self, params: &Value) -> Result<TrialPlan, ParamError> {
         check(params)
     }
+
+    fn pauses_at_rungs(&self) -> bool {
+        true // its trials are train trials
+    }
+
     fn metrics(&self) -> &'static [&'static str] {
         METRICS
     }

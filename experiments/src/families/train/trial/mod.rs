@@ -33,6 +33,8 @@ use tasks::{task, Task};
 /// eval metrics every `eval_every` updates and at the end; at the end
 /// `train_loss_tail` (mean train loss over the last 10% of updates) and
 /// `train_loss_final` (loss over the training set, or a fixed sample of it).
+/// Given a rung (`ctx.pause_at`), it evaluates and checkpoints at that step and
+/// stops there, setting `ctx.paused`.
 pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> {
     let p: TrainParams = ParamError::deserialize(params)?;
     p.check()?;
@@ -67,6 +69,8 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
     if start == 0 {
         ctx.metrics.log("num_params", 0, full as f64);
     }
+    // A rung inside the run (ASHA, Hyperband): evaluate and checkpoint there, then stop.
+    let pause_at = ctx.pause_at.filter(|&at| at > start && at < steps);
     let peak_lr = optimizer.config.lr;
     let mut next_eval = p.next_eval(0);
     while next_eval <= start {
@@ -109,8 +113,11 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
             tail.pop_front();
         }
         tail.push_back(loss_value);
-        if done == next_eval || done == steps {
-            next_eval = p.next_eval(done);
+        let pausing = pause_at == Some(done);
+        if done == next_eval || done == steps || pausing {
+            if done == next_eval {
+                next_eval = p.next_eval(done);
+            }
             eval::evaluate(
                 ctx,
                 &p,
@@ -121,7 +128,7 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
                 done,
             );
         }
-        if done % p.checkpoint_every == 0 && done < steps {
+        if (done % p.checkpoint_every == 0 && done < steps) || pausing {
             let progress = state::Progress {
                 step: done,
                 loss_tail: tail.clone(),
@@ -139,8 +146,15 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
                 average.as_ref(),
                 &progress,
             );
-            if let Err(error) = saved {
-                eprintln!("checkpoint at step {done} not written ({error}); training goes on");
+            match saved {
+                // The trial resumes from this checkpoint when it is promoted.
+                Err(error) if pausing => return Err(error),
+                Err(error) => eprintln!("checkpoint at step {done} not written ({error}); training goes on"),
+                Ok(()) if pausing => {
+                    ctx.paused = Some(done);
+                    return Ok(());
+                }
+                Ok(()) => {}
             }
         }
         if p.step_delay_ms > 0 {

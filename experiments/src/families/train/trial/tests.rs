@@ -16,6 +16,17 @@ fn try_train(
     params: &serde_json::Value,
     store: &mut MemoryCheckpoints,
 ) -> (Result<(), crate::trial::TrialError>, MemoryMetrics) {
+    let (result, metrics, _) = train_to(params, store, None);
+    (result, metrics)
+}
+
+/// Runs a trial on the CPU that stops at `pause_at` when given; its result, what it
+/// logged, and the step it paused at.
+fn train_to(
+    params: &serde_json::Value,
+    store: &mut MemoryCheckpoints,
+    pause_at: Option<u64>,
+) -> (Result<(), crate::trial::TrialError>, MemoryMetrics, Option<u64>) {
     tch::set_num_threads(1);
     let mut metrics = MemoryMetrics::default();
     let mut ctx = TrialContext {
@@ -23,9 +34,36 @@ fn try_train(
         checkpoints: store,
         metrics: &mut metrics,
         data: &mut no_data(),
+        pause_at,
+        paused: None,
     };
     let result = super::run(params, &mut ctx);
-    (result, metrics)
+    let paused = ctx.paused;
+    (result, metrics, paused)
+}
+
+#[test]
+fn a_trial_paused_at_a_rung_checkpoints_there_and_resumes_to_the_same_curve() {
+    let params = json!({"optimizer": "adam", "lr": 0.003, "steps": 90, "width": 32,
+        "checkpoint_every": 40, "eval_every": 40, "seed": 3});
+    let mut unbroken = MemoryCheckpoints::default();
+    let full = train(&params, &mut unbroken);
+    let mut store = MemoryCheckpoints::default();
+    // Rung 30 is off the eval and checkpoint schedule: the trial evaluates and checkpoints there anyway.
+    let (result, first, paused) = train_to(&params, &mut store, Some(30));
+    result.unwrap();
+    assert_eq!(paused, Some(30));
+    assert_eq!(store.saved.iter().map(|s| s.step).collect::<Vec<_>>(), vec![30]);
+    assert_eq!(first.points.iter().map(|p| p.1).max(), Some(30), "trained past its rung");
+    assert!(first.points.iter().any(|p| p.0 == "eval_loss" && p.1 == 30), "no eval at the rung");
+    store.resume_at = Some(30);
+    let (result, rest, paused) = train_to(&params, &mut store, None);
+    result.unwrap();
+    assert_eq!(paused, None);
+    for name in ["eval_loss", "train_loss_tail", "train_loss"] {
+        let (a, b) = (full.last(name).unwrap(), rest.last(name).unwrap());
+        assert!((a - b).abs() <= 1e-6, "{name}: {a} unbroken vs {b} paused and resumed");
+    }
 }
 
 fn train(params: &serde_json::Value, store: &mut MemoryCheckpoints) -> MemoryMetrics {

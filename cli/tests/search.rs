@@ -1,0 +1,173 @@
+//! Smarter sweeps through the whole stack: ASHA's rungs (trials paused with a
+//! checkpoint, the best promoted and resumed, the rest pruned) against the
+//! full grid of the same configurations, and Hyperband's brackets.
+
+mod harness;
+
+use std::collections::BTreeMap;
+
+use harness::Stack;
+
+/// 81 configurations of the quickstart task: 3 widths x 27 learning rates.
+const GRID: &str = r#"
+name = "NAME"
+family = "train"
+[base]
+dataset = "digits"
+model = "mlp"
+depth = 2
+optimizer = "adam"
+batch_size = 64
+eval_every = 20
+checkpoint_every = 100
+seed = 0
+STEPS
+[sweep]
+searcher = "SEARCHER"
+params.width = [32, 64, 128]
+params.log2_lr = { range = [-11.5, -5], step = 0.25 }
+RUNGS
+[objective]
+metric = "eval_loss"
+goal = "minimize"
+"#;
+
+fn spec(name: &str, searcher: &str) -> String {
+    let (steps, rungs) = match searcher {
+        "grid" => ("steps = 300", String::new()),
+        other => (
+            "",
+            format!("[sweep.{other}]\nmin_steps = 20\nmax_steps = 300\nreduction_factor = 3\n"),
+        ),
+    };
+    GRID.replace("NAME", name)
+        .replace("SEARCHER", searcher)
+        .replace("STEPS", steps)
+        .replace("RUNGS", &rungs)
+}
+
+/// Each trial's final objective, by its parameters.
+async fn finals(stack: &Stack, experiment: &str) -> BTreeMap<String, (String, Option<f64>)> {
+    let rows: Vec<(serde_json::Value, String, Option<f64>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select params - 'steps', state, objective from ablate.trial_results where experiment_id = '{experiment}'"
+    )))
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    rows.into_iter().map(|(p, s, o)| (p.to_string(), (s, o))).collect()
+}
+
+async fn steps_trained(stack: &Stack, experiment: &str) -> i64 {
+    stack
+        .scalar_i64(&format!(
+            "select count(*) from ablate.metric_series where experiment_id = '{experiment}' and name = 'train_loss'"
+        ))
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn asha_finds_the_grids_best_for_a_fraction_of_its_steps() {
+    let mut stack = Stack::start(30.0).await;
+    stack.start_worker("cpu:2");
+    let grid_spec = stack.write_spec("grid.toml", &spec("grid", "grid"));
+    let asha_spec = stack.write_spec("asha.toml", &spec("asha", "asha"));
+    let grid = stack.submit_and_wait(&grid_spec);
+    let asha = stack.submit_and_wait(&asha_spec);
+
+    let (grid_steps, asha_steps) = (steps_trained(&stack, &grid).await, steps_trained(&stack, &asha).await);
+    assert_eq!(grid_steps, 81 * 300);
+    let grid_finals = finals(&stack, &grid).await;
+    let asha_finals = finals(&stack, &asha).await;
+    let best = |f: &BTreeMap<String, (String, Option<f64>)>| {
+        f.values()
+            .filter(|(state, _)| state == "succeeded")
+            .filter_map(|(_, o)| *o)
+            .fold(f64::INFINITY, f64::min)
+    };
+    let (grid_best, asha_best) = (best(&grid_finals), best(&asha_finals));
+    println!(
+        "grid: 81 trials, {grid_steps} steps, best eval_loss {grid_best:.4}; \
+         asha: {asha_steps} steps ({:.1}% of the grid's), best {asha_best:.4}",
+        100.0 * asha_steps as f64 / grid_steps as f64
+    );
+    assert!(
+        asha_steps * 3 <= grid_steps,
+        "ASHA trained {asha_steps} steps, over a third of the grid's {grid_steps}"
+    );
+    assert!(
+        asha_best <= grid_best * 1.02,
+        "ASHA's best eval_loss {asha_best} is not within 2% of the grid's {grid_best}"
+    );
+
+    // Every trial that ran to the end passed every rung, and trained the very
+    // curve the grid's same configuration did, though paused and resumed from
+    // its checkpoint at each rung (on whichever slot leased it next).
+    let mut finished = 0;
+    for (params, (state, objective)) in &asha_finals {
+        assert!(state == "succeeded" || state == "pruned", "{params}: {state}");
+        if state == "succeeded" {
+            finished += 1;
+            let (a, b) = (objective.unwrap(), grid_finals[params].1.unwrap());
+            assert!((a - b).abs() <= 1e-6, "{params}: {a} after 3 pauses, {b} unbroken");
+        }
+    }
+    assert!(finished >= 1);
+    // Rungs in SQL: all 81 at step 20; the promoted of each rung are exactly those at the next.
+    let at = |step: i64| {
+        format!("select count(*) from ablate.rungs where experiment_id = '{asha}' and step = {step}")
+    };
+    assert_eq!(stack.scalar_i64(&at(20)).await, 81);
+    for (rung, next) in [(20, 60), (60, 180)] {
+        let promoted = stack.scalar_i64(&format!("{} and promoted", at(rung))).await;
+        assert_eq!(promoted, stack.scalar_i64(&at(next)).await, "rung {rung}");
+        assert!(promoted * 3 >= stack.scalar_i64(&at(rung)).await, "rung {rung}: too few promoted");
+    }
+    assert_eq!(
+        stack.scalar_i64(&format!("{} and promoted", at(180))).await,
+        finished as i64
+    );
+    // No step trained twice, none skipped: each trial's steps are 1..its last.
+    let gaps = stack
+        .scalar_i64(&format!(
+            "select count(*) from (select trial_id from ablate.metric_series
+             where experiment_id = '{asha}' and name = 'train_loss'
+             group by trial_id having count(*) <> max(step) or min(step) <> 1) g"
+        ))
+        .await;
+    assert_eq!(gaps, 0);
+    // Pauses are attempts of their own, and spend none of max_attempts (3): a finished trial had 4 attempts.
+    let paused = stack
+        .scalar_i64(&format!(
+            "select count(*) from ablate.trial_attempts where experiment_id = '{asha}' and outcome = 'paused'"
+        ))
+        .await;
+    assert_eq!(paused, 81 + stack.scalar_i64(&at(60)).await + stack.scalar_i64(&at(180)).await);
+    let status = stack.ablate(&["status", &asha]);
+    let status = harness::text(&status);
+    assert!(
+        status.contains(&format!("{finished} succeeded, {} pruned at a rung", 81 - finished)),
+        "{status}"
+    );
+
+    // Hyperband: brackets of ASHA, each starting at a higher rung; the last trains fully.
+    let hyperband_spec = stack.write_spec(
+        "hb.toml",
+        &spec("hb", "hyperband").replace("{ range = [-11.5, -5], step = 0.25 }", "{ range = [-12, -5], step = 1 }"),
+    );
+    let hb = stack.submit_and_wait(&hyperband_spec);
+    let brackets: Vec<(i32, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select bracket, min(step), count(distinct trial_id) from ablate.rungs
+         where experiment_id = '{hb}' group by bracket order by bracket"
+    )))
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    // 24 configurations over 4 brackets: 6 each; bracket 3 has no rung below 300.
+    assert_eq!(brackets, vec![(0, 20, 6), (1, 60, 6), (2, 180, 6)]);
+    let full = stack
+        .scalar_i64(&format!(
+            "select count(*) from trials where experiment_id = '{hb}' and bracket = 3 and state = 'succeeded' and pauses = 0"
+        ))
+        .await;
+    assert_eq!(full, 6);
+}
