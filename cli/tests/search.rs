@@ -171,3 +171,125 @@ async fn asha_finds_the_grids_best_for_a_fraction_of_its_steps() {
         .await;
     assert_eq!(full, 6);
 }
+
+/// DSIR's stages on the local pool: 4 features trials, the select trial, a DSIR and a random train trial.
+const DSIR: &str = r#"
+name = "NAME"
+family = "dsir"
+[base]
+pool = "dsir/pool"
+target = "dsir/target/news.jsonl"
+target_genre = "news"
+shards = 4
+k = K
+seed = 0
+train = { model = "gpt", width = 16, depth = 1, heads = 2, context = 16, optimizer = "adamw", lr = 0.003, steps = 20, batch_size = 8, eval_every = 10, checkpoint_every = 100 }
+[sweep]
+searcher = "grid"
+params.train_seed = [0]
+[resources]
+fresh_process = true
+"#;
+
+/// Trials of a stage that run while a trial they wait for has not succeeded (must stay 0).
+async fn waiting_in_a_slot(stack: &Stack, experiment: &str) -> i64 {
+    stack
+        .scalar_i64(&format!(
+            "select count(*) from trials t where t.experiment_id = '{experiment}' and t.state = 'running'
+             and exists (select 1 from trials d where d.id = any(t.depends_on) and d.state <> 'succeeded')"
+        ))
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dsir_stages_wait_in_the_queue_not_in_a_slot_and_outlive_a_crashed_shard() {
+    let mut stack = Stack::start(30.0).await;
+    let worker = stack.start_worker("cpu:2");
+    let spec = stack.write_spec("dsir.toml", &DSIR.replace("NAME", "dsir").replace("K", "200"));
+    let id = stack.submit(&spec);
+    // The first features trial seen running is killed (SIGKILL: a real crash) until one crash is recorded.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let crashed = |id: &str| {
+        format!(
+            "select count(*) from ablate.trial_attempts a join trials t on t.id = a.trial_id
+             where a.experiment_id = '{id}' and a.outcome = 'crashed' and t.params->>'stage' = 'features'"
+        )
+    };
+    loop {
+        assert_eq!(waiting_in_a_slot(&stack, &id).await, 0, "a stage holds a slot while it waits");
+        if stack.scalar_i64(&crashed(&id)).await >= 1 {
+            break;
+        }
+        let features_running = stack
+            .scalar_i64(&format!(
+                "select count(*) from trials where experiment_id = '{id}' and state = 'running'
+                 and params->>'stage' = 'features'"
+            ))
+            .await;
+        if features_running > 0 {
+            for pid in stack.trial_pids(worker) {
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no features trial crashed\n{}", stack.logs());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    while stack
+        .scalar_i64(&format!(
+            "select count(*) from ablate.experiments where experiment_id = '{id}' and state = 'running'"
+        ))
+        .await
+        > 0
+    {
+        assert_eq!(waiting_in_a_slot(&stack, &id).await, 0, "a stage holds a slot while it waits");
+        assert!(std::time::Instant::now() < deadline, "sweep too slow\n{}", stack.logs());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let states: Vec<(String, String, i32)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select params->>'stage', state, attempt from trials where experiment_id = '{id}' order by ordinal"
+    )))
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    assert!(states.iter().all(|s| s.1 == "succeeded"), "{states:?}\n{}", stack.logs());
+    assert!(states.iter().any(|s| s.0 == "features" && s.2 >= 2), "{states:?}");
+    // Each later stage was leased once, after all it waits for had finished: no polling, no retry.
+    let order = stack
+        .scalar_i64(&format!(
+            "select count(*) from trials t join ablate.trial_dependencies d on d.trial_id = t.id
+             join trials w on w.id = d.depends_on_trial_id
+             where t.experiment_id = '{id}' and (t.started_at < w.finished_at or t.attempt <> 1)"
+        ))
+        .await;
+    assert_eq!(order, 0, "{states:?}");
+    let edges = stack
+        .scalar_i64(&format!(
+            "select count(*) from ablate.trial_dependencies where experiment_id = '{id}'"
+        ))
+        .await;
+    assert_eq!(edges, 4 + 2, "select waits for 4 shards, each train trial for the select");
+
+    // A stage that fails for good fails what waits for it, with the reason; nothing is left pending.
+    let spec = stack.write_spec("bad.toml", &DSIR.replace("NAME", "dsir-bad").replace("K", "100000000"));
+    let bad = stack.submit(&spec);
+    stack.wait_finished(&bad, std::time::Duration::from_secs(300)).await;
+    let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select params->>'stage', state, error from trials where experiment_id = '{bad}' order by ordinal"
+    )))
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    for (stage, state, error) in &rows {
+        let error = error.clone().unwrap_or_default();
+        match stage.as_str() {
+            "features" => assert_eq!(state, "succeeded"),
+            "select" => assert!(state == "failed" && error.contains("k"), "{stage}: {state} {error}"),
+            _ => assert!(
+                state == "failed" && error.contains("waits for trial") && error.contains("(ordinal 4)"),
+                "{stage}: {state} {error}"
+            ),
+        }
+    }
+    let status = harness::text(&stack.ablate(&["status", &bad]));
+    assert!(status.contains("3 failed"), "{status}");
+}
