@@ -1,8 +1,11 @@
 //! Runs a whole spec in this process: every trial through the same trial
 //! function the daemon's trial processes run, one thread per device slot,
-//! checkpoints and metrics kept in memory. Then the family's report.
+//! checkpoints and metrics kept in memory, a trial started only once the
+//! trials it depends on succeeded (as the coordinator's queue does). Then the
+//! family's report.
 
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex};
 
 use ablate_experiments::report::{Report, TrialOutcome};
 use ablate_experiments::trial::{DirData, MemoryCheckpoints, MemoryMetrics, TrialContext};
@@ -50,14 +53,13 @@ pub fn run(
         .iter()
         .map(|s| backend::device(&s.device))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let queue = Mutex::new(
+    let queue = Queue::new(
         checked
             .trials
             .iter()
-            .map(|t| t.params.clone())
             .enumerate()
-            .rev()
-            .collect::<Vec<_>>(),
+            .map(|(i, t)| (i, t.params.clone(), t.depends_on.clone()))
+            .collect(),
     );
     let store = store.map_or_else(
         || {
@@ -79,8 +81,10 @@ pub fn run(
                 experiment: checked.spec.name.clone(),
             };
             scope.spawn(move || loop {
-                let Some((ordinal, params)) = queue.lock().expect("queue lock").pop() else {
-                    return;
+                let (ordinal, params, result) = match queue.next() {
+                    Next::Done => return,
+                    Next::Failed(ordinal, params, why) => (ordinal, params, Err(why)),
+                    Next::Run(ordinal, params) => (ordinal, params, Ok(())),
                 };
                 let mut checkpoints = MemoryCheckpoints::default();
                 let mut metrics = MemoryMetrics::default();
@@ -92,7 +96,8 @@ pub fn run(
                     pause_at: None,
                     paused: None,
                 };
-                let result = family.run(&params, &mut ctx);
+                let result = result.and_then(|()| family.run(&params, &mut ctx).map_err(|e| e.to_string()));
+                queue.end(ordinal, result.is_ok());
                 let mut last = serde_json::Map::new();
                 let mut series = std::collections::BTreeMap::<String, Vec<(u64, f64)>>::new();
                 for (name, step, value) in &metrics.points {
@@ -135,4 +140,70 @@ pub fn run(
     outcomes.sort_by_key(|o| o.ordinal);
     let report = family.report(&outcomes).map_err(|e| anyhow::anyhow!("report: {e}"))?;
     Ok((report, outcomes))
+}
+
+/// What a slot's thread does next.
+enum Next {
+    Run(usize, serde_json::Value),
+    /// A trial it waits for failed: it fails without running, with the reason.
+    Failed(usize, serde_json::Value, String),
+    /// Nothing is left to start.
+    Done,
+}
+
+/// The trials not started yet, in order, each with the trials it waits for; a thread
+/// takes the first whose dependencies succeeded, or waits for one to end.
+struct Queue {
+    state: Mutex<QueueState>,
+    ended_one: Condvar,
+}
+
+struct QueueState {
+    waiting: Vec<(usize, serde_json::Value, Vec<usize>)>,
+    /// Trials that ended, and whether they succeeded.
+    ended: HashMap<usize, bool>,
+}
+
+impl Queue {
+    fn new(waiting: Vec<(usize, serde_json::Value, Vec<usize>)>) -> Queue {
+        Queue {
+            state: Mutex::new(QueueState {
+                waiting,
+                ended: HashMap::new(),
+            }),
+            ended_one: Condvar::new(),
+        }
+    }
+
+    fn next(&self) -> Next {
+        let mut state = self.state.lock().expect("queue lock");
+        loop {
+            if state.waiting.is_empty() {
+                return Next::Done;
+            }
+            let failed = state.waiting.iter().enumerate().find_map(|(i, t)| {
+                let dep = t.2.iter().find(|d| state.ended.get(d) == Some(&false))?;
+                Some((i, *dep))
+            });
+            if let Some((i, dep)) = failed {
+                let (ordinal, params, _) = state.waiting.remove(i);
+                return Next::Failed(ordinal, params, format!("it waits for trial {dep}, which failed"));
+            }
+            let ready = state
+                .waiting
+                .iter()
+                .position(|t| t.2.iter().all(|d| state.ended.get(d) == Some(&true)));
+            if let Some(i) = ready {
+                let (ordinal, params, _) = state.waiting.remove(i);
+                return Next::Run(ordinal, params);
+            }
+            // Dependencies are earlier trials, so one of them is running and will end.
+            state = self.ended_one.wait(state).expect("queue lock");
+        }
+    }
+
+    fn end(&self, ordinal: usize, succeeded: bool) {
+        self.state.lock().expect("queue lock").ended.insert(ordinal, succeeded);
+        self.ended_one.notify_all();
+    }
 }

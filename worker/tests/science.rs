@@ -16,14 +16,55 @@ fn run_spec(name: &str, threads: usize) -> (Report, Vec<TrialOutcome>) {
 }
 
 fn run_spec_logged(name: &str, threads: usize, log: Option<&Path>) -> (Report, Vec<TrialOutcome>) {
+    run_spec_set(name, threads, log, &[])
+}
+
+/// Runs a spec with `--set` overrides (`PATH=VALUE`).
+fn run_spec_set(name: &str, threads: usize, log: Option<&Path>, sets: &[String]) -> (Report, Vec<TrialOutcome>) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../experiments/specs")
         .join(name);
-    let text = std::fs::read_to_string(&path).unwrap();
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    let mut format = SpecFormat::Toml;
+    if !sets.is_empty() {
+        text = ablate_schema::spec::apply_overrides(&text, format, sets).unwrap();
+        format = SpecFormat::Yaml;
+    }
     let slots: Vec<Slot> = (0..threads)
         .map(|i| Slot::new(format!("cpu:{i}"), "cpu".into(), 1))
         .collect();
-    ablate_worker::local::run(&text, SpecFormat::Toml, &slots, log, None).unwrap()
+    ablate_worker::local::run(&text, format, &slots, log, None).unwrap()
+}
+
+/// Training steps a critical-batch sweep spent: each run's steps, or where the stop rule ended it.
+fn steps_spent(outcomes: &[TrialOutcome]) -> u64 {
+    outcomes
+        .iter()
+        .map(|t| match t.outputs.get("stopped_early") {
+            Some(stop) => stop["step"].as_u64().unwrap(),
+            None => {
+                let (p, _) = ablate_experiments::families::critical_batch::split(&t.params).unwrap();
+                p.total_steps()
+            }
+        })
+        .sum()
+}
+
+/// Runs a critical-batch spec again with the stop rule (`cbs.stop_at_targets`): the same table
+/// of steps-to-target for fewer steps, both printed.
+fn stop_rule_keeps_the_table(name: &str, cbs: &str, full: &(Report, Vec<TrialOutcome>)) {
+    let stopping = run_spec_set(name, 2, None, &[format!("base.cbs={{ {cbs}, stop_at_targets = true }}")]);
+    let (with, without) = (steps_spent(&stopping.1), steps_spent(&full.1));
+    let stopped = stopping.1.iter().filter(|t| t.outputs.contains_key("stopped_early")).count();
+    eprintln!(
+        "{name}: {without} steps without the stop rule, {with} with it ({:.0}%; {stopped} of {} runs stopped early)",
+        100.0 * with as f64 / without as f64,
+        stopping.1.len()
+    );
+    eprintln!("{}", ablate_experiments::report::text_table(&stopping.0.tables[0].columns, &stopping.0.tables[0].rows));
+    assert_eq!(stopping.0.tables[0], full.0.tables[0], "steps to target differ under the stop rule");
+    assert!(with < without, "the stop rule saved nothing: {with} steps");
+    assert!(stopping.1.iter().all(|t| t.state == "succeeded"));
 }
 
 fn show(report: &Report) -> String {
@@ -135,12 +176,14 @@ fn critical_batch_grows_with_data_not_model_size_on_mnist() {
 
 #[test]
 fn critical_batch_toy_runs_in_seconds_and_its_cbs_grows_with_data() {
-    let (report, outcomes) = run_spec("cbs-toy.toml", 2);
+    let full = run_spec("cbs-toy.toml", 2);
+    let (report, outcomes) = &full;
     assert_eq!(outcomes.len(), 30);
-    let c = criterion(&report, "CBS(16D)/CBS(D)");
-    assert!(c.holds, "{}", show(&report));
-    let c = criterion(&report, "fit R^2");
-    assert!(c.holds, "{}", show(&report));
+    let c = criterion(report, "CBS(16D)/CBS(D)");
+    assert!(c.holds, "{}", show(report));
+    let c = criterion(report, "fit R^2");
+    assert!(c.holds, "{}", show(report));
+    stop_rule_keeps_the_table("cbs-toy.toml", "reference_batch = 4, budgets = [256, 1024, 4096]", &full);
 }
 
 #[test]

@@ -12,7 +12,7 @@
 
 use ablate_schema::Goal;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::error::ParamError;
 use crate::families::definition::{Definition, TrialPlan};
@@ -22,6 +22,7 @@ use crate::report::{Report, ReportError, TrialOutcome};
 use crate::trial::{TrialContext, TrialError};
 
 mod report;
+mod stop_rule;
 
 pub use report::{analyze, loss_at, steps_to};
 
@@ -53,12 +54,21 @@ impl Definition for CriticalBatch {
     fn default_objective(&self) -> (&'static str, Goal) {
         (LOSS, Goal::Minimize)
     }
+    fn expand(&self, points: Vec<Map<String, Value>>) -> Result<Vec<Map<String, Value>>, ParamError> {
+        stop_rule::expand(points)
+    }
+    fn dependencies(&self, trials: &[Map<String, Value>]) -> Vec<Vec<usize>> {
+        stop_rule::dependencies(trials)
+    }
     fn report(&self, outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
         analyze(outcomes)
     }
     #[cfg(feature = "torch")]
     fn run(&self, params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> {
-        split(params)?;
+        let (p, settings) = split(params)?;
+        if settings.stop_at_targets {
+            return stop_rule::run(&p, &settings, &train_params(params), ctx);
+        }
         train::run(&train_params(params), ctx)
     }
 }
@@ -78,6 +88,21 @@ pub struct CbsSettings {
     pub reference_batch: u32,
     /// Data budgets in examples, smallest first (D, 4D, 16D).
     pub budgets: Vec<u64>,
+    /// The stop rule: a run ends once its curve has reached the target of every budget
+    /// (the reference runs once their curve covers the largest budget), not at its last
+    /// step. The other runs then wait in the queue for the reference runs of their model.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stop_at_targets: bool,
+    /// Set by the expansion: where a reference run leaves its curve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish: Option<String>,
+    /// Set by the expansion: a reference run stops at its first evaluation at or past this step
+    /// (only when it is its learning rate's one seed, so no mean over seeds is cut short).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cover_steps: Option<u64>,
+    /// Set by the expansion: the curves of the reference runs of this run's model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub references: Vec<String>,
 }
 
 /// Splits a trial's parameters into its `train` parameters and the `cbs` table, checking both.

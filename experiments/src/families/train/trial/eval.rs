@@ -8,7 +8,7 @@ use crate::families::train::TrainParams;
 use crate::nn::subspace::Subspace;
 use crate::trial::TrialContext;
 
-/// Logs every evaluation of update `done`; `noise_average` carries the running noise sums.
+/// Logs every evaluation of update `done` and returns them; `noise_average` carries the running noise sums.
 pub(super) fn evaluate(
     ctx: &mut TrialContext<'_>,
     p: &TrainParams,
@@ -17,17 +17,22 @@ pub(super) fn evaluate(
     average: Option<&WeightAverage>,
     noise_average: &mut [f64; 3],
     done: u64,
-) {
+) -> Vec<(&'static str, f64)> {
+    let mut logged = Vec::new();
+    let mut log = |ctx: &mut TrialContext<'_>, name: &'static str, value: f64| {
+        ctx.metrics.log(name, done, value);
+        logged.push((name, value));
+    };
     if let Some(s) = subspace {
         tch::no_grad(|| s.materialize(task.params_mut()));
     }
     for (name, value) in task.evaluate() {
-        ctx.metrics.log(name, done, value);
+        log(ctx, name, value);
     }
     if let Some(average) = average {
         for (name, value) in average.evaluate(task, done) {
             if name == "eval_loss" {
-                ctx.metrics.log("eval_loss_ema", done, value);
+                log(ctx, "eval_loss_ema", value);
             }
         }
     }
@@ -38,8 +43,9 @@ pub(super) fn evaluate(
             *slot = noise.smoothing * *slot + v;
         }
         let [grad_sq, trace, weight] = *noise_average;
-        ctx.metrics.log("grad_sq_norm", done, grad_sq / weight);
-        ctx.metrics.log("grad_noise_trace", done, trace / weight);
-        ctx.metrics.log("b_simple", done, trace / grad_sq);
+        log(ctx, "grad_sq_norm", grad_sq / weight);
+        log(ctx, "grad_noise_trace", trace / weight);
+        log(ctx, "b_simple", trace / grad_sq);
     }
+    logged
 }

@@ -36,6 +36,25 @@ use tasks::{task, Task};
 /// Given a rung (`ctx.pause_at`), it evaluates and checkpoints at that step and
 /// stops there, setting `ctx.paused`.
 pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> {
+    run_until(params, ctx, None).map(|_| ())
+}
+
+/// When a run may end before its last step: after each evaluation it is shown every
+/// evaluation of `metric` so far (kept in checkpoints, so a resumed run sees them all)
+/// and stops the run when it gives a reason.
+pub struct StopRule<'a> {
+    pub metric: &'static str,
+    pub stop: &'a mut dyn FnMut(&[(u64, f64)]) -> Option<String>,
+}
+
+/// [`run`] under a stop rule; returns the evaluations of its metric. A run it stopped
+/// logs its tail and final losses at that step and the output `stopped_early`
+/// (`{"step": ..., "why": ...}`).
+pub fn run_until(
+    params: &Value,
+    ctx: &mut TrialContext<'_>,
+    mut rule: Option<StopRule<'_>>,
+) -> Result<Vec<(u64, f64)>, TrialError> {
     let p: TrainParams = ParamError::deserialize(params)?;
     p.check()?;
     let mut task = task(&p, ctx.device)?;
@@ -61,10 +80,18 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
     let tail_len = (steps / 10).max(1) as usize;
     let mut tail: VecDeque<f64> = VecDeque::with_capacity(tail_len);
     let mut start = 0u64;
+    let mut history: Vec<(u64, f64)> = Vec::new();
 
     if let Some(resumed) = state::resume(ctx, task.as_mut(), subspace.as_mut(), &mut optimizer, average.as_mut())? {
-        (start, tail, noise_average) = (resumed.step, resumed.loss_tail, resumed.noise_average);
+        (start, tail, noise_average, history) = (
+            resumed.step,
+            resumed.loss_tail,
+            resumed.noise_average,
+            resumed.history,
+        );
     }
+    // The step the rule stopped the run at, and why.
+    let mut stopped: Option<(u64, String)> = None;
 
     if start == 0 {
         ctx.metrics.log("num_params", 0, full as f64);
@@ -100,7 +127,7 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
         if !loss_value.is_finite() {
             if p.divergence == Divergence::Record {
                 ctx.metrics.log("diverged", done, 1.0);
-                return Ok(());
+                return Ok(history);
             }
             return Err(TrialError::Diverged {
                 step: done,
@@ -118,7 +145,7 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
             if done == next_eval {
                 next_eval = p.next_eval(done);
             }
-            eval::evaluate(
+            let logged = eval::evaluate(
                 ctx,
                 &p,
                 task.as_mut(),
@@ -127,12 +154,24 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
                 &mut noise_average,
                 done,
             );
+            if let Some(rule) = rule.as_mut() {
+                if let Some(&(_, value)) = logged.iter().find(|(name, _)| *name == rule.metric) {
+                    history.push((done, value));
+                    if done < steps {
+                        stopped = (rule.stop)(&history).map(|why| (done, why));
+                    }
+                }
+            }
+        }
+        if stopped.is_some() {
+            break;
         }
         if (done % p.checkpoint_every == 0 && done < steps) || pausing {
             let progress = state::Progress {
                 step: done,
                 loss_tail: tail.clone(),
                 noise_average,
+                history: history.clone(),
             };
             // A checkpoint that can't be written (the store stayed away through every
             // retry) costs only the progress it would have saved: training goes on,
@@ -152,7 +191,7 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
                 Err(error) => eprintln!("checkpoint at step {done} not written ({error}); training goes on"),
                 Ok(()) if pausing => {
                     ctx.paused = Some(done);
-                    return Ok(());
+                    return Ok(history);
                 }
                 Ok(()) => {}
             }
@@ -164,10 +203,18 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
     if let Some(s) = &subspace {
         tch::no_grad(|| s.materialize(task.params_mut()));
     }
+    let end = match &stopped {
+        Some((step, why)) => {
+            ctx.metrics
+                .output("stopped_early", serde_json::json!({"step": step, "why": why}));
+            *step
+        }
+        None => steps,
+    };
     let tail_mean = tail.iter().sum::<f64>() / tail.len().max(1) as f64;
-    ctx.metrics.log("train_loss_tail", steps, tail_mean);
-    ctx.metrics.log("train_loss_final", steps, task.train_loss());
-    Ok(())
+    ctx.metrics.log("train_loss_tail", end, tail_mean);
+    ctx.metrics.log("train_loss_final", end, task.train_loss());
+    Ok(history)
 }
 
 /// What the optimizer trains: the subspace coordinates, or every parameter.

@@ -20,6 +20,8 @@ pub(super) struct Progress {
     pub(super) step: u64,
     pub(super) loss_tail: VecDeque<f64>,
     pub(super) noise_average: [f64; 3],
+    /// Every evaluation of a stop rule's metric so far, (step, value).
+    pub(super) history: Vec<(u64, f64)>,
 }
 
 /// Writes a checkpoint: the trained tensors, the optimizer's state, the
@@ -49,6 +51,7 @@ pub(super) fn save(
         "seed": p.seed,
         "loss_tail": progress.loss_tail,
         "noise_average": progress.noise_average,
+        "history": progress.history,
     });
     ctx.checkpoints.save(done, &tensors, &sidecar)
 }
@@ -82,10 +85,19 @@ pub(super) fn resume(
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_f64).collect())
         .unwrap_or_default();
+    let history = snapshot.sidecar["history"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| Some((p.get(0)?.as_u64()?, p.get(1)?.as_f64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
     Ok(Some(Progress {
         step: snapshot.step,
         loss_tail,
         noise_average,
+        history,
     }))
 }
 
