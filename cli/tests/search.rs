@@ -293,3 +293,66 @@ async fn dsir_stages_wait_in_the_queue_not_in_a_slot_and_outlive_a_crashed_shard
     let status = harness::text(&stack.ablate(&["status", &bad]));
     assert!(status.contains("3 failed"), "{status}");
 }
+
+/// TPE over a learning rate on a log scale and a width: 4 random trials, then 6 proposed.
+const TPE: &str = r#"
+name = "NAME"
+family = "train"
+[base]
+dataset = "digits"
+model = "mlp"
+depth = 2
+optimizer = "adam"
+batch_size = 64
+steps = 100
+eval_every = 50
+seed = 0
+[sweep]
+searcher = "tpe"
+params.log2_lr = { uniform = [-12.0, -4.0] }
+params.width = [32, 64]
+[sweep.tpe]
+trials = 10
+n_startup = 4
+seed = 7
+[objective]
+metric = "eval_loss"
+goal = "minimize"
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tpe_proposes_each_trial_as_one_finishes_and_repeats_from_its_seed() {
+    let mut stack = Stack::start(30.0).await;
+    stack.start_worker("cpu:1");
+    let mut runs = Vec::new();
+    for name in ["tpe-a", "tpe-b"] {
+        let spec = stack.write_spec(&format!("{name}.toml"), &TPE.replace("NAME", name));
+        let id = stack.submit_and_wait(&spec);
+        let trials: Vec<(i32, serde_json::Value, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "select ordinal, params, state from trials where experiment_id = '{id}' order by ordinal"
+        )))
+        .fetch_all(&stack.pool)
+        .await
+        .unwrap();
+        assert_eq!(trials.len(), 10, "{trials:?}");
+        assert!(trials.iter().all(|t| t.2 == "succeeded"), "{trials:?}");
+        // Each proposal came after as many trials had finished as it is beyond the start.
+        let early = stack
+            .scalar_i64(&format!(
+                "select count(*) from trials p where p.experiment_id = '{id}' and p.ordinal >= 4
+                 and (select count(*) from trials f where f.experiment_id = p.experiment_id
+                      and f.finished_at <= p.created_at) < p.ordinal - 3"
+            ))
+            .await;
+        assert_eq!(early, 0, "a trial was proposed before its predecessors finished");
+        for t in &trials {
+            let lr = t.1["log2_lr"].as_f64().unwrap();
+            assert!((-12.0..=-4.0).contains(&lr), "{t:?}");
+        }
+        runs.push(trials.into_iter().map(|t| t.1).collect::<Vec<_>>());
+    }
+    assert_eq!(runs[0], runs[1], "the same seed on one slot proposes the same trials");
+    // Proposals are not the random start again: the estimator used the results.
+    let start: Vec<f64> = runs[0][..4].iter().map(|p| p["log2_lr"].as_f64().unwrap()).collect();
+    assert!(runs[0][4..].iter().all(|p| !start.contains(&p["log2_lr"].as_f64().unwrap())));
+}

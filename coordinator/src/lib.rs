@@ -295,6 +295,9 @@ async fn reap_forever(
             }
             Err(error) => tracing::warn!(%error, "reaper pass failed"),
         }
+        if let Err(error) = db::top_up_all(&pool).await {
+            tracing::warn!(%error, "tpe proposals failed");
+        }
     }
 }
 

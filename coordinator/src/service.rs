@@ -951,8 +951,13 @@ impl Completion {
                 tail,
                 provenance,
             } => {
+                let mut tx = sqlx::Connection::begin(&mut *conn).await?;
                 let again =
-                    db::crashed(&mut *conn, *trial, *token, error, tail.as_deref(), provenance.as_ref()).await?;
+                    db::crashed(&mut *tx, *trial, *token, error, tail.as_deref(), provenance.as_ref()).await?;
+                if !again {
+                    db::top_up_after(&mut tx, *trial).await?;
+                }
+                tx.commit().await?;
                 tracing::warn!(trial = %trial, %error, retried = again, "trial process crashed");
             }
             Completion::Finished {
@@ -964,8 +969,11 @@ impl Completion {
                 outputs,
                 provenance,
             } => {
+                // The completion and what it makes the searcher propose commit together, so the
+                // experiment never looks finished in between.
+                let mut tx = sqlx::Connection::begin(&mut *conn).await?;
                 db::complete(
-                    &mut *conn,
+                    &mut *tx,
                     *trial,
                     *token,
                     *outcome,
@@ -975,6 +983,8 @@ impl Completion {
                     provenance.as_ref(),
                 )
                 .await?;
+                db::top_up_after(&mut tx, *trial).await?;
+                tx.commit().await?;
                 tracing::info!(trial = %trial, outcome = outcome.as_str(), "trial completed");
             }
         }

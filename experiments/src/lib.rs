@@ -22,6 +22,7 @@ pub mod nn;
 pub mod report;
 pub mod searcher;
 pub mod sweep;
+pub mod tpe;
 #[cfg(feature = "torch")]
 pub mod trial;
 

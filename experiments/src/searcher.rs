@@ -16,7 +16,12 @@ use serde_json::{Map, Value};
 /// (parsing already refused a sweep whose domains multiply past it).
 pub fn expand(spec: &SweepSpec, max_trials: u64) -> Result<Vec<Map<String, Value>>, ablate_schema::SpecError> {
     let domains = spec.domains();
-    let mut trials = if spec.sweep.draws() {
+    let mut trials = if let Some(tpe) = &spec.sweep.tpe {
+        // The random start; the estimator proposes the rest as trials finish (`crate::tpe`).
+        (0..tpe.n_startup())
+            .map(|ordinal| crate::tpe::random_point(&domains, tpe.seed.unwrap_or(0), ordinal as usize))
+            .collect()
+    } else if spec.sweep.draws() {
         random(
             &domains,
             spec.sweep.samples.unwrap_or(1) as usize,
@@ -77,7 +82,7 @@ fn random(domains: &[(String, ParamDomain)], samples: usize, seed: u64) -> Vec<M
         .collect()
 }
 
-fn draw(domain: &ParamDomain, rng: &mut ChaCha8Rng) -> Value {
+pub(crate) fn draw(domain: &ParamDomain, rng: &mut ChaCha8Rng) -> Value {
     match domain {
         ParamDomain::List(items) => items[rng.gen_range(0..items.len())].clone(),
         ParamDomain::Range { .. } => {

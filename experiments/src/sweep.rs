@@ -81,6 +81,17 @@ pub fn check_confined(
             ),
         ));
     }
+    if spec.sweep.tpe.is_some() {
+        if let Some(first) = points.first() {
+            // Proposals come one point at a time: the family must make one trial of each.
+            let swept = first
+                .iter()
+                .filter(|(k, _)| spec.sweep.params.contains_key(*k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            plan_point(&spec, swept)?;
+        }
+    }
     let points = family.expand(points).map_err(|e| {
         let (path, message) = locate(&spec, &e.path, &e.message);
         SpecError::new(path, message)
@@ -114,6 +125,39 @@ pub fn check_confined(
         spec,
         objective,
         trials,
+    })
+}
+
+/// The trial one more point of a checked spec's sweep stands for (the tpe searcher's
+/// proposals): base merged with the swept values, checked as at submission.
+pub fn plan_point(spec: &SweepSpec, swept: serde_json::Map<String, Value>) -> Result<PlannedTrial, SpecError> {
+    let family = Family::parse(&spec.family).map_err(|m| SpecError::new("family", m))?;
+    let mut params: serde_json::Map<String, Value> = spec.base.clone().into_iter().collect();
+    params.extend(swept);
+    let mut points = family.expand(vec![params]).map_err(|e| {
+        let (path, message) = locate(spec, &e.path, &e.message);
+        SpecError::new(path, message)
+    })?;
+    if points.len() != 1 {
+        return Err(SpecError::new(
+            "sweep.searcher",
+            format!(
+                "the {} searcher proposes one trial at a time, but family {} makes {} trials of a point",
+                spec.sweep.searcher.as_str(),
+                family.name(),
+                points.len()
+            ),
+        ));
+    }
+    let params = Value::Object(points.remove(0));
+    let plan = family.check_params(&params).map_err(|e| {
+        let (path, message) = locate(spec, &e.path, &e.message);
+        SpecError::new(path, format!("{message} (in the proposed trial {params})"))
+    })?;
+    Ok(PlannedTrial {
+        params,
+        total_steps: plan.total_steps,
+        depends_on: Vec::new(),
     })
 }
 

@@ -182,6 +182,9 @@ pub enum Searcher {
     Asha,
     /// Brackets of ASHA, each starting at a larger first rung.
     Hyperband,
+    /// The tree-structured Parzen estimator: `n_startup` random trials, then each new
+    /// trial proposed from the finished ones as they finish.
+    Tpe,
 }
 
 impl Searcher {
@@ -191,6 +194,7 @@ impl Searcher {
             Searcher::Random => "random",
             Searcher::Asha => "asha",
             Searcher::Hyperband => "hyperband",
+            Searcher::Tpe => "tpe",
         }
     }
 }
@@ -210,6 +214,26 @@ pub struct Rungs {
     /// configuration fully).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub brackets: Option<u32>,
+}
+
+/// `[sweep.tpe]`: how many trials in all, how many random ones first, and the seed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Tpe {
+    /// Trials in all: the random start, then one proposed as each trial finishes.
+    pub trials: u32,
+    /// Random trials before the estimator proposes any (default 10); also how many run at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_startup: Option<u32>,
+    /// The same seed gives the same trials on one worker slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+impl Tpe {
+    pub fn n_startup(&self) -> u32 {
+        self.n_startup.unwrap_or(10).min(self.trials)
+    }
 }
 
 /// The rung ladder of an ASHA or Hyperband sweep. Bracket `b`'s rungs are
@@ -268,6 +292,9 @@ pub struct Sweep {
     /// The rungs of `searcher = "hyperband"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hyperband: Option<Rungs>,
+    /// The budget of `searcher = "tpe"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpe: Option<Tpe>,
 }
 
 impl Sweep {
@@ -278,6 +305,7 @@ impl Sweep {
             Searcher::Grid => false,
             Searcher::Random => true,
             Searcher::Asha | Searcher::Hyperband => self.samples.is_some(),
+            Searcher::Tpe => true,
         }
     }
 
@@ -612,6 +640,7 @@ impl SweepSpec {
             }
         }
         self.check_rungs()?;
+        self.check_tpe(limits)?;
         if self.sweep.draws() && u64::from(self.sweep.samples.unwrap_or(0)) > limits.max_trials {
             return Err(SpecError::new(
                 "sweep.samples",
@@ -717,6 +746,47 @@ impl SweepSpec {
             }
         }
         Ok(())
+    }
+
+    /// The `[sweep.tpe]` table: given exactly for its searcher, a budget within the limits.
+    fn check_tpe(&self, limits: &Limits) -> Result<(), SpecError> {
+        let sweep = &self.sweep;
+        match (&sweep.tpe, sweep.searcher == Searcher::Tpe) {
+            (Some(_), false) => Err(SpecError::new(
+                "sweep.tpe",
+                format!(
+                    "[sweep.tpe] applies to searcher = \"tpe\" only; this sweep's searcher is \"{}\"",
+                    sweep.searcher.as_str()
+                ),
+            )),
+            (None, true) => Err(SpecError::new(
+                "sweep.tpe",
+                "searcher = \"tpe\" needs a [sweep.tpe] table: trials = N (in all), and optionally \
+                 n_startup = 10 (random ones first) and seed = 0",
+            )),
+            (Some(tpe), true) => {
+                if sweep.samples.is_some() || sweep.seed.is_some() {
+                    return Err(SpecError::new(
+                        if sweep.samples.is_some() { "sweep.samples" } else { "sweep.seed" },
+                        "the tpe searcher takes its budget and seed from [sweep.tpe] (trials, seed)",
+                    ));
+                }
+                if tpe.trials == 0 || u64::from(tpe.trials) > limits.max_trials {
+                    return Err(SpecError::new(
+                        "sweep.tpe.trials",
+                        format!("{}: expected 1 to {} trials", tpe.trials, limits.max_trials),
+                    ));
+                }
+                if tpe.n_startup == Some(0) {
+                    return Err(SpecError::new(
+                        "sweep.tpe.n_startup",
+                        "expected at least 1 random trial to start from",
+                    ));
+                }
+                Ok(())
+            }
+            (None, false) => Ok(()),
+        }
     }
 
     /// The domain of every swept parameter, in name order.

@@ -7,12 +7,15 @@ of the work alone (library imports and cluster start-up excluded).
   peers.py optuna-lifecycles --pg URL --trials N
   peers.py mlflow-ingest --pg URL --points N
   peers.py torch-step --model {mlp,gpt} --threads T --steps N [--width W --batch B]
+  peers.py search --trials N --startup K --seeds S
 """
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -201,6 +204,45 @@ def torch_step(a):
     emit(tool="pytorch", version=torch.__version__, steps=a.steps, wall=wall, rate=a.steps / wall)
 
 
+def synthetic_loss(p):
+    """The synthetic task of ablate's search rows (ablate_experiments::tpe::synthetic), the same formula."""
+    act = {"gelu": 0.0, "silu": 0.1}.get(p["activation"], 0.4)
+    return (
+        (math.log10(p["lr"]) + 2.5) ** 2
+        + ((p["log2_batch"] - 6.0) / 3.0) ** 2
+        + act
+        + 2.0 * (p["x"] - 0.3) ** 2
+    )
+
+
+def search(a):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def objective(trial):
+        return synthetic_loss(
+            {
+                "activation": trial.suggest_categorical("activation", ["relu", "gelu", "tanh", "silu"]),
+                "log2_batch": trial.suggest_int("log2_batch", 2, 10),
+                "lr": trial.suggest_float("lr", 1e-5, 1.0, log=True),
+                "x": trial.suggest_float("x", 0.0, 1.0),
+            }
+        )
+
+    best = {"tpe": [], "random": []}
+    for seed in range(a.seeds):
+        for name, sampler in [
+            ("tpe", optuna.samplers.TPESampler(seed=seed, n_startup_trials=a.startup)),
+            ("random", optuna.samplers.RandomSampler(seed=seed)),
+        ]:
+            study = optuna.create_study(sampler=sampler)
+            study.optimize(objective, n_trials=a.trials)
+            best[name].append(study.best_value)
+    emit(tool="optuna", version=optuna.__version__, tpe=statistics.median(best["tpe"]),
+         random=statistics.median(best["random"]), tpe_bests=best["tpe"], random_bests=best["random"])
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="command", required=True)
@@ -222,8 +264,14 @@ def main():
     t.add_argument("--steps", type=int, default=500)
     t.add_argument("--width", type=int, default=256)
     t.add_argument("--batch", type=int, default=128)
+    r = sub.add_parser("search")
+    r.add_argument("--trials", type=int, default=60)
+    r.add_argument("--startup", type=int, default=10)
+    r.add_argument("--seeds", type=int, default=10)
     a = p.parse_args()
-    if a.command == "sweep":
+    if a.command == "search":
+        search(a)
+    elif a.command == "sweep":
         (sweep_ray if a.tool == "ray" else sweep_optuna)(a)
     elif a.command == "optuna-lifecycles":
         optuna_lifecycles(a)

@@ -621,17 +621,37 @@ fn provision_peers() -> Result<PathBuf> {
     Ok(python)
 }
 
+/// Optuna alone (for `cargo xtask bench search`), in a small venv of its own.
+fn provision_optuna() -> Result<PathBuf> {
+    let venv = cache_dir().join("optuna-venv");
+    let python = venv.join("bin/python");
+    let ready = venv.join(".ablate-optuna-ready");
+    if ready.exists() {
+        return Ok(python);
+    }
+    eprintln!("xtask: installing optuna from PyPI into {}", venv.display());
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", "optuna==5.0.0"]))?;
+    std::fs::write(&ready, "").map_err(|e| e.to_string())?;
+    Ok(python)
+}
+
 fn bench(args: &[String]) -> Result {
     provision_libtorch()?;
     provision_datasets()?;
-    // The dashboard's rows need no peers.
-    let peers = args.first().map(String::as_str) != Some("dashboard");
+    // The dashboard's rows need no peers; the search rows only Optuna.
+    let only = args.first().map(String::as_str);
+    let peers = !matches!(only, Some("dashboard") | Some("search"));
     let dsir_python = if peers {
         provision_dsir_reference()?
     } else {
         PathBuf::new()
     };
-    let peers_python = if peers { provision_peers()? } else { PathBuf::new() };
+    let peers_python = match only {
+        Some("search") => provision_optuna()?,
+        _ if peers => provision_peers()?,
+        _ => PathBuf::new(),
+    };
     let chromium = provision_chromium()?;
     build("release")?;
     run(&mut cargo(&[

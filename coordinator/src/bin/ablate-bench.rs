@@ -432,6 +432,34 @@ fn field(v: &serde_json::Value, name: &str) -> std::result::Result<f64, String> 
     v[name].as_f64().ok_or_else(|| format!("no {name} in {v}"))
 }
 
+/// TPE and random search at the same budget on the synthetic task (`ablate_experiments::tpe`),
+/// ours (the proposer the coordinator runs) beside Optuna's samplers with the same seeds.
+fn search_rows() -> Vec<Row> {
+    use ablate_experiments::tpe::{best_of, median};
+    let (budget, startup, seeds) = (60, 10, 10u64);
+    let ours = |tpe: bool| median((0..seeds).map(|s| best_of(budget, startup, s, tpe)).collect());
+    let optuna = peer(&[
+        "search",
+        "--trials",
+        &budget.to_string(),
+        "--startup",
+        &startup.to_string(),
+        "--seeds",
+        &seeds.to_string(),
+    ]);
+    let figure = |name: &str| optuna.as_ref().map_err(Clone::clone).and_then(|v| field(v, name));
+    let (tpe, random) = (ours(true), ours(false));
+    vec![
+        Row::new(format!("TPE ({startup} random first), best loss"), tpe, "loss")
+            .lower_is_better()
+            .peer("Optuna TPESampler", figure("tpe"))
+            .note(format!("our random search at the same budget: {random:.4}")),
+        Row::new("random search, best loss", random, "loss")
+            .lower_is_better()
+            .peer("Optuna RandomSampler", figure("random")),
+    ]
+}
+
 /// The DSIR corpus `cargo xtask provision` builds: the pool's shards and the news target.
 fn dsir_corpus() -> Result<(Vec<std::path::PathBuf>, std::path::PathBuf)> {
     let root = std::path::PathBuf::from(ablate_experiments::nn::locations::data_root()).join("dsir");
@@ -886,6 +914,14 @@ async fn main() -> Result {
         .position(|a| a == "--json")
         .and_then(|i| args.get(i + 1))
         .cloned();
+    if args.first().map(String::as_str) == Some("search") {
+        let rows = search_rows();
+        print("Search (synthetic task, minimum 0; median over 10 seeds of the best of 60 trials)", &rows);
+        if let Some(path) = json {
+            write_json(&path, &rows)?;
+        }
+        return Ok(());
+    }
     if args.first().map(String::as_str) == Some("dsir") {
         let rows = dsir_rows()?;
         print("DSIR", &rows);
@@ -955,6 +991,10 @@ async fn main() -> Result {
             ));
             sections.push(("Training step (median of 3 runs)", training_steps()));
             sections.push(("DSIR", dsir_rows()?));
+            sections.push((
+                "Search (synthetic task, minimum 0; median over 10 seeds of the best of 60 trials)",
+                search_rows(),
+            ));
             sections.push((dashboard_title, dashboard::rows(&addr, &http, &pool).await?));
         }
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(sections)

@@ -15,6 +15,7 @@ mod queue;
 mod reader;
 mod rungs;
 mod tokens;
+mod tpe;
 mod workers;
 
 pub use dashboard::*;
@@ -24,6 +25,7 @@ pub use queue::*;
 pub use reader::*;
 pub use rungs::*;
 pub use tokens::*;
+pub use tpe::*;
 pub use workers::*;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");

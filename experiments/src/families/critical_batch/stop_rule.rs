@@ -113,6 +113,7 @@ pub fn dependencies(trials: &[Map<String, Value>]) -> Vec<Vec<usize>> {
 
 /// The lowest target over the budgets, from the reference curves: per budget D, the
 /// loss at D/B0 examples, averaged over seeds, at the best lr.
+#[cfg_attr(not(feature = "torch"), allow(dead_code))]
 pub fn lowest_target(settings: &CbsSettings, curves: &[(f64, Vec<(u64, f64)>)]) -> Option<f64> {
     let mut by_lr: BTreeMap<u64, Vec<&Vec<(u64, f64)>>> = BTreeMap::new();
     for (lr, curve) in curves {
