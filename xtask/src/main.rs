@@ -641,7 +641,7 @@ fn bench(args: &[String]) -> Result {
     provision_datasets()?;
     // The dashboard's rows need no peers; the search rows only Optuna.
     let only = args.first().map(String::as_str);
-    let peers = !matches!(only, Some("dashboard") | Some("search"));
+    let peers = !matches!(only, Some("dashboard") | Some("search") | Some("stop-rule"));
     let dsir_python = if peers {
         provision_dsir_reference()?
     } else {

@@ -432,6 +432,58 @@ fn field(v: &serde_json::Value, name: &str) -> std::result::Result<f64, String> 
     v[name].as_f64().ok_or_else(|| format!("no {name} in {v}"))
 }
 
+/// cbs-mnist run whole and under the stop rule (`cbs.stop_at_targets`): the steps each spent,
+/// the wall time, and whether the steps-to-target tables are the same.
+fn stop_rule_rows() -> Result<Vec<Row>> {
+    let bin = std::env::var("ABLATE_WORKER_BIN").map_err(|_| "set ABLATE_WORKER_BIN (cargo xtask bench does)")?;
+    let spec = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/specs/cbs-mnist.toml");
+    let run = |sets: &[&str]| -> Result<(serde_json::Value, u64, f64)> {
+        let out = std::env::temp_dir().join(format!("ablate-bench-cbs-{}-{}.json", std::process::id(), sets.len()));
+        let start = Instant::now();
+        let status = std::process::Command::new(&bin)
+            .args(["sweep", &spec.to_string_lossy(), "--devices", "cpu:2", "--out", &out.to_string_lossy()])
+            .args(sets)
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        let wall = start.elapsed().as_secs_f64();
+        if !status.success() {
+            return Err(format!("ablate-worker sweep cbs-mnist: {status}").into());
+        }
+        let result: serde_json::Value = serde_json::from_slice(&std::fs::read(&out)?)?;
+        let _ = std::fs::remove_file(&out);
+        let steps = result["trials"]
+            .as_array()
+            .ok_or("no trials in the sweep's output")?
+            .iter()
+            .map(|t| match t["outputs"]["stopped_early"]["step"].as_u64() {
+                Some(step) => step,
+                None => {
+                    let p = &t["params"];
+                    let by_examples = p["examples"].as_u64().unwrap_or(0).div_ceil(p["batch_size"].as_u64().unwrap_or(1));
+                    p["steps"].as_u64().unwrap_or(0).max(by_examples)
+                }
+            })
+            .sum();
+        Ok((result["report"]["tables"][0].clone(), steps, wall))
+    };
+    let (full_table, full_steps, full_wall) = run(&[])?;
+    let (table, steps, wall) = run(&["--set", "base.cbs.stop_at_targets=true"])?;
+    let same = if table == full_table {
+        "the same steps-to-target table".to_string()
+    } else {
+        format!("THE STEPS-TO-TARGET TABLES DIFFER: {table} against {full_table}")
+    };
+    Ok(vec![
+        Row::new("training steps, with the stop rule", steps as f64, "steps")
+            .lower_is_better()
+            .peer("without it", Ok(full_steps as f64))
+            .note(same),
+        Row::new("wall time, with the stop rule", wall, "s")
+            .lower_is_better()
+            .peer("without it", Ok(full_wall)),
+    ])
+}
+
 /// TPE and random search at the same budget on the synthetic task (`ablate_experiments::tpe`),
 /// ours (the proposer the coordinator runs) beside Optuna's samplers with the same seeds.
 fn search_rows() -> Vec<Row> {
@@ -914,6 +966,14 @@ async fn main() -> Result {
         .position(|a| a == "--json")
         .and_then(|i| args.get(i + 1))
         .cloned();
+    if args.first().map(String::as_str) == Some("stop-rule") {
+        let rows = stop_rule_rows()?;
+        print("Critical-batch stop rule (cbs-mnist, 112 runs, ablate-worker sweep on 2 CPU slots)", &rows);
+        if let Some(path) = json {
+            write_json(&path, &rows)?;
+        }
+        return Ok(());
+    }
     if args.first().map(String::as_str) == Some("search") {
         let rows = search_rows();
         print("Search (synthetic task, minimum 0; median over 10 seeds of the best of 60 trials)", &rows);
