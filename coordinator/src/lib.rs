@@ -298,6 +298,9 @@ async fn reap_forever(
         if let Err(error) = db::top_up_all(&pool).await {
             tracing::warn!(%error, "tpe proposals failed");
         }
+        if let Err(error) = db::advance_generations(&pool).await {
+            tracing::warn!(%error, "pbt generations failed");
+        }
     }
 }
 

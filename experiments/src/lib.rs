@@ -21,6 +21,7 @@ pub mod families;
 pub mod nn;
 pub mod report;
 pub mod searcher;
+pub mod pbt;
 pub mod sweep;
 pub mod tpe;
 #[cfg(feature = "torch")]

@@ -16,7 +16,11 @@ use serde_json::{Map, Value};
 /// (parsing already refused a sweep whose domains multiply past it).
 pub fn expand(spec: &SweepSpec, max_trials: u64) -> Result<Vec<Map<String, Value>>, ablate_schema::SpecError> {
     let domains = spec.domains();
-    let mut trials = if let Some(tpe) = &spec.sweep.tpe {
+    let mut trials = if let Some(pbt) = &spec.sweep.pbt {
+        (0..pbt.population)
+            .map(|member| crate::tpe::random_point(&domains, pbt.seed.unwrap_or(0), member as usize))
+            .collect()
+    } else if let Some(tpe) = &spec.sweep.tpe {
         // The random start; the estimator proposes the rest as trials finish (`crate::tpe`).
         (0..tpe.n_startup())
             .map(|ordinal| crate::tpe::random_point(&domains, tpe.seed.unwrap_or(0), ordinal as usize))

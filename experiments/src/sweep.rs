@@ -69,7 +69,7 @@ pub fn check_confined(
             params
         })
         .collect();
-    if spec.sweep.ladder().is_some() && !family.pauses_at_rungs() {
+    if spec.sweep.pauses() && !family.pauses_at_rungs() {
         let pausing: Vec<&str> = crate::Family::all().filter(|f| f.pauses_at_rungs()).map(|f| f.name()).collect();
         return Err(SpecError::new(
             "sweep.searcher",

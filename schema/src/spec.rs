@@ -185,6 +185,9 @@ pub enum Searcher {
     /// The tree-structured Parzen estimator: `n_startup` random trials, then each new
     /// trial proposed from the finished ones as they finish.
     Tpe,
+    /// Population-based training: every `interval` steps the worst members copy a better
+    /// one's checkpoint and perturb its hyperparameters.
+    Pbt,
 }
 
 impl Searcher {
@@ -195,6 +198,7 @@ impl Searcher {
             Searcher::Asha => "asha",
             Searcher::Hyperband => "hyperband",
             Searcher::Tpe => "tpe",
+            Searcher::Pbt => "pbt",
         }
     }
 }
@@ -233,6 +237,35 @@ pub struct Tpe {
 impl Tpe {
     pub fn n_startup(&self) -> u32 {
         self.n_startup.unwrap_or(10).min(self.trials)
+    }
+}
+
+/// `[sweep.pbt]`: the population and how it evolves.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Pbt {
+    /// Members, drawn at random from the swept domains.
+    pub population: u32,
+    /// Steps between generations: each member stops there (checkpointed) until all have.
+    pub interval: u64,
+    /// The bottom fraction that copies a member of the top fraction (default 0.25).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantile: Option<f64>,
+    /// A copied member's numeric hyperparameters are multiplied by one of these (default [0.8, 1.2]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factors: Option<Vec<f64>>,
+    /// Seeds the population and every perturbation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+impl Pbt {
+    pub fn quantile(&self) -> f64 {
+        self.quantile.unwrap_or(0.25)
+    }
+
+    pub fn factors(&self) -> Vec<f64> {
+        self.factors.clone().unwrap_or_else(|| vec![0.8, 1.2])
     }
 }
 
@@ -295,6 +328,9 @@ pub struct Sweep {
     /// The budget of `searcher = "tpe"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpe: Option<Tpe>,
+    /// The population of `searcher = "pbt"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pbt: Option<Pbt>,
 }
 
 impl Sweep {
@@ -305,8 +341,13 @@ impl Sweep {
             Searcher::Grid => false,
             Searcher::Random => true,
             Searcher::Asha | Searcher::Hyperband => self.samples.is_some(),
-            Searcher::Tpe => true,
+            Searcher::Tpe | Searcher::Pbt => true,
         }
+    }
+
+    /// Whether trials stop at steps the coordinator sets (ASHA and Hyperband rungs, PBT generations).
+    pub fn pauses(&self) -> bool {
+        self.ladder().is_some() || self.pbt.is_some()
     }
 
     /// The rung ladder of an ASHA or Hyperband sweep (checked at parse time).
@@ -641,6 +682,7 @@ impl SweepSpec {
         }
         self.check_rungs()?;
         self.check_tpe(limits)?;
+        self.check_pbt(limits)?;
         if self.sweep.draws() && u64::from(self.sweep.samples.unwrap_or(0)) > limits.max_trials {
             return Err(SpecError::new(
                 "sweep.samples",
@@ -787,6 +829,67 @@ impl SweepSpec {
             }
             (None, false) => Ok(()),
         }
+    }
+
+    /// The `[sweep.pbt]` table: given exactly for its searcher, a population that can evolve.
+    fn check_pbt(&self, limits: &Limits) -> Result<(), SpecError> {
+        let sweep = &self.sweep;
+        let pbt = match (&sweep.pbt, sweep.searcher == Searcher::Pbt) {
+            (Some(_), false) => {
+                return Err(SpecError::new(
+                    "sweep.pbt",
+                    format!(
+                        "[sweep.pbt] applies to searcher = \"pbt\" only; this sweep's searcher is \"{}\"",
+                        sweep.searcher.as_str()
+                    ),
+                ))
+            }
+            (None, true) => {
+                return Err(SpecError::new(
+                    "sweep.pbt",
+                    "searcher = \"pbt\" needs a [sweep.pbt] table: population = N, interval = STEPS, and \
+                     optionally quantile = 0.25, factors = [0.8, 1.2], seed = 0",
+                ))
+            }
+            (Some(pbt), true) => pbt,
+            (None, false) => return Ok(()),
+        };
+        if sweep.samples.is_some() || sweep.seed.is_some() {
+            return Err(SpecError::new(
+                if sweep.samples.is_some() { "sweep.samples" } else { "sweep.seed" },
+                "the pbt searcher takes its population and seed from [sweep.pbt] (population, seed)",
+            ));
+        }
+        if pbt.population < 2 || u64::from(pbt.population) > limits.max_trials {
+            return Err(SpecError::new(
+                "sweep.pbt.population",
+                format!("{}: expected 2 to {} members", pbt.population, limits.max_trials),
+            ));
+        }
+        if pbt.interval == 0 {
+            return Err(SpecError::new("sweep.pbt.interval", "expected at least 1 step"));
+        }
+        let q = pbt.quantile();
+        if !(q > 0.0 && q <= 0.5) {
+            return Err(SpecError::new(
+                "sweep.pbt.quantile",
+                format!("{q}: expected a fraction above 0 and at most 0.5, such as 0.25"),
+            ));
+        }
+        let factors = pbt.factors();
+        if factors.is_empty() || factors.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
+            return Err(SpecError::new(
+                "sweep.pbt.factors",
+                "expected positive numbers, such as [0.8, 1.2]",
+            ));
+        }
+        if self.sweep.params.contains_key("steps") {
+            return Err(SpecError::new(
+                "sweep.params.steps",
+                "a population trains for the same steps; set steps in [base]",
+            ));
+        }
+        Ok(())
     }
 
     /// The domain of every swept parameter, in name order.

@@ -39,7 +39,7 @@ pub fn run(
         None => None,
     };
     let checked = ablate_experiments::sweep::check(text, format).map_err(|e| anyhow::anyhow!("invalid spec: {e}"))?;
-    if checked.spec.sweep.ladder().is_some() {
+    if checked.spec.sweep.pauses() {
         anyhow::bail!(
             "invalid spec: sweep.searcher: the {} searcher decides rungs on the coordinator; submit it with \
              `ablate submit` (this runs whole sweeps only: grid or random)",

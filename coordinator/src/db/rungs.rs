@@ -3,9 +3,9 @@
 //! lock held to the end of the transaction), so concurrent pauses on several
 //! replicas see each other's values.
 
-use ablate_schema::{LeaseToken, SweepSpec, TrialId};
+use ablate_schema::{ExperimentId, LeaseToken, SweepSpec, TrialId};
 use serde_json::Value;
-use sqlx::{Connection, PgConnection, Row};
+use sqlx::{Connection, PgConnection, PgPool, Row};
 
 use crate::error::{Error, Result};
 
@@ -76,10 +76,11 @@ pub async fn pause(
     let bracket: i32 = row.try_get::<Option<i32>, _>("bracket")?.unwrap_or(0);
     let spec: SweepSpec = serde_json::from_value(row.try_get("spec")?)
         .map_err(|e| Error::InvalidArgument(format!("the experiment's stored spec does not read back: {e}")))?;
-    let ladder = spec
-        .sweep
-        .ladder()
-        .ok_or_else(|| Error::InvalidArgument(format!("trial {trial} paused, but its sweep has no rungs")))?;
+    if !spec.sweep.pauses() {
+        return Err(Error::InvalidArgument(format!(
+            "trial {trial} paused, but its sweep has no rungs"
+        )));
+    }
     let metric: Option<String> = row.try_get("objective_metric")?;
     let maximize = row.try_get::<Option<String>, _>("goal")?.as_deref() == Some("maximize");
 
@@ -114,6 +115,12 @@ pub async fn pause(
     .bind(provenance)
     .execute(&mut *tx)
     .await?;
+    let Some(ladder) = spec.sweep.ladder() else {
+        // Population-based training: the generation is decided once every member is here.
+        let promoted = generation(&mut tx, ExperimentId(experiment), &spec, maximize, step).await?;
+        tx.commit().await?;
+        return Ok(Pause { value, promoted });
+    };
     // Asynchronous successive halving: of the n trials at this rung so far, the best
     // floor(n / rf) go on; those among them not yet promoted are promoted now.
     let order = if maximize { "desc" } else { "asc" };
@@ -154,4 +161,161 @@ pub async fn pause(
         value,
         promoted: promoted.into_iter().map(TrialId).collect(),
     })
+}
+
+/// Decides a PBT generation at `step` once every live member of the population has
+/// stopped there (`ablate_experiments::pbt`): the bottom members take a top member's
+/// checkpoint (their checkpoint row at `step` points at its object) and its
+/// hyperparameters perturbed; every decision goes into `pbt_lineage`; then all go on
+/// to the next generation. Returns the members set going, none while some are missing.
+async fn generation(
+    tx: &mut PgConnection,
+    experiment: ExperimentId,
+    spec: &SweepSpec,
+    maximize: bool,
+    step: u64,
+) -> Result<Vec<TrialId>> {
+    let Some(pbt) = spec.sweep.pbt.clone() else {
+        return Ok(Vec::new());
+    };
+    // (id, params, total steps, value at the step, whether it is waiting there)
+    type Member = (uuid::Uuid, Value, i64, Option<f64>, bool);
+    let members: Vec<Member> = sqlx::query_as(
+        "select t.id, t.params, t.total_steps, r.value, r.trial_id is not null and t.state = 'pruned'
+         from trials t left join rungs r on r.trial_id = t.id and r.step = $2
+         where t.experiment_id = $1 and t.state not in ('failed', 'cancelled')
+         order by t.ordinal",
+    )
+    .bind(experiment.0)
+    .bind(step as i64)
+    .fetch_all(&mut *tx)
+    .await?;
+    if members.is_empty() || members.iter().any(|m| !m.4) {
+        return Ok(Vec::new());
+    }
+    let swept = |params: &Value| -> serde_json::Map<String, Value> {
+        params
+            .as_object()
+            .map(|p| {
+                p.iter()
+                    .filter(|(k, _)| spec.sweep.params.contains_key(*k))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let population: Vec<(serde_json::Map<String, Value>, Option<f64>)> = members
+        .iter()
+        .map(|m| (swept(&m.1), m.3.map(|v| if maximize { -v } else { v })))
+        .collect();
+    let decisions = ablate_experiments::pbt::generation(
+        &spec.domains(),
+        &population,
+        pbt.quantile(),
+        &pbt.factors(),
+        pbt.seed.unwrap_or(0),
+        step,
+    );
+    for (member, decision) in members.iter().zip(&decisions) {
+        let (action, donor, params) = match decision {
+            ablate_experiments::pbt::Step::Continue => ("continue", None, member.1.clone()),
+            ablate_experiments::pbt::Step::Exploit { donor, params } => {
+                let mut next = member.1.as_object().cloned().unwrap_or_default();
+                next.extend(params.clone());
+                (
+                    "exploit",
+                    Some(members[*donor].0),
+                    Value::Object(next),
+                )
+            }
+        };
+        if let Some(donor) = donor {
+            let copied = sqlx::query(
+                "update checkpoints c set path = d.path, bytes = d.bytes, created_at = now()
+                 from checkpoints d
+                 where c.trial_id = $1 and c.step = $3 and d.trial_id = $2 and d.step = $3",
+            )
+            .bind(member.0)
+            .bind(donor)
+            .bind(step as i64)
+            .execute(&mut *tx)
+            .await?;
+            if copied.rows_affected() != 1 {
+                return Err(Error::InvalidArgument(format!(
+                    "PBT at step {step}: trial {donor} has no checkpoint there to copy"
+                )));
+            }
+            sqlx::query("update trials set params = $2 where id = $1")
+                .bind(member.0)
+                .bind(&params)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "insert into pbt_lineage (experiment_id, trial_id, step, value, action, donor_trial_id, params)
+             values ($1, $2, $3, $4, $5, $6, $7)
+             on conflict do nothing",
+        )
+        .bind(experiment.0)
+        .bind(member.0)
+        .bind(step as i64)
+        .bind(member.3)
+        .bind(action)
+        .bind(donor)
+        .bind(&params)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let going: Vec<uuid::Uuid> = sqlx::query_scalar(
+        "update trials
+         set state = 'pending', finished_at = null,
+             pause_at = case when $2 + $3 < total_steps then $2 + $3 end
+         where id = any($1) and state = 'pruned'
+         returning id",
+    )
+    .bind(members.iter().map(|m| m.0).collect::<Vec<_>>())
+    .bind(step as i64)
+    .bind(pbt.interval as i64)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(going.into_iter().map(TrialId).collect())
+}
+
+/// Decides the PBT generations that wait on no one any more (a member failed for good
+/// while the others waited for it): the reaper's pass.
+pub async fn advance_generations(pool: &PgPool) -> Result<usize> {
+    let waiting: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
+        "select e.id, (select max(r.step) from rungs r where r.experiment_id = e.id)
+         from experiments e
+         where e.spec #>> '{sweep,searcher}' = 'pbt' and e.cancelled_at is null
+           and exists (select 1 from trials t where t.experiment_id = e.id and t.state = 'pruned')
+           and not exists (select 1 from trials t where t.experiment_id = e.id and t.state in ('pending', 'running'))",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut advanced = 0;
+    for (id, step) in waiting {
+        let mut conn = pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        sqlx::query("select pg_advisory_xact_lock(hashtextextended($1::text, 0))")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let spec: Value = sqlx::query_scalar("select spec from experiments where id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let goal: Option<String> = sqlx::query_scalar("select goal from experiments where id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let Ok(spec) = serde_json::from_value::<SweepSpec>(spec) else {
+            continue;
+        };
+        advanced += generation(&mut tx, ExperimentId(id), &spec, goal.as_deref() == Some("maximize"), step as u64)
+            .await?
+            .len();
+        tx.commit().await?;
+    }
+    Ok(advanced)
 }

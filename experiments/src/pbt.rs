@@ -1,0 +1,127 @@
+//! Population-based training (Jaderberg et al., 2017), synchronous: when every
+//! member has reached a generation's step, the members are ranked by their
+//! objective there; each of the bottom `quantile` copies the checkpoint of a
+//! member of the top `quantile` (exploit) and takes that member's
+//! hyperparameters perturbed (explore): a number multiplied by one of the
+//! `factors` (kept within its domain, rounded to a range's step), a list's
+//! value redrawn with probability 1/4. Draws are seeded by the sweep's seed
+//! and the step, so a population evolves the same way from the same results.
+
+use ablate_schema::ParamDomain;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{Map, Value};
+
+/// What one member does at a generation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Goes on with its own weights and hyperparameters.
+    Continue,
+    /// Takes member `donor`'s checkpoint and these hyperparameters (the donor's, perturbed).
+    Exploit { donor: usize, params: Map<String, Value> },
+}
+
+fn rng_at(seed: u64, step: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed ^ step.wrapping_mul(0x2545_f491_4f6c_dd1d))
+}
+
+/// Decides a generation. `members` are (swept parameters, objective to minimize, `None`
+/// when it logged none), in the population's order; returns one [`Step`] per member.
+pub fn generation(
+    domains: &[(String, ParamDomain)],
+    members: &[(Map<String, Value>, Option<f64>)],
+    quantile: f64,
+    factors: &[f64],
+    seed: u64,
+    step: u64,
+) -> Vec<Step> {
+    let n = members.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    // Best first; a member without a value ranks last.
+    order.sort_by(|&a, &b| {
+        let key = |i: usize| members[i].1.filter(|v| v.is_finite()).unwrap_or(f64::INFINITY);
+        key(a).total_cmp(&key(b)).then(a.cmp(&b))
+    });
+    let k = ((n as f64 * quantile).floor() as usize).clamp(1, n / 2);
+    let (top, bottom) = (&order[..k], &order[n - k..]);
+    let mut rng = rng_at(seed, step);
+    let mut steps = vec![Step::Continue; n];
+    for &member in bottom {
+        let donor = top[rng.gen_range(0..top.len())];
+        let params = perturb(domains, &members[donor].0, factors, &mut rng);
+        steps[member] = Step::Exploit { donor, params };
+    }
+    steps
+}
+
+/// The donor's swept values, perturbed.
+pub fn perturb(
+    domains: &[(String, ParamDomain)],
+    params: &Map<String, Value>,
+    factors: &[f64],
+    rng: &mut ChaCha8Rng,
+) -> Map<String, Value> {
+    domains
+        .iter()
+        .map(|(name, domain)| {
+            let current = params.get(name).cloned().unwrap_or(Value::Null);
+            let factor = factors[rng.gen_range(0..factors.len())];
+            let value = match domain {
+                ParamDomain::List(items) => {
+                    if rng.gen::<f64>() < 0.25 {
+                        items[rng.gen_range(0..items.len())].clone()
+                    } else {
+                        current
+                    }
+                }
+                ParamDomain::Uniform { lo, hi } | ParamDomain::LogUniform { lo, hi } => match current.as_f64() {
+                    Some(x) => Value::from((x * factor).clamp(*lo, *hi)),
+                    None => current,
+                },
+                ParamDomain::Range { lo, step, .. } => match current.as_f64() {
+                    Some(x) => {
+                        let len = domain.grid_len().unwrap_or(1);
+                        let i = (((x * factor - lo) / step).round().max(0.0) as u64).min(len - 1);
+                        domain.grid_value(i).unwrap_or(current)
+                    }
+                    None => current,
+                },
+            };
+            (name.clone(), value)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn the_bottom_quarter_copies_the_top_quarter_with_perturbed_hyperparameters() {
+        let domains = vec![(
+            "lr".to_string(),
+            ParamDomain::from_value("lr", &json!({"log_uniform": [0.001, 1.0]})).unwrap(),
+        )];
+        let members: Vec<(Map<String, Value>, Option<f64>)> = (0..8)
+            .map(|i| {
+                let p = json!({"lr": 0.01 * (i + 1) as f64}).as_object().unwrap().clone();
+                (p, if i == 5 { None } else { Some(i as f64) })
+            })
+            .collect();
+        let steps = generation(&domains, &members, 0.25, &[0.8, 1.2], 3, 100);
+        assert_eq!(steps, generation(&domains, &members, 0.25, &[0.8, 1.2], 3, 100));
+        // Best: members 0 and 1; worst: 7 and 5 (no value).
+        for (i, s) in steps.iter().enumerate() {
+            match s {
+                Step::Continue => assert!(![5, 7].contains(&i), "{i} should copy"),
+                Step::Exploit { donor, params } => {
+                    assert!([5, 7].contains(&i) && [0, 1].contains(donor), "{i} <- {donor}");
+                    let (lr, from) = (params["lr"].as_f64().unwrap(), members[*donor].0["lr"].as_f64().unwrap());
+                    assert!((lr / from - 0.8).abs() < 1e-9 || (lr / from - 1.2).abs() < 1e-9, "{lr} from {from}");
+                }
+            }
+        }
+    }
+}
