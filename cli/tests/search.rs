@@ -113,14 +113,15 @@ async fn asha_finds_the_grids_best_for_a_fraction_of_its_steps() {
     }
     assert!(finished >= 1);
     // Rungs in SQL: all 81 at step 20; the promoted of each rung are exactly those at the next.
-    let at = |step: i64| {
-        format!("select count(*) from ablate.rungs where experiment_id = '{asha}' and step = {step}")
-    };
+    let at = |step: i64| format!("select count(*) from ablate.rungs where experiment_id = '{asha}' and step = {step}");
     assert_eq!(stack.scalar_i64(&at(20)).await, 81);
     for (rung, next) in [(20, 60), (60, 180)] {
         let promoted = stack.scalar_i64(&format!("{} and promoted", at(rung))).await;
         assert_eq!(promoted, stack.scalar_i64(&at(next)).await, "rung {rung}");
-        assert!(promoted * 3 >= stack.scalar_i64(&at(rung)).await, "rung {rung}: too few promoted");
+        assert!(
+            promoted * 3 >= stack.scalar_i64(&at(rung)).await,
+            "rung {rung}: too few promoted"
+        );
     }
     assert_eq!(
         stack.scalar_i64(&format!("{} and promoted", at(180))).await,
@@ -141,7 +142,10 @@ async fn asha_finds_the_grids_best_for_a_fraction_of_its_steps() {
             "select count(*) from ablate.trial_attempts where experiment_id = '{asha}' and outcome = 'paused'"
         ))
         .await;
-    assert_eq!(paused, 81 + stack.scalar_i64(&at(60)).await + stack.scalar_i64(&at(180)).await);
+    assert_eq!(
+        paused,
+        81 + stack.scalar_i64(&at(60)).await + stack.scalar_i64(&at(180)).await
+    );
     let status = stack.ablate(&["status", &asha]);
     let status = harness::text(&status);
     assert!(
@@ -152,7 +156,10 @@ async fn asha_finds_the_grids_best_for_a_fraction_of_its_steps() {
     // Hyperband: brackets of ASHA, each starting at a higher rung; the last trains fully.
     let hyperband_spec = stack.write_spec(
         "hb.toml",
-        &spec("hb", "hyperband").replace("{ range = [-11.5, -5], step = 0.25 }", "{ range = [-12, -5], step = 1 }"),
+        &spec("hb", "hyperband").replace(
+            "{ range = [-11.5, -5], step = 0.25 }",
+            "{ range = [-12, -5], step = 1 }",
+        ),
     );
     let hb = stack.submit_and_wait(&hyperband_spec);
     let brackets: Vec<(i32, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -216,7 +223,11 @@ async fn dsir_stages_wait_in_the_queue_not_in_a_slot_and_outlive_a_crashed_shard
         )
     };
     loop {
-        assert_eq!(waiting_in_a_slot(&stack, &id).await, 0, "a stage holds a slot while it waits");
+        assert_eq!(
+            waiting_in_a_slot(&stack, &id).await,
+            0,
+            "a stage holds a slot while it waits"
+        );
         if stack.scalar_i64(&crashed(&id)).await >= 1 {
             break;
         }
@@ -231,7 +242,11 @@ async fn dsir_stages_wait_in_the_queue_not_in_a_slot_and_outlive_a_crashed_shard
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             }
         }
-        assert!(std::time::Instant::now() < deadline, "no features trial crashed\n{}", stack.logs());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no features trial crashed\n{}",
+            stack.logs()
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     while stack
@@ -241,7 +256,11 @@ async fn dsir_stages_wait_in_the_queue_not_in_a_slot_and_outlive_a_crashed_shard
         .await
         > 0
     {
-        assert_eq!(waiting_in_a_slot(&stack, &id).await, 0, "a stage holds a slot while it waits");
+        assert_eq!(
+            waiting_in_a_slot(&stack, &id).await,
+            0,
+            "a stage holds a slot while it waits"
+        );
         assert!(std::time::Instant::now() < deadline, "sweep too slow\n{}", stack.logs());
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
@@ -251,7 +270,11 @@ async fn dsir_stages_wait_in_the_queue_not_in_a_slot_and_outlive_a_crashed_shard
     .fetch_all(&stack.pool)
     .await
     .unwrap();
-    assert!(states.iter().all(|s| s.1 == "succeeded"), "{states:?}\n{}", stack.logs());
+    assert!(
+        states.iter().all(|s| s.1 == "succeeded"),
+        "{states:?}\n{}",
+        stack.logs()
+    );
     assert!(states.iter().any(|s| s.0 == "features" && s.2 >= 2), "{states:?}");
     // Each later stage was leased once, after all it waits for had finished: no polling, no retry.
     let order = stack
@@ -267,7 +290,11 @@ async fn dsir_stages_wait_in_the_queue_not_in_a_slot_and_outlive_a_crashed_shard
             "select count(*) from ablate.trial_dependencies where experiment_id = '{id}'"
         ))
         .await;
-    assert_eq!(edges, 4 + 2, "select waits for 4 shards, each train trial for the select");
+    assert_eq!(
+        edges,
+        4 + 2,
+        "select waits for 4 shards, each train trial for the select"
+    );
 
     // A stage that fails for good fails what waits for it, with the reason; nothing is left pending.
     let spec = stack.write_spec("bad.toml", &DSIR.replace("NAME", "dsir-bad").replace("K", "100000000"));
@@ -354,7 +381,9 @@ async fn tpe_proposes_each_trial_as_one_finishes_and_repeats_from_its_seed() {
     assert_eq!(runs[0], runs[1], "the same seed on one slot proposes the same trials");
     // Proposals are not the random start again: the estimator used the results.
     let start: Vec<f64> = runs[0][..4].iter().map(|p| p["log2_lr"].as_f64().unwrap()).collect();
-    assert!(runs[0][4..].iter().all(|p| !start.contains(&p["log2_lr"].as_f64().unwrap())));
+    assert!(runs[0][4..]
+        .iter()
+        .all(|p| !start.contains(&p["log2_lr"].as_f64().unwrap())));
 }
 
 /// Linear regression on power-law features with label noise under SGD at a constant
@@ -408,7 +437,9 @@ async fn pbt_beats_the_best_fixed_learning_rate_when_the_best_rate_falls() {
     );
     let pbt = stack.submit_and_wait(&stack.write_spec("pbt.toml", &pbt));
     let (fixed_best, pbt_best) = (best_final(&stack, &fixed).await, best_final(&stack, &pbt).await);
-    println!("eval_loss after 400 steps: best of 8 fixed learning rates {fixed_best:.5}, best PBT member {pbt_best:.5}");
+    println!(
+        "eval_loss after 400 steps: best of 8 fixed learning rates {fixed_best:.5}, best PBT member {pbt_best:.5}"
+    );
     assert!(pbt_best < fixed_best, "PBT {pbt_best} against fixed {fixed_best}");
     // The lineage: 7 generations of 8 members, a quarter of each copied a top member.
     let lineage: Vec<(i64, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(

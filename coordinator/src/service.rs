@@ -952,8 +952,7 @@ impl Completion {
                 provenance,
             } => {
                 let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-                let again =
-                    db::crashed(&mut *tx, *trial, *token, error, tail.as_deref(), provenance.as_ref()).await?;
+                let again = db::crashed(&mut *tx, *trial, *token, error, tail.as_deref(), provenance.as_ref()).await?;
                 if !again {
                     db::top_up_after(&mut tx, *trial).await?;
                 }

@@ -57,7 +57,10 @@ pub async fn submit_as(
                 pause_at: match &checked.spec.sweep.pbt {
                     // A population stops at every generation's step.
                     Some(pbt) => (pbt.interval < t.total_steps).then_some(pbt.interval as i64),
-                    None => ladder.zip(bracket).and_then(|(l, b)| l.rung_after(b, 0)).map(|s| s as i64),
+                    None => ladder
+                        .zip(bracket)
+                        .and_then(|(l, b)| l.rung_after(b, 0))
+                        .map(|s| s as i64),
                 },
             }
         })

@@ -19,9 +19,9 @@
 pub mod error;
 pub mod families;
 pub mod nn;
+pub mod pbt;
 pub mod report;
 pub mod searcher;
-pub mod pbt;
 pub mod sweep;
 pub mod tpe;
 #[cfg(feature = "torch")]

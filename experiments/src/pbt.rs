@@ -118,8 +118,14 @@ mod tests {
                 Step::Continue => assert!(![5, 7].contains(&i), "{i} should copy"),
                 Step::Exploit { donor, params } => {
                     assert!([5, 7].contains(&i) && [0, 1].contains(donor), "{i} <- {donor}");
-                    let (lr, from) = (params["lr"].as_f64().unwrap(), members[*donor].0["lr"].as_f64().unwrap());
-                    assert!((lr / from - 0.8).abs() < 1e-9 || (lr / from - 1.2).abs() < 1e-9, "{lr} from {from}");
+                    let (lr, from) = (
+                        params["lr"].as_f64().unwrap(),
+                        members[*donor].0["lr"].as_f64().unwrap(),
+                    );
+                    assert!(
+                        (lr / from - 0.8).abs() < 1e-9 || (lr / from - 1.2).abs() < 1e-9,
+                        "{lr} from {from}"
+                    );
                 }
             }
         }

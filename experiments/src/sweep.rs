@@ -70,7 +70,10 @@ pub fn check_confined(
         })
         .collect();
     if spec.sweep.pauses() && !family.pauses_at_rungs() {
-        let pausing: Vec<&str> = crate::Family::all().filter(|f| f.pauses_at_rungs()).map(|f| f.name()).collect();
+        let pausing: Vec<&str> = crate::Family::all()
+            .filter(|f| f.pauses_at_rungs())
+            .map(|f| f.name())
+            .collect();
         return Err(SpecError::new(
             "sweep.searcher",
             format!(
@@ -97,12 +100,13 @@ pub fn check_confined(
         SpecError::new(path, message)
     })?;
     let dependencies = family.dependencies(&points);
-    if dependencies.len() != points.len()
-        || dependencies.iter().enumerate().any(|(i, d)| d.iter().any(|&j| j >= i))
-    {
+    if dependencies.len() != points.len() || dependencies.iter().enumerate().any(|(i, d)| d.iter().any(|&j| j >= i)) {
         return Err(SpecError::new(
             "family",
-            format!("family {} listed dependencies that are not of earlier trials", family.name()),
+            format!(
+                "family {} listed dependencies that are not of earlier trials",
+                family.name()
+            ),
         ));
     }
     let mut trials = Vec::new();

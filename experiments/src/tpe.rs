@@ -178,7 +178,11 @@ impl Parzen {
                 continue;
             }
             let left = if rank == 0 { lo } else { mus[order[rank - 1]] };
-            let right = if rank + 1 == order.len() { hi } else { mus[order[rank + 1]] };
+            let right = if rank + 1 == order.len() {
+                hi
+            } else {
+                mus[order[rank + 1]]
+            };
             sigmas[i] = (mus[i] - left).max(right - mus[i]).clamp(floor, width);
         }
         Parzen { mus, sigmas, lo, hi }

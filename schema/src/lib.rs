@@ -34,7 +34,9 @@ pub mod proto {
 pub use bearer::{addresses, channel, endpoint, Bearer};
 pub use ids::{ExperimentId, LeaseToken, TrialId, WorkerId};
 pub use limits::Limits;
-pub use spec::{Goal, Ladder, Objective, ParamDomain, Pbt, Rungs, Searcher, SpecError, SpecFormat, Sweep, SweepSpec, Tpe};
+pub use spec::{
+    Goal, Ladder, Objective, ParamDomain, Pbt, Rungs, Searcher, SpecError, SpecFormat, Sweep, SweepSpec, Tpe,
+};
 
 /// States a trial moves through; the strings are those stored in PostgreSQL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

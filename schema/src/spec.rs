@@ -663,7 +663,8 @@ impl SweepSpec {
             }
             if !self.sweep.draws() && domain.grid_len().is_none() {
                 let message = if self.sweep.searcher == Searcher::Grid {
-                    "a continuous domain needs searcher = \"random\"; the grid searcher takes lists and ranges".to_string()
+                    "a continuous domain needs searcher = \"random\"; the grid searcher takes lists and ranges"
+                        .to_string()
                 } else {
                     format!(
                         "a continuous domain needs samples = N in [sweep] (the {} searcher then draws N configurations); \
@@ -696,7 +697,10 @@ impl SweepSpec {
         match (self.sweep.searcher, self.sweep.samples) {
             (Searcher::Random, None) | (_, Some(0)) => Err(SpecError::new(
                 "sweep.samples",
-                format!("the {} searcher needs samples = N with N >= 1", self.sweep.searcher.as_str()),
+                format!(
+                    "the {} searcher needs samples = N with N >= 1",
+                    self.sweep.searcher.as_str()
+                ),
             )),
             (Searcher::Grid, Some(_)) => Err(SpecError::new(
                 "sweep.samples",
@@ -809,7 +813,11 @@ impl SweepSpec {
             (Some(tpe), true) => {
                 if sweep.samples.is_some() || sweep.seed.is_some() {
                     return Err(SpecError::new(
-                        if sweep.samples.is_some() { "sweep.samples" } else { "sweep.seed" },
+                        if sweep.samples.is_some() {
+                            "sweep.samples"
+                        } else {
+                            "sweep.seed"
+                        },
                         "the tpe searcher takes its budget and seed from [sweep.tpe] (trials, seed)",
                     ));
                 }
@@ -856,7 +864,11 @@ impl SweepSpec {
         };
         if sweep.samples.is_some() || sweep.seed.is_some() {
             return Err(SpecError::new(
-                if sweep.samples.is_some() { "sweep.samples" } else { "sweep.seed" },
+                if sweep.samples.is_some() {
+                    "sweep.samples"
+                } else {
+                    "sweep.seed"
+                },
                 "the pbt searcher takes its population and seed from [sweep.pbt] (population, seed)",
             ));
         }
@@ -1048,7 +1060,9 @@ max_steps = 300
         assert_eq!(ladder.rung_after(0, 180), None);
         assert_eq!(ladder.brackets, 1);
         let hb = SweepSpec::parse(
-            &ASHA.replace("\"asha\"", "\"hyperband\"").replace("[sweep.asha]", "[sweep.hyperband]"),
+            &ASHA
+                .replace("\"asha\"", "\"hyperband\"")
+                .replace("[sweep.asha]", "[sweep.hyperband]"),
             SpecFormat::Toml,
         )
         .unwrap();
@@ -1061,15 +1075,31 @@ max_steps = 300
 
     #[test]
     fn asha_tables_are_checked_with_their_paths() {
-        check_err(&ASHA.replace("[sweep.asha]\nmin_steps = 20\nmax_steps = 300\n", ""), "sweep.asha", "min_steps");
-        check_err(&ASHA.replace("max_steps = 300", "max_steps = 20"), "sweep.asha.max_steps", "not above");
-        check_err(&ASHA.replace("min_steps = 20", "min_steps = 0"), "sweep.asha.min_steps", "at least 1");
+        check_err(
+            &ASHA.replace("[sweep.asha]\nmin_steps = 20\nmax_steps = 300\n", ""),
+            "sweep.asha",
+            "min_steps",
+        );
+        check_err(
+            &ASHA.replace("max_steps = 300", "max_steps = 20"),
+            "sweep.asha.max_steps",
+            "not above",
+        );
+        check_err(
+            &ASHA.replace("min_steps = 20", "min_steps = 0"),
+            "sweep.asha.min_steps",
+            "at least 1",
+        );
         check_err(
             &ASHA.replace("max_steps = 300", "max_steps = 300\nreduction_factor = 1"),
             "sweep.asha.reduction_factor",
             "2 to 100",
         );
-        check_err(&ASHA.replace("\"asha\"", "\"grid\""), "sweep.asha", "searcher = \"asha\" only");
+        check_err(
+            &ASHA.replace("\"asha\"", "\"grid\""),
+            "sweep.asha",
+            "searcher = \"asha\" only",
+        );
         check_err(
             &ASHA.replace("[sweep]", "[base]\nsteps = 100\n[sweep]"),
             "base.steps",

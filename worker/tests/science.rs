@@ -55,14 +55,24 @@ fn steps_spent(outcomes: &[TrialOutcome]) -> u64 {
 fn stop_rule_keeps_the_table(name: &str, full: &(Report, Vec<TrialOutcome>)) {
     let stopping = run_spec_set(name, 2, None, &["base.cbs.stop_at_targets=true".to_string()]);
     let (with, without) = (steps_spent(&stopping.1), steps_spent(&full.1));
-    let stopped = stopping.1.iter().filter(|t| t.outputs.contains_key("stopped_early")).count();
+    let stopped = stopping
+        .1
+        .iter()
+        .filter(|t| t.outputs.contains_key("stopped_early"))
+        .count();
     eprintln!(
         "{name}: {without} steps without the stop rule, {with} with it ({:.0}%; {stopped} of {} runs stopped early)",
         100.0 * with as f64 / without as f64,
         stopping.1.len()
     );
-    eprintln!("{}", ablate_experiments::report::text_table(&stopping.0.tables[0].columns, &stopping.0.tables[0].rows));
-    assert_eq!(stopping.0.tables[0], full.0.tables[0], "steps to target differ under the stop rule");
+    eprintln!(
+        "{}",
+        ablate_experiments::report::text_table(&stopping.0.tables[0].columns, &stopping.0.tables[0].rows)
+    );
+    assert_eq!(
+        stopping.0.tables[0], full.0.tables[0],
+        "steps to target differ under the stop rule"
+    );
     assert!(with < without, "the stop rule saved nothing: {with} steps");
     assert!(stopping.1.iter().all(|t| t.state == "succeeded"));
 }

@@ -441,7 +441,14 @@ fn stop_rule_rows() -> Result<Vec<Row>> {
         let out = std::env::temp_dir().join(format!("ablate-bench-cbs-{}-{}.json", std::process::id(), sets.len()));
         let start = Instant::now();
         let status = std::process::Command::new(&bin)
-            .args(["sweep", &spec.to_string_lossy(), "--devices", "cpu:2", "--out", &out.to_string_lossy()])
+            .args([
+                "sweep",
+                &spec.to_string_lossy(),
+                "--devices",
+                "cpu:2",
+                "--out",
+                &out.to_string_lossy(),
+            ])
             .args(sets)
             .stdout(std::process::Stdio::null())
             .status()?;
@@ -459,7 +466,10 @@ fn stop_rule_rows() -> Result<Vec<Row>> {
                 Some(step) => step,
                 None => {
                     let p = &t["params"];
-                    let by_examples = p["examples"].as_u64().unwrap_or(0).div_ceil(p["batch_size"].as_u64().unwrap_or(1));
+                    let by_examples = p["examples"]
+                        .as_u64()
+                        .unwrap_or(0)
+                        .div_ceil(p["batch_size"].as_u64().unwrap_or(1));
                     p["steps"].as_u64().unwrap_or(0).max(by_examples)
                 }
             })
@@ -968,7 +978,10 @@ async fn main() -> Result {
         .cloned();
     if args.first().map(String::as_str) == Some("stop-rule") {
         let rows = stop_rule_rows()?;
-        print("Critical-batch stop rule (cbs-mnist, 112 runs, ablate-worker sweep on 2 CPU slots)", &rows);
+        print(
+            "Critical-batch stop rule (cbs-mnist, 112 runs, ablate-worker sweep on 2 CPU slots)",
+            &rows,
+        );
         if let Some(path) = json {
             write_json(&path, &rows)?;
         }
@@ -976,7 +989,10 @@ async fn main() -> Result {
     }
     if args.first().map(String::as_str) == Some("search") {
         let rows = search_rows();
-        print("Search (synthetic task, minimum 0; median over 10 seeds of the best of 60 trials)", &rows);
+        print(
+            "Search (synthetic task, minimum 0; median over 10 seeds of the best of 60 trials)",
+            &rows,
+        );
         if let Some(path) = json {
             write_json(&path, &rows)?;
         }

@@ -222,11 +222,7 @@ async fn generation(
             ablate_experiments::pbt::Step::Exploit { donor, params } => {
                 let mut next = member.1.as_object().cloned().unwrap_or_default();
                 next.extend(params.clone());
-                (
-                    "exploit",
-                    Some(members[*donor].0),
-                    Value::Object(next),
-                )
+                ("exploit", Some(members[*donor].0), Value::Object(next))
             }
         };
         if let Some(donor) = donor {
@@ -312,9 +308,15 @@ pub async fn advance_generations(pool: &PgPool) -> Result<usize> {
         let Ok(spec) = serde_json::from_value::<SweepSpec>(spec) else {
             continue;
         };
-        advanced += generation(&mut tx, ExperimentId(id), &spec, goal.as_deref() == Some("maximize"), step as u64)
-            .await?
-            .len();
+        advanced += generation(
+            &mut tx,
+            ExperimentId(id),
+            &spec,
+            goal.as_deref() == Some("maximize"),
+            step as u64,
+        )
+        .await?
+        .len();
         tx.commit().await?;
     }
     Ok(advanced)

@@ -30,10 +30,7 @@ fn settings(p: &Map<String, Value>) -> Option<CbsSettings> {
 
 /// Reference runs first; each names where it leaves its curve, the others which curves they read.
 pub fn expand(points: Vec<Map<String, Value>>) -> Result<Vec<Map<String, Value>>, ParamError> {
-    let stopping = points
-        .iter()
-        .filter_map(settings)
-        .any(|s| s.stop_at_targets);
+    let stopping = points.iter().filter_map(settings).any(|s| s.stop_at_targets);
     if !stopping {
         return Ok(points);
     }
@@ -66,7 +63,10 @@ pub fn expand(points: Vec<Map<String, Value>>) -> Result<Vec<Map<String, Value>>
         published.entry(model_key(p)).or_default().push(key.clone());
         let alone = seeds[&lr_key(p)] == 1;
         if let Some(Value::Object(cbs)) = p.get_mut("cbs") {
-            let largest = cbs.get("budgets").and_then(Value::as_array).and_then(|b| b.last()?.as_u64());
+            let largest = cbs
+                .get("budgets")
+                .and_then(Value::as_array)
+                .and_then(|b| b.last()?.as_u64());
             let b0 = cbs.get("reference_batch").and_then(Value::as_u64).filter(|&b| b > 0);
             cbs.insert("publish".into(), json!(key));
             if let (true, Some(largest), Some(b0)) = (alone, largest, b0) {
@@ -170,8 +170,8 @@ pub fn run(
             ))
         })?;
         let record: Value = serde_json::from_slice(&bytes).map_err(|e| TrialError::Data(format!("{key}: {e}")))?;
-        let curve: Vec<(u64, f64)> = serde_json::from_value(record["curve"].clone())
-            .map_err(|e| TrialError::Data(format!("{key}: {e}")))?;
+        let curve: Vec<(u64, f64)> =
+            serde_json::from_value(record["curve"].clone()).map_err(|e| TrialError::Data(format!("{key}: {e}")))?;
         curves.push((record["lr"].as_f64().unwrap_or(0.0), curve));
     }
     let target = lowest_target(settings, &curves);
@@ -202,7 +202,13 @@ mod tests {
 
     #[test]
     fn reference_runs_come_first_and_the_others_wait_for_their_models_references() {
-        let points = vec![point(8, 0.1, 16), point(4, 0.1, 16), point(4, 0.2, 16), point(8, 0.1, 32), point(4, 0.1, 32)];
+        let points = vec![
+            point(8, 0.1, 16),
+            point(4, 0.1, 16),
+            point(4, 0.2, 16),
+            point(8, 0.1, 32),
+            point(4, 0.1, 32),
+        ];
         let trials = expand(points).unwrap();
         let batches: Vec<u64> = trials.iter().map(|t| t["batch_size"].as_u64().unwrap()).collect();
         assert_eq!(batches, vec![4, 4, 4, 8, 8]);

@@ -303,7 +303,11 @@ pub fn expand(points: Vec<Map<String, Value>>) -> Result<Vec<Map<String, Value>>
 /// the select trial.
 pub fn dependencies(trials: &[Map<String, Value>]) -> Vec<Vec<usize>> {
     let stage = |t: &Map<String, Value>| t.get("stage").and_then(Value::as_str).map(String::from);
-    let positions = |name: &str| -> Vec<usize> { (0..trials.len()).filter(|&i| stage(&trials[i]).as_deref() == Some(name)).collect() };
+    let positions = |name: &str| -> Vec<usize> {
+        (0..trials.len())
+            .filter(|&i| stage(&trials[i]).as_deref() == Some(name))
+            .collect()
+    };
     let (features, select) = (positions("features"), positions("select"));
     trials
         .iter()

@@ -44,8 +44,11 @@ pub fn run(params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>
 /// and stops the run when it gives a reason.
 pub struct StopRule<'a> {
     pub metric: &'static str,
-    pub stop: &'a mut dyn FnMut(&[(u64, f64)]) -> Option<String>,
+    pub stop: &'a mut StopFn<'a>,
 }
+
+/// A stop rule's test: every evaluation so far, (step, value), to the reason to stop, if any.
+pub type StopFn<'a> = dyn FnMut(&[(u64, f64)]) -> Option<String> + 'a;
 
 /// [`run`] under a stop rule; returns the evaluations of its metric. A run it stopped
 /// logs its tail and final losses at that step and the output `stopped_early`
@@ -83,12 +86,8 @@ pub fn run_until(
     let mut history: Vec<(u64, f64)> = Vec::new();
 
     if let Some(resumed) = state::resume(ctx, task.as_mut(), subspace.as_mut(), &mut optimizer, average.as_mut())? {
-        (start, tail, noise_average, history) = (
-            resumed.step,
-            resumed.loss_tail,
-            resumed.noise_average,
-            resumed.history,
-        );
+        (start, tail, noise_average, history) =
+            (resumed.step, resumed.loss_tail, resumed.noise_average, resumed.history);
     }
     // The step the rule stopped the run at, and why.
     let mut stopped: Option<(u64, String)> = None;

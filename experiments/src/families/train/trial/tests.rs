@@ -54,8 +54,15 @@ fn a_trial_paused_at_a_rung_checkpoints_there_and_resumes_to_the_same_curve() {
     result.unwrap();
     assert_eq!(paused, Some(30));
     assert_eq!(store.saved.iter().map(|s| s.step).collect::<Vec<_>>(), vec![30]);
-    assert_eq!(first.points.iter().map(|p| p.1).max(), Some(30), "trained past its rung");
-    assert!(first.points.iter().any(|p| p.0 == "eval_loss" && p.1 == 30), "no eval at the rung");
+    assert_eq!(
+        first.points.iter().map(|p| p.1).max(),
+        Some(30),
+        "trained past its rung"
+    );
+    assert!(
+        first.points.iter().any(|p| p.0 == "eval_loss" && p.1 == 30),
+        "no eval at the rung"
+    );
     store.resume_at = Some(30);
     let (result, rest, paused) = train_to(&params, &mut store, None);
     result.unwrap();
