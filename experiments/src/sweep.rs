@@ -87,12 +87,7 @@ pub fn check_confined(
     if spec.sweep.tpe.is_some() {
         if let Some(first) = points.first() {
             // Proposals come one point at a time: the family must make one trial of each.
-            let swept = first
-                .iter()
-                .filter(|(k, _)| spec.sweep.params.contains_key(*k))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            plan_point(&spec, swept)?;
+            plan_point(&spec, spec.swept(&Value::Object(first.clone())))?;
         }
     }
     let points = family.expand(points).map_err(|e| {

@@ -916,6 +916,19 @@ impl SweepSpec {
             .collect()
     }
 
+    /// The swept values among a trial's parameters (those `sweep.params` names).
+    pub fn swept(&self, params: &Value) -> serde_json::Map<String, Value> {
+        params
+            .as_object()
+            .map(|p| {
+                p.iter()
+                    .filter(|(k, _)| self.sweep.params.contains_key(*k))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Where a trial parameter came from, for error messages.
     pub fn param_path(&self, name: &str) -> String {
         if self.sweep.params.contains_key(name) {

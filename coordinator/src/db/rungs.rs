@@ -193,20 +193,9 @@ async fn generation(
     if members.is_empty() || members.iter().any(|m| !m.4) {
         return Ok(Vec::new());
     }
-    let swept = |params: &Value| -> serde_json::Map<String, Value> {
-        params
-            .as_object()
-            .map(|p| {
-                p.iter()
-                    .filter(|(k, _)| spec.sweep.params.contains_key(*k))
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     let population: Vec<(serde_json::Map<String, Value>, Option<f64>)> = members
         .iter()
-        .map(|m| (swept(&m.1), m.3.map(|v| if maximize { -v } else { v })))
+        .map(|m| (spec.swept(&m.1), m.3.map(|v| if maximize { -v } else { v })))
         .collect();
     let decisions = ablate_experiments::pbt::generation(
         &spec.domains(),

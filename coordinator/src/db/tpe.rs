@@ -57,15 +57,7 @@ pub async fn top_up(conn: &mut PgConnection, experiment: ExperimentId) -> Result
     let history: Vec<Observation> = finished
         .into_iter()
         .map(|(params, state, value)| Observation {
-            params: params
-                .as_object()
-                .map(|p| {
-                    p.iter()
-                        .filter(|(k, _)| spec.sweep.params.contains_key(*k))
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            params: spec.swept(&params),
             // Failed trials count as neither good nor bad.
             loss: value
                 .filter(|_| state == "succeeded")
