@@ -354,7 +354,14 @@ async fn tpe_proposes_each_trial_as_one_finishes_and_repeats_from_its_seed() {
     let mut runs = Vec::new();
     for name in ["tpe-a", "tpe-b"] {
         let spec = stack.write_spec(&format!("{name}.toml"), &TPE.replace("NAME", name));
-        let id = stack.submit_and_wait(&spec);
+        let out = stack.ablate(&["submit", &spec.to_string_lossy(), "--wait"]);
+        assert!(out.status.success(), "{}", harness::stderr(&out));
+        assert!(
+            harness::stderr(&out).contains("with 10 trials"),
+            "{}",
+            harness::stderr(&out)
+        );
+        let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
         let trials: Vec<(i32, serde_json::Value, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "select ordinal, params, state from trials where experiment_id = '{id}' order by ordinal"
         )))

@@ -8,7 +8,8 @@ use sqlx::PgPool;
 use crate::db::{self, NewExperiment, NewTrial};
 use crate::error::Result;
 
-/// Checks and stores a spec; returns the new experiment's id and trial count.
+/// Checks and stores a spec; returns the new experiment's id and trial count (a tpe
+/// sweep's whole budget, though it stores only its random start at once).
 pub async fn submit(pool: &PgPool, text: &str, format: SpecFormat, limits: &Limits) -> Result<(ExperimentId, usize)> {
     let roots = ablate_experiments::nn::locations::default_roots();
     submit_as(pool, text, format, limits, &roots, None).await
@@ -68,5 +69,12 @@ pub async fn submit_as(
     tracing::Span::current().record("experiment_id", id.to_string());
     db::insert_experiment(pool, &experiment, &trials).await?;
     tracing::info!(experiment = %id, name = %checked.spec.name, trials = checked.trials.len(), "experiment submitted");
-    Ok((id, checked.trials.len()))
+    // A tpe sweep holds its random start now and the rest as trials finish: its count is its budget.
+    let planned = checked
+        .spec
+        .sweep
+        .tpe
+        .as_ref()
+        .map_or(checked.trials.len(), |t| t.trials as usize);
+    Ok((id, planned))
 }

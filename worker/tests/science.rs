@@ -159,16 +159,17 @@ fn depth_mup_transfers_the_learning_rate_across_depths() {
 
 #[test]
 fn critical_batch_grows_with_data_not_model_size_on_mnist() {
-    let (report, outcomes) = run_spec("cbs-mnist.toml", 2);
+    let full = run_spec("cbs-mnist.toml", 2);
+    let (report, outcomes) = (&full.0, &full.1);
     assert_eq!(outcomes.len(), 112);
-    eprintln!("{}", show(&report));
+    eprintln!("{}", show(report));
     assert!(
         outcomes.iter().all(|t| t.state == "succeeded"),
         "every run finishes: {}",
-        show(&report)
+        show(report)
     );
     assert_hold(
-        &report,
+        report,
         &[
             "fit R^2",
             "CBS(16D)/CBS(D)",
@@ -181,7 +182,9 @@ fn critical_batch_grows_with_data_not_model_size_on_mnist() {
     for row in &steps.rows {
         assert_ne!(row[3], "not reached", "the reference batch sets the target: {row:?}");
     }
-    assert!(report.verdict.holds, "{}", show(&report));
+    assert!(report.verdict.holds, "{}", show(report));
+    // The stop rule: the same table of steps-to-target for fewer steps.
+    stop_rule_keeps_the_table("cbs-mnist.toml", &full);
 }
 
 #[test]
