@@ -9,6 +9,23 @@ use sqlx::{Connection, PgConnection, PgPool, Row};
 
 use crate::error::{Error, Result};
 
+/// Holds the experiment's searcher lock to the end of the transaction: rung promotions,
+/// PBT generations and TPE proposals decide one at a time per experiment. Take it before
+/// any trial's row, since a decision writes other trials' rows.
+pub(super) async fn lock_experiment(tx: &mut PgConnection, experiment: uuid::Uuid) -> Result<()> {
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1::text, 0))")
+        .bind(experiment)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// An experiment's stored spec, read back.
+pub(super) fn stored_spec(spec: Value) -> Result<SweepSpec> {
+    serde_json::from_value(spec)
+        .map_err(|e| Error::InvalidArgument(format!("the experiment's stored spec does not read back: {e}")))
+}
+
 /// What a pause decided.
 #[derive(Debug, Default)]
 pub struct Pause {
@@ -36,16 +53,12 @@ pub async fn pause(
         trial: trial.to_string(),
     };
     let mut tx = conn.begin().await?;
-    // The experiment's lock before any trial's row: promotions write other trials' rows.
     let experiment: uuid::Uuid = sqlx::query_scalar("select experiment_id from trials where id = $1")
         .bind(trial.0)
         .fetch_optional(&mut *tx)
         .await?
         .ok_or_else(stale)?;
-    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1::text, 0))")
-        .bind(experiment)
-        .execute(&mut *tx)
-        .await?;
+    lock_experiment(&mut tx, experiment).await?;
     let row = sqlx::query(
         "select t.bracket, t.pause_at, t.state, e.spec, e.objective_metric, e.goal,
                 exists (select 1 from rungs r where r.trial_id = t.id and r.step = $3) as recorded
@@ -74,8 +87,7 @@ pub async fn pause(
         )));
     }
     let bracket: i32 = row.try_get::<Option<i32>, _>("bracket")?.unwrap_or(0);
-    let spec: SweepSpec = serde_json::from_value(row.try_get("spec")?)
-        .map_err(|e| Error::InvalidArgument(format!("the experiment's stored spec does not read back: {e}")))?;
+    let spec = stored_spec(row.try_get("spec")?)?;
     if !spec.sweep.pauses() {
         return Err(Error::InvalidArgument(format!(
             "trial {trial} paused, but its sweep has no rungs"
@@ -282,19 +294,12 @@ pub async fn advance_generations(pool: &PgPool) -> Result<usize> {
     for (id, step) in waiting {
         let mut conn = pool.acquire().await?;
         let mut tx = conn.begin().await?;
-        sqlx::query("select pg_advisory_xact_lock(hashtextextended($1::text, 0))")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        let spec: Value = sqlx::query_scalar("select spec from experiments where id = $1")
+        lock_experiment(&mut tx, id).await?;
+        let (spec, goal): (Value, Option<String>) = sqlx::query_as("select spec, goal from experiments where id = $1")
             .bind(id)
             .fetch_one(&mut *tx)
             .await?;
-        let goal: Option<String> = sqlx::query_scalar("select goal from experiments where id = $1")
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
-        let Ok(spec) = serde_json::from_value::<SweepSpec>(spec) else {
+        let Ok(spec) = stored_spec(spec) else {
             continue;
         };
         advanced += generation(

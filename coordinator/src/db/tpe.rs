@@ -4,19 +4,17 @@
 //! decision at a time per experiment (the same advisory lock as the rungs).
 
 use ablate_experiments::tpe::{self, Observation};
-use ablate_schema::{ExperimentId, SweepSpec, TrialId};
+use ablate_schema::{ExperimentId, TrialId};
 use serde_json::Value;
 use sqlx::{Connection, PgConnection, PgPool, Row};
 
-use crate::error::{Error, Result};
+use super::rungs::{lock_experiment, stored_spec};
+use crate::error::Result;
 
 /// Adds the trials a tpe experiment is owed; returns how many. Nothing for other searchers.
 pub async fn top_up(conn: &mut PgConnection, experiment: ExperimentId) -> Result<usize> {
     let mut tx = conn.begin().await?;
-    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1::text, 0))")
-        .bind(experiment.0)
-        .execute(&mut *tx)
-        .await?;
+    lock_experiment(&mut tx, experiment.0).await?;
     let Some(row) = sqlx::query(
         "select e.spec, e.objective_metric, e.goal, e.cancelled_at is not null as cancelled,
                 (select count(*) from trials t where t.experiment_id = e.id) as total,
@@ -30,8 +28,7 @@ pub async fn top_up(conn: &mut PgConnection, experiment: ExperimentId) -> Result
     else {
         return Ok(0);
     };
-    let spec: SweepSpec = serde_json::from_value(row.try_get("spec")?)
-        .map_err(|e| Error::InvalidArgument(format!("the experiment's stored spec does not read back: {e}")))?;
+    let spec = stored_spec(row.try_get("spec")?)?;
     let Some(budget) = spec.sweep.tpe.clone() else {
         return Ok(0);
     };
