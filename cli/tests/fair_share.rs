@@ -68,6 +68,7 @@ impl Worker {
                 worker_id: self.id.clone(),
                 max_trials: slots,
                 free_gpus: gpus,
+                slot_memory_bytes: 0,
             })
             .await
             .unwrap()

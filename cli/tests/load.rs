@@ -70,6 +70,7 @@ async fn worker(
                 worker_id: id.clone(),
                 max_trials: 4,
                 free_gpus: 1,
+                slot_memory_bytes: 0,
             })
             .await?
             .into_inner()

@@ -617,7 +617,15 @@ impl workers_server::Workers for WorkersService {
         let req = request.into_inner();
         let worker = parse_id(WorkerId::parse, &req.worker_id)?;
         let started = std::time::Instant::now();
-        let leased = db::lease(&self.pool, worker, req.max_trials, req.free_gpus, self.lease_ttl).await?;
+        let leased = db::lease(
+            &self.pool,
+            worker,
+            req.max_trials,
+            req.free_gpus,
+            req.slot_memory_bytes,
+            self.lease_ttl,
+        )
+        .await?;
         self.telemetry.lease_seconds.observe(started.elapsed().as_secs_f64());
         self.telemetry.trials_leased.add(leased.len() as u64);
         Ok(Response::new(proto::LeaseResponse {
@@ -635,6 +643,7 @@ impl workers_server::Workers for WorkersService {
                     fresh_process: t.fresh_process,
                     gpus: t.gpus,
                     pause_at_step: t.pause_at,
+                    fuse_group: t.fuse_group.map(|g| g.to_string()).unwrap_or_default(),
                     resume_from: t.resume_from.map(|c| proto::Checkpoint {
                         step: c.step,
                         path: c.path,

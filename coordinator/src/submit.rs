@@ -52,6 +52,7 @@ pub async fn submit_as(
             NewTrial {
                 id: ids[ordinal],
                 depends_on: t.depends_on.iter().map(|&i| ids[i]).collect(),
+                fuse_key: t.fuse_key.clone(),
                 params: t.params.clone(),
                 total_steps: t.total_steps as i64,
                 bracket: bracket.map(|b| b as i32),

@@ -18,6 +18,7 @@
 
 pub mod error;
 pub mod families;
+pub mod fusion;
 pub mod nn;
 pub mod pbt;
 pub mod report;

@@ -14,6 +14,9 @@ pub struct PlannedTrial {
     pub total_steps: u64,
     /// The positions of the trials it waits for (all before it).
     pub depends_on: Vec<usize>,
+    /// With `fuse` in the spec: the key trials fuse under (equal keys train as one
+    /// stacked model); `None` for a trial that can't fuse, or without `fuse`.
+    pub fuse_key: Option<String>,
 }
 
 /// A spec that passed every check, ready to store.
@@ -115,16 +118,32 @@ pub fn check_confined(
                 SpecError::new(path, format!("{message} (in trial {ordinal}: {params})"))
             })?;
         trials.push(PlannedTrial {
+            fuse_key: fuse_key(&spec, family, &params),
             params,
             total_steps: plan.total_steps,
             depends_on,
         });
+    }
+    if spec.fuse.is_some() && !trials.is_empty() && trials.iter().all(|t| t.fuse_key.is_none()) {
+        let why = family
+            .fuse_key(&trials[0].params)
+            .err()
+            .unwrap_or_else(|| "no trial can fuse".into());
+        return Err(SpecError::new(
+            "fuse",
+            format!("{why}; drop fuse to run these trials one by one"),
+        ));
     }
     Ok(Checked {
         spec,
         objective,
         trials,
     })
+}
+
+/// A trial's fusion key when the spec asks to fuse and the trial can.
+fn fuse_key(spec: &SweepSpec, family: Family, params: &Value) -> Option<String> {
+    spec.fuse.and_then(|_| family.fuse_key(params).ok().map(|f| f.key))
 }
 
 /// The trial one more point of a checked spec's sweep stands for (the tpe searcher's
@@ -154,6 +173,7 @@ pub fn plan_point(spec: &SweepSpec, swept: serde_json::Map<String, Value>) -> Re
         SpecError::new(path, format!("{message} (in the proposed trial {params})"))
     })?;
     Ok(PlannedTrial {
+        fuse_key: fuse_key(spec, family, &params),
         params,
         total_steps: plan.total_steps,
         depends_on: Vec::new(),
@@ -224,6 +244,34 @@ params.width = [16, 32]
             "{SPEC}\n[objective]\nmetric = \"loss\"\ngoal = \"minimize\"\n"
         ));
         assert_eq!(e.path, "objective.metric", "{e}");
+    }
+
+    #[test]
+    fn fused_trials_share_a_key_by_shape_and_unfusable_specs_are_refused() {
+        let fused = SPEC.replace("family = \"train\"", "family = \"train\"\nfuse = 4");
+        let checked = check(&fused, SpecFormat::Toml).unwrap();
+        // Trials of one width share a key (their learning rates differ); widths don't.
+        let mut by_width = std::collections::BTreeMap::<u64, Vec<&str>>::new();
+        for t in &checked.trials {
+            let width = t.params["width"].as_u64().unwrap();
+            by_width.entry(width).or_default().push(t.fuse_key.as_deref().unwrap());
+        }
+        let keys: Vec<Vec<&str>> = by_width.into_values().collect();
+        assert_eq!(keys.len(), 2);
+        assert!(keys.iter().all(|k| k.len() == 2 && k[0] == k[1]), "{keys:?}");
+        assert_ne!(keys[0][0], keys[1][0], "widths 16 and 32 do not fuse");
+        assert!(check(SPEC, SpecFormat::Toml)
+            .unwrap()
+            .trials
+            .iter()
+            .all(|t| t.fuse_key.is_none()));
+        let gpt = fused.replace("steps = 10", "steps = 10\nmodel = \"gpt\"\ndataset = \"shakespeare\"");
+        let e = err(&gpt);
+        assert_eq!(e.path, "fuse", "{e}");
+        assert!(e.message.contains("\"gpt\" trials do not fuse yet"), "{e}");
+        let e = err(&fused.replace("steps = 10", "steps = 10\nsubspace_dim = 100"));
+        assert_eq!(e.path, "fuse", "{e}");
+        assert!(e.message.contains("subspace_dim"), "{e}");
     }
 }
 

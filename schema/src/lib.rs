@@ -35,7 +35,8 @@ pub use bearer::{addresses, channel, endpoint, Bearer};
 pub use ids::{ExperimentId, LeaseToken, TrialId, WorkerId};
 pub use limits::Limits;
 pub use spec::{
-    Goal, Ladder, Objective, ParamDomain, Pbt, Rungs, Searcher, SpecError, SpecFormat, Sweep, SweepSpec, Tpe,
+    Fuse, Goal, Ladder, Objective, ParamDomain, Pbt, Rungs, Searcher, SpecError, SpecFormat, Sweep, SweepSpec, Tpe,
+    MAX_FUSE,
 };
 
 /// States a trial moves through; the strings are those stored in PostgreSQL.

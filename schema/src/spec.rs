@@ -133,6 +133,55 @@ pub struct SweepSpec {
     /// priority 2 it gets twice the slots of a priority-1 experiment of the same user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<f64>,
+    /// Trains this many trials whose shapes agree as one stacked model in one
+    /// process (`fuse = 8`), or as many as fit the device (`fuse = "auto"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuse: Option<Fuse>,
+}
+
+/// How many trials a fused group holds at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "FuseText", into = "FuseText")]
+pub enum Fuse {
+    Members(u32),
+    /// As many as fit the device's memory (at most [`MAX_FUSE`]).
+    Auto,
+}
+
+/// The most trials one fused group may hold.
+pub const MAX_FUSE: u32 = 64;
+
+/// A group's size as a spec writes it: a number or "auto".
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+enum FuseText {
+    Members(i64),
+    Word(String),
+}
+
+impl TryFrom<FuseText> for Fuse {
+    type Error = String;
+    fn try_from(text: FuseText) -> Result<Fuse, String> {
+        match text {
+            FuseText::Members(n) if (1..=i64::from(MAX_FUSE)).contains(&n) => Ok(Fuse::Members(n as u32)),
+            FuseText::Members(n) => Err(format!(
+                "{n} trials per group; expected 1 to {MAX_FUSE}, or \"auto\" (as many as fit the device)"
+            )),
+            FuseText::Word(w) if w == "auto" => Ok(Fuse::Auto),
+            FuseText::Word(w) => Err(format!(
+                "`{w}`: expected a number of trials per group (such as 8) or \"auto\""
+            )),
+        }
+    }
+}
+
+impl From<Fuse> for FuseText {
+    fn from(fuse: Fuse) -> FuseText {
+        match fuse {
+            Fuse::Members(n) => FuseText::Members(i64::from(n)),
+            Fuse::Auto => FuseText::Word("auto".into()),
+        }
+    }
 }
 
 /// What a spec's trials need of the worker that runs them.
@@ -628,6 +677,22 @@ impl SweepSpec {
                     format!("{gpus} GPUs per trial; expected 1 to {MAX_GPUS_PER_TRIAL} (one host's GPUs)"),
                 ));
             }
+        }
+        if self.fuse.is_some() && self.sweep.pauses() {
+            return Err(SpecError::new(
+                "fuse",
+                format!(
+                    "trials of the {} searcher pause at rungs, and paused trials do not fuse yet; \
+                     drop fuse, or search with grid, random or tpe",
+                    self.sweep.searcher.as_str()
+                ),
+            ));
+        }
+        if self.fuse.is_some() && self.resources.gpus_per_trial.is_some_and(|g| g > 1) {
+            return Err(SpecError::new(
+                "fuse",
+                "fused trials share one device; drop fuse or resources.gpus_per_trial",
+            ));
         }
         if self.sweep.params.is_empty() {
             return Err(SpecError::new(
@@ -1125,6 +1190,30 @@ max_steps = 300
         );
         let drawn = ASHA.replace("[-8, -6, -4]", "{ uniform = [-8, -4] }\nsamples = 9");
         assert!(SweepSpec::parse(&drawn, SpecFormat::Toml).unwrap().sweep.draws());
+    }
+
+    #[test]
+    fn fuse_takes_a_count_or_auto_and_refuses_what_it_cannot_fuse() {
+        let spec = |fuse: &str, sweep: &str| {
+            format!("name = \"f\"\nfamily = \"train\"\n{fuse}\n[base]\nsteps = 300\n[sweep]\n{sweep}\nparams.seed = [1, 2]\n")
+        };
+        let grid = "searcher = \"grid\"";
+        let parsed = |fuse: &str| SweepSpec::parse(&spec(fuse, grid), SpecFormat::Toml).unwrap().fuse;
+        assert_eq!(parsed("fuse = 8"), Some(Fuse::Members(8)));
+        assert_eq!(parsed("fuse = \"auto\""), Some(Fuse::Auto));
+        assert_eq!(parsed(""), None);
+        check_err(&spec("fuse = 0", grid), "fuse", "expected 1 to 64");
+        check_err(&spec("fuse = 65", grid), "fuse", "expected 1 to 64");
+        check_err(&spec("fuse = \"many\"", grid), "fuse", "`many`: expected a number");
+        check_err(&spec("fuse = 1.5", grid), "fuse", "");
+        let asha = "searcher = \"asha\"\nasha = { min_steps = 10, max_steps = 300 }";
+        check_err(&spec("fuse = 8", asha), "fuse", "pause at rungs");
+        // A spec that says it round-trips: fuse is stored and read back the same.
+        let text = spec("fuse = \"auto\"", grid);
+        let stored = serde_json::to_value(SweepSpec::parse(&text, SpecFormat::Toml).unwrap()).unwrap();
+        assert_eq!(stored["fuse"], "auto");
+        let back: SweepSpec = serde_json::from_value(stored).unwrap();
+        assert_eq!(back.fuse, Some(Fuse::Auto));
     }
 
     #[test]

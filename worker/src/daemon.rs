@@ -175,6 +175,8 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
         Duration::from_millis(registration.heartbeat_interval_ms.max(100) as u64),
     ));
 
+    // What one slot offers a fused group (fuse = "auto"), measured once.
+    let slot_memory = slot_memory(&slots);
     // A slot comes back with whether its trial started.
     let (freed_tx, mut freed_rx) = mpsc::unbounded_channel::<Back>();
     let mut slots = Slots {
@@ -215,6 +217,7 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
             // A worker that can't start trials tries one at a time, and never holds more leases than free slots.
             max_trials: if slots.failures > 0 { 1 } else { slots.free.len() as u32 },
             free_gpus: if slots.failures > 0 { 1 } else { slots.free_gpus() },
+            slot_memory_bytes: slot_memory,
         };
         let leased = match lease_client.lease(request).await {
             Ok(response) => response.into_inner().trials,
@@ -232,46 +235,58 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
             }
             continue;
         }
-        for trial in leased {
-            let Some((slot, warm)) = slots.take(trial.gpus.max(1) as usize) else {
+        for group in fuse_groups(leased) {
+            let gpus = group[0].gpus.max(1) as usize;
+            let Some((slot, warm)) = slots.take(gpus) else {
                 // Free slots on too few distinct GPUs (where `cuda:N*K` shares one):
                 // the trial goes back at once for a worker with room.
-                let (mut client, worker_id) = (client.clone(), worker_id.to_string());
-                tokio::spawn(async move {
-                    let reason = format!("no {} free slots on distinct GPUs on this worker now", trial.gpus);
-                    let request = proto::ReleaseRequest {
-                        trial_id: trial.trial_id,
-                        lease_token: trial.lease_token,
-                        worker_id,
-                        reason,
-                    };
-                    if let Err(status) = client.release(request).await {
-                        tracing::warn!(%status, "could not give back a trial without room; its lease will expire");
-                    }
-                });
+                for trial in group {
+                    let (mut client, worker_id) = (client.clone(), worker_id.to_string());
+                    tokio::spawn(async move {
+                        let reason = format!("no {} free slots on distinct GPUs on this worker now", trial.gpus);
+                        let request = proto::ReleaseRequest {
+                            trial_id: trial.trial_id,
+                            lease_token: trial.lease_token,
+                            worker_id,
+                            reason,
+                        };
+                        if let Err(status) = client.release(request).await {
+                            tracing::warn!(%status, "could not give back a trial without room; its lease will expire");
+                        }
+                    });
+                }
                 continue;
             };
-            let (stop_tx, stop_rx) = watch::channel(None);
-            held.lock().expect("held lock").insert(
-                trial.trial_id.clone(),
-                Held {
-                    token: trial.lease_token.clone(),
-                    stop: stop_tx,
-                },
-            );
+            let mut members = Vec::with_capacity(group.len());
+            for trial in group {
+                let (stop_tx, stop) = watch::channel(None);
+                held.lock().expect("held lock").insert(
+                    trial.trial_id.clone(),
+                    Held {
+                        token: trial.lease_token.clone(),
+                        stop: stop_tx,
+                    },
+                );
+                members.push(runner::Member { trial, stop });
+            }
             let (shared, held, freed) = (shared.clone(), held.clone(), freed_tx.clone());
             shared.telemetry.busy.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tokio::spawn(async move {
-                let id = trial.trial_id.clone();
-                let (started, warm, finish) = runner::run(shared.clone(), slot.clone(), warm, trial, stop_rx).await;
+                let ids: Vec<String> = members.iter().map(|m| m.trial.trial_id.clone()).collect();
+                let (started, warm, finishes) = runner::run(shared.clone(), slot.clone(), warm, members).await;
                 shared.telemetry.busy.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                // The slot takes its next trial while this one's last metrics and
-                // completion are sent; its lease is heartbeated until they are.
+                // The slot takes its next trial while these ones' last metrics and
+                // completions are sent; their leases are heartbeated until they are.
                 let _ = freed.send((slot, warm, started));
-                if let Some(finish) = finish {
-                    finish.run(&shared).await;
+                futures::future::join_all(finishes.into_iter().map(|f| {
+                    let shared = shared.clone();
+                    async move { f.run(&shared).await }
+                }))
+                .await;
+                let mut held = held.lock().expect("held lock");
+                for id in ids {
+                    held.remove(&id);
                 }
-                held.lock().expect("held lock").remove(&id);
             });
         }
     }
@@ -291,6 +306,41 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
     }
     give_back_running(&client, &worker_id, &held, &shared.telemetry).await;
     Ok(())
+}
+
+/// Leased trials in the units that run on one slot each: a fused group's
+/// members together (they come one after another, sharing `fuse_group`), every
+/// other trial alone.
+fn fuse_groups(leased: Vec<proto::LeasedTrial>) -> Vec<Vec<proto::LeasedTrial>> {
+    let mut groups: Vec<Vec<proto::LeasedTrial>> = Vec::new();
+    for trial in leased {
+        match groups.last_mut() {
+            Some(last) if !trial.fuse_group.is_empty() && last[0].fuse_group == trial.fuse_group => last.push(trial),
+            _ => groups.push(vec![trial]),
+        }
+    }
+    groups
+}
+
+/// The memory one slot offers a fused group, in bytes (0: unknown): a GPU's
+/// memory shared among the slots on it, or the host's available memory among all slots.
+fn slot_memory(slots: &[Slot]) -> u64 {
+    let Some(first) = slots.first() else {
+        return 0;
+    };
+    let sharing = slots.iter().filter(|s| s.device == first.device).count().max(1) as u64;
+    match first.gpu() {
+        Some(_) => crate::telemetry::gpu_memory_total(&first.device).unwrap_or(0) / sharing,
+        None => {
+            let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+            let available_kib: u64 = meminfo
+                .lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0);
+            available_kib * 1024 / slots.len().max(1) as u64
+        }
+    }
 }
 
 /// Changes once the daemon is asked to stop: SIGTERM (scancel, a pod's

@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod daemon;
+pub mod fused_bench;
 pub mod local;
 mod process;
 pub mod provenance;

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use ablate_worker::{backend, daemon, local, step_bench, trial_process};
+use ablate_worker::{backend, daemon, fused_bench, local, step_bench, trial_process};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -35,6 +35,9 @@ enum Command {
     /// Times one training step of a built-in model (for `cargo xtask bench`).
     #[command(hide = true)]
     BenchStep(step_bench::Options),
+    /// Times trials of the muP width sweep one by one and fused (for `cargo xtask bench fused`).
+    #[command(hide = true)]
+    BenchFused(fused_bench::Options),
     /// Runs every trial of a spec in this process, one per device slot, and prints the family's report.
     /// No coordinator, database or object store: for a machine with devices and nothing else.
     Sweep {
@@ -144,6 +147,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::BenchStep(options) => step_bench::run(&options),
+        Command::BenchFused(options) => fused_bench::run(&options),
         Command::Provenance { devices } => {
             let backend = backend::init_quiet();
             let slots = backend::discover(&devices, &backend)?;

@@ -51,59 +51,68 @@ pub enum Started {
 
 /// How a trial process's part ended.
 enum End {
-    /// A warm process finished the trial (with its error if it failed) and waits for the next.
+    /// A warm process finished the trial or group (with the trial's error if it
+    /// failed) and waits for the next.
     Done(Option<String>),
     Exited(std::process::ExitStatus),
-    /// The lease is gone (stale, cancelled, pruned): nothing more is reported.
+    /// Every lease is gone (stale, cancelled, pruned): nothing more is reported.
     Stopped(String),
 }
 
-/// How `drive` left the trial.
+/// How `drive` left the trials.
 enum Driven {
-    /// Its process is done with it: the process, if it may run the slot's next
-    /// trial, and what is left to report (nothing when its lease is gone).
-    Ended(Box<(Option<TrialProcess>, Option<Finish>)>),
-    /// The worker could not start it, for this reason.
+    /// Its process is done with them: the process, if it may run the slot's next
+    /// trial, and what is left to report of each (nothing where a lease is gone).
+    Ended(Box<Option<TrialProcess>>, Vec<Finish>),
+    /// The worker could not start them, for this reason.
     NotStarted(String),
 }
 
-/// Runs one leased trial in the slot's warm process (`warm`, when it has one
-/// that fits) or a new one. Returns whether it started, the process to keep for
-/// the slot's next trial, and what is left to report once the slot is free.
-/// Never panics the daemon: every error is reported or logged.
+/// One leased trial a runner drives, with the channel that tells it to stop.
+pub struct Member {
+    pub trial: proto::LeasedTrial,
+    pub stop: watch::Receiver<Option<String>>,
+}
+
+/// Runs leased trials in the slot's warm process (`warm`, when it has one that
+/// fits) or a new one: one trial, or a fused group (members of one
+/// `fuse_group`) trained as one model in one process. Returns whether they
+/// started, the process to keep for the slot's next trial, and what is left to
+/// report of each once the slot is free. Never panics the daemon: every error
+/// is reported or logged.
 pub async fn run(
     shared: Arc<Shared>,
     slot: Slot,
     warm: Option<TrialProcess>,
-    trial: proto::LeasedTrial,
-    stop: watch::Receiver<Option<String>>,
-) -> (Started, Option<TrialProcess>, Option<Finish>) {
+    members: Vec<Member>,
+) -> (Started, Option<TrialProcess>, Vec<Finish>) {
     // The trial's span continues its lease's (and so its submit's) trace; its
     // process's spans and the coordinator's for its calls are its children.
+    let head = &members[0].trial;
     let span = tracing::info_span!("trial",
         otel.name = "worker trial",
-        experiment_id = %trial.experiment_id,
-        trial_id = %trial.trial_id,
-        attempt = trial.attempt,
+        experiment_id = %head.experiment_id,
+        trial_id = %head.trial_id,
+        attempt = head.attempt,
+        fused = members.len(),
         slot = %slot.name);
-    ablate_schema::trace::set_parent(&span, &trial.traceparent);
-    run_in_span(shared, slot, warm, trial, stop).instrument(span).await
+    ablate_schema::trace::set_parent(&span, &head.traceparent);
+    run_in_span(shared, slot, warm, members).instrument(span).await
 }
 
 async fn run_in_span(
     shared: Arc<Shared>,
     slot: Slot,
     warm: Option<TrialProcess>,
-    trial: proto::LeasedTrial,
-    mut stop: watch::Receiver<Option<String>>,
-) -> (Started, Option<TrialProcess>, Option<Finish>) {
-    let id = trial.trial_id.clone();
-    let fresh = shared.fresh_processes || trial.fresh_process;
+    mut members: Vec<Member>,
+) -> (Started, Option<TrialProcess>, Vec<Finish>) {
+    let head = members[0].trial.clone();
+    let fresh = shared.fresh_processes || head.fresh_process;
     // A process that does not fit (or died while idle) is dropped, which kills it.
     let warm = warm.filter(|p| !fresh && p.device == slot.device && p.visible_devices == slot.visible_devices);
     let warm = warm.and_then(|mut p| (!p.exited()).then_some(p));
-    tracing::info!(trial = %id, slot = %slot.name, attempt = trial.attempt,
-        resume_step = trial.resume_from.as_ref().map(|c| c.step),
+    tracing::info!(trial = %head.trial_id, slot = %slot.name, attempt = head.attempt, fused = members.len(),
+        resume_step = head.resume_from.as_ref().map(|c| c.step),
         process = warm.as_ref().and_then(|p| p.pid()).map(|p| format!("warm pid {p}")).unwrap_or_else(|| "new".into()),
         "trial starting");
     let process = match warm {
@@ -112,22 +121,21 @@ async fn run_in_span(
     };
     let not_started = match process {
         Err(error) => format!("cannot start trial processes ({}): {error}", shared.trial_exe.display()),
-        Ok(process) => match drive(&shared, &slot, &trial, &mut stop, process).await {
-            Ok(Driven::Ended(ended)) => {
-                let (keep, finish) = *ended;
-                return (Started::Yes, keep, finish);
-            }
+        Ok(process) => match drive(&shared, &slot, &mut members, process).await {
+            Ok(Driven::Ended(keep, finishes)) => return (Started::Yes, *keep, finishes),
             Ok(Driven::NotStarted(reason)) => reason,
-            // Never leave a lease hanging on a runner failure: the trial goes back.
+            // Never leave a lease hanging on a runner failure: the trials go back.
             Err(error) => {
-                tracing::error!(trial = %id, %error, "trial runner failed");
+                tracing::error!(trial = %head.trial_id, %error, "trial runner failed");
                 format!("the trial runner failed: {error:#}")
             }
         },
     };
-    shared.telemetry.exit("not_started");
-    give_back(&shared, &trial, &not_started, &mut stop).await;
-    (Started::No(not_started), None, None)
+    for member in &mut members {
+        shared.telemetry.exit("not_started");
+        give_back(&shared, &member.trial, &not_started, &mut member.stop).await;
+    }
+    (Started::No(not_started), None, Vec::new())
 }
 
 /// Gives a trial the worker could not start back to the queue, its attempt not counted.
@@ -161,19 +169,25 @@ async fn give_back(
 /// Exit code of a process whose program or libraries the dynamic loader could not find.
 const LOADER_FAILED: i32 = 127;
 
-async fn drive(
-    shared: &Shared,
-    slot: &Slot,
-    trial: &proto::LeasedTrial,
-    stop: &mut watch::Receiver<Option<String>>,
-    mut process: TrialProcess,
-) -> anyhow::Result<Driven> {
-    let params: serde_json::Value = serde_json::from_str(&trial.params_json)?;
-    let input = TrialInput {
+/// What the runner keeps of one trial while its process runs.
+struct Progress {
+    metrics: Batcher,
+    outputs: serde_json::Map<String, serde_json::Value>,
+    /// The step it stopped at for its rung (ASHA, Hyperband), checkpointed there.
+    paused: Option<u64>,
+    /// A fused member's own end, with its error if it failed.
+    done: Option<Option<String>>,
+    /// Why its lease is gone, once it is: its events are dropped from then on.
+    stopped: Option<String>,
+}
+
+/// The process's input for `trial` on `slot`.
+fn input_for(shared: &Shared, slot: &Slot, trial: &proto::LeasedTrial) -> anyhow::Result<TrialInput> {
+    Ok(TrialInput {
         trial_id: trial.trial_id.clone(),
         experiment_id: trial.experiment_id.clone(),
         family: trial.family.clone(),
-        params,
+        params: serde_json::from_str(&trial.params_json)?,
         device: slot.device.clone(),
         threads: slot.threads,
         object_store: shared.object_store.clone(),
@@ -183,104 +197,133 @@ async fn drive(
         data_roots: shared.data_roots.clone(),
         traceparent: ablate_schema::trace::current(),
         pause_at: trial.pause_at_step,
-    };
+        fused: Vec::new(),
+    })
+}
+
+async fn drive(
+    shared: &Shared,
+    slot: &Slot,
+    members: &mut [Member],
+    mut process: TrialProcess,
+) -> anyhow::Result<Driven> {
+    let fused = members.len() > 1;
+    let mut input = input_for(shared, slot, &members[0].trial)?;
+    if fused {
+        input.fused = members
+            .iter()
+            .map(|m| input_for(shared, slot, &m.trial))
+            .collect::<anyhow::Result<_>>()?;
+    }
     if let Err(error) = process.send(&input).await {
         if process.trials > 1 {
             // A warm process that died between trials is the worker's matter, not
             // the trial's: a new one takes the trial.
-            tracing::warn!(trial = %trial.trial_id, %error, "the slot's warm process is gone; starting a new one");
+            tracing::warn!(trial = %input.trial_id, %error, "the slot's warm process is gone; starting a new one");
             process = TrialProcess::spawn(&shared.trial_exe, process.warm, slot)?;
             if let Err(error) = process.send(&input).await {
-                tracing::debug!(trial = %trial.trial_id, %error, "the trial process took no input");
+                tracing::debug!(trial = %input.trial_id, %error, "the trial process took no input");
             }
         } else {
             // A process that dies at once (its loader failed) closes stdin first: its
             // exit status, read below, says what happened.
-            tracing::debug!(trial = %trial.trial_id, %error, "the trial process took no input");
+            tracing::debug!(trial = %input.trial_id, %error, "the trial process took no input");
         }
     }
 
-    let mut metrics = Batcher::new(trial);
-    let mut outputs = serde_json::Map::new();
+    let mut progress: Vec<Progress> = members
+        .iter()
+        .map(|m| Progress {
+            metrics: Batcher::new(&m.trial),
+            outputs: serde_json::Map::new(),
+            paused: None,
+            done: None,
+            stopped: None,
+        })
+        .collect();
+    // Each member's stop order, on one channel.
+    let (stop_tx, mut stops) = tokio::sync::mpsc::unbounded_channel::<(usize, String)>();
+    let watchers: Vec<tokio::task::JoinHandle<()>> = members
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let (mut rx, tx) = (m.stop.clone(), stop_tx.clone());
+            tokio::spawn(async move {
+                if rx.changed().await.is_ok() {
+                    let why = rx.borrow().clone().unwrap_or_else(|| "stopped".into());
+                    let _ = tx.send((i, why));
+                }
+            })
+        })
+        .collect();
     // Whether the process said anything on stdout: a trial that ran did.
     let mut any_event = false;
-    // The step it stopped at for its rung (ASHA, Hyperband), checkpointed there.
-    let mut paused: Option<u64> = None;
     let mut tick = tokio::time::interval(BATCH_DELAY);
+    // Every member's lease is gone, or its trial ended: nothing left to run for.
+    let settled = |p: &[Progress]| {
+        p.iter().all(|m| m.stopped.is_some() || m.done.is_some()) && p.iter().any(|m| m.stopped.is_some())
+    };
     let end = loop {
         tokio::select! {
             line = process.stdout.next_line() => match line?.inspect(|_| any_event = true) {
-                Some(line) => match serde_json::from_str::<Event>(&line) {
-                    Ok(Event::M(name, step, value)) => {
-                        metrics.push(name, step, value);
-                        if metrics.len() >= BATCH_POINTS {
-                            metrics.send(&shared.relay).await;
+                Some(line) => {
+                    let (i, event) = match serde_json::from_str::<Event>(&line) {
+                        Ok(Event::Done(error)) => break End::Done(error),
+                        Ok(Event::Member(i, event)) if fused && i < members.len() => (i, *event),
+                        Ok(event) if !fused => (0, event),
+                        _ => {
+                            tracing::warn!(trial = %input.trial_id, %line, "ignoring a stdout line that is not an event");
+                            continue;
                         }
+                    };
+                    let (member, state) = (&mut members[i], &mut progress[i]);
+                    if state.stopped.is_some() {
+                        continue;
                     }
-                    Ok(Event::Output(name, value)) => {
-                        outputs.insert(name, value);
+                    if let Err(why) = take_event(shared, member, state, event).await {
+                        state.stopped = Some(why);
                     }
-                    Ok(Event::Paused(step)) => paused = Some(step),
-                    Ok(Event::Done(error)) => break End::Done(error),
-                    Ok(Event::Checkpoint(written)) => {
-                        // A checkpoint is recorded only after every metric before it is durable,
-                        // so a resume from it never skips a point.
-                        if let Err(why) = metrics.drain(&shared.relay).await {
-                            break End::Stopped(why);
-                        }
-                        let report = proto::CheckpointReport {
-                            trial_id: trial.trial_id.clone(),
-                            lease_token: trial.lease_token.clone(),
-                            checkpoint: Some(proto::Checkpoint {
-                                step: written.step as i64,
-                                path: written.path,
-                                bytes: written.bytes,
-                            }),
-                        };
-                        let reported = retry(
-                            || {
-                                let r = report.clone();
-                                let mut c = shared.client.clone();
-                                async move { c.report_checkpoint(r).await }
-                            },
-                            stop,
-                        )
-                        .await;
-                        if let Err(why) = reported {
-                            break End::Stopped(why);
-                        }
+                    if settled(&progress) {
+                        break End::Stopped(progress.iter().find_map(|m| m.stopped.clone()).unwrap_or_default());
                     }
-                    Err(_) => tracing::warn!(trial = %trial.trial_id, %line, "ignoring a stdout line that is not an event"),
-                },
+                }
                 None => break End::Exited(process.wait().await?),
             },
             _ = tick.tick() => {
-                if metrics.len() > 0 {
-                    metrics.send(&shared.relay).await;
+                for state in progress.iter_mut().filter(|m| m.stopped.is_none()) {
+                    if state.metrics.len() > 0 {
+                        state.metrics.send(&shared.relay).await;
+                    }
+                    if state.metrics.any_stale() {
+                        state.stopped = Some("lease lost: the coordinator refused its metrics".into());
+                    }
                 }
-                if metrics.any_stale() {
-                    break End::Stopped("lease lost: the coordinator refused its metrics".into());
+                if settled(&progress) {
+                    break End::Stopped(progress.iter().find_map(|m| m.stopped.clone()).unwrap_or_default());
                 }
             }
-            _ = stop.changed() => {
-                let why = stop.borrow().clone().unwrap_or_else(|| "stopped".into());
-                break End::Stopped(why);
+            Some((i, why)) = stops.recv() => {
+                progress[i].stopped.get_or_insert(why);
+                if settled(&progress) {
+                    break End::Stopped(progress.iter().find_map(|m| m.stopped.clone()).unwrap_or_default());
+                }
             }
         }
     };
+    for watcher in watchers {
+        watcher.abort();
+    }
 
     match &end {
         End::Stopped(why) => {
-            tracing::info!(trial = %trial.trial_id, %why, "stopping trial");
-            shared.telemetry.exit("stopped");
+            tracing::info!(trial = %input.trial_id, %why, "stopping trial");
             process.terminate().await;
-            return Ok(Driven::Ended(Box::new((None, None))));
         }
-        End::Done(_) => process.wait_done_mark(&trial.trial_id).await,
+        End::Done(_) => process.wait_done_mark(&input.trial_id).await,
         End::Exited(_) => {}
     }
     let tail = process.tail();
-    // A warm process that finished its trial stays for the slot's next one.
+    // A warm process that finished its trials stays for the slot's next one.
     let keep = matches!(end, End::Done(_)) && process.warm;
     let last_line = || {
         tail.iter()
@@ -293,59 +336,135 @@ async fn drive(
     // libraries (a node that lost libtorch or its shared file system). The
     // worker's fault, not the trial's: it goes back without spending an attempt.
     if let End::Exited(status) = &end {
-        if status.code() == Some(LOADER_FAILED) && metrics.len() == 0 && outputs.is_empty() && !any_event {
+        let quiet = progress.iter().all(|m| m.metrics.len() == 0 && m.outputs.is_empty());
+        if status.code() == Some(LOADER_FAILED) && quiet && !any_event {
             return Ok(Driven::NotStarted(format!(
                 "trial processes cannot start ({status}): {}",
                 last_line()
             )));
         }
     }
-    let (outcome, error) = match &end {
-        End::Done(None) if paused.is_some() => ("paused", String::new()),
-        End::Exited(status) if status.success() && paused.is_some() => ("paused", String::new()),
-        End::Done(None) => ("succeeded", String::new()),
-        // The trial's own failure (bad parameters, divergence, data): running it again would fail again.
-        End::Done(Some(error)) => ("failed", format!("trial failed: error: {error}")),
-        End::Exited(status) if status.success() => ("succeeded", String::new()),
-        End::Exited(status) => {
-            let reported_error = tail.iter().rev().find(|l| l.starts_with("error: ")).cloned();
-            // Exit code 1 with an `error: ` line is a fresh process's report of the
-            // trial's own failure. Anything else (a signal such as the OOM killer's,
-            // a panic, a segfault in libtorch) is a crash: the coordinator retries
-            // it from its checkpoint.
-            let own_failure = status.code() == Some(1) && reported_error.is_some();
-            let last = reported_error.unwrap_or_else(last_line);
-            let outcome = if own_failure { "failed" } else { "crashed" };
-            (outcome, format!("trial process {status}: {last}"))
+    let mut finishes = Vec::new();
+    for (member, state) in members.iter().zip(progress) {
+        if state.stopped.is_some() {
+            shared.telemetry.exit("stopped");
+            continue;
         }
-        End::Stopped(_) => unreachable!("a stopped trial returned above"),
-    };
-    shared.telemetry.exit(outcome);
-    let request = proto::CompleteRequest {
-        trial_id: trial.trial_id.clone(),
-        lease_token: trial.lease_token.clone(),
-        outcome: outcome.into(),
-        error,
-        paused_at_step: paused.unwrap_or(0),
-        stderr_tail: if outcome == "succeeded" || outcome == "paused" {
-            String::new()
-        } else {
-            tail.join("\n")
-        },
-        outputs_json: if outputs.is_empty() {
-            String::new()
-        } else {
-            serde_json::Value::Object(outputs).to_string()
-        },
-        provenance_json: shared.provenance.for_slot(slot),
-    };
-    let finish = Finish {
-        metrics,
-        request,
-        stop: stop.clone(),
-        span: tracing::Span::current(),
-    };
-    Ok(Driven::Ended(Box::new((keep.then_some(process), Some(finish)))))
+        // A fused member's end is its own `Done`; a single trial's, its process's.
+        let ended = match (&state.done, &end) {
+            (Some(error), _) => End::Done(error.clone()),
+            (None, _) if fused => match &end {
+                End::Exited(status) => End::Exited(*status),
+                _ => End::Exited(std::process::ExitStatus::default()),
+            },
+            (None, End::Done(error)) => End::Done(error.clone()),
+            (None, End::Exited(status)) => End::Exited(*status),
+            (None, End::Stopped(_)) => continue,
+        };
+        let (outcome, error) = match &ended {
+            End::Done(None) if state.paused.is_some() => ("paused", String::new()),
+            End::Exited(status) if status.success() && state.paused.is_some() && !fused => ("paused", String::new()),
+            End::Done(None) => ("succeeded", String::new()),
+            // The trial's own failure (bad parameters, divergence, data): running it again would fail again.
+            End::Done(Some(error)) => ("failed", format!("trial failed: error: {error}")),
+            // A fused member without its end: its process died under it.
+            End::Exited(status) if fused => ("crashed", format!("trial process {status}: {}", last_line())),
+            End::Exited(status) if status.success() => ("succeeded", String::new()),
+            End::Exited(status) => {
+                let reported_error = tail.iter().rev().find(|l| l.starts_with("error: ")).cloned();
+                // Exit code 1 with an `error: ` line is a fresh process's report of the
+                // trial's own failure. Anything else (a signal such as the OOM killer's,
+                // a panic, a segfault in libtorch) is a crash: the coordinator retries
+                // it from its checkpoint.
+                let own_failure = status.code() == Some(1) && reported_error.is_some();
+                let last = reported_error.unwrap_or_else(last_line);
+                let outcome = if own_failure { "failed" } else { "crashed" };
+                (outcome, format!("trial process {status}: {last}"))
+            }
+            End::Stopped(_) => unreachable!("a stopped trial has no end to report"),
+        };
+        shared.telemetry.exit(outcome);
+        let mut provenance = shared.provenance.for_slot(slot);
+        if fused {
+            provenance = with_group(&provenance, &input.trial_id, members.len());
+        }
+        let request = proto::CompleteRequest {
+            trial_id: member.trial.trial_id.clone(),
+            lease_token: member.trial.lease_token.clone(),
+            outcome: outcome.into(),
+            error,
+            paused_at_step: state.paused.unwrap_or(0),
+            stderr_tail: if outcome == "succeeded" || outcome == "paused" {
+                String::new()
+            } else {
+                tail.join("\n")
+            },
+            outputs_json: if state.outputs.is_empty() {
+                String::new()
+            } else {
+                serde_json::Value::Object(state.outputs).to_string()
+            },
+            provenance_json: provenance,
+        };
+        finishes.push(Finish {
+            metrics: state.metrics,
+            request,
+            stop: member.stop.clone(),
+            span: tracing::Span::current(),
+        });
+    }
+    Ok(Driven::Ended(Box::new(keep.then_some(process)), finishes))
+}
+
+/// Takes one event of a trial's; `Err` when its lease is gone.
+async fn take_event(shared: &Shared, member: &mut Member, state: &mut Progress, event: Event) -> Result<(), String> {
+    match event {
+        Event::M(name, step, value) => {
+            state.metrics.push(name, step, value);
+            if state.metrics.len() >= BATCH_POINTS {
+                state.metrics.send(&shared.relay).await;
+            }
+        }
+        Event::Output(name, value) => {
+            state.outputs.insert(name, value);
+        }
+        Event::Paused(step) => state.paused = Some(step),
+        Event::Done(error) => state.done = Some(error),
+        Event::Member(..) => tracing::warn!(trial = %member.trial.trial_id, "ignoring a nested member event"),
+        Event::Checkpoint(written) => {
+            // A checkpoint is recorded only after every metric before it is durable,
+            // so a resume from it never skips a point.
+            state.metrics.drain(&shared.relay).await?;
+            let report = proto::CheckpointReport {
+                trial_id: member.trial.trial_id.clone(),
+                lease_token: member.trial.lease_token.clone(),
+                checkpoint: Some(proto::Checkpoint {
+                    step: written.step as i64,
+                    path: written.path,
+                    bytes: written.bytes,
+                }),
+            };
+            retry(
+                || {
+                    let r = report.clone();
+                    let mut c = shared.client.clone();
+                    async move { c.report_checkpoint(r).await }
+                },
+                &mut member.stop,
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// A fused member's provenance: the worker's, with the group it ran in (its first member) and its size.
+fn with_group(provenance: &str, group: &str, members: usize) -> String {
+    let mut json: serde_json::Value = serde_json::from_str(provenance).unwrap_or_default();
+    if let Some(map) = json.as_object_mut() {
+        map.insert("fused".into(), serde_json::json!({"group": group, "members": members}));
+    }
+    json.to_string()
 }
 
 /// What is left of a trial once its process is done with it: its last metrics

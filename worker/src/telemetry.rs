@@ -188,3 +188,9 @@ fn gpus() -> Vec<Gpu> {
         })
         .collect()
 }
+
+/// The memory of GPU `device` (such as `cuda:0`) in bytes, from nvidia-smi; `None` where it doesn't answer.
+pub fn gpu_memory_total(device: &str) -> Option<u64> {
+    let gpu = gpus().into_iter().find(|g| g.device == device)?;
+    Some((gpu.total_mib * 1024.0 * 1024.0) as u64)
+}

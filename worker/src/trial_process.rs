@@ -40,6 +40,10 @@ pub struct TrialInput {
     /// The rung to stop at (ASHA, Hyperband), checkpointed there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pause_at: Option<u64>,
+    /// A fused group's members, trained as one model (this input's own trial
+    /// fields name the group); empty: this input is one trial.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fused: Vec<TrialInput>,
 }
 
 /// One line a trial process writes on stdout.
@@ -56,6 +60,9 @@ pub enum Event {
     Paused(u64),
     /// Warm processes: the trial ended, with its error if it failed.
     Done(Option<String>),
+    /// One member's event in a fused group (its position in `fused`); each member
+    /// ends with its own `Done`, before the group's.
+    Member(usize, Box<Event>),
 }
 
 /// The stderr line a warm process writes after each trial, followed by the trial's id.
@@ -82,16 +89,29 @@ impl StdoutEvents {
     }
 }
 
-struct Sink<'a>(&'a std::cell::RefCell<StdoutEvents>);
+/// A trial's events on stdout; a fused member's wrapped with its position.
+struct Sink<'a>(&'a std::cell::RefCell<StdoutEvents>, Option<usize>);
+
+impl Sink<'_> {
+    fn emit(&self, event: Event) {
+        self.0.borrow_mut().emit(&wrap(self.1, event));
+    }
+}
+
+/// `event` as member `member`'s, when it is one.
+fn wrap(member: Option<usize>, event: Event) -> Event {
+    match member {
+        Some(i) => Event::Member(i, Box::new(event)),
+        None => event,
+    }
+}
 
 impl MetricSink for Sink<'_> {
     fn log(&mut self, name: &str, step: u64, value: f64) {
-        self.0
-            .borrow_mut()
-            .emit(&Event::M(name.to_string(), step as i64, value));
+        self.emit(Event::M(name.to_string(), step as i64, value));
     }
     fn output(&mut self, name: &str, value: Value) {
-        self.0.borrow_mut().emit(&Event::Output(name.to_string(), value));
+        self.emit(Event::Output(name.to_string(), value));
     }
 }
 
@@ -167,47 +187,18 @@ fn train(input: &TrialInput, events: &Events) -> anyhow::Result<()> {
             );
         }
     }
-    let (store, prefix) = storage::open(&input.object_store)?;
     std::fs::create_dir_all(&input.scratch_dir)?;
-    let on_written = {
-        let events = events.clone();
-        Box::new(move |w: storage::Written| {
-            let mut e = events.borrow_mut();
-            e.emit(&Event::Checkpoint(w));
-            e.flush();
-        })
-    };
-    let mut data = storage::ObjectData {
-        store: store.clone(),
-        prefix: prefix.clone(),
-        experiment: input.experiment_id.clone(),
-        runtime: tokio::runtime::Builder::new_current_thread().enable_all().build()?,
-    };
-    let mut checkpoints = ObjectCheckpoints {
-        store,
-        prefix,
-        experiment: input.experiment_id.clone(),
-        trial: input.trial_id.clone(),
-        spec_hash: input.spec_hash.clone(),
-        resume_from: input.resume_from.clone(),
-        runtime: tokio::runtime::Builder::new_current_thread().enable_all().build()?,
-        scratch: input.scratch_dir.clone().into(),
-        on_written,
-    };
-    let mut sink = Sink(events);
-    let mut ctx = TrialContext {
-        device,
-        checkpoints: &mut checkpoints,
-        metrics: &mut sink,
-        data: &mut data,
-        pause_at: input.pause_at,
-        paused: None,
-    };
     let roots = if input.data_roots.is_empty() {
         ablate_experiments::nn::locations::default_roots()
     } else {
         input.data_roots.clone()
     };
+    if !input.fused.is_empty() {
+        return train_fused(input, family, device, &roots, events);
+    }
+    let mut host = Host::open(input, None, events)?;
+    let mut sink = Sink(events, None);
+    let mut ctx = host.context(device, &mut sink);
     // Again on the host that reads the data, following links this time.
     ablate_experiments::nn::locations::confine_params(&input.params, &roots, true)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -217,4 +208,109 @@ fn train(input: &TrialInput, events: &Events) -> anyhow::Result<()> {
     }
     events.borrow_mut().flush();
     result.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// A fused group: every member's own checkpoints, data and events, one model.
+/// Each member's end is its own `Done` event (a member that fails is reported
+/// on stderr too); the group itself fails only when it can't start.
+fn train_fused(
+    input: &TrialInput,
+    family: Family,
+    device: tch::Device,
+    roots: &[std::path::PathBuf],
+    events: &Events,
+) -> anyhow::Result<()> {
+    let mut hosts = Vec::new();
+    let mut runs = Vec::new();
+    for (i, member) in input.fused.iter().enumerate() {
+        // A member whose data lies outside the roots fails alone.
+        if let Err(e) = ablate_experiments::nn::locations::confine_params(&member.params, roots, true) {
+            end_member(events, i, &member.trial_id, Some(e.to_string()));
+            continue;
+        }
+        hosts.push(Host::open(member, Some(i), events)?);
+        runs.push(i);
+    }
+    let mut sinks: Vec<Sink<'_>> = runs.iter().map(|&i| Sink(events, Some(i))).collect();
+    let mut ctxs: Vec<TrialContext<'_>> = hosts
+        .iter_mut()
+        .zip(sinks.iter_mut())
+        .map(|(host, sink)| host.context(device, sink))
+        .collect();
+    let params: Vec<Value> = runs.iter().map(|&i| input.fused[i].params.clone()).collect();
+    tracing::info!(members = runs.len(), "fused group starting");
+    let results = family.run_fused(&params, &mut ctxs);
+    let paused: Vec<Option<u64>> = ctxs.iter().map(|c| c.paused).collect();
+    drop(ctxs);
+    for ((&i, result), paused) in runs.iter().zip(results).zip(paused) {
+        if let (Ok(()), Some(step)) = (&result, paused) {
+            events.borrow_mut().emit(&wrap(Some(i), Event::Paused(step)));
+        }
+        end_member(events, i, &input.fused[i].trial_id, result.err().map(|e| e.to_string()));
+    }
+    events.borrow_mut().flush();
+    Ok(())
+}
+
+/// Ends member `i` of a fused group: its `Done` event, and its error on stderr.
+fn end_member(events: &Events, i: usize, trial: &str, error: Option<String>) {
+    if let Some(error) = &error {
+        eprintln!("error: trial {trial}: {error}");
+    }
+    let mut e = events.borrow_mut();
+    e.emit(&Event::Member(i, Box::new(Event::Done(error))));
+    e.flush();
+}
+
+/// What a trial's context borrows from its host: its checkpoint store and its data store.
+struct Host {
+    checkpoints: ObjectCheckpoints,
+    data: storage::ObjectData,
+    pause_at: Option<u64>,
+}
+
+impl Host {
+    /// Opens `input`'s stores; its checkpoints are announced as member `member`'s when it is one.
+    fn open(input: &TrialInput, member: Option<usize>, events: &Events) -> anyhow::Result<Host> {
+        let (store, prefix) = storage::open(&input.object_store)?;
+        let on_written = {
+            let events = events.clone();
+            Box::new(move |w: storage::Written| {
+                let mut e = events.borrow_mut();
+                e.emit(&wrap(member, Event::Checkpoint(w)));
+                e.flush();
+            })
+        };
+        Ok(Host {
+            data: storage::ObjectData {
+                store: store.clone(),
+                prefix: prefix.clone(),
+                experiment: input.experiment_id.clone(),
+                runtime: tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+            },
+            checkpoints: ObjectCheckpoints {
+                store,
+                prefix,
+                experiment: input.experiment_id.clone(),
+                trial: input.trial_id.clone(),
+                spec_hash: input.spec_hash.clone(),
+                resume_from: input.resume_from.clone(),
+                runtime: tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+                scratch: input.scratch_dir.clone().into(),
+                on_written,
+            },
+            pause_at: input.pause_at,
+        })
+    }
+
+    fn context<'a>(&'a mut self, device: tch::Device, sink: &'a mut Sink<'_>) -> TrialContext<'a> {
+        TrialContext {
+            device,
+            checkpoints: &mut self.checkpoints,
+            metrics: sink,
+            data: &mut self.data,
+            pause_at: self.pause_at,
+            paused: None,
+        }
+    }
 }

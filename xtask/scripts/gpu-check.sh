@@ -21,15 +21,15 @@ families=()
 for arg in "$@"; do
     case "$arg" in
         --dry-run) dry=1 ;;
-        mup-fashion | mup-transformer | cbs | intrinsic | dsir) families+=("$arg") ;;
+        mup-fashion | mup-transformer | cbs | intrinsic | dsir | fused) families+=("$arg") ;;
         *)
-            echo "gpu-check: unknown argument $arg; expected --dry-run or a family: mup-fashion mup-transformer cbs intrinsic dsir" >&2
+            echo "gpu-check: unknown argument $arg; expected --dry-run or a family: mup-fashion mup-transformer cbs intrinsic dsir fused" >&2
             exit 2
             ;;
     esac
 done
 if [ ${#families[@]} -eq 0 ]; then
-    families=(mup-fashion mup-transformer cbs intrinsic dsir)
+    families=(mup-fashion mup-transformer cbs intrinsic dsir fused)
 fi
 
 root=$(pwd)
@@ -109,8 +109,32 @@ print(json.dumps({"family": name, "trials": len(trials), "succeeded": len(ok), "
 '
 
 status=0
-if [ ${#families[@]} -eq 5 ]; then rm -f "$out/summary.jsonl"; fi
+if [ ${#families[@]} -eq 6 ]; then rm -f "$out/summary.jsonl"; fi
+touch "$out/summary.jsonl"
 for family in "${families[@]}"; do
+    if [ "$family" = fused ]; then
+        # Trials/hour of the muP width sweep's MLPs, fused in groups of 8 and one by one.
+        echo
+        echo "== fused (ablate-worker bench-fused, groups of 8)"
+        if [ $dry = 1 ]; then
+            fused_args=(--device cpu --steps 3 --widths 32,64)
+        else
+            fused_args=(--device cuda:0)
+        fi
+        if timeout --signal=TERM --kill-after=10 120 "$bin" bench-fused "${fused_args[@]}" \
+            >"$out/fused.jsonl" 2>"$out/fused.log"; then
+            cat "$out/fused.jsonl"
+            "$python" -c 'import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"width {r['width']:>4}: fused {r['fused_trials_per_hour']:>10.0f} trials/h, one by one {r['unfused_trials_per_hour']:>10.0f}, x{r['fused_trials_per_hour'] / r['unfused_trials_per_hour']:.1f}")' "$out/fused.jsonl"
+        else
+            echo "fused bench failed:"
+            tail -20 "$out/fused.log"
+            status=1
+        fi
+        continue
+    fi
     IFS='|' read -r spec limit report_family cuts <<<"$(family_row "$family")"
     sets=()
     if [ "$family" = mup-fashion ]; then sets+=(--set "base.data_dir=$fashion"); fi

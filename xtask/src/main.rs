@@ -584,7 +584,7 @@ fn main() -> ExitCode {
             .and_then(|_| provision_kubernetes_validate().map(|_| ()))
             .and_then(|_| provision_slurm())
             .and_then(|_| provision_chromium().map(|_| ())),
-        _ => Err("usage: cargo xtask <demo [SPEC]|test|bench [dsir|control|dashboard] [--json FILE]|gpu [--dry-run]|build [--release]|check|provision>".into()),
+        _ => Err("usage: cargo xtask <demo [SPEC]|test|bench [dsir|control|dashboard|search|stop-rule|fused] [--json FILE]|gpu [--dry-run]|build [--release]|check|provision>".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -641,7 +641,10 @@ fn bench(args: &[String]) -> Result {
     provision_datasets()?;
     // The dashboard's rows need no peers; the search rows only Optuna.
     let only = args.first().map(String::as_str);
-    let peers = !matches!(only, Some("dashboard") | Some("search") | Some("stop-rule"));
+    let peers = !matches!(
+        only,
+        Some("dashboard") | Some("search") | Some("stop-rule") | Some("fused")
+    );
     let dsir_python = if peers {
         provision_dsir_reference()?
     } else {

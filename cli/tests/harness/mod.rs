@@ -471,6 +471,7 @@ impl Stack {
                 worker_id,
                 max_trials: max,
                 free_gpus: 1,
+                slot_memory_bytes: 0,
             })
             .await
             .unwrap()

@@ -162,6 +162,7 @@ async fn lifecycles(addr: &str, workers: usize, trials: usize, batch: u32) -> Re
                         worker_id: id.clone(),
                         max_trials: batch,
                         free_gpus: 1,
+                        slot_memory_bytes: 0,
                     })
                     .await?
                     .into_inner()
@@ -202,6 +203,7 @@ async fn metric_ingest(addr: &str, streams: usize, per_trial: usize, batch: usiz
             worker_id: id,
             max_trials: streams as u32,
             free_gpus: 1,
+            slot_memory_bytes: 0,
         })
         .await?
         .into_inner()
@@ -434,6 +436,40 @@ fn field(v: &serde_json::Value, name: &str) -> std::result::Result<f64, String> 
 
 /// cbs-mnist run whole and under the stop rule (`cbs.stop_at_targets`): the steps each spent,
 /// the wall time, and whether the steps-to-target tables are the same.
+/// Trials per hour of the muP width sweep's MLPs, fused in groups of 8 and one by one
+/// (`ablate-worker bench-fused`: the trial code itself, in one process, on the CPU).
+fn fused_rows() -> Result<Vec<Row>> {
+    let bin = std::env::var("ABLATE_WORKER_BIN").map_err(|_| "set ABLATE_WORKER_BIN (cargo xtask bench does)")?;
+    let out = std::process::Command::new(&bin)
+        .args(["bench-fused", "--members", "8", "--threads", "1"])
+        .output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "ablate-worker bench-fused: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|line| -> Result<Row> {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            let figure = |k: &str| {
+                v[k].as_f64()
+                    .ok_or_else(|| format!("bench-fused printed no {k}: {line}"))
+            };
+            Ok(Row::new(
+                format!("width {} MLP, fused x{}", v["width"], v["members"]),
+                figure("fused_trials_per_hour")?,
+                "trials/h",
+            )
+            .peer("one by one", figure("unfused_trials_per_hour")))
+        })
+        .collect()
+}
+
 fn stop_rule_rows() -> Result<Vec<Row>> {
     let bin = std::env::var("ABLATE_WORKER_BIN").map_err(|_| "set ABLATE_WORKER_BIN (cargo xtask bench does)")?;
     let spec = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/specs/cbs-mnist.toml");
@@ -980,6 +1016,17 @@ async fn main() -> Result {
         let rows = stop_rule_rows()?;
         print(
             "Critical-batch stop rule (cbs-mnist, 112 runs, ablate-worker sweep on 2 CPU slots)",
+            &rows,
+        );
+        if let Some(path) = json {
+            write_json(&path, &rows)?;
+        }
+        return Ok(());
+    }
+    if args.first().map(String::as_str) == Some("fused") {
+        let rows = fused_rows()?;
+        print(
+            "Fused trials (muP width sweep MLPs on digits, 300 steps, groups of 8 against one by one, 1 CPU thread)",
             &rows,
         );
         if let Some(path) = json {

@@ -33,6 +33,8 @@ pub struct NewTrial {
     pub pause_at: Option<i64>,
     /// The trials of the same experiment it waits for.
     pub depends_on: Vec<TrialId>,
+    /// The key it fuses under (`fuse`); `None`: it runs alone.
+    pub fuse_key: Option<String>,
 }
 
 /// Stores an experiment and all its trials in one transaction.
@@ -67,12 +69,13 @@ pub async fn insert_experiment(pool: &PgPool, e: &NewExperiment<'_>, trials: &[N
         .iter()
         .map(|t| Value::from(t.depends_on.iter().map(|d| d.to_string()).collect::<Vec<_>>()))
         .collect();
+    let fuse_keys: Vec<Option<String>> = trials.iter().map(|t| t.fuse_key.clone()).collect();
     sqlx::query(
-        "insert into trials (id, experiment_id, ordinal, params, total_steps, bracket, pause_at, depends_on)
+        "insert into trials (id, experiment_id, ordinal, params, total_steps, bracket, pause_at, depends_on, fuse_key)
          select u.id, $1, u.ordinal, u.params, u.total_steps, u.bracket, u.pause_at,
-                array(select d::uuid from jsonb_array_elements_text(u.depends_on) d)
-         from unnest($2::uuid[], $3::int4[], $4::jsonb[], $5::int8[], $6::int4[], $7::int8[], $8::jsonb[])
-              as u(id, ordinal, params, total_steps, bracket, pause_at, depends_on)",
+                array(select d::uuid from jsonb_array_elements_text(u.depends_on) d), u.fuse_key
+         from unnest($2::uuid[], $3::int4[], $4::jsonb[], $5::int8[], $6::int4[], $7::int8[], $8::jsonb[], $9::text[])
+              as u(id, ordinal, params, total_steps, bracket, pause_at, depends_on, fuse_key)",
     )
     .bind(e.id.0)
     .bind(&ids)
@@ -82,6 +85,7 @@ pub async fn insert_experiment(pool: &PgPool, e: &NewExperiment<'_>, trials: &[N
     .bind(&brackets)
     .bind(&pause_at)
     .bind(&depends_on)
+    .bind(&fuse_keys)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;

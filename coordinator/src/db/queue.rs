@@ -34,6 +34,11 @@ pub struct LeasedTrial {
     pub gpus: u32,
     /// The rung it stops at (ASHA, Hyperband); `None`: the end of the run.
     pub pause_at: Option<u64>,
+    /// The key it fuses under, and the spec's `fuse`.
+    pub fuse_key: Option<String>,
+    pub fuse: Option<ablate_schema::Fuse>,
+    /// The fused group it runs in: its first member's id; `None`: it runs alone.
+    pub fuse_group: Option<TrialId>,
 }
 
 /// Leases pending trials to `worker` in one statement, filling at most `slots`
@@ -51,10 +56,12 @@ pub async fn lease(
     worker: WorkerId,
     slots: u32,
     free_gpus: u32,
+    slot_memory: u64,
     ttl: Duration,
 ) -> Result<Vec<LeasedTrial>> {
-    let rows = sqlx::query(
-        "with recursive pending_experiments as (
+    let rows = sqlx::query(sqlx::AssertSqlSafe(
+        [
+            "with recursive pending_experiments as (
              (select experiment_id from trials where state = 'pending' order by experiment_id limit 1)
              union all
              select (select t.experiment_id from trials t
@@ -135,41 +142,122 @@ pub async fn lease(
              started_at = coalesce(t.started_at, now())
          from fits, experiments e
          where t.id = fits.id and fits.used <= $2 and e.id = t.experiment_id
-         returning t.id, t.experiment_id, t.lease_token, t.attempt, e.family, t.params, e.spec_hash, e.traceparent, fits.gpus,
-             t.pause_at,
-             coalesce((e.spec #>> '{resources,fresh_process}')::boolean, false) as fresh_process,
-             (select jsonb_build_object('step', c.step, 'path', c.path, 'bytes', c.bytes)
-              from checkpoints c where c.trial_id = t.id order by c.step desc limit 1) as checkpoint",
-    )
+         returning fits.gpus, ",
+            LEASED,
+        ]
+        .concat(),
+    ))
     .bind(worker.0)
     .bind(slots as i64)
     .bind(ttl.as_secs_f64())
     .bind(free_gpus as i32)
     .fetch_all(pool)
     .await?;
-    rows.into_iter()
-        .map(|row| {
-            let checkpoint: Option<Value> = row.try_get("checkpoint")?;
-            Ok(LeasedTrial {
-                trial: TrialId(row.try_get("id")?),
-                experiment: ExperimentId(row.try_get("experiment_id")?),
-                token: LeaseToken(row.try_get("lease_token")?),
-                attempt: row.try_get("attempt")?,
-                family: row.try_get("family")?,
-                params: row.try_get("params")?,
-                spec_hash: row.try_get("spec_hash")?,
-                fresh_process: row.try_get("fresh_process")?,
-                traceparent: row.try_get("traceparent")?,
-                gpus: row.try_get::<i32, _>("gpus")? as u32,
-                pause_at: row.try_get::<Option<i64>, _>("pause_at")?.map(|s| s as u64),
-                resume_from: checkpoint.map(|c| CheckpointRecord {
-                    step: c["step"].as_i64().unwrap_or(0),
-                    path: c["path"].as_str().unwrap_or_default().to_string(),
-                    bytes: c["bytes"].as_i64().unwrap_or(0),
-                }),
-            })
-        })
-        .collect()
+    let heads = rows.iter().map(leased_trial).collect::<Result<Vec<_>>>()?;
+    let mut leased = Vec::with_capacity(heads.len());
+    for mut head in heads {
+        let members = fuse_with(pool, worker, &head, slot_memory, ttl).await?;
+        if !members.is_empty() {
+            head.fuse_group = Some(head.trial);
+        }
+        leased.push(head);
+        leased.extend(members);
+    }
+    Ok(leased)
+}
+
+/// What every lease returns of a trial it leased (`t` the trial, `e` its experiment).
+const LEASED: &str = "t.id, t.experiment_id, t.lease_token, t.attempt, e.family, t.params, e.spec_hash, e.traceparent,
+    t.pause_at, t.fuse_key, e.spec->'fuse' as fuse,
+    coalesce((e.spec #>> '{resources,fresh_process}')::boolean, false) as fresh_process,
+    (select jsonb_build_object('step', c.step, 'path', c.path, 'bytes', c.bytes)
+     from checkpoints c where c.trial_id = t.id order by c.step desc limit 1) as checkpoint";
+
+fn leased_trial(row: &sqlx::postgres::PgRow) -> Result<LeasedTrial> {
+    let checkpoint: Option<Value> = row.try_get("checkpoint")?;
+    let fuse: Option<Value> = row.try_get("fuse")?;
+    Ok(LeasedTrial {
+        trial: TrialId(row.try_get("id")?),
+        experiment: ExperimentId(row.try_get("experiment_id")?),
+        token: LeaseToken(row.try_get("lease_token")?),
+        attempt: row.try_get("attempt")?,
+        family: row.try_get("family")?,
+        params: row.try_get("params")?,
+        spec_hash: row.try_get("spec_hash")?,
+        fresh_process: row.try_get("fresh_process")?,
+        traceparent: row.try_get("traceparent")?,
+        gpus: row.try_get::<Option<i32>, _>("gpus").ok().flatten().unwrap_or(1) as u32,
+        pause_at: row.try_get::<Option<i64>, _>("pause_at")?.map(|s| s as u64),
+        fuse_key: row.try_get("fuse_key")?,
+        fuse: fuse.and_then(|f| serde_json::from_value(f).ok()),
+        fuse_group: None,
+        resume_from: checkpoint.map(|c| CheckpointRecord {
+            step: c["step"].as_i64().unwrap_or(0),
+            path: c["path"].as_str().unwrap_or_default().to_string(),
+            bytes: c["bytes"].as_i64().unwrap_or(0),
+        }),
+    })
+}
+
+/// Leases the pending trials that fuse with `head` (same experiment and fusion key,
+/// none waiting at a rung or on a dependency, in their order) into its group, up to
+/// the spec's `fuse` less one and within the experiment's `max_concurrent`; `fuse =
+/// "auto"` sizes the group to half of `slot_memory` (bytes; 0: unknown, 8 members).
+async fn fuse_with(
+    pool: &PgPool,
+    worker: WorkerId,
+    head: &LeasedTrial,
+    slot_memory: u64,
+    ttl: Duration,
+) -> Result<Vec<LeasedTrial>> {
+    let (Some(key), Some(fuse), None) = (&head.fuse_key, head.fuse, head.pause_at) else {
+        return Ok(Vec::new());
+    };
+    let Ok(family) = ablate_experiments::Family::parse(&head.family) else {
+        return Ok(Vec::new());
+    };
+    let size = ablate_experiments::fusion::group_size(fuse, family, &head.params, slot_memory);
+    if size <= 1 {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(sqlx::AssertSqlSafe(
+        [
+            "with picked as (
+             select t.id from trials t join experiments x on x.id = t.experiment_id
+             where t.experiment_id = $1 and t.state = 'pending' and t.fuse_key = $2 and t.pause_at is null
+               and (t.depends_on = '{}' or not exists (
+                   select 1 from trials d where d.id = any(t.depends_on) and d.state <> 'succeeded'))
+             order by t.ordinal
+             for update of t skip locked
+             limit greatest(0, least($3, coalesce((x.spec #>> '{resources,max_concurrent}')::bigint
+                 - (select count(*) from trials r where r.experiment_id = $1 and r.state = 'running'), $3)))
+         )
+         update trials t
+         set state = 'running',
+             lease_token = gen_random_uuid(),
+             lease_owner = $4,
+             lease_expires_at = now() + make_interval(secs => $5),
+             attempt = t.attempt + 1,
+             started_at = coalesce(t.started_at, now())
+         from picked, experiments e
+         where t.id = picked.id and e.id = t.experiment_id
+         returning ",
+            LEASED,
+        ]
+        .concat(),
+    ))
+    .bind(head.experiment.0)
+    .bind(key)
+    .bind(i64::from(size - 1))
+    .bind(worker.0)
+    .bind(ttl.as_secs_f64())
+    .fetch_all(pool)
+    .await?;
+    let mut members = rows.iter().map(leased_trial).collect::<Result<Vec<_>>>()?;
+    for m in &mut members {
+        m.fuse_group = Some(head.trial);
+    }
+    Ok(members)
 }
 
 /// What a heartbeat tells its worker.

@@ -67,14 +67,14 @@ pub async fn top_up(conn: &mut PgConnection, experiment: ExperimentId) -> Result
         let ordinal = (total + k) as usize;
         let point = tpe::propose(&domains, &history, seed, ordinal);
         // A proposal the family refuses is kept as a failed trial, so the search goes on.
-        let (params, steps, error) = match ablate_experiments::sweep::plan_point(&spec, point.clone()) {
-            Ok(planned) => (planned.params, planned.total_steps as i64, None),
-            Err(e) => (Value::Object(point), 0, Some(e.to_string())),
+        let (params, steps, error, fuse_key) = match ablate_experiments::sweep::plan_point(&spec, point.clone()) {
+            Ok(planned) => (planned.params, planned.total_steps as i64, None, planned.fuse_key),
+            Err(e) => (Value::Object(point), 0, Some(e.to_string()), None),
         };
         sqlx::query(
-            "insert into trials (id, experiment_id, ordinal, params, total_steps, state, error, finished_at)
+            "insert into trials (id, experiment_id, ordinal, params, total_steps, state, error, finished_at, fuse_key)
              values ($1, $2, $3, $4, $5, case when $6::text is null then 'pending' else 'failed' end, $6,
-                     case when $6::text is null then null else now() end)",
+                     case when $6::text is null then null else now() end, $7)",
         )
         .bind(TrialId::new_random().0)
         .bind(experiment.0)
@@ -82,6 +82,7 @@ pub async fn top_up(conn: &mut PgConnection, experiment: ExperimentId) -> Result
         .bind(&params)
         .bind(steps)
         .bind(error)
+        .bind(fuse_key)
         .execute(&mut *tx)
         .await?;
     }

@@ -48,12 +48,39 @@ pub trait Definition: Sync {
         false
     }
 
+    /// The key under which a trial fuses with others of its experiment (`fuse` in a
+    /// spec): trials with equal keys may train as one stacked model in one process.
+    /// `Err` says why this trial can't.
+    fn fuse_key(&self, _params: &Value) -> Result<Fusable, String> {
+        Err(format!("{} trials do not fuse", self.name()))
+    }
+
     /// The family's report over its finished trials.
     fn report(&self, outcomes: &[TrialOutcome]) -> Result<Report, ReportError>;
 
     /// Runs one trial to its end.
     #[cfg(feature = "torch")]
     fn run(&self, params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError>;
+
+    /// Runs a group of trials with equal fusion keys, `params[i]` with `ctxs[i]`;
+    /// each member's result. Families that fuse train them as one model; the
+    /// others run them one after another.
+    #[cfg(feature = "torch")]
+    fn run_fused(&self, params: &[Value], ctxs: &mut [TrialContext<'_>]) -> Vec<Result<(), TrialError>> {
+        params
+            .iter()
+            .zip(ctxs.iter_mut())
+            .map(|(p, ctx)| self.run(p, ctx))
+            .collect()
+    }
+}
+
+/// A trial that can fuse: its key (trials with equal keys train as one stacked
+/// model) and roughly how many bytes of device memory each member needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fusable {
+    pub key: String,
+    pub member_bytes: u64,
 }
 
 /// What the platform needs to know of a trial before it runs.

@@ -22,7 +22,7 @@ pub mod intrinsic_dim;
 pub mod mup_transfer;
 pub mod train;
 
-pub use definition::{Definition, TrialPlan};
+pub use definition::{Definition, Fusable, TrialPlan};
 
 /// Every family, in the order `ablate` lists them.
 const REGISTRY: &[&dyn Definition] = &[
@@ -89,6 +89,11 @@ impl Family {
         self.0.pauses_at_rungs()
     }
 
+    /// See [`Definition::fuse_key`].
+    pub fn fuse_key(self, params: &Value) -> Result<Fusable, String> {
+        self.0.fuse_key(params)
+    }
+
     /// See [`Definition::report`].
     pub fn report(self, outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
         self.0.report(outcomes)
@@ -98,6 +103,12 @@ impl Family {
     #[cfg(feature = "torch")]
     pub fn run(self, params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> {
         self.0.run(params, ctx)
+    }
+
+    /// See [`Definition::run_fused`].
+    #[cfg(feature = "torch")]
+    pub fn run_fused(self, params: &[Value], ctxs: &mut [TrialContext<'_>]) -> Vec<Result<(), TrialError>> {
+        self.0.run_fused(params, ctxs)
     }
 }
 

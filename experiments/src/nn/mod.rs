@@ -1,5 +1,5 @@
 //! The libtorch substrate: models, the transformer, parametrizations,
-//! optimizers on tensors, random-subspace projections and data sets.
+//! optimizers on tensors, fused (stacked) models, random-subspace projections and data sets.
 //!
 //! Families use it; it never imports a family. Without the `torch` feature
 //! only what parameter checks need is here: the parametrization rules, the
@@ -11,6 +11,8 @@ pub mod parametrization;
 
 #[cfg(feature = "torch")]
 pub mod data;
+#[cfg(feature = "torch")]
+pub mod fused;
 #[cfg(feature = "torch")]
 pub mod model;
 #[cfg(feature = "torch")]

@@ -97,6 +97,11 @@ impl Mlp {
         self.forward_recording(xs, None)
     }
 
+    /// Whether it is residual, and its logit and branch multipliers: what a fused stack of it keeps.
+    pub fn multipliers(&self) -> (bool, f64, f64) {
+        (self.residual, self.output_mult, self.branch_mult)
+    }
+
     /// The forward pass; with `record`, appends the mean |output| of every layer (logits last).
     pub fn forward_recording(&self, xs: &Tensor, mut record: Option<&mut Vec<f64>>) -> Tensor {
         let layers = self.params.len() / 2;

@@ -71,6 +71,18 @@ impl Definition for CriticalBatch {
         }
         train::run(&train_params(params), ctx)
     }
+    fn fuse_key(&self, params: &Value) -> Result<train::Fusable, String> {
+        let (_, settings) = split(params).map_err(|e| e.to_string())?;
+        if settings.stop_at_targets {
+            return Err("runs under cbs.stop_at_targets do not fuse yet".into());
+        }
+        train::fuse_key(&train_params(params))
+    }
+    #[cfg(feature = "torch")]
+    fn run_fused(&self, params: &[Value], ctxs: &mut [TrialContext<'_>]) -> Vec<Result<(), TrialError>> {
+        let params: Vec<Value> = params.iter().map(train_params).collect();
+        train::run_fused(&params, ctxs)
+    }
 }
 
 /// The curve the steps-to-target are read from.

@@ -44,4 +44,11 @@ impl Definition for MupTransfer {
     fn run(&self, params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> {
         train::run(params, ctx)
     }
+    fn fuse_key(&self, params: &Value) -> Result<train::Fusable, String> {
+        train::fuse_key(params)
+    }
+    #[cfg(feature = "torch")]
+    fn run_fused(&self, params: &[Value], ctxs: &mut [TrialContext<'_>]) -> Vec<Result<(), TrialError>> {
+        train::run_fused(params, ctxs)
+    }
 }

