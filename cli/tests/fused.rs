@@ -34,7 +34,7 @@ params.log2_lr = [-4, -3, 30]
 /// Each trial's (ordinal, state) and its metric points, by ordinal.
 async fn outcome(stack: &Stack, experiment: &str) -> (Vec<(i32, String)>, BTreeMap<(i32, String, i64), f64>) {
     let states: Vec<(i32, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select ordinal, state from ablate.trials where experiment_id = '{experiment}' order by ordinal"
+        "select ordinal, state from trials where experiment_id = '{experiment}' order by ordinal"
     )))
     .fetch_all(&stack.pool)
     .await
@@ -86,14 +86,22 @@ async fn fused_groups_run_in_one_process_and_keep_each_members_curve_through_a_s
     let (fused_states, fused_points) = outcome(&stack, &fused).await;
     let (alone_states, alone_points) = outcome(&stack, &alone).await;
     // The same outcomes: the diverging learning rate fails alone, fused or not.
-    assert_eq!(fused_states, alone_states, "{}", stack.logs());
+    let errors: Vec<(i32, Option<String>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select ordinal, error from trials where experiment_id = '{fused}' order by ordinal"
+    )))
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(fused_states, alone_states, "{errors:?}\n{}", stack.logs());
     let failed: Vec<i32> = fused_states.iter().filter(|s| s.1 == "failed").map(|s| s.0).collect();
     assert_eq!(
         failed.len(),
         4,
         "log2_lr = 30 diverges, the rest succeed: {fused_states:?}"
     );
-    // Every point of every member equals its unfused run's to 1e-5, none missing or extra.
+    // Every point of every member equals its unfused run's to 1e-5 (relative to values
+    // above 1: a diverging run's losses reach 1e22 before they stop being finite),
+    // none missing or extra.
     assert_eq!(
         fused_points.keys().collect::<Vec<_>>(),
         alone_points.keys().collect::<Vec<_>>(),
@@ -101,11 +109,14 @@ async fn fused_groups_run_in_one_process_and_keep_each_members_curve_through_a_s
     );
     for (key, value) in &fused_points {
         let single = alone_points[key];
-        assert!((value - single).abs() <= 1e-5, "{key:?}: fused {value}, alone {single}");
+        assert!(
+            (value - single).abs() <= 1e-5 * single.abs().max(1.0),
+            "{key:?}: fused {value}, alone {single}"
+        );
     }
     // Each member is its own trial: the first group crashed once each and resumed.
     let attempts: Vec<(i32, i32, String, Option<i64>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select t.ordinal, a.attempt, a.outcome, (a.provenance #>> '{{fused,members}}')::int8
+        "select t.ordinal, a.attempt, a.outcome, a.fused_members::int8
          from ablate.trial_attempts a join trials t on t.id = a.trial_id
          where a.experiment_id = '{fused}' order by t.ordinal, a.attempt"
     )))

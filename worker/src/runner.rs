@@ -458,11 +458,13 @@ async fn take_event(shared: &Shared, member: &mut Member, state: &mut Progress, 
     Ok(())
 }
 
-/// A fused member's provenance: the worker's, with the group it ran in (its first member) and its size.
+/// A fused member's provenance: the worker's, with the group it ran in (its first
+/// member, `fused_group`) and the group's size (`fused_members`).
 fn with_group(provenance: &str, group: &str, members: usize) -> String {
     let mut json: serde_json::Value = serde_json::from_str(provenance).unwrap_or_default();
     if let Some(map) = json.as_object_mut() {
-        map.insert("fused".into(), serde_json::json!({"group": group, "members": members}));
+        map.insert("fused_group".into(), group.into());
+        map.insert("fused_members".into(), members.to_string().into());
     }
     json.to_string()
 }

@@ -156,7 +156,13 @@ pub async fn lease(
     let heads = rows.iter().map(leased_trial).collect::<Result<Vec<_>>>()?;
     let mut leased = Vec::with_capacity(heads.len());
     for mut head in heads {
-        let members = fuse_with(pool, worker, &head, slot_memory, ttl).await?;
+        // The head is leased already: a group that can't be formed leaves it to run alone.
+        let members = fuse_with(pool, worker, &head, slot_memory, ttl)
+            .await
+            .unwrap_or_else(|error| {
+                tracing::warn!(trial = %head.trial, %error, "could not lease the trials fused with this one; it runs alone");
+                Vec::new()
+            });
         if !members.is_empty() {
             head.fuse_group = Some(head.trial);
         }
@@ -222,15 +228,20 @@ async fn fuse_with(
     }
     let rows = sqlx::query(sqlx::AssertSqlSafe(
         [
-            "with picked as (
-             select t.id from trials t join experiments x on x.id = t.experiment_id
+            "with room as (
+             -- What max_concurrent leaves of the group's size.
+             select greatest(0, least($3, coalesce((x.spec #>> '{resources,max_concurrent}')::bigint
+                 - (select count(*) from trials r where r.experiment_id = $1 and r.state = 'running'), $3))) as n
+             from experiments x where x.id = $1
+         ),
+         picked as (
+             select t.id from trials t
              where t.experiment_id = $1 and t.state = 'pending' and t.fuse_key = $2 and t.pause_at is null
                and (t.depends_on = '{}' or not exists (
                    select 1 from trials d where d.id = any(t.depends_on) and d.state <> 'succeeded'))
              order by t.ordinal
              for update of t skip locked
-             limit greatest(0, least($3, coalesce((x.spec #>> '{resources,max_concurrent}')::bigint
-                 - (select count(*) from trials r where r.experiment_id = $1 and r.state = 'running'), $3)))
+             limit (select n from room)
          )
          update trials t
          set state = 'running',
