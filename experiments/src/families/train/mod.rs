@@ -78,12 +78,7 @@ pub fn fuse_key(params: &Value) -> Result<Fusable, String> {
             serde_json::to_value(p.model).unwrap_or_default()
         ));
     }
-    let unsupported = [
-        ("subspace_dim", p.subspace_dim > 0),
-        ("ema_decay", p.ema_decay.is_some()),
-        ("noise_scale", p.noise_scale.is_some()),
-        ("coord_check", p.coord_check),
-    ];
+    let unsupported = [("subspace_dim", p.subspace_dim > 0), ("coord_check", p.coord_check)];
     if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
         return Err(format!("trials with {field} do not fuse yet; drop it or drop fuse"));
     }

@@ -29,6 +29,8 @@ struct Member {
     /// The first update it makes here (its checkpoint's step, or 0).
     start: u64,
     tail: VecDeque<f64>,
+    /// The running sums of the gradient-noise estimates (see `eval`).
+    noise_average: [f64; 3],
     /// Set once it ended (finished, diverged or failed): it makes no more updates.
     result: Option<Result<(), TrialError>>,
 }
@@ -153,6 +155,7 @@ fn train_group_inner(
         })
         .collect::<Result<Vec<_>, ParamError>>()?;
     let mut optimizer = FusedOptimizer::new(shape.optimizer, 1e-8, hyper, &model.params);
+    let mut average = shape.ema_decay.map(|decay| FusedAverage::new(decay, &model.params));
     let steps = shape.total_steps();
     let tail_len = (steps / 10).max(1) as usize;
     let mut members: Vec<Member> = Vec::with_capacity(n);
@@ -162,10 +165,11 @@ fn train_group_inner(
             order: DataOrder::new(p.seed, data.train_len(), p.batch_size as usize),
             start: 0,
             tail: VecDeque::with_capacity(tail_len),
+            noise_average: [0.0; 3],
             result: None,
         };
-        match resume(ctxs[i], &mut model, &mut optimizer, i as i64) {
-            Ok(Some((step, tail))) => (member.start, member.tail) = (step, tail),
+        match resume(ctxs[i], &mut model, &mut optimizer, average.as_mut(), i as i64) {
+            Ok(Some(resumed)) => (member.start, member.tail, member.noise_average) = resumed,
             Ok(None) => ctxs[i].metrics.log("num_params", 0, full as f64),
             // A checkpoint it can't read fails that member alone.
             Err(e) => member.result = Some(Err(e)),
@@ -207,6 +211,9 @@ fn train_group_inner(
         };
         total.backward();
         optimizer.step(&model.params, shape.lr_factor(step), &active);
+        if let Some(average) = average.as_mut() {
+            average.update(&model.params, &active);
+        }
         let done = step + 1;
         let values = Vec::<f64>::try_from(losses.detach().to_kind(Kind::Double)).map_err(TrialError::Torch)?;
         for (i, m) in members.iter_mut().enumerate() {
@@ -246,11 +253,42 @@ fn train_group_inner(
                     ctxs[i].metrics.log("eval_accuracy", done, accuracy[i]);
                 }
             }
+            if let Some(average) = &average {
+                let (loss, _) =
+                    average.evaluate(&mut model, done, |m| evaluate(m, &data.eval_x, &data.eval_y, n as i64))?;
+                for i in (0..n).filter(|&i| still(i, &members)) {
+                    ctxs[i].metrics.log("eval_loss_ema", done, loss[i]);
+                }
+            }
+            if let Some(noise) = shape.noise_scale {
+                let draws = u64::from(noise.repeats) * u64::from(noise.big / noise.small);
+                let seeds: Vec<u64> = members.iter().map(|m| m.p.seed).collect();
+                let estimates = measure_noise(&mut model, &data, &seeds, noise, done * draws)?;
+                let live: Vec<usize> = (0..n).filter(|&i| still(i, &members)).collect();
+                for i in live {
+                    let sums = &mut members[i].noise_average;
+                    for (slot, v) in sums.iter_mut().zip([estimates[i].0, estimates[i].1, 1.0]) {
+                        *slot = noise.smoothing * *slot + v;
+                    }
+                    let [grad_sq, trace, weight] = *sums;
+                    ctxs[i].metrics.log("grad_sq_norm", done, grad_sq / weight);
+                    ctxs[i].metrics.log("grad_noise_trace", done, trace / weight);
+                    ctxs[i].metrics.log("b_simple", done, trace / grad_sq);
+                }
+            }
         }
         if done % shape.checkpoint_every == 0 && done < steps {
             for i in 0..n {
                 if still(i, &members) {
-                    if let Err(error) = save(ctxs[i], &members[i], &model, &optimizer, i as i64, done) {
+                    if let Err(error) = save(
+                        ctxs[i],
+                        &members[i],
+                        &model,
+                        &optimizer,
+                        average.as_ref(),
+                        i as i64,
+                        done,
+                    ) {
                         eprintln!("checkpoint at step {done} not written ({error}); training goes on");
                     }
                 }
@@ -295,31 +333,39 @@ fn save(
     m: &Member,
     model: &FusedMlp,
     optimizer: &FusedOptimizer,
+    average: Option<&FusedAverage>,
     i: i64,
     done: u64,
 ) -> Result<(), TrialError> {
     let mut tensors = model.member(i);
     tensors.extend(optimizer.member_state(i, &model.params));
+    if let Some(average) = average {
+        tensors.extend(average.member_state(i, &model.params));
+    }
     let sidecar = json!({
         "step": done,
         "optimizer_updates": optimizer.updates[i as usize],
         "data_cursor": done * m.p.batch_size as u64,
         "seed": m.p.seed,
         "loss_tail": m.tail,
-        "noise_average": [0.0, 0.0, 0.0],
+        "noise_average": m.noise_average,
         "history": [],
     });
     ctx.checkpoints.save(done, &tensors, &sidecar)
 }
 
+/// What a member resumes with beyond its tensors: its step, loss tail and noise sums.
+type Resumed = (u64, VecDeque<f64>, [f64; 3]);
+
 /// Puts member `i`'s newest checkpoint (its own, or a single run's) into its slice;
-/// returns its step and loss tail, `None` when it has none.
+/// `None` when it has none.
 fn resume(
     ctx: &mut TrialContext<'_>,
     model: &mut FusedMlp,
     optimizer: &mut FusedOptimizer,
+    average: Option<&mut FusedAverage>,
     i: i64,
-) -> Result<Option<(u64, VecDeque<f64>)>, TrialError> {
+) -> Result<Option<Resumed>, TrialError> {
     let Some(snapshot) = ctx.checkpoints.latest()? else {
         return Ok(None);
     };
@@ -332,9 +378,188 @@ fn resume(
     optimizer
         .load_member(i, &model.params, &snapshot.tensors, updates)
         .map_err(TrialError::Checkpoint)?;
+    if let Some(average) = average {
+        average
+            .load_member(i, &model.params, &snapshot.tensors)
+            .map_err(TrialError::Checkpoint)?;
+    }
     let tail = snapshot.sidecar["loss_tail"]
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_f64).collect())
         .unwrap_or_default();
-    Ok(Some((snapshot.step, tail)))
+    let mut noise_average = [0.0f64; 3];
+    if let Some(saved) = snapshot.sidecar["noise_average"].as_array() {
+        for (slot, v) in noise_average.iter_mut().zip(saved) {
+            *slot = v.as_f64().unwrap_or(0.0);
+        }
+    }
+    Ok(Some((snapshot.step, tail, noise_average)))
+}
+
+/// The exponential moving average of every member's weights (`ema_decay`, the same for
+/// all), as [`super::averaging::WeightAverage`] keeps a single model's.
+struct FusedAverage {
+    decay: f64,
+    sums: Vec<Tensor>,
+}
+
+impl FusedAverage {
+    fn new(decay: f64, params: &[crate::nn::model::Param]) -> FusedAverage {
+        FusedAverage {
+            decay,
+            sums: params.iter().map(|p| p.tensor.detach().zeros_like()).collect(),
+        }
+    }
+
+    /// One update for the members taking part; the others' averages stay as they are.
+    fn update(&mut self, params: &[crate::nn::model::Param], active: &[bool]) {
+        let all = active.iter().all(|&a| a);
+        tch::no_grad(|| {
+            for (sum, p) in self.sums.iter_mut().zip(params) {
+                if all {
+                    let _ = sum.g_mul_scalar_(self.decay);
+                    let _ = sum.g_add_(&(p.tensor.detach() * (1.0 - self.decay)));
+                } else {
+                    let keep = per_member(active.iter().map(|&a| if a { self.decay } else { 1.0 }), sum);
+                    let take = per_member(active.iter().map(|&a| if a { 1.0 - self.decay } else { 0.0 }), sum);
+                    let _ = sum.g_mul_(&keep);
+                    let _ = sum.g_add_(&(p.tensor.detach() * take));
+                }
+            }
+        });
+    }
+
+    /// `eval` of the model with every member's averaged weights after `updates` updates; then
+    /// the model's own weights are put back.
+    fn evaluate<T>(
+        &self,
+        model: &mut FusedMlp,
+        updates: u64,
+        eval: impl FnOnce(&FusedMlp) -> Result<T, TrialError>,
+    ) -> Result<T, TrialError> {
+        let debias = 1.0 - self.decay.powf(updates as f64);
+        let saved: Vec<Tensor> = model.params.iter().map(|p| p.tensor.detach().copy()).collect();
+        tch::no_grad(|| {
+            for (p, sum) in model.params.iter_mut().zip(&self.sums) {
+                p.tensor.copy_(&(sum / debias));
+            }
+        });
+        let result = eval(model);
+        tch::no_grad(|| {
+            for (p, s) in model.params.iter_mut().zip(&saved) {
+                p.tensor.copy_(s);
+            }
+        });
+        result
+    }
+
+    fn member_state(&self, i: i64, params: &[crate::nn::model::Param]) -> Vec<(String, Tensor)> {
+        params
+            .iter()
+            .zip(&self.sums)
+            .map(|(p, s)| (format!("ema.{}", p.name), s.get(i).copy()))
+            .collect()
+    }
+
+    fn load_member(
+        &mut self,
+        i: i64,
+        params: &[crate::nn::model::Param],
+        tensors: &std::collections::HashMap<String, Tensor>,
+    ) -> Result<(), String> {
+        tch::no_grad(|| {
+            for (p, sum) in params.iter().zip(&self.sums) {
+                let key = format!("ema.{}", p.name);
+                let saved = tensors.get(&key).ok_or_else(|| format!("checkpoint lacks `{key}`"))?;
+                sum.get(i).copy_(saved);
+            }
+            Ok(())
+        })
+    }
+}
+
+/// One value per member, shaped to broadcast over `like`'s stacked dimensions.
+fn per_member(values: impl Iterator<Item = f64>, like: &Tensor) -> Tensor {
+    let values: Vec<f32> = values.map(|v| v as f32).collect();
+    let mut shape = vec![values.len() as i64];
+    shape.extend(std::iter::repeat_n(1, like.dim() - 1));
+    Tensor::from_slice(&values)
+        .view(shape.as_slice())
+        .to_device(like.device())
+}
+
+/// The gradient-noise measurement of every member at once, as
+/// [`super::noise::measure_noise`] makes it for one: each member's batches drawn from
+/// its own noise stream (`seeds`), its gradients from its own slice. Returns each
+/// member's (|G|^2, tr(Sigma)) estimates and leaves the gradients zeroed.
+fn measure_noise(
+    model: &mut FusedMlp,
+    data: &crate::nn::data::Classification,
+    seeds: &[u64],
+    noise: crate::families::train::NoiseScale,
+    first_draw: u64,
+) -> Result<Vec<(f64, f64)>, TrialError> {
+    let n = seeds.len() as i64;
+    let chunks = u64::from(noise.big / noise.small);
+    let (small, big) = (f64::from(noise.small), f64::from(noise.big));
+    let mut grad_sq = vec![0.0; seeds.len()];
+    let mut trace = vec![0.0; seeds.len()];
+    let zero = |model: &mut FusedMlp| {
+        for p in &mut model.params {
+            p.tensor.zero_grad();
+        }
+    };
+    for repeat in 0..u64::from(noise.repeats) {
+        let mut sum: Option<Tensor> = None;
+        let mut small_sq = Tensor::zeros([n], (Kind::Double, tch::Device::Cpu));
+        for chunk in 0..chunks {
+            zero(model);
+            let draw = first_draw + repeat * chunks + chunk;
+            let idx: Vec<i64> = seeds
+                .iter()
+                .flat_map(|&seed| super::tasks::sample_indices(seed, draw, noise.small as usize, data.train_len()))
+                .collect();
+            let idx = Tensor::from_slice(&idx).to_device(data.train_x.device());
+            let xs = data
+                .train_x
+                .index_select(0, &idx)
+                .view([n, noise.small as i64, data.features]);
+            let ys = data.train_y.index_select(0, &idx).view([n, noise.small as i64]);
+            member_losses(&model.forward(&xs), &ys).sum(Kind::Float).backward();
+            let g = tch::no_grad(|| {
+                Tensor::cat(
+                    &model
+                        .params
+                        .iter()
+                        .map(|p| p.tensor.grad().to_kind(Kind::Double).reshape([n, -1]))
+                        .collect::<Vec<_>>(),
+                    1,
+                )
+            });
+            small_sq += g
+                .square()
+                .sum_dim_intlist(1, false, Kind::Double)
+                .to_device(tch::Device::Cpu);
+            sum = Some(match sum {
+                Some(s) => s + g,
+                None => g,
+            });
+        }
+        let small_sq = Vec::<f64>::try_from(small_sq / chunks as f64)?;
+        let big_sq = (sum.expect("at least one chunk") / chunks as f64)
+            .square()
+            .sum_dim_intlist(1, false, Kind::Double);
+        let big_sq = Vec::<f64>::try_from(big_sq.to_device(tch::Device::Cpu))?;
+        for i in 0..seeds.len() {
+            grad_sq[i] += (big * big_sq[i] - small * small_sq[i]) / (big - small);
+            trace[i] += (small_sq[i] - big_sq[i]) / (1.0 / small - 1.0 / big);
+        }
+    }
+    zero(model);
+    let repeats = f64::from(noise.repeats);
+    Ok(grad_sq
+        .into_iter()
+        .zip(trace)
+        .map(|(g, t)| (g / repeats, t / repeats))
+        .collect())
 }

@@ -39,6 +39,12 @@ fn noise_rng(seed: u64, draw: u64) -> ChaCha8Rng {
     rng
 }
 
+/// The training examples of draw `draw` of the noise stream of `seed`: `size`, with replacement.
+pub(super) fn sample_indices(seed: u64, draw: u64, size: usize, len: usize) -> Vec<i64> {
+    let mut rng = noise_rng(seed, draw);
+    (0..size).map(|_| rng.gen_range(0..len as i64)).collect()
+}
+
 struct Classifier {
     model: Box<dyn Network>,
     data: Classification,
@@ -78,9 +84,7 @@ impl Task for Classifier {
         tch::no_grad(|| loss_and_accuracy(&self.model.forward(&self.data.train_x), &self.data.train_y).0)
     }
     fn sample_loss(&mut self, draw: u64, size: usize) -> Tensor {
-        let mut rng = noise_rng(self.order.seed(), draw);
-        let n = self.data.train_len() as i64;
-        let idx: Vec<i64> = (0..size).map(|_| rng.gen_range(0..n)).collect();
+        let idx = sample_indices(self.order.seed(), draw, size, self.data.train_len());
         let idx = Tensor::from_slice(&idx).to_device(self.data.train_x.device());
         let xs = self.data.train_x.index_select(0, &idx);
         let ys = self.data.train_y.index_select(0, &idx);
