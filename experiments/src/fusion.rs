@@ -36,8 +36,8 @@ mod tests {
     #[test]
     fn auto_groups_grow_with_the_slots_memory_and_shrink_with_the_model() {
         let train = Family::parse("train").unwrap();
-        let small = json!({"lr": 0.01, "steps": 10, "width": 32});
-        let wide = json!({"lr": 0.01, "steps": 10, "width": 4096, "dataset": "mnist"});
+        let small = json!({"optimizer": "adam", "lr": 0.01, "steps": 10, "width": 32});
+        let wide = json!({"optimizer": "adam", "lr": 0.01, "steps": 10, "width": 4096, "dataset": "mnist"});
         assert_eq!(group_size(Fuse::Members(8), train, &small, 0), 8);
         assert_eq!(group_size(Fuse::Auto, train, &small, 0), AUTO_WITHOUT_MEMORY);
         // 80 GiB holds the most members of a small MLP; a wide one fits fewer in 1 GiB.
@@ -46,7 +46,7 @@ mod tests {
         assert!((1..MAX_FUSE).contains(&few), "{few}");
         assert!(group_size(Fuse::Auto, train, &wide, 4 << 30) > few);
         // A trial that can't fuse runs alone whatever the spec says.
-        let gpt = json!({"lr": 0.01, "steps": 10, "model": "gpt", "dataset": "shakespeare"});
+        let gpt = json!({"optimizer": "adam", "lr": 0.01, "steps": 10, "model": "gpt", "dataset": "shakespeare"});
         assert_eq!(group_size(Fuse::Members(8), train, &gpt, 0), 1);
     }
 }

@@ -133,13 +133,9 @@ pub async fn lease(
                                       rows between unbounded preceding and current row) as used
              from picked p
          )
-         update trials t
-         set state = 'running',
-             lease_token = gen_random_uuid(),
-             lease_owner = $1,
-             lease_expires_at = now() + make_interval(secs => $3),
-             attempt = t.attempt + 1,
-             started_at = coalesce(t.started_at, now())
+         update trials t ",
+            TAKE,
+            "
          from fits, experiments e
          where t.id = fits.id and fits.used <= $2 and e.id = t.experiment_id
          returning fits.gpus, ",
@@ -171,6 +167,14 @@ pub async fn lease(
     }
     Ok(leased)
 }
+
+/// How every lease takes a trial `t`: a new token and attempt, for worker `$1` and TTL `$3` seconds.
+const TAKE: &str = "set state = 'running',
+             lease_token = gen_random_uuid(),
+             lease_owner = $1,
+             lease_expires_at = now() + make_interval(secs => $3),
+             attempt = t.attempt + 1,
+             started_at = coalesce(t.started_at, now())";
 
 /// What every lease returns of a trial it leased (`t` the trial, `e` its experiment).
 const LEASED: &str = "t.id, t.experiment_id, t.lease_token, t.attempt, e.family, t.params, e.spec_hash, e.traceparent,
@@ -230,26 +234,22 @@ async fn fuse_with(
         [
             "with room as (
              -- What max_concurrent leaves of the group's size.
-             select greatest(0, least($3, coalesce((x.spec #>> '{resources,max_concurrent}')::bigint
-                 - (select count(*) from trials r where r.experiment_id = $1 and r.state = 'running'), $3))) as n
-             from experiments x where x.id = $1
+             select greatest(0, least($5, coalesce((x.spec #>> '{resources,max_concurrent}')::bigint
+                 - (select count(*) from trials r where r.experiment_id = $4 and r.state = 'running'), $5))) as n
+             from experiments x where x.id = $4
          ),
          picked as (
              select t.id from trials t
-             where t.experiment_id = $1 and t.state = 'pending' and t.fuse_key = $2 and t.pause_at is null
+             where t.experiment_id = $4 and t.state = 'pending' and t.fuse_key = $2 and t.pause_at is null
                and (t.depends_on = '{}' or not exists (
                    select 1 from trials d where d.id = any(t.depends_on) and d.state <> 'succeeded'))
              order by t.ordinal
              for update of t skip locked
              limit (select n from room)
          )
-         update trials t
-         set state = 'running',
-             lease_token = gen_random_uuid(),
-             lease_owner = $4,
-             lease_expires_at = now() + make_interval(secs => $5),
-             attempt = t.attempt + 1,
-             started_at = coalesce(t.started_at, now())
+         update trials t ",
+            TAKE,
+            "
          from picked, experiments e
          where t.id = picked.id and e.id = t.experiment_id
          returning ",
@@ -257,11 +257,11 @@ async fn fuse_with(
         ]
         .concat(),
     ))
-    .bind(head.experiment.0)
-    .bind(key)
-    .bind(i64::from(size - 1))
     .bind(worker.0)
+    .bind(key)
     .bind(ttl.as_secs_f64())
+    .bind(head.experiment.0)
+    .bind(i64::from(size - 1))
     .fetch_all(pool)
     .await?;
     let mut members = rows.iter().map(leased_trial).collect::<Result<Vec<_>>>()?;

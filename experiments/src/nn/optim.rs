@@ -19,6 +19,62 @@ pub struct OptimizerConfig {
     pub weight_decay: f64,
 }
 
+/// One update of `w` (in place) from `grad` at learning rate `lr` (the multiplier
+/// applied), update `t` (1 for the first), with its buffers (`second` for Adam and
+/// AdamW). Call it without a graph (`tch::no_grad`).
+pub fn update(
+    c: &OptimizerConfig,
+    lr: f64,
+    t: u64,
+    w: &mut Tensor,
+    grad: Tensor,
+    first: &mut Tensor,
+    second: Option<&mut Tensor>,
+) {
+    match c.kind {
+        OptimizerName::Sgd => {
+            let g = if c.weight_decay > 0.0 {
+                &grad + &*w * c.weight_decay
+            } else {
+                grad
+            };
+            let step = if c.momentum > 0.0 {
+                let _ = first.g_mul_scalar_(c.momentum).g_add_(&g);
+                first.shallow_clone()
+            } else {
+                g
+            };
+            let _ = w.g_sub_(&(step * lr));
+        }
+        OptimizerName::Adam | OptimizerName::Adamw => {
+            let second = second.expect("Adam keeps a second moment");
+            let g = if c.kind == OptimizerName::Adam && c.weight_decay > 0.0 {
+                &grad + &*w * c.weight_decay
+            } else {
+                grad
+            };
+            if c.kind == OptimizerName::Adamw && c.weight_decay > 0.0 {
+                let _ = w.g_mul_scalar_(1.0 - lr * c.weight_decay);
+            }
+            // In place on the temporaries where the arithmetic allows: the same
+            // operations in the same order (so the same bits), fewer allocations.
+            let scaled = &g * (1.0 - c.beta1);
+            let _ = first.g_mul_scalar_(c.beta1).g_add_(&scaled);
+            let mut square = &g * &g;
+            let _ = square.g_mul_scalar_(1.0 - c.beta2);
+            let _ = second.g_mul_scalar_(c.beta2).g_add_(&square);
+            let bc1 = 1.0 - c.beta1.powi(t as i32);
+            let bc2 = 1.0 - c.beta2.powi(t as i32);
+            let mut denom = &*second / bc2;
+            let _ = denom.sqrt_();
+            let _ = denom.g_add_scalar_(c.eps);
+            let mut step = &*first / &denom;
+            let _ = step.g_mul_scalar_(lr / bc1);
+            let _ = w.g_sub_(&step);
+        }
+    }
+}
+
 /// Optimizer state: one or two buffers per parameter and the update count.
 pub struct Optimizer {
     pub config: OptimizerConfig,
@@ -53,59 +109,23 @@ impl Optimizer {
     pub fn step(&mut self, params: &[Param]) {
         self.updates += 1;
         let c = self.config;
-        let t = self.updates as i32;
+        let t = self.updates;
         tch::no_grad(|| {
             for (i, p) in params.iter().enumerate() {
                 let grad = p.tensor.grad();
                 if !grad.defined() {
                     continue;
                 }
-                let lr = c.lr * p.lr_mult;
                 let mut w = p.tensor.shallow_clone();
-                match c.kind {
-                    OptimizerName::Sgd => {
-                        let g = if c.weight_decay > 0.0 {
-                            &grad + &w * c.weight_decay
-                        } else {
-                            grad
-                        };
-                        let update = if c.momentum > 0.0 {
-                            let buf = &mut self.first[i];
-                            let _ = buf.g_mul_scalar_(c.momentum).g_add_(&g);
-                            buf.shallow_clone()
-                        } else {
-                            g
-                        };
-                        let _ = w.g_sub_(&(update * lr));
-                    }
-                    OptimizerName::Adam | OptimizerName::Adamw => {
-                        let g = if c.kind == OptimizerName::Adam && c.weight_decay > 0.0 {
-                            &grad + &w * c.weight_decay
-                        } else {
-                            grad
-                        };
-                        if c.kind == OptimizerName::Adamw && c.weight_decay > 0.0 {
-                            let _ = w.g_mul_scalar_(1.0 - lr * c.weight_decay);
-                        }
-                        // In place on the temporaries where the arithmetic allows: the same
-                        // operations in the same order (so the same bits), fewer allocations.
-                        let m = &mut self.first[i];
-                        let scaled = &g * (1.0 - c.beta1);
-                        let _ = m.g_mul_scalar_(c.beta1).g_add_(&scaled);
-                        let v = &mut self.second[i];
-                        let mut square = &g * &g;
-                        let _ = square.g_mul_scalar_(1.0 - c.beta2);
-                        let _ = v.g_mul_scalar_(c.beta2).g_add_(&square);
-                        let bc1 = 1.0 - c.beta1.powi(t);
-                        let bc2 = 1.0 - c.beta2.powi(t);
-                        let mut denom = &self.second[i] / bc2;
-                        let _ = denom.sqrt_();
-                        let _ = denom.g_add_scalar_(c.eps);
-                        let mut update = &self.first[i] / &denom;
-                        let _ = update.g_mul_scalar_(lr / bc1);
-                        let _ = w.g_sub_(&update);
-                    }
-                }
+                update(
+                    &c,
+                    c.lr * p.lr_mult,
+                    t,
+                    &mut w,
+                    grad,
+                    &mut self.first[i],
+                    self.second.get_mut(i),
+                );
             }
         });
     }

@@ -18,7 +18,7 @@ use super::tasks::classification_data;
 use crate::error::ParamError;
 use crate::families::train::{Divergence, TrainParams};
 use crate::nn::data::DataOrder;
-use crate::nn::fused::{member_accuracy, member_losses, FusedMlp, FusedOptimizer, MemberHyper};
+use crate::nn::fused::{member_accuracy, member_losses, member_slice, FusedMlp, FusedOptimizer, MemberHyper};
 use crate::nn::model::Mlp;
 use crate::trial::{TrialContext, TrialError};
 
@@ -457,7 +457,7 @@ impl FusedAverage {
         params
             .iter()
             .zip(&self.sums)
-            .map(|(p, s)| (format!("ema.{}", p.name), s.get(i).copy()))
+            .map(|(p, s)| (format!("ema.{}", p.name), member_slice(s, i).contiguous()))
             .collect()
     }
 
@@ -471,7 +471,7 @@ impl FusedAverage {
             for (p, sum) in params.iter().zip(&self.sums) {
                 let key = format!("ema.{}", p.name);
                 let saved = tensors.get(&key).ok_or_else(|| format!("checkpoint lacks `{key}`"))?;
-                sum.get(i).copy_(saved);
+                member_slice(sum, i).copy_(saved);
             }
             Ok(())
         })
