@@ -127,7 +127,8 @@ for family in "${families[@]}"; do
             "$python" -c 'import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    print(f"width {r['width']:>4}: fused {r['fused_trials_per_hour']:>10.0f} trials/h, one by one {r['unfused_trials_per_hour']:>10.0f}, x{r['fused_trials_per_hour'] / r['unfused_trials_per_hour']:.1f}")' "$out/fused.jsonl"
+    f, u = r["fused_trials_per_hour"], r["unfused_trials_per_hour"]
+    print("width %4d: fused %10.0f trials/h, one by one %10.0f, x%.1f" % (r["width"], f, u, f / u))' "$out/fused.jsonl"
         else
             echo "fused bench failed:"
             tail -20 "$out/fused.log"

@@ -177,16 +177,6 @@ impl FusedOptimizer {
         }
     }
 
-    /// One value per member, shaped to broadcast over a stacked parameter of `dims` dimensions.
-    fn per_member(values: impl Iterator<Item = f64>, dims: usize, like: &Tensor) -> Tensor {
-        let values: Vec<f32> = values.map(|v| v as f32).collect();
-        let mut shape = vec![values.len() as i64];
-        shape.extend(std::iter::repeat_n(1, dims - 1));
-        Tensor::from_slice(&values)
-            .view(shape.as_slice())
-            .to_device(like.device())
-    }
-
     /// Applies one update to the members marked `active`, from the gradients in `params`,
     /// with the schedule's learning-rate `factor`; the others' weights and state stay as they are.
     pub fn step(&mut self, params: &[Param], factor: f64, active: &[bool]) {
@@ -227,15 +217,10 @@ impl FusedOptimizer {
                     }
                     continue;
                 }
-                // On a GPU the whole stack at once, each setting one number per member.
+                // The whole stack at once, each setting one number per member.
                 let mut w = p.tensor.shallow_clone();
-                let dims = w.dim();
                 let each = |f: &dyn Fn(&MemberHyper, u64) -> f64| {
-                    Hyper::of(
-                        members.iter().zip(&updates).map(|(m, &t)| f(m, t)).collect(),
-                        dims,
-                        &p.tensor,
-                    )
+                    Hyper::of(members.iter().zip(&updates).map(|(m, &t)| f(m, t)).collect(), &p.tensor)
                 };
                 // The learning rate as the single optimizer computes it: (peak x factor) x multiplier.
                 let lr = |m: &MemberHyper| m.lr * factor * p.lr_mult;
@@ -289,7 +274,7 @@ impl FusedOptimizer {
                     }
                 }
                 if let Some((old_w, old_first, old_second)) = saved {
-                    let mask = Self::per_member(active.iter().map(|&a| f64::from(a)), dims, &p.tensor).gt(0.5);
+                    let mask = per_member(active.iter().map(|&a| f64::from(a)), &p.tensor).gt(0.5);
                     let restore = |now: &mut Tensor, old: &Tensor| {
                         let kept = now.where_self(&mask, old);
                         now.copy_(&kept);
@@ -353,10 +338,10 @@ enum Hyper {
 }
 
 impl Hyper {
-    fn of(values: Vec<f64>, dims: usize, like: &Tensor) -> Hyper {
+    fn of(values: Vec<f64>, like: &Tensor) -> Hyper {
         match values.first() {
             Some(&v) if values.iter().all(|x| x.to_bits() == v.to_bits()) => Hyper::Same(v),
-            _ => Hyper::Each(FusedOptimizer::per_member(values.into_iter(), dims, like)),
+            _ => Hyper::Each(per_member(values.into_iter(), like)),
         }
     }
 
@@ -383,6 +368,16 @@ impl Hyper {
             Hyper::Each(e) => t / e,
         }
     }
+}
+
+/// One value per member, shaped to broadcast over the stacked tensor `like`.
+pub fn per_member(values: impl Iterator<Item = f64>, like: &Tensor) -> Tensor {
+    let values: Vec<f32> = values.map(|v| v as f32).collect();
+    let mut shape = vec![values.len() as i64];
+    shape.extend(std::iter::repeat_n(1, like.dim() - 1));
+    Tensor::from_slice(&values)
+        .view(shape.as_slice())
+        .to_device(like.device())
 }
 
 /// Member `i`'s part of a stacked tensor (a parameter, or state shaped like one) in its

@@ -18,7 +18,9 @@ use super::tasks::classification_data;
 use crate::error::ParamError;
 use crate::families::train::{Divergence, TrainParams};
 use crate::nn::data::DataOrder;
-use crate::nn::fused::{member_accuracy, member_losses, member_slice, FusedMlp, FusedOptimizer, MemberHyper};
+use crate::nn::fused::{
+    member_accuracy, member_losses, member_slice, per_member, FusedMlp, FusedOptimizer, MemberHyper,
+};
 use crate::nn::model::Mlp;
 use crate::trial::{TrialContext, TrialError};
 
@@ -476,16 +478,6 @@ impl FusedAverage {
             Ok(())
         })
     }
-}
-
-/// One value per member, shaped to broadcast over `like`'s stacked dimensions.
-fn per_member(values: impl Iterator<Item = f64>, like: &Tensor) -> Tensor {
-    let values: Vec<f32> = values.map(|v| v as f32).collect();
-    let mut shape = vec![values.len() as i64];
-    shape.extend(std::iter::repeat_n(1, like.dim() - 1));
-    Tensor::from_slice(&values)
-        .view(shape.as_slice())
-        .to_device(like.device())
 }
 
 /// The gradient-noise measurement of every member at once, as
