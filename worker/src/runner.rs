@@ -259,9 +259,11 @@ async fn drive(
     // Whether the process said anything on stdout: a trial that ran did.
     let mut any_event = false;
     let mut tick = tokio::time::interval(BATCH_DELAY);
-    // Every member's lease is gone, or its trial ended: nothing left to run for.
+    // Once every member's lease is gone or its trial ended, nothing is left to run
+    // for: why the first stopped member was stopped.
     let settled = |p: &[Progress]| {
-        p.iter().all(|m| m.stopped.is_some() || m.done.is_some()) && p.iter().any(|m| m.stopped.is_some())
+        let all = p.iter().all(|m| m.stopped.is_some() || m.done.is_some());
+        all.then(|| p.iter().find_map(|m| m.stopped.clone())).flatten()
     };
     let end = loop {
         tokio::select! {
@@ -283,8 +285,8 @@ async fn drive(
                     if let Err(why) = take_event(shared, member, state, event).await {
                         state.stopped = Some(why);
                     }
-                    if settled(&progress) {
-                        break End::Stopped(progress.iter().find_map(|m| m.stopped.clone()).unwrap_or_default());
+                    if let Some(why) = settled(&progress) {
+                        break End::Stopped(why);
                     }
                 }
                 None => break End::Exited(process.wait().await?),
@@ -298,14 +300,14 @@ async fn drive(
                         state.stopped = Some("lease lost: the coordinator refused its metrics".into());
                     }
                 }
-                if settled(&progress) {
-                    break End::Stopped(progress.iter().find_map(|m| m.stopped.clone()).unwrap_or_default());
+                if let Some(why) = settled(&progress) {
+                    break End::Stopped(why);
                 }
             }
             Some((i, why)) = stops.recv() => {
                 progress[i].stopped.get_or_insert(why);
-                if settled(&progress) {
-                    break End::Stopped(progress.iter().find_map(|m| m.stopped.clone()).unwrap_or_default());
+                if let Some(why) = settled(&progress) {
+                    break End::Stopped(why);
                 }
             }
         }

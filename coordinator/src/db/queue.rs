@@ -102,8 +102,9 @@ pub async fn lease(
                      select t.id, t.pauses, t.ordinal from trials t
                      where t.experiment_id = x.id and t.state = 'pending'
                        -- Only once every trial it waits for succeeded.
-                       and (t.depends_on = '{}' or not exists (
-                           select 1 from trials d where d.id = any(t.depends_on) and d.state <> 'succeeded'))
+                       and ",
+            DEPENDENCIES_MET,
+            "
                      order by t.pauses desc, t.ordinal
                      limit greatest(0, least($2 + 64, coalesce(x.cap - x.running, $2 + 64)))::bigint
                  ) p
@@ -167,6 +168,10 @@ pub async fn lease(
     }
     Ok(leased)
 }
+
+/// Whether every trial that trial `t` waits for succeeded: no trial is leased before.
+const DEPENDENCIES_MET: &str = "(t.depends_on = '{}' or not exists (
+    select 1 from trials d where d.id = any(t.depends_on) and d.state <> 'succeeded'))";
 
 /// How every lease takes a trial `t`: a new token and attempt, for worker `$1` and TTL `$3` seconds.
 const TAKE: &str = "set state = 'running',
@@ -241,8 +246,9 @@ async fn fuse_with(
          picked as (
              select t.id from trials t
              where t.experiment_id = $4 and t.state = 'pending' and t.fuse_key = $2 and t.pause_at is null
-               and (t.depends_on = '{}' or not exists (
-                   select 1 from trials d where d.id = any(t.depends_on) and d.state <> 'succeeded'))
+               and ",
+            DEPENDENCIES_MET,
+            "
              order by t.ordinal
              for update of t skip locked
              limit (select n from room)

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use tch::Tensor;
 
 use super::tasks::Task;
+use crate::nn::fused::per_member;
 use crate::nn::model::Param;
 use crate::trial::TrialError;
 
@@ -32,41 +33,79 @@ impl WeightAverage {
         });
     }
 
+    /// [`Self::update`] for stacked members (a fused group's): members not `active` keep their average.
+    pub(super) fn update_members(&mut self, params: &[Param], active: &[bool]) {
+        if active.iter().all(|&a| a) {
+            return self.update(params);
+        }
+        tch::no_grad(|| {
+            for (sum, p) in self.sums.iter_mut().zip(params) {
+                let keep = per_member(active.iter().map(|&a| if a { self.decay } else { 1.0 }), sum);
+                let take = per_member(active.iter().map(|&a| if a { 1.0 - self.decay } else { 0.0 }), sum);
+                let _ = sum.g_mul_(&keep);
+                let _ = sum.g_add_(&(p.tensor.detach() * take));
+            }
+        });
+    }
+
     /// Evaluates `task` with the averaged weights after `updates` updates, then puts its own back.
     pub(super) fn evaluate(&self, task: &mut dyn Task, updates: u64) -> Vec<(&'static str, f64)> {
+        let saved = self.swap_in(task.params_mut(), updates);
+        let metrics = task.evaluate();
+        swap_back(task.params_mut(), &saved);
+        metrics
+    }
+
+    /// Puts the averaged weights after `updates` updates into `params`; returns their own,
+    /// for [`swap_back`].
+    pub(super) fn swap_in(&self, params: &mut [Param], updates: u64) -> Vec<Tensor> {
         let debias = 1.0 - self.decay.powf(updates as f64);
-        let saved: Vec<Tensor> = task.params().iter().map(|p| p.tensor.detach().copy()).collect();
+        let saved: Vec<Tensor> = params.iter().map(|p| p.tensor.detach().copy()).collect();
         tch::no_grad(|| {
-            for (p, sum) in task.params_mut().iter_mut().zip(&self.sums) {
+            for (p, sum) in params.iter_mut().zip(&self.sums) {
                 p.tensor.copy_(&(sum / debias));
             }
         });
-        let metrics = task.evaluate();
-        tch::no_grad(|| {
-            for (p, s) in task.params_mut().iter_mut().zip(&saved) {
-                p.tensor.copy_(s);
-            }
-        });
-        metrics
+        saved
+    }
+
+    /// The running sums, one per parameter (stacked, for a fused group).
+    pub(super) fn sums(&self) -> &[Tensor] {
+        &self.sums
+    }
+
+    /// The name a parameter's average has in a checkpoint.
+    pub(super) fn key(param: &Param) -> String {
+        format!("ema.{}", param.name)
     }
 
     pub(super) fn state(&self, params: &[Param]) -> Vec<(String, Tensor)> {
         params
             .iter()
             .zip(&self.sums)
-            .map(|(p, s)| (format!("ema.{}", p.name), s.detach()))
+            .map(|(p, s)| (Self::key(p), s.detach()))
             .collect()
     }
 
     pub(super) fn load(&mut self, params: &[Param], tensors: &HashMap<String, Tensor>) -> Result<(), TrialError> {
         tch::no_grad(|| {
             for (p, sum) in params.iter().zip(self.sums.iter_mut()) {
+                let key = Self::key(p);
                 let saved = tensors
-                    .get(&format!("ema.{}", p.name))
-                    .ok_or_else(|| TrialError::Checkpoint(format!("checkpoint lacks `ema.{}`", p.name)))?;
+                    .get(&key)
+                    .ok_or_else(|| TrialError::Checkpoint(format!("checkpoint lacks `{key}`")))?;
                 sum.copy_(saved);
             }
             Ok(())
         })
     }
+}
+
+/// Puts back the weights [`WeightAverage::swap_in`] returned.
+pub(super) fn swap_back(params: &mut [Param], saved: &[Tensor]) {
+    tch::no_grad(|| {
+        for (p, s) in params.iter_mut().zip(saved) {
+            p.tensor.copy_(s);
+        }
+    });
 }

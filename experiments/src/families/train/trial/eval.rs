@@ -2,7 +2,7 @@
 //! the averaged weights' eval loss, and the gradient-noise measurement.
 
 use super::averaging::WeightAverage;
-use super::noise::measure_noise;
+use super::noise::{measure_noise, smooth};
 use super::tasks::Task;
 use crate::families::train::TrainParams;
 use crate::nn::subspace::Subspace;
@@ -39,13 +39,9 @@ pub(super) fn evaluate(
     if let Some(noise) = p.noise_scale {
         let draws = u64::from(noise.repeats) * u64::from(noise.big / noise.small);
         let estimate = measure_noise(task, noise, done * draws);
-        for (slot, v) in noise_average.iter_mut().zip([estimate.grad_sq, estimate.trace, 1.0]) {
-            *slot = noise.smoothing * *slot + v;
+        for (name, value) in smooth(noise, noise_average, estimate) {
+            log(ctx, name, value);
         }
-        let [grad_sq, trace, weight] = *noise_average;
-        log(ctx, "grad_sq_norm", grad_sq / weight);
-        log(ctx, "grad_noise_trace", trace / weight);
-        log(ctx, "b_simple", trace / grad_sq);
     }
     logged
 }

@@ -11,17 +11,18 @@
 
 use std::collections::VecDeque;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use tch::{Kind, Tensor};
 
+use super::averaging::{swap_back, WeightAverage};
+use super::noise::{draw_estimates, smooth, NoiseEstimate};
+use super::state::{progress, sidecar, Progress};
 use super::tasks::classification_data;
 use crate::error::ParamError;
 use crate::families::train::{Divergence, TrainParams};
 use crate::nn::data::DataOrder;
-use crate::nn::fused::{
-    member_accuracy, member_losses, member_slice, per_member, FusedMlp, FusedOptimizer, MemberHyper,
-};
-use crate::nn::model::Mlp;
+use crate::nn::fused::{member_accuracy, member_losses, member_slice, FusedMlp, FusedOptimizer, MemberHyper};
+use crate::nn::model::{Mlp, Param};
 use crate::trial::{TrialContext, TrialError};
 
 /// Where one member stands.
@@ -157,7 +158,7 @@ fn train_group_inner(
         })
         .collect::<Result<Vec<_>, ParamError>>()?;
     let mut optimizer = FusedOptimizer::new(shape.optimizer, 1e-8, hyper, &model.params);
-    let mut average = shape.ema_decay.map(|decay| FusedAverage::new(decay, &model.params));
+    let mut average = shape.ema_decay.map(|decay| WeightAverage::new(decay, &model.params));
     let steps = shape.total_steps();
     let tail_len = (steps / 10).max(1) as usize;
     let mut members: Vec<Member> = Vec::with_capacity(n);
@@ -170,7 +171,7 @@ fn train_group_inner(
             noise_average: [0.0; 3],
             result: None,
         };
-        match resume(ctxs[i], &mut model, &mut optimizer, average.as_mut(), i as i64) {
+        match resume(ctxs[i], &mut model, &mut optimizer, average.as_ref(), i as i64) {
             Ok(Some(resumed)) => (member.start, member.tail, member.noise_average) = resumed,
             Ok(None) => ctxs[i].metrics.log("num_params", 0, full as f64),
             // A checkpoint it can't read fails that member alone.
@@ -214,7 +215,7 @@ fn train_group_inner(
         total.backward();
         optimizer.step(&model.params, shape.lr_factor(step), &active);
         if let Some(average) = average.as_mut() {
-            average.update(&model.params, &active);
+            average.update_members(&model.params, &active);
         }
         let done = step + 1;
         let values = Vec::<f64>::try_from(losses.detach().to_kind(Kind::Double)).map_err(TrialError::Torch)?;
@@ -256,8 +257,10 @@ fn train_group_inner(
                 }
             }
             if let Some(average) = &average {
-                let (loss, _) =
-                    average.evaluate(&mut model, done, |m| evaluate(m, &data.eval_x, &data.eval_y, n as i64))?;
+                let saved = average.swap_in(&mut model.params, done);
+                let averaged = evaluate(&model, &data.eval_x, &data.eval_y, n as i64);
+                swap_back(&mut model.params, &saved);
+                let (loss, _) = averaged?;
                 for i in (0..n).filter(|&i| still(i, &members)) {
                     ctxs[i].metrics.log("eval_loss_ema", done, loss[i]);
                 }
@@ -268,14 +271,9 @@ fn train_group_inner(
                 let estimates = measure_noise(&mut model, &data, &seeds, noise, done * draws)?;
                 let live: Vec<usize> = (0..n).filter(|&i| still(i, &members)).collect();
                 for i in live {
-                    let sums = &mut members[i].noise_average;
-                    for (slot, v) in sums.iter_mut().zip([estimates[i].0, estimates[i].1, 1.0]) {
-                        *slot = noise.smoothing * *slot + v;
+                    for (name, value) in smooth(noise, &mut members[i].noise_average, estimates[i]) {
+                        ctxs[i].metrics.log(name, done, value);
                     }
-                    let [grad_sq, trace, weight] = *sums;
-                    ctxs[i].metrics.log("grad_sq_norm", done, grad_sq / weight);
-                    ctxs[i].metrics.log("grad_noise_trace", done, trace / weight);
-                    ctxs[i].metrics.log("b_simple", done, trace / grad_sq);
                 }
             }
         }
@@ -335,25 +333,23 @@ fn save(
     m: &Member,
     model: &FusedMlp,
     optimizer: &FusedOptimizer,
-    average: Option<&FusedAverage>,
+    average: Option<&WeightAverage>,
     i: i64,
     done: u64,
 ) -> Result<(), TrialError> {
     let mut tensors = model.member(i);
     tensors.extend(optimizer.member_state(i, &model.params));
     if let Some(average) = average {
-        tensors.extend(average.member_state(i, &model.params));
+        tensors.extend(average_state(average, i, &model.params));
     }
-    let sidecar = json!({
-        "step": done,
-        "optimizer_updates": optimizer.updates[i as usize],
-        "data_cursor": done * m.p.batch_size as u64,
-        "seed": m.p.seed,
-        "loss_tail": m.tail,
-        "noise_average": m.noise_average,
-        "history": [],
-    });
-    ctx.checkpoints.save(done, &tensors, &sidecar)
+    let progress = Progress {
+        step: done,
+        loss_tail: m.tail.clone(),
+        noise_average: m.noise_average,
+        history: Vec::new(),
+    };
+    ctx.checkpoints
+        .save(done, &tensors, &sidecar(&m.p, optimizer.updates[i as usize], &progress))
 }
 
 /// What a member resumes with beyond its tensors: its step, loss tail and noise sums.
@@ -365,7 +361,7 @@ fn resume(
     ctx: &mut TrialContext<'_>,
     model: &mut FusedMlp,
     optimizer: &mut FusedOptimizer,
-    average: Option<&mut FusedAverage>,
+    average: Option<&WeightAverage>,
     i: i64,
 ) -> Result<Option<Resumed>, TrialError> {
     let Some(snapshot) = ctx.checkpoints.latest()? else {
@@ -381,119 +377,56 @@ fn resume(
         .load_member(i, &model.params, &snapshot.tensors, updates)
         .map_err(TrialError::Checkpoint)?;
     if let Some(average) = average {
-        average
-            .load_member(i, &model.params, &snapshot.tensors)
-            .map_err(TrialError::Checkpoint)?;
+        load_average(average, i, &model.params, &snapshot.tensors).map_err(TrialError::Checkpoint)?;
     }
-    let tail = snapshot.sidecar["loss_tail"]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_f64).collect())
-        .unwrap_or_default();
-    let mut noise_average = [0.0f64; 3];
-    if let Some(saved) = snapshot.sidecar["noise_average"].as_array() {
-        for (slot, v) in noise_average.iter_mut().zip(saved) {
-            *slot = v.as_f64().unwrap_or(0.0);
-        }
-    }
-    Ok(Some((snapshot.step, tail, noise_average)))
+    let Progress {
+        step,
+        loss_tail,
+        noise_average,
+        ..
+    } = progress(&snapshot);
+    Ok(Some((step, loss_tail, noise_average)))
 }
 
-/// The exponential moving average of every member's weights (`ema_decay`, the same for
-/// all), as [`super::averaging::WeightAverage`] keeps a single model's.
-struct FusedAverage {
-    decay: f64,
-    sums: Vec<Tensor>,
+/// Member `i`'s averaged weights under a single run's checkpoint names.
+fn average_state(average: &WeightAverage, i: i64, params: &[Param]) -> Vec<(String, Tensor)> {
+    params
+        .iter()
+        .zip(average.sums())
+        .map(|(p, s)| (WeightAverage::key(p), member_slice(s, i).contiguous()))
+        .collect()
 }
 
-impl FusedAverage {
-    fn new(decay: f64, params: &[crate::nn::model::Param]) -> FusedAverage {
-        FusedAverage {
-            decay,
-            sums: params.iter().map(|p| p.tensor.detach().zeros_like()).collect(),
+/// Puts member `i`'s averaged weights from a single run's (or a member's) checkpoint.
+fn load_average(
+    average: &WeightAverage,
+    i: i64,
+    params: &[Param],
+    tensors: &std::collections::HashMap<String, Tensor>,
+) -> Result<(), String> {
+    tch::no_grad(|| {
+        for (p, sum) in params.iter().zip(average.sums()) {
+            let key = WeightAverage::key(p);
+            let saved = tensors.get(&key).ok_or_else(|| format!("checkpoint lacks `{key}`"))?;
+            member_slice(sum, i).copy_(saved);
         }
-    }
-
-    /// One update for the members taking part; the others' averages stay as they are.
-    fn update(&mut self, params: &[crate::nn::model::Param], active: &[bool]) {
-        let all = active.iter().all(|&a| a);
-        tch::no_grad(|| {
-            for (sum, p) in self.sums.iter_mut().zip(params) {
-                if all {
-                    let _ = sum.g_mul_scalar_(self.decay);
-                    let _ = sum.g_add_(&(p.tensor.detach() * (1.0 - self.decay)));
-                } else {
-                    let keep = per_member(active.iter().map(|&a| if a { self.decay } else { 1.0 }), sum);
-                    let take = per_member(active.iter().map(|&a| if a { 1.0 - self.decay } else { 0.0 }), sum);
-                    let _ = sum.g_mul_(&keep);
-                    let _ = sum.g_add_(&(p.tensor.detach() * take));
-                }
-            }
-        });
-    }
-
-    /// `eval` of the model with every member's averaged weights after `updates` updates; then
-    /// the model's own weights are put back.
-    fn evaluate<T>(
-        &self,
-        model: &mut FusedMlp,
-        updates: u64,
-        eval: impl FnOnce(&FusedMlp) -> Result<T, TrialError>,
-    ) -> Result<T, TrialError> {
-        let debias = 1.0 - self.decay.powf(updates as f64);
-        let saved: Vec<Tensor> = model.params.iter().map(|p| p.tensor.detach().copy()).collect();
-        tch::no_grad(|| {
-            for (p, sum) in model.params.iter_mut().zip(&self.sums) {
-                p.tensor.copy_(&(sum / debias));
-            }
-        });
-        let result = eval(model);
-        tch::no_grad(|| {
-            for (p, s) in model.params.iter_mut().zip(&saved) {
-                p.tensor.copy_(s);
-            }
-        });
-        result
-    }
-
-    fn member_state(&self, i: i64, params: &[crate::nn::model::Param]) -> Vec<(String, Tensor)> {
-        params
-            .iter()
-            .zip(&self.sums)
-            .map(|(p, s)| (format!("ema.{}", p.name), member_slice(s, i).contiguous()))
-            .collect()
-    }
-
-    fn load_member(
-        &mut self,
-        i: i64,
-        params: &[crate::nn::model::Param],
-        tensors: &std::collections::HashMap<String, Tensor>,
-    ) -> Result<(), String> {
-        tch::no_grad(|| {
-            for (p, sum) in params.iter().zip(&self.sums) {
-                let key = format!("ema.{}", p.name);
-                let saved = tensors.get(&key).ok_or_else(|| format!("checkpoint lacks `{key}`"))?;
-                member_slice(sum, i).copy_(saved);
-            }
-            Ok(())
-        })
-    }
+        Ok(())
+    })
 }
 
 /// The gradient-noise measurement of every member at once, as
 /// [`super::noise::measure_noise`] makes it for one: each member's batches drawn from
 /// its own noise stream (`seeds`), its gradients from its own slice. Returns each
-/// member's (|G|^2, tr(Sigma)) estimates and leaves the gradients zeroed.
+/// member's estimates and leaves the gradients zeroed.
 fn measure_noise(
     model: &mut FusedMlp,
     data: &crate::nn::data::Classification,
     seeds: &[u64],
     noise: crate::families::train::NoiseScale,
     first_draw: u64,
-) -> Result<Vec<(f64, f64)>, TrialError> {
+) -> Result<Vec<NoiseEstimate>, TrialError> {
     let n = seeds.len() as i64;
     let chunks = u64::from(noise.big / noise.small);
-    let (small, big) = (f64::from(noise.small), f64::from(noise.big));
     let mut grad_sq = vec![0.0; seeds.len()];
     let mut trace = vec![0.0; seeds.len()];
     let zero = |model: &mut FusedMlp| {
@@ -543,8 +476,9 @@ fn measure_noise(
             .sum_dim_intlist(1, false, Kind::Double);
         let big_sq = Vec::<f64>::try_from(big_sq.to_device(tch::Device::Cpu))?;
         for i in 0..seeds.len() {
-            grad_sq[i] += (big * big_sq[i] - small * small_sq[i]) / (big - small);
-            trace[i] += (small_sq[i] - big_sq[i]) / (1.0 / small - 1.0 / big);
+            let (g, t) = draw_estimates(noise, small_sq[i], big_sq[i]);
+            grad_sq[i] += g;
+            trace[i] += t;
         }
     }
     zero(model);
@@ -552,6 +486,9 @@ fn measure_noise(
     Ok(grad_sq
         .into_iter()
         .zip(trace)
-        .map(|(g, t)| (g / repeats, t / repeats))
+        .map(|(g, t)| NoiseEstimate {
+            grad_sq: g / repeats,
+            trace: t / repeats,
+        })
         .collect())
 }

@@ -27,7 +27,6 @@ impl NoiseEstimate {
 /// a measurement is reproducible. Leaves the parameters' gradients zeroed.
 pub(super) fn measure_noise(task: &mut dyn Task, noise: NoiseScale, first_draw: u64) -> NoiseEstimate {
     let chunks = u64::from(noise.big / noise.small);
-    let (small, big) = (f64::from(noise.small), f64::from(noise.big));
     let (mut grad_sq, mut trace) = (0.0, 0.0);
     for repeat in 0..u64::from(noise.repeats) {
         let mut sum: Option<Tensor> = None;
@@ -57,8 +56,9 @@ pub(super) fn measure_noise(task: &mut dyn Task, noise: NoiseScale, first_draw: 
             .square()
             .sum(Kind::Double)
             .double_value(&[]);
-        grad_sq += (big * big_sq - small * small_sq) / (big - small);
-        trace += (small_sq - big_sq) / (1.0 / small - 1.0 / big);
+        let (g, t) = draw_estimates(noise, small_sq, big_sq);
+        grad_sq += g;
+        trace += t;
     }
     zero_grads(task.params_mut());
     let repeats = f64::from(noise.repeats);
@@ -66,6 +66,30 @@ pub(super) fn measure_noise(task: &mut dyn Task, noise: NoiseScale, first_draw: 
         grad_sq: grad_sq / repeats,
         trace: trace / repeats,
     }
+}
+
+/// One draw's unbiased estimates of |G|^2 and tr(Sigma) from |G_small|^2 (the mean over
+/// the draw's small batches) and |G_big|^2 (of their mean gradient).
+pub(super) fn draw_estimates(noise: NoiseScale, small_sq: f64, big_sq: f64) -> (f64, f64) {
+    let (small, big) = (f64::from(noise.small), f64::from(noise.big));
+    (
+        (big * big_sq - small * small_sq) / (big - small),
+        (small_sq - big_sq) / (1.0 / small - 1.0 / big),
+    )
+}
+
+/// Folds a measurement into a trial's running sums (|G|^2, tr(Sigma), weight), decayed by
+/// `noise.smoothing`; returns the metrics to log: grad_sq_norm, grad_noise_trace, b_simple.
+pub(super) fn smooth(noise: NoiseScale, sums: &mut [f64; 3], estimate: NoiseEstimate) -> [(&'static str, f64); 3] {
+    for (slot, v) in sums.iter_mut().zip([estimate.grad_sq, estimate.trace, 1.0]) {
+        *slot = noise.smoothing * *slot + v;
+    }
+    let [grad_sq, trace, weight] = *sums;
+    [
+        ("grad_sq_norm", grad_sq / weight),
+        ("grad_noise_trace", trace / weight),
+        ("b_simple", trace / grad_sq),
+    ]
 }
 
 pub(super) fn zero_grads(params: &mut [Param]) {

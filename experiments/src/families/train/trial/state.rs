@@ -12,7 +12,7 @@ use crate::families::train::TrainParams;
 use crate::nn::model::Param;
 use crate::nn::optim::Optimizer;
 use crate::nn::subspace::Subspace;
-use crate::trial::{TrialContext, TrialError};
+use crate::trial::{Snapshot, TrialContext, TrialError};
 
 /// Where the loop stands, beyond the tensors: the updates done, the recent
 /// losses (for `train_loss_tail`) and the running gradient-noise sums.
@@ -44,16 +44,21 @@ pub(super) fn save(
     if let Some(average) = average {
         tensors.extend(average.state(task.params()));
     }
-    let sidecar = json!({
-        "step": done,
-        "optimizer_updates": optimizer.updates,
-        "data_cursor": done * p.batch_size as u64,
+    ctx.checkpoints
+        .save(done, &tensors, &sidecar(p, optimizer.updates, progress))
+}
+
+/// A checkpoint's sidecar: the step, the optimizer's update count, the data cursor and `progress`.
+pub(super) fn sidecar(p: &TrainParams, optimizer_updates: u64, progress: &Progress) -> Value {
+    json!({
+        "step": progress.step,
+        "optimizer_updates": optimizer_updates,
+        "data_cursor": progress.step * p.batch_size as u64,
         "seed": p.seed,
         "loss_tail": progress.loss_tail,
         "noise_average": progress.noise_average,
         "history": progress.history,
-    });
-    ctx.checkpoints.save(done, &tensors, &sidecar)
+    })
 }
 
 /// Puts the newest checkpoint back into the model (or the subspace), the
@@ -75,17 +80,23 @@ pub(super) fn resume(
     if let Some(average) = average {
         average.load(task.params(), &snapshot.tensors)?;
     }
+    Ok(Some(progress(&snapshot)))
+}
+
+/// The progress a checkpoint's sidecar holds (what it lacks starts empty).
+pub(super) fn progress(snapshot: &Snapshot) -> Progress {
+    let sidecar = &snapshot.sidecar;
     let mut noise_average = [0.0f64; 3];
-    if let Some(saved) = snapshot.sidecar["noise_average"].as_array() {
+    if let Some(saved) = sidecar["noise_average"].as_array() {
         for (slot, v) in noise_average.iter_mut().zip(saved) {
             *slot = v.as_f64().unwrap_or(0.0);
         }
     }
-    let loss_tail = snapshot.sidecar["loss_tail"]
+    let loss_tail = sidecar["loss_tail"]
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_f64).collect())
         .unwrap_or_default();
-    let history = snapshot.sidecar["history"]
+    let history = sidecar["history"]
         .as_array()
         .map(|a| {
             a.iter()
@@ -93,12 +104,12 @@ pub(super) fn resume(
                 .collect()
         })
         .unwrap_or_default();
-    Ok(Some(Progress {
+    Progress {
         step: snapshot.step,
         loss_tail,
         noise_average,
         history,
-    }))
+    }
 }
 
 fn restore(
