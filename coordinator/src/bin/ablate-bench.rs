@@ -1012,42 +1012,25 @@ async fn main() -> Result {
         .position(|a| a == "--json")
         .and_then(|i| args.get(i + 1))
         .cloned();
-    if args.first().map(String::as_str) == Some("stop-rule") {
-        let rows = stop_rule_rows()?;
-        print(
+    // The benches that stand alone: their table, and its rows as JSON when asked.
+    let alone = match args.first().map(String::as_str) {
+        Some("stop-rule") => Some((
             "Critical-batch stop rule (cbs-mnist, 112 runs, ablate-worker sweep on 2 CPU slots)",
-            &rows,
-        );
-        if let Some(path) = json {
-            write_json(&path, &rows)?;
-        }
-        return Ok(());
-    }
-    if args.first().map(String::as_str) == Some("fused") {
-        let rows = fused_rows()?;
-        print(
+            stop_rule_rows()?,
+        )),
+        Some("fused") => Some((
             "Fused trials (muP width sweep MLPs on digits, 300 steps, groups of 8 against one by one, 1 CPU thread)",
-            &rows,
-        );
-        if let Some(path) = json {
-            write_json(&path, &rows)?;
-        }
-        return Ok(());
-    }
-    if args.first().map(String::as_str) == Some("search") {
-        let rows = search_rows();
-        print(
+            fused_rows()?,
+        )),
+        Some("search") => Some((
             "Search (synthetic task, minimum 0; median over 10 seeds of the best of 60 trials)",
-            &rows,
-        );
-        if let Some(path) = json {
-            write_json(&path, &rows)?;
-        }
-        return Ok(());
-    }
-    if args.first().map(String::as_str) == Some("dsir") {
-        let rows = dsir_rows()?;
-        print("DSIR", &rows);
+            search_rows(),
+        )),
+        Some("dsir") => Some(("DSIR", dsir_rows()?)),
+        _ => None,
+    };
+    if let Some((title, rows)) = alone {
+        print(title, &rows);
         if let Some(path) = json {
             write_json(&path, &rows)?;
         }
