@@ -727,14 +727,24 @@ pub async fn curve(stack: &Stack, experiment: &str) -> Vec<(i32, i64, f64)> {
     .unwrap()
 }
 
-/// The same (trial, step) points with values equal to 1e-6.
+/// The same (trial, step) points with values equal to 1e-6. A failure names the
+/// first point that differs at all and how many do, so a drift can be told from
+/// a jump.
 pub fn assert_same_curves(a: &[(i32, i64, f64)], b: &[(i32, i64, f64)]) {
     assert_eq!(a.len(), b.len());
+    let differ: Vec<_> = a.iter().zip(b).filter(|(x, y)| x.2 != y.2).collect();
     for ((oa, sa, va), (ob, sb, vb)) in a.iter().zip(b) {
         assert_eq!((oa, sa), (ob, sb));
         assert!(
             (va - vb).abs() <= 1e-6,
-            "trial {oa} step {sa}: {va} after the fault, {vb} unbroken"
+            "trial {oa} step {sa}: {va} after the fault, {vb} unbroken; {} of {} points differ, \
+             the first at trial {} step {} ({} against {})",
+            differ.len(),
+            a.len(),
+            differ[0].0 .0,
+            differ[0].0 .1,
+            differ[0].0 .2,
+            differ[0].1 .2
         );
     }
 }
