@@ -121,6 +121,27 @@ impl Slot {
     }
 }
 
+/// The memory one slot offers a fused group, in bytes (0: unknown): a GPU's
+/// memory shared among the slots on it, or the host's available memory among all slots.
+pub fn slot_memory(slots: &[Slot]) -> u64 {
+    let Some(first) = slots.first() else {
+        return 0;
+    };
+    let sharing = slots.iter().filter(|s| s.device == first.device).count().max(1) as u64;
+    match first.gpu() {
+        Some(_) => crate::telemetry::gpu_memory_total(&first.device).unwrap_or(0) / sharing,
+        None => {
+            let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+            let available_kib: u64 = meminfo
+                .lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0);
+            available_kib * 1024 / slots.len().max(1) as u64
+        }
+    }
+}
+
 /// Turns `--devices` into slots: `auto`, `cpu:K` (K CPU slots) or `cuda:0,cuda:1`
 /// (`cuda:0*4`: four slots sharing device 0).
 pub fn discover(spec: &str, backend: &Backend) -> anyhow::Result<Vec<Slot>> {

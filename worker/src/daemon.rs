@@ -176,7 +176,7 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
     ));
 
     // What one slot offers a fused group (fuse = "auto"), measured once.
-    let slot_memory = slot_memory(&slots);
+    let slot_memory = crate::backend::slot_memory(&slots);
     // A slot comes back with whether its trial started.
     let (freed_tx, mut freed_rx) = mpsc::unbounded_channel::<Back>();
     let mut slots = Slots {
@@ -320,27 +320,6 @@ fn fuse_groups(leased: Vec<proto::LeasedTrial>) -> Vec<Vec<proto::LeasedTrial>> 
         }
     }
     groups
-}
-
-/// The memory one slot offers a fused group, in bytes (0: unknown): a GPU's
-/// memory shared among the slots on it, or the host's available memory among all slots.
-fn slot_memory(slots: &[Slot]) -> u64 {
-    let Some(first) = slots.first() else {
-        return 0;
-    };
-    let sharing = slots.iter().filter(|s| s.device == first.device).count().max(1) as u64;
-    match first.gpu() {
-        Some(_) => crate::telemetry::gpu_memory_total(&first.device).unwrap_or(0) / sharing,
-        None => {
-            let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-            let available_kib: u64 = meminfo
-                .lines()
-                .find_map(|l| l.strip_prefix("MemAvailable:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                .unwrap_or(0);
-            available_kib * 1024 / slots.len().max(1) as u64
-        }
-    }
 }
 
 /// Changes once the daemon is asked to stop: SIGTERM (scancel, a pod's

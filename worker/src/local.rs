@@ -1,8 +1,9 @@
 //! Runs a whole spec in this process: every trial through the same trial
 //! function the daemon's trial processes run, one thread per device slot,
 //! checkpoints and metrics kept in memory, a trial started only once the
-//! trials it depends on succeeded (as the coordinator's queue does). Then the
-//! family's report.
+//! trials it depends on succeeded (as the coordinator's queue does), trials of
+//! one fusion key (`fuse` in the spec) trained as one group. Then the family's
+//! report.
 
 use std::collections::HashMap;
 use std::sync::{Condvar, Mutex};
@@ -53,12 +54,24 @@ pub fn run(
         .iter()
         .map(|s| backend::device(&s.device))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let memory = backend::slot_memory(slots);
     let queue = Queue::new(
         checked
             .trials
             .iter()
             .enumerate()
-            .map(|(i, t)| (i, t.params.clone(), t.depends_on.clone()))
+            .map(|(i, t)| Waiting {
+                ordinal: i,
+                params: t.params.clone(),
+                depends_on: t.depends_on.clone(),
+                group: match (&t.fuse_key, checked.spec.fuse) {
+                    (Some(key), Some(fuse)) => Some((
+                        key.clone(),
+                        ablate_experiments::fusion::group_size(fuse, family, &t.params, memory) as usize,
+                    )),
+                    _ => None,
+                },
+            })
             .collect(),
     );
     let store = store.map_or_else(
@@ -73,65 +86,66 @@ pub fn run(
     );
     let outcomes = Mutex::new(Vec::new());
     let total = checked.trials.len();
+    let experiment = &checked.spec.name;
     std::thread::scope(|scope| {
         for device in &devices {
-            let (queue, outcomes, log) = (&queue, &outcomes, &log);
-            let mut data = DirData {
-                root: store.clone(),
-                experiment: checked.spec.name.clone(),
-            };
+            let (queue, outcomes, log, store) = (&queue, &outcomes, &log, &store);
             scope.spawn(move || loop {
-                let (ordinal, params, result) = match queue.next() {
+                let members = match queue.next() {
                     Next::Done => return,
-                    Next::Failed(ordinal, params, why) => (ordinal, params, Err(why)),
-                    Next::Run(ordinal, params) => (ordinal, params, Ok(())),
+                    Next::Failed(ordinal, params, why) => vec![(ordinal, params, Some(why))],
+                    Next::Run(members) => members.into_iter().map(|(o, p)| (o, p, None)).collect(),
                 };
-                let mut checkpoints = MemoryCheckpoints::default();
-                let mut metrics = MemoryMetrics::default();
-                let mut ctx = TrialContext {
-                    device: *device,
-                    checkpoints: &mut checkpoints,
-                    metrics: &mut metrics,
-                    data: &mut data,
-                    pause_at: None,
-                    paused: None,
-                };
-                let result = result.and_then(|()| family.run(&params, &mut ctx).map_err(|e| e.to_string()));
-                queue.end(ordinal, result.is_ok());
-                let mut last = serde_json::Map::new();
-                let mut series = std::collections::BTreeMap::<String, Vec<(u64, f64)>>::new();
-                for (name, step, value) in &metrics.points {
-                    last.insert(name.clone(), serde_json::json!(value));
-                    if family.series_metrics().contains(&name.as_str()) {
-                        series.entry(name.clone()).or_default().push((*step, *value));
+                let n = members.len();
+                let mut checkpoints: Vec<MemoryCheckpoints> = (0..n).map(|_| MemoryCheckpoints::default()).collect();
+                let mut metrics: Vec<MemoryMetrics> = (0..n).map(|_| MemoryMetrics::default()).collect();
+                let mut data: Vec<DirData> = (0..n)
+                    .map(|_| DirData {
+                        root: store.clone(),
+                        experiment: experiment.clone(),
+                    })
+                    .collect();
+                let mut ctxs: Vec<TrialContext<'_>> = checkpoints
+                    .iter_mut()
+                    .zip(metrics.iter_mut())
+                    .zip(data.iter_mut())
+                    .map(|((checkpoints, metrics), data)| TrialContext {
+                        device: *device,
+                        checkpoints,
+                        metrics,
+                        data,
+                        pause_at: None,
+                        paused: None,
+                    })
+                    .collect();
+                let results: Vec<Result<(), String>> = match &members[..] {
+                    [(_, _, Some(why))] => vec![Err(why.clone())],
+                    [(_, params, None)] => vec![family.run(params, &mut ctxs[0]).map_err(|e| e.to_string())],
+                    _ => {
+                        let params: Vec<serde_json::Value> = members.iter().map(|m| m.1.clone()).collect();
+                        family
+                            .run_fused(&params, &mut ctxs)
+                            .into_iter()
+                            .map(|r| r.map_err(|e| e.to_string()))
+                            .collect()
                     }
-                }
-                let state = match &result {
-                    Ok(()) => "succeeded",
-                    Err(error) => {
-                        tracing::warn!(trial = ordinal, %error, "trial failed");
-                        "failed"
-                    }
                 };
-                let outcome = TrialOutcome {
-                    ordinal: ordinal as i64,
-                    state: state.into(),
-                    params,
-                    metrics: last,
-                    series,
-                    outputs: std::mem::take(&mut metrics.outputs),
-                };
-                if let Some(file) = log {
-                    use std::io::Write;
-                    let line = serde_json::to_string(&outcome).expect("an outcome serializes");
-                    if let Err(error) = writeln!(file.lock().expect("log lock"), "{line}") {
-                        tracing::warn!(%error, "cannot append to the trial log");
+                drop(ctxs);
+                for (((ordinal, params, _), result), mut metrics) in members.into_iter().zip(results).zip(metrics) {
+                    queue.end(ordinal, result.is_ok());
+                    let outcome = outcome(family, ordinal, params, &result, &mut metrics);
+                    if let Some(file) = log {
+                        use std::io::Write;
+                        let line = serde_json::to_string(&outcome).expect("an outcome serializes");
+                        if let Err(error) = writeln!(file.lock().expect("log lock"), "{line}") {
+                            tracing::warn!(%error, "cannot append to the trial log");
+                        }
                     }
-                }
-                let mut done = outcomes.lock().expect("outcomes lock");
-                done.push(outcome);
-                if done.len() % 10 == 0 || done.len() == total {
-                    tracing::info!(finished = done.len(), total, "sweep progress");
+                    let mut done = outcomes.lock().expect("outcomes lock");
+                    done.push(outcome);
+                    if done.len() % 10 == 0 || done.len() == total {
+                        tracing::info!(finished = done.len(), total, "sweep progress");
+                    }
                 }
             });
         }
@@ -142,30 +156,81 @@ pub fn run(
     Ok((report, outcomes))
 }
 
+/// A trial's outcome as the family's report reads it: its last value of each
+/// metric, its series and outputs.
+fn outcome(
+    family: Family,
+    ordinal: usize,
+    params: serde_json::Value,
+    result: &Result<(), String>,
+    metrics: &mut MemoryMetrics,
+) -> TrialOutcome {
+    let mut last = serde_json::Map::new();
+    let mut series = std::collections::BTreeMap::<String, Vec<(u64, f64)>>::new();
+    for (name, step, value) in &metrics.points {
+        last.insert(name.clone(), serde_json::json!(value));
+        if family.series_metrics().contains(&name.as_str()) {
+            series.entry(name.clone()).or_default().push((*step, *value));
+        }
+    }
+    let state = match result {
+        Ok(()) => "succeeded",
+        Err(error) => {
+            tracing::warn!(trial = ordinal, %error, "trial failed");
+            "failed"
+        }
+    };
+    TrialOutcome {
+        ordinal: ordinal as i64,
+        state: state.into(),
+        params,
+        metrics: last,
+        series,
+        outputs: std::mem::take(&mut metrics.outputs),
+    }
+}
+
+/// A trial not started yet: what it waits for, and its fusion key with the
+/// most members a group it leads may hold.
+struct Waiting {
+    ordinal: usize,
+    params: serde_json::Value,
+    depends_on: Vec<usize>,
+    group: Option<(String, usize)>,
+}
+
 /// What a slot's thread does next.
 enum Next {
-    Run(usize, serde_json::Value),
+    /// One trial, or a fused group (in order).
+    Run(Vec<(usize, serde_json::Value)>),
     /// A trial it waits for failed: it fails without running, with the reason.
     Failed(usize, serde_json::Value, String),
     /// Nothing is left to start.
     Done,
 }
 
-/// The trials not started yet, in order, each with the trials it waits for; a thread
-/// takes the first whose dependencies succeeded, or waits for one to end.
+/// The trials not started yet, in order; a thread takes the first whose
+/// dependencies succeeded, with the next ready ones of its fusion key, or
+/// waits for one to end.
 struct Queue {
     state: Mutex<QueueState>,
     ended_one: Condvar,
 }
 
 struct QueueState {
-    waiting: Vec<(usize, serde_json::Value, Vec<usize>)>,
+    waiting: Vec<Waiting>,
     /// Trials that ended, and whether they succeeded.
     ended: HashMap<usize, bool>,
 }
 
+impl QueueState {
+    fn ready(&self, t: &Waiting) -> bool {
+        t.depends_on.iter().all(|d| self.ended.get(d) == Some(&true))
+    }
+}
+
 impl Queue {
-    fn new(waiting: Vec<(usize, serde_json::Value, Vec<usize>)>) -> Queue {
+    fn new(waiting: Vec<Waiting>) -> Queue {
         Queue {
             state: Mutex::new(QueueState {
                 waiting,
@@ -182,20 +247,33 @@ impl Queue {
                 return Next::Done;
             }
             let failed = state.waiting.iter().enumerate().find_map(|(i, t)| {
-                let dep = t.2.iter().find(|d| state.ended.get(d) == Some(&false))?;
+                let dep = t.depends_on.iter().find(|d| state.ended.get(d) == Some(&false))?;
                 Some((i, *dep))
             });
             if let Some((i, dep)) = failed {
-                let (ordinal, params, _) = state.waiting.remove(i);
-                return Next::Failed(ordinal, params, format!("it waits for trial {dep}, which failed"));
+                let t = state.waiting.remove(i);
+                return Next::Failed(t.ordinal, t.params, format!("it waits for trial {dep}, which failed"));
             }
-            let ready = state
-                .waiting
-                .iter()
-                .position(|t| t.2.iter().all(|d| state.ended.get(d) == Some(&true)));
-            if let Some(i) = ready {
-                let (ordinal, params, _) = state.waiting.remove(i);
-                return Next::Run(ordinal, params);
+            if let Some(head) = state.waiting.iter().position(|t| state.ready(t)) {
+                let mut take = vec![head];
+                if let Some((key, size)) = &state.waiting[head].group {
+                    take.extend(
+                        (head + 1..state.waiting.len())
+                            .filter(|&j| {
+                                let t = &state.waiting[j];
+                                t.group.as_ref().is_some_and(|(k, _)| k == key) && state.ready(t)
+                            })
+                            .take(size.saturating_sub(1)),
+                    );
+                }
+                let mut members: Vec<(usize, serde_json::Value)> = take
+                    .into_iter()
+                    .rev()
+                    .map(|i| state.waiting.remove(i))
+                    .map(|t| (t.ordinal, t.params))
+                    .collect();
+                members.reverse();
+                return Next::Run(members);
             }
             // Dependencies are earlier trials, so one of them is running and will end.
             state = self.ended_one.wait(state).expect("queue lock");
@@ -205,5 +283,95 @@ impl Queue {
     fn end(&self, ordinal: usize, succeeded: bool) {
         self.state.lock().expect("queue lock").ended.insert(ordinal, succeeded);
         self.ended_one.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(ordinal: usize, depends_on: Vec<usize>, group: Option<(&str, usize)>) -> Waiting {
+        Waiting {
+            ordinal,
+            params: serde_json::json!({ "n": ordinal }),
+            depends_on,
+            group: group.map(|(k, n)| (k.to_string(), n)),
+        }
+    }
+
+    fn ordinals(next: Next) -> Vec<usize> {
+        match next {
+            Next::Run(members) => members.into_iter().map(|m| m.0).collect(),
+            Next::Failed(..) => panic!("a trial failed"),
+            Next::Done => vec![],
+        }
+    }
+
+    #[test]
+    fn the_queue_groups_ready_trials_of_one_key_up_to_the_group_size() {
+        let queue = Queue::new(vec![
+            waiting(0, vec![], Some(("a", 3))),
+            waiting(1, vec![], Some(("b", 3))),
+            waiting(2, vec![], Some(("a", 3))),
+            waiting(3, vec![0], Some(("a", 3))),
+            waiting(4, vec![], Some(("a", 3))),
+            waiting(5, vec![], Some(("a", 3))),
+            waiting(6, vec![], None),
+        ]);
+        // Trial 3 waits for 0, so the first group skips it; at most three members.
+        assert_eq!(ordinals(queue.next()), vec![0, 2, 4]);
+        assert_eq!(ordinals(queue.next()), vec![1]);
+        for ordinal in [0, 2, 4, 1] {
+            queue.end(ordinal, true);
+        }
+        assert_eq!(ordinals(queue.next()), vec![3, 5]);
+        assert_eq!(ordinals(queue.next()), vec![6]);
+        assert!(matches!(queue.next(), Next::Done));
+    }
+
+    const SPEC: &str = r#"
+name = "local-fuse"
+family = "train"
+[base]
+optimizer = "adam"
+width = 16
+steps = 40
+eval_every = 20
+checkpoint_every = 20
+[sweep]
+searcher = "grid"
+params.seed = [0, 1]
+params.log2_lr = [-7, -5, 40]
+"#;
+
+    #[test]
+    fn a_fused_sweep_gives_each_trial_its_one_by_one_metrics() {
+        let slots = [Slot::new("cpu:0".into(), "cpu".into(), 1)];
+        let run = |text: &str| run(text, SpecFormat::Toml, &slots, None, None).unwrap().1;
+        let alone = run(SPEC);
+        let fused = run(&SPEC.replace("family = \"train\"", "family = \"train\"\nfuse = 6"));
+        assert_eq!(alone.len(), 6);
+        for (a, f) in alone.iter().zip(&fused) {
+            assert_eq!((a.ordinal, &a.state), (f.ordinal, &f.state));
+            assert_eq!(
+                a.metrics.keys().collect::<Vec<_>>(),
+                f.metrics.keys().collect::<Vec<_>>()
+            );
+            for (name, value) in &a.metrics {
+                let (x, y) = (value.as_f64().unwrap(), f.metrics[name].as_f64().unwrap());
+                assert!(
+                    (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+                    "trial {} {name}: {x} alone, {y} fused",
+                    a.ordinal
+                );
+            }
+        }
+        // log2_lr = 40 diverges, alone as in the group; the others succeed.
+        let failed: Vec<i64> = fused
+            .iter()
+            .filter(|t| t.state == "failed")
+            .map(|t| t.ordinal)
+            .collect();
+        assert_eq!(failed.len(), 2, "{failed:?}");
     }
 }
