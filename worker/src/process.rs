@@ -66,20 +66,6 @@ impl TrialProcess {
         if let Some(visible) = &slot.visible_devices {
             command.env("CUDA_VISIBLE_DEVICES", visible);
         }
-        // Same bits run to run: the intra-op thread count is the slot's from the
-        // process's first operation on every thread, and neither OpenMP nor MKL may
-        // change it under load (the partition of a reduction follows it). A value
-        // the operator set for the daemon is kept.
-        for (name, value) in [
-            ("OMP_NUM_THREADS", slot.threads.to_string()),
-            ("MKL_NUM_THREADS", slot.threads.to_string()),
-            ("OMP_DYNAMIC", "FALSE".to_string()),
-            ("MKL_DYNAMIC", "FALSE".to_string()),
-        ] {
-            if std::env::var_os(name).is_none() {
-                command.env(name, value);
-            }
-        }
         // A trial process names itself after its daemon in traces.
         if let Ok(service) = std::env::var("OTEL_SERVICE_NAME") {
             command.env("OTEL_SERVICE_NAME", format!("{service}-trial"));
