@@ -134,6 +134,8 @@ async fn fused_groups_run_in_one_process_and_keep_each_members_curve_through_a_s
         attempts.iter().filter(|a| a.1 == 1 && a.0 < 8).all(|a| a.3 == Some(8)),
         "the first group ran as one of 8: {attempts:?}"
     );
+    // Every attempt took the fused code, a group of one too (its rounding).
+    assert!(attempts.iter().all(|a| a.3.is_some()), "{attempts:?}");
     // The resumed members went on from their own checkpoints, not from step 0.
     let resumed_from_zero = stack
         .scalar_i64(&format!(

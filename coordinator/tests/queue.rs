@@ -398,3 +398,42 @@ async fn huge_sweeps_and_unprintable_names_are_refused_naming_the_field(pool: Pg
     }
     assert_eq!(count(&pool, "select count(*) from experiments").await, 0);
 }
+
+#[sqlx::test(migrator = "ablate_coordinator::db::MIGRATOR")]
+async fn fused_trials_are_leased_as_groups_and_a_last_one_as_a_group_of_one(pool: PgPool) {
+    let fused = SPEC
+        .replace("family = \"train\"", "family = \"train\"\nfuse = 4")
+        .replace("[0, 1, 2, 3, 4, 5]", "[0, 1, 2, 3, 4]");
+    let (fused, _) = submit::submit(&pool, &fused, SpecFormat::Toml, &Default::default())
+        .await
+        .unwrap();
+    submit::submit(
+        &pool,
+        &SPEC.replace("\"queue\"", "\"plain\""),
+        SpecFormat::Toml,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    let worker = WorkerId::new_random();
+    // One slot at a time: each lease is one unit of work for it.
+    let (mut groups, mut plain) = (Vec::new(), Vec::new());
+    loop {
+        let leased = db::lease(&pool, worker, 1, 1, 0, TTL).await.unwrap();
+        let Some(head) = leased.first() else { break };
+        let unit: Vec<_> = leased
+            .iter()
+            .map(|t| (t.experiment == head.experiment, t.fuse_group))
+            .collect();
+        assert!(unit.iter().all(|u| u.0), "one experiment per unit: {unit:?}");
+        if head.experiment == fused {
+            assert!(unit.iter().all(|u| u.1 == Some(head.trial)), "{unit:?}");
+            groups.push(leased.len());
+        } else {
+            plain.push((leased.len(), head.fuse_group));
+        }
+    }
+    // Five trials, groups of at most four: the last runs as a group of one.
+    assert_eq!(groups, [4, 1]);
+    assert_eq!(plain, vec![(1, None); 6], "a sweep without fuse runs unfused");
+}

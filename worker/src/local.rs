@@ -91,10 +91,14 @@ pub fn run(
         for device in &devices {
             let (queue, outcomes, log, store) = (&queue, &outcomes, &log, &store);
             scope.spawn(move || loop {
+                let mut fused = false;
                 let members = match queue.next() {
                     Next::Done => return,
                     Next::Failed(ordinal, params, why) => vec![(ordinal, params, Some(why))],
-                    Next::Run(members) => members.into_iter().map(|(o, p)| (o, p, None)).collect(),
+                    Next::Run(members, fuses) => {
+                        fused = fuses;
+                        members.into_iter().map(|(o, p)| (o, p, None)).collect()
+                    }
                 };
                 let n = members.len();
                 let mut checkpoints: Vec<MemoryCheckpoints> = (0..n).map(|_| MemoryCheckpoints::default()).collect();
@@ -120,7 +124,8 @@ pub fn run(
                     .collect();
                 let results: Vec<Result<(), String>> = match &members[..] {
                     [(_, _, Some(why))] => vec![Err(why.clone())],
-                    [(_, params, None)] => vec![family.run(params, &mut ctxs[0]).map_err(|e| e.to_string())],
+                    // A trial that fuses takes the fused code alone too (its rounding).
+                    [(_, params, None)] if !fused => vec![family.run(params, &mut ctxs[0]).map_err(|e| e.to_string())],
                     _ => {
                         let params: Vec<serde_json::Value> = members.iter().map(|m| m.1.clone()).collect();
                         family
@@ -201,8 +206,9 @@ struct Waiting {
 
 /// What a slot's thread does next.
 enum Next {
-    /// One trial, or a fused group (in order).
-    Run(Vec<(usize, serde_json::Value)>),
+    /// One trial, or a fused group (in order), and whether they fuse (a trial
+    /// that fuses may run as a group of one).
+    Run(Vec<(usize, serde_json::Value)>, bool),
     /// A trial it waits for failed: it fails without running, with the reason.
     Failed(usize, serde_json::Value, String),
     /// Nothing is left to start.
@@ -256,6 +262,7 @@ impl Queue {
             }
             if let Some(head) = state.waiting.iter().position(|t| state.ready(t)) {
                 let mut take = vec![head];
+                let fuses = state.waiting[head].group.is_some();
                 if let Some((key, size)) = &state.waiting[head].group {
                     take.extend(
                         (head + 1..state.waiting.len())
@@ -273,7 +280,7 @@ impl Queue {
                     .map(|t| (t.ordinal, t.params))
                     .collect();
                 members.reverse();
-                return Next::Run(members);
+                return Next::Run(members, fuses);
             }
             // Dependencies are earlier trials, so one of them is running and will end.
             state = self.ended_one.wait(state).expect("queue lock");
@@ -299,11 +306,12 @@ mod tests {
         }
     }
 
-    fn ordinals(next: Next) -> Vec<usize> {
+    /// The trials a slot takes next, and whether they fuse.
+    fn ordinals(next: Next) -> (Vec<usize>, bool) {
         match next {
-            Next::Run(members) => members.into_iter().map(|m| m.0).collect(),
+            Next::Run(members, fuses) => (members.into_iter().map(|m| m.0).collect(), fuses),
             Next::Failed(..) => panic!("a trial failed"),
-            Next::Done => vec![],
+            Next::Done => (vec![], false),
         }
     }
 
@@ -319,13 +327,14 @@ mod tests {
             waiting(6, vec![], None),
         ]);
         // Trial 3 waits for 0, so the first group skips it; at most three members.
-        assert_eq!(ordinals(queue.next()), vec![0, 2, 4]);
-        assert_eq!(ordinals(queue.next()), vec![1]);
+        assert_eq!(ordinals(queue.next()), (vec![0, 2, 4], true));
+        // Alone, but it fuses: a group of one.
+        assert_eq!(ordinals(queue.next()), (vec![1], true));
         for ordinal in [0, 2, 4, 1] {
             queue.end(ordinal, true);
         }
-        assert_eq!(ordinals(queue.next()), vec![3, 5]);
-        assert_eq!(ordinals(queue.next()), vec![6]);
+        assert_eq!(ordinals(queue.next()), (vec![3, 5], true));
+        assert_eq!(ordinals(queue.next()), (vec![6], false));
         assert!(matches!(queue.next(), Next::Done));
     }
 
@@ -341,15 +350,16 @@ checkpoint_every = 20
 [sweep]
 searcher = "grid"
 params.seed = [0, 1]
-params.log2_lr = [-7, -5, 40]
+params.log2_lr = [-7, 40, -5]
 "#;
 
     #[test]
     fn a_fused_sweep_gives_each_trial_its_one_by_one_metrics() {
         let slots = [Slot::new("cpu:0".into(), "cpu".into(), 1)];
         let run = |text: &str| run(text, SpecFormat::Toml, &slots, None, None).unwrap().1;
+        let fuse = |n: u32| SPEC.replace("family = \"train\"", &format!("family = \"train\"\nfuse = {n}"));
         let alone = run(SPEC);
-        let fused = run(&SPEC.replace("family = \"train\"", "family = \"train\"\nfuse = 6"));
+        let fused = run(&fuse(6));
         assert_eq!(alone.len(), 6);
         for (a, f) in alone.iter().zip(&fused) {
             assert_eq!((a.ordinal, &a.state), (f.ordinal, &f.state));
@@ -373,5 +383,10 @@ params.log2_lr = [-7, -5, 40]
             .map(|t| t.ordinal)
             .collect();
         assert_eq!(failed.len(), 2, "{failed:?}");
+        // Groups of 5 and of one (the fused code alone): the same numbers, bit for bit.
+        let regrouped = run(&fuse(5));
+        for (f, r) in fused.iter().zip(&regrouped) {
+            assert_eq!((f.ordinal, &f.state, &f.metrics), (r.ordinal, &r.state, &r.metrics));
+        }
     }
 }

@@ -207,7 +207,8 @@ async fn drive(
     members: &mut [Member],
     mut process: TrialProcess,
 ) -> anyhow::Result<Driven> {
-    let fused = members.len() > 1;
+    // A group of one too: a trial that fuses keeps the fused code's rounding alone.
+    let fused = members.len() > 1 || !members[0].trial.fuse_group.is_empty();
     let mut input = input_for(shared, slot, &members[0].trial)?;
     if fused {
         input.fused = members

@@ -160,7 +160,10 @@ pub async fn lease(
                 tracing::warn!(trial = %head.trial, %error, "could not lease the trials fused with this one; it runs alone");
                 Vec::new()
             });
-        if !members.is_empty() {
+        // A trial that fuses runs through the fused code even alone (a group of one),
+        // so its numbers don't depend on whether others were pending beside it.
+        let fuses = head.fuse_key.is_some() && head.fuse.is_some() && head.pause_at.is_none();
+        if fuses || !members.is_empty() {
             head.fuse_group = Some(head.trial);
         }
         leased.push(head);

@@ -528,3 +528,37 @@ fn fused_members_resume_fused_or_alone_on_their_curves_and_diverge_alone() {
         "the member that started at 0 moved"
     );
 }
+
+/// A member trains bit for bit alike in a group of any size and at any place in
+/// it (one intra-op thread): a crash that regroups it, or `fuse = "auto"` sizing
+/// by free memory, changes none of its numbers.
+#[test]
+fn a_members_numbers_do_not_depend_on_its_group() {
+    // cbs-mnist's setup: AdamW, weight averaging, the noise measurement, growing eval gaps.
+    let base = json!({"optimizer": "adamw", "model": "mlp", "dataset": "mnist", "depth": 2, "beta2": 0.95,
+        "warmup_steps": 10, "schedule": "constant", "ema_decay": 0.99, "steps": 300, "width": 64,
+        "batch_size": 4, "eval_every": 1000000, "eval_growth": 0.05, "checkpoint_every": 2000,
+        "noise_scale": {"small": 16, "big": 256, "repeats": 4}});
+    let seven: Vec<serde_json::Value> = (0..7)
+        .map(|i| {
+            let mut p = base.clone();
+            p["log2_lr"] = json!(-10 + i);
+            p
+        })
+        .collect();
+    let run = |group: &[serde_json::Value]| {
+        let mut stores: Vec<MemoryCheckpoints> = group.iter().map(|_| MemoryCheckpoints::default()).collect();
+        train_fused(group, &mut stores).1
+    };
+    let (all, last) = (run(&seven), run(&seven[4..]));
+    for (i, alone) in last.iter().enumerate() {
+        let grouped = &all[i + 4];
+        assert!(grouped.points.len() > 300, "{} points", grouped.points.len());
+        assert_eq!(
+            grouped.points,
+            alone.points,
+            "member {} of 7 and member {i} of 3 logged other numbers",
+            i + 4
+        );
+    }
+}
