@@ -91,14 +91,10 @@ pub fn run(
         for device in &devices {
             let (queue, outcomes, log, store) = (&queue, &outcomes, &log, &store);
             scope.spawn(move || loop {
-                let mut fused = false;
-                let members = match queue.next() {
+                let (members, fused) = match queue.next() {
                     Next::Done => return,
-                    Next::Failed(ordinal, params, why) => vec![(ordinal, params, Some(why))],
-                    Next::Run(members, fuses) => {
-                        fused = fuses;
-                        members.into_iter().map(|(o, p)| (o, p, None)).collect()
-                    }
+                    Next::Failed(ordinal, params, why) => (vec![(ordinal, params, Some(why))], false),
+                    Next::Run(members, fused) => (members.into_iter().map(|(o, p)| (o, p, None)).collect(), fused),
                 };
                 let n = members.len();
                 let mut checkpoints: Vec<MemoryCheckpoints> = (0..n).map(|_| MemoryCheckpoints::default()).collect();

@@ -41,6 +41,17 @@ pub struct LeasedTrial {
     pub fuse_group: Option<TrialId>,
 }
 
+impl LeasedTrial {
+    /// Its fusion key and the spec's `fuse` when it fuses: it has a key, the spec
+    /// asks to fuse, and it stops at no rung.
+    pub fn fusion(&self) -> Option<(&str, ablate_schema::Fuse)> {
+        match (&self.fuse_key, self.fuse, self.pause_at) {
+            (Some(key), Some(fuse), None) => Some((key, fuse)),
+            _ => None,
+        }
+    }
+}
+
 /// Leases pending trials to `worker` in one statement, filling at most `slots`
 /// free slots (a trial of N GPUs, `[resources] gpus_per_trial`, fills N, and
 /// is leased only when the worker has `free_gpus` >= N), by fair share: each
@@ -162,8 +173,7 @@ pub async fn lease(
             });
         // A trial that fuses runs through the fused code even alone (a group of one),
         // so its numbers don't depend on whether others were pending beside it.
-        let fuses = head.fuse_key.is_some() && head.fuse.is_some() && head.pause_at.is_none();
-        if fuses || !members.is_empty() {
+        if head.fusion().is_some() {
             head.fuse_group = Some(head.trial);
         }
         leased.push(head);
@@ -228,7 +238,7 @@ async fn fuse_with(
     slot_memory: u64,
     ttl: Duration,
 ) -> Result<Vec<LeasedTrial>> {
-    let (Some(key), Some(fuse), None) = (&head.fuse_key, head.fuse, head.pause_at) else {
+    let Some((key, fuse)) = head.fusion() else {
         return Ok(Vec::new());
     };
     let Ok(family) = ablate_experiments::Family::parse(&head.family) else {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use tch::Tensor;
 
 use super::tasks::Task;
-use crate::nn::fused::per_member;
+use crate::nn::fused::{member_slice, per_member};
 use crate::nn::model::Param;
 use crate::trial::TrialError;
 
@@ -69,32 +69,57 @@ impl WeightAverage {
         saved
     }
 
-    /// The running sums, one per parameter (stacked, for a fused group).
-    pub(super) fn sums(&self) -> &[Tensor] {
-        &self.sums
-    }
-
     /// The name a parameter's average has in a checkpoint.
-    pub(super) fn key(param: &Param) -> String {
+    fn key(param: &Param) -> String {
         format!("ema.{}", param.name)
     }
 
     pub(super) fn state(&self, params: &[Param]) -> Vec<(String, Tensor)> {
+        self.state_of(params, Tensor::detach)
+    }
+
+    /// Member `i`'s averages in a fused group, under a single run's checkpoint names.
+    pub(super) fn member_state(&self, i: i64, params: &[Param]) -> Vec<(String, Tensor)> {
+        self.state_of(params, |sum| member_slice(sum, i).contiguous())
+    }
+
+    fn state_of(&self, params: &[Param], view: impl Fn(&Tensor) -> Tensor) -> Vec<(String, Tensor)> {
         params
             .iter()
             .zip(&self.sums)
-            .map(|(p, s)| (Self::key(p), s.detach()))
+            .map(|(p, s)| (Self::key(p), view(s)))
             .collect()
     }
 
     pub(super) fn load(&mut self, params: &[Param], tensors: &HashMap<String, Tensor>) -> Result<(), TrialError> {
+        self.load_into(params, tensors, Tensor::shallow_clone)
+    }
+
+    /// Puts member `i`'s averages into a fused group's from a single run's (or a
+    /// member's) checkpoint.
+    pub(super) fn load_member(
+        &mut self,
+        i: i64,
+        params: &[Param],
+        tensors: &HashMap<String, Tensor>,
+    ) -> Result<(), TrialError> {
+        self.load_into(params, tensors, |sum| member_slice(sum, i))
+    }
+
+    /// Copies each saved average into `view` of its running sum (the whole of it, or a slice).
+    fn load_into(
+        &mut self,
+        params: &[Param],
+        tensors: &HashMap<String, Tensor>,
+        view: impl Fn(&Tensor) -> Tensor,
+    ) -> Result<(), TrialError> {
         tch::no_grad(|| {
-            for (p, sum) in params.iter().zip(self.sums.iter_mut()) {
+            for (p, sum) in params.iter().zip(&self.sums) {
                 let key = Self::key(p);
                 let saved = tensors
                     .get(&key)
                     .ok_or_else(|| TrialError::Checkpoint(format!("checkpoint lacks `{key}`")))?;
-                sum.copy_(saved);
+                view(sum).copy_(saved);
             }
             Ok(())
         })

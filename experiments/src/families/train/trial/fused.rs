@@ -21,8 +21,8 @@ use super::tasks::classification_data;
 use crate::error::ParamError;
 use crate::families::train::{Divergence, TrainParams};
 use crate::nn::data::DataOrder;
-use crate::nn::fused::{member_accuracy, member_losses, member_slice, FusedMlp, FusedOptimizer, MemberHyper};
-use crate::nn::model::{Mlp, Param};
+use crate::nn::fused::{member_accuracy, member_losses, FusedMlp, FusedOptimizer, MemberHyper};
+use crate::nn::model::Mlp;
 use crate::trial::{TrialContext, TrialError};
 
 /// Where one member stands.
@@ -171,7 +171,7 @@ fn train_group_inner(
             noise_average: [0.0; 3],
             result: None,
         };
-        match resume(ctxs[i], &mut model, &mut optimizer, average.as_ref(), i as i64) {
+        match resume(ctxs[i], &mut model, &mut optimizer, average.as_mut(), i as i64) {
             Ok(Some(resumed)) => (member.start, member.tail, member.noise_average) = resumed,
             Ok(None) => ctxs[i].metrics.log("num_params", 0, full as f64),
             // A checkpoint it can't read fails that member alone.
@@ -340,7 +340,7 @@ fn save(
     let mut tensors = model.member(i);
     tensors.extend(optimizer.member_state(i, &model.params));
     if let Some(average) = average {
-        tensors.extend(average_state(average, i, &model.params));
+        tensors.extend(average.member_state(i, &model.params));
     }
     let progress = Progress {
         step: done,
@@ -361,7 +361,7 @@ fn resume(
     ctx: &mut TrialContext<'_>,
     model: &mut FusedMlp,
     optimizer: &mut FusedOptimizer,
-    average: Option<&WeightAverage>,
+    average: Option<&mut WeightAverage>,
     i: i64,
 ) -> Result<Option<Resumed>, TrialError> {
     let Some(snapshot) = ctx.checkpoints.latest()? else {
@@ -377,7 +377,7 @@ fn resume(
         .load_member(i, &model.params, &snapshot.tensors, updates)
         .map_err(TrialError::Checkpoint)?;
     if let Some(average) = average {
-        load_average(average, i, &model.params, &snapshot.tensors).map_err(TrialError::Checkpoint)?;
+        average.load_member(i, &model.params, &snapshot.tensors)?;
     }
     let Progress {
         step,
@@ -386,32 +386,6 @@ fn resume(
         ..
     } = progress(&snapshot);
     Ok(Some((step, loss_tail, noise_average)))
-}
-
-/// Member `i`'s averaged weights under a single run's checkpoint names.
-fn average_state(average: &WeightAverage, i: i64, params: &[Param]) -> Vec<(String, Tensor)> {
-    params
-        .iter()
-        .zip(average.sums())
-        .map(|(p, s)| (WeightAverage::key(p), member_slice(s, i).contiguous()))
-        .collect()
-}
-
-/// Puts member `i`'s averaged weights from a single run's (or a member's) checkpoint.
-fn load_average(
-    average: &WeightAverage,
-    i: i64,
-    params: &[Param],
-    tensors: &std::collections::HashMap<String, Tensor>,
-) -> Result<(), String> {
-    tch::no_grad(|| {
-        for (p, sum) in params.iter().zip(average.sums()) {
-            let key = WeightAverage::key(p);
-            let saved = tensors.get(&key).ok_or_else(|| format!("checkpoint lacks `{key}`"))?;
-            member_slice(sum, i).copy_(saved);
-        }
-        Ok(())
-    })
 }
 
 /// The gradient-noise measurement of every member at once, as
