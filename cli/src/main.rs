@@ -199,9 +199,10 @@ pub struct UpArgs {
     #[arg(long, default_value = "127.0.0.1:7077")]
     pub listen: SocketAddr,
     /// The coordinator's HTTP listener (the web dashboard at /, Prometheus metrics at
-    /// /metrics, /healthz, /readyz), or `off`.
-    #[arg(long, default_value = "127.0.0.1:7078")]
-    pub http_listen: String,
+    /// /metrics, /healthz, /readyz), or `off`; by default the port after --listen's
+    /// on the same host (127.0.0.1:7078).
+    #[arg(long)]
+    pub http_listen: Option<String>,
     /// The local worker's device slots: auto, cpu:K or cuda:0,cuda:1.
     #[arg(long, default_value = "auto")]
     pub devices: String,
@@ -242,6 +243,9 @@ pub struct LimitArgs {
     /// Bytes of a trial's outputs (JSON).
     #[arg(long, default_value_t = Limits::default().max_output_bytes)]
     pub max_output_bytes: usize,
+    /// Training steps of one trial (its steps, or examples over its batch size).
+    #[arg(long, default_value_t = Limits::default().max_steps)]
+    pub max_steps: u64,
     /// Connections of the pool that serves `ablate sql` and reports, apart from the workers'.
     #[arg(long, default_value_t = 4)]
     pub reader_connections: u32,
@@ -265,6 +269,7 @@ impl LimitArgs {
             max_metric_names: self.max_metric_names,
             max_batch_points: self.max_batch_points,
             max_output_bytes: self.max_output_bytes,
+            max_steps: self.max_steps,
         }
     }
 
@@ -289,6 +294,7 @@ impl LimitArgs {
             ("--max-metric-names", self.max_metric_names.to_string()),
             ("--max-batch-points", self.max_batch_points.to_string()),
             ("--max-output-bytes", self.max_output_bytes.to_string()),
+            ("--max-steps", self.max_steps.to_string()),
             ("--reader-connections", self.reader_connections.to_string()),
             ("--queries-per-caller", self.queries_per_caller.to_string()),
         ]

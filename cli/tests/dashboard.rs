@@ -57,6 +57,39 @@ fn count(haystack: &str, needle: &str) -> usize {
     haystack.matches(needle).count()
 }
 
+/// Every scatter of the experiment page `dom` draws a point for every trial with an
+/// objective (`scored` of them), also where several trials share a parameter's value
+/// (its largest included): per parameter and per value, as many points as trials.
+fn assert_every_trial_is_drawn(dom: &str, trials: &serde_json::Value, params: &[&str], scored: usize) {
+    let trials: Vec<&serde_json::Value> = trials["trials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["objective"].as_f64().is_some_and(f64::is_finite))
+        .collect();
+    assert_eq!(trials.len(), scored, "{trials:?}");
+    for param in params {
+        let point = format!("class=\"scatter-point\" data-param=\"{param}\"");
+        assert_eq!(count(dom, &point), trials.len(), "{param}: {dom}");
+        let mut by_value = std::collections::BTreeMap::<String, usize>::new();
+        for t in &trials {
+            let value = match &t["params"][param] {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.as_i64().expect("an integer or a string").to_string(),
+            };
+            *by_value.entry(value).or_default() += 1;
+        }
+        assert!(by_value.len() > 1, "{param} is swept");
+        for (value, n) in by_value {
+            assert_eq!(
+                count(dom, &format!("{point} data-x=\"{value}\"")),
+                n,
+                "{param} = {value}: {dom}"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_page_loads_in_chromium_with_its_data_behind_the_tokens() {
     let mut stack = Stack::start(15.0).await;
@@ -223,6 +256,11 @@ async fn every_page_loads_in_chromium_with_its_data_behind_the_tokens() {
     assert!(dom.contains("id=\"experiment-name\">quickstart<"), "{dom}");
     assert_eq!(count(&dom, "class=\"trial-row\""), 12, "{dom}");
     assert!(dom.contains("class=\"uplot"), "the curves are drawn: {dom}");
+    let trials_of = |experiment: &str| {
+        let (_, _, body) = api(&format!("/api/v1/experiments/{experiment}/trials"), Some(&admin));
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    assert_every_trial_is_drawn(&dom, &trials_of(&quickstart), &["width", "log2_lr"], 12);
 
     let dom = page(&format!("/#/experiments/{mup}"), "experiment-coord-check");
     assert_eq!(count(&dom, "class=\"trial-row\""), 36, "{dom}");
@@ -234,8 +272,15 @@ async fn every_page_loads_in_chromium_with_its_data_behind_the_tokens() {
         .expect("the CLI's verdict line");
     assert!(dom.contains(&format!("id=\"verdict\">{line}<")), "{line}\n{dom}");
     assert!(
-        count(&dom, "class=\"uplot") > 3,
-        "curves, scatter and the report's figures: {dom}"
+        count(&dom, "class=\"uplot") > 2,
+        "curves and the report's figures: {dom}"
+    );
+    assert_every_trial_is_drawn(&dom, &trials_of(&mup), &["width", "parametrization", "seed"], 36);
+    // Its objective is a final value and eval_loss has one point a trial (eval_every =
+    // steps): the curve panel draws train_loss, which has a curve.
+    assert!(
+        dom.contains("<h3>train_loss</h3>") && !dom.contains("<h3>eval_loss</h3>"),
+        "{dom}"
     );
 
     let dom = page(&format!("/#/trials/{trial}"), "trial");

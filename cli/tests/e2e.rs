@@ -596,12 +596,20 @@ async fn the_critical_batch_toy_reports_its_fit_from_curves_stored_in_postgres()
         &format!(
             "select count(distinct trial_id) from ablate.metric_series where experiment_id = '{id}' and name = 'b_simple'"
         ),
+        "--format",
+        "csv",
     ]);
     assert!(sql.status.success(), "{}", stderr(&sql));
-    assert!(
-        String::from_utf8_lossy(&sql.stdout).contains("30"),
-        "every trial logs B_simple"
-    );
+    let out = String::from_utf8_lossy(&sql.stdout);
+    let logged: i64 = out
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("a count under the header: {out}"));
+    let trials = stack
+        .scalar_i64(&format!("select count(*) from trials where experiment_id = '{id}'"))
+        .await;
+    assert_eq!((logged, trials), (30, 30), "every trial logs B_simple");
 
     let json = stack.ablate(&["report", &id, "--format", "json"]);
     assert!(json.status.success(), "{}", stderr(&json));
@@ -718,6 +726,57 @@ params.seed = [3]
         ))
         .await;
     assert_eq!(stages, 5, "four shards and one selection");
+}
+
+/// A completion the coordinator refuses as invalid (here outputs over `--max-output-bytes`)
+/// fails the attempt at once with the coordinator's reason, not when its lease expires.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_completion_fails_the_attempt_at_once_with_the_coordinators_reason() {
+    // Leases of 10 minutes: a worker that waited for its lease to expire would fail the test.
+    let mut stack = Stack::start(600.0).await;
+    stack.kill_coordinator();
+    stack.coordinator_args = vec!["--max-output-bytes".into(), "64".into()];
+    stack.start_coordinator().await;
+    stack.start_worker("cpu:2");
+    let spec = stack.write_spec(
+        "dsir-outputs.toml",
+        r#"
+name = "dsir-outputs"
+family = "dsir"
+[base]
+pool = "dsir/pool"
+target = "dsir/target/news.jsonl"
+target_genre = "news"
+shards = 2
+k = 100
+[sweep]
+searcher = "grid"
+params.seed = [0]
+"#,
+    );
+    let id = stack.submit(&spec);
+    // The select trial's outputs (its manifests' keys) are over 64 bytes.
+    stack
+        .wait_for(
+            &format!(
+                "select count(*) = 1 from ablate.trial_attempts a join trials t on t.id = a.trial_id
+                 where a.experiment_id = '{id}' and t.params->>'stage' = 'select' and a.outcome = 'failed'"
+            ),
+            Duration::from_secs(180),
+        )
+        .await;
+    let error: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "select a.error from ablate.trial_attempts a join trials t on t.id = a.trial_id
+         where a.experiment_id = '{id}' and t.params->>'stage' = 'select'"
+    )))
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    assert!(
+        error.starts_with("the coordinator refused the trial's completion: ") && error.contains("over the limit of 64"),
+        "{error}"
+    );
+    stack.wait_finished(&id, Duration::from_secs(60)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -105,6 +105,21 @@ impl Worker {
 }
 
 /// A sweep of `trials` trials; `extra` is TOML added to it (top-level keys or tables).
+/// Asks for `gpus` GPUs per trial of a submitted experiment. Built-in families refuse
+/// more than one at submission (they train on one device), so the lease and the daemon's
+/// grant of several GPUs are tested on the stored spec.
+async fn ask_gpus(stack: &Stack, experiment: &str, gpus: u32) {
+    sqlx::query(
+        "update experiments set spec = jsonb_set(spec, '{resources}', coalesce(spec->'resources', '{}') || jsonb_build_object('gpus_per_trial', $2::int))
+         where id = $1::uuid",
+    )
+    .bind(experiment)
+    .bind(gpus as i32)
+    .execute(&stack.pool)
+    .await
+    .unwrap();
+}
+
 fn spec(name: &str, trials: usize, extra: &str) -> String {
     let text = harness::resume_spec(name, 0..trials as u32);
     // Top-level keys before the first table; tables after the last.
@@ -308,7 +323,8 @@ async fn a_sweep_asking_for_a_pool_runs_only_there_and_says_why_it_waits() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_trial_of_two_gpus_is_leased_only_with_two_free_and_says_why_it_waits() {
     let stack = Stack::start(60.0).await;
-    let pair = stack.submit(&stack.write_spec("pair.toml", &spec("pair", 3, "[resources]\ngpus_per_trial = 2")));
+    let pair = stack.submit(&stack.write_spec("pair.toml", &spec("pair", 3, "")));
+    ask_gpus(&stack, &pair, 2).await;
     let status = || harness::text(&stack.ablate(&["status", &pair]));
     // A worker of one GPU (however many slots share it) never gets it, and status says why.
     let mut one = Worker::registered(&stack, "", &[], &["cuda:0#0", "cuda:0#1"]).await;
@@ -330,7 +346,7 @@ async fn a_trial_of_two_gpus_is_leased_only_with_two_free_and_says_why_it_waits(
     let mut four = Worker::registered(&stack, "", &[], &["cuda:0", "cuda:1", "cuda:2", "cuda:3"]).await;
     assert_eq!(four.lease_gpus(4, 4).await, vec![pair.clone(); 2]);
     // Out-of-range values are refused with the field's path.
-    for bad in ["0", "17"] {
+    for bad in ["0", "17", "2"] {
         let out = stack.ablate(&[
             "submit",
             &stack
@@ -365,8 +381,9 @@ async fn a_daemon_runs_a_trial_of_two_gpus_in_one_process_that_sees_just_them() 
         ("CUDA_VISIBLE_DEVICES".into(), "4,5,6,7".into()),
         ("ABLATE_GPU_STAND_IN".into(), "cpu".into()),
     ];
+    let pair = stack.submit(&stack.write_spec("pair.toml", &spec("pair", 4, "")));
+    ask_gpus(&stack, &pair, 2).await;
     let worker = stack.start_worker("slurm");
-    let pair = stack.submit(&stack.write_spec("pair.toml", &spec("pair", 4, "[resources]\ngpus_per_trial = 2")));
     // While trials run: at most two processes, each seeing two granted GPUs, none shared.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
     let mut seen = 0;

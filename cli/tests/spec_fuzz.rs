@@ -277,14 +277,34 @@ fn generated_specs_are_accepted_or_refused_naming_a_field_and_nothing_panics() {
         format!("name: laughs\nfamily: train\nbase:\n{laughs}  optimizer: adam\n  steps: 10\n  lr: 0.01\nsweep: {{searcher: grid, params: {{seed: *j}}}}\n"),
         "name: x\nfamily: train\nbase: &b {optimizer: adam, steps: 10, lr: 0.01, self: *b}\nsweep: {searcher: grid, params: {seed: [0]}}\n".to_string(),
     ];
-    for text in yaml_cases {
+    // The coordinator's peak memory (VmHWM) before and after: an expanded bomb
+    // (9^9 strings) would take gigabytes and many seconds.
+    let peak_kib = || {
+        let pid = stack.coordinator_pid().expect("the coordinator runs");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmHWM in /proc/PID/status")
+    };
+    let peak_before = peak_kib();
+    for (i, text) in yaml_cases.into_iter().enumerate() {
         let before = refused.get();
+        let started = std::time::Instant::now();
         submit(text.clone(), "yaml").unwrap();
+        let took = started.elapsed();
+        let was_refused = refused.get() > before;
         eprintln!(
-            "alias case {}",
-            if refused.get() > before { "refused" } else { "accepted" }
+            "alias case {i} {} in {took:?}",
+            if was_refused { "refused" } else { "accepted" }
         );
+        // The bomb is refused, at once; the plain anchors are answered either way, at once.
+        assert!(was_refused || i != 1, "the billion laughs were accepted");
+        assert!(took < std::time::Duration::from_secs(5), "alias case {i} took {took:?}");
     }
+    let grown = peak_kib().saturating_sub(peak_before);
+    assert!(grown < 64 * 1024, "the coordinator's peak memory grew by {grown} KiB");
     // The same 3,000 cases every run, so CI is repeatable; ABLATE_FUZZ_SEED=N explores others.
     let seed: u64 = std::env::var("ABLATE_FUZZ_SEED")
         .ok()

@@ -163,3 +163,116 @@ fn the_embedded_stack_starts_in_a_private_directory_once_and_stops_entirely() {
     assert_eq!(mode & 0o777, 0o600);
     std::fs::remove_dir_all(&home).ok();
 }
+
+/// A free port whose successor is free too (a stack's gRPC and, by default, HTTP ports).
+fn free_pair() -> u16 {
+    loop {
+        let port = free_port();
+        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// The stack's processes (under its state directory or its PostgreSQL cluster) still running.
+fn stack_processes(state: &Path) -> Vec<u32> {
+    [state.to_path_buf(), cluster_root(state)]
+        .iter()
+        .flat_map(|p| processes_mentioning(p))
+        .collect()
+}
+
+#[test]
+fn two_stacks_share_a_host_and_a_failed_start_says_why_at_once_and_leaves_nothing_running() {
+    let home = std::env::temp_dir().join(format!("ablate-two-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&home).unwrap();
+    let config = home.join("config");
+    let up = |state: &Path, listen: &str, pg_port: &str, extra: &[&str]| {
+        let state = state.to_string_lossy().into_owned();
+        let mut args = vec![
+            "up",
+            "--detach",
+            "--state-dir",
+            &state,
+            "--listen",
+            listen,
+            "--pg-port",
+            pg_port,
+            "--devices",
+            "cpu:1",
+        ];
+        args.extend_from_slice(extra);
+        ablate(&config, &args)
+    };
+    let (a, b) = (home.join("a"), home.join("b"));
+    let (listen_a, listen_b) = (
+        format!("127.0.0.1:{}", free_pair()),
+        format!("127.0.0.1:{}", free_pair()),
+    );
+    let (pg_a, pg_b) = (free_port().to_string(), free_port().to_string());
+    // Two stacks, each given only --listen and --pg-port: their HTTP ports follow their own.
+    let out = up(&a, &listen_a, &pg_a, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = up(&b, &listen_b, &pg_b, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let port_b: u16 = listen_b.rsplit(':').next().unwrap().parse().unwrap();
+    let (status, _) = harness::http_get(&format!("127.0.0.1:{}", port_b + 1), "/healthz").unwrap();
+    assert_eq!(status, 200, "stack b's HTTP listener is the port after its --listen");
+
+    // A third on a's address is refused before anything starts, naming the flag.
+    let c = home.join("c");
+    let out = up(&c, &listen_a, &free_port().to_string(), &[]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("is taken") && text(&out).contains("--listen"),
+        "{}",
+        text(&out)
+    );
+    assert!(!c.join("up.pid").exists() && stack_processes(&c).is_empty());
+
+    // b's database comes from a newer ablate (a migration this one lacks): its coordinator
+    // exits at once, `up` says so in its words, and stops the PostgreSQL it started.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let pool = sqlx::PgPool::connect(&format!("postgres://postgres@127.0.0.1:{pg_b}/ablate"))
+            .await
+            .unwrap();
+        sqlx::query(
+            "insert into _sqlx_migrations (version, description, success, checksum, execution_time)
+             values (99999999999999, 'from a newer ablate', true, '\\x00', 0)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+    });
+    let out = ablate(&config, &["down", "--state-dir", &b.to_string_lossy()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let started = Instant::now();
+    let out = up(&b, &listen_b, &pg_b, &[]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("before it came up") && text(&out).contains("99999999999999"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(45),
+        "it waited {:?} for a stack that had exited",
+        started.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !stack_processes(&b).is_empty() {
+        assert!(Instant::now() < deadline, "left running: {:?}", stack_processes(&b));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    let out = ablate(&config, &["down", "--state-dir", &a.to_string_lossy()]);
+    assert!(out.status.success(), "{}", text(&out));
+    for state in [&a, &b] {
+        let cluster = cluster_root(state);
+        if cluster.starts_with("/var/lib/ablate") {
+            std::fs::remove_dir_all(&cluster).ok();
+        }
+    }
+    std::fs::remove_dir_all(&home).ok();
+}

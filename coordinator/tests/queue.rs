@@ -437,3 +437,84 @@ async fn fused_trials_are_leased_as_groups_and_a_last_one_as_a_group_of_one(pool
     assert_eq!(groups, [4, 1]);
     assert_eq!(plain, vec![(1, None); 6], "a sweep without fuse runs unfused");
 }
+
+/// What a researcher's read-only query can lock never stalls a searcher's decision: the
+/// searchers decide under a row lock of a table the read-only role can't see, not under
+/// the advisory lock any session may take on the same key.
+#[sqlx::test(migrator = "ablate_coordinator::db::MIGRATOR")]
+async fn a_readers_locks_cannot_stall_a_searchers_decision(pool: PgPool) {
+    let spec = r#"
+name = "tpe-lock"
+family = "train"
+[base]
+optimizer = "adam"
+steps = 10
+[sweep]
+searcher = "tpe"
+params.log2_lr = { range = [-10, -2], step = 1 }
+[sweep.tpe]
+trials = 6
+n_startup = 2
+"#;
+    let (id, _) = submit::submit(&pool, spec, SpecFormat::Toml, &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(count(&pool, "select count(*) from trials").await, 2, "the random start");
+    // The reader holds what it can: the advisory lock on the experiment's key.
+    let reader = pool.clone();
+    let key = id.0;
+    let held = tokio::spawn(async move {
+        db::read_only_query(
+            &reader,
+            &format!("select pg_advisory_xact_lock(hashtextextended('{key}'::text, 0)), pg_sleep(30)"),
+            Duration::from_secs(40),
+        )
+        .await
+    });
+    loop {
+        let held: i64 = sqlx::query_scalar("select count(*) from pg_locks where locktype = 'advisory' and granted")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if held > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A trial finished: the searcher owes one proposal, and makes it at once.
+    sqlx::query("update trials set state = 'succeeded', finished_at = now() where experiment_id = $1 and ordinal = 0")
+        .bind(id.0)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let decided = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut conn = pool.acquire().await.unwrap();
+        db::top_up(&mut conn, id).await
+    })
+    .await
+    .expect("the searcher's decision waited on the reader's lock")
+    .unwrap();
+    assert_eq!(decided, 1);
+    assert_eq!(count(&pool, "select count(*) from trials").await, 3);
+    // Nor can the reader lock the searchers' rows.
+    for locking in [
+        "select * from searcher_locks for update",
+        "select * from ablate.experiments for update",
+    ] {
+        assert!(
+            db::read_only_query(&pool, locking, Duration::from_secs(5))
+                .await
+                .is_err(),
+            "`{locking}` was allowed"
+        );
+    }
+    // The reader's query ends, so nothing of this test outlives it.
+    sqlx::query(
+        "select pg_cancel_backend(pid) from pg_stat_activity
+         where datname = current_database() and pid <> pg_backend_pid() and query like '%pg_sleep(30)%'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert!(held.await.unwrap().is_err(), "the reader's query was cancelled");
+}

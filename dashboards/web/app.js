@@ -169,6 +169,41 @@ function plotWidth(el) {
   return Math.max(280, Math.min(el.clientWidth || 900, 1300));
 }
 
+/// An SVG scatter of one point per trial (every trial, also where several share
+/// an x value): numbers on a linear or log axis (as axisFor picks), other values
+/// as categories. Each point is a circle with its trial and value in a tooltip.
+function scatterPlot({ title, param, xLabel, yLabel, kinds, points }) {
+  const W = 380, H = 240, left = 62, right = 12, top = 10, bottom = 36;
+  const scale = (values, lo, hi) => {
+    const axis = axisFor(values);
+    const f = axis.distr === 3 ? Math.log : (v) => v;
+    const a = Math.min(...values.map(f)), b = Math.max(...values.map(f));
+    return { at: (v) => (b === a ? (lo + hi) / 2 : lo + ((f(v) - a) * (hi - lo)) / (b - a)), min: Math.min(...values), max: Math.max(...values) };
+  };
+  const x = kinds
+    ? { at: (v) => left + ((kinds.indexOf(fmt(v)) + 0.5) * (W - left - right)) / kinds.length }
+    : scale(points.map((p) => p.x), left, W - right);
+  const y = scale(points.map((p) => p.y), H - bottom, top);
+  // Points that share an x spread a little sideways, so each stays visible.
+  const seen = new Map();
+  const circles = points.map((p) => {
+    const key = fmt(p.x);
+    const n = seen.get(key) || 0;
+    seen.set(key, n + 1);
+    const dx = ((n % 7) - 3) * 1.5;
+    return `<circle class="scatter-point" data-param="${esc(param)}" data-x="${esc(fmt(p.x))}" cx="${(x.at(p.x) + dx).toFixed(1)}" cy="${y.at(p.y).toFixed(1)}" r="3.5">` +
+      `<title>trial ${p.trial.ordinal}: ${esc(param)} = ${esc(fmt(p.x))}, ${esc(yLabel)} = ${esc(fmt(p.y))}</title></circle>`;
+  }).join("");
+  const xTicks = kinds
+    ? kinds.map((k) => `<text x="${x.at(k).toFixed(1)}" y="${H - bottom + 14}" text-anchor="middle">${esc(k)}</text>`).join("")
+    : `<text x="${left}" y="${H - bottom + 14}" text-anchor="start">${esc(fmt(x.min))}</text><text x="${W - right}" y="${H - bottom + 14}" text-anchor="end">${esc(fmt(x.max))}</text>`;
+  const yTicks = `<text x="${left - 4}" y="${H - bottom}" text-anchor="end">${esc(fmt(y.min))}</text><text x="${left - 4}" y="${top + 8}" text-anchor="end">${esc(fmt(y.max))}</text>`;
+  return `<div class="card"><h3>${esc(title)}</h3><svg class="scatter" data-param="${esc(param)}" data-points="${points.length}" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}">
+    <rect x="${left}" y="${top}" width="${W - left - right}" height="${H - top - bottom}" class="frame"/>${circles}${xTicks}${yTicks}
+    <text x="${(left + W - right) / 2}" y="${H - 4}" text-anchor="middle">${esc(xLabel)}</text>
+    <text x="12" y="${(top + H - bottom) / 2}" text-anchor="middle" transform="rotate(-90 12 ${(top + H - bottom) / 2})">${esc(yLabel)}</text></svg></div>`;
+}
+
 /// A uPlot of several (x, y) series, joined on one x axis.
 function linePlot(el, { title, series, xLabel, yLabel, xAxis, yAxis, points, width, height }) {
   const nonEmpty = series.filter((s) => s.x.length > 0);
@@ -204,7 +239,7 @@ function linePlot(el, { title, series, xLabel, yLabel, xAxis, yAxis, points, wid
 function experimentView(id) {
   const state = {
     experiment: null, trials: [], sort: { key: "ordinal", dir: 1 }, stateFilter: "", ranges: {},
-    selected: new Set(), metric: null, lastTrials: "", lastCurves: "",
+    selected: new Set(), metric: null, metricPicked: false, candidates: [], lastTrials: "", lastCurves: "",
   };
   main.innerHTML = `<div id="head"><p class="muted">Loading…</p></div>
     <h2>Trials</h2>
@@ -231,7 +266,7 @@ function experimentView(id) {
     <details><summary>spec text</summary><pre id="spec"></pre></details>`;
 
   const metricSelect = document.getElementById("metric");
-  metricSelect.addEventListener("change", () => { state.metric = metricSelect.value; state.lastCurves = ""; drawCurves(); });
+  metricSelect.addEventListener("change", () => { state.metric = metricSelect.value; state.metricPicked = true; state.lastCurves = ""; drawCurves(); });
 
   const allParams = () => state.experiment ? state.experiment.params : [];
   // The swept parameters: those whose values differ between trials (all of them for one trial).
@@ -327,10 +362,15 @@ function experimentView(id) {
     const metrics = e.metrics || [];
     if (metricSelect.options.length !== metrics.length) {
       metricSelect.innerHTML = metrics.map((m) => `<option>${esc(m)}</option>`).join("");
-      // A curve by default: the objective unless it is a single final value, else a loss.
-      const curve = metrics.find((m) => m === e.objective_metric && !/_final$/.test(m)) ||
-        metrics.find((m) => /^(eval|train)_loss$/.test(m)) || metrics.find((m) => m === e.objective_metric) || metrics[0];
-      state.metric = state.metric || curve;
+      // A curve by default: the objective unless it is a single final value, else a
+      // loss, else the rest; drawCurves moves on from one that has a point per trial.
+      state.candidates = [
+        ...metrics.filter((m) => m === e.objective_metric && !/_final$/.test(m)),
+        ...metrics.filter((m) => /^(eval|train)_loss$/.test(m)),
+        ...metrics.filter((m) => !/_final$/.test(m)),
+        ...metrics,
+      ].filter((m, i, all) => all.indexOf(m) === i);
+      state.metric = state.metric || state.candidates[0];
       metricSelect.value = state.metric || "";
     }
   }
@@ -347,6 +387,15 @@ function experimentView(id) {
     const chosen = state.selected.size > 0 ? [...state.selected] : best;
     if (chosen.length > 0) q.set("trials", chosen.join(","));
     const { series } = await api(`/api/v1/experiments/${id}/curves?${q}`);
+    // A metric of one point per trial draws no curve: unless it was picked, try the next.
+    if (!state.metricPicked && series.length > 0 && series.every((s) => s.values.length <= 1)) {
+      const next = state.candidates[state.candidates.indexOf(state.metric) + 1];
+      if (next) {
+        state.metric = next;
+        metricSelect.value = next;
+        return drawCurves();
+      }
+    }
     const text = JSON.stringify(series);
     if (text === state.lastCurves) return;
     state.lastCurves = text;
@@ -363,28 +412,17 @@ function experimentView(id) {
 
   function drawScatter() {
     const box = document.getElementById("scatter");
-    view.plots = view.plots.filter((p) => { if (p.root.closest("#scatter")) { p.destroy(); return false; } return true; });
     box.innerHTML = "";
-    const done = state.trials.filter((t) => typeof t.objective === "number");
+    const done = state.trials.filter((t) => typeof t.objective === "number" && Number.isFinite(t.objective));
     if (done.length === 0) { box.innerHTML = `<p class="muted">no objective yet</p>`; return; }
+    const objective = state.experiment.objective_metric || "objective";
     for (const p of paramNames()) {
       const values = done.map((t) => t.params[p]);
-      let xs, label = p, ticks = null;
-      if (numeric(values)) {
-        xs = values;
-      } else {
-        const kinds = [...new Set(values.map((v) => fmt(v)))].sort();
-        xs = values.map((v) => kinds.indexOf(fmt(v)));
-        ticks = kinds;
-        label = `${p} (${kinds.join(", ")})`;
-      }
-      const pairs = done.map((t, i) => [xs[i], t.objective]).sort((a, b) => a[0] - b[0]);
-      const xAxis = ticks ? { distr: 1 } : axisFor(xs);
-      linePlot(box, {
-        title: `${state.experiment.objective_metric || "objective"} vs ${label}`, xLabel: p, yLabel: state.experiment.objective_metric || "objective",
-        width: 380, height: 240, points: true, xAxis, yAxis: axisFor(pairs.map((q) => q[1])),
-        series: [{ label: "trials", x: pairs.map((q) => q[0]), y: pairs.map((q) => q[1]) }],
-      });
+      const kinds = numeric(values) ? null : [...new Set(values.map((v) => fmt(v)))].sort();
+      box.insertAdjacentHTML("beforeend", scatterPlot({
+        title: `${objective} vs ${kinds ? `${p} (${kinds.join(", ")})` : p}`, param: p, xLabel: p, yLabel: objective,
+        kinds, points: done.map((t) => ({ x: t.params[p], y: t.objective, trial: t })),
+      }));
     }
   }
 

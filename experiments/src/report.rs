@@ -83,37 +83,52 @@ pub struct Criterion {
     /// The condition, such as `<= 1`.
     pub threshold: String,
     pub holds: bool,
+    /// How far the measurement falls outside the condition: 0 when it holds,
+    /// `null` when it was not measured.
+    #[serde(default)]
+    pub miss: Option<f64>,
 }
 
 impl Criterion {
-    /// `measured <= limit`.
-    pub fn at_most(name: impl Into<String>, measured: Option<f64>, limit: f64) -> Criterion {
+    /// A criterion from how far a measurement misses it (0: it holds; NaN misses).
+    fn new(name: impl Into<String>, measured: Option<f64>, threshold: String, miss: impl Fn(f64) -> f64) -> Criterion {
+        let miss = measured.map(|m| if m.is_nan() { f64::INFINITY } else { miss(m) });
         Criterion {
             name: name.into(),
             measured,
-            threshold: format!("<= {limit}"),
-            holds: measured.is_some_and(|m| m <= limit),
+            threshold,
+            holds: miss == Some(0.0),
+            miss,
         }
+    }
+
+    /// One line for a criterion that does not hold: its name, what was measured, what
+    /// it needs and by how much it misses.
+    pub fn failure(&self) -> String {
+        match (self.measured, self.miss) {
+            (Some(m), Some(miss)) => format!(
+                "{}: measured {m}, needs {}, misses by {miss}",
+                self.name, self.threshold
+            ),
+            _ => format!("{}: not measured, needs {}", self.name, self.threshold),
+        }
+    }
+
+    /// `measured <= limit`.
+    pub fn at_most(name: impl Into<String>, measured: Option<f64>, limit: f64) -> Criterion {
+        Criterion::new(name, measured, format!("<= {limit}"), |m| (m - limit).max(0.0))
     }
 
     /// `lo <= measured <= hi`.
     pub fn between(name: impl Into<String>, measured: Option<f64>, lo: f64, hi: f64) -> Criterion {
-        Criterion {
-            name: name.into(),
-            measured,
-            threshold: format!("in {lo}..{hi}"),
-            holds: measured.is_some_and(|m| (lo..=hi).contains(&m)),
-        }
+        Criterion::new(name, measured, format!("in {lo}..{hi}"), |m| {
+            (lo - m).max(m - hi).max(0.0)
+        })
     }
 
     /// `measured >= limit`.
     pub fn at_least(name: impl Into<String>, measured: Option<f64>, limit: f64) -> Criterion {
-        Criterion {
-            name: name.into(),
-            measured,
-            threshold: format!(">= {limit}"),
-            holds: measured.is_some_and(|m| m >= limit),
-        }
+        Criterion::new(name, measured, format!(">= {limit}"), |m| (limit - m).max(0.0))
     }
 }
 

@@ -43,6 +43,18 @@ pub fn check_confined(
 ) -> Result<Checked, SpecError> {
     let spec = SweepSpec::parse_within(text, format, limits)?;
     let family = Family::parse(&spec.family).map_err(|m| SpecError::new("family", m))?;
+    if let Some(gpus) = spec.resources.gpus_per_trial.filter(|&g| g > 1) {
+        // A trial of a built-in family trains on its first device: the others would idle.
+        return Err(SpecError::new(
+            "resources.gpus_per_trial",
+            format!(
+                "family {}'s trials train on one device (they are not data-parallel), so {gpus} GPUs \
+                 per trial would hold {} idle; drop it (or set 1)",
+                family.name(),
+                gpus - 1
+            ),
+        ));
+    }
     let objective = match &spec.objective {
         Some(o) if !family.metrics().contains(&o.metric.as_str()) => {
             return Err(SpecError::new(
@@ -117,6 +129,14 @@ pub fn check_confined(
                 let (path, message) = locate(&spec, &e.path, &e.message);
                 SpecError::new(path, format!("{message} (in trial {ordinal}: {params})"))
             })?;
+        let steps_field = if params.get("examples").is_some() && params.get("steps").is_none() {
+            "examples"
+        } else {
+            "steps"
+        };
+        limits
+            .check_steps(&locate(&spec, steps_field, "").0, plan.total_steps)
+            .map_err(|e| SpecError::new(e.path, format!("{} (in trial {ordinal})", e.message)))?;
         trials.push(PlannedTrial {
             fuse_key: fuse_key(&spec, family, &params),
             params,

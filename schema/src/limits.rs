@@ -28,6 +28,8 @@ pub struct Limits {
     pub max_batch_points: usize,
     /// Bytes of a trial's named outputs, as JSON.
     pub max_output_bytes: usize,
+    /// Training steps of one trial (its `steps`, or `examples` over its batch size).
+    pub max_steps: u64,
 }
 
 impl Default for Limits {
@@ -41,6 +43,7 @@ impl Default for Limits {
             max_metric_names: 1000,
             max_batch_points: 100_000,
             max_output_bytes: 1 << 20,
+            max_steps: 100_000_000,
         }
     }
 }
@@ -73,6 +76,20 @@ impl Limits {
             return Err(SpecError::new(path, "holds a line break or tab; use one line"));
         }
         self.check_string(path, name, max)
+    }
+
+    /// Refuses a trial that would train more than `max_steps` steps.
+    pub fn check_steps(&self, path: &str, steps: u64) -> Result<(), SpecError> {
+        if steps > self.max_steps {
+            return Err(SpecError::new(
+                path,
+                format!(
+                    "{steps} training steps, over the limit of {}; lower steps (or examples)",
+                    self.max_steps
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Walks a parameter value: every string and key checked, nesting at most [`MAX_DEPTH`].

@@ -6,30 +6,49 @@
 //! report.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Condvar, Mutex};
 
 use ablate_experiments::report::{Report, TrialOutcome};
+use ablate_experiments::sweep::PlannedTrial;
+use ablate_experiments::tpe::{self, Observation};
 use ablate_experiments::trial::{DirData, MemoryCheckpoints, MemoryMetrics, TrialContext};
 use ablate_experiments::Family;
-use ablate_schema::SpecFormat;
+use ablate_schema::{Goal, Limits, ParamDomain, SpecFormat};
+use serde_json::Value;
 
 use crate::backend::{self, Slot};
 
+/// How a local sweep runs, beyond its spec and slots.
+#[derive(Debug, Default, Clone)]
+pub struct Options {
+    /// Every finished trial is appended here at once as a JSON line, so a run
+    /// cut short keeps what it finished.
+    pub log: Option<PathBuf>,
+    /// Objects trials write (data selections, ...) go under
+    /// `store/experiments/<spec name>/`; by default a new
+    /// `ablate-sweep-<pid>-<time>` in the system's temporary directory, so a
+    /// run never reads what an earlier run of the same spec left (a later stage
+    /// would take the earlier run's selection for its own).
+    pub store: Option<PathBuf>,
+    /// Folders trials may read local data under; empty: the provisioned data
+    /// folder and /usr/share/datasets (as the daemon's `--data-root`).
+    pub data_roots: Vec<PathBuf>,
+    /// Keeps every metric's points in each outcome's `series`, not only those
+    /// the family's report reads.
+    pub every_series: bool,
+}
+
 /// Checks and expands the spec, runs every trial over `slots`, and reports.
-/// With `log`, every finished trial is appended to it at once as a JSON line,
-/// so a run cut short keeps what it finished. Objects trials write (data
-/// selections, ...) go under `store/experiments/<spec name>/`; by default
-/// `store` is a new `ablate-sweep-<pid>-<time>` in the system's temporary
-/// directory, so a run never reads what an earlier run of the same spec left
-/// (a later stage would take the earlier run's selection for its own).
+/// A tpe sweep runs to its whole budget: each trial that ends brings the next
+/// proposals, as the coordinator's searcher does.
 pub fn run(
     text: &str,
     format: SpecFormat,
     slots: &[Slot],
-    log: Option<&std::path::Path>,
-    store: Option<&std::path::Path>,
+    options: &Options,
 ) -> anyhow::Result<(Report, Vec<TrialOutcome>)> {
-    let log = match log {
+    let log = match &options.log {
         Some(path) => Some(Mutex::new(
             std::fs::OpenOptions::new()
                 .create(true)
@@ -39,11 +58,17 @@ pub fn run(
         )),
         None => None,
     };
-    let checked = ablate_experiments::sweep::check(text, format).map_err(|e| anyhow::anyhow!("invalid spec: {e}"))?;
+    let roots = if options.data_roots.is_empty() {
+        ablate_experiments::nn::locations::default_roots()
+    } else {
+        options.data_roots.clone()
+    };
+    let checked = ablate_experiments::sweep::check_confined(text, format, &Limits::default(), &roots)
+        .map_err(|e| anyhow::anyhow!("invalid spec: {e}"))?;
     if checked.spec.sweep.pauses() {
         anyhow::bail!(
             "invalid spec: sweep.searcher: the {} searcher decides rungs on the coordinator; submit it with \
-             `ablate submit` (this runs whole sweeps only: grid or random)",
+             `ablate submit` (this runs grid, random and tpe sweeps)",
             checked.spec.sweep.searcher.as_str()
         );
     }
@@ -55,41 +80,64 @@ pub fn run(
         .map(|s| backend::device(&s.device))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let memory = backend::slot_memory(slots);
-    let queue = Queue::new(
-        checked
-            .trials
-            .iter()
-            .enumerate()
-            .map(|(i, t)| Waiting {
-                ordinal: i,
-                params: t.params.clone(),
-                depends_on: t.depends_on.clone(),
-                group: match (&t.fuse_key, checked.spec.fuse) {
-                    (Some(key), Some(fuse)) => Some((
-                        key.clone(),
-                        ablate_experiments::fusion::group_size(fuse, family, &t.params, memory) as usize,
-                    )),
-                    _ => None,
-                },
-            })
-            .collect(),
-    );
-    let store = store.map_or_else(
-        || {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos();
-            std::env::temp_dir().join(format!("ablate-sweep-{}-{now}", std::process::id()))
+    let spec = &checked.spec;
+    let waiting = |ordinal: usize, t: &PlannedTrial| Waiting {
+        ordinal,
+        params: t.params.clone(),
+        depends_on: t.depends_on.clone(),
+        group: match (&t.fuse_key, spec.fuse) {
+            (Some(key), Some(fuse)) => Some((
+                key.clone(),
+                ablate_experiments::fusion::group_size(fuse, family, &t.params, memory) as usize,
+            )),
+            _ => None,
         },
-        std::path::Path::to_path_buf,
+        refused: None,
+    };
+    let searcher = spec.sweep.tpe.as_ref().map(|budget| Tpe {
+        domains: spec.domains(),
+        seed: budget.seed.unwrap_or(0),
+        budget: budget.trials as usize,
+        n_startup: budget.n_startup() as usize,
+        maximize: checked.objective.goal == Goal::Maximize,
+        history: Vec::new(),
+    });
+    let queue = Queue::new(
+        checked.trials.iter().enumerate().map(|(i, t)| waiting(i, t)).collect(),
+        searcher,
     );
+    let store = options.store.clone().unwrap_or_else(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        std::env::temp_dir().join(format!("ablate-sweep-{}-{now}", std::process::id()))
+    });
     let outcomes = Mutex::new(Vec::new());
-    let total = checked.trials.len();
-    let experiment = &checked.spec.name;
+    let experiment = &spec.name;
+    let objective = checked.objective.metric.as_str();
+    // A tpe proposal becomes a trial as at submission; one the family refuses fails with the reason.
+    let propose = |ordinal: usize, point: serde_json::Map<String, Value>| match ablate_experiments::sweep::plan_point(
+        spec,
+        point.clone(),
+    ) {
+        Ok(planned) => waiting(ordinal, &planned),
+        Err(e) => Waiting {
+            refused: Some(e.to_string()),
+            ..waiting(
+                ordinal,
+                &PlannedTrial {
+                    params: Value::Object(point),
+                    total_steps: 0,
+                    depends_on: vec![],
+                    fuse_key: None,
+                },
+            )
+        },
+    };
     std::thread::scope(|scope| {
         for device in &devices {
-            let (queue, outcomes, log, store) = (&queue, &outcomes, &log, &store);
+            let (queue, outcomes, log, store, propose) = (&queue, &outcomes, &log, &store, &propose);
             scope.spawn(move || loop {
                 let (members, fused) = match queue.next() {
                     Next::Done => return,
@@ -123,7 +171,7 @@ pub fn run(
                     // A trial that fuses takes the fused code alone too (its rounding).
                     [(_, params, None)] if !fused => vec![family.run(params, &mut ctxs[0]).map_err(|e| e.to_string())],
                     _ => {
-                        let params: Vec<serde_json::Value> = members.iter().map(|m| m.1.clone()).collect();
+                        let params: Vec<Value> = members.iter().map(|m| m.1.clone()).collect();
                         family
                             .run_fused(&params, &mut ctxs)
                             .into_iter()
@@ -133,8 +181,9 @@ pub fn run(
                 };
                 drop(ctxs);
                 for (((ordinal, params, _), result), mut metrics) in members.into_iter().zip(results).zip(metrics) {
-                    queue.end(ordinal, result.is_ok());
-                    let outcome = outcome(family, ordinal, params, &result, &mut metrics);
+                    let outcome = outcome(family, ordinal, params, &result, &mut metrics, options.every_series);
+                    let value = outcome.metric(objective).filter(|_| result.is_ok());
+                    queue.end(ordinal, result.is_ok(), spec.swept(&outcome.params), value, propose);
                     if let Some(file) = log {
                         use std::io::Write;
                         let line = serde_json::to_string(&outcome).expect("an outcome serializes");
@@ -144,6 +193,7 @@ pub fn run(
                     }
                     let mut done = outcomes.lock().expect("outcomes lock");
                     done.push(outcome);
+                    let total = queue.total();
                     if done.len() % 10 == 0 || done.len() == total {
                         tracing::info!(finished = done.len(), total, "sweep progress");
                     }
@@ -157,20 +207,67 @@ pub fn run(
     Ok((report, outcomes))
 }
 
+/// What a finished local sweep must show for `ablate-worker sweep` to exit 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Require {
+    /// Nothing: the report is printed whatever it says.
+    Nothing,
+    /// Every trial succeeded and the report has a verdict with criteria.
+    Succeeded,
+    /// Every trial succeeded and every criterion of the verdict holds.
+    Verdict,
+}
+
+/// What falls short of `require`, one line each (empty: it holds).
+pub fn shortfalls(require: Require, report: &Report, outcomes: &[TrialOutcome]) -> Vec<String> {
+    let mut short = Vec::new();
+    if require == Require::Nothing {
+        return short;
+    }
+    let failed: Vec<String> = outcomes
+        .iter()
+        .filter(|t| t.state != "succeeded")
+        .map(|t| t.ordinal.to_string())
+        .collect();
+    if !failed.is_empty() {
+        short.push(format!(
+            "{} of {} trials did not succeed (ordinals {}); their errors are in the log",
+            failed.len(),
+            outcomes.len(),
+            failed.join(", ")
+        ));
+    }
+    if report.verdict.criteria.is_empty() {
+        short.push(format!("the {} report has no verdict criteria", report.family));
+    }
+    if require == Require::Verdict {
+        short.extend(
+            report
+                .verdict
+                .criteria
+                .iter()
+                .filter(|c| !c.holds)
+                .map(|c| format!("criterion not met: {}", c.failure())),
+        );
+    }
+    short
+}
+
 /// A trial's outcome as the family's report reads it: its last value of each
-/// metric, its series and outputs.
+/// metric, its series (every metric's with `every_series`) and outputs.
 fn outcome(
     family: Family,
     ordinal: usize,
-    params: serde_json::Value,
+    params: Value,
     result: &Result<(), String>,
     metrics: &mut MemoryMetrics,
+    every_series: bool,
 ) -> TrialOutcome {
     let mut last = serde_json::Map::new();
     let mut series = std::collections::BTreeMap::<String, Vec<(u64, f64)>>::new();
     for (name, step, value) in &metrics.points {
         last.insert(name.clone(), serde_json::json!(value));
-        if family.series_metrics().contains(&name.as_str()) {
+        if every_series || family.series_metrics().contains(&name.as_str()) {
             series.entry(name.clone()).or_default().push((*step, *value));
         }
     }
@@ -191,29 +288,45 @@ fn outcome(
     }
 }
 
+/// The tpe searcher's state in a local sweep: as the coordinator's, the sweep
+/// holds `n_startup` random trials at first and one more for each that
+/// finished, up to `budget`, each proposed from the finished ones.
+struct Tpe {
+    domains: Vec<(String, ParamDomain)>,
+    seed: u64,
+    budget: usize,
+    n_startup: usize,
+    maximize: bool,
+    /// Finished trials by ordinal: swept values and objective (to minimize).
+    history: Vec<(usize, Observation)>,
+}
+
 /// A trial not started yet: what it waits for, and its fusion key with the
 /// most members a group it leads may hold.
 struct Waiting {
     ordinal: usize,
-    params: serde_json::Value,
+    params: Value,
     depends_on: Vec<usize>,
     group: Option<(String, usize)>,
+    /// A proposal the family refused: it fails at once, with this reason.
+    refused: Option<String>,
 }
 
 /// What a slot's thread does next.
 enum Next {
     /// One trial, or a fused group (in order), and whether they fuse (a trial
     /// that fuses may run as a group of one).
-    Run(Vec<(usize, serde_json::Value)>, bool),
-    /// A trial it waits for failed: it fails without running, with the reason.
-    Failed(usize, serde_json::Value, String),
+    Run(Vec<(usize, Value)>, bool),
+    /// A trial it waits for failed, or its proposal was refused: it fails
+    /// without running, with the reason.
+    Failed(usize, Value, String),
     /// Nothing is left to start.
     Done,
 }
 
 /// The trials not started yet, in order; a thread takes the first whose
 /// dependencies succeeded, with the next ready ones of its fusion key, or
-/// waits for one to end.
+/// waits for one to end (which may also bring a searcher's proposals).
 struct Queue {
     state: Mutex<QueueState>,
     ended_one: Condvar,
@@ -223,30 +336,54 @@ struct QueueState {
     waiting: Vec<Waiting>,
     /// Trials that ended, and whether they succeeded.
     ended: HashMap<usize, bool>,
+    /// Trials the sweep holds so far: waiting, running and ended.
+    total: usize,
+    searcher: Option<Tpe>,
 }
 
 impl QueueState {
     fn ready(&self, t: &Waiting) -> bool {
         t.depends_on.iter().all(|d| self.ended.get(d) == Some(&true))
     }
+
+    /// Whether a trial still running may add trials when it ends.
+    fn may_grow(&self) -> bool {
+        self.total > self.ended.len() && self.searcher.as_ref().is_some_and(|s| self.total < s.budget)
+    }
 }
 
 impl Queue {
-    fn new(waiting: Vec<Waiting>) -> Queue {
+    fn new(waiting: Vec<Waiting>, searcher: Option<Tpe>) -> Queue {
         Queue {
             state: Mutex::new(QueueState {
+                total: waiting.len(),
                 waiting,
                 ended: HashMap::new(),
+                searcher,
             }),
             ended_one: Condvar::new(),
         }
     }
 
+    /// Trials the sweep holds so far.
+    fn total(&self) -> usize {
+        self.state.lock().expect("queue lock").total
+    }
+
     fn next(&self) -> Next {
         let mut state = self.state.lock().expect("queue lock");
         loop {
-            if state.waiting.is_empty() {
+            if state.waiting.is_empty() && !state.may_grow() {
                 return Next::Done;
+            }
+            if let Some(i) = state.waiting.iter().position(|t| t.refused.is_some()) {
+                let t = state.waiting.remove(i);
+                let why = t.refused.unwrap_or_default();
+                return Next::Failed(
+                    t.ordinal,
+                    t.params,
+                    format!("the searcher's proposal was refused: {why}"),
+                );
             }
             let failed = state.waiting.iter().enumerate().find_map(|(i, t)| {
                 let dep = t.depends_on.iter().find(|d| state.ended.get(d) == Some(&false))?;
@@ -269,7 +406,7 @@ impl Queue {
                             .take(size.saturating_sub(1)),
                     );
                 }
-                let mut members: Vec<(usize, serde_json::Value)> = take
+                let mut members: Vec<(usize, Value)> = take
                     .into_iter()
                     .rev()
                     .map(|i| state.waiting.remove(i))
@@ -278,13 +415,51 @@ impl Queue {
                 members.reverse();
                 return Next::Run(members, fuses);
             }
-            // Dependencies are earlier trials, so one of them is running and will end.
+            // Dependencies are earlier trials, so one of them is running and will end;
+            // a searcher's next proposals come when a running trial ends.
             state = self.ended_one.wait(state).expect("queue lock");
         }
     }
 
-    fn end(&self, ordinal: usize, succeeded: bool) {
-        self.state.lock().expect("queue lock").ended.insert(ordinal, succeeded);
+    /// A trial ended: with a searcher, its swept values and objective join the
+    /// history and the trials it is owed are proposed (`propose` makes each).
+    fn end(
+        &self,
+        ordinal: usize,
+        succeeded: bool,
+        swept: serde_json::Map<String, Value>,
+        objective: Option<f64>,
+        propose: impl Fn(usize, serde_json::Map<String, Value>) -> Waiting,
+    ) {
+        let mut state = self.state.lock().expect("queue lock");
+        state.ended.insert(ordinal, succeeded);
+        let (finished, total) = (state.ended.len(), state.total);
+        if let Some(tpe) = state.searcher.as_mut() {
+            tpe.history.push((
+                ordinal,
+                Observation {
+                    params: swept,
+                    // Failed trials count as neither good nor bad.
+                    loss: objective.map(|v| if tpe.maximize { -v } else { v }),
+                },
+            ));
+            tpe.history.sort_by_key(|(o, _)| *o);
+            let owed = tpe.budget.min(tpe.n_startup + finished).saturating_sub(total);
+            let history: Vec<Observation> = tpe
+                .history
+                .iter()
+                .map(|(_, o)| Observation {
+                    params: o.params.clone(),
+                    loss: o.loss,
+                })
+                .collect();
+            let proposals: Vec<Waiting> = (total..total + owed)
+                .map(|ordinal| propose(ordinal, tpe::propose(&tpe.domains, &history, tpe.seed, ordinal)))
+                .collect();
+            state.total += owed;
+            state.waiting.extend(proposals);
+        }
+        drop(state);
         self.ended_one.notify_all();
     }
 }
@@ -299,7 +474,14 @@ mod tests {
             params: serde_json::json!({ "n": ordinal }),
             depends_on,
             group: group.map(|(k, n)| (k.to_string(), n)),
+            refused: None,
         }
+    }
+
+    fn end(queue: &Queue, ordinal: usize) {
+        queue.end(ordinal, true, Default::default(), None, |_, _| {
+            unreachable!("no searcher")
+        });
     }
 
     /// The trials a slot takes next, and whether they fuse.
@@ -313,21 +495,24 @@ mod tests {
 
     #[test]
     fn the_queue_groups_ready_trials_of_one_key_up_to_the_group_size() {
-        let queue = Queue::new(vec![
-            waiting(0, vec![], Some(("a", 3))),
-            waiting(1, vec![], Some(("b", 3))),
-            waiting(2, vec![], Some(("a", 3))),
-            waiting(3, vec![0], Some(("a", 3))),
-            waiting(4, vec![], Some(("a", 3))),
-            waiting(5, vec![], Some(("a", 3))),
-            waiting(6, vec![], None),
-        ]);
+        let queue = Queue::new(
+            vec![
+                waiting(0, vec![], Some(("a", 3))),
+                waiting(1, vec![], Some(("b", 3))),
+                waiting(2, vec![], Some(("a", 3))),
+                waiting(3, vec![0], Some(("a", 3))),
+                waiting(4, vec![], Some(("a", 3))),
+                waiting(5, vec![], Some(("a", 3))),
+                waiting(6, vec![], None),
+            ],
+            None,
+        );
         // Trial 3 waits for 0, so the first group skips it; at most three members.
         assert_eq!(ordinals(queue.next()), (vec![0, 2, 4], true));
         // Alone, but it fuses: a group of one.
         assert_eq!(ordinals(queue.next()), (vec![1], true));
         for ordinal in [0, 2, 4, 1] {
-            queue.end(ordinal, true);
+            end(&queue, ordinal);
         }
         assert_eq!(ordinals(queue.next()), (vec![3, 5], true));
         assert_eq!(ordinals(queue.next()), (vec![6], false));
@@ -352,24 +537,34 @@ params.log2_lr = [-7, 40, -5]
     #[test]
     fn a_fused_sweep_gives_each_trial_its_one_by_one_metrics() {
         let slots = [Slot::new("cpu:0".into(), "cpu".into(), 1)];
-        let run = |text: &str| run(text, SpecFormat::Toml, &slots, None, None).unwrap().1;
+        let options = Options {
+            every_series: true,
+            ..Options::default()
+        };
+        let run = |text: &str| run(text, SpecFormat::Toml, &slots, &options).unwrap().1;
         let fuse = |n: u32| SPEC.replace("family = \"train\"", &format!("family = \"train\"\nfuse = {n}"));
         let alone = run(SPEC);
         let fused = run(&fuse(6));
         assert_eq!(alone.len(), 6);
         for (a, f) in alone.iter().zip(&fused) {
             assert_eq!((a.ordinal, &a.state), (f.ordinal, &f.state));
-            assert_eq!(
-                a.metrics.keys().collect::<Vec<_>>(),
-                f.metrics.keys().collect::<Vec<_>>()
-            );
-            for (name, value) in &a.metrics {
-                let (x, y) = (value.as_f64().unwrap(), f.metrics[name].as_f64().unwrap());
-                assert!(
-                    (x - y).abs() <= 1e-5 * x.abs().max(1.0),
-                    "trial {} {name}: {x} alone, {y} fused",
+            assert_eq!(a.series.keys().collect::<Vec<_>>(), f.series.keys().collect::<Vec<_>>());
+            // Every point of every metric, not only the last.
+            for (name, points) in &a.series {
+                let theirs = &f.series[name];
+                assert_eq!(
+                    points.iter().map(|p| p.0).collect::<Vec<_>>(),
+                    theirs.iter().map(|p| p.0).collect::<Vec<_>>(),
+                    "trial {} {name}: the steps",
                     a.ordinal
                 );
+                for ((step, x), (_, y)) in points.iter().zip(theirs) {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+                        "trial {} {name} step {step}: {x} alone, {y} fused",
+                        a.ordinal
+                    );
+                }
             }
         }
         // log2_lr = 40 diverges, alone as in the group; the others succeed.
@@ -382,7 +577,87 @@ params.log2_lr = [-7, 40, -5]
         // Groups of 5 and of one (the fused code alone): the same numbers, bit for bit.
         let regrouped = run(&fuse(5));
         for (f, r) in fused.iter().zip(&regrouped) {
-            assert_eq!((f.ordinal, &f.state, &f.metrics), (r.ordinal, &r.state, &r.metrics));
+            assert_eq!((f.ordinal, &f.state, &f.series), (r.ordinal, &r.state, &r.series));
         }
+    }
+
+    const TPE: &str = r#"
+name = "local-tpe"
+family = "train"
+[base]
+optimizer = "adam"
+width = 8
+steps = 20
+eval_every = 20
+[sweep]
+searcher = "tpe"
+params.log2_lr = { range = [-10, -2], step = 1 }
+params.seed = [0, 1]
+[sweep.tpe]
+trials = 9
+n_startup = 3
+seed = 4
+[objective]
+metric = "eval_loss"
+goal = "minimize"
+"#;
+
+    #[test]
+    fn a_tpe_sweep_runs_its_whole_budget_and_repeats_from_its_seed() {
+        let one = [Slot::new("cpu:0".into(), "cpu".into(), 1)];
+        let (_, first) = run(TPE, SpecFormat::Toml, &one, &Options::default()).unwrap();
+        assert_eq!(
+            first.iter().map(|t| t.ordinal).collect::<Vec<_>>(),
+            (0..9).collect::<Vec<_>>()
+        );
+        assert!(first.iter().all(|t| t.state == "succeeded"), "{first:?}");
+        // One slot: the same proposals again.
+        let (_, again) = run(TPE, SpecFormat::Toml, &one, &Options::default()).unwrap();
+        let params = |o: &[TrialOutcome]| o.iter().map(|t| t.params.clone()).collect::<Vec<_>>();
+        assert_eq!(params(&first), params(&again));
+        // Two slots: the whole budget too.
+        let two = [
+            Slot::new("cpu:0".into(), "cpu".into(), 1),
+            Slot::new("cpu:1".into(), "cpu".into(), 1),
+        ];
+        let (_, both) = run(TPE, SpecFormat::Toml, &two, &Options::default()).unwrap();
+        assert_eq!(both.len(), 9);
+    }
+
+    #[test]
+    fn the_queue_adds_a_tpe_proposal_for_each_trial_that_ends_up_to_the_budget() {
+        let searcher = Tpe {
+            domains: vec![(
+                "x".into(),
+                ParamDomain::Range {
+                    lo: 0.0,
+                    hi: 10.0,
+                    step: 1.0,
+                },
+            )],
+            seed: 0,
+            budget: 4,
+            n_startup: 2,
+            maximize: false,
+            history: vec![],
+        };
+        let queue = Queue::new(vec![waiting(0, vec![], None), waiting(1, vec![], None)], Some(searcher));
+        let made = |ordinal: usize, point: serde_json::Map<String, Value>| Waiting {
+            params: Value::Object(point),
+            ..waiting(ordinal, vec![], None)
+        };
+        assert_eq!(ordinals(queue.next()), (vec![0], false));
+        assert_eq!(ordinals(queue.next()), (vec![1], false));
+        // Both run; a third thread waits for a proposal instead of ending.
+        queue.end(0, true, Default::default(), Some(1.0), made);
+        assert_eq!(queue.total(), 3);
+        assert_eq!(ordinals(queue.next()), (vec![2], false));
+        queue.end(1, false, Default::default(), None, made);
+        queue.end(2, true, Default::default(), Some(0.5), made);
+        assert_eq!(queue.total(), 4);
+        assert_eq!(ordinals(queue.next()), (vec![3], false));
+        queue.end(3, true, Default::default(), Some(0.2), made);
+        assert_eq!(queue.total(), 4, "the budget is spent");
+        assert!(matches!(queue.next(), Next::Done));
     }
 }

@@ -58,6 +58,15 @@ enum Command {
         /// sweep.params.width=[64,128] (VALUE is read as TOML); repeat it for more.
         #[arg(long = "set", value_name = "PATH=VALUE")]
         sets: Vec<String>,
+        /// A folder trials may read local data under (repeat it for more); by default the
+        /// provisioned data folder and /usr/share/datasets.
+        #[arg(long)]
+        data_root: Vec<PathBuf>,
+        /// What the sweep must show for the command to exit 0 (else it exits 3 and says what fell
+        /// short): nothing; succeeded (every trial succeeded and the report has a verdict);
+        /// verdict (that, and every criterion of the verdict holds).
+        #[arg(long, value_enum, default_value = "nothing")]
+        require: local::Require,
     },
     /// Prints the report of a spec's family over a trial log that `sweep --trial-log` wrote
     /// (all of it, or what a cut-short run finished).
@@ -103,6 +112,8 @@ fn main() -> anyhow::Result<()> {
             trial_log,
             store,
             sets,
+            data_root,
+            require,
         } => {
             let backend = backend::init();
             let slots = backend::discover(&devices, &backend)?;
@@ -117,7 +128,20 @@ fn main() -> anyhow::Result<()> {
                 format = ablate_schema::SpecFormat::Yaml;
                 changed
             };
-            let (report, outcomes) = local::run(&text, format, &slots, trial_log.as_deref(), store.as_deref())?;
+            let options = local::Options {
+                log: trial_log,
+                store,
+                data_roots: data_root,
+                every_series: false,
+            };
+            let (report, outcomes) = match local::run(&text, format, &slots, &options) {
+                Ok(done) => done,
+                Err(error) if require != local::Require::Nothing => {
+                    eprintln!("error: {error:#}");
+                    std::process::exit(3);
+                }
+                Err(error) => return Err(error),
+            };
             print!("{}", report.to_text());
             if let Some(out) = out {
                 std::fs::write(
@@ -125,6 +149,13 @@ fn main() -> anyhow::Result<()> {
                     serde_json::to_vec_pretty(&serde_json::json!({"report": report, "trials": outcomes}))?,
                 )?;
                 eprintln!("wrote {}", out.display());
+            }
+            let short = local::shortfalls(require, &report, &outcomes);
+            if !short.is_empty() {
+                for line in &short {
+                    println!("FAILED: {line}");
+                }
+                std::process::exit(3);
             }
             Ok(())
         }

@@ -496,25 +496,64 @@ impl Finish {
             tracing::info!(trial = %id, %why, "trial finished but its lease is gone");
             return;
         }
-        let request = self.request;
-        match retry(
-            || {
-                let r = request.clone();
-                let mut c = shared.client.clone();
-                async move { c.complete(r).await }
-            },
-            &mut self.stop,
-        )
-        .await
-        {
-            Ok(()) => tracing::info!(trial = %id, outcome = %request.outcome, "trial finished"),
-            Err(why) => tracing::info!(trial = %id, %why, "trial finished but its lease is gone"),
+        let mut request = self.request;
+        let mut refused_once = false;
+        loop {
+            let sent = request.clone();
+            match retry(
+                || {
+                    let r = sent.clone();
+                    let mut c = shared.client.clone();
+                    async move { c.complete(r).await }
+                },
+                &mut self.stop,
+            )
+            .await
+            {
+                Ok(()) => tracing::info!(trial = %id, outcome = %request.outcome, "trial finished"),
+                // A report the coordinator refuses would be refused again: the attempt fails
+                // now, with the coordinator's reason, instead of waiting for its lease to expire.
+                Err(GaveUp::Refused(why)) if !refused_once => {
+                    tracing::warn!(trial = %id, %why, "the coordinator refused the trial's completion; failing the attempt");
+                    refused_once = true;
+                    request.outcome = "failed".into();
+                    request.error = format!("the coordinator refused the trial's completion: {why}");
+                    request.outputs_json.clear();
+                    continue;
+                }
+                Err(why) => tracing::info!(trial = %id, %why, "trial finished but its lease is gone"),
+            }
+            return;
         }
     }
 }
 
-/// Retries a fenced call while the coordinator is unreachable; gives up when the lease is stale or the trial is stopped.
-async fn retry<F, Fut, T>(mut call: F, stop: &mut watch::Receiver<Option<String>>) -> Result<(), String>
+/// Why a fenced call gave up.
+#[derive(Debug)]
+enum GaveUp {
+    /// The coordinator refused what was sent as invalid (`INVALID_ARGUMENT`), with its reason.
+    Refused(String),
+    /// The lease is stale, or the trial was stopped.
+    Gone(String),
+}
+
+impl std::fmt::Display for GaveUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GaveUp::Refused(why) | GaveUp::Gone(why) => f.write_str(why),
+        }
+    }
+}
+
+impl From<GaveUp> for String {
+    fn from(why: GaveUp) -> String {
+        why.to_string()
+    }
+}
+
+/// Retries a fenced call while the coordinator is unreachable; gives up when the lease is
+/// stale, the trial is stopped, or the coordinator refuses the call as invalid.
+async fn retry<F, Fut, T>(mut call: F, stop: &mut watch::Receiver<Option<String>>) -> Result<(), GaveUp>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,
@@ -523,12 +562,16 @@ where
     loop {
         match call().await {
             Ok(_) => return Ok(()),
-            Err(status) if status.code() == Code::FailedPrecondition => return Err(status.message().to_string()),
-            Err(status) if status.code() == Code::InvalidArgument => return Err(status.message().to_string()),
+            Err(status) if status.code() == Code::FailedPrecondition => {
+                return Err(GaveUp::Gone(status.message().to_string()))
+            }
+            Err(status) if status.code() == Code::InvalidArgument => {
+                return Err(GaveUp::Refused(status.message().to_string()))
+            }
             Err(status) => {
                 tracing::debug!(%status, "coordinator unreachable; retrying");
                 if let Some(why) = stop.borrow().clone() {
-                    return Err(why);
+                    return Err(GaveUp::Gone(why));
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));

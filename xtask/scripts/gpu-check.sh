@@ -4,30 +4,59 @@
 # H100. Run from the repository root of the tree `cargo xtask gpu` laid out
 # (it puts the release worker and the data sets in gpu/bundle.tar.gz):
 #
-#   bash xtask/scripts/gpu-check.sh [--dry-run] [FAMILY...]
+#   bash xtask/scripts/gpu-check.sh [--dry-run] [--require verdict|succeeded] [--set PATH=VALUE]... [FAMILY...]
 #
-# FAMILY is any of mup-fashion mup-transformer cbs intrinsic dsir (all by
-# default; name some to rerun them). Each family's table and verdict is
+# FAMILY is any of mup-fashion mup-transformer cbs intrinsic dsir fused (all
+# by default; name some to rerun them). Each family's table and verdict is
 # printed, with its wall time, trials per minute, steps per second and the
 # most GPU memory in use; trial logs, reports and a summary go to $OUT (or
 # ./gpu-out). A family cut short by its time limit is reported from what it
 # finished. --dry-run runs the same on the CPU with every spec cut to a few
 # steps (`cargo xtask gpu --dry-run`, in CI), with the worker and data named by
-# ABLATE_GPU_BIN and ABLATE_DATA.
+# ABLATE_GPU_BIN and ABLATE_DATA. --set overrides a field of every family's
+# spec (after the dry run's cuts).
+#
+# The exit status is 0 only when every family passed: every trial succeeded
+# and every criterion of its verdict holds (--require verdict, the default),
+# or, in a dry run whose few steps cannot meet the criteria, every trial
+# succeeded and every report has a verdict (--require succeeded, the dry run's
+# default). What fell short is printed as `FAILED: ...` lines naming the
+# criterion, its measurement, what it needs and by how much it misses.
 set -uo pipefail
 
 dry=0
+require=
 families=()
-for arg in "$@"; do
-    case "$arg" in
+extra_sets=()
+while [ $# -gt 0 ]; do
+    case "$1" in
         --dry-run) dry=1 ;;
-        mup-fashion | mup-transformer | cbs | intrinsic | dsir | fused) families+=("$arg") ;;
+        --require)
+            require=${2:-}
+            shift
+            ;;
+        --set)
+            extra_sets+=(--set "${2:-}")
+            shift
+            ;;
+        mup-fashion | mup-transformer | cbs | intrinsic | dsir | fused) families+=("$1") ;;
         *)
-            echo "gpu-check: unknown argument $arg; expected --dry-run or a family: mup-fashion mup-transformer cbs intrinsic dsir fused" >&2
+            echo "gpu-check: unknown argument $1; expected --dry-run, --require verdict|succeeded, --set PATH=VALUE or a family: mup-fashion mup-transformer cbs intrinsic dsir fused" >&2
             exit 2
             ;;
     esac
+    shift
 done
+if [ -z "$require" ]; then
+    if [ $dry = 1 ]; then require=succeeded; else require=verdict; fi
+fi
+case "$require" in
+    verdict | succeeded) ;;
+    *)
+        echo "gpu-check: --require takes verdict or succeeded, not '$require'" >&2
+        exit 2
+        ;;
+esac
 if [ ${#families[@]} -eq 0 ]; then
     families=(mup-fashion mup-transformer cbs intrinsic dsir fused)
 fi
@@ -156,14 +185,22 @@ for line in open(sys.argv[1]):
         sampler=
     fi
     start=$(date +%s%N)
+    sets+=("${extra_sets[@]}")
     timeout --signal=TERM --kill-after=10 "$limit" "$bin" sweep "experiments/specs/gpu/$spec" --devices "$devices" \
-        "${sets[@]}" --trial-log "$log" --out "$out/$family.json" >"$out/$family.report.txt" 2>"$out/$family.log"
+        "${sets[@]}" --require "$require" --trial-log "$log" --out "$out/$family.json" \
+        >"$out/$family.report.txt" 2>"$out/$family.log"
     code=$?
     end=$(date +%s%N)
     [ -n "$sampler" ] && kill "$sampler" 2>/dev/null
     wall=$(((end - start) / 1000000))e-3
     if [ $code -eq 0 ]; then
         cat "$out/$family.report.txt"
+    elif [ $code -eq 3 ]; then
+        # It ran, but fell short of --require: the report (if any) ends with FAILED lines.
+        cat "$out/$family.report.txt"
+        grep -h '^error:' "$out/$family.log" | sed 's/^error:/FAILED:/'
+        echo "$family: FAILED (--require $require)"
+        status=1
     elif [ -s "$log" ]; then
         echo "($family stopped with code $code after ${wall}s; the report of what finished:)"
         "$bin" report --family "$report_family" "$log" | tee "$out/$family.report.txt" || status=1
@@ -181,4 +218,7 @@ done
 echo
 echo "== summary (also in $out/summary.jsonl)"
 cat "$out/summary.jsonl"
+if [ $status -ne 0 ]; then
+    echo "gpu-check: FAILED (a family fell short of --require $require; see its FAILED lines above)"
+fi
 exit $status

@@ -1,7 +1,9 @@
 """The peers' side of `cargo xtask bench`: the same work as ablate's rows, run
 with Ray Tune, Optuna, MLflow and PyTorch from the venv xtask provisions.
 Each command prints one JSON object on stdout; timings are wall-clock seconds
-of the work alone (library imports and cluster start-up excluded).
+of the work alone (library imports, worker processes and cluster start-up
+excluded, as ablate's daemon is up before its rows are timed). A run that
+finished fewer trials than asked exits 1 with the counts: an error, not a row.
 
   peers.py sweep --tool {ray,optuna} --trials N --seconds S --slots K [--pg URL]
   peers.py optuna-lifecycles --pg URL --trials N
@@ -36,13 +38,23 @@ def sleep_objective(seconds):
     return objective
 
 
-def optuna_worker(args):
-    url, name, trials, seconds = args
+def optuna_worker(url, name, trials, seconds, ready, go):
+    """One Optuna worker process: imports, engine and study loaded before the clock starts."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=name, storage=url)
+    study.trials  # the engine's first connection and query, as a warm worker has them
+    ready.wait()
+    go.wait()
     study.optimize(sleep_objective(seconds), n_trials=trials)
+
+
+def finished_all(tool, done, asked):
+    """A peer run that finished fewer trials than asked is an error, not a figure."""
+    if done != asked:
+        sys.stderr.write(f"{tool} finished {done} of the {asked} trials asked\n")
+        sys.exit(1)
 
 
 def sweep_optuna(a):
@@ -53,12 +65,25 @@ def sweep_optuna(a):
     optuna.create_study(study_name=name, storage=a.pg)
     per = [a.trials // a.slots + (1 if i < a.trials % a.slots else 0) for i in range(a.slots)]
     ctx = multiprocessing.get_context("spawn")
+    # The worker processes start, import optuna and load the study before the clock
+    # starts, as ablate's daemon is running before its sweep is timed.
+    ready, go = ctx.Barrier(a.slots + 1), ctx.Event()
+    workers = [ctx.Process(target=optuna_worker, args=(a.pg, name, n, a.seconds, ready, go)) for n in per]
+    for w in workers:
+        w.start()
+    ready.wait()
     start = time.perf_counter()
-    with ctx.Pool(a.slots) as pool:
-        pool.map(optuna_worker, [(a.pg, name, n, a.seconds) for n in per])
+    go.set()
+    for w in workers:
+        w.join()
     wall = time.perf_counter() - start
-    done = len(optuna.load_study(study_name=name, storage=a.pg).trials)
-    emit(tool="optuna", trials=done, wall=wall)
+    if any(w.exitcode != 0 for w in workers):
+        sys.stderr.write(f"an optuna worker exited with {[w.exitcode for w in workers]}\n")
+        sys.exit(1)
+    study = optuna.load_study(study_name=name, storage=a.pg)
+    done = sum(1 for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    finished_all("optuna", done, a.trials)
+    emit(tool="optuna", version=optuna.__version__, trials=done, wall=wall, timed="worker processes started and studies loaded before the clock")
 
 
 def sweep_ray(a):
@@ -84,7 +109,8 @@ def sweep_ray(a):
     wall = time.perf_counter() - start
     ok = sum(1 for r in results if r.error is None)
     ray.shutdown()
-    emit(tool="ray", trials=ok, wall=wall)
+    finished_all("ray", ok, a.trials)
+    emit(tool="ray", version=ray.__version__, trials=ok, wall=wall)
 
 
 def optuna_lifecycles(a):

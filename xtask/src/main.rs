@@ -13,6 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 const TORCH_VERSION: &str = "2.11.0";
+/// The peers' versions, one per peer for every bench (BENCHMARKS.md's figures).
+const OPTUNA: &str = "optuna==5.0.0";
+const RAY_TUNE: &str = "ray[tune]==2.60.0";
+const MLFLOW: &str = "mlflow==3.17.0";
 const TEST_PG_PORT: u16 = 54330;
 
 fn cache_dir() -> PathBuf {
@@ -599,7 +603,8 @@ fn main() -> ExitCode {
 fn provision_peers() -> Result<PathBuf> {
     let venv = cache_dir().join("peers-venv");
     let python = venv.join("bin/python");
-    let ready = venv.join(".ablate-peers-ready");
+    // The marker names the pins, so a change of pin reinstalls.
+    let ready = venv.join(format!(".ablate-peers-ready-{OPTUNA}-{RAY_TUNE}-{MLFLOW}"));
     if ready.exists() {
         return Ok(python);
     }
@@ -612,9 +617,9 @@ fn provision_peers() -> Result<PathBuf> {
         "install",
         "--quiet",
         &format!("torch=={TORCH_VERSION}"),
-        "ray[tune]",
-        "optuna",
-        "mlflow",
+        RAY_TUNE,
+        OPTUNA,
+        MLFLOW,
         "psycopg2-binary",
     ]))?;
     std::fs::write(&ready, "").map_err(|e| e.to_string())?;
@@ -625,13 +630,13 @@ fn provision_peers() -> Result<PathBuf> {
 fn provision_optuna() -> Result<PathBuf> {
     let venv = cache_dir().join("optuna-venv");
     let python = venv.join("bin/python");
-    let ready = venv.join(".ablate-optuna-ready");
+    let ready = venv.join(format!(".ablate-optuna-ready-{OPTUNA}"));
     if ready.exists() {
         return Ok(python);
     }
-    eprintln!("xtask: installing optuna from PyPI into {}", venv.display());
+    eprintln!("xtask: installing {OPTUNA} from PyPI into {}", venv.display());
     run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", "optuna==5.0.0"]))?;
+    run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", OPTUNA]))?;
     std::fs::write(&ready, "").map_err(|e| e.to_string())?;
     Ok(python)
 }

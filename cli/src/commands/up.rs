@@ -44,6 +44,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    // The coordinator's addresses are free, or nothing starts (the embedded PostgreSQL
+    // of this state directory may already run: it is reused).
+    let http = http_listen(&args)?;
+    let mut wanted = vec![("--listen", args.listen)];
+    wanted.extend(http.map(|h| ("--http-listen", h)));
+    for (flag, addr) in wanted {
+        if let Err(error) = std::net::TcpListener::bind(addr) {
+            anyhow::bail!("{addr} is taken ({error}); nothing started. Give `ablate up` another {flag}");
+        }
+    }
     if args.detach {
         return detach(&args).await;
     }
@@ -56,9 +66,25 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             (Some(pg), url)
         }
     };
+    let result = serve(&args, worker, database_url, http).await;
+    // Whether it stopped or never came up, nothing it started is left running.
+    if let Some(pg) = pg {
+        pg.stop();
+    }
+    let _ = std::fs::remove_file(pid_file(&args.state.state_dir));
+    result
+}
+
+/// The coordinator and the supervised local worker, until a shutdown signal.
+async fn serve(
+    args: &UpArgs,
+    worker: PathBuf,
+    database_url: String,
+    http: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
     let mut options = Options::new(database_url, args.listen);
     args.limits.apply(&mut options);
-    options.http_listen = http_listen(&args.http_listen)?;
+    options.http_listen = http;
     // Tokens on, set up for the local user: an admin token kept in the
     // credentials file under this coordinator's address, a worker token for
     // the local worker under the state directory (both mode 0600).
@@ -148,10 +174,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
-    if let Some(pg) = pg {
-        pg.stop();
-    }
-    let _ = std::fs::remove_file(pid_file(&args.state.state_dir));
     eprintln!("ablate is down");
     Ok(())
 }
@@ -162,9 +184,10 @@ async fn detach(args: &UpArgs) -> anyhow::Result<()> {
     let log_path = state.join("up.log");
     let log = std::fs::File::create(&log_path)?;
     let mut command = std::process::Command::new(std::env::current_exe()?);
+    let http = http_listen(args)?.map_or("off".to_string(), |a| a.to_string());
     command
         .args(["up", "--listen", &args.listen.to_string(), "--devices", &args.devices])
-        .args(["--http-listen", &args.http_listen])
+        .args(["--http-listen", &http])
         .args(["--pg-port", &args.pg_port.to_string()])
         .args(args.limits.to_args())
         .arg("--state-dir")
@@ -173,7 +196,7 @@ async fn detach(args: &UpArgs) -> anyhow::Result<()> {
         .stdout(log.try_clone()?)
         .stderr(log);
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
-    let child = command.spawn()?;
+    let mut child = command.spawn()?;
     std::fs::write(pid_file(state), child.id().to_string())?;
     let addr = format!("http://{}", args.listen);
     for _ in 0..240 {
@@ -184,9 +207,29 @@ async fn detach(args: &UpArgs) -> anyhow::Result<()> {
             );
             return Ok(());
         }
+        // A stack that gave up says why at once, in its own words.
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let said: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+            let said = said[said.len().saturating_sub(5)..].join("\n");
+            stop_everything(state).await;
+            anyhow::bail!("the stack exited ({status}) before it came up; nothing is left running. It said:\n{said}");
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    anyhow::bail!("the stack did not come up within 60 s; see {}", log_path.display())
+    stop_everything(state).await;
+    anyhow::bail!(
+        "the stack did not come up within 60 s, so it was stopped; see {}",
+        log_path.display()
+    )
+}
+
+/// Stops whatever a stack started from `state`, quietly (as `ablate down`).
+async fn stop_everything(state: &Path) {
+    let _ = down(StateArgs {
+        state_dir: state.to_path_buf(),
+    })
+    .await;
 }
 
 /// Stops the stack running from a state directory: its `ablate up` process
@@ -228,12 +271,20 @@ pub async fn down(args: StateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--http-listen`: an address, or `off`.
-fn http_listen(text: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
-    if text == "off" {
-        return Ok(None);
+/// `--http-listen`: an address, `off`, or by default the port after `--listen`'s on its host.
+fn http_listen(args: &UpArgs) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    match args.http_listen.as_deref() {
+        Some("off") => Ok(None),
+        Some(text) => text
+            .parse()
+            .map(Some)
+            .map_err(|_| anyhow::anyhow!("--http-listen {text}: expected an address such as 127.0.0.1:7078, or off")),
+        None => match args.listen.port().checked_add(1) {
+            Some(port) => Ok(Some(std::net::SocketAddr::new(args.listen.ip(), port))),
+            None => anyhow::bail!(
+                "--listen {}: no port follows it for HTTP; give --http-listen",
+                args.listen
+            ),
+        },
     }
-    text.parse()
-        .map(Some)
-        .map_err(|_| anyhow::anyhow!("--http-listen {text}: expected an address such as 127.0.0.1:7078, or off"))
 }

@@ -1,7 +1,7 @@
 //! ASHA and Hyperband: a trial that stopped at its rung, and the promotions
-//! that rung then allows. One decision at a time per experiment (an advisory
-//! lock held to the end of the transaction), so concurrent pauses on several
-//! replicas see each other's values.
+//! that rung then allows. One decision at a time per experiment (a row of
+//! `searcher_locks` locked to the end of the transaction), so concurrent
+//! pauses on several replicas see each other's values.
 
 use ablate_schema::{ExperimentId, LeaseToken, SweepSpec, TrialId};
 use serde_json::Value;
@@ -11,12 +11,17 @@ use crate::error::{Error, Result};
 
 /// Holds the experiment's searcher lock to the end of the transaction: rung promotions,
 /// PBT generations and TPE proposals decide one at a time per experiment. Take it before
-/// any trial's row, since a decision writes other trials' rows.
+/// any trial's row, since a decision writes other trials' rows. The lock is the
+/// experiment's row of `searcher_locks` (made on first use), which no other role can
+/// see or lock: a researcher's query can't stall a sweep's decisions.
 pub(super) async fn lock_experiment(tx: &mut PgConnection, experiment: uuid::Uuid) -> Result<()> {
-    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1::text, 0))")
-        .bind(experiment)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "insert into searcher_locks (experiment_id) values ($1)
+         on conflict (experiment_id) do update set experiment_id = excluded.experiment_id",
+    )
+    .bind(experiment)
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }
 

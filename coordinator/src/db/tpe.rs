@@ -1,7 +1,7 @@
 //! The tpe searcher's proposals: an experiment holds `n_startup` trials at
 //! submission and one more for each that finished, up to `[sweep.tpe] trials`,
 //! each proposed from the finished ones (`ablate_experiments::tpe`). One
-//! decision at a time per experiment (the same advisory lock as the rungs).
+//! decision at a time per experiment (the same searcher lock as the rungs).
 
 use ablate_experiments::tpe::{self, Observation};
 use ablate_schema::{ExperimentId, TrialId};

@@ -95,7 +95,19 @@ impl Family {
     }
 
     /// See [`Definition::report`].
+    /// A report needs results: when every trial failed or was cancelled it says so
+    /// instead of reporting on nothing.
     pub fn report(self, outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
+        if !outcomes.is_empty()
+            && outcomes
+                .iter()
+                .all(|t| matches!(t.state.as_str(), "failed" | "cancelled"))
+        {
+            return Err(ReportError(format!(
+                "every one of its {} trials failed or was cancelled: nothing to report on (their errors say why)",
+                outcomes.len()
+            )));
+        }
         self.0.report(outcomes)
     }
 

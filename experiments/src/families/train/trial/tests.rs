@@ -478,39 +478,26 @@ fn fused_members_resume_fused_or_alone_on_their_curves_and_diverge_alone() {
     for store in unbroken.iter_mut() {
         store.resume_at = Some(25);
     }
+    // Every point after the resume, of every metric.
+    let tail = |m: &MemoryMetrics| MemoryMetrics {
+        points: m.points.iter().filter(|p| p.1 > 25).cloned().collect(),
+        ..Default::default()
+    };
     let (again, resumed) = train_fused(&group[..5], &mut unbroken[..5]);
     for i in 0..5 {
         again[i].as_ref().unwrap();
-        let tail = |m: &MemoryMetrics| m.points.iter().filter(|p| p.1 > 25).cloned().collect::<Vec<_>>();
-        let expect = MemoryMetrics {
-            points: tail(&whole[i]),
-            ..Default::default()
-        };
-        let got = MemoryMetrics {
-            points: tail(&resumed[i]),
-            ..Default::default()
-        };
         assert!(
-            largest_gap(&got, &expect) <= 1e-5,
+            largest_gap(&tail(&resumed[i]), &tail(&whole[i])) <= 1e-5,
             "member {i} resumed fused off its curve"
         );
     }
     for &i in healthy.iter().filter(|&&i| i >= 6) {
         let (result, alone) = try_train(&group[i], &mut unbroken[i]);
         result.unwrap();
-        for name in [
-            "eval_loss",
-            "eval_loss_ema",
-            "train_loss_tail",
-            "train_loss_final",
-            "b_simple",
-        ] {
-            let (a, b) = (whole[i].last(name).unwrap(), alone.last(name).unwrap());
-            assert!(
-                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
-                "member {i} resumed alone: {name} {a} fused vs {b}"
-            );
-        }
+        assert!(
+            largest_gap(&tail(&alone), &tail(&whole[i])) <= 1e-5,
+            "member {i} resumed alone off its fused curve"
+        );
     }
     // And a single run's checkpoint resumes inside a group: a new member joins one resumed at 25.
     let mut single = MemoryCheckpoints::default();
@@ -520,8 +507,10 @@ fn fused_members_resume_fused_or_alone_on_their_curves_and_diverge_alone() {
     let pair = [group[1].clone(), group[2].clone()];
     let (results, mixed) = train_fused(&pair, &mut stores);
     results.iter().for_each(|r| r.as_ref().map(|_| ()).unwrap());
-    let late = |m: &MemoryMetrics| m.last("eval_loss").unwrap();
-    assert!((late(&mixed[0]) - late(&alone_full)).abs() <= 1e-5);
+    assert!(
+        largest_gap(&tail(&mixed[0]), &tail(&alone_full)) <= 1e-5,
+        "the resumed single run moved in the group"
+    );
     let fresh = train(&group[2], &mut MemoryCheckpoints::default());
     assert!(
         largest_gap(&mixed[1], &fresh) <= 1e-5,
