@@ -80,7 +80,8 @@ pub fn confine(
             field,
             format!(
                 "`{location}` {why}: trials read local data only under the data roots ({}); move the data there, \
-                 give an object-store location (s3://...), or start the coordinator and workers with --data-root",
+                 give an object-store location (s3://...), or add its folder with --data-root (on `ablate serve`/`up` \
+                 and the workers, or `ablate-worker sweep`)",
                 listed()
             ),
         )
