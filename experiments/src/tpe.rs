@@ -25,6 +25,17 @@ pub struct Observation {
     pub loss: Option<f64>,
 }
 
+impl Observation {
+    /// A finished trial's swept values and objective (`None`: it failed, and counts
+    /// as neither good nor bad), turned into a loss when the goal is to maximize.
+    pub fn new(params: Map<String, Value>, objective: Option<f64>, maximize: bool) -> Observation {
+        Observation {
+            params,
+            loss: objective.map(|v| if maximize { -v } else { v }),
+        }
+    }
+}
+
 fn rng_for(seed: u64, ordinal: usize) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed ^ (ordinal as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }

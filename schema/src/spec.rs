@@ -287,6 +287,14 @@ impl Tpe {
     pub fn n_startup(&self) -> u32 {
         self.n_startup.unwrap_or(10).min(self.trials)
     }
+
+    /// The proposals owed now to a sweep that holds `total` trials, `finished` of them
+    /// ended: it holds `n_startup` plus one per ended trial, up to `trials`.
+    pub fn owed(&self, finished: u64, total: u64) -> u64 {
+        u64::from(self.trials)
+            .min(u64::from(self.n_startup()) + finished)
+            .saturating_sub(total)
+    }
 }
 
 /// `[sweep.pbt]`: the population and how it evolves.

@@ -94,12 +94,11 @@ pub fn run(
         },
         refused: None,
     };
-    let searcher = spec.sweep.tpe.as_ref().map(|budget| Tpe {
+    let searcher = spec.sweep.tpe.clone().map(|budget| Tpe {
         domains: spec.domains(),
-        seed: budget.seed.unwrap_or(0),
-        budget: budget.trials as usize,
-        n_startup: budget.n_startup() as usize,
+        budget,
         maximize: checked.objective.goal == Goal::Maximize,
+        ordinals: Vec::new(),
         history: Vec::new(),
     });
     let queue = Queue::new(
@@ -293,12 +292,12 @@ fn outcome(
 /// finished, up to `budget`, each proposed from the finished ones.
 struct Tpe {
     domains: Vec<(String, ParamDomain)>,
-    seed: u64,
-    budget: usize,
-    n_startup: usize,
+    budget: ablate_schema::Tpe,
     maximize: bool,
-    /// Finished trials by ordinal: swept values and objective (to minimize).
-    history: Vec<(usize, Observation)>,
+    /// The ordinals of the ended trials, in order, and each one's swept values and
+    /// objective (to minimize) at the same place: the history the estimator reads.
+    ordinals: Vec<usize>,
+    history: Vec<Observation>,
 }
 
 /// A trial not started yet: what it waits for, and its fusion key with the
@@ -348,7 +347,11 @@ impl QueueState {
 
     /// Whether a trial still running may add trials when it ends.
     fn may_grow(&self) -> bool {
-        self.total > self.ended.len() && self.searcher.as_ref().is_some_and(|s| self.total < s.budget)
+        self.total > self.ended.len()
+            && self
+                .searcher
+                .as_ref()
+                .is_some_and(|s| self.total < s.budget.trials as usize)
     }
 }
 
@@ -435,26 +438,13 @@ impl Queue {
         state.ended.insert(ordinal, succeeded);
         let (finished, total) = (state.ended.len(), state.total);
         if let Some(tpe) = state.searcher.as_mut() {
-            tpe.history.push((
-                ordinal,
-                Observation {
-                    params: swept,
-                    // Failed trials count as neither good nor bad.
-                    loss: objective.map(|v| if tpe.maximize { -v } else { v }),
-                },
-            ));
-            tpe.history.sort_by_key(|(o, _)| *o);
-            let owed = tpe.budget.min(tpe.n_startup + finished).saturating_sub(total);
-            let history: Vec<Observation> = tpe
-                .history
-                .iter()
-                .map(|(_, o)| Observation {
-                    params: o.params.clone(),
-                    loss: o.loss,
-                })
-                .collect();
+            let at = tpe.ordinals.partition_point(|&o| o < ordinal);
+            tpe.ordinals.insert(at, ordinal);
+            tpe.history.insert(at, Observation::new(swept, objective, tpe.maximize));
+            let owed = tpe.budget.owed(finished as u64, total as u64) as usize;
+            let seed = tpe.budget.seed.unwrap_or(0);
             let proposals: Vec<Waiting> = (total..total + owed)
-                .map(|ordinal| propose(ordinal, tpe::propose(&tpe.domains, &history, tpe.seed, ordinal)))
+                .map(|ordinal| propose(ordinal, tpe::propose(&tpe.domains, &tpe.history, seed, ordinal)))
                 .collect();
             state.total += owed;
             state.waiting.extend(proposals);
@@ -635,10 +625,13 @@ goal = "minimize"
                     step: 1.0,
                 },
             )],
-            seed: 0,
-            budget: 4,
-            n_startup: 2,
+            budget: ablate_schema::Tpe {
+                trials: 4,
+                n_startup: Some(2),
+                seed: None,
+            },
             maximize: false,
+            ordinals: vec![],
             history: vec![],
         };
         let queue = Queue::new(vec![waiting(0, vec![], None), waiting(1, vec![], None)], Some(searcher));

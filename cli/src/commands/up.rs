@@ -55,7 +55,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
     }
     if args.detach {
-        return detach(&args).await;
+        return detach(&args, http).await;
     }
     std::fs::write(pid_file(&args.state.state_dir), std::process::id().to_string())?;
     let worker = worker_binary()?;
@@ -179,12 +179,12 @@ async fn serve(
 }
 
 /// Starts `ablate up` in the background and waits until its coordinator answers.
-async fn detach(args: &UpArgs) -> anyhow::Result<()> {
+async fn detach(args: &UpArgs, http: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
     let state = &args.state.state_dir;
     let log_path = state.join("up.log");
     let log = std::fs::File::create(&log_path)?;
     let mut command = std::process::Command::new(std::env::current_exe()?);
-    let http = http_listen(args)?.map_or("off".to_string(), |a| a.to_string());
+    let http = http.map_or("off".to_string(), |a| a.to_string());
     command
         .args(["up", "--listen", &args.listen.to_string(), "--devices", &args.devices])
         .args(["--http-listen", &http])

@@ -33,7 +33,7 @@ pub async fn top_up(conn: &mut PgConnection, experiment: ExperimentId) -> Result
         return Ok(0);
     };
     let (total, finished): (i64, i64) = (row.try_get("total")?, row.try_get("finished")?);
-    let owed = (i64::from(budget.trials).min(i64::from(budget.n_startup()) + finished) - total).max(0);
+    let owed = budget.owed(finished as u64, total as u64) as i64;
     if owed == 0 || row.try_get::<bool, _>("cancelled")? {
         return Ok(0);
     }
@@ -53,12 +53,8 @@ pub async fn top_up(conn: &mut PgConnection, experiment: ExperimentId) -> Result
     .await?;
     let history: Vec<Observation> = finished
         .into_iter()
-        .map(|(params, state, value)| Observation {
-            params: spec.swept(&params),
-            // Failed trials count as neither good nor bad.
-            loss: value
-                .filter(|_| state == "succeeded")
-                .map(|v| if maximize { -v } else { v }),
+        .map(|(params, state, value)| {
+            Observation::new(spec.swept(&params), value.filter(|_| state == "succeeded"), maximize)
         })
         .collect();
     let domains = spec.domains();
