@@ -104,13 +104,14 @@ impl Worker {
     }
 }
 
-/// A sweep of `trials` trials; `extra` is TOML added to it (top-level keys or tables).
 /// Asks for `gpus` GPUs per trial of a submitted experiment. Built-in families refuse
 /// more than one at submission (they train on one device), so the lease and the daemon's
-/// grant of several GPUs are tested on the stored spec.
+/// grant of several GPUs are tested on the stored experiment (the column the queue reads,
+/// and the spec it shows).
 async fn ask_gpus(stack: &Stack, experiment: &str, gpus: u32) {
     sqlx::query(
-        "update experiments set spec = jsonb_set(spec, '{resources}', coalesce(spec->'resources', '{}') || jsonb_build_object('gpus_per_trial', $2::int))
+        "update experiments set gpus_per_trial = $2,
+                spec = jsonb_set(spec, '{resources}', coalesce(spec->'resources', '{}') || jsonb_build_object('gpus_per_trial', $2::int))
          where id = $1::uuid",
     )
     .bind(experiment)
@@ -120,6 +121,7 @@ async fn ask_gpus(stack: &Stack, experiment: &str, gpus: u32) {
     .unwrap();
 }
 
+/// A sweep of `trials` trials; `extra` is TOML added to it (top-level keys or tables).
 fn spec(name: &str, trials: usize, extra: &str) -> String {
     let text = harness::resume_spec(name, 0..trials as u32);
     // Top-level keys before the first table; tables after the last.

@@ -148,3 +148,111 @@ async fn fused_groups_run_in_one_process_and_keep_each_members_curve_through_a_s
         "num_params is logged once per trial, at its start"
     );
 }
+
+/// 9 configurations under ASHA: rungs at 20 and 60 of 180 steps, the best third promoted.
+const ASHA: &str = r#"
+name = "NAME"
+family = "train"
+FUSE
+[base]
+dataset = "digits"
+model = "mlp"
+width = 32
+depth = 2
+optimizer = "adam"
+batch_size = 32
+eval_every = 20
+checkpoint_every = 1000
+[sweep]
+searcher = "asha"
+params.seed = [1, 2, 3]
+params.log2_lr = [-9, -7, -5]
+[sweep.asha]
+min_steps = 20
+max_steps = 180
+reduction_factor = 3
+[objective]
+metric = "eval_loss"
+goal = "minimize"
+"#;
+
+/// Every metric point of an experiment, by the trial's parameters (less `steps`), name and step.
+async fn curves(stack: &Stack, experiment: &str) -> BTreeMap<(String, String, i64), f64> {
+    let points: Vec<(serde_json::Value, String, i64, f64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select t.params - 'steps', m.name, m.step, m.value from ablate.metric_series m
+         join trials t on t.id = m.trial_id where m.experiment_id = '{experiment}'"
+    )))
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    points
+        .into_iter()
+        .map(|(p, n, s, v)| ((p.to_string(), n, s), v))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_asha_sweep_with_fuse_pauses_and_promotes_fused_members_on_their_unfused_curves() {
+    let mut stack = Stack::start(15.0).await;
+    stack.start_worker("cpu:1");
+    let fused_spec = stack.write_spec(
+        "asha-fused.toml",
+        &ASHA.replace("NAME", "asha-fused").replace("FUSE", "fuse = 4"),
+    );
+    let fused = stack.submit(&fused_spec);
+    stack.wait_finished(&fused, Duration::from_secs(300)).await;
+    let alone_spec = stack.write_spec(
+        "asha-alone.toml",
+        &ASHA.replace("NAME", "asha-alone").replace("FUSE", ""),
+    );
+    let alone = stack.submit(&alone_spec);
+    stack.wait_finished(&alone, Duration::from_secs(300)).await;
+
+    // Members of fused groups paused at their rungs, and promoted ones went on past them.
+    let paused_in_groups = stack
+        .scalar_i64(&format!(
+            "select count(*) from ablate.trial_attempts
+             where experiment_id = '{fused}' and outcome = 'paused' and fused_members::int > 1"
+        ))
+        .await;
+    assert!(
+        paused_in_groups >= 4,
+        "{paused_in_groups} paused attempts in groups\n{}",
+        stack.logs()
+    );
+    let rungs = |exp: &str, step: i64| {
+        format!("select count(*) from ablate.rungs where experiment_id = '{exp}' and step = {step}")
+    };
+    assert_eq!(
+        stack.scalar_i64(&rungs(&fused, 20)).await,
+        9,
+        "every configuration reached the first rung"
+    );
+    assert!(
+        stack.scalar_i64(&rungs(&fused, 60)).await >= 1,
+        "a promoted member reached the second"
+    );
+    let finished = stack
+        .scalar_i64(&format!(
+            "select count(*) from trials where experiment_id = '{fused}' and state = 'succeeded'"
+        ))
+        .await;
+    assert!(finished >= 1, "a promoted member trained to the end");
+
+    // Each member's curve is its unfused run's, to 1e-5, wherever both trained (which
+    // configurations ASHA promotes depends on the order trials finish in).
+    let (fused_points, alone_points) = (curves(&stack, &fused).await, curves(&stack, &alone).await);
+    let mut common = 0;
+    for (key, value) in &fused_points {
+        if let Some(single) = alone_points.get(key) {
+            common += 1;
+            assert!(
+                (value - single).abs() <= 1e-5 * single.abs().max(1.0),
+                "{key:?}: fused {value}, alone {single}"
+            );
+        }
+    }
+    let first_rung = fused_points.keys().filter(|k| k.1 == "train_loss" && k.2 <= 20).count();
+    assert_eq!(first_rung, 9 * 20, "every configuration's first 20 steps");
+    assert!(common >= first_rung, "{common} points in common");
+}

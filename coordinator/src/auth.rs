@@ -3,7 +3,9 @@
 //! valid ones in memory (reloaded every second, and at once after a change
 //! made here), and checks every call before it reaches a service: a missing,
 //! unknown, expired or revoked token gets UNAUTHENTICATED, a token whose role
-//! may not call the method PERMISSION_DENIED naming the roles that may.
+//! the access policy (`policy.rs`) does not let call the method
+//! PERMISSION_DENIED naming the roles that may, and a method the policy does
+//! not list is refused to every token.
 //! Tokens never appear in logs or messages.
 
 use std::collections::HashMap;
@@ -16,36 +18,9 @@ use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 
-use crate::db;
+use crate::{db, policy};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Submit, cancel their own experiments, status, watch, report, SQL.
-    Researcher,
-    /// Register, lease, heartbeat, metrics, checkpoints, completion: nothing else.
-    Worker,
-    /// Everything, token management and cancelling anyone's experiment included.
-    Admin,
-}
-
-impl Role {
-    pub fn parse(text: &str) -> Option<Role> {
-        match text {
-            "researcher" => Some(Role::Researcher),
-            "worker" => Some(Role::Worker),
-            "admin" => Some(Role::Admin),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Researcher => "researcher",
-            Role::Worker => "worker",
-            Role::Admin => "admin",
-        }
-    }
-}
+pub use crate::policy::Role;
 
 /// The authenticated caller of a request (in its extensions when auth is on).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,22 +40,6 @@ pub fn hash(token: &str) -> String {
 /// A new secret: `abl_` and 256 random bits in hex.
 pub fn new_secret() -> String {
     format!("abl_{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
-}
-
-/// The roles that may call a gRPC method (by its path).
-fn allowed(path: &str) -> &'static [Role] {
-    if path.starts_with("/ablate.v1.Workers/") {
-        &[Role::Worker, Role::Admin]
-    } else if path.ends_with("Token")
-        || path.ends_with("Tokens")
-        || path.ends_with("/ReaderUrl")
-        || path.ends_with("/DrainWorker")
-        || path.ends_with("/SetTokenWeight")
-    {
-        &[Role::Admin]
-    } else {
-        &[Role::Researcher, Role::Admin]
-    }
 }
 
 type Valid = HashMap<String, (Caller, Option<DateTime<Utc>>)>;
@@ -161,16 +120,19 @@ impl Tokens {
         let caller = self.caller(token).ok_or_else(|| {
             tonic::Status::unauthenticated("the token is unknown, expired or revoked; ask an admin for a new one")
         })?;
-        let roles = allowed(path);
-        if !roles.contains(&caller.role) {
-            let needed: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+        let Some(access) = policy::grpc(path) else {
             return Err(tonic::Status::permission_denied(format!(
+                "{path} is not in the coordinator's access policy, so no token may call it"
+            )));
+        };
+        policy::check(access, caller.role).map_err(|roles| {
+            tonic::Status::permission_denied(format!(
                 "{path} needs a {} token; `{}` is a {} token",
-                needed.join(" or "),
+                policy::names(roles),
                 caller.name,
                 caller.role.as_str()
-            )));
-        }
+            ))
+        })?;
         Ok(caller)
     }
 }
@@ -235,15 +197,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn methods_map_to_the_roles_that_may_call_them() {
-        assert_eq!(allowed("/ablate.v1.Workers/Lease"), &[Role::Worker, Role::Admin]);
-        assert_eq!(
-            allowed("/ablate.v1.Experiments/Submit"),
-            &[Role::Researcher, Role::Admin]
-        );
-        assert_eq!(allowed("/ablate.v1.Experiments/CreateToken"), &[Role::Admin]);
-        assert_eq!(allowed("/ablate.v1.Experiments/ListTokens"), &[Role::Admin]);
-        assert_eq!(allowed("/ablate.v1.Experiments/DrainWorker"), &[Role::Admin]);
+    fn secrets_are_long_and_only_their_hashes_kept() {
         assert_eq!(hash("abc").len(), 64);
         assert!(new_secret().starts_with("abl_") && new_secret().len() == 68);
     }

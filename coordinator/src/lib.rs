@@ -10,6 +10,7 @@ pub mod auth;
 pub mod db;
 mod downsample;
 pub mod error;
+pub mod policy;
 mod reader;
 mod service;
 pub mod submit;
@@ -159,6 +160,7 @@ impl Coordinator {
                 telemetry.clone(),
                 self.options.lease_ttl,
                 web::router(self.pool.clone(), self.tokens.clone(), self.options.lease_ttl),
+                self.tokens.clone(),
                 async {
                     let _ = http_stopped.await;
                 },

@@ -2,10 +2,10 @@
 //! `ablate_experiments::sweep::check`, then one transaction that stores it all.
 
 use ablate_experiments::sweep::check_confined;
-use ablate_schema::{ExperimentId, Limits, SpecFormat, TrialId};
+use ablate_schema::{ExperimentId, Limits, SpecFormat, SweepSpec, TrialId};
 use sqlx::PgPool;
 
-use crate::db::{self, NewExperiment, NewTrial};
+use crate::db::{self, NewExperiment, NewTrial, Scheduling};
 use crate::error::Result;
 
 /// Checks and stores a spec; returns the new experiment's id and trial count (a tpe
@@ -40,6 +40,7 @@ pub async fn submit_as(
         max_attempts: checked.spec.max_attempts,
         submitted_by,
         traceparent: ablate_schema::trace::current(),
+        scheduling: scheduling(&checked.spec),
     };
     let ladder = checked.spec.sweep.ladder();
     let ids: Vec<TrialId> = checked.trials.iter().map(|_| TrialId::new_random()).collect();
@@ -78,4 +79,19 @@ pub async fn submit_as(
         .as_ref()
         .map_or(checked.trials.len(), |t| t.trials as usize);
     Ok((id, planned))
+}
+
+/// The spec's scheduling fields, as the queue reads them.
+fn scheduling(spec: &SweepSpec) -> Scheduling {
+    let r = &spec.resources;
+    Scheduling {
+        priority: spec.priority.unwrap_or(1.0),
+        max_concurrent: r.max_concurrent.map(|n| n.min(i32::MAX as u32) as i32),
+        gpus_per_trial: r.gpus_per_trial.unwrap_or(1) as i32,
+        pool: r.pool.clone(),
+        labels: (!r.labels.is_empty()).then(|| serde_json::to_value(&r.labels).expect("labels serialize")),
+        fuse: spec.fuse.map(|f| serde_json::to_value(f).expect("fuse serializes")),
+        fresh_process: r.fresh_process,
+        searcher: spec.sweep.searcher.as_str(),
+    }
 }

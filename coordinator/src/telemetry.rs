@@ -58,6 +58,7 @@ pub async fn serve(
     telemetry: Arc<Telemetry>,
     lease_ttl: Duration,
     dashboard: axum::Router,
+    tokens: Option<crate::auth::Tokens>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let app = axum::Router::new()
@@ -69,7 +70,8 @@ pub async fn serve(
             telemetry,
             lease_ttl,
         })
-        .merge(dashboard);
+        .merge(dashboard)
+        .route_layer(axum::middleware::from_fn_with_state(tokens, crate::web::authorize));
     if let Err(error) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
         tracing::error!(%error, "the HTTP listener stopped");
     }

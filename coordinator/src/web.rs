@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use ablate_schema::{ExperimentId, TrialId};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -22,9 +22,9 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 
-use crate::auth::{Role, Tokens};
+use crate::auth::Tokens;
 use crate::downsample::lttb;
-use crate::{db, Error};
+use crate::{db, policy, Error};
 
 /// The most points of one series a response carries.
 pub const MAX_POINTS: usize = 2000;
@@ -93,8 +93,7 @@ pub fn router(pool: PgPool, tokens: Option<Tokens>, lease_ttl: Duration) -> Rout
         .route(
             "/api/v1/{*rest}",
             get(|| async { ApiError::not_found("no such API path; see the README's /api/v1 list") }),
-        )
-        .route_layer(axum::middleware::from_fn_with_state(web.clone(), authorize));
+        );
     Router::new()
         .route("/", get(|| async { asset("index.html") }))
         .route(
@@ -173,11 +172,29 @@ fn request_token(headers: &HeaderMap) -> Option<String> {
     })
 }
 
-/// Lets researcher and admin tokens through to the API.
-async fn authorize(State(web): State<Web>, request: Request, next: Next) -> Response {
-    let Some(tokens) = &web.tokens else {
+/// The HTTP listener's guard: each route's rule in the access policy, checked against the
+/// request's token (`Authorization: Bearer`, else the session cookie). Layered over every
+/// route of the listener (`Router::route_layer`), so that it sees the matched route.
+pub(crate) async fn authorize(
+    State(tokens): State<Option<Tokens>>,
+    matched: Option<MatchedPath>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(tokens) = &tokens else {
         return next.run(request).await;
     };
+    let route = matched.as_ref().map_or("", |m| m.as_str());
+    let Some(access) = policy::http(route) else {
+        return ApiError(
+            StatusCode::FORBIDDEN,
+            format!("{route} is not in the coordinator's access policy, so no token may call it"),
+        )
+        .into_response();
+    };
+    if access == policy::Access::Anyone {
+        return next.run(request).await;
+    }
     let Some(token) = request_token(request.headers()).filter(|t| !t.is_empty()) else {
         return ApiError(
             StatusCode::UNAUTHORIZED,
@@ -185,21 +202,25 @@ async fn authorize(State(web): State<Web>, request: Request, next: Next) -> Resp
         )
         .into_response();
     };
-    match tokens.caller(&token) {
-        None => ApiError(
+    let Some(caller) = tokens.caller(&token) else {
+        return ApiError(
             StatusCode::UNAUTHORIZED,
             "the token is unknown, expired or revoked; ask an admin for a new one".into(),
         )
-        .into_response(),
-        Some(caller) if caller.role == Role::Worker => ApiError(
+        .into_response();
+    };
+    match policy::check(access, caller.role) {
+        Ok(()) => next.run(request).await,
+        Err(roles) => ApiError(
             StatusCode::FORBIDDEN,
             format!(
-                "the dashboard needs a researcher or admin token; `{}` is a worker token",
-                caller.name
+                "{route} needs a {} token; `{}` is a {} token",
+                policy::names(roles),
+                caller.name,
+                caller.role.as_str()
             ),
         )
         .into_response(),
-        Some(_) => next.run(request).await,
     }
 }
 
@@ -217,7 +238,9 @@ async fn login(State(web): State<Web>, Query(q): Query<LoginQuery>) -> Response 
     let token = q.token.unwrap_or_default();
     let valid = match &web.tokens {
         None => true,
-        Some(tokens) => tokens.caller(&token).is_some_and(|c| c.role != Role::Worker),
+        Some(tokens) => tokens
+            .caller(&token)
+            .is_some_and(|c| policy::check(policy::DASHBOARD_SESSION, c.role).is_ok()),
     };
     if !valid || token.chars().any(|c| !c.is_ascii_graphic() || c == ';') {
         return (

@@ -471,11 +471,17 @@ n_startup = 2
         )
         .await
     });
+    // Wait until the reader's own session holds it: other tests' sessions (and the test
+    // harness, which creates databases under an advisory lock) take advisory locks too.
     loop {
-        let held: i64 = sqlx::query_scalar("select count(*) from pg_locks where locktype = 'advisory' and granted")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        let held: i64 = sqlx::query_scalar(
+            "select count(*) from pg_locks l join pg_stat_activity a using (pid)
+             where l.locktype = 'advisory' and l.granted and a.datname = current_database()
+               and a.pid <> pg_backend_pid() and a.query like '%pg_sleep(30)%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
         if held > 0 {
             break;
         }
@@ -509,12 +515,13 @@ n_startup = 2
         );
     }
     // The reader's query ends, so nothing of this test outlives it.
-    sqlx::query(
+    let cancelled: Vec<bool> = sqlx::query_scalar(
         "select pg_cancel_backend(pid) from pg_stat_activity
          where datname = current_database() and pid <> pg_backend_pid() and query like '%pg_sleep(30)%'",
     )
-    .execute(&pool)
+    .fetch_all(&pool)
     .await
     .unwrap();
+    assert_eq!(cancelled, [true], "the reader's query was found and cancelled");
     assert!(held.await.unwrap().is_err(), "the reader's query was cancelled");
 }

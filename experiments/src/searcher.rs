@@ -8,7 +8,7 @@
 
 use ablate_schema::{ParamDomain, SweepSpec};
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Map, Value};
 
@@ -18,12 +18,12 @@ pub fn expand(spec: &SweepSpec, max_trials: u64) -> Result<Vec<Map<String, Value
     let domains = spec.domains();
     let mut trials = if let Some(pbt) = &spec.sweep.pbt {
         (0..pbt.population)
-            .map(|member| crate::tpe::random_point(&domains, pbt.seed.unwrap_or(0), member as usize))
+            .map(|member| crate::draw::random_point(&domains, pbt.seed.unwrap_or(0), member as usize))
             .collect()
     } else if let Some(tpe) = &spec.sweep.tpe {
         // The random start; the estimator proposes the rest as trials finish (`crate::tpe`).
         (0..tpe.n_startup())
-            .map(|ordinal| crate::tpe::random_point(&domains, tpe.seed.unwrap_or(0), ordinal as usize))
+            .map(|ordinal| crate::draw::random_point(&domains, tpe.seed.unwrap_or(0), ordinal as usize))
             .collect()
     } else if spec.sweep.draws() {
         random(
@@ -80,28 +80,10 @@ fn random(domains: &[(String, ParamDomain)], samples: usize, seed: u64) -> Vec<M
         .map(|_| {
             domains
                 .iter()
-                .map(|(name, domain)| (name.clone(), draw(domain, &mut rng)))
+                .map(|(name, domain)| (name.clone(), crate::draw::value(domain, &mut rng)))
                 .collect()
         })
         .collect()
-}
-
-pub(crate) fn draw(domain: &ParamDomain, rng: &mut ChaCha8Rng) -> Value {
-    match domain {
-        ParamDomain::List(items) => items[rng.gen_range(0..items.len())].clone(),
-        ParamDomain::Range { .. } => {
-            // Value i directly: a range of any length costs no memory.
-            let len = domain.grid_len().expect("ranges are finite") as usize;
-            domain
-                .grid_value(rng.gen_range(0..len) as u64)
-                .expect("an index below the length")
-        }
-        ParamDomain::Uniform { lo, hi } => Value::from(lo + (hi - lo) * rng.gen::<f64>()),
-        ParamDomain::LogUniform { lo, hi } => {
-            let (a, b) = (lo.ln(), hi.ln());
-            Value::from((a + (b - a) * rng.gen::<f64>()).exp())
-        }
-    }
 }
 
 #[cfg(test)]

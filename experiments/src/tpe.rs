@@ -11,9 +11,11 @@
 //! trial's ordinal, so the same history gives the same proposal.
 
 use ablate_schema::ParamDomain;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Map, Value};
+
+use crate::draw::{random_point, rng_for};
 
 /// Candidates drawn from the good density per parameter.
 pub const CANDIDATES: usize = 24;
@@ -34,19 +36,6 @@ impl Observation {
             loss: objective.map(|v| if maximize { -v } else { v }),
         }
     }
-}
-
-fn rng_for(seed: u64, ordinal: usize) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed ^ (ordinal as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
-}
-
-/// The random point of trial `ordinal` (the start, before the estimator has enough).
-pub fn random_point(domains: &[(String, ParamDomain)], seed: u64, ordinal: usize) -> Map<String, Value> {
-    let mut rng = rng_for(seed, ordinal);
-    domains
-        .iter()
-        .map(|(name, domain)| (name.clone(), crate::searcher::draw(domain, &mut rng)))
-        .collect()
 }
 
 /// How many of `n` finished trials count as good.

@@ -3,6 +3,7 @@
 //! errors, and the ID newtypes every other crate uses.
 
 pub mod bearer;
+pub mod error;
 pub mod exposition;
 pub mod ids;
 pub mod limits;
@@ -13,6 +14,10 @@ pub mod trace;
 /// and client edges and convert to domain types right away.
 pub mod proto {
     tonic::include_proto!("ablate.v1");
+
+    /// The compiled protocol's descriptors (`prost_types::FileDescriptorSet`): every
+    /// service and method, for the access policy's check and for tools.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ablate_descriptor.bin"));
 
     impl CompleteRequest {
         /// The completion of a trial that succeeded with nothing more to report.
@@ -32,11 +37,11 @@ pub mod proto {
 }
 
 pub use bearer::{addresses, channel, endpoint, Bearer};
+pub use error::SpecError;
 pub use ids::{ExperimentId, LeaseToken, TrialId, WorkerId};
 pub use limits::Limits;
 pub use spec::{
-    Fuse, Goal, Ladder, Objective, ParamDomain, Pbt, Rungs, Searcher, SpecError, SpecFormat, Sweep, SweepSpec, Tpe,
-    MAX_FUSE,
+    Fuse, Goal, Ladder, Objective, ParamDomain, Pbt, Rungs, Searcher, SpecFormat, Sweep, SweepSpec, Tpe, MAX_FUSE,
 };
 
 /// States a trial moves through; the strings are those stored in PostgreSQL.

@@ -7,7 +7,7 @@
 
 use serde_json::Value;
 
-use crate::spec::SpecError;
+use crate::error::SpecError;
 
 /// What one spec, trial or batch may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

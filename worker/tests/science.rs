@@ -1,4 +1,4 @@
-//! The science families' pass criteria (SCIENCE.md), checked on the real
+//! The science families' pass criteria (CRITERIA.md), checked on the real
 //! trial code: each spec in experiments/specs is checked and expanded as the
 //! coordinator does, every trial runs in-process (`ablate-worker sweep`)
 //! through the same trial function as the trial processes, and the family's

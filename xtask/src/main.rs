@@ -12,6 +12,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+mod layout;
+
 const TORCH_VERSION: &str = "2.11.0";
 /// The peers' versions, one per peer for every bench (BENCHMARKS.md's figures).
 const OPTUNA: &str = "optuna==5.0.0";
@@ -467,6 +469,7 @@ fn test_database() -> Result<String> {
 }
 
 fn test() -> Result {
+    layout::check_cycles(&workspace_root())?;
     // The embedded-stack tests start a PostgreSQL of their own.
     provision_postgres()?;
     build("debug")?;
@@ -511,6 +514,7 @@ fn test() -> Result {
 }
 
 fn check() -> Result {
+    layout::check_cycles(&workspace_root())?;
     provision_libtorch()?;
     run(&mut cargo(&["fmt", "--all", "--", "--check"]))?;
     run(&mut cargo(&[

@@ -22,6 +22,23 @@ pub struct NewExperiment<'a> {
     pub submitted_by: Option<&'a str>,
     /// The submit's span, in W3C `traceparent` form, when traces are on.
     pub traceparent: Option<String>,
+    /// What the queue decides by, as typed columns.
+    pub scheduling: Scheduling,
+}
+
+/// The spec's scheduling fields, stored in columns of their own so that the lease
+/// statement reads no spec JSON.
+pub struct Scheduling {
+    pub priority: f64,
+    pub max_concurrent: Option<i32>,
+    pub gpus_per_trial: i32,
+    pub pool: Option<String>,
+    /// `None` when it asks for no labels.
+    pub labels: Option<Value>,
+    /// The spec's `fuse` as it stores it (a number or "auto").
+    pub fuse: Option<Value>,
+    pub fresh_process: bool,
+    pub searcher: &'static str,
 }
 
 pub struct NewTrial {
@@ -42,8 +59,9 @@ pub async fn insert_experiment(pool: &PgPool, e: &NewExperiment<'_>, trials: &[N
     let mut tx = pool.begin().await?;
     sqlx::query(
         "insert into experiments (id, name, family, spec, spec_text, spec_hash, objective_metric, goal, max_attempts,
-                                  submitted_by, traceparent)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                                  submitted_by, traceparent, priority, max_concurrent, gpus_per_trial, pool, labels,
+                                  fuse, fresh_process, searcher)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
     )
     .bind(e.id.0)
     .bind(e.name)
@@ -56,6 +74,14 @@ pub async fn insert_experiment(pool: &PgPool, e: &NewExperiment<'_>, trials: &[N
     .bind(e.max_attempts as i32)
     .bind(e.submitted_by)
     .bind(&e.traceparent)
+    .bind(e.scheduling.priority)
+    .bind(e.scheduling.max_concurrent)
+    .bind(e.scheduling.gpus_per_trial)
+    .bind(&e.scheduling.pool)
+    .bind(&e.scheduling.labels)
+    .bind(&e.scheduling.fuse)
+    .bind(e.scheduling.fresh_process)
+    .bind(e.scheduling.searcher)
     .execute(&mut *tx)
     .await?;
     let ids: Vec<uuid::Uuid> = trials.iter().map(|t| t.id.0).collect();

@@ -42,11 +42,11 @@ pub struct LeasedTrial {
 }
 
 impl LeasedTrial {
-    /// Its fusion key and the spec's `fuse` when it fuses: it has a key, the spec
-    /// asks to fuse, and it stops at no rung.
+    /// Its fusion key and the spec's `fuse` when it fuses: it has a key and the spec
+    /// asks to fuse (members may pause at rungs of their own).
     pub fn fusion(&self) -> Option<(&str, ablate_schema::Fuse)> {
-        match (&self.fuse_key, self.fuse, self.pause_at) {
-            (Some(key), Some(fuse), None) => Some((key, fuse)),
+        match (&self.fuse_key, self.fuse) {
+            (Some(key), Some(fuse)) => Some((key, fuse)),
             _ => None,
         }
     }
@@ -82,21 +82,20 @@ pub async fn lease(
          ),
          experiments_waiting as (
              select e.id, coalesce(e.submitted_by, '') as owner, e.created_at,
-                    coalesce((e.spec->>'priority')::float8, 1) as weight,
-                    coalesce((e.spec #>> '{resources,gpus_per_trial}')::int, 1) as gpus,
+                    e.priority as weight,
+                    e.gpus_per_trial as gpus,
                     (select count(*) from trials r where r.experiment_id = e.id and r.state = 'running')::float8 as running,
-                    (e.spec #>> '{resources,max_concurrent}')::float8 as cap
+                    e.max_concurrent::float8 as cap
              from pending_experiments p join experiments e on e.id = p.experiment_id
              left join workers me on me.id = $1
              -- Only what this worker's pool, labels and free GPUs allow.
-             where coalesce((e.spec #>> '{resources,gpus_per_trial}')::int, 1) <= greatest($4, 1)
-               and (e.spec #>> '{resources,pool}' is null or e.spec #>> '{resources,pool}' = me.pool)
-               and (e.spec #> '{resources,labels}' is null
-                    or coalesce(me.labels, '{}'::jsonb) @> (e.spec #> '{resources,labels}'))
+             where e.gpus_per_trial <= greatest($4, 1)
+               and (e.pool is null or e.pool = me.pool)
+               and (e.labels is null or coalesce(me.labels, '{}'::jsonb) @> e.labels)
          ),
          users_waiting as (
              select x.owner, coalesce(max(k.weight), 1) as weight,
-                    (select coalesce(sum(coalesce((re.spec #>> '{resources,gpus_per_trial}')::int, 1)), 0)
+                    (select coalesce(sum(re.gpus_per_trial), 0)
                      from trials r join experiments re on re.id = r.experiment_id
                      where r.state = 'running' and coalesce(re.submitted_by, '') = x.owner)::float8 as running
              from experiments_waiting x left join tokens k on k.name = x.owner
@@ -196,8 +195,8 @@ const TAKE: &str = "set state = 'running',
 
 /// What every lease returns of a trial it leased (`t` the trial, `e` its experiment).
 const LEASED: &str = "t.id, t.experiment_id, t.lease_token, t.attempt, e.family, t.params, e.spec_hash, e.traceparent,
-    t.pause_at, t.fuse_key, e.spec->'fuse' as fuse,
-    coalesce((e.spec #>> '{resources,fresh_process}')::boolean, false) as fresh_process,
+    t.pause_at, t.fuse_key, e.fuse,
+    e.fresh_process,
     (select jsonb_build_object('step', c.step, 'path', c.path, 'bytes', c.bytes)
      from checkpoints c where c.trial_id = t.id order by c.step desc limit 1) as checkpoint";
 
@@ -228,7 +227,7 @@ fn leased_trial(row: &sqlx::postgres::PgRow) -> Result<LeasedTrial> {
 }
 
 /// Leases the pending trials that fuse with `head` (same experiment and fusion key,
-/// none waiting at a rung or on a dependency, in their order) into its group, up to
+/// none waiting on a dependency, in their order; each keeps its own rung) into its group, up to
 /// the spec's `fuse` less one and within the experiment's `max_concurrent`; `fuse =
 /// "auto"` sizes the group to half of `slot_memory` (bytes; 0: unknown, 8 members).
 async fn fuse_with(
@@ -252,13 +251,13 @@ async fn fuse_with(
         [
             "with room as (
              -- What max_concurrent leaves of the group's size.
-             select greatest(0, least($5, coalesce((x.spec #>> '{resources,max_concurrent}')::bigint
+             select greatest(0, least($5, coalesce(x.max_concurrent::bigint
                  - (select count(*) from trials r where r.experiment_id = $4 and r.state = 'running'), $5))) as n
              from experiments x where x.id = $4
          ),
          picked as (
              select t.id from trials t
-             where t.experiment_id = $4 and t.state = 'pending' and t.fuse_key = $2 and t.pause_at is null
+             where t.experiment_id = $4 and t.state = 'pending' and t.fuse_key = $2
                and ",
             DEPENDENCIES_MET,
             "

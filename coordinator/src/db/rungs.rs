@@ -289,7 +289,7 @@ pub async fn advance_generations(pool: &PgPool) -> Result<usize> {
     let waiting: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
         "select e.id, (select max(r.step) from rungs r where r.experiment_id = e.id)
          from experiments e
-         where e.spec #>> '{sweep,searcher}' = 'pbt' and e.cancelled_at is null
+         where e.searcher = 'pbt' and e.cancelled_at is null
            and exists (select 1 from trials t where t.experiment_id = e.id and t.state = 'pruned')
            and not exists (select 1 from trials t where t.experiment_id = e.id and t.state in ('pending', 'running'))",
     )

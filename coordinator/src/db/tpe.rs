@@ -20,7 +20,7 @@ pub async fn top_up(conn: &mut PgConnection, experiment: ExperimentId) -> Result
                 (select count(*) from trials t where t.experiment_id = e.id) as total,
                 (select count(*) from trials t where t.experiment_id = e.id
                    and t.state in ('succeeded', 'failed', 'pruned')) as finished
-         from experiments e where e.id = $1 and e.spec #>> '{sweep,searcher}' = 'tpe'",
+         from experiments e where e.id = $1 and e.searcher = 'tpe'",
     )
     .bind(experiment.0)
     .fetch_optional(&mut *tx)
@@ -90,7 +90,7 @@ pub async fn top_up(conn: &mut PgConnection, experiment: ExperimentId) -> Result
 pub async fn top_up_after(conn: &mut PgConnection, trial: TrialId) -> Result<usize> {
     let experiment: Option<uuid::Uuid> = sqlx::query_scalar(
         "select e.id from trials t join experiments e on e.id = t.experiment_id
-         where t.id = $1 and e.spec #>> '{sweep,searcher}' = 'tpe'",
+         where t.id = $1 and e.searcher = 'tpe'",
     )
     .bind(trial.0)
     .fetch_optional(&mut *conn)
@@ -106,7 +106,7 @@ pub async fn top_up_after(conn: &mut PgConnection, trial: TrialId) -> Result<usi
 pub async fn top_up_all(pool: &PgPool) -> Result<usize> {
     let owed: Vec<uuid::Uuid> = sqlx::query_scalar(
         "select e.id from experiments e
-         where e.spec #>> '{sweep,searcher}' = 'tpe' and e.cancelled_at is null
+         where e.searcher = 'tpe' and e.cancelled_at is null
            and (select count(*) from trials t where t.experiment_id = e.id) < (e.spec #>> '{sweep,tpe,trials}')::int",
     )
     .fetch_all(pool)

@@ -123,14 +123,13 @@ pub async fn waiting_reason(pool: &PgPool, id: ExperimentId, lease_ttl: std::tim
     // Then how many pending trials still wait for others (trial dependencies), of how many.
     type Wants = (Option<String>, Option<serde_json::Value>, i32, Option<i64>, i64, i64);
     let row: Option<Wants> = sqlx::query_as(
-        "select e.spec #>> '{resources,pool}', e.spec #> '{resources,labels}',
-                coalesce((e.spec #>> '{resources,gpus_per_trial}')::int, 1),
+        "select e.pool, e.labels, e.gpus_per_trial,
                 (select max((select count(distinct split_part(d, '#', 1)) from unnest(w.devices) d
                              where d like 'cuda:%'))
                  from workers w
                  where w.last_seen_at > now() - make_interval(secs => $2) and w.draining_since is null
-                   and (e.spec #>> '{resources,pool}' is null or w.pool = e.spec #>> '{resources,pool}')
-                   and (e.spec #> '{resources,labels}' is null or w.labels @> (e.spec #> '{resources,labels}'))),
+                   and (e.pool is null or w.pool = e.pool)
+                   and (e.labels is null or w.labels @> e.labels)),
                 (select count(*) from trials t where t.experiment_id = e.id and t.state = 'pending'
                    and exists (select 1 from trials d where d.id = any(t.depends_on) and d.state <> 'succeeded')),
                 (select count(*) from trials t where t.experiment_id = e.id and t.state = 'pending')

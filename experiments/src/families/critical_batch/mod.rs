@@ -1,4 +1,4 @@
-//! The `critical_batch` family (SCIENCE.md section 2): how many steps a batch
+//! The `critical_batch` family (CRITERIA.md section 2): how many steps a batch
 //! size needs to reach a target loss, the fit S(B) = a + b/B, the critical
 //! batch size CBS = 1.2 B0 + 0.2 b/a, and the gradient noise scale B_simple.
 //!
@@ -26,7 +26,7 @@ mod stop_rule;
 
 pub use report::{analyze, loss_at, steps_to};
 
-/// Critical batch size (SCIENCE.md section 2): `train` trials across batch sizes, learning rates and
+/// Critical batch size (CRITERIA.md section 2): `train` trials across batch sizes, learning rates and
 /// model sizes, each with a `cbs` table (reference batch, data budgets).
 pub struct CriticalBatch;
 
@@ -54,7 +54,10 @@ impl Definition for CriticalBatch {
     fn default_objective(&self) -> (&'static str, Goal) {
         (LOSS, Goal::Minimize)
     }
-    fn expand(&self, points: Vec<Map<String, Value>>) -> Result<Vec<Map<String, Value>>, ParamError> {
+    fn expand(&self, mut points: Vec<Map<String, Value>>) -> Result<Vec<Map<String, Value>>, ParamError> {
+        for p in &mut points {
+            noise_where_read(p)?;
+        }
         stop_rule::expand(points)
     }
     fn dependencies(&self, trials: &[Map<String, Value>]) -> Vec<Vec<usize>> {
@@ -105,6 +108,10 @@ pub struct CbsSettings {
     /// step. The other runs then wait in the queue for the reference runs of their model.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stop_at_targets: bool,
+    /// Which runs measure the gradient noise scale (`noise_scale`): every run, or only the
+    /// reference batch's, the only runs the report reads B_simple from.
+    #[serde(default, skip_serializing_if = "NoiseRuns::is_all")]
+    pub noise_runs: NoiseRuns,
     /// Set by the expansion: where a reference run leaves its curve.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publish: Option<String>,
@@ -115,6 +122,47 @@ pub struct CbsSettings {
     /// Set by the expansion: the curves of the reference runs of this run's model.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub references: Vec<String>,
+}
+
+/// Which runs of the sweep measure the gradient noise scale (`cbs.noise_runs`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NoiseRuns {
+    /// Every run that sets `noise_scale` measures it (its curve is in the run's metrics).
+    #[default]
+    All,
+    /// Only the runs at the reference batch: the measurement can cost more than the training
+    /// of a large batch, and the report reads B_simple along the reference runs alone.
+    Reference,
+}
+
+impl NoiseRuns {
+    fn is_all(&self) -> bool {
+        *self == NoiseRuns::All
+    }
+}
+
+/// Under `cbs.noise_runs = "reference"`, a run at another batch size drops `noise_scale`,
+/// so its parameters say what it measures; a reference run must have it.
+fn noise_where_read(p: &mut Map<String, Value>) -> Result<(), ParamError> {
+    let Some(cbs) = p.get("cbs") else {
+        return Ok(()); // split names what is missing
+    };
+    let settings: CbsSettings =
+        ParamError::deserialize(cbs).map_err(|e| ParamError::new(nested(&e.path), e.message))?;
+    if settings.noise_runs == NoiseRuns::All {
+        return Ok(());
+    }
+    let reference = p.get("batch_size").and_then(Value::as_u64) == Some(u64::from(settings.reference_batch));
+    if !reference {
+        p.remove("noise_scale");
+    } else if p.get("noise_scale").is_none_or(Value::is_null) {
+        return Err(ParamError::new(
+            "cbs.noise_runs",
+            "names the runs that measure noise_scale, which is not set; set noise_scale or drop noise_runs",
+        ));
+    }
+    Ok(())
 }
 
 /// Splits a trial's parameters into its `train` parameters and the `cbs` table, checking both.
@@ -275,5 +323,30 @@ mod tests {
         typo["cbs"]["refrence_batch"] = json!(8);
         let err = split(&typo).unwrap_err();
         assert!(err.path.starts_with("cbs"), "{err}");
+    }
+
+    #[test]
+    fn noise_runs_reference_measures_noise_only_where_the_report_reads_it() {
+        let point = |batch: u32, noise_runs: &str| {
+            json!({"optimizer": "adamw", "lr": 0.001, "steps": 100, "batch_size": batch, "ema_decay": 0.99,
+                "noise_scale": {"small": 4, "big": 16},
+                "cbs": {"reference_batch": 4, "budgets": [400], "noise_runs": noise_runs}})
+            .as_object()
+            .unwrap()
+            .clone()
+        };
+        let points = vec![point(4, "reference"), point(8, "reference"), point(8, "all")];
+        let expanded = CriticalBatch.expand(points).unwrap();
+        assert!(expanded[0].contains_key("noise_scale"), "the reference run measures");
+        assert!(!expanded[1].contains_key("noise_scale"), "another batch size does not");
+        assert!(expanded[2].contains_key("noise_scale"), "every run measures by default");
+        for p in &expanded {
+            split(&Value::Object(p.clone())).unwrap();
+        }
+        let mut bare = point(4, "reference");
+        bare.remove("noise_scale");
+        assert_eq!(CriticalBatch.expand(vec![bare]).unwrap_err().path, "cbs.noise_runs");
+        let wrong = point(4, "some");
+        assert_eq!(CriticalBatch.expand(vec![wrong]).unwrap_err().path, "cbs.noise_runs");
     }
 }

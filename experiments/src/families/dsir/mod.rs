@@ -1,4 +1,4 @@
-//! The `dsir` family (SCIENCE.md section 4): data selection by importance
+//! The `dsir` family (CRITERIA.md section 4): data selection by importance
 //! resampling, spread over workers. A spec expands into
 //!
 //! 1. `features` trials, one per pool shard: each featurizes its JSONL files and
@@ -124,7 +124,7 @@ pub struct DsirParams {
     pub selection: Option<Selection>,
 }
 
-/// Data selection with importance resampling (SCIENCE.md section 4): features per pool shard, one
+/// Data selection with importance resampling (CRITERIA.md section 4): features per pool shard, one
 /// selection, and a downstream language model on the DSIR and a random selection.
 pub struct Dsir;
 

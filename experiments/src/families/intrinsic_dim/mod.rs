@@ -1,4 +1,4 @@
-//! The `intrinsic_dim` family (SCIENCE.md section 3): accuracy against the
+//! The `intrinsic_dim` family (CRITERIA.md section 3): accuracy against the
 //! dimension d of a random training subspace, and d_int90, the smallest d whose
 //! mean eval accuracy reaches 90% of full training's in the same sweep.
 //!
@@ -20,7 +20,7 @@ mod report;
 
 pub use report::analyze;
 
-/// Intrinsic dimension (SCIENCE.md section 3): `train` trials in random subspaces of growing
+/// Intrinsic dimension (CRITERIA.md section 3): `train` trials in random subspaces of growing
 /// dimension (`subspace_dim`, `projection`) beside full training (`subspace_dim` = 0).
 pub struct IntrinsicDim;
 

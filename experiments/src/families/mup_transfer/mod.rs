@@ -16,7 +16,7 @@ pub mod report;
 
 pub use report::{analyze, OBJECTIVE};
 
-/// muP width and depth transfer (SCIENCE.md section 1).
+/// muP width and depth transfer (CRITERIA.md section 1).
 pub struct MupTransfer;
 
 impl Definition for MupTransfer {

@@ -1,6 +1,6 @@
 //! The `mup_transfer` family's analysis: the best learning rate per width (or
 //! depth) for each parametrization, its spread across the sweep, the
-//! coordinate check's slopes, and the verdict against SCIENCE.md section 1.
+//! coordinate check's slopes, and the verdict against CRITERIA.md section 1.
 //!
 //! Trials are `train` trials with a `parametrization`; the sweep axis is width
 //! when several widths appear, depth otherwise. Seeds are averaged first.

@@ -1,42 +1,24 @@
 //! Fused training: a group of MLP or residual-MLP trials whose shapes agree
-//! (see [`crate::families::train::fuse_key`]) trained as one stacked model.
-//! Each member keeps its own seed (init and data order), learning rate,
-//! optimizer settings and state, metrics, checkpoints and result; the loop
-//! makes for each the updates, evaluations and checkpoints [`super::run`]
-//! would, on the same curve.
-//!
-//! Members may start at different steps (one resumed from a checkpoint, one
-//! new): a member takes part from its own step on, and stops taking part when
-//! it ends or diverges; its slice is then left as it was.
-
-use std::collections::VecDeque;
+//! (see [`crate::families::train::fuse_key`]) trained as one stacked model, the
+//! engine of the loop's N members (`drive`). Each member keeps its own seed (init
+//! and data order), learning rate, optimizer settings and state, metrics,
+//! checkpoints, rung and result; the loop makes for each the updates, evaluations
+//! and checkpoints [`super::run`] would, on the same curve.
 
 use serde_json::Value;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::averaging::{swap_back, WeightAverage};
+use super::drive::{again, drive, Engine};
 use super::noise::{draw_estimates, smooth, NoiseEstimate};
 use super::state::{progress, sidecar, Progress};
 use super::tasks::classification_data;
 use crate::error::ParamError;
-use crate::families::train::{Divergence, TrainParams};
-use crate::nn::data::DataOrder;
+use crate::families::train::{NoiseScale, TrainParams};
+use crate::nn::data::{Classification, DataOrder};
 use crate::nn::fused::{member_accuracy, member_losses, FusedMlp, FusedOptimizer, MemberHyper};
 use crate::nn::model::Mlp;
 use crate::trial::{TrialContext, TrialError};
-
-/// Where one member stands.
-struct Member {
-    p: TrainParams,
-    order: DataOrder,
-    /// The first update it makes here (its checkpoint's step, or 0).
-    start: u64,
-    tail: VecDeque<f64>,
-    /// The running sums of the gradient-noise estimates (see `eval`).
-    noise_average: [f64; 3],
-    /// Set once it ended (finished, diverged or failed): it makes no more updates.
-    result: Option<Result<(), TrialError>>,
-}
 
 /// Runs `params[i]` with `ctxs[i]` for every member, as one fused model; returns each
 /// member's result. Members whose parameters don't fit the group (the caller groups
@@ -63,7 +45,6 @@ pub fn run_fused(params: &[Value], ctxs: &mut [TrialContext<'_>]) -> Vec<Result<
                 match fits {
                     // A member that cannot join runs alone, after the group.
                     Err(why) => eprintln!("trial {i} of the group runs unfused: {why}"),
-                    Ok(()) if ctxs[i].pause_at.is_some() => {}
                     Ok(()) => group.push(i),
                 }
                 parsed.push(Some(p));
@@ -103,216 +84,191 @@ pub fn run_fused(params: &[Value], ctxs: &mut [TrialContext<'_>]) -> Vec<Result<
 }
 
 fn train_group(params: Vec<TrainParams>, ctxs: &mut [&mut TrialContext<'_>]) -> Vec<Result<(), TrialError>> {
-    match train_group_inner(&params, ctxs) {
-        Ok(results) => results,
+    match Fused::new(&params, ctxs[0].device) {
+        Ok(mut engine) => {
+            let rules = params.iter().map(|_| None).collect();
+            drive(&mut engine, &params, ctxs, rules)
+                .into_iter()
+                .map(|(result, _)| result)
+                .collect()
+        }
         // What stops the whole group (the data set can't be read) stops each member.
         Err(error) => params.iter().map(|_| Err(again(&error))).collect(),
     }
 }
 
-/// The group's error, once more for one member.
-fn again(error: &TrialError) -> TrialError {
-    match error {
-        TrialError::Checkpoint(t) => TrialError::Checkpoint(t.clone()),
-        TrialError::Data(t) => TrialError::Data(t.clone()),
-        other => TrialError::Data(other.to_string()),
+/// A fused group as the loop's engine.
+struct Fused {
+    params: Vec<TrainParams>,
+    data: Classification,
+    model: FusedMlp,
+    optimizer: FusedOptimizer,
+    average: Option<WeightAverage>,
+    orders: Vec<DataOrder>,
+    num_params: i64,
+    device: Device,
+}
+
+impl Fused {
+    fn new(params: &[TrainParams], device: Device) -> Result<Fused, TrialError> {
+        let shape = &params[0];
+        let data = classification_data(shape, device)?;
+        let models: Vec<Mlp> = params
+            .iter()
+            .map(|p| {
+                Mlp::new(
+                    data.features,
+                    p.width as i64,
+                    p.depth,
+                    data.classes,
+                    p.model == crate::families::train::ModelKind::Resmlp,
+                    p.scaling(),
+                    p.seed,
+                    device,
+                )
+            })
+            .collect();
+        let num_params: i64 = models[0].params.iter().map(|p| p.tensor.numel() as i64).sum();
+        let model = FusedMlp::stack(&models);
+        drop(models);
+        let hyper = params
+            .iter()
+            .map(|p| {
+                Ok(MemberHyper {
+                    lr: p.learning_rate()?,
+                    momentum: p.momentum,
+                    beta1: p.beta1,
+                    beta2: p.beta2,
+                    weight_decay: p.weight_decay,
+                })
+            })
+            .collect::<Result<Vec<_>, ParamError>>()?;
+        let optimizer = FusedOptimizer::new(shape.optimizer, 1e-8, hyper, &model.params);
+        let average = shape.ema_decay.map(|decay| WeightAverage::new(decay, &model.params));
+        let orders = params
+            .iter()
+            .map(|p| DataOrder::new(p.seed, data.train_len(), p.batch_size as usize))
+            .collect();
+        Ok(Fused {
+            params: params.to_vec(),
+            data,
+            model,
+            optimizer,
+            average,
+            orders,
+            num_params,
+            device,
+        })
+    }
+
+    fn n(&self) -> i64 {
+        self.params.len() as i64
     }
 }
 
-fn train_group_inner(
-    params: &[TrainParams],
-    ctxs: &mut [&mut TrialContext<'_>],
-) -> Result<Vec<Result<(), TrialError>>, TrialError> {
-    let shape = &params[0];
-    let device = ctxs[0].device;
-    let data = classification_data(shape, device)?;
-    let n = params.len();
-    let models: Vec<Mlp> = params
-        .iter()
-        .map(|p| {
-            Mlp::new(
-                data.features,
-                p.width as i64,
-                p.depth,
-                data.classes,
-                p.model == crate::families::train::ModelKind::Resmlp,
-                p.scaling(),
-                p.seed,
-                device,
-            )
-        })
-        .collect();
-    let full: i64 = models[0].params.iter().map(|p| p.tensor.numel() as i64).sum();
-    let mut model = FusedMlp::stack(&models);
-    drop(models);
-    let hyper = params
-        .iter()
-        .map(|p| {
-            Ok(MemberHyper {
-                lr: p.learning_rate()?,
-                momentum: p.momentum,
-                beta1: p.beta1,
-                beta2: p.beta2,
-                weight_decay: p.weight_decay,
-            })
-        })
-        .collect::<Result<Vec<_>, ParamError>>()?;
-    let mut optimizer = FusedOptimizer::new(shape.optimizer, 1e-8, hyper, &model.params);
-    let mut average = shape.ema_decay.map(|decay| WeightAverage::new(decay, &model.params));
-    let steps = shape.total_steps();
-    let tail_len = (steps / 10).max(1) as usize;
-    let mut members: Vec<Member> = Vec::with_capacity(n);
-    for (i, p) in params.iter().enumerate() {
-        let mut member = Member {
-            p: p.clone(),
-            order: DataOrder::new(p.seed, data.train_len(), p.batch_size as usize),
-            start: 0,
-            tail: VecDeque::with_capacity(tail_len),
-            noise_average: [0.0; 3],
-            result: None,
-        };
-        match resume(ctxs[i], &mut model, &mut optimizer, average.as_mut(), i as i64) {
-            Ok(Some(resumed)) => (member.start, member.tail, member.noise_average) = resumed,
-            Ok(None) => ctxs[i].metrics.log("num_params", 0, full as f64),
-            // A checkpoint it can't read fails that member alone.
-            Err(e) => member.result = Some(Err(e)),
-        }
-        members.push(member);
+impl Engine for Fused {
+    fn num_params(&self) -> i64 {
+        self.num_params
     }
-    let first = members.iter().map(|m| m.start).min().unwrap_or(0);
-    let mut next_eval = shape.next_eval(0);
-    while next_eval <= first {
-        next_eval = shape.next_eval(next_eval);
-    }
-    let batch = shape.batch_size as i64;
-    let train_y = data.train_y.shallow_clone();
-    for step in first..steps {
-        let active: Vec<bool> = members.iter().map(|m| m.result.is_none() && m.start <= step).collect();
-        if !active.iter().any(|&a| a) {
-            if members.iter().all(|m| m.result.is_some()) {
-                break;
-            }
-            continue;
-        }
-        for p in &mut model.params {
+
+    fn step(&mut self, step: u64, active: &[bool], _record: Option<&mut Vec<f64>>) -> Result<Vec<f64>, TrialError> {
+        let (n, device, data) = (self.n(), self.device, &self.data);
+        let shape = &self.params[0];
+        for p in &mut self.model.params {
             p.tensor.zero_grad();
         }
-        let idx: Vec<i64> = members.iter_mut().flat_map(|m| m.order.batch_indices(step)).collect();
+        let idx: Vec<i64> = self.orders.iter_mut().flat_map(|o| o.batch_indices(step)).collect();
         let idx = Tensor::from_slice(&idx).to_device(device);
-        let xs = data
-            .train_x
-            .index_select(0, &idx)
-            .view([n as i64, batch, data.features]);
-        let ys = train_y.index_select(0, &idx).view([n as i64, batch]);
-        let losses = member_losses(&model.forward(&xs), &ys);
-        let all = active.iter().all(|&a| a);
-        let total = if all {
+        let batch = shape.batch_size as i64;
+        let xs = data.train_x.index_select(0, &idx).view([n, batch, data.features]);
+        let ys = data.train_y.index_select(0, &idx).view([n, batch]);
+        let losses = member_losses(&self.model.forward(&xs), &ys);
+        let total = if active.iter().all(|&a| a) {
             losses.sum(Kind::Float)
         } else {
             let mask: Vec<f32> = active.iter().map(|&a| f32::from(u8::from(a))).collect();
             (&losses * Tensor::from_slice(&mask).to_device(device)).sum(Kind::Float)
         };
         total.backward();
-        optimizer.step(&model.params, shape.lr_factor(step), &active);
-        if let Some(average) = average.as_mut() {
-            average.update_members(&model.params, &active);
+        self.optimizer.step(&self.model.params, shape.lr_factor(step), active);
+        if let Some(average) = self.average.as_mut() {
+            average.update_members(&self.model.params, active);
         }
-        let done = step + 1;
-        let values = Vec::<f64>::try_from(losses.detach().to_kind(Kind::Double)).map_err(TrialError::Torch)?;
-        for (i, m) in members.iter_mut().enumerate() {
-            if !active[i] {
-                continue;
-            }
-            let value = values[i];
-            if !value.is_finite() {
-                // Its slice is frozen from here on; the others go on.
-                m.result = Some(if m.p.divergence == Divergence::Record {
-                    ctxs[i].metrics.log("diverged", done, 1.0);
-                    Ok(())
-                } else {
-                    Err(TrialError::Diverged {
-                        step: done,
-                        metric: "train_loss",
-                        value,
-                    })
-                });
-                continue;
-            }
-            ctxs[i].metrics.log("train_loss", done, value);
-            if m.tail.len() == tail_len {
-                m.tail.pop_front();
-            }
-            m.tail.push_back(value);
-        }
-        let still = |i: usize, members: &[Member]| active[i] && members[i].result.is_none();
-        if done == next_eval || done == steps {
-            if done == next_eval {
-                next_eval = shape.next_eval(done);
-            }
-            let (loss, accuracy) = evaluate(&model, &data.eval_x, &data.eval_y, n as i64)?;
-            for i in 0..n {
-                if still(i, &members) {
-                    ctxs[i].metrics.log("eval_loss", done, loss[i]);
-                    ctxs[i].metrics.log("eval_accuracy", done, accuracy[i]);
-                }
-            }
-            if let Some(average) = &average {
-                let saved = average.swap_in(&mut model.params, done);
-                let averaged = evaluate(&model, &data.eval_x, &data.eval_y, n as i64);
-                swap_back(&mut model.params, &saved);
-                let (loss, _) = averaged?;
-                for i in (0..n).filter(|&i| still(i, &members)) {
-                    ctxs[i].metrics.log("eval_loss_ema", done, loss[i]);
-                }
-            }
-            if let Some(noise) = shape.noise_scale {
-                let draws = u64::from(noise.repeats) * u64::from(noise.big / noise.small);
-                let seeds: Vec<u64> = members.iter().map(|m| m.p.seed).collect();
-                let estimates = measure_noise(&mut model, &data, &seeds, noise, done * draws)?;
-                let live: Vec<usize> = (0..n).filter(|&i| still(i, &members)).collect();
-                for i in live {
-                    for (name, value) in smooth(noise, &mut members[i].noise_average, estimates[i]) {
-                        ctxs[i].metrics.log(name, done, value);
-                    }
-                }
-            }
-        }
-        if done % shape.checkpoint_every == 0 && done < steps {
-            for i in 0..n {
-                if still(i, &members) {
-                    if let Err(error) = save(
-                        ctxs[i],
-                        &members[i],
-                        &model,
-                        &optimizer,
-                        average.as_ref(),
-                        i as i64,
-                        done,
-                    ) {
-                        eprintln!("checkpoint at step {done} not written ({error}); training goes on");
-                    }
-                }
-            }
-        }
-        if shape.step_delay_ms > 0 {
-            std::thread::sleep(std::time::Duration::from_millis(shape.step_delay_ms));
-        }
+        Ok(Vec::<f64>::try_from(losses.detach().to_kind(Kind::Double))?)
     }
-    let finished: Vec<usize> = (0..n).filter(|&i| members[i].result.is_none()).collect();
-    if !finished.is_empty() {
-        let (final_loss, _) = evaluate(&model, &data.train_x, &data.train_y, n as i64)?;
-        for &i in &finished {
-            let tail = &members[i].tail;
-            let tail_mean = tail.iter().sum::<f64>() / tail.len().max(1) as f64;
-            ctxs[i].metrics.log("train_loss_tail", steps, tail_mean);
-            ctxs[i].metrics.log("train_loss_final", steps, final_loss[i]);
-            members[i].result = Some(Ok(()));
+
+    fn evaluate(
+        &mut self,
+        done: u64,
+        due: &[bool],
+        noise_sums: &mut [[f64; 3]],
+    ) -> Result<Vec<Vec<(&'static str, f64)>>, TrialError> {
+        let n = self.n();
+        let mut logged: Vec<Vec<(&'static str, f64)>> = vec![Vec::new(); due.len()];
+        let (loss, accuracy) = evaluate(&self.model, &self.data.eval_x, &self.data.eval_y, n)?;
+        for (i, out) in logged.iter_mut().enumerate().filter(|(i, _)| due[*i]) {
+            out.push(("eval_loss", loss[i]));
+            out.push(("eval_accuracy", accuracy[i]));
         }
+        if let Some(average) = &self.average {
+            let saved = average.swap_in(&mut self.model.params, done);
+            let averaged = evaluate(&self.model, &self.data.eval_x, &self.data.eval_y, n);
+            swap_back(&mut self.model.params, &saved);
+            let (loss, _) = averaged?;
+            for (i, out) in logged.iter_mut().enumerate().filter(|(i, _)| due[*i]) {
+                out.push(("eval_loss_ema", loss[i]));
+            }
+        }
+        if let Some(noise) = self.params[0].noise_scale {
+            let draws = u64::from(noise.repeats) * u64::from(noise.big / noise.small);
+            let seeds: Vec<u64> = self.params.iter().map(|p| p.seed).collect();
+            let estimates = measure_noise(&mut self.model, &self.data, &seeds, noise, done * draws)?;
+            for (i, out) in logged.iter_mut().enumerate().filter(|(i, _)| due[*i]) {
+                out.extend(smooth(noise, &mut noise_sums[i], estimates[i]));
+            }
+        }
+        Ok(logged)
     }
-    Ok(members
-        .into_iter()
-        .map(|m| m.result.expect("every member ended"))
-        .collect())
+
+    fn final_losses(&mut self, members: &[usize]) -> Result<Vec<f64>, TrialError> {
+        let (loss, _) = evaluate(&self.model, &self.data.train_x, &self.data.train_y, self.n())?;
+        Ok(members.iter().map(|&i| loss[i]).collect())
+    }
+
+    fn save(&self, i: usize, ctx: &mut TrialContext<'_>, progress: &Progress) -> Result<(), TrialError> {
+        let i64 = i as i64;
+        let mut tensors = self.model.member(i64);
+        tensors.extend(self.optimizer.member_state(i64, &self.model.params));
+        if let Some(average) = &self.average {
+            tensors.extend(average.member_state(i64, &self.model.params));
+        }
+        ctx.checkpoints.save(
+            progress.step,
+            &tensors,
+            &sidecar(&self.params[i], self.optimizer.updates[i], progress),
+        )
+    }
+
+    /// Puts member `i`'s newest checkpoint (its own, or a single run's) into its slice.
+    fn resume(&mut self, i: usize, ctx: &mut TrialContext<'_>) -> Result<Option<Progress>, TrialError> {
+        let Some(snapshot) = ctx.checkpoints.latest()? else {
+            return Ok(None);
+        };
+        let i64 = i as i64;
+        self.model
+            .load_member(i64, &snapshot.tensors)
+            .map_err(TrialError::Checkpoint)?;
+        let updates = snapshot.sidecar["optimizer_updates"]
+            .as_u64()
+            .ok_or_else(|| TrialError::Checkpoint("sidecar lacks optimizer_updates".into()))?;
+        self.optimizer
+            .load_member(i64, &self.model.params, &snapshot.tensors, updates)
+            .map_err(TrialError::Checkpoint)?;
+        if let Some(average) = self.average.as_mut() {
+            average.load_member(i64, &self.model.params, &snapshot.tensors)?;
+        }
+        Ok(Some(progress(&snapshot)))
+    }
 }
 
 /// Every member's loss and accuracy on one data set (each sees all of it).
@@ -327,76 +283,15 @@ fn evaluate(model: &FusedMlp, xs: &Tensor, ys: &Tensor, n: i64) -> Result<(Vec<f
     })
 }
 
-/// Writes member `i`'s checkpoint: the tensors and sidecar a single run writes at this step.
-fn save(
-    ctx: &mut TrialContext<'_>,
-    m: &Member,
-    model: &FusedMlp,
-    optimizer: &FusedOptimizer,
-    average: Option<&WeightAverage>,
-    i: i64,
-    done: u64,
-) -> Result<(), TrialError> {
-    let mut tensors = model.member(i);
-    tensors.extend(optimizer.member_state(i, &model.params));
-    if let Some(average) = average {
-        tensors.extend(average.member_state(i, &model.params));
-    }
-    let progress = Progress {
-        step: done,
-        loss_tail: m.tail.clone(),
-        noise_average: m.noise_average,
-        history: Vec::new(),
-    };
-    ctx.checkpoints
-        .save(done, &tensors, &sidecar(&m.p, optimizer.updates[i as usize], &progress))
-}
-
-/// What a member resumes with beyond its tensors: its step, loss tail and noise sums.
-type Resumed = (u64, VecDeque<f64>, [f64; 3]);
-
-/// Puts member `i`'s newest checkpoint (its own, or a single run's) into its slice;
-/// `None` when it has none.
-fn resume(
-    ctx: &mut TrialContext<'_>,
-    model: &mut FusedMlp,
-    optimizer: &mut FusedOptimizer,
-    average: Option<&mut WeightAverage>,
-    i: i64,
-) -> Result<Option<Resumed>, TrialError> {
-    let Some(snapshot) = ctx.checkpoints.latest()? else {
-        return Ok(None);
-    };
-    model
-        .load_member(i, &snapshot.tensors)
-        .map_err(TrialError::Checkpoint)?;
-    let updates = snapshot.sidecar["optimizer_updates"]
-        .as_u64()
-        .ok_or_else(|| TrialError::Checkpoint("sidecar lacks optimizer_updates".into()))?;
-    optimizer
-        .load_member(i, &model.params, &snapshot.tensors, updates)
-        .map_err(TrialError::Checkpoint)?;
-    if let Some(average) = average {
-        average.load_member(i, &model.params, &snapshot.tensors)?;
-    }
-    let Progress {
-        step,
-        loss_tail,
-        noise_average,
-        ..
-    } = progress(&snapshot);
-    Ok(Some((step, loss_tail, noise_average)))
-}
-
 /// The gradient-noise measurement of every member at once, as
 /// [`super::noise::measure_noise`] makes it for one: each member's batches drawn from
 /// its own noise stream (`seeds`), its gradients from its own slice. Returns each
 /// member's estimates and leaves the gradients zeroed.
 fn measure_noise(
     model: &mut FusedMlp,
-    data: &crate::nn::data::Classification,
+    data: &Classification,
     seeds: &[u64],
-    noise: crate::families::train::NoiseScale,
+    noise: NoiseScale,
     first_draw: u64,
 ) -> Result<Vec<NoiseEstimate>, TrialError> {
     let n = seeds.len() as i64;

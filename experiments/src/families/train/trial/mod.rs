@@ -1,24 +1,24 @@
-//! The `train` trial loop, shared by every model: a task gives the loss of a
-//! step's batch and its evaluations; the loop owns the optimizer, the
-//! schedule, metrics and divergence handling. Beside it: the tasks
-//! (`tasks`), evaluation (`eval`), weight averaging (`averaging`), the
-//! gradient-noise measurement (`noise`) and checkpoint state (`state`).
+//! The `train` trial: one loop (`drive`) for a single trial and a fused group alike,
+//! over an engine that owns the model: `single` (any task: a classifier, a language
+//! model, the power-law regression, whole or in a random subspace) or `fused` (a group
+//! of MLPs stacked into one). Beside them: the tasks (`tasks`), weight averaging
+//! (`averaging`), the gradient-noise measurement (`noise`) and checkpoint state
+//! (`state`).
 
 mod averaging;
-mod eval;
+mod drive;
 mod fused;
 mod noise;
+mod single;
 mod state;
 mod tasks;
 #[cfg(test)]
 mod tests;
 
-use std::collections::VecDeque;
-
 use serde_json::Value;
 use tch::Device;
 
-use super::{Divergence, TrainParams};
+use super::TrainParams;
 use crate::error::ParamError;
 use crate::nn::model::Param;
 use crate::nn::optim::{Optimizer, OptimizerConfig};
@@ -27,6 +27,7 @@ use crate::nn::ProjectionKind;
 use crate::trial::{TrialContext, TrialError};
 use averaging::WeightAverage;
 pub use fused::run_fused;
+use single::Single;
 use tasks::{task, Task};
 
 /// Trains for `steps` updates, resuming from the newest checkpoint.
@@ -58,13 +59,13 @@ pub type StopFn<'a> = dyn FnMut(&[(u64, f64)]) -> Option<String> + 'a;
 pub fn run_until(
     params: &Value,
     ctx: &mut TrialContext<'_>,
-    mut rule: Option<StopRule<'_>>,
+    rule: Option<StopRule<'_>>,
 ) -> Result<Vec<(u64, f64)>, TrialError> {
     let p: TrainParams = ParamError::deserialize(params)?;
     p.check()?;
-    let mut task = task(&p, ctx.device)?;
+    let task = task(&p, ctx.device)?;
     let full: i64 = task.params().iter().map(|p| p.tensor.numel() as i64).sum();
-    let mut subspace = match p.subspace_dim {
+    let subspace = match p.subspace_dim {
         0 => None,
         dim => Some(subspace_for(&p, task.params(), full, dim as i64, ctx.device)?),
     };
@@ -77,145 +78,20 @@ pub fn run_until(
         eps: 1e-8,
         weight_decay: p.weight_decay,
     };
-    let mut optimizer = Optimizer::new(config, trainable(task.as_ref(), &subspace));
-    let steps = p.total_steps();
-    let mut average = p.ema_decay.map(|decay| WeightAverage::new(decay, task.params()));
-    // Running sums of the |G|^2 and tr(Sigma) estimates and of their weights.
-    let mut noise_average = [0.0f64; 3];
-    let tail_len = (steps / 10).max(1) as usize;
-    let mut tail: VecDeque<f64> = VecDeque::with_capacity(tail_len);
-    let mut start = 0u64;
-    let mut history: Vec<(u64, f64)> = Vec::new();
-
-    if let Some(resumed) = state::resume(ctx, task.as_mut(), subspace.as_mut(), &mut optimizer, average.as_mut())? {
-        (start, tail, noise_average, history) =
-            (resumed.step, resumed.loss_tail, resumed.noise_average, resumed.history);
-    }
-    // The step the rule stopped the run at, and why.
-    let mut stopped: Option<(u64, String)> = None;
-
-    if start == 0 {
-        ctx.metrics.log("num_params", 0, full as f64);
-    }
-    // A rung inside the run (ASHA, Hyperband): evaluate and checkpoint there, then stop.
-    let pause_at = ctx.pause_at.filter(|&at| at > start && at < steps);
-    let peak_lr = optimizer.config.lr;
-    let mut next_eval = p.next_eval(0);
-    while next_eval <= start {
-        next_eval = p.next_eval(next_eval);
-    }
-    for step in start..steps {
-        optimizer.config.lr = peak_lr * p.lr_factor(step);
-        match subspace.as_mut() {
-            Some(s) => {
-                optimizer.zero_grad(&mut s.z);
-                s.materialize(task.params_mut());
-            }
-            None => optimizer.zero_grad(task.params_mut()),
-        }
-        let mut activations = Vec::new();
-        let loss = task.batch_loss(step, p.coord_check.then_some(&mut activations));
-        loss.backward();
-        optimizer.step(trainable(task.as_ref(), &subspace));
-        if let Some(average) = average.as_mut() {
-            average.update(task.params());
-        }
-        let done = step + 1;
-        let loss_value = loss.double_value(&[]);
-        for (layer, value) in activations.iter().enumerate() {
-            ctx.metrics.log(&format!("act.{layer}"), done, *value);
-        }
-        if !loss_value.is_finite() {
-            if p.divergence == Divergence::Record {
-                ctx.metrics.log("diverged", done, 1.0);
-                return Ok(history);
-            }
-            return Err(TrialError::Diverged {
-                step: done,
-                metric: "train_loss",
-                value: loss_value,
-            });
-        }
-        ctx.metrics.log("train_loss", done, loss_value);
-        if tail.len() == tail_len {
-            tail.pop_front();
-        }
-        tail.push_back(loss_value);
-        let pausing = pause_at == Some(done);
-        if done == next_eval || done == steps || pausing {
-            if done == next_eval {
-                next_eval = p.next_eval(done);
-            }
-            let logged = eval::evaluate(
-                ctx,
-                &p,
-                task.as_mut(),
-                &subspace,
-                average.as_ref(),
-                &mut noise_average,
-                done,
-            );
-            if let Some(rule) = rule.as_mut() {
-                if let Some(&(_, value)) = logged.iter().find(|(name, _)| *name == rule.metric) {
-                    history.push((done, value));
-                    if done < steps {
-                        stopped = (rule.stop)(&history).map(|why| (done, why));
-                    }
-                }
-            }
-        }
-        if stopped.is_some() {
-            break;
-        }
-        if (done % p.checkpoint_every == 0 && done < steps) || pausing {
-            let progress = state::Progress {
-                step: done,
-                loss_tail: tail.clone(),
-                noise_average,
-                history: history.clone(),
-            };
-            // A checkpoint that can't be written (the store stayed away through every
-            // retry) costs only the progress it would have saved: training goes on,
-            // and the next checkpoint tries again.
-            let saved = state::save(
-                ctx,
-                &p,
-                task.as_ref(),
-                &subspace,
-                &optimizer,
-                average.as_ref(),
-                &progress,
-            );
-            match saved {
-                // The trial resumes from this checkpoint when it is promoted.
-                Err(error) if pausing => return Err(error),
-                Err(error) => eprintln!("checkpoint at step {done} not written ({error}); training goes on"),
-                Ok(()) if pausing => {
-                    ctx.paused = Some(done);
-                    return Ok(history);
-                }
-                Ok(()) => {}
-            }
-        }
-        if p.step_delay_ms > 0 {
-            std::thread::sleep(std::time::Duration::from_millis(p.step_delay_ms));
-        }
-    }
-    if let Some(s) = &subspace {
-        tch::no_grad(|| s.materialize(task.params_mut()));
-    }
-    let end = match &stopped {
-        Some((step, why)) => {
-            ctx.metrics
-                .output("stopped_early", serde_json::json!({"step": step, "why": why}));
-            *step
-        }
-        None => steps,
+    let optimizer = Optimizer::new(config, trainable(task.as_ref(), &subspace));
+    let average = p.ema_decay.map(|decay| WeightAverage::new(decay, task.params()));
+    let mut engine = Single {
+        peak_lr: config.lr,
+        p: p.clone(),
+        task,
+        subspace,
+        optimizer,
+        average,
+        num_params: full,
     };
-    let tail_mean = tail.iter().sum::<f64>() / tail.len().max(1) as f64;
-    ctx.metrics.log("train_loss_tail", end, tail_mean);
-    ctx.metrics.log("train_loss_final", end, task.train_loss());
-    Ok(history)
+    let mut outcome = drive::drive(&mut engine, std::slice::from_ref(&p), &mut [ctx], vec![rule]);
+    let (result, history) = outcome.pop().expect("one member");
+    result.map(|()| history)
 }
 
 /// What the optimizer trains: the subspace coordinates, or every parameter.

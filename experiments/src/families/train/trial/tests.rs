@@ -352,6 +352,18 @@ fn train_fused(
     params: &[serde_json::Value],
     stores: &mut [MemoryCheckpoints],
 ) -> (Vec<Result<(), crate::trial::TrialError>>, Vec<MemoryMetrics>) {
+    let (results, metrics, _) = train_fused_to(params, stores, &vec![None; params.len()]);
+    (results, metrics)
+}
+
+type FusedRun = (
+    Vec<Result<(), crate::trial::TrialError>>,
+    Vec<MemoryMetrics>,
+    Vec<Option<u64>>,
+);
+
+/// [`train_fused`] with each member's rung (`pause_at`); also the step each paused at.
+fn train_fused_to(params: &[serde_json::Value], stores: &mut [MemoryCheckpoints], rungs: &[Option<u64>]) -> FusedRun {
     tch::set_num_threads(1);
     let mut metrics: Vec<MemoryMetrics> = params.iter().map(|_| MemoryMetrics::default()).collect();
     let mut data: Vec<DirData> = params.iter().map(|_| no_data()).collect();
@@ -359,18 +371,20 @@ fn train_fused(
         .iter_mut()
         .zip(metrics.iter_mut())
         .zip(data.iter_mut())
-        .map(|((store, metrics), data)| TrialContext {
+        .zip(rungs)
+        .map(|(((store, metrics), data), &pause_at)| TrialContext {
             device: tch::Device::Cpu,
             checkpoints: store,
             metrics,
             data,
-            pause_at: None,
+            pause_at,
             paused: None,
         })
         .collect();
     let results = super::run_fused(params, &mut ctxs);
+    let paused = ctxs.iter().map(|c| c.paused).collect();
     drop(ctxs);
-    (results, metrics)
+    (results, metrics, paused)
 }
 
 /// The largest difference between two runs' points of every metric (relative to values above
@@ -548,6 +562,72 @@ fn a_members_numbers_do_not_depend_on_its_group() {
             alone.points,
             "member {} of 7 and member {i} of 3 logged other numbers",
             i + 4
+        );
+    }
+}
+
+#[test]
+fn fused_members_pause_at_their_own_rungs_and_resume_in_another_group_on_their_curves() {
+    let base = json!({"optimizer": "adam", "width": 40, "depth": 2, "steps": 60, "batch_size": 32,
+        "eval_every": 20, "checkpoint_every": 100, "ema_decay": 0.9,
+        "noise_scale": {"small": 8, "big": 32, "repeats": 2}});
+    let group = group_of_eight(base);
+    // Rungs off the evaluation schedule, two members without one.
+    let rungs: Vec<Option<u64>> = (0..8)
+        .map(|i| match i % 3 {
+            0 => Some(15),
+            1 => Some(30),
+            _ => None,
+        })
+        .collect();
+    let mut stores: Vec<MemoryCheckpoints> = group.iter().map(|_| MemoryCheckpoints::default()).collect();
+    let (results, first, paused) = train_fused_to(&group, &mut stores, &rungs);
+    for i in 0..8 {
+        results[i].as_ref().unwrap();
+        assert_eq!(paused[i], rungs[i], "member {i} paused at its own rung");
+        let saved: Vec<u64> = stores[i].saved.iter().map(|c| c.step).collect();
+        assert_eq!(
+            saved,
+            rungs[i].into_iter().collect::<Vec<_>>(),
+            "member {i} checkpointed at its rung"
+        );
+        // Its points are those of its single run paused at the same rung.
+        let (result, single, single_paused) = train_to(&group[i], &mut MemoryCheckpoints::default(), rungs[i]);
+        result.unwrap();
+        assert_eq!(single_paused, rungs[i]);
+        let gap = largest_gap(&first[i], &single);
+        assert!(gap <= 1e-5, "member {i} is {gap} from its single run to its rung");
+    }
+    // Promoted: the paused members resume together, each from its own rung, to the end,
+    // on the curve of their single runs paused and resumed at the same rung (the
+    // evaluation at a rung feeds the gradient-noise average, so it is part of the curve).
+    let promoted: Vec<usize> = (0..8).filter(|&i| rungs[i].is_some()).collect();
+    let params: Vec<serde_json::Value> = promoted.iter().map(|&i| group[i].clone()).collect();
+    let mut resumed_stores: Vec<MemoryCheckpoints> = promoted
+        .iter()
+        .map(|&i| MemoryCheckpoints {
+            saved: std::mem::take(&mut stores[i].saved),
+            resume_at: rungs[i],
+        })
+        .collect();
+    let (results, rest, paused) = train_fused_to(&params, &mut resumed_stores, &vec![None; promoted.len()]);
+    for (k, &i) in promoted.iter().enumerate() {
+        results[k].as_ref().unwrap();
+        assert_eq!(paused[k], None);
+        let rung = rungs[i].unwrap();
+        let after = |m: &MemoryMetrics| MemoryMetrics {
+            points: m.points.iter().filter(|p| p.1 > rung).cloned().collect(),
+            ..Default::default()
+        };
+        let mut store = MemoryCheckpoints::default();
+        train_to(&group[i], &mut store, Some(rung)).0.unwrap();
+        store.resume_at = Some(rung);
+        let (result, single, _) = train_to(&group[i], &mut store, None);
+        result.unwrap();
+        let gap = largest_gap(&after(&rest[k]), &after(&single));
+        assert!(
+            gap <= 1e-5,
+            "member {i} resumed from step {rung} is {gap} from its single run"
         );
     }
 }
