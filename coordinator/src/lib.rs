@@ -10,6 +10,7 @@ pub mod auth;
 pub mod db;
 mod downsample;
 pub mod error;
+mod platform;
 pub mod policy;
 mod reader;
 mod service;
