@@ -1,4 +1,7 @@
-//! How many trials a fused group holds: the spec's `fuse`, or with `fuse =
+//! Whether a trial fuses and with how many: the one decision the coordinator's
+//! lease and `ablate-worker sweep` both take ([`group`]). A trial fuses when the
+//! spec asks (`fuse`) and it has a fusion key (given at submission by its
+//! family's `fuse_key`); its group holds the spec's `fuse`, or with `fuse =
 //! "auto"` as many as fit the memory a worker's slot offers.
 
 use ablate_schema::{Fuse, MAX_FUSE};
@@ -11,6 +14,24 @@ pub const AUTO_WITHOUT_MEMORY: u32 = 8;
 
 /// The share of a slot's memory an `auto` group may fill.
 const AUTO_SHARE: f64 = 0.5;
+
+/// The group a trial leads: its fusion key and the most members it may hold (1: it
+/// fuses alone, taking the fused code all the same).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub key: String,
+    pub size: u32,
+}
+
+/// The group a trial with fusion key `key` and `params` leads under the spec's `fuse`
+/// on a slot of `slot_memory` bytes (0: unknown); `None` when it does not fuse.
+pub fn group(fuse: Option<Fuse>, key: Option<&str>, family: Family, params: &Value, slot_memory: u64) -> Option<Group> {
+    let (fuse, key) = (fuse?, key?);
+    Some(Group {
+        key: key.to_string(),
+        size: group_size(fuse, family, params, slot_memory),
+    })
+}
 
 /// The most members a group led by a trial with `params` may hold on a slot of
 /// `slot_memory` bytes (0: unknown); 1 when the trial can't fuse.
@@ -48,5 +69,16 @@ mod tests {
         // A trial that can't fuse runs alone whatever the spec says.
         let gpt = json!({"optimizer": "adam", "lr": 0.01, "steps": 10, "model": "gpt", "dataset": "shakespeare"});
         assert_eq!(group_size(Fuse::Members(8), train, &gpt, 0), 1);
+        // Without fuse or a key, no group; with both, its key and size.
+        assert_eq!(group(None, Some("k"), train, &small, 0), None);
+        assert_eq!(group(Some(Fuse::Members(4)), None, train, &small, 0), None);
+        let led = group(Some(Fuse::Members(4)), Some("k"), train, &small, 0);
+        assert_eq!(
+            led,
+            Some(Group {
+                key: "k".into(),
+                size: 4
+            })
+        );
     }
 }

@@ -85,13 +85,8 @@ pub fn run(
         ordinal,
         params: t.params.clone(),
         depends_on: t.depends_on.clone(),
-        group: match (&t.fuse_key, spec.fuse) {
-            (Some(key), Some(fuse)) => Some((
-                key.clone(),
-                ablate_experiments::fusion::group_size(fuse, family, &t.params, memory) as usize,
-            )),
-            _ => None,
-        },
+        group: ablate_experiments::fusion::group(spec.fuse, t.fuse_key.as_deref(), family, &t.params, memory)
+            .map(|g| (g.key, g.size as usize)),
         refused: None,
     };
     let searcher = spec.sweep.tpe.clone().map(|budget| Tpe {

@@ -42,13 +42,10 @@ pub struct LeasedTrial {
 }
 
 impl LeasedTrial {
-    /// Its fusion key and the spec's `fuse` when it fuses: it has a key and the spec
-    /// asks to fuse (members may pause at rungs of their own).
-    pub fn fusion(&self) -> Option<(&str, ablate_schema::Fuse)> {
-        match (&self.fuse_key, self.fuse) {
-            (Some(key), Some(fuse)) => Some((key, fuse)),
-            _ => None,
-        }
+    /// Whether it fuses (`fusion::group`: the spec asks to fuse and it has a key;
+    /// members may pause at rungs of their own).
+    pub fn fuses(&self) -> bool {
+        self.fuse.is_some() && self.fuse_key.is_some()
     }
 }
 
@@ -172,7 +169,7 @@ pub async fn lease(
             });
         // A trial that fuses runs through the fused code even alone (a group of one),
         // so its numbers don't depend on whether others were pending beside it.
-        if head.fusion().is_some() {
+        if head.fuses() {
             head.fuse_group = Some(head.trial);
         }
         leased.push(head);
@@ -237,16 +234,18 @@ async fn fuse_with(
     slot_memory: u64,
     ttl: Duration,
 ) -> Result<Vec<LeasedTrial>> {
-    let Some((key, fuse)) = head.fusion() else {
-        return Ok(Vec::new());
-    };
     let Ok(family) = ablate_experiments::Family::parse(&head.family) else {
         return Ok(Vec::new());
     };
-    let size = ablate_experiments::fusion::group_size(fuse, family, &head.params, slot_memory);
-    if size <= 1 {
+    let Some(group) =
+        ablate_experiments::fusion::group(head.fuse, head.fuse_key.as_deref(), family, &head.params, slot_memory)
+    else {
+        return Ok(Vec::new());
+    };
+    if group.size <= 1 {
         return Ok(Vec::new());
     }
+    let (key, size) = (group.key.as_str(), group.size);
     let rows = sqlx::query(sqlx::AssertSqlSafe(
         [
             "with room as (

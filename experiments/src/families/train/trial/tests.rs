@@ -631,3 +631,31 @@ fn fused_members_pause_at_their_own_rungs_and_resume_in_another_group_on_their_c
         );
     }
 }
+
+#[test]
+fn the_gradient_noise_measurement_leaves_the_training_curve_untouched() {
+    // So a sweep may measure it in some runs only (`cbs.noise_runs = "reference"`) and the
+    // others train exactly as they would with it.
+    let base = json!({"optimizer": "adamw", "beta2": 0.95, "lr": 0.003, "width": 32, "steps": 60,
+        "batch_size": 64, "eval_every": 10, "ema_decay": 0.99, "warmup_steps": 10, "schedule": "constant"});
+    let mut measured = base.clone();
+    measured
+        .as_object_mut()
+        .unwrap()
+        .insert("noise_scale".into(), json!({"small": 8, "big": 64, "repeats": 2}));
+    let plain = train(&base, &mut MemoryCheckpoints::default());
+    let noisy = train(&measured, &mut MemoryCheckpoints::default());
+    let noise_metrics = ["grad_sq_norm", "grad_noise_trace", "b_simple"];
+    assert!(noisy.points.iter().any(|p| p.0 == "b_simple"), "the noise was measured");
+    let without_noise = |m: &MemoryMetrics| {
+        let mut points: Vec<(String, u64, u64)> = m
+            .points
+            .iter()
+            .filter(|p| !noise_metrics.contains(&p.0.as_str()))
+            .map(|p| (p.0.clone(), p.1, p.2.to_bits()))
+            .collect();
+        points.sort();
+        points
+    };
+    assert_eq!(without_noise(&plain), without_noise(&noisy), "bit for bit");
+}
