@@ -222,9 +222,8 @@ async fn ensure_token_file(pool: &sqlx::PgPool, file: &std::path::Path, role: au
         }
         tracing::warn!(file = %file.display(), "the token file holds no valid token of this database; making a new one");
     }
-    let token = auth::new_secret();
     let name = format!("{}-{}", role.as_str(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    db::create_token(pool, &name, role.as_str(), &auth::hash(&token), None).await?;
+    let token = platform::tokens::create(pool, &name, role, None).await?;
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }

@@ -227,6 +227,26 @@ fn critical_batch_grows_with_data_not_model_size_on_mnist() {
 }
 
 #[test]
+fn the_stop_rule_keeps_the_table_when_the_learning_rates_train_fused() {
+    // A small cbs-mnist: 3 batch sizes x 3 learning rates, each batch size's rates one
+    // fused group, with and without the stop rule; a member's numbers do not depend on
+    // its group, so the steps to target are the same.
+    let sets = [
+        "fuse=3",
+        "sweep.params.width=[64]",
+        "sweep.params.batch_size=[4, 16, 64]",
+        "sweep.params.log2_lr=[-9, -7, -5]",
+        "base.examples=8192",
+        "base.cbs.budgets=[256, 1024, 4096]",
+    ];
+    let owned: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    let full = run_spec_set("cbs-mnist.toml", 2, None, &owned);
+    assert_eq!(full.1.len(), 9);
+    assert!(full.1.iter().all(|t| t.state == "succeeded"), "{}", show(&full.0));
+    stop_rule_keeps_the_table("cbs-mnist.toml", &full, &sets);
+}
+
+#[test]
 fn critical_batch_toy_runs_in_seconds_and_its_cbs_grows_with_data() {
     let full = run_spec("cbs-toy.toml", 2);
     let (report, outcomes) = &full;

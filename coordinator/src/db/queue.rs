@@ -360,22 +360,38 @@ pub async fn heartbeat(
     })
 }
 
+/// What clears a trial's lease (in an `update trials ... set`).
+const CLEAR_LEASE: &str = "lease_token = null, lease_owner = null, lease_expires_at = null";
+
+/// Requeue or fail, the one rule for a trial whose attempt ended without its own
+/// result (a crash, an expired lease): back to pending while attempts remain, so it
+/// resumes from its newest checkpoint, else failed with `failure` (an SQL text
+/// expression); its lease cleared. For `update trials t set ...` over the held rows
+/// `x` (with `tries`, attempts less pauses, and `max_attempts`).
+fn requeue_or_fail(failure: &str) -> String {
+    format!(
+        "state = case when x.tries >= x.max_attempts then 'failed' else 'pending' end,
+                 error = case when x.tries >= x.max_attempts then {failure} else t.error end,
+                 finished_at = case when x.tries >= x.max_attempts then now() end,
+                 {CLEAR_LEASE}"
+    )
+}
+
 /// Gives back a trial its worker could not start: pending again, the attempt
 /// not counted, fenced by the lease. Marks the worker unhealthy with `reason`.
 pub async fn release(pool: &PgPool, worker: WorkerId, trial: TrialId, token: LeaseToken, reason: &str) -> Result<bool> {
-    let released = sqlx::query(
+    let released = sqlx::query(sqlx::AssertSqlSafe(format!(
         "with released as (
              update trials
-             set state = 'pending', attempt = greatest(attempt - 1, 0),
-                 lease_token = null, lease_owner = null, lease_expires_at = null
+             set state = 'pending', attempt = greatest(attempt - 1, 0), {CLEAR_LEASE}
              where id = $1 and lease_token = $2 and state = 'running'
              returning id
          ),
          marked as (
              update workers set unhealthy = $4, last_seen_at = now() where id = $3
          )
-         select count(*) from released",
-    )
+         select count(*) from released"
+    )))
     .bind(trial.0)
     .bind(token.0)
     .bind(worker.0)
@@ -389,7 +405,7 @@ pub async fn release(pool: &PgPool, worker: WorkerId, trial: TrialId, token: Lea
 /// Returns expired leases to the queue, or fails trials out of attempts; each
 /// expiry is kept in `trial_attempts`.
 pub async fn reap_expired(pool: &PgPool) -> Result<u64> {
-    let reaped: i64 = sqlx::query_scalar(
+    let reaped: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "with expired as (
              select t.id, t.attempt, t.attempt - t.pauses as tries, t.lease_owner, e.max_attempts
              from trials t join experiments e on e.id = t.experiment_id
@@ -398,14 +414,7 @@ pub async fn reap_expired(pool: &PgPool) -> Result<u64> {
          ),
          reaped as (
              update trials t
-             set state = case when x.tries >= x.max_attempts then 'failed' else 'pending' end,
-                 error = case when x.tries >= x.max_attempts
-                     then format('lease expired on attempt %s of %s (last held by worker %s)', x.tries, x.max_attempts, x.lease_owner)
-                     else t.error end,
-                 finished_at = case when x.tries >= x.max_attempts then now() end,
-                 lease_token = null,
-                 lease_owner = null,
-                 lease_expires_at = null
+             set {}
              from expired x
              where t.id = x.id
              returning t.id
@@ -418,7 +427,8 @@ pub async fn reap_expired(pool: &PgPool) -> Result<u64> {
              on conflict do nothing
          )
          select count(*) from reaped",
-    )
+        requeue_or_fail("format('lease expired on attempt %s of %s (last held by worker %s)', x.tries, x.max_attempts, x.lease_owner)")
+    )))
     .fetch_one(pool)
     .await?;
     Ok(reaped as u64)
@@ -510,7 +520,7 @@ pub async fn crashed(
     stderr_tail: Option<&str>,
     provenance: Option<&Value>,
 ) -> Result<bool> {
-    let row: Option<(String,)> = sqlx::query_as(
+    let row: Option<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "with held as (
              select t.id, t.attempt, t.attempt - t.pauses as tries, t.lease_owner, e.max_attempts
              from trials t join experiments e on e.id = t.experiment_id
@@ -519,15 +529,10 @@ pub async fn crashed(
          ),
          moved as (
              update trials t
-             set state = case when h.tries >= h.max_attempts then 'failed' else 'pending' end,
-                 error = case when h.tries >= h.max_attempts
-                     then format('crashed on attempt %s of %s: %s', h.tries, h.max_attempts, $3::text)
-                     else t.error end,
-                 stderr_tail = case when h.tries >= h.max_attempts then $4 else t.stderr_tail end,
-                 finished_at = case when h.tries >= h.max_attempts then now() end,
-                 lease_token = null, lease_owner = null, lease_expires_at = null
-             from held h
-             where t.id = h.id
+             set {},
+                 stderr_tail = case when x.tries >= x.max_attempts then $4 else t.stderr_tail end
+             from held x
+             where t.id = x.id
              returning t.state
          ),
          logged as (
@@ -536,7 +541,8 @@ pub async fn crashed(
              on conflict do nothing
          )
          select state from moved",
-    )
+        requeue_or_fail("format('crashed on attempt %s of %s: %s', x.tries, x.max_attempts, $3::text)")
+    )))
     .bind(trial.0)
     .bind(token.0)
     .bind(error)

@@ -1,10 +1,12 @@
 //! What the coordinator decides, between its edges (the gRPC services in `service`, the
 //! HTTP API in `web`) and its SQL (`db`): a worker's completion checked and recorded with
 //! what it makes the searchers decide (`completion`), metric batches checked and written
-//! (`ingest`). The edges convert messages into the domain types here and back.
+//! (`ingest`), a family's report of an experiment (`reports`), a new token (`tokens`). The edges convert messages into the domain types here and back.
 
 pub mod completion;
 pub mod ingest;
+pub mod reports;
+pub mod tokens;
 
 use ablate_schema::{LeaseToken, TrialId};
 

@@ -209,8 +209,7 @@ impl experiments_server::Experiments for ExperimentsService {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let expires =
             (req.expires_in_s > 0).then(|| chrono::Utc::now() + chrono::Duration::seconds(req.expires_in_s as i64));
-        let token = auth::new_secret();
-        db::create_token(&self.pool, &name, role.as_str(), &auth::hash(&token), expires).await?;
+        let token = crate::platform::tokens::create(&self.pool, &name, role, expires).await?;
         self.reload_tokens().await?;
         tracing::info!(%name, role = role.as_str(), "token created");
         Ok(Response::new(proto::CreateTokenResponse { token, name }))
@@ -371,11 +370,7 @@ impl experiments_server::Experiments for ExperimentsService {
     ) -> Result<Response<proto::ReportResponse>, Status> {
         let _admission = self.reader.admit(request.remote_addr().map(|a| a.ip()))?;
         let id = parse_id(ExperimentId::parse, &request.into_inner().experiment_id)?;
-        let (family, outcomes) = db::report_outcomes(&self.reader.pool, id).await?;
-        let family = ablate_experiments::Family::parse(&family).map_err(Error::InvalidArgument)?;
-        let report = family
-            .report(&outcomes)
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let report = crate::platform::reports::build(&self.reader.pool, id).await?;
         Ok(Response::new(proto::ReportResponse {
             report_json: serde_json::to_string(&report).expect("a report serializes"),
         }))

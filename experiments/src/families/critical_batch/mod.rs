@@ -75,16 +75,69 @@ impl Definition for CriticalBatch {
         train::run(&train_params(params), ctx)
     }
     fn fuse_key(&self, params: &Value) -> Result<train::Fusable, String> {
-        let (_, settings) = split(params).map_err(|e| e.to_string())?;
-        if settings.stop_at_targets {
-            return Err("runs under cbs.stop_at_targets do not fuse yet".into());
-        }
+        split(params).map_err(|e| e.to_string())?;
         train::fuse_key(&train_params(params))
     }
+    /// Members under the stop rule each end by their own rule, and the reference runs
+    /// among them publish their curves, as they do alone.
     #[cfg(feature = "torch")]
     fn run_fused(&self, params: &[Value], ctxs: &mut [TrialContext<'_>]) -> Vec<Result<(), TrialError>> {
-        let params: Vec<Value> = params.iter().map(train_params).collect();
-        train::run_fused(&params, ctxs)
+        let mut results: Vec<Option<Result<(), TrialError>>> = params.iter().map(|_| None).collect();
+        let mut split_params = Vec::with_capacity(params.len());
+        let mut stops: Vec<Option<stop_rule::Stop>> = Vec::with_capacity(params.len());
+        for (i, value) in params.iter().enumerate() {
+            let stop = match split(value) {
+                Ok((_, settings)) if settings.stop_at_targets => match stop_rule::stop_for(&settings, &mut ctxs[i]) {
+                    Ok(stop) => Some(stop),
+                    Err(e) => {
+                        results[i] = Some(Err(e));
+                        None
+                    }
+                },
+                Ok(_) => None,
+                Err(e) => {
+                    results[i] = Some(Err(e.into()));
+                    None
+                }
+            };
+            split_params.push(split(value).ok());
+            stops.push(stop);
+        }
+        // The members that can start; the others failed above.
+        let runs: Vec<usize> = (0..params.len()).filter(|&i| results[i].is_none()).collect();
+        let train: Vec<Value> = runs.iter().map(|&i| train_params(&params[i])).collect();
+        let rules: Vec<Option<train::StopRule<'_>>> = stops
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| runs.contains(i))
+            .map(|(_, stop)| {
+                stop.as_mut().map(|stop| train::StopRule {
+                    metric: LOSS,
+                    stop: stop.as_mut(),
+                })
+            })
+            .collect();
+        let outcomes = {
+            let mut picked: Vec<&mut TrialContext<'_>> = ctxs
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| runs.contains(i))
+                .map(|(_, c)| c)
+                .collect();
+            train::run_fused_until(&train, &mut picked, rules)
+        };
+        for (&i, outcome) in runs.iter().zip(outcomes) {
+            results[i] = Some(outcome.and_then(|curve| match &split_params[i] {
+                Some((p, settings)) if settings.stop_at_targets => {
+                    stop_rule::publish(p, settings, &curve, &mut ctxs[i])
+                }
+                _ => Ok(()),
+            }));
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every member has a result"))
+            .collect()
     }
 }
 

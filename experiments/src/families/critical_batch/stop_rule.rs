@@ -135,32 +135,28 @@ pub fn lowest_target(settings: &CbsSettings, curves: &[(f64, Vec<(u64, f64)>)]) 
         .min_by(f64::total_cmp)
 }
 
+/// A stop rule's test, owned: every evaluation so far to the reason to stop.
 #[cfg(feature = "torch")]
-pub fn run(
-    p: &crate::families::train::TrainParams,
+pub type Stop = Box<dyn FnMut(&[(u64, f64)]) -> Option<String>>;
+
+/// The test that ends a run under the stop rule: a reference run once its curve covers
+/// the largest budget (when it is its lr's one seed), another once it reaches the lowest
+/// target of its model's reference curves (read from the experiment's objects).
+#[cfg(feature = "torch")]
+pub fn stop_for(
     settings: &CbsSettings,
-    train_params: &Value,
     ctx: &mut crate::trial::TrialContext<'_>,
-) -> Result<(), crate::trial::TrialError> {
-    use crate::families::train::{self, StopRule};
+) -> Result<Stop, crate::trial::TrialError> {
     use crate::trial::TrialError;
 
-    if let Some(key) = &settings.publish {
+    if settings.publish.is_some() {
         let cover = settings.cover_steps;
-        let mut stop = |history: &[(u64, f64)]| {
+        return Ok(Box::new(move |history: &[(u64, f64)]| {
             let last = history.last()?.0;
             cover
                 .filter(|&c| last >= c)
                 .map(|_| "its curve covers the largest budget".to_string())
-        };
-        let rule = StopRule {
-            metric: super::LOSS,
-            stop: &mut stop,
-        };
-        let curve = train::run_until(train_params, ctx, Some(rule))?;
-        let record = json!({"lr": p.learning_rate()?, "seed": p.seed, "curve": curve});
-        ctx.data.put(key, record.to_string().into_bytes())?;
-        return Ok(());
+        }));
     }
     let mut curves = Vec::new();
     for key in &settings.references {
@@ -175,17 +171,46 @@ pub fn run(
         curves.push((record["lr"].as_f64().unwrap_or(0.0), curve));
     }
     let target = lowest_target(settings, &curves);
-    let mut stop = |history: &[(u64, f64)]| {
+    Ok(Box::new(move |history: &[(u64, f64)]| {
         let (_, loss) = *history.last()?;
         target
             .filter(|&t| loss <= t)
             .map(|t| format!("reached the target of every budget (the lowest, {t:.6})"))
-    };
+    }))
+}
+
+/// What a run under the stop rule leaves when it ends: a reference run, its curve (the
+/// evaluations its rule saw), for the runs of its model to read.
+#[cfg(feature = "torch")]
+pub fn publish(
+    p: &crate::families::train::TrainParams,
+    settings: &CbsSettings,
+    curve: &[(u64, f64)],
+    ctx: &mut crate::trial::TrialContext<'_>,
+) -> Result<(), crate::trial::TrialError> {
+    if let Some(key) = &settings.publish {
+        let record = json!({"lr": p.learning_rate()?, "seed": p.seed, "curve": curve});
+        ctx.data.put(key, record.to_string().into_bytes())?;
+    }
+    Ok(())
+}
+
+#[cfg(feature = "torch")]
+pub fn run(
+    p: &crate::families::train::TrainParams,
+    settings: &CbsSettings,
+    train_params: &Value,
+    ctx: &mut crate::trial::TrialContext<'_>,
+) -> Result<(), crate::trial::TrialError> {
+    use crate::families::train::{self, StopRule};
+
+    let mut stop = stop_for(settings, ctx)?;
     let rule = StopRule {
         metric: super::LOSS,
-        stop: &mut stop,
+        stop: stop.as_mut(),
     };
-    train::run_until(train_params, ctx, Some(rule)).map(|_| ())
+    let curve = train::run_until(train_params, ctx, Some(rule))?;
+    publish(p, settings, &curve, ctx)
 }
 
 #[cfg(test)]

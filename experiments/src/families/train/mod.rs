@@ -17,7 +17,7 @@ use crate::trial::{TrialContext, TrialError};
 #[cfg(feature = "torch")]
 mod trial;
 #[cfg(feature = "torch")]
-pub use trial::{run, run_fused, run_until, StopRule};
+pub use trial::{run, run_fused, run_fused_until, run_until, StopRule};
 
 /// Plain supervised training: one model, one optimizer, one data set.
 pub struct Train;

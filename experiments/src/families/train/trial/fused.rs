@@ -13,6 +13,7 @@ use super::drive::{again, drive, Engine};
 use super::noise::{draw_estimates, smooth, NoiseEstimate};
 use super::state::{progress, sidecar, Progress};
 use super::tasks::classification_data;
+use super::StopRule;
 use crate::error::ParamError;
 use crate::families::train::{NoiseScale, TrainParams};
 use crate::nn::data::{Classification, DataOrder};
@@ -24,7 +25,26 @@ use crate::trial::{TrialContext, TrialError};
 /// member's result. Members whose parameters don't fit the group (the caller groups
 /// by fusion key, so only a bad parameter set) fail alone.
 pub fn run_fused(params: &[Value], ctxs: &mut [TrialContext<'_>]) -> Vec<Result<(), TrialError>> {
-    let mut results: Vec<Option<Result<(), TrialError>>> = (0..params.len()).map(|_| None).collect();
+    let rules = params.iter().map(|_| None).collect();
+    let mut ctxs: Vec<&mut TrialContext<'_>> = ctxs.iter_mut().collect();
+    run_fused_until(params, &mut ctxs, rules)
+        .into_iter()
+        .map(|r| r.map(|_| ()))
+        .collect()
+}
+
+/// A member's result: the evaluations its stop rule saw, or its error.
+type Curve = Result<Vec<(u64, f64)>, TrialError>;
+
+/// [`run_fused`] with each member's stop rule (see [`super::run_until`]); returns each
+/// member's result and the evaluations its rule saw.
+pub fn run_fused_until(
+    params: &[Value],
+    ctxs: &mut [&mut TrialContext<'_>],
+    rules: Vec<Option<StopRule<'_>>>,
+) -> Vec<Curve> {
+    let mut rules: Vec<Option<StopRule<'_>>> = rules;
+    let mut results: Vec<Option<Curve>> = (0..params.len()).map(|_| None).collect();
     let mut group: Vec<usize> = Vec::new();
     let mut parsed: Vec<Option<TrainParams>> = Vec::new();
     for (i, value) in params.iter().enumerate() {
@@ -53,20 +73,15 @@ pub fn run_fused(params: &[Value], ctxs: &mut [TrialContext<'_>]) -> Vec<Result<
     }
     if !group.is_empty() {
         let members: Vec<TrainParams> = group.iter().map(|&i| parsed[i].clone().expect("parsed")).collect();
-        let mut member_ctxs: Vec<&mut TrialContext<'_>> = Vec::new();
-        {
-            // Borrow the group's contexts apart from the rest.
-            let mut rest: &mut [TrialContext<'_>] = ctxs;
-            let mut offset = 0;
-            for &i in &group {
-                let (_, tail) = rest.split_at_mut(i - offset);
-                let (one, after) = tail.split_at_mut(1);
-                member_ctxs.push(&mut one[0]);
-                rest = after;
-                offset = i + 1;
-            }
-        }
-        let outcome = train_group(members, &mut member_ctxs);
+        // The group's contexts, apart from the rest.
+        let mut member_ctxs: Vec<&mut TrialContext<'_>> = ctxs
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| group.contains(i))
+            .map(|(_, c)| &mut **c)
+            .collect();
+        let member_rules = group.iter().map(|&i| rules[i].take()).collect();
+        let outcome = train_group(members, &mut member_ctxs, member_rules);
         for (slot, result) in group.iter().zip(outcome) {
             results[*slot] = Some(result);
         }
@@ -74,7 +89,7 @@ pub fn run_fused(params: &[Value], ctxs: &mut [TrialContext<'_>]) -> Vec<Result<
     // Whoever did not join the group runs alone, as an unfused trial.
     for (i, result) in results.iter_mut().enumerate() {
         if result.is_none() {
-            *result = Some(super::run(&params[i], &mut ctxs[i]));
+            *result = Some(super::run_until(&params[i], ctxs[i], rules[i].take()));
         }
     }
     results
@@ -83,15 +98,16 @@ pub fn run_fused(params: &[Value], ctxs: &mut [TrialContext<'_>]) -> Vec<Result<
         .collect()
 }
 
-fn train_group(params: Vec<TrainParams>, ctxs: &mut [&mut TrialContext<'_>]) -> Vec<Result<(), TrialError>> {
+fn train_group(
+    params: Vec<TrainParams>,
+    ctxs: &mut [&mut TrialContext<'_>],
+    rules: Vec<Option<StopRule<'_>>>,
+) -> Vec<Result<Vec<(u64, f64)>, TrialError>> {
     match Fused::new(&params, ctxs[0].device) {
-        Ok(mut engine) => {
-            let rules = params.iter().map(|_| None).collect();
-            drive(&mut engine, &params, ctxs, rules)
-                .into_iter()
-                .map(|(result, _)| result)
-                .collect()
-        }
+        Ok(mut engine) => drive(&mut engine, &params, ctxs, rules)
+            .into_iter()
+            .map(|(result, history)| result.map(|()| history))
+            .collect(),
         // What stops the whole group (the data set can't be read) stops each member.
         Err(error) => params.iter().map(|_| Err(again(&error))).collect(),
     }

@@ -26,7 +26,7 @@ use crate::nn::subspace::{self, Projection, Subspace};
 use crate::nn::ProjectionKind;
 use crate::trial::{TrialContext, TrialError};
 use averaging::WeightAverage;
-pub use fused::run_fused;
+pub use fused::{run_fused, run_fused_until};
 use single::Single;
 use tasks::{task, Task};
 

@@ -11,9 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use ablate_schema::{ExperimentId, TrialId};
-use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -24,7 +23,12 @@ use sqlx::PgPool;
 
 use crate::auth::Tokens;
 use crate::downsample::lttb;
-use crate::{db, policy, Error};
+use crate::{db, Error};
+
+mod session;
+
+pub(crate) use session::authorize;
+use session::{login, logout};
 
 /// The most points of one series a response carries.
 pub const MAX_POINTS: usize = 2000;
@@ -34,35 +38,33 @@ const DEFAULT_POINTS: usize = 500;
 const DEFAULT_TOP: u32 = 10;
 /// The most trials one curves request may name.
 const MAX_CURVE_TRIALS: usize = 200;
-/// The session cookie.
-const COOKIE: &str = "ablate_session";
 
 /// The page and its assets, embedded at build time.
 const ASSETS: &[(&str, &str, &[u8])] = &[
     (
         "index.html",
         "text/html; charset=utf-8",
-        include_bytes!("../../dashboards/web/index.html"),
+        include_bytes!("../../../dashboards/web/index.html"),
     ),
     (
         "app.js",
         "text/javascript; charset=utf-8",
-        include_bytes!("../../dashboards/web/app.js"),
+        include_bytes!("../../../dashboards/web/app.js"),
     ),
     (
         "style.css",
         "text/css; charset=utf-8",
-        include_bytes!("../../dashboards/web/style.css"),
+        include_bytes!("../../../dashboards/web/style.css"),
     ),
     (
         "uPlot.iife.min.js",
         "text/javascript; charset=utf-8",
-        include_bytes!("../../dashboards/web/vendor/uplot/uPlot.iife.min.js"),
+        include_bytes!("../../../dashboards/web/vendor/uplot/uPlot.iife.min.js"),
     ),
     (
         "uPlot.min.css",
         "text/css; charset=utf-8",
-        include_bytes!("../../dashboards/web/vendor/uplot/uPlot.min.css"),
+        include_bytes!("../../../dashboards/web/vendor/uplot/uPlot.min.css"),
     ),
 ];
 
@@ -151,130 +153,6 @@ impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> ApiError {
         Error::from(error).into()
     }
-}
-
-/// The token a request carries: `Authorization: Bearer`, else the session cookie.
-fn request_token(headers: &HeaderMap) -> Option<String> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_string());
-    bearer.or_else(|| {
-        headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|kv| kv.trim().split_once('='))
-            .find(|(k, _)| *k == COOKIE)
-            .map(|(_, v)| v.to_string())
-    })
-}
-
-/// The HTTP listener's guard: each route's rule in the access policy, checked against the
-/// request's token (`Authorization: Bearer`, else the session cookie). Layered over every
-/// route of the listener (`Router::route_layer`), so that it sees the matched route.
-pub(crate) async fn authorize(
-    State(tokens): State<Option<Tokens>>,
-    matched: Option<MatchedPath>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let Some(tokens) = &tokens else {
-        return next.run(request).await;
-    };
-    let route = matched.as_ref().map_or("", |m| m.as_str());
-    let Some(access) = policy::http(route) else {
-        return ApiError(
-            StatusCode::FORBIDDEN,
-            format!("{route} is not in the coordinator's access policy, so no token may call it"),
-        )
-        .into_response();
-    };
-    if access == policy::Access::Anyone {
-        return next.run(request).await;
-    }
-    let Some(token) = request_token(request.headers()).filter(|t| !t.is_empty()) else {
-        return ApiError(
-            StatusCode::UNAUTHORIZED,
-            "no token: open the link `ablate dashboard` prints, or send Authorization: Bearer <token>".into(),
-        )
-        .into_response();
-    };
-    let Some(caller) = tokens.caller(&token) else {
-        return ApiError(
-            StatusCode::UNAUTHORIZED,
-            "the token is unknown, expired or revoked; ask an admin for a new one".into(),
-        )
-        .into_response();
-    };
-    match policy::check(access, caller.role) {
-        Ok(()) => next.run(request).await,
-        Err(roles) => ApiError(
-            StatusCode::FORBIDDEN,
-            format!(
-                "{route} needs a {} token; `{}` is a {} token",
-                policy::names(roles),
-                caller.name,
-                caller.role.as_str()
-            ),
-        )
-        .into_response(),
-    }
-}
-
-#[derive(Deserialize)]
-struct LoginQuery {
-    token: Option<String>,
-    /// Where to go once logged in: a path on this server, such as `/#/workers`.
-    next: Option<String>,
-}
-
-/// `/login?token=T[&next=/#/...]`: a valid researcher or admin token becomes
-/// the session cookie (HttpOnly, SameSite=Strict), and the page opens without
-/// it in the address.
-async fn login(State(web): State<Web>, Query(q): Query<LoginQuery>) -> Response {
-    let token = q.token.unwrap_or_default();
-    let valid = match &web.tokens {
-        None => true,
-        Some(tokens) => tokens
-            .caller(&token)
-            .is_some_and(|c| policy::check(policy::DASHBOARD_SESSION, c.role).is_ok()),
-    };
-    if !valid || token.chars().any(|c| !c.is_ascii_graphic() || c == ';') {
-        return (
-            StatusCode::UNAUTHORIZED,
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            "this login link's token is unknown, expired, revoked or a worker's; run `ablate dashboard` for a new link\n",
-        )
-            .into_response();
-    }
-    let cookie = format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age=2592000");
-    // Only a path on this server: never another site.
-    let next = q
-        .next
-        .filter(|n| n.starts_with('/') && !n.starts_with("//") && !n.contains(['\\', '\r', '\n']))
-        .unwrap_or_else(|| "/".into());
-    (
-        StatusCode::SEE_OTHER,
-        [(header::LOCATION, next), (header::SET_COOKIE, cookie)],
-    )
-        .into_response()
-}
-
-async fn logout() -> Response {
-    (
-        StatusCode::SEE_OTHER,
-        [
-            (header::LOCATION, "/".to_string()),
-            (
-                header::SET_COOKIE,
-                format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
-            ),
-        ],
-    )
-        .into_response()
 }
 
 /// A JSON answer with an ETag; an empty 304 when the client has it already.
@@ -529,11 +407,7 @@ async fn experiment_curves(
 
 async fn report(State(web): State<Web>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = experiment_id(&id)?;
-    let (family, outcomes) = db::report_outcomes(&web.pool, id).await?;
-    let family = ablate_experiments::Family::parse(&family).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
-    let report = family
-        .report(&outcomes)
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let report = crate::platform::reports::build(&web.pool, id).await?;
     let text = report.to_text();
     Ok(fresh(&headers, &json!({ "report": report, "text": text })))
 }
@@ -622,15 +496,5 @@ mod tests {
         );
         assert_eq!(lines[1], "0,a,succeeded,0.5,1,\"x, \"\"y\"\"\",64,0.5");
         assert_eq!(lines[2], "1,b,failed,,3,,128,");
-    }
-
-    #[test]
-    fn tokens_come_from_the_header_or_the_session_cookie() {
-        let mut headers = HeaderMap::new();
-        headers.insert(header::COOKIE, HeaderValue::from_static("a=b; ablate_session=abl_x"));
-        assert_eq!(request_token(&headers).as_deref(), Some("abl_x"));
-        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer abl_y"));
-        assert_eq!(request_token(&headers).as_deref(), Some("abl_y"));
-        assert_eq!(request_token(&HeaderMap::new()), None);
     }
 }
