@@ -142,14 +142,19 @@ mod tests {
             }
         }
         assert!(methods.len() >= 20, "{methods:?}");
-        let missing: Vec<&String> = methods.iter().filter(|m| grpc(m).is_none()).collect();
-        assert!(missing.is_empty(), "methods without an access rule: {missing:?}");
-        let stale: Vec<&str> = GRPC
+        assert_covers(&methods, GRPC, "methods");
+    }
+
+    /// Every one of `found` has a rule in `table`, and every rule one of `found`.
+    fn assert_covers(found: &[String], table: &[(&str, Access)], what: &str) {
+        let missing: Vec<&String> = found.iter().filter(|f| !table.iter().any(|(p, _)| p == f)).collect();
+        assert!(missing.is_empty(), "{what} without an access rule: {missing:?}");
+        let stale: Vec<&str> = table
             .iter()
             .map(|(p, _)| *p)
-            .filter(|p| !methods.iter().any(|m| m == p))
+            .filter(|p| !found.iter().any(|f| f == p))
             .collect();
-        assert!(stale.is_empty(), "rules for methods that do not exist: {stale:?}");
+        assert!(stale.is_empty(), "rules for {what} that do not exist: {stale:?}");
     }
 
     /// Every route the coordinator's sources register has an entry, and every entry is
@@ -170,14 +175,7 @@ mod tests {
             }
         }
         assert!(routes.len() >= 15, "{routes:?}");
-        let missing: Vec<&String> = routes.iter().filter(|r| http(r).is_none()).collect();
-        assert!(missing.is_empty(), "routes without an access rule: {missing:?}");
-        let stale: Vec<&str> = HTTP
-            .iter()
-            .map(|(p, _)| *p)
-            .filter(|p| !routes.iter().any(|r| r == p))
-            .collect();
-        assert!(stale.is_empty(), "rules for routes that are not registered: {stale:?}");
+        assert_covers(&routes, HTTP, "routes");
     }
 
     /// The string literal after each `.route(` in a source file.

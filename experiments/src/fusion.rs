@@ -26,11 +26,17 @@ pub struct Group {
 /// The group a trial with fusion key `key` and `params` leads under the spec's `fuse`
 /// on a slot of `slot_memory` bytes (0: unknown); `None` when it does not fuse.
 pub fn group(fuse: Option<Fuse>, key: Option<&str>, family: Family, params: &Value, slot_memory: u64) -> Option<Group> {
-    let (fuse, key) = (fuse?, key?);
+    let (fuse, key) = fuse.zip(key)?;
     Some(Group {
         key: key.to_string(),
         size: group_size(fuse, family, params, slot_memory),
     })
+}
+
+/// Whether a trial fuses at all: the spec asks to (`fuse`) and the trial has a key
+/// (what [`group`] needs before it sizes the group).
+pub fn fuses(fuse: Option<Fuse>, key: Option<&str>) -> bool {
+    fuse.is_some() && key.is_some()
 }
 
 /// The most members a group led by a trial with `params` may hold on a slot of

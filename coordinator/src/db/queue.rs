@@ -45,7 +45,7 @@ impl LeasedTrial {
     /// Whether it fuses (`fusion::group`: the spec asks to fuse and it has a key;
     /// members may pause at rungs of their own).
     pub fn fuses(&self) -> bool {
-        self.fuse.is_some() && self.fuse_key.is_some()
+        ablate_experiments::fusion::fuses(self.fuse, self.fuse_key.as_deref())
     }
 }
 

@@ -83,24 +83,26 @@ impl Definition for CriticalBatch {
     #[cfg(feature = "torch")]
     fn run_fused(&self, params: &[Value], ctxs: &mut [TrialContext<'_>]) -> Vec<Result<(), TrialError>> {
         let mut results: Vec<Option<Result<(), TrialError>>> = params.iter().map(|_| None).collect();
+        // Each member's parameters and, under the stop rule, its test (read once, here).
         let mut split_params = Vec::with_capacity(params.len());
         let mut stops: Vec<Option<stop_rule::Stop>> = Vec::with_capacity(params.len());
         for (i, value) in params.iter().enumerate() {
-            let stop = match split(value) {
-                Ok((_, settings)) if settings.stop_at_targets => match stop_rule::stop_for(&settings, &mut ctxs[i]) {
-                    Ok(stop) => Some(stop),
-                    Err(e) => {
-                        results[i] = Some(Err(e));
-                        None
+            let mut stop = None;
+            match split(value) {
+                Ok((p, settings)) => {
+                    if settings.stop_at_targets {
+                        match stop_rule::stop_for(&settings, &mut ctxs[i]) {
+                            Ok(test) => stop = Some(test),
+                            Err(e) => results[i] = Some(Err(e)),
+                        }
                     }
-                },
-                Ok(_) => None,
+                    split_params.push(Some((p, settings)));
+                }
                 Err(e) => {
                     results[i] = Some(Err(e.into()));
-                    None
+                    split_params.push(None);
                 }
-            };
-            split_params.push(split(value).ok());
+            }
             stops.push(stop);
         }
         // The members that can start; the others failed above.
