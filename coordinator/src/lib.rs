@@ -10,7 +10,7 @@ pub mod auth;
 pub mod db;
 mod downsample;
 pub mod error;
-mod platform;
+pub mod platform;
 pub mod policy;
 mod reader;
 mod service;
@@ -297,10 +297,10 @@ async fn reap_forever(
             }
             Err(error) => tracing::warn!(%error, "reaper pass failed"),
         }
-        if let Err(error) = db::top_up_all(&pool).await {
+        if let Err(error) = platform::searchers::top_up_all(&pool).await {
             tracing::warn!(%error, "tpe proposals failed");
         }
-        if let Err(error) = db::advance_generations(&pool).await {
+        if let Err(error) = platform::searchers::advance_generations(&pool).await {
             tracing::warn!(%error, "pbt generations failed");
         }
     }

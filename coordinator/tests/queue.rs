@@ -44,7 +44,9 @@ async fn concurrent_leases_never_share_a_trial(pool: PgPool) {
     for _ in 0..4 {
         let pool = pool.clone();
         tasks.push(tokio::spawn(async move {
-            db::lease(&pool, WorkerId::new_random(), 2, 1, 0, TTL).await.unwrap()
+            ablate_coordinator::platform::lease::lease(&pool, WorkerId::new_random(), 2, 1, 0, TTL)
+                .await
+                .unwrap()
         }));
     }
     let mut ids = Vec::new();
@@ -56,10 +58,12 @@ async fn concurrent_leases_never_share_a_trial(pool: PgPool) {
     ids.dedup();
     assert_eq!(ids.len(), n, "a trial was leased twice");
     assert_eq!(n, 6, "4 workers asking for 2 each should drain all 6 trials");
-    assert!(db::lease(&pool, WorkerId::new_random(), 5, 1, 0, TTL)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(
+        ablate_coordinator::platform::lease::lease(&pool, WorkerId::new_random(), 5, 1, 0, TTL)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[sqlx::test(migrator = "ablate_coordinator::db::MIGRATOR")]
@@ -67,7 +71,7 @@ async fn a_stale_token_is_refused_for_metrics_checkpoints_and_completion(pool: P
     submit::submit(&pool, SPEC, SpecFormat::Toml, &Default::default())
         .await
         .unwrap();
-    let first = db::lease(&pool, WorkerId::new_random(), 1, 1, 0, TTL)
+    let first = ablate_coordinator::platform::lease::lease(&pool, WorkerId::new_random(), 1, 1, 0, TTL)
         .await
         .unwrap()
         .remove(0);
@@ -83,7 +87,7 @@ async fn a_stale_token_is_refused_for_metrics_checkpoints_and_completion(pool: P
     .unwrap();
     expire_all(&pool).await;
     assert_eq!(db::reap_expired(&pool).await.unwrap(), 1);
-    let second = db::lease(&pool, WorkerId::new_random(), 1, 1, 0, TTL)
+    let second = ablate_coordinator::platform::lease::lease(&pool, WorkerId::new_random(), 1, 1, 0, TTL)
         .await
         .unwrap()
         .remove(0);
@@ -171,7 +175,9 @@ async fn the_reaper_requeues_then_fails_a_trial_out_of_attempts(pool: PgPool) {
         .await
         .unwrap();
     for attempt in 1..=2 {
-        let leased = db::lease(&pool, WorkerId::new_random(), 1, 1, 0, TTL).await.unwrap();
+        let leased = ablate_coordinator::platform::lease::lease(&pool, WorkerId::new_random(), 1, 1, 0, TTL)
+            .await
+            .unwrap();
         assert_eq!(leased[0].attempt, attempt);
         expire_all(&pool).await;
         db::reap_expired(&pool).await.unwrap();
@@ -193,7 +199,7 @@ async fn metric_replays_overwrite_instead_of_duplicating(pool: PgPool) {
     submit::submit(&pool, SPEC, SpecFormat::Toml, &Default::default())
         .await
         .unwrap();
-    let t = db::lease(&pool, WorkerId::new_random(), 1, 1, 0, TTL)
+    let t = ablate_coordinator::platform::lease::lease(&pool, WorkerId::new_random(), 1, 1, 0, TTL)
         .await
         .unwrap()
         .remove(0);
@@ -226,7 +232,9 @@ async fn heartbeats_extend_leases_and_carry_stop_orders(pool: PgPool) {
     )
     .await
     .unwrap();
-    let leased = db::lease(&pool, worker, 2, 1, 0, Duration::from_secs(1)).await.unwrap();
+    let leased = ablate_coordinator::platform::lease::lease(&pool, worker, 2, 1, 0, Duration::from_secs(1))
+        .await
+        .unwrap();
     let held: Vec<_> = leased.iter().map(|l| (l.trial, l.token)).collect();
     assert!(db::heartbeat(&pool, worker, &held, TTL, None)
         .await
@@ -419,7 +427,9 @@ async fn fused_trials_are_leased_as_groups_and_a_last_one_as_a_group_of_one(pool
     // One slot at a time: each lease is one unit of work for it.
     let (mut groups, mut plain) = (Vec::new(), Vec::new());
     loop {
-        let leased = db::lease(&pool, worker, 1, 1, 0, TTL).await.unwrap();
+        let leased = ablate_coordinator::platform::lease::lease(&pool, worker, 1, 1, 0, TTL)
+            .await
+            .unwrap();
         let Some(head) = leased.first() else { break };
         let unit: Vec<_> = leased
             .iter()
@@ -495,7 +505,7 @@ n_startup = 2
         .unwrap();
     let decided = tokio::time::timeout(Duration::from_secs(10), async {
         let mut conn = pool.acquire().await.unwrap();
-        db::top_up(&mut conn, id).await
+        ablate_coordinator::platform::searchers::top_up(&mut conn, id).await
     })
     .await
     .expect("the searcher's decision waited on the reader's lock")

@@ -22,6 +22,7 @@ pub mod families;
 pub mod fusion;
 pub mod nn;
 pub mod pbt;
+pub mod queue;
 pub mod report;
 pub mod searcher;
 pub mod sweep;

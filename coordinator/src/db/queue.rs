@@ -58,13 +58,13 @@ impl LeasedTrial {
 /// experiment and the trial's order; an experiment never runs more than its
 /// `[resources] max_concurrent` trials. The 64 candidates beyond `slots` are
 /// for concurrent lessors, which skip the rows another one locked; rows picked
-/// beyond the slots are left pending.
-pub async fn lease(
+/// beyond the slots are left pending. Returns them in the order picked; the
+/// platform's lease (`platform::lease`) fuses them into groups.
+pub async fn lease_heads(
     pool: &PgPool,
     worker: WorkerId,
     slots: u32,
     free_gpus: u32,
-    slot_memory: u64,
     ttl: Duration,
 ) -> Result<Vec<LeasedTrial>> {
     let rows = sqlx::query(sqlx::AssertSqlSafe(
@@ -146,7 +146,7 @@ pub async fn lease(
             "
          from fits, experiments e
          where t.id = fits.id and fits.used <= $2 and e.id = t.experiment_id
-         returning fits.gpus, ",
+         returning fits.gpus, fits.used, ",
             LEASED,
         ]
         .concat(),
@@ -157,25 +157,13 @@ pub async fn lease(
     .bind(free_gpus as i32)
     .fetch_all(pool)
     .await?;
-    let heads = rows.iter().map(leased_trial).collect::<Result<Vec<_>>>()?;
-    let mut leased = Vec::with_capacity(heads.len());
-    for mut head in heads {
-        // The head is leased already: a group that can't be formed leaves it to run alone.
-        let members = fuse_with(pool, worker, &head, slot_memory, ttl)
-            .await
-            .unwrap_or_else(|error| {
-                tracing::warn!(trial = %head.trial, %error, "could not lease the trials fused with this one; it runs alone");
-                Vec::new()
-            });
-        // A trial that fuses runs through the fused code even alone (a group of one),
-        // so its numbers don't depend on whether others were pending beside it.
-        if head.fuses() {
-            head.fuse_group = Some(head.trial);
-        }
-        leased.push(head);
-        leased.extend(members);
-    }
-    Ok(leased)
+    // In the order they were picked (fair share, then each experiment's order).
+    let mut heads = rows
+        .iter()
+        .map(|row| Ok((row.try_get::<i64, _>("used")?, leased_trial(row)?)))
+        .collect::<Result<Vec<_>>>()?;
+    heads.sort_by_key(|(used, _)| *used);
+    Ok(heads.into_iter().map(|(_, head)| head).collect())
 }
 
 /// Whether every trial that trial `t` waits for succeeded: no trial is leased before.
@@ -223,29 +211,19 @@ fn leased_trial(row: &sqlx::postgres::PgRow) -> Result<LeasedTrial> {
     })
 }
 
-/// Leases the pending trials that fuse with `head` (same experiment and fusion key,
-/// none waiting on a dependency, in their order; each keeps its own rung) into its group, up to
-/// the spec's `fuse` less one and within the experiment's `max_concurrent`; `fuse =
-/// "auto"` sizes the group to half of `slot_memory` (bytes; 0: unknown, 8 members).
-async fn fuse_with(
+/// Leases up to `room` more pending trials that fuse with `head` (same experiment and
+/// fusion key, none waiting on a dependency, in their order; each keeps its own rung)
+/// into its group, within the experiment's `max_concurrent`.
+pub async fn fuse_with(
     pool: &PgPool,
     worker: WorkerId,
     head: &LeasedTrial,
-    slot_memory: u64,
+    room: u32,
     ttl: Duration,
 ) -> Result<Vec<LeasedTrial>> {
-    let Ok(family) = ablate_experiments::Family::parse(&head.family) else {
+    let Some(key) = head.fuse_key.as_deref() else {
         return Ok(Vec::new());
     };
-    let Some(group) =
-        ablate_experiments::fusion::group(head.fuse, head.fuse_key.as_deref(), family, &head.params, slot_memory)
-    else {
-        return Ok(Vec::new());
-    };
-    if group.size <= 1 {
-        return Ok(Vec::new());
-    }
-    let (key, size) = (group.key.as_str(), group.size);
     let rows = sqlx::query(sqlx::AssertSqlSafe(
         [
             "with room as (
@@ -278,7 +256,7 @@ async fn fuse_with(
     .bind(key)
     .bind(ttl.as_secs_f64())
     .bind(head.experiment.0)
-    .bind(i64::from(size - 1))
+    .bind(i64::from(room))
     .fetch_all(pool)
     .await?;
     let mut members = rows.iter().map(leased_trial).collect::<Result<Vec<_>>>()?;

@@ -1,11 +1,12 @@
-//! ASHA and Hyperband: a trial that stopped at its rung, and the promotions
-//! that rung then allows. One decision at a time per experiment (a row of
-//! `searcher_locks` locked to the end of the transaction), so concurrent
-//! pauses on several replicas see each other's values.
+//! The SQL of the searchers that stop trials at steps (ASHA, Hyperband, PBT): a trial's
+//! pause at its rung recorded, the promotions a rung allows, a PBT generation's reads
+//! and writes. The decisions are `platform::searchers`'. One decision at a time per
+//! experiment (a row of `searcher_locks` locked to the end of the transaction), so
+//! concurrent pauses on several replicas see each other's values.
 
 use ablate_schema::{ExperimentId, LeaseToken, SweepSpec, TrialId};
 use serde_json::Value;
-use sqlx::{Connection, PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool, Row};
 
 use crate::error::{Error, Result};
 
@@ -14,7 +15,7 @@ use crate::error::{Error, Result};
 /// any trial's row, since a decision writes other trials' rows. The lock is the
 /// experiment's row of `searcher_locks` (made on first use), which no other role can
 /// see or lock: a researcher's query can't stall a sweep's decisions.
-pub(super) async fn lock_experiment(tx: &mut PgConnection, experiment: uuid::Uuid) -> Result<()> {
+pub async fn lock_experiment(tx: &mut PgConnection, experiment: uuid::Uuid) -> Result<()> {
     sqlx::query(
         "insert into searcher_locks (experiment_id) values ($1)
          on conflict (experiment_id) do update set experiment_id = excluded.experiment_id",
@@ -26,44 +27,43 @@ pub(super) async fn lock_experiment(tx: &mut PgConnection, experiment: uuid::Uui
 }
 
 /// An experiment's stored spec, read back.
-pub(super) fn stored_spec(spec: Value) -> Result<SweepSpec> {
+pub fn stored_spec(spec: Value) -> Result<SweepSpec> {
     serde_json::from_value(spec)
         .map_err(|e| Error::InvalidArgument(format!("the experiment's stored spec does not read back: {e}")))
 }
 
-/// What a pause decided.
-#[derive(Debug, Default)]
-pub struct Pause {
+/// A pause at a rung, recorded.
+#[derive(Debug)]
+pub struct RungRecord {
+    pub experiment: ExperimentId,
+    pub bracket: i32,
+    pub spec: SweepSpec,
+    pub maximize: bool,
     /// The objective at the rung, when the trial logged it.
     pub value: Option<f64>,
-    /// Trials promoted to the next rung by this pause (perhaps the paused one).
-    pub promoted: Vec<TrialId>,
 }
 
-/// Records a trial that stopped at its rung with a checkpoint at `step`
-/// (fenced by its lease): its objective there goes into `rungs`, the attempt
-/// ends `paused` (not counted against `max_attempts`) and the trial is
-/// `pruned` unless promoted. Then the best `1/reduction_factor` of the trials
-/// at that rung so far (by the spec's objective) that are not yet promoted
-/// are: pending again, resuming from their checkpoint, stopping at the next
-/// rung. Repeating the same report is harmless.
-pub async fn pause(
-    conn: &mut PgConnection,
+/// Records, inside the caller's transaction and under the experiment's searcher lock,
+/// a trial that stopped at its rung with a checkpoint at `step` (fenced by its lease):
+/// its objective there goes into `rungs`, the attempt ends `paused` (not counted against
+/// `max_attempts`) and the trial is `pruned` until a decision promotes it. `None`: this
+/// report again, recorded before.
+pub async fn record_rung(
+    tx: &mut PgConnection,
     trial: TrialId,
     token: LeaseToken,
     step: u64,
     provenance: Option<&Value>,
-) -> Result<Pause> {
+) -> Result<Option<RungRecord>> {
     let stale = || Error::StaleLease {
         trial: trial.to_string(),
     };
-    let mut tx = conn.begin().await?;
     let experiment: uuid::Uuid = sqlx::query_scalar("select experiment_id from trials where id = $1")
         .bind(trial.0)
         .fetch_optional(&mut *tx)
         .await?
         .ok_or_else(stale)?;
-    lock_experiment(&mut tx, experiment).await?;
+    lock_experiment(&mut *tx, experiment).await?;
     let row = sqlx::query(
         "select t.bracket, t.pause_at, t.state, e.spec, e.objective_metric, e.goal,
                 exists (select 1 from rungs r where r.trial_id = t.id and r.step = $3) as recorded
@@ -79,7 +79,7 @@ pub async fn pause(
     .ok_or_else(stale)?;
     let state: String = row.try_get("state")?;
     if row.try_get::<bool, _>("recorded")? && state != "running" {
-        return Ok(Pause::default()); // this report again
+        return Ok(None); // this report again
     }
     if state != "running" {
         return Err(stale());
@@ -132,15 +132,26 @@ pub async fn pause(
     .bind(provenance)
     .execute(&mut *tx)
     .await?;
-    let Some(ladder) = spec.sweep.ladder() else {
-        // Population-based training: the generation is decided once every member is here.
-        let promoted = generation(&mut tx, ExperimentId(experiment), &spec, maximize, step).await?;
-        tx.commit().await?;
-        return Ok(Pause { value, promoted });
-    };
-    // Asynchronous successive halving: of the n trials at this rung so far, the best
-    // floor(n / rf) go on; those among them not yet promoted are promoted now.
-    let order = if maximize { "desc" } else { "asc" };
+    Ok(Some(RungRecord {
+        experiment: ExperimentId(experiment),
+        bracket,
+        spec,
+        maximize,
+        value,
+    }))
+}
+
+/// Asynchronous successive halving at a rung: of the n trials at this rung so far, the
+/// best floor(n / `reduction_factor`) go on; those among them not yet promoted are pending
+/// again, resuming from their checkpoint, stopping at `next` (`None`: the end of the run).
+pub async fn promote_at_rung(
+    tx: &mut PgConnection,
+    rung: &RungRecord,
+    step: u64,
+    reduction_factor: u64,
+    next: Option<u64>,
+) -> Result<Vec<TrialId>> {
+    let order = if rung.maximize { "desc" } else { "asc" };
     let promoted: Vec<uuid::Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "with here as (
              select trial_id, value, recorded_at, promoted_at from rungs
@@ -156,13 +167,12 @@ pub async fn pause(
          where r.trial_id = best.trial_id and r.step = $3 and best.promoted_at is null
          returning r.trial_id"
     )))
-    .bind(experiment)
-    .bind(bracket)
+    .bind(rung.experiment.0)
+    .bind(rung.bracket)
     .bind(step as i64)
-    .bind(ladder.reduction_factor as i64)
+    .bind(reduction_factor as i64)
     .fetch_all(&mut *tx)
     .await?;
-    let next = ladder.rung_after(bracket as u32, step).map(|s| s as i64);
     let promoted: Vec<uuid::Uuid> = sqlx::query_scalar(
         "update trials
          set state = 'pending', pause_at = $2, finished_at = null
@@ -170,35 +180,26 @@ pub async fn pause(
          returning id",
     )
     .bind(&promoted)
-    .bind(next)
+    .bind(next.map(|s| s as i64))
     .fetch_all(&mut *tx)
     .await?;
-    tx.commit().await?;
-    Ok(Pause {
-        value,
-        promoted: promoted.into_iter().map(TrialId).collect(),
-    })
+    Ok(promoted.into_iter().map(TrialId).collect())
 }
 
-/// Decides a PBT generation at `step` once every live member of the population has
-/// stopped there (`ablate_experiments::pbt`): the bottom members take a top member's
-/// checkpoint (their checkpoint row at `step` points at its object) and its
-/// hyperparameters perturbed; every decision goes into `pbt_lineage`; then all go on
-/// to the next generation. Returns the members set going, none while some are missing.
-async fn generation(
-    tx: &mut PgConnection,
-    experiment: ExperimentId,
-    spec: &SweepSpec,
-    maximize: bool,
-    step: u64,
-) -> Result<Vec<TrialId>> {
-    let Some(pbt) = spec.sweep.pbt.clone() else {
-        return Ok(Vec::new());
-    };
-    // (id, params, total steps, value at the step, whether it is waiting there)
-    type Member = (uuid::Uuid, Value, i64, Option<f64>, bool);
-    let members: Vec<Member> = sqlx::query_as(
-        "select t.id, t.params, t.total_steps, r.value, r.trial_id is not null and t.state = 'pruned'
+/// A PBT population member at a generation's step: its id, parameters, value there and
+/// whether it waits there (it stopped at the step and is not yet set going).
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub id: uuid::Uuid,
+    pub params: Value,
+    pub value: Option<f64>,
+    pub waiting: bool,
+}
+
+/// The live members of an experiment's population at `step`, in order.
+pub async fn pbt_members(tx: &mut PgConnection, experiment: ExperimentId, step: u64) -> Result<Vec<Member>> {
+    let rows: Vec<(uuid::Uuid, Value, Option<f64>, bool)> = sqlx::query_as(
+        "select t.id, t.params, r.value, r.trial_id is not null and t.state = 'pruned'
          from trials t left join rungs r on r.trial_id = t.id and r.step = $2
          where t.experiment_id = $1 and t.state not in ('failed', 'cancelled')
          order by t.ordinal",
@@ -207,67 +208,84 @@ async fn generation(
     .bind(step as i64)
     .fetch_all(&mut *tx)
     .await?;
-    if members.is_empty() || members.iter().any(|m| !m.4) {
-        return Ok(Vec::new());
+    Ok(rows
+        .into_iter()
+        .map(|(id, params, value, waiting)| Member {
+            id,
+            params,
+            value,
+            waiting,
+        })
+        .collect())
+}
+
+/// A member takes a donor's checkpoint at `step` (its checkpoint row there points at the
+/// donor's object) and new parameters.
+pub async fn pbt_exploit(
+    tx: &mut PgConnection,
+    member: uuid::Uuid,
+    donor: uuid::Uuid,
+    step: u64,
+    params: &Value,
+) -> Result<()> {
+    let copied = sqlx::query(
+        "update checkpoints c set path = d.path, bytes = d.bytes, created_at = now()
+         from checkpoints d
+         where c.trial_id = $1 and c.step = $3 and d.trial_id = $2 and d.step = $3",
+    )
+    .bind(member)
+    .bind(donor)
+    .bind(step as i64)
+    .execute(&mut *tx)
+    .await?;
+    if copied.rows_affected() != 1 {
+        return Err(Error::InvalidArgument(format!(
+            "PBT at step {step}: trial {donor} has no checkpoint there to copy"
+        )));
     }
-    let population: Vec<(serde_json::Map<String, Value>, Option<f64>)> = members
-        .iter()
-        .map(|m| (spec.swept(&m.1), m.3.map(|v| if maximize { -v } else { v })))
-        .collect();
-    let decisions = ablate_experiments::pbt::generation(
-        &spec.domains(),
-        &population,
-        pbt.quantile(),
-        &pbt.factors(),
-        pbt.seed.unwrap_or(0),
-        step,
-    );
-    for (member, decision) in members.iter().zip(&decisions) {
-        let (action, donor, params) = match decision {
-            ablate_experiments::pbt::Step::Continue => ("continue", None, member.1.clone()),
-            ablate_experiments::pbt::Step::Exploit { donor, params } => {
-                let mut next = member.1.as_object().cloned().unwrap_or_default();
-                next.extend(params.clone());
-                ("exploit", Some(members[*donor].0), Value::Object(next))
-            }
-        };
-        if let Some(donor) = donor {
-            let copied = sqlx::query(
-                "update checkpoints c set path = d.path, bytes = d.bytes, created_at = now()
-                 from checkpoints d
-                 where c.trial_id = $1 and c.step = $3 and d.trial_id = $2 and d.step = $3",
-            )
-            .bind(member.0)
-            .bind(donor)
-            .bind(step as i64)
-            .execute(&mut *tx)
-            .await?;
-            if copied.rows_affected() != 1 {
-                return Err(Error::InvalidArgument(format!(
-                    "PBT at step {step}: trial {donor} has no checkpoint there to copy"
-                )));
-            }
-            sqlx::query("update trials set params = $2 where id = $1")
-                .bind(member.0)
-                .bind(&params)
-                .execute(&mut *tx)
-                .await?;
-        }
-        sqlx::query(
-            "insert into pbt_lineage (experiment_id, trial_id, step, value, action, donor_trial_id, params)
-             values ($1, $2, $3, $4, $5, $6, $7)
-             on conflict do nothing",
-        )
-        .bind(experiment.0)
-        .bind(member.0)
-        .bind(step as i64)
-        .bind(member.3)
-        .bind(action)
-        .bind(donor)
-        .bind(&params)
+    sqlx::query("update trials set params = $2 where id = $1")
+        .bind(member)
+        .bind(params)
         .execute(&mut *tx)
         .await?;
-    }
+    Ok(())
+}
+
+/// Keeps one member's decision at a generation in `pbt_lineage`.
+pub async fn pbt_lineage(
+    tx: &mut PgConnection,
+    experiment: ExperimentId,
+    member: &Member,
+    step: u64,
+    action: &str,
+    donor: Option<uuid::Uuid>,
+    params: &Value,
+) -> Result<()> {
+    sqlx::query(
+        "insert into pbt_lineage (experiment_id, trial_id, step, value, action, donor_trial_id, params)
+         values ($1, $2, $3, $4, $5, $6, $7)
+         on conflict do nothing",
+    )
+    .bind(experiment.0)
+    .bind(member.id)
+    .bind(step as i64)
+    .bind(member.value)
+    .bind(action)
+    .bind(donor)
+    .bind(params)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Sets the members waiting at `step` going to the next generation, `interval` steps on
+/// (or to the end of their run). Returns those set going.
+pub async fn pbt_release(
+    tx: &mut PgConnection,
+    members: &[uuid::Uuid],
+    step: u64,
+    interval: u64,
+) -> Result<Vec<TrialId>> {
     let going: Vec<uuid::Uuid> = sqlx::query_scalar(
         "update trials
          set state = 'pending', finished_at = null,
@@ -275,18 +293,18 @@ async fn generation(
          where id = any($1) and state = 'pruned'
          returning id",
     )
-    .bind(members.iter().map(|m| m.0).collect::<Vec<_>>())
+    .bind(members)
     .bind(step as i64)
-    .bind(pbt.interval as i64)
+    .bind(interval as i64)
     .fetch_all(&mut *tx)
     .await?;
     Ok(going.into_iter().map(TrialId).collect())
 }
 
-/// Decides the PBT generations that wait on no one any more (a member failed for good
-/// while the others waited for it): the reaper's pass.
-pub async fn advance_generations(pool: &PgPool) -> Result<usize> {
-    let waiting: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
+/// The PBT experiments whose generation waits on no one any more (a member failed for
+/// good while the others waited for it), with the step of their last rung.
+pub async fn pbt_generations_due(pool: &PgPool) -> Result<Vec<(ExperimentId, u64)>> {
+    let due: Vec<(uuid::Uuid, Option<i64>)> = sqlx::query_as(
         "select e.id, (select max(r.step) from rungs r where r.experiment_id = e.id)
          from experiments e
          where e.searcher = 'pbt' and e.cancelled_at is null
@@ -295,28 +313,17 @@ pub async fn advance_generations(pool: &PgPool) -> Result<usize> {
     )
     .fetch_all(pool)
     .await?;
-    let mut advanced = 0;
-    for (id, step) in waiting {
-        let mut conn = pool.acquire().await?;
-        let mut tx = conn.begin().await?;
-        lock_experiment(&mut tx, id).await?;
-        let (spec, goal): (Value, Option<String>) = sqlx::query_as("select spec, goal from experiments where id = $1")
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
-        let Ok(spec) = stored_spec(spec) else {
-            continue;
-        };
-        advanced += generation(
-            &mut tx,
-            ExperimentId(id),
-            &spec,
-            goal.as_deref() == Some("maximize"),
-            step as u64,
-        )
-        .await?
-        .len();
-        tx.commit().await?;
-    }
-    Ok(advanced)
+    Ok(due
+        .into_iter()
+        .filter_map(|(id, step)| Some((ExperimentId(id), step? as u64)))
+        .collect())
+}
+
+/// An experiment's stored spec and whether its objective is maximized.
+pub async fn spec_and_goal(tx: &mut PgConnection, experiment: ExperimentId) -> Result<(SweepSpec, bool)> {
+    let (spec, goal): (Value, Option<String>) = sqlx::query_as("select spec, goal from experiments where id = $1")
+        .bind(experiment.0)
+        .fetch_one(&mut *tx)
+        .await?;
+    Ok((stored_spec(spec)?, goal.as_deref() == Some("maximize")))
 }

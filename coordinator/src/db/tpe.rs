@@ -1,20 +1,27 @@
-//! The tpe searcher's proposals: an experiment holds `n_startup` trials at
-//! submission and one more for each that finished, up to `[sweep.tpe] trials`,
-//! each proposed from the finished ones (`ablate_experiments::tpe`). One
-//! decision at a time per experiment (the same searcher lock as the rungs).
+//! The SQL of the tpe searcher: what an experiment holds and has finished, and a
+//! proposal's insert. The decisions are `platform::searchers`'.
 
-use ablate_experiments::tpe::{self, Observation};
-use ablate_schema::{ExperimentId, TrialId};
+use ablate_schema::{ExperimentId, SweepSpec, TrialId};
 use serde_json::Value;
-use sqlx::{Connection, PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool, Row};
 
-use super::rungs::{lock_experiment, stored_spec};
+use super::rungs::stored_spec;
 use crate::error::Result;
 
-/// Adds the trials a tpe experiment is owed; returns how many. Nothing for other searchers.
-pub async fn top_up(conn: &mut PgConnection, experiment: ExperimentId) -> Result<usize> {
-    let mut tx = conn.begin().await?;
-    lock_experiment(&mut tx, experiment.0).await?;
+/// A tpe experiment as its searcher reads it.
+#[derive(Debug)]
+pub struct TpeExperiment {
+    pub spec: SweepSpec,
+    pub objective_metric: Option<String>,
+    pub maximize: bool,
+    pub cancelled: bool,
+    /// Trials it holds, and those finished (succeeded, failed or pruned).
+    pub total: u64,
+    pub finished: u64,
+}
+
+/// The experiment, when its searcher is tpe.
+pub async fn tpe_experiment(tx: &mut PgConnection, experiment: ExperimentId) -> Result<Option<TpeExperiment>> {
     let Some(row) = sqlx::query(
         "select e.spec, e.objective_metric, e.goal, e.cancelled_at is not null as cancelled,
                 (select count(*) from trials t where t.experiment_id = e.id) as total,
@@ -26,20 +33,25 @@ pub async fn top_up(conn: &mut PgConnection, experiment: ExperimentId) -> Result
     .fetch_optional(&mut *tx)
     .await?
     else {
-        return Ok(0);
+        return Ok(None);
     };
-    let spec = stored_spec(row.try_get("spec")?)?;
-    let Some(budget) = spec.sweep.tpe.clone() else {
-        return Ok(0);
-    };
-    let (total, finished): (i64, i64) = (row.try_get("total")?, row.try_get("finished")?);
-    let owed = budget.owed(finished as u64, total as u64) as i64;
-    if owed == 0 || row.try_get::<bool, _>("cancelled")? {
-        return Ok(0);
-    }
-    let metric: Option<String> = row.try_get("objective_metric")?;
-    let maximize = row.try_get::<Option<String>, _>("goal")?.as_deref() == Some("maximize");
-    let finished: Vec<(Value, String, Option<f64>)> = sqlx::query_as(
+    Ok(Some(TpeExperiment {
+        spec: stored_spec(row.try_get("spec")?)?,
+        objective_metric: row.try_get("objective_metric")?,
+        maximize: row.try_get::<Option<String>, _>("goal")?.as_deref() == Some("maximize"),
+        cancelled: row.try_get("cancelled")?,
+        total: row.try_get::<i64, _>("total")? as u64,
+        finished: row.try_get::<i64, _>("finished")? as u64,
+    }))
+}
+
+/// The finished trials, in order: parameters, state, and the last value of `metric`.
+pub async fn finished_trials(
+    tx: &mut PgConnection,
+    experiment: ExperimentId,
+    metric: Option<&str>,
+) -> Result<Vec<(Value, String, Option<f64>)>> {
+    Ok(sqlx::query_as(
         "select t.params, t.state,
                 (select m.value from metrics m join metric_names n on n.id = m.name_id
                  where m.trial_id = t.id and n.name = $2 order by m.step desc limit 1)
@@ -50,44 +62,38 @@ pub async fn top_up(conn: &mut PgConnection, experiment: ExperimentId) -> Result
     .bind(experiment.0)
     .bind(metric)
     .fetch_all(&mut *tx)
-    .await?;
-    let history: Vec<Observation> = finished
-        .into_iter()
-        .map(|(params, state, value)| {
-            Observation::new(spec.swept(&params), value.filter(|_| state == "succeeded"), maximize)
-        })
-        .collect();
-    let domains = spec.domains();
-    let seed = budget.seed.unwrap_or(0);
-    for k in 0..owed {
-        let ordinal = (total + k) as usize;
-        let point = tpe::propose(&domains, &history, seed, ordinal);
-        // A proposal the family refuses is kept as a failed trial, so the search goes on.
-        let (params, steps, error, fuse_key) = match ablate_experiments::sweep::plan_point(&spec, point.clone()) {
-            Ok(planned) => (planned.params, planned.total_steps as i64, None, planned.fuse_key),
-            Err(e) => (Value::Object(point), 0, Some(e.to_string()), None),
-        };
-        sqlx::query(
-            "insert into trials (id, experiment_id, ordinal, params, total_steps, state, error, finished_at, fuse_key)
-             values ($1, $2, $3, $4, $5, case when $6::text is null then 'pending' else 'failed' end, $6,
-                     case when $6::text is null then null else now() end, $7)",
-        )
-        .bind(TrialId::new_random().0)
-        .bind(experiment.0)
-        .bind(ordinal as i32)
-        .bind(&params)
-        .bind(steps)
-        .bind(error)
-        .bind(fuse_key)
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(owed as usize)
+    .await?)
 }
 
-/// [`top_up`] for the experiment of `trial`, when it is a tpe experiment.
-pub async fn top_up_after(conn: &mut PgConnection, trial: TrialId) -> Result<usize> {
+/// A searcher's proposal as a trial: pending, or failed with `error` (a proposal its family refused).
+pub struct Proposal {
+    pub ordinal: usize,
+    pub params: Value,
+    pub total_steps: u64,
+    pub error: Option<String>,
+    pub fuse_key: Option<String>,
+}
+
+pub async fn insert_proposal(tx: &mut PgConnection, experiment: ExperimentId, p: &Proposal) -> Result<()> {
+    sqlx::query(
+        "insert into trials (id, experiment_id, ordinal, params, total_steps, state, error, finished_at, fuse_key)
+         values ($1, $2, $3, $4, $5, case when $6::text is null then 'pending' else 'failed' end, $6,
+                 case when $6::text is null then null else now() end, $7)",
+    )
+    .bind(TrialId::new_random().0)
+    .bind(experiment.0)
+    .bind(p.ordinal as i32)
+    .bind(&p.params)
+    .bind(p.total_steps as i64)
+    .bind(&p.error)
+    .bind(&p.fuse_key)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// The experiment of `trial`, when it is a tpe experiment.
+pub async fn tpe_experiment_of(conn: &mut PgConnection, trial: TrialId) -> Result<Option<ExperimentId>> {
     let experiment: Option<uuid::Uuid> = sqlx::query_scalar(
         "select e.id from trials t join experiments e on e.id = t.experiment_id
          where t.id = $1 and e.searcher = 'tpe'",
@@ -95,15 +101,11 @@ pub async fn top_up_after(conn: &mut PgConnection, trial: TrialId) -> Result<usi
     .bind(trial.0)
     .fetch_optional(&mut *conn)
     .await?;
-    match experiment {
-        Some(id) => top_up(conn, ExperimentId(id)).await,
-        None => Ok(0),
-    }
+    Ok(experiment.map(ExperimentId))
 }
 
-/// [`top_up`] for every tpe experiment still owed trials (the reaper's pass: a trial that
-/// failed for good when its lease expired finished without a completion).
-pub async fn top_up_all(pool: &PgPool) -> Result<usize> {
+/// The tpe experiments, not cancelled, that hold fewer trials than their budget.
+pub async fn tpe_experiments_owed(pool: &PgPool) -> Result<Vec<ExperimentId>> {
     let owed: Vec<uuid::Uuid> = sqlx::query_scalar(
         "select e.id from experiments e
          where e.searcher = 'tpe' and e.cancelled_at is null
@@ -111,10 +113,5 @@ pub async fn top_up_all(pool: &PgPool) -> Result<usize> {
     )
     .fetch_all(pool)
     .await?;
-    let mut added = 0;
-    for id in owed {
-        let mut conn = pool.acquire().await?;
-        added += top_up(&mut conn, ExperimentId(id)).await?;
-    }
-    Ok(added)
+    Ok(owed.into_iter().map(ExperimentId).collect())
 }

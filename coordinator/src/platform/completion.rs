@@ -163,7 +163,7 @@ impl Completion {
                 step,
                 provenance,
             } => {
-                let pause = db::pause(&mut *conn, *trial, *token, *step, provenance.as_ref()).await?;
+                let pause = super::searchers::pause(&mut *conn, *trial, *token, *step, provenance.as_ref()).await?;
                 tracing::info!(trial = %trial, step, value = ?pause.value, promoted = ?pause.promoted, "trial paused at its rung");
             }
             Completion::Crashed {
@@ -176,7 +176,7 @@ impl Completion {
                 let mut tx = sqlx::Connection::begin(&mut *conn).await?;
                 let again = db::crashed(&mut *tx, *trial, *token, error, tail.as_deref(), provenance.as_ref()).await?;
                 if !again {
-                    db::top_up_after(&mut tx, *trial).await?;
+                    super::searchers::top_up_after(&mut tx, *trial).await?;
                 }
                 tx.commit().await?;
                 tracing::warn!(trial = %trial, %error, retried = again, "trial process crashed");
@@ -204,7 +204,7 @@ impl Completion {
                     provenance.as_ref(),
                 )
                 .await?;
-                db::top_up_after(&mut tx, *trial).await?;
+                super::searchers::top_up_after(&mut tx, *trial).await?;
                 tx.commit().await?;
                 tracing::info!(trial = %trial, outcome = outcome.as_str(), "trial completed");
             }

@@ -1,11 +1,16 @@
 //! What the coordinator decides, between its edges (the gRPC services in `service`, the
 //! HTTP API in `web`) and its SQL (`db`): a worker's completion checked and recorded with
-//! what it makes the searchers decide (`completion`), metric batches checked and written
-//! (`ingest`), a family's report of an experiment (`reports`), a new token (`tokens`). The edges convert messages into the domain types here and back.
+//! what it makes the searchers decide (`completion`), a worker's lease fused into
+//! groups by the queue's rules (`lease`), metric batches checked and written
+//! (`ingest`), the searchers' decisions (`searchers`: rung promotions, PBT generations,
+//! tpe proposals), a family's report of an experiment (`reports`), a new token
+//! (`tokens`). The edges convert messages into the domain types here and back.
 
 pub mod completion;
 pub mod ingest;
+pub mod lease;
 pub mod reports;
+pub mod searchers;
 pub mod tokens;
 
 use ablate_schema::{LeaseToken, TrialId};

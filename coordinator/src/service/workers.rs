@@ -73,7 +73,7 @@ impl workers_server::Workers for WorkersService {
         let req = request.into_inner();
         let worker = parse_id(WorkerId::parse, &req.worker_id)?;
         let started = std::time::Instant::now();
-        let leased = db::lease(
+        let leased = crate::platform::lease::lease(
             &self.pool,
             worker,
             req.max_trials,

@@ -1,23 +1,24 @@
 //! Runs a whole spec in this process: every trial through the same trial
 //! function the daemon's trial processes run, one thread per device slot,
-//! checkpoints and metrics kept in memory, a trial started only once the
-//! trials it depends on succeeded (as the coordinator's queue does), trials of
-//! one fusion key (`fuse` in the spec) trained as one group. Then the family's
-//! report.
+//! checkpoints and metrics kept in memory, trials leased by the queue's rules
+//! (`queue`, on `ablate_experiments::queue`, as the coordinator's lease: a trial
+//! starts once the trials it depends on succeeded, trials of one fusion key
+//! train as one group). Then the family's report.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
 
 use ablate_experiments::report::{Report, TrialOutcome};
 use ablate_experiments::sweep::PlannedTrial;
-use ablate_experiments::tpe::{self, Observation};
 use ablate_experiments::trial::{DirData, MemoryCheckpoints, MemoryMetrics, TrialContext};
 use ablate_experiments::Family;
-use ablate_schema::{Goal, Limits, ParamDomain, SpecFormat};
+use ablate_schema::{Goal, Limits, SpecFormat};
 use serde_json::Value;
 
 use crate::backend::{self, Slot};
+
+mod queue;
+use queue::{Next, Queue, Tpe, Waiting};
 
 /// How a local sweep runs, beyond its spec and slots.
 #[derive(Debug, Default, Clone)]
@@ -81,12 +82,13 @@ pub fn run(
         .collect::<anyhow::Result<Vec<_>>>()?;
     let memory = backend::slot_memory(slots);
     let spec = &checked.spec;
-    let waiting = |ordinal: usize, t: &PlannedTrial| Waiting {
-        ordinal,
+    let waiting = |t: &PlannedTrial| Waiting {
         params: t.params.clone(),
-        depends_on: t.depends_on.clone(),
-        group: ablate_experiments::fusion::group(spec.fuse, t.fuse_key.as_deref(), family, &t.params, memory)
-            .map(|g| (g.key, g.size as usize)),
+        queued: ablate_experiments::queue::Queued {
+            depends_on: t.depends_on.clone(),
+            group: ablate_experiments::fusion::group(spec.fuse, t.fuse_key.as_deref(), family, &t.params, memory)
+                .map(|g| (g.key, g.size as usize)),
+        },
         refused: None,
     };
     let searcher = spec.sweep.tpe.clone().map(|budget| Tpe {
@@ -96,10 +98,7 @@ pub fn run(
         ordinals: Vec::new(),
         history: Vec::new(),
     });
-    let queue = Queue::new(
-        checked.trials.iter().enumerate().map(|(i, t)| waiting(i, t)).collect(),
-        searcher,
-    );
+    let queue = Queue::new(checked.trials.iter().map(waiting).collect(), searcher);
     let store = options.store.clone().unwrap_or_else(|| {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -111,24 +110,19 @@ pub fn run(
     let experiment = &spec.name;
     let objective = checked.objective.metric.as_str();
     // A tpe proposal becomes a trial as at submission; one the family refuses fails with the reason.
-    let propose = |ordinal: usize, point: serde_json::Map<String, Value>| match ablate_experiments::sweep::plan_point(
-        spec,
-        point.clone(),
-    ) {
-        Ok(planned) => waiting(ordinal, &planned),
-        Err(e) => Waiting {
-            refused: Some(e.to_string()),
-            ..waiting(
-                ordinal,
-                &PlannedTrial {
+    let propose =
+        |point: serde_json::Map<String, Value>| match ablate_experiments::sweep::plan_point(spec, point.clone()) {
+            Ok(planned) => waiting(&planned),
+            Err(e) => Waiting {
+                refused: Some(e.to_string()),
+                ..waiting(&PlannedTrial {
                     params: Value::Object(point),
                     total_steps: 0,
                     depends_on: vec![],
                     fuse_key: None,
-                },
-            )
-        },
-    };
+                })
+            },
+        };
     std::thread::scope(|scope| {
         for device in &devices {
             let (queue, outcomes, log, store, propose) = (&queue, &outcomes, &log, &store, &propose);
@@ -282,227 +276,9 @@ fn outcome(
     }
 }
 
-/// The tpe searcher's state in a local sweep: as the coordinator's, the sweep
-/// holds `n_startup` random trials at first and one more for each that
-/// finished, up to `budget`, each proposed from the finished ones.
-struct Tpe {
-    domains: Vec<(String, ParamDomain)>,
-    budget: ablate_schema::Tpe,
-    maximize: bool,
-    /// The ordinals of the ended trials, in order, and each one's swept values and
-    /// objective (to minimize) at the same place: the history the estimator reads.
-    ordinals: Vec<usize>,
-    history: Vec<Observation>,
-}
-
-/// A trial not started yet: what it waits for, and its fusion key with the
-/// most members a group it leads may hold.
-struct Waiting {
-    ordinal: usize,
-    params: Value,
-    depends_on: Vec<usize>,
-    group: Option<(String, usize)>,
-    /// A proposal the family refused: it fails at once, with this reason.
-    refused: Option<String>,
-}
-
-/// What a slot's thread does next.
-enum Next {
-    /// One trial, or a fused group (in order), and whether they fuse (a trial
-    /// that fuses may run as a group of one).
-    Run(Vec<(usize, Value)>, bool),
-    /// A trial it waits for failed, or its proposal was refused: it fails
-    /// without running, with the reason.
-    Failed(usize, Value, String),
-    /// Nothing is left to start.
-    Done,
-}
-
-/// The trials not started yet, in order; a thread takes the first whose
-/// dependencies succeeded, with the next ready ones of its fusion key, or
-/// waits for one to end (which may also bring a searcher's proposals).
-struct Queue {
-    state: Mutex<QueueState>,
-    ended_one: Condvar,
-}
-
-struct QueueState {
-    waiting: Vec<Waiting>,
-    /// Trials that ended, and whether they succeeded.
-    ended: HashMap<usize, bool>,
-    /// Trials the sweep holds so far: waiting, running and ended.
-    total: usize,
-    searcher: Option<Tpe>,
-}
-
-impl QueueState {
-    fn ready(&self, t: &Waiting) -> bool {
-        t.depends_on.iter().all(|d| self.ended.get(d) == Some(&true))
-    }
-
-    /// Whether a trial still running may add trials when it ends.
-    fn may_grow(&self) -> bool {
-        self.total > self.ended.len()
-            && self
-                .searcher
-                .as_ref()
-                .is_some_and(|s| self.total < s.budget.trials as usize)
-    }
-}
-
-impl Queue {
-    fn new(waiting: Vec<Waiting>, searcher: Option<Tpe>) -> Queue {
-        Queue {
-            state: Mutex::new(QueueState {
-                total: waiting.len(),
-                waiting,
-                ended: HashMap::new(),
-                searcher,
-            }),
-            ended_one: Condvar::new(),
-        }
-    }
-
-    /// Trials the sweep holds so far.
-    fn total(&self) -> usize {
-        self.state.lock().expect("queue lock").total
-    }
-
-    fn next(&self) -> Next {
-        let mut state = self.state.lock().expect("queue lock");
-        loop {
-            if state.waiting.is_empty() && !state.may_grow() {
-                return Next::Done;
-            }
-            if let Some(i) = state.waiting.iter().position(|t| t.refused.is_some()) {
-                let t = state.waiting.remove(i);
-                let why = t.refused.unwrap_or_default();
-                return Next::Failed(
-                    t.ordinal,
-                    t.params,
-                    format!("the searcher's proposal was refused: {why}"),
-                );
-            }
-            let failed = state.waiting.iter().enumerate().find_map(|(i, t)| {
-                let dep = t.depends_on.iter().find(|d| state.ended.get(d) == Some(&false))?;
-                Some((i, *dep))
-            });
-            if let Some((i, dep)) = failed {
-                let t = state.waiting.remove(i);
-                return Next::Failed(t.ordinal, t.params, format!("it waits for trial {dep}, which failed"));
-            }
-            if let Some(head) = state.waiting.iter().position(|t| state.ready(t)) {
-                let mut take = vec![head];
-                let fuses = state.waiting[head].group.is_some();
-                if let Some((key, size)) = &state.waiting[head].group {
-                    take.extend(
-                        (head + 1..state.waiting.len())
-                            .filter(|&j| {
-                                let t = &state.waiting[j];
-                                t.group.as_ref().is_some_and(|(k, _)| k == key) && state.ready(t)
-                            })
-                            .take(size.saturating_sub(1)),
-                    );
-                }
-                let mut members: Vec<(usize, Value)> = take
-                    .into_iter()
-                    .rev()
-                    .map(|i| state.waiting.remove(i))
-                    .map(|t| (t.ordinal, t.params))
-                    .collect();
-                members.reverse();
-                return Next::Run(members, fuses);
-            }
-            // Dependencies are earlier trials, so one of them is running and will end;
-            // a searcher's next proposals come when a running trial ends.
-            state = self.ended_one.wait(state).expect("queue lock");
-        }
-    }
-
-    /// A trial ended: with a searcher, its swept values and objective join the
-    /// history and the trials it is owed are proposed (`propose` makes each).
-    fn end(
-        &self,
-        ordinal: usize,
-        succeeded: bool,
-        swept: serde_json::Map<String, Value>,
-        objective: Option<f64>,
-        propose: impl Fn(usize, serde_json::Map<String, Value>) -> Waiting,
-    ) {
-        let mut state = self.state.lock().expect("queue lock");
-        state.ended.insert(ordinal, succeeded);
-        let (finished, total) = (state.ended.len(), state.total);
-        if let Some(tpe) = state.searcher.as_mut() {
-            let at = tpe.ordinals.partition_point(|&o| o < ordinal);
-            tpe.ordinals.insert(at, ordinal);
-            tpe.history.insert(at, Observation::new(swept, objective, tpe.maximize));
-            let owed = tpe.budget.owed(finished as u64, total as u64) as usize;
-            let seed = tpe.budget.seed.unwrap_or(0);
-            let proposals: Vec<Waiting> = (total..total + owed)
-                .map(|ordinal| propose(ordinal, tpe::propose(&tpe.domains, &tpe.history, seed, ordinal)))
-                .collect();
-            state.total += owed;
-            state.waiting.extend(proposals);
-        }
-        drop(state);
-        self.ended_one.notify_all();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn waiting(ordinal: usize, depends_on: Vec<usize>, group: Option<(&str, usize)>) -> Waiting {
-        Waiting {
-            ordinal,
-            params: serde_json::json!({ "n": ordinal }),
-            depends_on,
-            group: group.map(|(k, n)| (k.to_string(), n)),
-            refused: None,
-        }
-    }
-
-    fn end(queue: &Queue, ordinal: usize) {
-        queue.end(ordinal, true, Default::default(), None, |_, _| {
-            unreachable!("no searcher")
-        });
-    }
-
-    /// The trials a slot takes next, and whether they fuse.
-    fn ordinals(next: Next) -> (Vec<usize>, bool) {
-        match next {
-            Next::Run(members, fuses) => (members.into_iter().map(|m| m.0).collect(), fuses),
-            Next::Failed(..) => panic!("a trial failed"),
-            Next::Done => (vec![], false),
-        }
-    }
-
-    #[test]
-    fn the_queue_groups_ready_trials_of_one_key_up_to_the_group_size() {
-        let queue = Queue::new(
-            vec![
-                waiting(0, vec![], Some(("a", 3))),
-                waiting(1, vec![], Some(("b", 3))),
-                waiting(2, vec![], Some(("a", 3))),
-                waiting(3, vec![0], Some(("a", 3))),
-                waiting(4, vec![], Some(("a", 3))),
-                waiting(5, vec![], Some(("a", 3))),
-                waiting(6, vec![], None),
-            ],
-            None,
-        );
-        // Trial 3 waits for 0, so the first group skips it; at most three members.
-        assert_eq!(ordinals(queue.next()), (vec![0, 2, 4], true));
-        // Alone, but it fuses: a group of one.
-        assert_eq!(ordinals(queue.next()), (vec![1], true));
-        for ordinal in [0, 2, 4, 1] {
-            end(&queue, ordinal);
-        }
-        assert_eq!(ordinals(queue.next()), (vec![3, 5], true));
-        assert_eq!(ordinals(queue.next()), (vec![6], false));
-        assert!(matches!(queue.next(), Next::Done));
-    }
 
     const SPEC: &str = r#"
 name = "local-fuse"
@@ -607,45 +383,5 @@ goal = "minimize"
         ];
         let (_, both) = run(TPE, SpecFormat::Toml, &two, &Options::default()).unwrap();
         assert_eq!(both.len(), 9);
-    }
-
-    #[test]
-    fn the_queue_adds_a_tpe_proposal_for_each_trial_that_ends_up_to_the_budget() {
-        let searcher = Tpe {
-            domains: vec![(
-                "x".into(),
-                ParamDomain::Range {
-                    lo: 0.0,
-                    hi: 10.0,
-                    step: 1.0,
-                },
-            )],
-            budget: ablate_schema::Tpe {
-                trials: 4,
-                n_startup: Some(2),
-                seed: None,
-            },
-            maximize: false,
-            ordinals: vec![],
-            history: vec![],
-        };
-        let queue = Queue::new(vec![waiting(0, vec![], None), waiting(1, vec![], None)], Some(searcher));
-        let made = |ordinal: usize, point: serde_json::Map<String, Value>| Waiting {
-            params: Value::Object(point),
-            ..waiting(ordinal, vec![], None)
-        };
-        assert_eq!(ordinals(queue.next()), (vec![0], false));
-        assert_eq!(ordinals(queue.next()), (vec![1], false));
-        // Both run; a third thread waits for a proposal instead of ending.
-        queue.end(0, true, Default::default(), Some(1.0), made);
-        assert_eq!(queue.total(), 3);
-        assert_eq!(ordinals(queue.next()), (vec![2], false));
-        queue.end(1, false, Default::default(), None, made);
-        queue.end(2, true, Default::default(), Some(0.5), made);
-        assert_eq!(queue.total(), 4);
-        assert_eq!(ordinals(queue.next()), (vec![3], false));
-        queue.end(3, true, Default::default(), Some(0.2), made);
-        assert_eq!(queue.total(), 4, "the budget is spent");
-        assert!(matches!(queue.next(), Next::Done));
     }
 }

@@ -1,0 +1,197 @@
+//! The searchers' decisions: a trial's pause at its rung and the promotions it allows
+//! (ASHA, Hyperband), a PBT generation (`ablate_experiments::pbt`), the tpe searcher's
+//! proposals (`ablate_experiments::tpe`). Each decides under the experiment's searcher
+//! lock (`db::lock_experiment`) inside one transaction; the reads and writes are `db`'s.
+
+use ablate_experiments::tpe::{self, Observation};
+use ablate_schema::{ExperimentId, LeaseToken, SweepSpec, TrialId};
+use serde_json::Value;
+use sqlx::{Connection, PgConnection, PgPool};
+
+use crate::db;
+use crate::error::{Error, Result};
+
+/// What a pause decided.
+#[derive(Debug, Default)]
+pub struct Pause {
+    /// The objective at the rung, when the trial logged it.
+    pub value: Option<f64>,
+    /// Trials promoted to the next rung by this pause (perhaps the paused one).
+    pub promoted: Vec<TrialId>,
+}
+
+/// Records a trial that stopped at its rung with a checkpoint at `step` (fenced by its
+/// lease; see `db::record_rung`), then decides what the rung allows: with ASHA or
+/// Hyperband, the best `1/reduction_factor` of the trials at that rung so far (by the
+/// spec's objective) not yet promoted are pending again, resuming from their checkpoint,
+/// stopping at the next rung; with PBT, the generation once every member is there.
+/// Repeating the same report is harmless.
+pub async fn pause(
+    conn: &mut PgConnection,
+    trial: TrialId,
+    token: LeaseToken,
+    step: u64,
+    provenance: Option<&Value>,
+) -> Result<Pause> {
+    let mut tx = conn.begin().await?;
+    let Some(rung) = db::record_rung(&mut tx, trial, token, step, provenance).await? else {
+        return Ok(Pause::default());
+    };
+    if !rung.spec.sweep.pauses() {
+        return Err(Error::InvalidArgument(format!(
+            "trial {trial} paused, but its sweep has no rungs"
+        )));
+    }
+    let promoted = match rung.spec.sweep.ladder() {
+        Some(ladder) => {
+            let next = ladder.rung_after(rung.bracket as u32, step);
+            db::promote_at_rung(&mut tx, &rung, step, ladder.reduction_factor, next).await?
+        }
+        // Population-based training: the generation is decided once every member is here.
+        None => generation(&mut tx, rung.experiment, &rung.spec, rung.maximize, step).await?,
+    };
+    tx.commit().await?;
+    Ok(Pause {
+        value: rung.value,
+        promoted,
+    })
+}
+
+/// Decides a PBT generation at `step` once every live member of the population has
+/// stopped there: the bottom members take a top member's checkpoint and its
+/// hyperparameters perturbed; every decision goes into `pbt_lineage`; then all go on
+/// to the next generation. Returns the members set going, none while some are missing.
+async fn generation(
+    tx: &mut PgConnection,
+    experiment: ExperimentId,
+    spec: &SweepSpec,
+    maximize: bool,
+    step: u64,
+) -> Result<Vec<TrialId>> {
+    let Some(pbt) = spec.sweep.pbt.clone() else {
+        return Ok(Vec::new());
+    };
+    let members = db::pbt_members(tx, experiment, step).await?;
+    if members.is_empty() || members.iter().any(|m| !m.waiting) {
+        return Ok(Vec::new());
+    }
+    let population: Vec<(serde_json::Map<String, Value>, Option<f64>)> = members
+        .iter()
+        .map(|m| (spec.swept(&m.params), m.value.map(|v| if maximize { -v } else { v })))
+        .collect();
+    let decisions = ablate_experiments::pbt::generation(
+        &spec.domains(),
+        &population,
+        pbt.quantile(),
+        &pbt.factors(),
+        pbt.seed.unwrap_or(0),
+        step,
+    );
+    for (member, decision) in members.iter().zip(&decisions) {
+        let (action, donor, params) = match decision {
+            ablate_experiments::pbt::Step::Continue => ("continue", None, member.params.clone()),
+            ablate_experiments::pbt::Step::Exploit { donor, params } => {
+                let mut next = member.params.as_object().cloned().unwrap_or_default();
+                next.extend(params.clone());
+                ("exploit", Some(members[*donor].id), Value::Object(next))
+            }
+        };
+        if let Some(donor) = donor {
+            db::pbt_exploit(tx, member.id, donor, step, &params).await?;
+        }
+        db::pbt_lineage(tx, experiment, member, step, action, donor, &params).await?;
+    }
+    let ids: Vec<uuid::Uuid> = members.iter().map(|m| m.id).collect();
+    db::pbt_release(tx, &ids, step, pbt.interval).await
+}
+
+/// Decides the PBT generations that wait on no one any more (a member failed for good
+/// while the others waited for it): the reaper's pass.
+pub async fn advance_generations(pool: &PgPool) -> Result<usize> {
+    let mut advanced = 0;
+    for (experiment, step) in db::pbt_generations_due(pool).await? {
+        let mut conn = pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        db::lock_experiment(&mut tx, experiment.0).await?;
+        let Ok((spec, maximize)) = db::spec_and_goal(&mut tx, experiment).await else {
+            continue;
+        };
+        advanced += generation(&mut tx, experiment, &spec, maximize, step).await?.len();
+        tx.commit().await?;
+    }
+    Ok(advanced)
+}
+
+/// Adds the trials a tpe experiment is owed (it holds `n_startup` trials at submission
+/// and one more for each that finished, up to `[sweep.tpe] trials`), each proposed from
+/// the finished ones; returns how many. Nothing for other searchers.
+pub async fn top_up(conn: &mut PgConnection, experiment: ExperimentId) -> Result<usize> {
+    let mut tx = conn.begin().await?;
+    db::lock_experiment(&mut tx, experiment.0).await?;
+    let Some(e) = db::tpe_experiment(&mut tx, experiment).await? else {
+        return Ok(0);
+    };
+    let Some(budget) = e.spec.sweep.tpe.clone() else {
+        return Ok(0);
+    };
+    let owed = budget.owed(e.finished, e.total);
+    if owed == 0 || e.cancelled {
+        return Ok(0);
+    }
+    let history: Vec<Observation> = db::finished_trials(&mut tx, experiment, e.objective_metric.as_deref())
+        .await?
+        .into_iter()
+        .map(|(params, state, value)| {
+            Observation::new(
+                e.spec.swept(&params),
+                value.filter(|_| state == "succeeded"),
+                e.maximize,
+            )
+        })
+        .collect();
+    let domains = e.spec.domains();
+    let seed = budget.seed.unwrap_or(0);
+    for ordinal in e.total..e.total + owed {
+        let ordinal = ordinal as usize;
+        let point = tpe::propose(&domains, &history, seed, ordinal);
+        // A proposal the family refuses is kept as a failed trial, so the search goes on.
+        let proposal = match ablate_experiments::sweep::plan_point(&e.spec, point.clone()) {
+            Ok(planned) => db::Proposal {
+                ordinal,
+                params: planned.params,
+                total_steps: planned.total_steps,
+                error: None,
+                fuse_key: planned.fuse_key,
+            },
+            Err(error) => db::Proposal {
+                ordinal,
+                params: Value::Object(point),
+                total_steps: 0,
+                error: Some(error.to_string()),
+                fuse_key: None,
+            },
+        };
+        db::insert_proposal(&mut tx, experiment, &proposal).await?;
+    }
+    tx.commit().await?;
+    Ok(owed as usize)
+}
+
+/// [`top_up`] for the experiment of `trial`, when it is a tpe experiment.
+pub async fn top_up_after(conn: &mut PgConnection, trial: TrialId) -> Result<usize> {
+    match db::tpe_experiment_of(conn, trial).await? {
+        Some(experiment) => top_up(conn, experiment).await,
+        None => Ok(0),
+    }
+}
+
+/// [`top_up`] for every tpe experiment still owed trials (the reaper's pass: a trial that
+/// failed for good when its lease expired finished without a completion).
+pub async fn top_up_all(pool: &PgPool) -> Result<usize> {
+    let mut added = 0;
+    for experiment in db::tpe_experiments_owed(pool).await? {
+        let mut conn = pool.acquire().await?;
+        added += top_up(&mut conn, experiment).await?;
+    }
+    Ok(added)
+}
