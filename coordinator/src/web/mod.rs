@@ -182,13 +182,13 @@ fn fresh(headers: &HeaderMap, body: &Value) -> Response {
         .into_response()
 }
 
+/// A path's experiment id, or 400 with what is wrong (the one parse of the gRPC edge too).
 fn experiment_id(text: &str) -> Result<ExperimentId, ApiError> {
-    ExperimentId::parse(text)
-        .map_err(|_| ApiError(StatusCode::BAD_REQUEST, format!("`{text}` is not an experiment id")))
+    Ok(crate::platform::parse_id(ExperimentId::parse, text)?)
 }
 
 fn trial_id(text: &str) -> Result<TrialId, ApiError> {
-    TrialId::parse(text).map_err(|_| ApiError(StatusCode::BAD_REQUEST, format!("`{text}` is not a trial id")))
+    Ok(crate::platform::parse_id(TrialId::parse, text)?)
 }
 
 #[derive(Deserialize)]
