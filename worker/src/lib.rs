@@ -6,6 +6,7 @@
 //! the only crate that links libtorch.
 
 pub mod backend;
+pub mod command;
 pub mod daemon;
 pub mod fused_bench;
 pub mod local;

@@ -14,6 +14,7 @@ use std::process::{Command, ExitCode};
 
 mod layout;
 mod provision;
+mod science;
 
 use provision::*;
 
@@ -40,7 +41,7 @@ fn libtorch_dir() -> PathBuf {
     cache_dir().join(format!("libtorch-{TORCH_VERSION}")).join("torch")
 }
 
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| cache_dir().join("target"))
@@ -50,14 +51,14 @@ fn bin_dir(profile: &str) -> PathBuf {
     target_dir().join(profile)
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask sits in the workspace")
         .to_path_buf()
 }
 
-type Result<T = ()> = std::result::Result<T, String>;
+pub(crate) type Result<T = ()> = std::result::Result<T, String>;
 
 fn run(command: &mut Command) -> Result {
     eprintln!("xtask: {}", describe(command));
@@ -69,7 +70,7 @@ fn run(command: &mut Command) -> Result {
     }
 }
 
-fn describe(command: &Command) -> String {
+pub(crate) fn describe(command: &Command) -> String {
     std::iter::once(command.get_program())
         .chain(command.get_args())
         .map(|s| s.to_string_lossy().into_owned())
@@ -78,7 +79,7 @@ fn describe(command: &Command) -> String {
 }
 
 /// A cargo command with the fixed libtorch and target directories.
-fn cargo(args: &[&str]) -> Command {
+pub(crate) fn cargo(args: &[&str]) -> Command {
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     command
         .args(args)
@@ -215,35 +216,41 @@ fn test() -> Result {
     provision_slurm()?;
     let chromium = provision_chromium()?;
     eprintln!("xtask: tests use {url}");
-    run(cargo(&[
-        "test",
-        "--workspace",
-        "--exclude",
-        "ablate-worker",
-        "--exclude",
-        "xtask",
-    ])
-    .env("DATABASE_URL", &url)
-    .env("ABLATE_BIN_DIR", bin_dir("debug"))
-    .env("ABLATE_MOTO_BIN", &moto)
-    .env("ABLATE_PROMETHEUS_BIN", &prometheus)
-    .env("ABLATE_K8S_VALIDATE", &kubernetes_validate)
-    .env("ABLATE_CHROMIUM", &chromium)
-    .env("ABLATE_DSIR_PYTHON", &dsir_python))?;
-    let torch_tests = [
-        "test",
-        "-p",
-        "ablate-worker",
-        "-p",
-        "ablate-experiments",
-        "--features",
-        "ablate-experiments/torch",
-    ];
-    run(cargo(&torch_tests)
+    let science = science::start(&[
+        ("DATABASE_URL", url.clone()),
+        ("ABLATE_MOTO_BIN", moto.to_string_lossy().into_owned()),
+    ])?;
+    let rest = (|| {
+        run(cargo(&[
+            "test",
+            "--workspace",
+            "--exclude",
+            "ablate-worker",
+            "--exclude",
+            "xtask",
+        ])
         .env("DATABASE_URL", &url)
-        .env("ABLATE_MOTO_BIN", moto))?;
-    // The GPU check's script, on the CPU with its specs cut to a few steps.
-    gpu(&["--dry-run".to_string()])
+        .env("ABLATE_BIN_DIR", bin_dir("debug"))
+        .env("ABLATE_MOTO_BIN", &moto)
+        .env("ABLATE_PROMETHEUS_BIN", &prometheus)
+        .env("ABLATE_K8S_VALIDATE", &kubernetes_validate)
+        .env("ABLATE_CHROMIUM", &chromium)
+        .env("ABLATE_DSIR_PYTHON", &dsir_python))?;
+        // Every torch test but the science ones (`test = false` in worker/Cargo.toml), running above.
+        run(cargo(&["test"])
+            .args(science::TORCH_TESTS)
+            .env("DATABASE_URL", &url)
+            .env("ABLATE_MOTO_BIN", &moto))?;
+        // The GPU check's script, on the CPU with its specs cut to a few steps.
+        gpu(&["--dry-run".to_string()])
+    })();
+    match rest {
+        Ok(()) => science.finish(),
+        Err(e) => {
+            science.stop();
+            Err(e)
+        }
+    }
 }
 
 fn check() -> Result {

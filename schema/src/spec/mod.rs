@@ -15,9 +15,12 @@ use sha2::{Digest, Sha256};
 use crate::error::SpecError;
 use crate::limits::Limits;
 
+mod command;
 mod domain;
 mod sweep;
 mod text;
+
+pub use command::{CommandTrial, DEFAULT_GRACE_SECONDS};
 
 pub use domain::{Goal, Objective, ParamDomain};
 pub use sweep::{Fuse, Ladder, Pbt, Resources, Rungs, Searcher, Sweep, Tpe, MAX_FUSE, MAX_GPUS_PER_TRIAL};
