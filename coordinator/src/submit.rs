@@ -6,7 +6,7 @@ use ablate_schema::{ExperimentId, Limits, SpecFormat, SweepSpec, TrialId};
 use sqlx::PgPool;
 
 use crate::db::{self, NewExperiment, NewTrial, Scheduling};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Checks and stores a spec; returns the new experiment's id and trial count (a tpe
 /// sweep's whole budget, though it stores only its random start at once).
@@ -25,6 +25,15 @@ pub async fn submit_as(
     submitted_by: Option<&str>,
 ) -> Result<(ExperimentId, usize)> {
     let checked = check_confined(text, format, limits, data_roots)?;
+    if checked.spec.trial.is_some() {
+        // Workers lease a command trial only once their operator allows programs and the
+        // program's code travels with the spec; until then it runs where its code is.
+        return Err(Error::InvalidSpec(ablate_schema::SpecError::new(
+            "trial",
+            "a command trial (the researcher's own program) runs with `ablate-worker sweep SPEC` on the host \
+             that holds its code; the coordinator's workers do not lease command trials yet",
+        )));
+    }
     let id = ExperimentId::new_random();
     let spec_json = serde_json::to_value(&checked.spec).expect("a spec always serializes");
     let hash = checked.spec.content_hash();

@@ -43,7 +43,8 @@ pub fn check_confined(
 ) -> Result<Checked, SpecError> {
     let spec = SweepSpec::parse_within(text, format, limits)?;
     let family = Family::parse(&spec.family).map_err(|m| SpecError::new("family", m))?;
-    if let Some(gpus) = spec.resources.gpus_per_trial.filter(|&g| g > 1) {
+    // A command trial's program may use several GPUs (torchrun ...); a built-in family's can't.
+    if let Some(gpus) = spec.resources.gpus_per_trial.filter(|&g| g > 1 && spec.trial.is_none()) {
         // A trial of a built-in family trains on its first device: the others would idle.
         return Err(SpecError::new(
             "resources.gpus_per_trial",
@@ -56,7 +57,8 @@ pub fn check_confined(
         ));
     }
     let objective = match &spec.objective {
-        Some(o) if !family.metrics().contains(&o.metric.as_str()) => {
+        // A command trial's program names its own metrics.
+        Some(o) if spec.trial.is_none() && !family.metrics().contains(&o.metric.as_str()) => {
             return Err(SpecError::new(
                 "objective.metric",
                 format!(
@@ -84,6 +86,18 @@ pub fn check_confined(
             params
         })
         .collect();
+    if spec.trial.is_some() {
+        let trials = points
+            .into_iter()
+            .enumerate()
+            .map(|(ordinal, params)| command_trial(&spec, Value::Object(params), limits, ordinal))
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(Checked {
+            spec,
+            objective,
+            trials,
+        });
+    }
     if spec.sweep.pauses() && !family.pauses_at_rungs() {
         let pausing: Vec<&str> = crate::Family::all()
             .filter(|f| f.pauses_at_rungs())
@@ -161,6 +175,40 @@ pub fn check_confined(
     })
 }
 
+/// A command trial of a point: its parameters as they are (the program checks them),
+/// its steps from `steps` when it has one (a searcher that pauses at rungs needs it).
+fn command_trial(spec: &SweepSpec, params: Value, limits: &Limits, ordinal: usize) -> Result<PlannedTrial, SpecError> {
+    let total_steps = match params.get("steps") {
+        None => 0,
+        Some(v) => v.as_u64().ok_or_else(|| {
+            let (path, _) = locate(spec, "steps", "");
+            SpecError::new(
+                path,
+                format!("{v}: the steps of a command trial are a whole number (in trial {ordinal})"),
+            )
+        })?,
+    };
+    if spec.sweep.pauses() && total_steps == 0 {
+        return Err(SpecError::new(
+            "base.steps",
+            format!(
+                "the {} searcher stops trials at rungs of their steps: give the command trials `steps` \
+                 (the program reads it from its parameters)",
+                spec.sweep.searcher.as_str()
+            ),
+        ));
+    }
+    limits
+        .check_steps(&locate(spec, "steps", "").0, total_steps)
+        .map_err(|e| SpecError::new(e.path, format!("{} (in trial {ordinal})", e.message)))?;
+    Ok(PlannedTrial {
+        params,
+        total_steps,
+        depends_on: Vec::new(),
+        fuse_key: None,
+    })
+}
+
 /// A trial's fusion key when the spec asks to fuse and the trial can.
 fn fuse_key(spec: &SweepSpec, family: Family, params: &Value) -> Option<String> {
     spec.fuse.and_then(|_| family.fuse_key(params).ok().map(|f| f.key))
@@ -172,6 +220,9 @@ pub fn plan_point(spec: &SweepSpec, swept: serde_json::Map<String, Value>) -> Re
     let family = Family::parse(&spec.family).map_err(|m| SpecError::new("family", m))?;
     let mut params: serde_json::Map<String, Value> = spec.base.clone().into_iter().collect();
     params.extend(swept);
+    if spec.trial.is_some() {
+        return command_trial(spec, Value::Object(params), &Limits::default(), 0);
+    }
     let mut points = family.expand(vec![params]).map_err(|e| {
         let (path, message) = locate(spec, &e.path, &e.message);
         SpecError::new(path, message)

@@ -17,6 +17,12 @@ pub enum TrialError {
     Data(String),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// A command trial's program failed, or broke the protocol.
+    #[error("{0}")]
+    Program(String),
+    /// A command trial's program was killed by a signal: a crash, retried from its checkpoint.
+    #[error("{0}")]
+    Killed(String),
     #[error("training diverged at step {step}: {metric} is {value}")]
     Diverged {
         step: u64,

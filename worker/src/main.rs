@@ -128,11 +128,17 @@ fn main() -> anyhow::Result<()> {
                 format = ablate_schema::SpecFormat::Yaml;
                 changed
             };
+            // A command trial's program runs from the spec's folder.
+            let workdir = spec
+                .canonicalize()
+                .ok()
+                .and_then(|p| p.parent().map(std::path::Path::to_path_buf));
             let options = local::Options {
                 log: trial_log,
                 store,
                 data_roots: data_root,
                 every_series: false,
+                workdir,
             };
             let (report, outcomes) = match local::run(&text, format, &slots, &options) {
                 Ok(done) => done,

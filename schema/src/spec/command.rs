@@ -13,10 +13,6 @@ use crate::limits::Limits;
 
 /// The most arguments a command may have.
 pub const MAX_ARGS: usize = 256;
-/// The longest grace a program may ask for between SIGTERM and SIGKILL.
-pub const MAX_GRACE_SECONDS: u32 = 3600;
-/// The grace when the spec names none.
-pub const DEFAULT_GRACE_SECONDS: u32 = 10;
 
 /// `[trial]`: the program a trial runs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -29,9 +25,6 @@ pub struct CommandTrial {
     /// Variables set for the program, beside the worker's `ABLATE_*` ones.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
-    /// Seconds between SIGTERM and SIGKILL when the trial must stop (default 10).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grace_seconds: Option<u32>,
 }
 
 /// One piece of a command argument: text, or a parameter's place.
@@ -145,14 +138,6 @@ impl CommandTrial {
             }
             limits.check_name(&path, value, limits.max_string_chars)?;
         }
-        if let Some(grace) = self.grace_seconds {
-            if !(1..=MAX_GRACE_SECONDS).contains(&grace) {
-                return Err(SpecError::new(
-                    "trial.grace_seconds",
-                    format!("{grace}: expected 1 to {MAX_GRACE_SECONDS} seconds"),
-                ));
-            }
-        }
         Ok(())
     }
 
@@ -175,10 +160,6 @@ impl CommandTrial {
                 Ok(out)
             })
             .collect()
-    }
-
-    pub fn grace(&self) -> std::time::Duration {
-        std::time::Duration::from_secs(u64::from(self.grace_seconds.unwrap_or(DEFAULT_GRACE_SECONDS)))
     }
 }
 
@@ -234,8 +215,5 @@ mod tests {
         t.env.clear();
         t.env.insert("1BAD".into(), "x".into());
         assert_eq!(t.check(&[], &limits).unwrap_err().path, "trial.env.1BAD");
-        t.env.clear();
-        t.grace_seconds = Some(0);
-        assert_eq!(t.check(&[], &limits).unwrap_err().path, "trial.grace_seconds");
     }
 }

@@ -20,7 +20,7 @@ mod domain;
 mod sweep;
 mod text;
 
-pub use command::{CommandTrial, DEFAULT_GRACE_SECONDS};
+pub use command::CommandTrial;
 
 pub use domain::{Goal, Objective, ParamDomain};
 pub use sweep::{Fuse, Ladder, Pbt, Resources, Rungs, Searcher, Sweep, Tpe, MAX_FUSE, MAX_GPUS_PER_TRIAL};
@@ -54,6 +54,10 @@ pub struct SweepSpec {
     /// process (`fuse = 8`), or as many as fit the device (`fuse = "auto"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fuse: Option<Fuse>,
+    /// `[trial]`: each trial runs this program (the researcher's own) instead of the
+    /// family's model; the family's report reads what the program logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trial: Option<CommandTrial>,
 }
 
 impl SweepSpec {
@@ -219,6 +223,21 @@ impl SweepSpec {
                 return Err(SpecError::new(
                     path,
                     format!("`{name}` is set in [base] too; keep it in one place"),
+                ));
+            }
+        }
+        if let Some(trial) = &self.trial {
+            let params: Vec<&str> = self
+                .base
+                .keys()
+                .chain(self.sweep.params.keys())
+                .map(String::as_str)
+                .collect();
+            trial.check(&params, limits)?;
+            if self.fuse.is_some() {
+                return Err(SpecError::new(
+                    "fuse",
+                    "a command trial runs its own program, which can't fuse with others; drop fuse",
                 ));
             }
         }

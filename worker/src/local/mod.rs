@@ -38,6 +38,8 @@ pub struct Options {
     /// Keeps every metric's points in each outcome's `series`, not only those
     /// the family's report reads.
     pub every_series: bool,
+    /// Where a command trial's program runs (`[trial]`); by default the current folder.
+    pub workdir: Option<PathBuf>,
 }
 
 /// Checks and expands the spec, runs every trial over `slots`, and reports.
@@ -106,6 +108,10 @@ pub fn run(
             .as_nanos();
         std::env::temp_dir().join(format!("ablate-sweep-{}-{now}", std::process::id()))
     });
+    let workdir = match &options.workdir {
+        Some(dir) => dir.clone(),
+        None => std::env::current_dir()?,
+    };
     let outcomes = Mutex::new(Vec::new());
     let experiment = &spec.name;
     let objective = checked.objective.metric.as_str();
@@ -125,7 +131,7 @@ pub fn run(
         };
     std::thread::scope(|scope| {
         for device in &devices {
-            let (queue, outcomes, log, store, propose) = (&queue, &outcomes, &log, &store, &propose);
+            let (queue, outcomes, log, store, propose, workdir) = (&queue, &outcomes, &log, &store, &propose, &workdir);
             scope.spawn(move || loop {
                 let (members, fused) = match queue.next() {
                     Next::Done => return,
@@ -156,6 +162,18 @@ pub fn run(
                     .collect();
                 let results: Vec<Result<(), String>> = match &members[..] {
                     [(_, _, Some(why))] => vec![Err(why.clone())],
+                    [(ordinal, params, None)] if spec.trial.is_some() => {
+                        let trial = spec.trial.as_ref().expect("a command trial");
+                        let scratch = store.join("command").join(format!("trial-{ordinal}"));
+                        let place = crate::command::run::Place {
+                            workdir,
+                            scratch: &scratch,
+                        };
+                        vec![
+                            crate::command::run::run(trial, params, &place, &mut ctxs[0], &Limits::default())
+                                .map_err(|e| e.to_string()),
+                        ]
+                    }
                     // A trial that fuses takes the fused code alone too (its rounding).
                     [(_, params, None)] if !fused => vec![family.run(params, &mut ctxs[0]).map_err(|e| e.to_string())],
                     _ => {

@@ -1,0 +1,202 @@
+//! Command trials run by the worker: the shell trainer of examples/ as a local sweep,
+//! a pause at its rung and a resume from the checkpoint equal to an unbroken run, and
+//! programs that break the protocol, each failed with what was wrong and nothing left.
+
+use std::path::{Path, PathBuf};
+
+use ablate_experiments::trial::{DirData, MemoryCheckpoints, MemoryMetrics, TrialContext, TrialError};
+use ablate_schema::{CommandTrial, Limits, SpecFormat};
+use ablate_worker::backend::Slot;
+use ablate_worker::command::run::{run, Place};
+use serde_json::{json, Value};
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/shell-trainer")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ablate-command-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs a command once with `checkpoints` (a resume when it holds one), stopping at `pause_at`.
+fn run_once(
+    trial: &CommandTrial,
+    params: &Value,
+    workdir: &Path,
+    checkpoints: &mut MemoryCheckpoints,
+    pause_at: Option<u64>,
+) -> (Result<(), TrialError>, MemoryMetrics, Option<u64>) {
+    let scratch = scratch(&format!("run-{}", checkpoints.saved.len()));
+    let mut metrics = MemoryMetrics::default();
+    let mut data = DirData {
+        root: scratch.join("store"),
+        experiment: "command".into(),
+    };
+    let mut ctx = TrialContext {
+        device: tch::Device::Cpu,
+        checkpoints,
+        metrics: &mut metrics,
+        data: &mut data,
+        pause_at,
+        paused: None,
+    };
+    let place = Place {
+        workdir,
+        scratch: &scratch,
+    };
+    let result = run(trial, params, &place, &mut ctx, &Limits::default());
+    let paused = ctx.paused;
+    (result, metrics, paused)
+}
+
+fn shell_trainer() -> CommandTrial {
+    CommandTrial {
+        command: ["sh", "train.sh", "{lr}", "{steps}"].map(String::from).to_vec(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn the_shell_trainer_sweeps_as_a_local_sweep_and_its_best_lr_wins() {
+    let text = std::fs::read_to_string(example().join("sweep.toml")).unwrap();
+    let slots = [Slot::new("cpu:0".into(), "cpu".into(), 1)];
+    let options = ablate_worker::local::Options {
+        workdir: Some(example()),
+        every_series: true,
+        ..Default::default()
+    };
+    let (report, outcomes) = ablate_worker::local::run(&text, SpecFormat::Toml, &slots, &options).unwrap();
+    assert_eq!(outcomes.len(), 4);
+    for t in &outcomes {
+        assert_eq!(t.state, "succeeded", "{t:?}");
+        assert_eq!(t.series["eval_loss"].len(), 40, "a point per step");
+        assert!(t.outputs.contains_key("final_train_loss"), "{:?}", t.outputs);
+    }
+    // loss' = loss (1 - lr) + lr^2 / 10 from 1, 40 steps: lr 0.1 ends lowest of 0.01, 0.05, 0.1, 0.3.
+    let best = outcomes
+        .iter()
+        .min_by(|a, b| {
+            a.metric("eval_loss")
+                .unwrap()
+                .total_cmp(&b.metric("eval_loss").unwrap())
+        })
+        .unwrap();
+    assert_eq!(best.params["lr"], json!(0.1));
+    assert_eq!(report.family, "train");
+}
+
+#[test]
+fn a_paused_trial_resumes_from_its_checkpoint_on_the_unbroken_curve() {
+    let trial = shell_trainer();
+    let params = json!({"lr": 0.1, "steps": 40});
+    let mut whole = MemoryCheckpoints::default();
+    let (result, unbroken, _) = run_once(&trial, &params, &example(), &mut whole, None);
+    result.unwrap();
+    assert_eq!(whole.saved.len(), 4, "a checkpoint every 10 steps");
+
+    let mut checkpoints = MemoryCheckpoints::default();
+    let (result, first, paused) = run_once(&trial, &params, &example(), &mut checkpoints, Some(15));
+    result.unwrap();
+    assert_eq!(paused, Some(15));
+    assert_eq!(checkpoints.saved.last().unwrap().step, 15);
+    checkpoints.resume_at = Some(15);
+    let (result, second, _) = run_once(&trial, &params, &example(), &mut checkpoints, None);
+    result.unwrap();
+    let curve = |m: &MemoryMetrics| -> Vec<(u64, f64)> {
+        m.points
+            .iter()
+            .filter(|p| p.0 == "eval_loss")
+            .map(|p| (p.1, p.2))
+            .collect()
+    };
+    let mut broken = curve(&first);
+    assert_eq!(broken.last().unwrap().0, 15);
+    assert_eq!(curve(&second).first().unwrap().0, 16, "it resumed after step 15");
+    broken.extend(curve(&second));
+    assert_eq!(broken, curve(&unbroken), "the resumed curve is the unbroken one");
+}
+
+/// A program in a file of its own (sh), and what its run ends with.
+fn bad(name: &str, script: &str) -> Result<(), TrialError> {
+    let dir = scratch(name);
+    std::fs::write(dir.join("p.sh"), script).unwrap();
+    let trial = CommandTrial {
+        command: vec!["sh".into(), "p.sh".into()],
+        ..Default::default()
+    };
+    run_once(&trial, &json!({}), &dir, &mut MemoryCheckpoints::default(), None).0
+}
+
+/// Whether a process whose command line holds `marker` is still there after 3 s.
+fn alive(marker: &str) -> bool {
+    let running = || {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|p| {
+            std::fs::read(p.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(marker))
+                .unwrap_or(false)
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while running() {
+        if std::time::Instant::now() > deadline {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn programs_that_break_the_protocol_fail_with_what_was_wrong_and_leave_nothing() {
+    let cases = [
+        ("json", "echo 'not json' >&3\nsleep 1031", "is not JSON"),
+        ("unknown", "echo '{\"loss\": 1}' >&3", "unknown event"),
+        ("empty-checkpoint", "echo '{\"checkpoint\": 5}' >&3", "holds no file"),
+        (
+            "nul",
+            "printf '{\"step\": 1, \"metrics\": {\"a\\\\u0000b\": 1}}\\n' >&3",
+            "U+0000",
+        ),
+        (
+            "bad-value",
+            "echo '{\"step\": 1, \"metrics\": {\"loss\": \"high\"}}' >&3",
+            "is not a number",
+        ),
+        ("exit", "exit 3", "exited with status 3"),
+        ("signal", "kill -9 $$", "killed by signal 9"),
+        ("pause-unasked", "echo '{\"paused\": 3}' >&3", "its rung is none"),
+    ];
+    for (name, script, expected) in cases {
+        let error = bad(name, script).unwrap_err().to_string();
+        assert!(error.contains(expected), "{name}: {error}");
+    }
+    let missing = CommandTrial {
+        command: vec!["ablate-no-such-program".into()],
+        ..Default::default()
+    };
+    let error = run_once(
+        &missing,
+        &json!({}),
+        &scratch("missing"),
+        &mut MemoryCheckpoints::default(),
+        None,
+    )
+    .0
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("cannot start `ablate-no-such-program`"), "{error}");
+    // A child that outlives the program ends with it; so does the program a bad line stops.
+    bad(
+        "orphan",
+        "sleep 1007 &\necho '{\"step\": 1, \"metrics\": {\"loss\": 1}}' >&3",
+    )
+    .unwrap();
+    assert!(!alive("sleep 1007"), "the program's child outlived the trial");
+    assert!(
+        !alive("sleep 1031"),
+        "the program that broke the protocol outlived the trial"
+    );
+}
