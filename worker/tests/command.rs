@@ -200,3 +200,38 @@ fn programs_that_break_the_protocol_fail_with_what_was_wrong_and_leave_nothing()
         "the program that broke the protocol outlived the trial"
     );
 }
+
+#[test]
+fn a_python_trainer_on_the_ablate_package_sweeps_and_its_events_read_back() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/python-trainer");
+    let text = std::fs::read_to_string(dir.join("sweep.toml")).unwrap();
+    let slots = [
+        Slot::new("cpu:0".into(), "cpu".into(), 1),
+        Slot::new("cpu:1".into(), "cpu".into(), 1),
+    ];
+    let options = ablate_worker::local::Options {
+        workdir: Some(dir),
+        every_series: true,
+        ..Default::default()
+    };
+    let (_, outcomes) = ablate_worker::local::run(&text, SpecFormat::Toml, &slots, &options).unwrap();
+    assert_eq!(outcomes.len(), 6);
+    for t in &outcomes {
+        assert_eq!(t.state, "succeeded", "{t:?}");
+        assert_eq!(
+            t.series["eval_loss"].len(),
+            200,
+            "a point per step, every one delivered"
+        );
+        assert_eq!(t.outputs["weights"].as_array().map(Vec::len), Some(8));
+    }
+    let best = outcomes
+        .iter()
+        .min_by(|a, b| {
+            a.metric("eval_loss")
+                .unwrap()
+                .total_cmp(&b.metric("eval_loss").unwrap())
+        })
+        .unwrap();
+    assert_eq!(best.params["lr"], json!(0.03), "{best:?}");
+}

@@ -215,6 +215,7 @@ fn test() -> Result {
     let kubernetes_validate = provision_kubernetes_validate()?;
     provision_slurm()?;
     let chromium = provision_chromium()?;
+    let pytest = provision_venv("pytest-venv", "pytest==9.0.2", "pytest")?;
     eprintln!("xtask: tests use {url}");
     let science = science::start(&[
         ("DATABASE_URL", url.clone()),
@@ -241,6 +242,10 @@ fn test() -> Result {
             .args(science::TORCH_TESTS)
             .env("DATABASE_URL", &url)
             .env("ABLATE_MOTO_BIN", &moto))?;
+        // The Python package's tests (python/).
+        run(Command::new(pytest.join("pytest"))
+            .args(["-q", "-p", "no:cacheprovider"])
+            .arg(workspace_root().join("python/tests")))?;
         // The GPU check's script, on the CPU with its specs cut to a few steps.
         gpu(&["--dry-run".to_string()])
     })();

@@ -1,0 +1,32 @@
+"""ablate for Python: the trial side of a command trial (``ablate.trial``).
+
+A program that ablate runs as a trial (``[trial] command = [...]`` in a sweep spec)
+reads its parameters, logs metrics, keeps checkpoints and stops at its rung with
+these helpers; they write the event protocol of the README's "Command trials".
+"""
+
+from ablate.trial import (
+    checkpoint,
+    checkpoint_dir,
+    flush,
+    log,
+    output,
+    params,
+    pause,
+    pause_at,
+    resume_step,
+    should_pause,
+)
+
+__all__ = [
+    "checkpoint",
+    "checkpoint_dir",
+    "flush",
+    "log",
+    "output",
+    "params",
+    "pause",
+    "pause_at",
+    "resume_step",
+    "should_pause",
+]
