@@ -44,6 +44,12 @@ pub struct TrialInput {
     /// fields name the group); empty: this input is one trial.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fused: Vec<TrialInput>,
+    /// A command trial: the program it runs (`[trial]`), instead of the family's model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<ablate_schema::CommandTrial>,
+    /// Where a command trial's program runs; by default its scratch directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<std::path::PathBuf>,
 }
 
 /// One line a trial process writes on stdout.
@@ -202,7 +208,28 @@ fn train(input: &TrialInput, events: &Events) -> anyhow::Result<()> {
     // Again on the host that reads the data, following links this time.
     ablate_experiments::nn::locations::confine_params(&input.params, &roots, true)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let result = family.run(&input.params, &mut ctx);
+    let result = match &input.command {
+        Some(command) => {
+            let scratch = std::path::Path::new(&input.scratch_dir).join("command");
+            let place = crate::command::run::Place {
+                workdir: input
+                    .workdir
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(&input.scratch_dir)),
+                scratch: &scratch,
+            };
+            let result = crate::command::run::run(command, &input.params, &place, &mut ctx, &Default::default());
+            if let Err(ablate_experiments::trial::TrialError::Killed(why)) = &result {
+                // A program killed by a signal is a crash: so is this process, and the
+                // daemon retries the trial from its newest checkpoint.
+                events.borrow_mut().flush();
+                eprintln!("error: {why}");
+                std::process::abort();
+            }
+            result
+        }
+        None => family.run(&input.params, &mut ctx),
+    };
     if let (Ok(()), Some(step)) = (&result, ctx.paused) {
         events.borrow_mut().emit(&Event::Paused(step));
     }

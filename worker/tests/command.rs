@@ -235,3 +235,80 @@ fn a_python_trainer_on_the_ablate_package_sweeps_and_its_events_read_back() {
         .unwrap();
     assert_eq!(best.params["lr"], json!(0.03), "{best:?}");
 }
+
+/// Runs `ablate-worker trial` (the daemon's trial process) on `input`; its events and exit status.
+fn trial_process(input: &Value) -> (Vec<ablate_worker::trial_process::Event>, std::process::Output) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ablate-worker"))
+        .arg("trial")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let events = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (events, out)
+}
+
+#[test]
+fn the_trial_process_runs_a_command_trial_resumes_it_and_crashes_with_its_program() {
+    use ablate_worker::trial_process::Event;
+    use std::os::unix::process::ExitStatusExt;
+    let dir = scratch("trial-process");
+    let input = |params: Value, resume_from: Option<String>| {
+        json!({
+            "trial_id": "0190f3d2-8c4e-7d1a-9b1e-5f0c2a9d4e11",
+            "experiment_id": "0190f3d2-8c4e-7d1a-9b1e-5f0c2a9d4e12",
+            "family": "train",
+            "params": params,
+            "device": "cpu",
+            "threads": 1,
+            "object_store": dir.join("objects").to_string_lossy(),
+            "resume_from": resume_from,
+            "spec_hash": "test",
+            "scratch_dir": dir.join("scratch").to_string_lossy(),
+            "command": {"command": ["sh", "train.sh", "{lr}", "{steps}"]},
+            "workdir": example(),
+        })
+    };
+    let (events, out) = trial_process(&input(json!({"lr": 0.1, "steps": 25}), None));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let points = |events: &[Event]| -> Vec<i64> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::M(name, step, _) if name == "eval_loss" => Some(*step),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(points(&events), (1..=25).collect::<Vec<_>>());
+    let written: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Checkpoint(w) => Some(w.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(written.iter().map(|w| w.step).collect::<Vec<_>>(), [10, 20]);
+    // Resumed from the checkpoint of step 20, as the daemon hands it: steps 21 to 25 again.
+    let (events, out) = trial_process(&input(json!({"lr": 0.1, "steps": 25}), Some(written[1].path.clone())));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(points(&events), (21..=25).collect::<Vec<_>>());
+    // A program killed by a signal crashes the trial process (the daemon's crash: a retry).
+    let mut killed = input(json!({}), None);
+    killed["command"] = json!({"command": ["sh", "-c", "kill -9 $$"]});
+    let (_, out) = trial_process(&killed);
+    assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{:?}", out.status);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("killed by signal 9"));
+}

@@ -200,6 +200,9 @@ fn input_for(shared: &Shared, slot: &Slot, trial: &proto::LeasedTrial) -> anyhow
         traceparent: ablate_schema::trace::current(),
         pause_at: trial.pause_at_step,
         fused: Vec::new(),
+        // The coordinator does not lease command trials yet (`ablate submit` refuses them).
+        command: None,
+        workdir: None,
     })
 }
 
