@@ -11,8 +11,8 @@ use std::time::Duration;
 use ablate_coordinator::db;
 use ablate_coordinator::platform::completion::{Completion, Report};
 use ablate_coordinator::submit;
-use ablate_experiments::queue::{Queue, Queued, State};
-use ablate_schema::{ExperimentId, LeaseToken, Limits, SpecFormat, TrialId, WorkerId};
+use ablate_experiments::queue::{Queue, Queued};
+use ablate_schema::{ExperimentId, LeaseToken, Limits, SpecFormat, TrialId, TrialState, WorkerId};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sqlx::PgPool;
@@ -191,7 +191,9 @@ async fn the_sql_queue_reaches_the_states_of_the_model_under_random_sequences(po
         let mut run = Run::start(&pool, &mut rng).await;
         let mut history = vec![format!("seed {seed}")];
         for _ in 0..60 {
-            let running: Vec<usize> = (0..TRIALS).filter(|&i| run.model.state(i) == State::Running).collect();
+            let running: Vec<usize> = (0..TRIALS)
+                .filter(|&i| run.model.state(i) == TrialState::Running)
+                .collect();
             let roll = rng.gen_range(0..100);
             let step = if running.is_empty() || roll < 30 {
                 let slots = rng.gen_range(1..=3);

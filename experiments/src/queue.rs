@@ -19,29 +19,10 @@
 //! - A crash or an expired lease requeues the trial while it has had fewer than
 //!   `max_attempts` attempts, else fails it.
 //! - Cancelling makes every pending and running trial cancelled.
+//!
+//! States are the coordinator's own (`TrialState`); the rules never prune.
 
-/// Where a trial is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum State {
-    Pending,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
-
-impl State {
-    /// The name the coordinator's `trials.state` column holds.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Pending => "pending",
-            State::Running => "running",
-            State::Succeeded => "succeeded",
-            State::Failed => "failed",
-            State::Cancelled => "cancelled",
-        }
-    }
-}
+use ablate_schema::TrialState;
 
 /// A trial as the queue sees it: the earlier trials it waits for, and the fusion
 /// key it may fuse under with the most members a group it leads may hold.
@@ -54,7 +35,7 @@ pub struct Queued {
 #[derive(Debug, Clone)]
 struct Entry {
     trial: Queued,
-    state: State,
+    state: TrialState,
     attempts: u32,
     error: Option<String>,
     /// The failed trial it waited for, when it failed for that.
@@ -84,14 +65,19 @@ impl Queue {
             trial.depends_on.iter().all(|&d| d < ordinal),
             "a trial waits only for earlier trials"
         );
+        // Only the new trial can wait for one that already failed.
+        let waited_for = self.failed_among(&trial.depends_on);
         self.entries.push(Entry {
             trial,
-            state: State::Pending,
+            state: if waited_for.is_some() {
+                TrialState::Failed
+            } else {
+                TrialState::Pending
+            },
             attempts: 0,
             error: None,
-            waited_for: None,
+            waited_for,
         });
-        self.fail_dependents();
         ordinal
     }
 
@@ -104,7 +90,7 @@ impl Queue {
         self.entries.is_empty()
     }
 
-    pub fn state(&self, ordinal: usize) -> State {
+    pub fn state(&self, ordinal: usize) -> TrialState {
         self.entries[ordinal].state
     }
 
@@ -132,21 +118,21 @@ impl Queue {
     pub fn finished(&self) -> bool {
         self.entries
             .iter()
-            .all(|e| !matches!(e.state, State::Pending | State::Running))
+            .all(|e| !matches!(e.state, TrialState::Pending | TrialState::Running))
     }
 
     /// Whether a trial is running (so a trial may yet become ready, or a searcher propose more).
     pub fn any_running(&self) -> bool {
-        self.entries.iter().any(|e| e.state == State::Running)
+        self.entries.iter().any(|e| e.state == TrialState::Running)
     }
 
     fn ready(&self, ordinal: usize) -> bool {
         let e = &self.entries[ordinal];
-        e.state == State::Pending
+        e.state == TrialState::Pending
             && e.trial
                 .depends_on
                 .iter()
-                .all(|&d| self.entries[d].state == State::Succeeded)
+                .all(|&d| self.entries[d].state == TrialState::Succeeded)
     }
 
     /// Leases up to `slots` ready trials as heads and fuses them into groups (see the
@@ -180,7 +166,7 @@ impl Queue {
         }
         for &i in groups.iter().flatten() {
             let e = &mut self.entries[i];
-            e.state = State::Running;
+            e.state = TrialState::Running;
             e.attempts += 1;
         }
         groups
@@ -189,18 +175,22 @@ impl Queue {
     /// A running trial ended with its own result.
     pub fn complete(&mut self, ordinal: usize, succeeded: bool) {
         let e = &mut self.entries[ordinal];
-        if e.state != State::Running {
+        if e.state != TrialState::Running {
             return;
         }
-        e.state = if succeeded { State::Succeeded } else { State::Failed };
+        e.state = if succeeded {
+            TrialState::Succeeded
+        } else {
+            TrialState::Failed
+        };
         self.fail_dependents();
     }
 
     /// A running trial failed before it ran (a searcher's proposal its family refused, ...).
     pub fn fail(&mut self, ordinal: usize, error: String) {
         let e = &mut self.entries[ordinal];
-        if matches!(e.state, State::Pending | State::Running) {
-            e.state = State::Failed;
+        if matches!(e.state, TrialState::Pending | TrialState::Running) {
+            e.state = TrialState::Failed;
             e.error = Some(error);
             self.fail_dependents();
         }
@@ -219,43 +209,45 @@ impl Queue {
     fn requeue_or_fail(&mut self, ordinal: usize) {
         let max = self.max_attempts;
         let e = &mut self.entries[ordinal];
-        if e.state != State::Running {
+        if e.state != TrialState::Running {
             return;
         }
         if e.attempts >= max {
-            e.state = State::Failed;
+            e.state = TrialState::Failed;
             self.fail_dependents();
         } else {
-            e.state = State::Pending;
+            e.state = TrialState::Pending;
         }
     }
 
     /// Every pending and running trial becomes cancelled.
     pub fn cancel(&mut self) {
         for e in &mut self.entries {
-            if matches!(e.state, State::Pending | State::Running) {
-                e.state = State::Cancelled;
+            if matches!(e.state, TrialState::Pending | TrialState::Running) {
+                e.state = TrialState::Cancelled;
             }
         }
+    }
+
+    /// The first of `trials` that failed.
+    fn failed_among(&self, trials: &[usize]) -> Option<usize> {
+        trials
+            .iter()
+            .copied()
+            .filter(|&d| self.entries[d].state == TrialState::Failed)
+            .min()
     }
 
     /// Fails, in order, each pending trial that waits for a failed one (a trial
     /// waits only for earlier ones, so one pass in order reaches every chain).
     fn fail_dependents(&mut self) {
         for i in 0..self.entries.len() {
-            if self.entries[i].state != State::Pending {
+            if self.entries[i].state != TrialState::Pending {
                 continue;
             }
-            let failed = self.entries[i]
-                .trial
-                .depends_on
-                .iter()
-                .copied()
-                .filter(|&d| self.entries[d].state == State::Failed)
-                .min();
-            if let Some(d) = failed {
+            if let Some(d) = self.failed_among(&self.entries[i].trial.depends_on) {
                 let e = &mut self.entries[i];
-                e.state = State::Failed;
+                e.state = TrialState::Failed;
                 e.waited_for = Some(d);
             }
         }
@@ -302,11 +294,11 @@ mod tests {
         q.push(queued(vec![], None));
         assert_eq!(q.lease(4), vec![vec![0], vec![3]]);
         q.crash(0);
-        assert_eq!(q.state(0), State::Pending, "one attempt of two: requeued");
+        assert_eq!(q.state(0), TrialState::Pending, "one attempt of two: requeued");
         assert_eq!(q.lease(1), vec![vec![0]]);
         q.expire(0);
-        assert_eq!(q.state(0), State::Failed, "its second attempt was its last");
-        assert_eq!((q.state(1), q.state(2)), (State::Failed, State::Failed));
+        assert_eq!(q.state(0), TrialState::Failed, "its second attempt was its last");
+        assert_eq!((q.state(1), q.state(2)), (TrialState::Failed, TrialState::Failed));
         assert_eq!((q.waited_for(1), q.waited_for(2)), (Some(0), Some(1)));
         assert!(!q.finished());
         q.complete(3, true);
@@ -323,7 +315,7 @@ mod tests {
         q.complete(0, true);
         assert_eq!(q.lease(3), vec![vec![1]]);
         q.cancel();
-        assert_eq!((q.state(1), q.state(2)), (State::Cancelled, State::Cancelled));
-        assert_eq!(q.state(0), State::Succeeded);
+        assert_eq!((q.state(1), q.state(2)), (TrialState::Cancelled, TrialState::Cancelled));
+        assert_eq!(q.state(0), TrialState::Succeeded);
     }
 }

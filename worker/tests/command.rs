@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use ablate_experiments::report::{Report, TrialOutcome};
 use ablate_experiments::trial::{DirData, MemoryCheckpoints, MemoryMetrics, TrialContext, TrialError};
 use ablate_schema::{CommandTrial, Limits, SpecFormat};
 use ablate_worker::backend::Slot;
@@ -59,16 +60,36 @@ fn shell_trainer() -> CommandTrial {
     }
 }
 
-#[test]
-fn the_shell_trainer_sweeps_as_a_local_sweep_and_its_best_lr_wins() {
-    let text = std::fs::read_to_string(example().join("sweep.toml")).unwrap();
-    let slots = [Slot::new("cpu:0".into(), "cpu".into(), 1)];
+/// Runs an example's `sweep.toml` as `ablate-worker sweep` does, from its folder, on `slots` CPU slots.
+fn sweep_example(name: &str, slots: usize) -> (Report, Vec<TrialOutcome>) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(name);
+    let text = std::fs::read_to_string(dir.join("sweep.toml")).unwrap();
+    let slots: Vec<Slot> = (0..slots)
+        .map(|i| Slot::new(format!("cpu:{i}"), "cpu".into(), 1))
+        .collect();
     let options = ablate_worker::local::Options {
-        workdir: Some(example()),
+        workdir: Some(dir),
         every_series: true,
         ..Default::default()
     };
-    let (report, outcomes) = ablate_worker::local::run(&text, SpecFormat::Toml, &slots, &options).unwrap();
+    ablate_worker::local::run(&text, SpecFormat::Toml, &slots, &options).unwrap()
+}
+
+/// The trial whose final eval_loss is lowest.
+fn best(outcomes: &[TrialOutcome]) -> &TrialOutcome {
+    outcomes
+        .iter()
+        .min_by(|a, b| {
+            a.metric("eval_loss")
+                .unwrap()
+                .total_cmp(&b.metric("eval_loss").unwrap())
+        })
+        .unwrap()
+}
+
+#[test]
+fn the_shell_trainer_sweeps_as_a_local_sweep_and_its_best_lr_wins() {
+    let (report, outcomes) = sweep_example("shell-trainer", 1);
     assert_eq!(outcomes.len(), 4);
     for t in &outcomes {
         assert_eq!(t.state, "succeeded", "{t:?}");
@@ -76,15 +97,7 @@ fn the_shell_trainer_sweeps_as_a_local_sweep_and_its_best_lr_wins() {
         assert!(t.outputs.contains_key("final_train_loss"), "{:?}", t.outputs);
     }
     // loss' = loss (1 - lr) + lr^2 / 10 from 1, 40 steps: lr 0.1 ends lowest of 0.01, 0.05, 0.1, 0.3.
-    let best = outcomes
-        .iter()
-        .min_by(|a, b| {
-            a.metric("eval_loss")
-                .unwrap()
-                .total_cmp(&b.metric("eval_loss").unwrap())
-        })
-        .unwrap();
-    assert_eq!(best.params["lr"], json!(0.1));
+    assert_eq!(best(&outcomes).params["lr"], json!(0.1));
     assert_eq!(report.family, "train");
 }
 
@@ -203,18 +216,7 @@ fn programs_that_break_the_protocol_fail_with_what_was_wrong_and_leave_nothing()
 
 #[test]
 fn a_python_trainer_on_the_ablate_package_sweeps_and_its_events_read_back() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/python-trainer");
-    let text = std::fs::read_to_string(dir.join("sweep.toml")).unwrap();
-    let slots = [
-        Slot::new("cpu:0".into(), "cpu".into(), 1),
-        Slot::new("cpu:1".into(), "cpu".into(), 1),
-    ];
-    let options = ablate_worker::local::Options {
-        workdir: Some(dir),
-        every_series: true,
-        ..Default::default()
-    };
-    let (_, outcomes) = ablate_worker::local::run(&text, SpecFormat::Toml, &slots, &options).unwrap();
+    let (_, outcomes) = sweep_example("python-trainer", 2);
     assert_eq!(outcomes.len(), 6);
     for t in &outcomes {
         assert_eq!(t.state, "succeeded", "{t:?}");
@@ -225,14 +227,7 @@ fn a_python_trainer_on_the_ablate_package_sweeps_and_its_events_read_back() {
         );
         assert_eq!(t.outputs["weights"].as_array().map(Vec::len), Some(8));
     }
-    let best = outcomes
-        .iter()
-        .min_by(|a, b| {
-            a.metric("eval_loss")
-                .unwrap()
-                .total_cmp(&b.metric("eval_loss").unwrap())
-        })
-        .unwrap();
+    let best = best(&outcomes);
     assert_eq!(best.params["lr"], json!(0.03), "{best:?}");
 }
 

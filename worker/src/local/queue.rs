@@ -5,9 +5,10 @@
 
 use std::sync::{Condvar, Mutex};
 
-use ablate_experiments::queue::{self, Queued, State};
+use ablate_experiments::queue::{self, Queued};
 use ablate_experiments::tpe::{self, Observation};
 use ablate_schema::ParamDomain;
+use ablate_schema::TrialState;
 use serde_json::Value;
 
 /// The tpe searcher's state in a local sweep: as the coordinator's, the sweep
@@ -110,7 +111,7 @@ impl Queue {
         let mut state = self.state.lock().expect("queue lock");
         loop {
             let unhanded_failure =
-                (0..state.rules.len()).find(|&i| !state.handed[i] && state.rules.state(i) == State::Failed);
+                (0..state.rules.len()).find(|&i| !state.handed[i] && state.rules.state(i) == TrialState::Failed);
             if let Some(i) = unhanded_failure {
                 state.handed[i] = true;
                 let why = match (state.rules.waited_for(i), state.rules.error(i)) {
@@ -132,7 +133,7 @@ impl Queue {
                     .collect();
                 return Next::Run(members, fuses);
             }
-            let pending = (0..state.rules.len()).any(|i| state.rules.state(i) == State::Pending);
+            let pending = (0..state.rules.len()).any(|i| state.rules.state(i) == TrialState::Pending);
             if !pending && !state.may_grow() {
                 return Next::Done;
             }
