@@ -65,6 +65,16 @@ enum Command {
     Watch { experiment: String },
     /// Cancels an experiment's pending and running trials.
     Cancel { experiment: String },
+    /// Prints a trial's log: its process's stdout and stderr (bounded), any trial.
+    Logs {
+        trial: String,
+        /// Keeps printing what the running attempt writes until it ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// Which attempt (1 is the first); the newest when left out.
+        #[arg(long)]
+        attempt: Option<u32>,
+    },
     /// The family's report: tables, the verdict on its criteria, figures (SVG and PNG).
     Report {
         experiment: String,
@@ -336,6 +346,10 @@ pub struct ServeArgs {
     /// An HTTP listener for Prometheus metrics (/metrics) and probes (/healthz, /readyz).
     #[arg(long)]
     pub http_listen: Option<SocketAddr>,
+    /// The workers' object store (a directory or s3://bucket/prefix): where command
+    /// trials' packed code is kept and trials' logs are read.
+    #[arg(long)]
+    pub object_store: Option<String>,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
@@ -388,6 +402,11 @@ fn main() -> std::process::ExitCode {
             Command::Status { experiment } => commands::status::run(&addr, experiment.as_deref()).await,
             Command::Watch { experiment } => commands::watch::run(&addr, &experiment).await.map(|_| ()),
             Command::Cancel { experiment } => commands::cancel::run(&addr, &experiment).await,
+            Command::Logs {
+                trial,
+                follow,
+                attempt,
+            } => commands::logs::run(&addr, &trial, follow, attempt).await,
             Command::Workers { action: None } => commands::workers::run(&addr).await,
             Command::Workers {
                 action: Some(WorkersAction::Drain { worker }),

@@ -45,6 +45,7 @@ impl Worker {
                 devices: devices.iter().map(|d| d.to_string()).collect(),
                 pool: pool.into(),
                 labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -248,6 +248,7 @@ fn generated_specs_are_accepted_or_refused_naming_a_field_and_nothing_panics() {
         let result = runtime.block_on(client.borrow_mut().submit(proto::SubmitRequest {
             spec_text: text.clone(),
             format: format.into(),
+            ..Default::default()
         }));
         match result {
             Ok(_) => accepted.set(accepted.get() + 1),

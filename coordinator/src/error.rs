@@ -24,6 +24,9 @@ pub enum Error {
     Db(#[from] sqlx::Error),
     #[error("migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The object store (packed code, logs) failed.
+    #[error("object store: {0}")]
+    Objects(String),
 }
 
 impl From<Error> for Status {
@@ -33,7 +36,7 @@ impl From<Error> for Status {
             Error::NotFound(_) => Code::NotFound,
             Error::StaleLease { .. } => Code::FailedPrecondition,
             Error::Busy(_) => Code::ResourceExhausted,
-            Error::Db(_) | Error::Migrate(_) => Code::Unavailable,
+            Error::Db(_) | Error::Migrate(_) | Error::Objects(_) => Code::Unavailable,
         };
         if code == Code::Unavailable {
             tracing::warn!(%error, "request failed");

@@ -22,6 +22,20 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use error::{Error, Result};
+
+/// The object store the coordinator shares with its workers: where it keeps
+/// command trials' packed code and reads trials' logs.
+#[derive(Clone)]
+pub struct Objects {
+    pub store: std::sync::Arc<dyn object_store::ObjectStore>,
+    pub prefix: object_store::path::Path,
+}
+
+impl std::fmt::Debug for Objects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Objects({})", self.store)
+    }
+}
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -58,6 +72,9 @@ pub struct Options {
     /// The HTTP listener: the web dashboard at / (its API at /api/v1), Prometheus
     /// metrics at /metrics, /healthz, /readyz.
     pub http_listen: Option<SocketAddr>,
+    /// The workers' object store (`--object-store`): where command trials' code is
+    /// kept and trials' logs are read. `None`: no command trial with `code`, no logs.
+    pub object_store: Option<String>,
 }
 
 impl Options {
@@ -77,6 +94,7 @@ impl Options {
             tls: None,
             data_roots: ablate_experiments::nn::locations::default_roots(),
             http_listen: None,
+            object_store: None,
         }
     }
 }
@@ -89,6 +107,7 @@ pub struct Coordinator {
     reader: reader::Reader,
     tokens: Option<auth::Tokens>,
     options: Options,
+    objects: Option<Objects>,
 }
 
 impl Coordinator {
@@ -120,6 +139,13 @@ impl Coordinator {
             })?),
             None => None,
         };
+        let objects = match &options.object_store {
+            Some(url) => {
+                let (store, prefix) = ablate_schema::objects::open(url).map_err(Error::InvalidArgument)?;
+                Some(Objects { store, prefix })
+            }
+            None => None,
+        };
         Ok(Coordinator {
             listener,
             http,
@@ -127,6 +153,7 @@ impl Coordinator {
             reader,
             tokens,
             options,
+            objects,
         })
     }
 
@@ -160,7 +187,12 @@ impl Coordinator {
                 self.pool.clone(),
                 telemetry.clone(),
                 self.options.lease_ttl,
-                web::router(self.pool.clone(), self.tokens.clone(), self.options.lease_ttl),
+                web::router(
+                    self.pool.clone(),
+                    self.tokens.clone(),
+                    self.options.lease_ttl,
+                    self.objects.clone(),
+                ),
                 self.tokens.clone(),
                 async {
                     let _ = http_stopped.await;
@@ -186,6 +218,7 @@ impl Coordinator {
                 self.tokens.clone(),
                 &self.options,
                 http_port,
+                self.objects.clone(),
             ))
             .add_service(service::workers_server(
                 self.pool.clone(),

@@ -65,6 +65,7 @@ pub const GRPC: &[(&str, Access)] = &[
     ("/ablate.v1.Experiments/ListTokens", ADMIN),
     ("/ablate.v1.Experiments/RevokeToken", ADMIN),
     ("/ablate.v1.Experiments/SetTokenWeight", ADMIN),
+    ("/ablate.v1.Experiments/TrialLogs", RESEARCH),
     ("/ablate.v1.Workers/Register", WORK),
     ("/ablate.v1.Workers/Lease", WORK),
     ("/ablate.v1.Workers/Heartbeat", WORK),
@@ -91,6 +92,7 @@ pub const HTTP: &[(&str, Access)] = &[
     ("/api/v1/experiments/{id}/report", RESEARCH),
     ("/api/v1/trials/{id}", RESEARCH),
     ("/api/v1/trials/{id}/curves", RESEARCH),
+    ("/api/v1/trials/{id}/logs", RESEARCH),
     ("/api/v1/workers", RESEARCH),
     ("/api/v1/{*rest}", RESEARCH),
 ];

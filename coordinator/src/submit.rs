@@ -3,6 +3,7 @@
 
 use ablate_experiments::sweep::check_confined;
 use ablate_schema::{ExperimentId, Limits, SpecFormat, SweepSpec, TrialId};
+use object_store::ObjectStoreExt;
 use sqlx::PgPool;
 
 use crate::db::{self, NewExperiment, NewTrial, Scheduling};
@@ -12,10 +13,19 @@ use crate::error::{Error, Result};
 /// sweep's whole budget, though it stores only its random start at once).
 pub async fn submit(pool: &PgPool, text: &str, format: SpecFormat, limits: &Limits) -> Result<(ExperimentId, usize)> {
     let roots = ablate_experiments::nn::locations::default_roots();
-    submit_as(pool, text, format, limits, &roots, None).await
+    submit_as(pool, text, format, limits, &roots, None, None).await
 }
 
-/// The same, recording who submitted it (a token's name).
+/// A command trial's packed code as it came with its spec (`ablate_schema::code`),
+/// and where the coordinator keeps it.
+pub struct Code<'a> {
+    pub archive: &'a [u8],
+    pub hash: &'a str,
+    pub objects: Option<&'a crate::Objects>,
+}
+
+/// The same, recording who submitted it (a token's name), with its program's packed
+/// code when it has some.
 pub async fn submit_as(
     pool: &PgPool,
     text: &str,
@@ -23,17 +33,10 @@ pub async fn submit_as(
     limits: &Limits,
     data_roots: &[std::path::PathBuf],
     submitted_by: Option<&str>,
+    code: Option<Code<'_>>,
 ) -> Result<(ExperimentId, usize)> {
     let checked = check_confined(text, format, limits, data_roots)?;
-    if checked.spec.trial.is_some() {
-        // Workers lease a command trial only once their operator allows programs and the
-        // program's code travels with the spec; until then it runs where its code is.
-        return Err(Error::InvalidSpec(ablate_schema::SpecError::new(
-            "trial",
-            "a command trial (the researcher's own program) runs with `ablate-worker sweep SPEC` on the host \
-             that holds its code; the coordinator's workers do not lease command trials yet",
-        )));
-    }
+    let code_hash = store_code(&checked.spec, code).await?;
     let id = ExperimentId::new_random();
     let spec_json = serde_json::to_value(&checked.spec).expect("a spec always serializes");
     let hash = checked.spec.content_hash();
@@ -49,7 +52,10 @@ pub async fn submit_as(
         max_attempts: checked.spec.max_attempts,
         submitted_by,
         traceparent: ablate_schema::trace::current(),
-        scheduling: scheduling(&checked.spec),
+        scheduling: Scheduling {
+            code_hash,
+            ..scheduling(&checked.spec)
+        },
     };
     let ladder = checked.spec.sweep.ladder();
     let ids: Vec<TrialId> = checked.trials.iter().map(|_| TrialId::new_random()).collect();
@@ -102,5 +108,52 @@ fn scheduling(spec: &SweepSpec) -> Scheduling {
         fuse: spec.fuse.map(|f| serde_json::to_value(f).expect("fuse serializes")),
         fresh_process: r.fresh_process,
         searcher: spec.sweep.searcher.as_str(),
+        command: spec
+            .trial
+            .as_ref()
+            .map(|t| serde_json::to_value(t).expect("a command serializes")),
+        code_hash: None,
     }
+}
+
+/// Keeps a command trial's packed code in the object store under its hash (once for
+/// every experiment that runs the same code); returns the hash. A spec whose
+/// `[trial] code` came without its archive (or an archive without `code`) is refused.
+async fn store_code(spec: &SweepSpec, code: Option<Code<'_>>) -> Result<Option<String>> {
+    let refuse = |message: String| Error::InvalidSpec(ablate_schema::SpecError::new("trial.code", message));
+    let wants = spec.trial.as_ref().and_then(|t| t.code.as_deref());
+    let code = code.filter(|c| !c.archive.is_empty());
+    let (dir, code) = match (wants, code) {
+        (None, None) => return Ok(None),
+        (None, Some(_)) => {
+            return Err(refuse(
+                "packed code came with a spec whose [trial] names no `code` directory".into(),
+            ))
+        }
+        (Some(dir), None) => {
+            return Err(refuse(format!(
+                "`{dir}` is a directory on the submitter's host: submit the spec with `ablate submit SPEC`, \
+                 which packs it (or use `workdir` for a directory the workers share)"
+            )))
+        }
+        (Some(dir), Some(code)) => (dir, code),
+    };
+    let Some(objects) = code.objects else {
+        return Err(refuse(format!(
+            "this coordinator keeps no objects, so it cannot keep the code of `{dir}` for its workers: \
+             start it with `ablate serve --object-store URL` (the workers' store), or use `workdir`"
+        )));
+    };
+    // The hash names the code: it must be the archive's.
+    ablate_schema::code::open(code.archive, code.hash).map_err(refuse)?;
+    let path = ablate_schema::objects::code_path(&objects.prefix, code.hash);
+    if objects.store.head(&path).await.is_err() {
+        objects
+            .store
+            .put(&path, code.archive.to_vec().into())
+            .await
+            .map_err(|e| Error::Objects(format!("keeping the code: {e}")))?;
+    }
+    tracing::info!(hash = %code.hash, bytes = code.archive.len(), "command trial code kept");
+    Ok(Some(code.hash.to_string()))
 }

@@ -228,6 +228,7 @@ async fn heartbeats_extend_leases_and_carry_stop_orders(pool: PgPool) {
             devices: &["cpu:0".into()],
             pool: None,
             labels: serde_json::json!({}),
+            allow_commands: false,
         },
     )
     .await

@@ -20,6 +20,10 @@ while [ "$step" -lt "$steps" ]; do
     if [ $((step % 10)) -eq 0 ] || [ "$step" = "${ABLATE_PAUSE_AT:-}" ]; then
         echo "$step $loss" > "$ABLATE_CHECKPOINT_DIR/state"
         echo "{\"checkpoint\": $step}" >&3
+        # The files may change again once the worker says it stored them.
+        if [ -n "${ABLATE_CHECKPOINT_ACK:-}" ]; then
+            while [ "$(cat "$ABLATE_CHECKPOINT_ACK" 2>/dev/null)" != "$step" ]; do sleep 0.01; done
+        fi
     fi
     if [ "$step" = "${ABLATE_PAUSE_AT:-}" ]; then
         echo "{\"paused\": $step}" >&3

@@ -26,6 +26,11 @@ pub struct Checked {
     pub trials: Vec<PlannedTrial>,
 }
 
+/// The families a command trial (`[trial]`, the researcher's own program) may be a
+/// member of: their reports read only what the program logs (the README's
+/// "Command trials" lists the metrics and parameters each needs).
+pub const COMMAND_FAMILIES: [&str; 3] = ["train", "mup_transfer", "critical_batch"];
+
 /// Runs every check a spec must pass within the default limits and data roots; stores nothing.
 pub fn check(text: &str, format: SpecFormat) -> Result<Checked, SpecError> {
     check_confined(text, format, &Limits::default(), &crate::nn::locations::default_roots())
@@ -86,7 +91,21 @@ pub fn check_confined(
             params
         })
         .collect();
-    if spec.trial.is_some() {
+    if let Some(command) = &spec.trial {
+        if !COMMAND_FAMILIES.contains(&family.name()) {
+            return Err(SpecError::new(
+                "family",
+                format!(
+                    "family {}'s trials are ablate's own; a [trial] program can be a member of {}",
+                    family.name(),
+                    COMMAND_FAMILIES.join(", ")
+                ),
+            ));
+        }
+        if let Some(dir) = &command.workdir {
+            crate::nn::locations::confine("trial.workdir", &dir.to_string_lossy(), data_roots, false)
+                .map_err(|e| SpecError::new("trial.workdir", e.message))?;
+        }
         let trials = points
             .into_iter()
             .enumerate()

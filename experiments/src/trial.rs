@@ -50,6 +50,9 @@ pub trait MetricSink {
     /// Records a named result beyond metrics (such as the manifest of a selected data set);
     /// the platform keeps it with the trial, queryable as `ablate.outputs`.
     fn output(&mut self, name: &str, value: Value);
+    /// Hands on what was logged so far now, not with the next point (a program that
+    /// logs rarely, then runs long).
+    fn flush(&mut self) {}
 }
 
 /// What [`DataStore::read_location`] found: how many files matched, and those picked.

@@ -16,6 +16,7 @@ from ablate.trial import (
     pause_at,
     resume_step,
     should_pause,
+    should_stop,
 )
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "pause_at",
     "resume_step",
     "should_pause",
+    "should_stop",
 ]

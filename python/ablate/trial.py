@@ -13,6 +13,7 @@ import math
 import os
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -120,10 +121,30 @@ def output(**values: Any) -> None:
 
 
 def checkpoint(step: int) -> None:
-    """Says that the files of step ``step`` are complete in :func:`checkpoint_dir`; the worker
-    stores them (after the metrics logged before)."""
+    """Says that the files of step ``step`` are complete in :func:`checkpoint_dir` and waits
+    until the worker has stored them (after the metrics logged before), so the files may
+    change again once it returns."""
     _sink().send({"checkpoint": int(step)})
     flush()
+    ack = os.environ.get("ABLATE_CHECKPOINT_ACK")
+    if ack and os.environ.get(_EVENTS_FD):
+        while _stored_step(Path(ack)) < int(step):
+            time.sleep(0.002)
+
+
+def _stored_step(ack: Path) -> int:
+    try:
+        return int(ack.read_text().strip() or -1)
+    except (FileNotFoundError, ValueError):
+        return -1
+
+
+def should_stop() -> bool:
+    """Whether the worker is stopping the trial (cancelled, pruned, its lease lost, the
+    worker shutting down): end soon, SIGTERM follows and SIGKILL after the spec's
+    ``grace_seconds``. A checkpoint written now is kept."""
+    stop = os.environ.get("ABLATE_STOP_FILE")
+    return bool(stop) and Path(stop).exists()
 
 
 def pause(step: int) -> None:

@@ -3,10 +3,12 @@
 //! errors, and the ID newtypes every other crate uses.
 
 pub mod bearer;
+pub mod code;
 pub mod error;
 pub mod exposition;
 pub mod ids;
 pub mod limits;
+pub mod objects;
 pub mod spec;
 pub mod trace;
 

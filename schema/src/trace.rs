@@ -79,7 +79,9 @@ fn endpoint() -> Option<(&'static str, String)> {
 /// Sets up logging, and tracing when the environment asks for it. Errors name
 /// the variable to fix.
 pub fn init(default_service: &str) -> Result<Guard, String> {
+    // Colours only for a terminal: logs kept in files and trials' logs stay plain text.
     let logs = tracing_subscriber::fmt::layer()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .with_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()));
     let Some((variable, endpoint)) = endpoint() else {

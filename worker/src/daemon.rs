@@ -70,6 +70,10 @@ pub struct Options {
     /// A label (KEY=VALUE, repeatable): specs asking `[resources] labels` run only on workers with all of theirs.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// Runs command trials: the programs researchers name in a spec's `[trial]`, as
+    /// this daemon's user. Without it, this worker never leases one.
+    #[arg(long)]
+    pub allow_commands: bool,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -124,6 +128,7 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
         devices: devices.clone(),
         pool: options.pool.clone().unwrap_or_default(),
         labels: options.labels.iter().cloned().collect(),
+        allow_commands: options.allow_commands,
     };
     let registration = register(&client, request).await?;
     tracing::info!(worker = %worker_id, slots = ?devices, backend = %backend.note, coordinator = %options.coordinator, "worker registered");
@@ -156,6 +161,7 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
         client: client.clone(),
         relay,
         object_store: options.object_store.clone(),
+        objects: crate::storage::open(&options.object_store)?,
         scratch_dir: scratch.to_string_lossy().into_owned(),
         trial_exe: options.trial_exe.clone(),
         data_roots: options.data_root.clone(),

@@ -18,16 +18,101 @@ use crate::trial_process::{TrialInput, DONE_MARK};
 
 /// Lines of a failed trial's stderr kept with the failure.
 const STDERR_LINES: usize = 40;
-/// Time between SIGTERM and SIGKILL when a trial is stopped.
-const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Time between SIGTERM and SIGKILL when a built-in trial is stopped (a command
+/// trial's is its spec's `grace_seconds`, and a little more for its process).
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
 /// How long a warm process's stderr may lag behind its stdout at the end of a trial.
 const STDERR_LAG: Duration = Duration::from_secs(2);
+
+/// The most bytes of one stderr line kept; the rest of a longer line is left out.
+const LINE_BYTES: usize = 16 << 10;
+/// The first bytes of a trial's log kept whole.
+const LOG_HEAD_BYTES: usize = 256 << 10;
+/// The newest bytes of a trial's log kept after its head.
+const LOG_TAIL_BYTES: usize = 1 << 20;
 
 /// The stderr lines of the trial running now, and its id for the log.
 #[derive(Default)]
 struct Tail {
     trial: String,
     lines: VecDeque<String>,
+    log: Log,
+}
+
+/// A trial's log (its process's stderr, which holds a command trial's program's
+/// stdout and stderr), bounded: its head, then its newest lines; what lies
+/// between is counted and left out, so a trial that writes without end costs
+/// the worker at most `LOG_HEAD_BYTES + LOG_TAIL_BYTES`.
+#[derive(Default)]
+pub struct Log {
+    head: String,
+    tail: VecDeque<String>,
+    tail_bytes: usize,
+    left_out: u64,
+    /// Bumped by every line: whether the kept copy is behind.
+    pub version: u64,
+}
+
+impl Log {
+    fn push(&mut self, line: &str) {
+        self.version += 1;
+        if self.tail.is_empty() && self.head.len() + line.len() < LOG_HEAD_BYTES {
+            self.head.push_str(line);
+            self.head.push('\n');
+            return;
+        }
+        self.tail_bytes += line.len() + 1;
+        self.tail.push_back(format!("{line}\n"));
+        while self.tail_bytes > LOG_TAIL_BYTES {
+            let dropped = self.tail.pop_front().expect("over the bound: not empty");
+            self.tail_bytes -= dropped.len();
+            self.left_out += dropped.len() as u64;
+        }
+    }
+
+    /// The log as kept: its head, a line saying how much was left out, its newest lines.
+    pub fn text(&self) -> String {
+        let mut text = String::with_capacity(self.head.len() + self.tail_bytes + 64);
+        text.push_str(&self.head);
+        if self.left_out > 0 {
+            text.push_str(&format!("[... {} bytes left out ...]\n", self.left_out));
+        }
+        text.extend(self.tail.iter().map(String::as_str));
+        text
+    }
+}
+
+/// Reads one line of at most `LINE_BYTES` (the rest of a longer one is skipped);
+/// `None` at the end of the stream.
+async fn bounded_line<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R) -> std::io::Result<Option<String>> {
+    let mut line = Vec::new();
+    let mut skipped = 0usize;
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            if line.is_empty() && skipped == 0 {
+                return Ok(None);
+            }
+            break;
+        }
+        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        let room = LINE_BYTES.saturating_sub(line.len());
+        let content = if done { take - 1 } else { take };
+        line.extend_from_slice(&buf[..content.min(room)]);
+        skipped += content.saturating_sub(room);
+        reader.consume(take);
+        if done {
+            break;
+        }
+    }
+    let mut text = String::from_utf8_lossy(&line).into_owned();
+    if skipped > 0 {
+        text.push_str(&format!(" [... {skipped} more bytes of this line left out]"));
+    }
+    Ok(Some(text))
 }
 
 pub struct TrialProcess {
@@ -85,14 +170,15 @@ impl TrialProcess {
         let stderr_task = {
             let tail = tail.clone();
             tokio::spawn(async move {
-                let mut lines = BufReader::new(stderr).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
+                let mut reader = BufReader::new(stderr);
+                while let Ok(Some(line)) = bounded_line(&mut reader).await {
                     if let Some(id) = line.strip_prefix(DONE_MARK) {
                         let _ = done_tx.send(id.to_string());
                         continue;
                     }
                     let mut t = tail.lock().expect("stderr tail lock");
                     tracing::debug!(trial = %t.trial, "{line}");
+                    t.log.push(&line);
                     if t.lines.len() == STDERR_LINES {
                         t.lines.pop_front();
                     }
@@ -129,6 +215,7 @@ impl TrialProcess {
             let mut t = self.tail.lock().expect("stderr tail lock");
             t.trial = input.trial_id.clone();
             t.lines.clear();
+            t.log = Log::default();
         }
         self.trials += 1;
         let mut text = serde_json::to_vec(input)?;
@@ -171,13 +258,19 @@ impl TrialProcess {
             .collect()
     }
 
-    /// SIGTERM, then SIGKILL after the grace period.
-    pub async fn terminate(&mut self) {
+    /// The current trial's log, when it changed since `version`: its text and new version.
+    pub fn log_since(&self, version: u64) -> Option<(String, u64)> {
+        let t = self.tail.lock().expect("stderr tail lock");
+        (t.log.version != version).then(|| (t.log.text(), t.log.version))
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    pub async fn terminate(&mut self, grace: Duration) {
         if let Some(pid) = self.child.id() {
             // SAFETY: signalling our own child by pid.
             unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         }
-        if tokio::time::timeout(STOP_GRACE, self.child.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
             let _ = self.child.kill().await;
         }
     }

@@ -12,30 +12,10 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use serde_json::Value;
 use tch::Tensor;
-use url::Url;
 
-/// Opens the store named by `url`: `file:///abs/dir`, a plain directory path, or `s3://bucket/prefix`.
-/// S3 settings come from the usual `AWS_*` variables (`AWS_ENDPOINT`, `AWS_ALLOW_HTTP`, ...).
+/// Opens the store named by `url` (`ablate_schema::objects::open`).
 pub fn open(url: &str) -> anyhow::Result<(Arc<dyn ObjectStore>, Path)> {
-    let local_dir = match Url::parse(url) {
-        Ok(u) if u.scheme() == "file" => Some(std::path::PathBuf::from(u.path())),
-        Ok(u) if u.scheme().len() > 1 => None,
-        // A plain path (or a Windows-style drive letter, which we treat as a path).
-        _ => Some(std::path::absolute(url)?),
-    };
-    if let Some(dir) = local_dir {
-        std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("object store directory {}: {e}", dir.display()))?;
-        let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)
-            .map_err(|e| anyhow::anyhow!("object store directory {}: {e}", dir.display()))?;
-        return Ok((Arc::new(store), Path::default()));
-    }
-    let parsed = Url::parse(url)?;
-    let options = std::env::vars()
-        .filter(|(k, _)| k.starts_with("AWS_"))
-        .map(|(k, v)| (k.to_ascii_lowercase(), v));
-    let (store, prefix) =
-        object_store::parse_url_opts(&parsed, options).map_err(|e| anyhow::anyhow!("object store `{url}`: {e}"))?;
-    Ok((Arc::from(store), prefix))
+    ablate_schema::objects::open(url).map_err(anyhow::Error::msg)
 }
 
 /// Writes, reads back and deletes a probe object: a worker that can't do this

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use ablate_experiments::trial::{MetricSink, TrialContext};
 use ablate_experiments::Family;
+use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -47,9 +48,14 @@ pub struct TrialInput {
     /// A command trial: the program it runs (`[trial]`), instead of the family's model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<ablate_schema::CommandTrial>,
-    /// Where a command trial's program runs; by default its scratch directory.
+    /// Where a command trial's program runs; by default its code's (`code`), else
+    /// the command's `workdir`, else its scratch directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<std::path::PathBuf>,
+    /// A command trial's packed code: the hash that names it in the object store
+    /// (`ablate_schema::objects::code_path`); unpacked once per worker into a cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
 
 /// One line a trial process writes on stdout.
@@ -118,6 +124,9 @@ impl MetricSink for Sink<'_> {
     }
     fn output(&mut self, name: &str, value: Value) {
         self.emit(Event::Output(name.to_string(), value));
+    }
+    fn flush(&mut self) {
+        self.0.borrow_mut().flush();
     }
 }
 
@@ -203,6 +212,11 @@ fn train(input: &TrialInput, events: &Events) -> anyhow::Result<()> {
         return train_fused(input, family, device, &roots, events);
     }
     let mut host = Host::open(input, None, events)?;
+    // A command trial's packed code, unpacked once per worker.
+    let code = match &input.code {
+        Some(hash) => Some(host.code(hash, &input.scratch_dir).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     let mut sink = Sink(events, None);
     let mut ctx = host.context(device, &mut sink);
     // Again on the host that reads the data, following links this time.
@@ -210,15 +224,23 @@ fn train(input: &TrialInput, events: &Events) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let result = match &input.command {
         Some(command) => {
-            let scratch = std::path::Path::new(&input.scratch_dir).join("command");
+            // The trial's own folder (its checkpoint's files, its parameters), fresh for
+            // each attempt and removed after it: slots run trials side by side.
+            let scratch = std::path::Path::new(&input.scratch_dir)
+                .join("command")
+                .join(&input.trial_id);
+            let _ = std::fs::remove_dir_all(&scratch);
+            let workdir = code
+                .as_deref()
+                .or(input.workdir.as_deref())
+                .or(command.workdir.as_deref())
+                .unwrap_or(std::path::Path::new(&input.scratch_dir));
             let place = crate::command::run::Place {
-                workdir: input
-                    .workdir
-                    .as_deref()
-                    .unwrap_or(std::path::Path::new(&input.scratch_dir)),
+                workdir,
                 scratch: &scratch,
             };
             let result = crate::command::run::run(command, &input.params, &place, &mut ctx, &Default::default());
+            let _ = std::fs::remove_dir_all(&scratch);
             if let Err(ablate_experiments::trial::TrialError::Killed(why)) = &result {
                 // A program killed by a signal is a crash: so is this process, and the
                 // daemon retries the trial from its newest checkpoint.
@@ -328,6 +350,27 @@ impl Host {
             },
             pause_at: input.pause_at,
         })
+    }
+
+    /// The directory holding the packed code named `hash`: `<scratch>/code/<hash>`,
+    /// fetched from the object store and unpacked the first time a trial needs it.
+    fn code(&self, hash: &str, scratch: &str) -> Result<std::path::PathBuf, String> {
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("`{hash}` does not name packed code (a SHA-256 in hex)"));
+        }
+        let dir = std::path::Path::new(scratch).join("code").join(hash);
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        let path = ablate_schema::objects::code_path(&self.data.prefix, hash);
+        let archive = self
+            .data
+            .runtime
+            .block_on(async { self.data.store.get(&path).await?.bytes().await })
+            .map_err(|e| format!("cannot fetch the trial's code {path} from the object store: {e}"))?;
+        ablate_schema::code::unpack(&archive, hash, &dir)?;
+        tracing::info!(%hash, dir = %dir.display(), "unpacked the trial's code");
+        Ok(dir)
     }
 
     fn context<'a>(&'a mut self, device: tch::Device, sink: &'a mut Sink<'_>) -> TrialContext<'a> {

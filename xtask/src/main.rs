@@ -216,6 +216,7 @@ fn test() -> Result {
     provision_slurm()?;
     let chromium = provision_chromium()?;
     let pytest = provision_venv("pytest-venv", "pytest==9.0.2", "pytest")?;
+    let torch_python = provision_torch_python()?;
     eprintln!("xtask: tests use {url}");
     let science = science::start(&[
         ("DATABASE_URL", url.clone()),
@@ -236,7 +237,8 @@ fn test() -> Result {
         .env("ABLATE_PROMETHEUS_BIN", &prometheus)
         .env("ABLATE_K8S_VALIDATE", &kubernetes_validate)
         .env("ABLATE_CHROMIUM", &chromium)
-        .env("ABLATE_DSIR_PYTHON", &dsir_python))?;
+        .env("ABLATE_DSIR_PYTHON", &dsir_python)
+        .env("ABLATE_TORCH_PYTHON", &torch_python))?;
         // Every torch test but the science ones (`test = false` in worker/Cargo.toml), running above.
         run(cargo(&["test"])
             .args(science::TORCH_TESTS)

@@ -184,6 +184,26 @@ pub(crate) fn provision_venv(name: &str, package: &str, program: &str) -> Result
     Ok(bin)
 }
 
+/// PyPI's torch (with its dependencies: PyTorch for Python, which the lean libtorch
+/// the build uses is not) for the command-trial examples and tests; returns its python.
+pub(crate) fn provision_torch_python() -> Result<PathBuf> {
+    let venv = cache_dir().join("torch-venv");
+    let python = venv.join("bin/python");
+    // The marker names the pin, so a change of pin reinstalls; a cut install is redone.
+    let ready = venv.join(format!(".ablate-torch-ready-{TORCH_VERSION}"));
+    if ready.exists() {
+        return Ok(python);
+    }
+    eprintln!(
+        "xtask: installing torch=={TORCH_VERSION} from PyPI into {} (once; several GB)",
+        venv.display()
+    );
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", &format!("torch=={TORCH_VERSION}")]))?;
+    std::fs::write(&ready, "").map_err(|e| e.to_string())?;
+    Ok(python)
+}
+
 /// moto's S3 server for the object-storage tests; returns its venv's bin dir.
 pub(crate) fn provision_moto() -> Result<PathBuf> {
     provision_venv("moto-venv", "moto[server]", "moto_server")

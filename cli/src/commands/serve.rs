@@ -38,6 +38,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         options.tls = Some((read(cert)?, read(key)?));
     }
     options.http_listen = args.http_listen;
+    options.object_store = args.object_store.clone();
     let coordinator = Coordinator::build(options).await?;
     eprintln!("coordinator listening on {}", coordinator.local_addr());
     if let Some(http) = coordinator.http_addr() {

@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use ablate_schema::code::Packed;
+
 use ablate_schema::{proto, SpecFormat};
 
 use tracing::Instrument;
@@ -28,11 +30,17 @@ async fn submit(addr: &str, spec: &Path, span: &tracing::Span) -> anyhow::Result
     let text =
         std::fs::read_to_string(spec).map_err(|e| anyhow::anyhow!("cannot read spec {}: {e}", spec.display()))?;
     let format = SpecFormat::from_path(&spec.to_string_lossy());
+    let (code_archive, code_hash) = match pack_code(spec, &text, format)? {
+        Some(packed) => (packed.archive, packed.hash),
+        None => (Vec::new(), String::new()),
+    };
     let mut client = connect(addr).await?;
     let response = client
         .submit(proto::SubmitRequest {
             spec_text: text,
             format: format.as_str().into(),
+            code_archive,
+            code_hash,
         })
         .await
         .map_err(|s| anyhow::anyhow!("{}: {}", spec.display(), s.message()))?
@@ -41,4 +49,26 @@ async fn submit(addr: &str, spec: &Path, span: &tracing::Span) -> anyhow::Result
     println!("{}", response.experiment_id);
     eprintln!("submitted {} with {} trials", spec.display(), response.trial_count);
     Ok(response.experiment_id)
+}
+
+/// A command trial's `[trial] code` directory (relative to the spec's folder), packed.
+/// A spec that does not parse goes as it is: the coordinator says what is wrong.
+fn pack_code(spec: &Path, text: &str, format: SpecFormat) -> anyhow::Result<Option<Packed>> {
+    let Ok(parsed) = ablate_schema::SweepSpec::parse(text, format) else {
+        return Ok(None);
+    };
+    let Some(code) = parsed.trial.as_ref().and_then(|t| t.code.as_deref()) else {
+        return Ok(None);
+    };
+    let folder = spec.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = folder.join(code);
+    let packed = ablate_schema::code::pack(&dir).map_err(|e| anyhow::anyhow!("{}: trial.code: {e}", spec.display()))?;
+    eprintln!(
+        "packed {} ({} files, {} KiB) as code {}",
+        dir.display(),
+        packed.files,
+        packed.bytes.div_ceil(1024),
+        &packed.hash[..12]
+    );
+    Ok(Some(packed))
 }

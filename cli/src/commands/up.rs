@@ -85,6 +85,8 @@ async fn serve(
     let mut options = Options::new(database_url, args.listen);
     args.limits.apply(&mut options);
     options.http_listen = http;
+    // The coordinator keeps command trials' code where the local worker reads objects.
+    options.object_store = Some(std::path::absolute(&args.state.state_dir)?.join("objects").display().to_string());
     // Tokens on, set up for the local user: an admin token kept in the
     // credentials file under this coordinator's address, a worker token for
     // the local worker under the state directory (both mode 0600).
@@ -127,6 +129,8 @@ async fn serve(
         .arg(state.join("objects"))
         .arg("--state-dir")
         .arg(state.join("worker"))
+        // Its user's own programs (command trials) run as that user, as `ablate` does.
+        .arg("--allow-commands")
         .stdin(Stdio::null())
         .kill_on_drop(true);
     // SAFETY: prctl is async-signal-safe; the worker gets SIGTERM if this process dies

@@ -194,8 +194,23 @@ impl Stack {
             "--admin-token-file",
         ]);
         command.arg(self.dir.join("admin.token"));
+        // The workers' object store (command trials' code, trials' logs).
+        command.arg("--object-store").arg(self.object_store_url());
+        command.envs(
+            self.object_store
+                .iter()
+                .flat_map(|(_, env)| env.iter().map(|(k, v)| (k, v))),
+        );
         command.args(&self.coordinator_args);
         command
+    }
+
+    /// Where the workers keep objects: the S3 URL in use, else a folder of the stack's.
+    pub fn object_store_url(&self) -> std::ffi::OsString {
+        match &self.object_store {
+            Some((url, _)) => url.into(),
+            None => self.dir.join("objects").into(),
+        }
     }
 
     /// A second coordinator on the same database (a replica), on its own port;
@@ -262,10 +277,7 @@ impl Stack {
                 "50",
             ])
             .arg("--object-store")
-            .arg(match &self.object_store {
-                Some((url, _)) => url.into(),
-                None => self.dir.join("objects"),
-            })
+            .arg(self.object_store_url())
             .envs(
                 self.object_store
                     .iter()

@@ -39,6 +39,10 @@ pub struct Scheduling {
     pub fuse: Option<Value>,
     pub fresh_process: bool,
     pub searcher: &'static str,
+    /// A command trial's `[trial]` table; `None` for a built-in family's trials.
+    pub command: Option<Value>,
+    /// The SHA-256 of its packed code, when it has code.
+    pub code_hash: Option<String>,
 }
 
 pub struct NewTrial {
@@ -60,8 +64,8 @@ pub async fn insert_experiment(pool: &PgPool, e: &NewExperiment<'_>, trials: &[N
     sqlx::query(
         "insert into experiments (id, name, family, spec, spec_text, spec_hash, objective_metric, goal, max_attempts,
                                   submitted_by, traceparent, priority, max_concurrent, gpus_per_trial, pool, labels,
-                                  fuse, fresh_process, searcher)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
+                                  fuse, fresh_process, searcher, command, code_hash)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
     )
     .bind(e.id.0)
     .bind(e.name)
@@ -82,6 +86,8 @@ pub async fn insert_experiment(pool: &PgPool, e: &NewExperiment<'_>, trials: &[N
     .bind(&e.scheduling.fuse)
     .bind(e.scheduling.fresh_process)
     .bind(e.scheduling.searcher)
+    .bind(&e.scheduling.command)
+    .bind(&e.scheduling.code_hash)
     .execute(&mut *tx)
     .await?;
     let ids: Vec<uuid::Uuid> = trials.iter().map(|t| t.id.0).collect();

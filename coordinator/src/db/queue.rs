@@ -39,6 +39,10 @@ pub struct LeasedTrial {
     pub fuse: Option<ablate_schema::Fuse>,
     /// The fused group it runs in: its first member's id; `None`: it runs alone.
     pub fuse_group: Option<TrialId>,
+    /// A command trial's `[trial]` table; `None` for a built-in family's trial.
+    pub command: Option<Value>,
+    /// The SHA-256 of its packed code, when it has code.
+    pub code_hash: Option<String>,
 }
 
 impl LeasedTrial {
@@ -85,8 +89,9 @@ pub async fn lease_heads(
                     e.max_concurrent::float8 as cap
              from pending_experiments p join experiments e on e.id = p.experiment_id
              left join workers me on me.id = $1
-             -- Only what this worker's pool, labels and free GPUs allow.
+             -- Only what this worker's pool, labels, free GPUs and permissions allow.
              where e.gpus_per_trial <= greatest($4, 1)
+               and (e.command is null or coalesce(me.allow_commands, false))
                and (e.pool is null or e.pool = me.pool)
                and (e.labels is null or coalesce(me.labels, '{}'::jsonb) @> e.labels)
          ),
@@ -181,7 +186,7 @@ const TAKE: &str = "set state = 'running',
 /// What every lease returns of a trial it leased (`t` the trial, `e` its experiment).
 const LEASED: &str = "t.id, t.experiment_id, t.lease_token, t.attempt, e.family, t.params, e.spec_hash, e.traceparent,
     t.pause_at, t.fuse_key, e.fuse,
-    e.fresh_process,
+    e.fresh_process, e.command, e.code_hash,
     (select jsonb_build_object('step', c.step, 'path', c.path, 'bytes', c.bytes)
      from checkpoints c where c.trial_id = t.id order by c.step desc limit 1) as checkpoint";
 
@@ -203,6 +208,8 @@ fn leased_trial(row: &sqlx::postgres::PgRow) -> Result<LeasedTrial> {
         fuse_key: row.try_get("fuse_key")?,
         fuse: fuse.and_then(|f| serde_json::from_value(f).ok()),
         fuse_group: None,
+        command: row.try_get("command")?,
+        code_hash: row.try_get("code_hash")?,
         resume_from: checkpoint.map(|c| CheckpointRecord {
             step: c["step"].as_i64().unwrap_or(0),
             path: c["path"].as_str().unwrap_or_default().to_string(),

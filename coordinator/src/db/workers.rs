@@ -14,19 +14,23 @@ pub struct NewWorker<'a> {
     pub devices: &'a [String],
     pub pool: Option<&'a str>,
     pub labels: serde_json::Value,
+    /// Its operator lets it run command trials (`--allow-commands`).
+    pub allow_commands: bool,
 }
 
 pub async fn register_worker(pool: &PgPool, w: &NewWorker<'_>) -> Result<()> {
     sqlx::query(
-        "insert into workers (id, hostname, devices, pool, labels) values ($1, $2, $3, $4, $5)
+        "insert into workers (id, hostname, devices, pool, labels, allow_commands) values ($1, $2, $3, $4, $5, $6)
          on conflict (id) do update set hostname = excluded.hostname, devices = excluded.devices,
-             pool = excluded.pool, labels = excluded.labels, last_seen_at = now()",
+             pool = excluded.pool, labels = excluded.labels, allow_commands = excluded.allow_commands,
+             last_seen_at = now()",
     )
     .bind(w.id.0)
     .bind(w.hostname)
     .bind(w.devices)
     .bind(w.pool)
     .bind(&w.labels)
+    .bind(w.allow_commands)
     .execute(pool)
     .await?;
     Ok(())
@@ -121,7 +125,7 @@ pub async fn drain(pool: &PgPool, id: &str) -> Result<Drained> {
 pub async fn waiting_reason(pool: &PgPool, id: ExperimentId, lease_ttl: std::time::Duration) -> Result<Option<String>> {
     // The pool and labels asked for, GPUs per trial, the most GPUs of a matching live worker.
     // Then how many pending trials still wait for others (trial dependencies), of how many.
-    type Wants = (Option<String>, Option<serde_json::Value>, i32, Option<i64>, i64, i64);
+    type Wants = (Option<String>, Option<serde_json::Value>, i32, Option<i64>, i64, i64, bool);
     let row: Option<Wants> = sqlx::query_as(
         "select e.pool, e.labels, e.gpus_per_trial,
                 (select max((select count(distinct split_part(d, '#', 1)) from unnest(w.devices) d
@@ -129,10 +133,12 @@ pub async fn waiting_reason(pool: &PgPool, id: ExperimentId, lease_ttl: std::tim
                  from workers w
                  where w.last_seen_at > now() - make_interval(secs => $2) and w.draining_since is null
                    and (e.pool is null or w.pool = e.pool)
-                   and (e.labels is null or w.labels @> e.labels)),
+                   and (e.labels is null or w.labels @> e.labels)
+                   and (e.command is null or w.allow_commands)),
                 (select count(*) from trials t where t.experiment_id = e.id and t.state = 'pending'
                    and exists (select 1 from trials d where d.id = any(t.depends_on) and d.state <> 'succeeded')),
-                (select count(*) from trials t where t.experiment_id = e.id and t.state = 'pending')
+                (select count(*) from trials t where t.experiment_id = e.id and t.state = 'pending'),
+                e.command is not null
          from experiments e
          where e.id = $1 and exists (select 1 from trials t where t.experiment_id = e.id and t.state = 'pending')",
     )
@@ -141,7 +147,7 @@ pub async fn waiting_reason(pool: &PgPool, id: ExperimentId, lease_ttl: std::tim
     .fetch_optional(pool)
     .await?;
     // `most_gpus`: the most GPUs of a matching live worker (none: no such worker).
-    let Some((wanted_pool, labels, gpus, most_gpus, blocked, pending)) = row else {
+    let Some((wanted_pool, labels, gpus, most_gpus, blocked, pending, command)) = row else {
         return Ok(None);
     };
     let blocked = (blocked == pending).then(|| {
@@ -159,6 +165,12 @@ pub async fn waiting_reason(pool: &PgPool, id: ExperimentId, lease_ttl: std::tim
             .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
             .collect();
         wants.push(format!("with labels {}", pairs.join(",")));
+    }
+    if command {
+        wants.push(
+            "allowed to run command trials (the researchers' own programs: `ablate-worker daemon --allow-commands`)"
+                .to_string(),
+        );
     }
     Ok(match most_gpus {
         None if wants.is_empty() => blocked,

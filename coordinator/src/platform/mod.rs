@@ -9,6 +9,7 @@
 pub mod completion;
 pub mod ingest;
 pub mod lease;
+pub mod logs;
 pub mod reports;
 pub mod searchers;
 pub mod tokens;

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use ablate_schema::proto::{self, experiments_server};
-use ablate_schema::{ExperimentId, SpecFormat};
+use ablate_schema::{ExperimentId, SpecFormat, TrialId};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -35,6 +35,8 @@ pub struct ExperimentsService {
     pub(super) data_roots: Vec<std::path::PathBuf>,
     /// The HTTP listener's port (the dashboard), when there is one.
     pub(super) http_port: Option<u16>,
+    /// The workers' object store: command trials' code, trials' logs.
+    pub(super) objects: Option<crate::Objects>,
 }
 
 impl ExperimentsService {
@@ -112,8 +114,21 @@ impl experiments_server::Experiments for ExperimentsService {
             Status::invalid_argument(format!("unknown spec format `{}`, expected toml or yaml", req.format))
         })?;
         let by = caller.as_ref().map(|c| c.name.as_str());
-        let (id, count) =
-            submit::submit_as(&self.pool, &req.spec_text, format, &self.limits, &self.data_roots, by).await?;
+        let code = submit::Code {
+            archive: &req.code_archive,
+            hash: &req.code_hash,
+            objects: self.objects.as_ref(),
+        };
+        let (id, count) = submit::submit_as(
+            &self.pool,
+            &req.spec_text,
+            format,
+            &self.limits,
+            &self.data_roots,
+            by,
+            Some(code),
+        )
+        .await?;
         Ok(Response::new(proto::SubmitResponse {
             experiment_id: id.to_string(),
             trial_count: count as u32,
@@ -246,6 +261,21 @@ impl experiments_server::Experiments for ExperimentsService {
         self.reload_tokens().await?;
         tracing::info!(%name, "token revoked");
         Ok(Response::new(proto::RevokeTokenResponse {}))
+    }
+
+    async fn trial_logs(
+        &self,
+        request: Request<proto::TrialLogsRequest>,
+    ) -> Result<Response<proto::TrialLogsResponse>, Status> {
+        let req = request.into_inner();
+        let trial = parse_id(TrialId::parse, &req.trial_id)?;
+        let logs = crate::platform::logs::read(&self.pool, self.objects.as_ref(), trial, req.attempt).await?;
+        Ok(Response::new(proto::TrialLogsResponse {
+            attempt: logs.attempt,
+            attempts: logs.attempts,
+            text: logs.text,
+            running: logs.running,
+        }))
     }
 
     async fn set_token_weight(

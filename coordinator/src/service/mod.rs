@@ -34,6 +34,7 @@ pub fn experiments_server(
     tokens: Option<Tokens>,
     options: &crate::Options,
     http_port: Option<u16>,
+    objects: Option<crate::Objects>,
 ) -> experiments_server::ExperimentsServer<ExperimentsService> {
     experiments_server::ExperimentsServer::new(ExperimentsService {
         pool,
@@ -44,6 +45,7 @@ pub fn experiments_server(
         database_url: options.database_url.clone(),
         data_roots: options.data_roots.clone(),
         http_port,
+        objects,
     })
     .max_decoding_message_size(64 << 20)
     .max_encoding_message_size(64 << 20)

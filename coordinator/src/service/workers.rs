@@ -58,10 +58,11 @@ impl workers_server::Workers for WorkersService {
                 devices: &req.devices,
                 pool: (!req.pool.is_empty()).then_some(req.pool.as_str()),
                 labels: serde_json::to_value(&req.labels).expect("labels serialize"),
+                allow_commands: req.allow_commands,
             },
         )
         .await?;
-        tracing::info!(worker = %id, hostname = %req.hostname, devices = ?req.devices, pool = %req.pool, labels = ?req.labels, "worker registered");
+        tracing::info!(worker = %id, hostname = %req.hostname, devices = ?req.devices, pool = %req.pool, labels = ?req.labels, allow_commands = req.allow_commands, "worker registered");
         let ttl = self.lease_ttl.as_millis() as u32;
         Ok(Response::new(proto::RegisterResponse {
             lease_ttl_ms: ttl,
@@ -100,6 +101,8 @@ impl workers_server::Workers for WorkersService {
                     gpus: t.gpus,
                     pause_at_step: t.pause_at,
                     fuse_group: t.fuse_group.map(|g| g.to_string()).unwrap_or_default(),
+                    command_json: t.command.map(|c| c.to_string()).unwrap_or_default(),
+                    code_hash: t.code_hash.unwrap_or_default(),
                     resume_from: t.resume_from.map(|c| proto::Checkpoint {
                         step: c.step,
                         path: c.path,

@@ -74,14 +74,17 @@ struct Web {
     /// `None`: the coordinator runs without tokens, and so does the API.
     tokens: Option<Tokens>,
     lease_ttl: Duration,
+    /// The workers' object store, for trials' logs.
+    objects: Option<crate::Objects>,
 }
 
 /// The dashboard's routes, to merge into the HTTP listener's.
-pub fn router(pool: PgPool, tokens: Option<Tokens>, lease_ttl: Duration) -> Router {
+pub fn router(pool: PgPool, tokens: Option<Tokens>, lease_ttl: Duration, objects: Option<crate::Objects>) -> Router {
     let web = Web {
         pool,
         tokens,
         lease_ttl,
+        objects,
     };
     let api = Router::new()
         .route("/api/v1/experiments", get(experiments))
@@ -91,6 +94,7 @@ pub fn router(pool: PgPool, tokens: Option<Tokens>, lease_ttl: Duration) -> Rout
         .route("/api/v1/experiments/{id}/report", get(report))
         .route("/api/v1/trials/{id}", get(trial))
         .route("/api/v1/trials/{id}/curves", get(trial_curves))
+        .route("/api/v1/trials/{id}/logs", get(trial_logs))
         .route("/api/v1/workers", get(workers))
         .route(
             "/api/v1/{*rest}",
@@ -438,6 +442,23 @@ async fn trial_curves(
         all.extend(series(&web.pool, None, &[id], name, points).await?);
     }
     Ok(fresh(&headers, &json!({ "points": points, "series": all })))
+}
+
+#[derive(serde::Deserialize)]
+struct LogsQuery {
+    /// The attempt; the newest when left out.
+    attempt: Option<u32>,
+}
+
+async fn trial_logs(
+    State(web): State<Web>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Response, ApiError> {
+    let id = trial_id(&id)?;
+    let logs = crate::platform::logs::read(&web.pool, web.objects.as_ref(), id, q.attempt.unwrap_or(0)).await?;
+    Ok(fresh(&headers, &json!({ "logs": logs })))
 }
 
 async fn workers(State(web): State<Web>, headers: HeaderMap) -> Result<Response, ApiError> {

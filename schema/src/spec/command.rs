@@ -25,7 +25,25 @@ pub struct CommandTrial {
     /// Variables set for the program, beside the worker's `ABLATE_*` ones.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// The program's code: a directory (relative to the spec's folder) that
+    /// `ablate submit` packs and workers unpack into a cache, where the program
+    /// runs. Files its `.gitignore` (and `.ablateignore`) leave out are not packed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// Instead of `code`: an absolute directory on a shared file system, under the
+    /// data roots, where the program runs as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<std::path::PathBuf>,
+    /// Seconds between SIGTERM and SIGKILL when a running program is stopped
+    /// (cancel, prune, lost lease, worker shutdown); 10 when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_seconds: Option<u32>,
 }
+
+/// Seconds a stopped program has to end after SIGTERM, when the spec gives none.
+pub const DEFAULT_GRACE_SECONDS: u32 = 10;
+/// The longest grace period a spec may ask for.
+pub const MAX_GRACE_SECONDS: u32 = 600;
 
 /// One piece of a command argument: text, or a parameter's place.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,7 +156,43 @@ impl CommandTrial {
             }
             limits.check_name(&path, value, limits.max_string_chars)?;
         }
+        if self.code.is_some() && self.workdir.is_some() {
+            return Err(SpecError::new(
+                "trial.workdir",
+                "give `code` (a directory ablate packs) or `workdir` (a shared directory), not both",
+            ));
+        }
+        if let Some(code) = &self.code {
+            limits.check_name("trial.code", code, limits.max_string_chars)?;
+            if code.trim().is_empty() || std::path::Path::new(code).is_absolute() {
+                return Err(SpecError::new(
+                    "trial.code",
+                    "a directory relative to the spec's folder, such as \".\" (for an absolute shared directory, use `workdir`)",
+                ));
+            }
+        }
+        if let Some(dir) = &self.workdir {
+            if !dir.is_absolute() {
+                return Err(SpecError::new(
+                    "trial.workdir",
+                    "an absolute directory on a file system the workers share (for code ablate packs, use `code`)",
+                ));
+            }
+        }
+        if let Some(grace) = self.grace_seconds {
+            if grace > MAX_GRACE_SECONDS {
+                return Err(SpecError::new(
+                    "trial.grace_seconds",
+                    format!("{grace} seconds, over the limit of {MAX_GRACE_SECONDS}"),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// How long a stopped program has between SIGTERM and SIGKILL.
+    pub fn grace(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.grace_seconds.unwrap_or(DEFAULT_GRACE_SECONDS).into())
     }
 
     /// The argv for a trial with `params` (checked: every place names one of them).

@@ -10,6 +10,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use ablate_experiments::trial::{TrialContext, TrialError};
 use ablate_schema::{CommandTrial, Limits};
@@ -160,6 +161,40 @@ fn bounded_line(reader: &mut impl BufRead, max: usize) -> Result<Option<Vec<u8>>
     }
 }
 
+/// Set by SIGTERM while a program runs: the worker stops the trial (cancel, prune,
+/// lost lease, its own shutdown).
+static TERMINATED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigterm(_: libc::c_int) {
+    TERMINATED.store(true, Ordering::SeqCst);
+}
+
+/// How a stop reaches the program: its stop file (which it may poll), SIGTERM to its
+/// group, then SIGKILL once its grace period is over.
+struct Stopping {
+    since: Option<std::time::Instant>,
+    grace: std::time::Duration,
+    stop_file: PathBuf,
+}
+
+impl Stopping {
+    /// Passes a SIGTERM this process got on to the program; kills it after the grace period.
+    fn check(&mut self, pgid: i32) {
+        if !TERMINATED.load(Ordering::SeqCst) {
+            return;
+        }
+        match self.since {
+            None => {
+                let _ = std::fs::write(&self.stop_file, "stop\n");
+                signal_group(pgid, libc::SIGTERM);
+                self.since = Some(std::time::Instant::now());
+            }
+            Some(since) if since.elapsed() > self.grace => signal_group(pgid, libc::SIGKILL),
+            Some(_) => {}
+        }
+    }
+}
+
 /// Sends `signal` to the program's whole process group.
 fn signal_group(pgid: i32, signal: i32) {
     // SAFETY: kill(2) on a process group this process made; no memory is touched.
@@ -180,6 +215,10 @@ pub fn run(
     let checkpoint_dir = place.scratch.join("checkpoint");
     std::fs::create_dir_all(&checkpoint_dir).map_err(|e| io("the trial's scratch directory", e))?;
     let resumed = restore_checkpoint(&checkpoint_dir, ctx)?;
+    let stop_file = place.scratch.join("stop");
+    let ack_file = place.scratch.join("checkpoint-stored");
+    let _ = std::fs::remove_file(&stop_file);
+    let _ = std::fs::remove_file(&ack_file);
     let params_file = place.scratch.join("params.json");
     std::fs::write(&params_file, params.to_string()).map_err(|e| io("params.json", e))?;
     let empty = serde_json::Map::new();
@@ -204,6 +243,8 @@ pub fn run(
         .env("ABLATE_PARAMS_FILE", &params_file)
         .env("ABLATE_CHECKPOINT_DIR", &checkpoint_dir)
         .env("ABLATE_EVENTS_FD", EVENTS_FD.to_string())
+        .env("ABLATE_STOP_FILE", &stop_file)
+        .env("ABLATE_CHECKPOINT_ACK", &ack_file)
         .stdin(Stdio::null())
         // Its stdout and stderr are the trial's stderr (kept as for a built-in trial).
         .stdout(std::io::stderr())
@@ -235,6 +276,18 @@ pub fn run(
     })?;
     drop(events_write);
     let pgid = child.id() as i32;
+    // A SIGTERM from here on reaches the program as its stop (`Stopping`).
+    TERMINATED.store(false, Ordering::SeqCst);
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_sigterm as *const () as libc::sighandler_t);
+    }
+    let mut stopping = Stopping {
+        since: None,
+        grace: trial.grace(),
+        stop_file: stop_file.clone(),
+    };
+
     // A thread reads the pipe (a child the program left behind may hold it open);
     // this one takes the events and watches the program.
     let (lines, events) = std::sync::mpsc::sync_channel::<Result<String, String>>(256);
@@ -254,13 +307,18 @@ pub fn run(
     });
     let mut taker = Taker {
         checkpoint_dir: &checkpoint_dir,
+        ack_file: &ack_file,
         last_checkpoint: None,
         limits,
     };
     let mut exited: Option<(std::process::ExitStatus, std::time::Instant)> = None;
+    // Whether the events taken so far are handed on.
+    let mut flushed = true;
     let taken: Result<(), TrialError> = loop {
+        stopping.check(pgid);
         match events.recv_timeout(std::time::Duration::from_millis(50)) {
             Ok(Ok(line)) => {
+                flushed = false;
                 if let Err(e) = taker.take(&line, ctx) {
                     break Err(e);
                 }
@@ -268,6 +326,11 @@ pub fn run(
             Ok(Err(e)) => break Err(TrialError::Program(e)),
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => match exited {
+                None if !flushed => {
+                    // Quiet for a moment: what it logged goes on now.
+                    ctx.metrics.flush();
+                    flushed = true;
+                }
                 None => {
                     if let Some(status) = child.try_wait().map_err(|e| io("waiting for the program", e))? {
                         // What it left behind ends with it, and the pipe closes.
@@ -290,6 +353,14 @@ pub fn run(
     };
     // Whatever it started ends with it.
     signal_group(pgid, libc::SIGKILL);
+    // SAFETY: restoring the default action; a stop this process got ends it now,
+    // as it would have without the program.
+    unsafe {
+        libc::signal(libc::SIGTERM, libc::SIG_DFL);
+        if TERMINATED.load(Ordering::SeqCst) {
+            libc::raise(libc::SIGTERM);
+        }
+    }
     taken?;
     ended(status)?;
     if let (Some(rung), None) = (ctx.pause_at, ctx.paused) {
@@ -304,6 +375,8 @@ pub fn run(
 /// What the events of one run have told so far.
 struct Taker<'a> {
     checkpoint_dir: &'a Path,
+    /// Where the step of the newest checkpoint stored is written (`ABLATE_CHECKPOINT_ACK`).
+    ack_file: &'a Path,
     last_checkpoint: Option<u64>,
     limits: &'a Limits,
 }
@@ -323,6 +396,11 @@ impl Taker<'_> {
             CommandEvent::Checkpoint(step) => {
                 save_checkpoint(self.checkpoint_dir, step, ctx)?;
                 self.last_checkpoint = Some(step);
+                // The program may change its checkpoint's files once this says the step.
+                let staged = self.ack_file.with_extension("new");
+                std::fs::write(&staged, format!("{step}\n"))
+                    .and_then(|()| std::fs::rename(&staged, self.ack_file))
+                    .map_err(|e| TrialError::Checkpoint(format!("{}: {e}", self.ack_file.display())))?;
             }
             CommandEvent::Outputs(outputs) => {
                 for (name, value) in outputs {

@@ -108,9 +108,19 @@ pub fn run(
             .as_nanos();
         std::env::temp_dir().join(format!("ablate-sweep-{}-{now}", std::process::id()))
     });
-    let workdir = match &options.workdir {
+    // The program runs in its code's folder (`[trial] code`, under the spec's), its
+    // shared `workdir`, or the spec's folder.
+    let folder = match &options.workdir {
         Some(dir) => dir.clone(),
         None => std::env::current_dir()?,
+    };
+    let workdir = match spec.trial.as_ref() {
+        Some(t) => match (&t.code, &t.workdir) {
+            (Some(code), _) => folder.join(code),
+            (None, Some(shared)) => shared.clone(),
+            (None, None) => folder,
+        },
+        None => folder,
     };
     let outcomes = Mutex::new(Vec::new());
     let experiment = &spec.name;

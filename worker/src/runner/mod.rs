@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ablate_schema::proto;
+use object_store::ObjectStoreExt;
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -22,12 +23,16 @@ use calls::{retry, Batcher};
 const BATCH_POINTS: usize = 4096;
 /// How long metric points may wait before they are sent.
 const BATCH_DELAY: Duration = Duration::from_millis(200);
+/// How often a running trial's log is kept in the object store, when it grew.
+const LOG_EVERY: Duration = Duration::from_secs(2);
 
 /// What the daemon shares with every runner.
 pub struct Shared {
     pub client: crate::Client,
     pub relay: Relay,
     pub object_store: String,
+    /// The object store, opened: where the runner keeps trials' logs.
+    pub objects: (Arc<dyn object_store::ObjectStore>, object_store::path::Path),
     pub scratch_dir: String,
     /// What trial processes run: `/proc/self/exe` by default, so a daemon
     /// whose executable is replaced or deleted on disk still starts trials.
@@ -200,14 +205,24 @@ fn input_for(shared: &Shared, slot: &Slot, trial: &proto::LeasedTrial) -> anyhow
         traceparent: ablate_schema::trace::current(),
         pause_at: trial.pause_at_step,
         fused: Vec::new(),
-        // The coordinator does not lease command trials yet (`ablate submit` refuses them).
-        command: None,
+        command: command_of(trial)?,
         workdir: None,
+        code: (!trial.code_hash.is_empty()).then(|| trial.code_hash.clone()),
     })
 }
 
+/// A leased command trial's program (`[trial]`); `None` for a built-in family's trial.
+fn command_of(trial: &proto::LeasedTrial) -> anyhow::Result<Option<ablate_schema::CommandTrial>> {
+    if trial.command_json.is_empty() {
+        return Ok(None);
+    }
+    let command = serde_json::from_str(&trial.command_json)
+        .map_err(|e| anyhow::anyhow!("the coordinator sent a command this worker cannot read: {e}"))?;
+    Ok(Some(command))
+}
+
 async fn drive(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     slot: &Slot,
     members: &mut [Member],
     mut process: TrialProcess,
@@ -264,6 +279,8 @@ async fn drive(
         .collect();
     // Whether the process said anything on stdout: a trial that ran did.
     let mut any_event = false;
+    // The log's version last kept in the object store, and when.
+    let (mut log_version, mut last_log) = (0u64, std::time::Instant::now());
     let mut tick = tokio::time::interval(BATCH_DELAY);
     // Once every member's lease is gone or its trial ended, nothing is left to run
     // for: why the first stopped member was stopped.
@@ -298,6 +315,14 @@ async fn drive(
                 None => break End::Exited(process.wait().await?),
             },
             _ = tick.tick() => {
+                if last_log.elapsed() >= LOG_EVERY {
+                    last_log = std::time::Instant::now();
+                    if let Some((text, version)) = process.log_since(log_version) {
+                        log_version = version;
+                        let (shared, trials) = (shared.clone(), log_targets(members));
+                        tokio::spawn(async move { keep_log(&shared, &trials, text).await });
+                    }
+                }
                 for state in progress.iter_mut().filter(|m| m.stopped.is_none()) {
                     if state.metrics.len() > 0 {
                         state.metrics.send(&shared.relay).await;
@@ -325,10 +350,19 @@ async fn drive(
     match &end {
         End::Stopped(why) => {
             tracing::info!(trial = %input.trial_id, %why, "stopping trial");
-            process.terminate().await;
+            // A program gets its spec's grace period after SIGTERM, and its trial
+            // process a little more to pass it on and end.
+            let grace = input
+                .command
+                .as_ref()
+                .map_or(crate::process::STOP_GRACE, |c| c.grace() + Duration::from_secs(2));
+            process.terminate(grace).await;
         }
         End::Done(_) => process.wait_done_mark(&input.trial_id).await,
         End::Exited(_) => {}
+    }
+    if let Some((text, _)) = process.log_since(log_version) {
+        keep_log(shared, &log_targets(members), text).await;
     }
     let tail = process.tail();
     // A warm process that finished its trials stays for the slot's next one.
@@ -395,6 +429,9 @@ async fn drive(
         let mut provenance = shared.provenance.for_slot(slot);
         if fused {
             provenance = with_group(&provenance, &input.trial_id, members.len());
+        }
+        if !member.trial.code_hash.is_empty() {
+            provenance = with_fields(&provenance, &[("code", &member.trial.code_hash)]);
         }
         let request = proto::CompleteRequest {
             trial_id: member.trial.trial_id.clone(),
@@ -469,10 +506,39 @@ async fn take_event(shared: &Shared, member: &mut Member, state: &mut Progress, 
 /// A fused member's provenance: the worker's, with the group it ran in (its first
 /// member, `fused_group`) and the group's size (`fused_members`).
 fn with_group(provenance: &str, group: &str, members: usize) -> String {
+    with_fields(
+        provenance,
+        &[("fused_group", group), ("fused_members", &members.to_string())],
+    )
+}
+
+/// `provenance` with more fields (a command trial's `code`: its packed code's hash).
+fn with_fields(provenance: &str, fields: &[(&str, &str)]) -> String {
     let mut json: serde_json::Value = serde_json::from_str(provenance).unwrap_or_default();
     if let Some(map) = json.as_object_mut() {
-        map.insert("fused_group".into(), group.into());
-        map.insert("fused_members".into(), members.to_string().into());
+        for (k, v) in fields {
+            map.insert((*k).into(), (*v).into());
+        }
     }
     json.to_string()
+}
+
+/// Where each member's attempt keeps its log: (experiment, trial, attempt).
+fn log_targets(members: &[Member]) -> Vec<(String, String, u32)> {
+    members
+        .iter()
+        .map(|m| (m.trial.experiment_id.clone(), m.trial.trial_id.clone(), m.trial.attempt))
+        .collect()
+}
+
+/// Keeps `text` as the log of each of `trials`' attempts; a failure is logged, not fatal.
+async fn keep_log(shared: &Shared, trials: &[(String, String, u32)], text: String) {
+    let (store, prefix) = &shared.objects;
+    let body = bytes::Bytes::from(text);
+    for (experiment, trial, attempt) in trials {
+        let path = ablate_schema::objects::log_path(prefix, experiment, trial, *attempt);
+        if let Err(error) = store.put(&path, body.clone().into()).await {
+            tracing::warn!(%trial, %error, "could not keep the trial's log");
+        }
+    }
 }

@@ -17,6 +17,7 @@ pub(super) async fn submit(addr: &str, name: &str, trials: usize) -> Result<Stri
         .submit(proto::SubmitRequest {
             spec_text: spec(name, trials),
             format: "toml".into(),
+            ..Default::default()
         })
         .await?;
     Ok(response.into_inner().experiment_id)

@@ -37,6 +37,7 @@ async fn populate(addr: &str, pool: &PgPool) -> Result<String> {
         .submit(proto::SubmitRequest {
             spec_text: SPEC.into(),
             format: "toml".into(),
+            ..Default::default()
         })
         .await?
         .into_inner()

@@ -91,6 +91,7 @@ pub(super) async fn sweep_ours(addr: &str, pool: &sqlx::PgPool, trials: usize, d
         .submit(proto::SubmitRequest {
             spec_text: text,
             format: "toml".into(),
+            ..Default::default()
         })
         .await?
         .into_inner()
