@@ -63,13 +63,37 @@ def _number(value: float) -> Any:
     return value
 
 
+def _open_events() -> Optional[Any]:
+    """The worker's event pipe: descriptor ``ABLATE_EVENTS_FD`` when this process holds
+    it, else (a ``torchrun`` worker, whose launcher closed it) the same pipe by
+    ``ABLATE_EVENTS_PATH``."""
+    fd = os.environ.get(_EVENTS_FD)
+    if not fd:
+        return None
+    path = os.environ.get("ABLATE_EVENTS_PATH")
+    try:
+        held = os.fstat(int(fd))
+        if path is None or (held.st_dev, held.st_ino) == _identity(path):
+            return os.fdopen(int(fd), "w", buffering=1 << 16)
+    except OSError:
+        pass
+    return open(path, "w", buffering=1 << 16) if path else None
+
+
+def _identity(path: str) -> Any:
+    try:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino)
+    except OSError:
+        return None
+
+
 class _Events:
     """Event lines to the worker, written by a thread of their own so that logging never
     waits on the pipe; :meth:`flush` waits until every line so far is written."""
 
     def __init__(self) -> None:
-        fd = os.environ.get(_EVENTS_FD)
-        self._out = os.fdopen(int(fd), "w", buffering=1 << 16) if fd else None
+        self._out = _open_events()
         self._lines: "queue.Queue[Optional[str]]" = queue.Queue(maxsize=100_000)
         self._thread = threading.Thread(target=self._write, name="ablate-events", daemon=True)
         self._thread.start()

@@ -52,6 +52,10 @@ pub struct TrialInput {
     /// the command's `workdir`, else its scratch directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<std::path::PathBuf>,
+    /// A command trial's `CUDA_VISIBLE_DEVICES`: the GPUs its slot was granted
+    /// (`command::run::visible_devices`); empty on a CPU slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub visible_devices: Option<String>,
     /// A command trial's packed code: the hash that names it in the object store
     /// (`ablate_schema::objects::code_path`); unpacked once per worker into a cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -238,6 +242,7 @@ fn train(input: &TrialInput, events: &Events) -> anyhow::Result<()> {
             let place = crate::command::run::Place {
                 workdir,
                 scratch: &scratch,
+                visible_devices: input.visible_devices.as_deref().unwrap_or_default(),
             };
             let result = crate::command::run::run(command, &input.params, &place, &mut ctx, &Default::default());
             let _ = std::fs::remove_dir_all(&scratch);

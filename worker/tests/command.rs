@@ -47,6 +47,7 @@ fn run_once(
     let place = Place {
         workdir,
         scratch: &scratch,
+        visible_devices: "",
     };
     let result = run(trial, params, &place, &mut ctx, &Limits::default());
     let paused = ctx.paused;

@@ -33,6 +33,25 @@ const FILES: &str = "command_files";
 pub struct Place<'a> {
     pub workdir: &'a Path,
     pub scratch: &'a Path,
+    /// `CUDA_VISIBLE_DEVICES` for the program: the GPUs it was granted (`visible_devices`).
+    pub visible_devices: &'a str,
+}
+
+/// `CUDA_VISIBLE_DEVICES` for a program on a slot of `device` (`cpu`, `cuda:N`): a
+/// trial of several GPUs gets its slot's list (`slot_visible`); one GPU, the host's
+/// number of the daemon's `cuda:N` (the daemon sees `daemon_visible`, or all).
+pub fn visible_devices(device: &str, slot_visible: Option<&str>, daemon_visible: Option<&str>) -> String {
+    if let Some(list) = slot_visible {
+        return list.to_string();
+    }
+    let Some(index) = device.strip_prefix("cuda:").and_then(|i| i.parse::<usize>().ok()) else {
+        // A CPU slot's program sees no GPU, so it takes none from the trials beside it.
+        return String::new();
+    };
+    daemon_visible
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|list| list.split(',').nth(index))
+        .map_or_else(|| index.to_string(), |d| d.trim().to_string())
 }
 
 /// A program's end, as the trial sees it.
@@ -243,6 +262,13 @@ pub fn run(
         .env("ABLATE_PARAMS_FILE", &params_file)
         .env("ABLATE_CHECKPOINT_DIR", &checkpoint_dir)
         .env("ABLATE_EVENTS_FD", EVENTS_FD.to_string())
+        // For the program's own children, which may not inherit descriptor 3
+        // (`torchrun`'s workers): the same pipe by path, open while the program runs.
+        .env("ABLATE_EVENTS_PATH", format!("/proc/{}/fd/{write_fd}", std::process::id()))
+        .env(
+            "CUDA_VISIBLE_DEVICES",
+            place.visible_devices,
+        )
         .env("ABLATE_STOP_FILE", &stop_file)
         .env("ABLATE_CHECKPOINT_ACK", &ack_file)
         .stdin(Stdio::null())
@@ -274,7 +300,9 @@ pub fn run(
             place.workdir.display()
         ))
     })?;
-    drop(events_write);
+    // The write end stays open here while the program runs (its children reach the
+    // pipe through ABLATE_EVENTS_PATH); it closes once the program has ended.
+    let mut events_write = Some(events_write);
     let pgid = child.id() as i32;
     // A SIGTERM from here on reaches the program as its stop (`Stopping`).
     TERMINATED.store(false, Ordering::SeqCst);
@@ -335,6 +363,7 @@ pub fn run(
                     if let Some(status) = child.try_wait().map_err(|e| io("waiting for the program", e))? {
                         // What it left behind ends with it, and the pipe closes.
                         signal_group(pgid, libc::SIGKILL);
+                        drop(events_write.take());
                         exited = Some((status, std::time::Instant::now()));
                     }
                 }
@@ -424,5 +453,21 @@ impl Taker<'_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::visible_devices;
+
+    #[test]
+    fn a_program_sees_the_gpus_it_was_granted_and_none_on_a_cpu_slot() {
+        assert_eq!(visible_devices("cpu", None, Some("0,1")), "");
+        assert_eq!(visible_devices("cuda:1", None, None), "1");
+        // The daemon sees 2 and 3: its cuda:1 is the host's 3.
+        assert_eq!(visible_devices("cuda:1", None, Some("2,3")), "3");
+        assert_eq!(visible_devices("cuda:0", None, Some("2,3")), "2");
+        // A trial of several GPUs: its slot's list.
+        assert_eq!(visible_devices("cuda:0", Some("4,5"), Some("4,5,6,7")), "4,5");
     }
 }

@@ -175,9 +175,16 @@ pub fn run(
                     [(ordinal, params, None)] if spec.trial.is_some() => {
                         let trial = spec.trial.as_ref().expect("a command trial");
                         let scratch = store.join("command").join(format!("trial-{ordinal}"));
+                        let device = match *device {
+                            tch::Device::Cuda(i) => format!("cuda:{i}"),
+                            _ => "cpu".to_string(),
+                        };
+                        let daemon = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+                        let visible = crate::command::run::visible_devices(&device, None, daemon.as_deref());
                         let place = crate::command::run::Place {
                             workdir,
                             scratch: &scratch,
+                            visible_devices: &visible,
                         };
                         vec![
                             crate::command::run::run(trial, params, &place, &mut ctxs[0], &Limits::default())

@@ -208,6 +208,11 @@ fn input_for(shared: &Shared, slot: &Slot, trial: &proto::LeasedTrial) -> anyhow
         command: command_of(trial)?,
         workdir: None,
         code: (!trial.code_hash.is_empty()).then(|| trial.code_hash.clone()),
+        visible_devices: Some(crate::command::run::visible_devices(
+            &slot.device,
+            slot.visible_devices.as_deref(),
+            std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(),
+        )),
     })
 }
 
