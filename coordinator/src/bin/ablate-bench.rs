@@ -19,6 +19,10 @@
 //!   logging as a deployed coordinator does, once exporting traces (OTLP/gRPC to
 //!   a receiver in this process) and once with traces off, side by side.
 //!
+//! - Command trials: a no-op program's slot time beside a built-in trial's in a
+//!   warm process, and metric points/s from a Python program through the
+//!   `ablate` package beside a built-in trial's (`ablate-bench commands` runs
+//!   only these).
 //! - Dashboard: the web dashboard's data requests and its experiment page in
 //!   headless Chromium on an experiment of 1,000 trials x 10,000 steps x 2
 //!   metrics (`ablate-bench dashboard` runs only these).
@@ -31,6 +35,8 @@
 
 use std::time::{Duration, Instant};
 
+#[path = "ablate-bench/commands.rs"]
+mod commands;
 #[path = "ablate-bench/control.rs"]
 mod control;
 #[path = "ablate-bench/dashboard.rs"]
@@ -210,6 +216,10 @@ async fn main() -> Result {
     };
     let mut options = Options::new(url.clone(), "127.0.0.1:0".parse()?);
     options.max_connections = 32;
+    // The workers' object store, where command trials' code is kept.
+    let work_dir = std::env::temp_dir().join(format!("ablate-bench-{tag}"));
+    std::fs::create_dir_all(&work_dir)?;
+    options.object_store = Some(work_dir.join("objects").display().to_string());
     options.http_listen = Some("127.0.0.1:0".parse()?);
     let coordinator = Coordinator::build(options).await?;
     let addr = format!("http://{}", coordinator.local_addr());
@@ -229,6 +239,8 @@ async fn main() -> Result {
 
     let only_control = args.first().map(String::as_str) == Some("control");
     let only_dashboard = args.first().map(String::as_str) == Some("dashboard");
+    let only_commands = args.first().map(String::as_str) == Some("commands");
+    let commands_title = "Command trials (median of 3 runs)";
     let measured = async {
         if traced {
             return Ok(vec![("traced", traced_rows(&addr).await?)]);
@@ -236,6 +248,9 @@ async fn main() -> Result {
         let dashboard_title = "Dashboard (1,000 trials x 10,000 steps x 2 metrics; median of 3)";
         if only_dashboard {
             return Ok(vec![(dashboard_title, dashboard::rows(&addr, &http, &pool).await?)]);
+        }
+        if only_commands {
+            return Ok(vec![(commands_title, commands::rows(&addr, &pool, &work_dir).await?)]);
         }
         let mut sections = vec![(
             "Control plane (median of 3 runs)",
@@ -251,6 +266,7 @@ async fn main() -> Result {
                 sweeps(&addr, &pool, &admin_pool, &admin, &tag).await?,
             ));
             sections.push(("Training step (median of 3 runs)", training_steps()));
+            sections.push((commands_title, commands::rows(&addr, &pool, &work_dir).await?));
             sections.push(("DSIR", dsir_rows()?));
             sections.push((
                 "Search (synthetic task, minimum 0; median over 10 seeds of the best of 60 trials)",

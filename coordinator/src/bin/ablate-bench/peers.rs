@@ -57,6 +57,16 @@ pub(super) fn search_rows() -> Vec<Row> {
 
 /// A real worker daemon (ABLATE_WORKER_BIN) with `slots` CPU slots on the coordinator at `addr`.
 pub(super) fn start_worker(addr: &str, slots: usize, dir: &std::path::Path) -> Result<std::process::Child> {
+    start_worker_with(addr, slots, dir, &[])
+}
+
+/// The same with `extra` flags.
+pub(super) fn start_worker_with(
+    addr: &str,
+    slots: usize,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> Result<std::process::Child> {
     let bin = std::env::var("ABLATE_WORKER_BIN").map_err(|_| "set ABLATE_WORKER_BIN (cargo xtask bench does)")?;
     let log = std::fs::File::create(dir.join("worker.log"))?;
     Ok(std::process::Command::new(bin)
@@ -73,6 +83,7 @@ pub(super) fn start_worker(addr: &str, slots: usize, dir: &std::path::Path) -> R
         .arg(dir.join("objects"))
         .arg("--state-dir")
         .arg(dir.join("state"))
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(log.try_clone()?)
         .stderr(log)
