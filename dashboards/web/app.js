@@ -535,10 +535,36 @@ function trialView(id) {
       <div><h2>Final metrics</h2><table class="kv" id="final"></table></div></div>
     <h2>Curves</h2><div class="row" id="trial-curves"></div>
     <h2>Attempts</h2><div id="attempts"></div>
+    <h2>Log</h2><div id="log-attempts"></div><pre id="log" class="log">…</pre>
     <h2>Checkpoints</h2><div id="checkpoints"></div>`;
   let last = "";
+  // The attempt whose log is shown; 0: the newest.
+  let logAttempt = 0;
+  const showLog = async () => {
+    const box = document.getElementById("log");
+    try {
+      const { logs } = await api(`/api/v1/trials/${id}/logs?attempt=${logAttempt}`);
+      const links = [];
+      for (let a = 1; a <= logs.attempts; a++) {
+        links.push(a === logs.attempt ? `<b>attempt ${a}</b>` : `<a href="" data-attempt="${a}">attempt ${a}</a>`);
+      }
+      const head = document.getElementById("log-attempts");
+      head.innerHTML = `<p class="muted">${links.join(" · ")}${logs.running ? " · growing" : ""}</p>`;
+      head.querySelectorAll("a[data-attempt]").forEach((a) => a.addEventListener("click", (e) => {
+        e.preventDefault();
+        logAttempt = Number(a.dataset.attempt);
+        showLog();
+      }));
+      const follow = box.scrollTop + box.clientHeight >= box.scrollHeight - 4;
+      box.textContent = logs.text || "(nothing written yet)";
+      if (follow) box.scrollTop = box.scrollHeight;
+    } catch (e) {
+      box.textContent = String(e.message || e);
+    }
+  };
   every(3000, async () => {
     const { trial } = await api(`/api/v1/trials/${id}`);
+    await showLog();
     const text = JSON.stringify(trial);
     if (text !== last) {
       last = text;

@@ -186,7 +186,11 @@ fn run_one(input: &TrialInput, events: &Events) -> anyhow::Result<()> {
     if let Some(parent) = &input.traceparent {
         ablate_schema::trace::set_parent(&span, parent);
     }
-    let result = span.in_scope(|| train(input, events));
+    let result = span.in_scope(|| {
+        // The first line of every trial's log: what it is and where it runs.
+        tracing::info!(params = %input.params, resume_from = ?input.resume_from, "trial starting");
+        train(input, events)
+    });
     drop(span);
     ablate_schema::trace::flush();
     result
