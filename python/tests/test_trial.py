@@ -115,3 +115,72 @@ def test_log_without_metrics_says_what_to_write():
     )
     assert done.returncode != 0
     assert "log(step, loss=0.5)" in done.stderr.decode()
+
+
+def test_checkpoint_returns_once_the_worker_says_it_stored_the_step(tmp_path):
+    ack = tmp_path / "checkpoint-stored"
+    read, write = os.pipe()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ABLATE_")}
+    env.update({
+        "PYTHONPATH": PACKAGE,
+        "ABLATE_EVENTS_FD": str(write),
+        "ABLATE_CHECKPOINT_DIR": str(tmp_path / "checkpoint"),
+        "ABLATE_CHECKPOINT_ACK": str(ack),
+    })
+    body = """
+        import ablate
+        ablate.checkpoint(7)
+        print("returned")
+    """
+    program = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(body)], env=env, pass_fds=(write,), stdout=subprocess.PIPE
+    )
+    os.close(write)
+    events = os.fdopen(read)
+    assert json.loads(events.readline()) == {"checkpoint": 7}
+    # Not before the worker's word: the program still waits.
+    try:
+        program.wait(timeout=0.5)
+        raise AssertionError("checkpoint() returned before the step was stored")
+    except subprocess.TimeoutExpired:
+        pass
+    ack.write_text("7\n")
+    out, _ = program.communicate(timeout=30)
+    assert out.decode().strip() == "returned"
+    events.close()
+
+
+def test_a_child_without_the_descriptor_reaches_the_pipe_by_path():
+    """As under torchrun: the launcher's children do not inherit descriptor 3."""
+    read, write = os.pipe()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ABLATE_")}
+    env.update({
+        "PYTHONPATH": PACKAGE,
+        "ABLATE_EVENTS_FD": str(write),
+        "ABLATE_EVENTS_PATH": f"/proc/{os.getpid()}/fd/{write}",
+    })
+    launcher = """
+        import subprocess, sys
+        child = "import ablate; ablate.log(1, loss=0.25)"
+        sys.exit(subprocess.call([sys.executable, "-c", child]))
+    """
+    program = subprocess.Popen([sys.executable, "-c", textwrap.dedent(launcher)], env=env, pass_fds=(write,))
+    assert program.wait(timeout=60) == 0
+    os.close(write)
+    with os.fdopen(read) as events:
+        lines = [json.loads(line) for line in events]
+    assert lines == [{"step": 1, "metrics": {"loss": 0.25}}]
+
+
+def test_should_stop_sees_the_workers_stop_file(tmp_path):
+    stop = tmp_path / "stop"
+    _, out = run_program(
+        """
+        import ablate, pathlib, os
+        before = ablate.should_stop()
+        pathlib.Path(os.environ["ABLATE_STOP_FILE"]).write_text("stop")
+        print(before, ablate.should_stop())
+        """,
+        env={"ABLATE_STOP_FILE": str(stop)},
+    )
+    assert out.strip() == "False True"
