@@ -402,11 +402,7 @@ fn main() -> std::process::ExitCode {
             Command::Status { experiment } => commands::status::run(&addr, experiment.as_deref()).await,
             Command::Watch { experiment } => commands::watch::run(&addr, &experiment).await.map(|_| ()),
             Command::Cancel { experiment } => commands::cancel::run(&addr, &experiment).await,
-            Command::Logs {
-                trial,
-                follow,
-                attempt,
-            } => commands::logs::run(&addr, &trial, follow, attempt).await,
+            Command::Logs { trial, follow, attempt } => commands::logs::run(&addr, &trial, follow, attempt).await,
             Command::Workers { action: None } => commands::workers::run(&addr).await,
             Command::Workers {
                 action: Some(WorkersAction::Drain { worker }),

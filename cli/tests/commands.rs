@@ -42,9 +42,7 @@ fn pytorch_spec(stack: &Stack, name: &str, delay: f64) -> PathBuf {
     let example = examples().join("pytorch-mup");
     let dir = stack.dir.join(name);
     std::fs::create_dir_all(&dir).unwrap();
-    for file in ["train.py"] {
-        std::fs::copy(example.join(file), dir.join(file)).unwrap();
-    }
+    std::fs::copy(example.join("train.py"), dir.join("train.py")).unwrap();
     // The package travels with the code, as the example's link to it does.
     std::os::unix::fs::symlink(examples().join("../python"), dir.join("python")).unwrap();
     let spec = format!(
@@ -173,9 +171,7 @@ async fn a_program_killed_mid_run_resumes_from_its_checkpoint_with_the_same_curv
     // The program: a train.py whose working directory (its unpacked code) is this stack's.
     let programs: Vec<i32> = pids_of("train.py")
         .into_iter()
-        .filter(|p| {
-            std::fs::read_link(format!("/proc/{p}/cwd")).is_ok_and(|cwd| cwd.starts_with(&stack.dir))
-        })
+        .filter(|p| std::fs::read_link(format!("/proc/{p}/cwd")).is_ok_and(|cwd| cwd.starts_with(&stack.dir)))
         .collect();
     assert!(!programs.is_empty(), "the program is not running");
     for pid in &programs {
@@ -344,7 +340,9 @@ params.seed = [1]
     .unwrap();
     let of = |mode: &str| {
         rows.iter()
-            .find(|(p, _, _)| p.get("mode").and_then(|m| m.as_str()) == Some(mode) || (mode == "missing" && p.get("mode").is_none()))
+            .find(|(p, _, _)| {
+                p.get("mode").and_then(|m| m.as_str()) == Some(mode) || (mode == "missing" && p.get("mode").is_none())
+            })
             .map(|(_, outcome, error)| (outcome.clone(), error.clone().unwrap_or_default()))
             .unwrap_or_else(|| panic!("no attempt of {mode}: {rows:?}\n{}", stack.logs()))
     };
@@ -362,7 +360,10 @@ params.seed = [1]
     for (mode, outcome, says) in expect {
         let (got, error) = of(mode);
         assert_eq!(got, outcome, "{mode}: {error}");
-        assert!(error.contains(says), "{mode}: the error `{error}` does not say `{says}`");
+        assert!(
+            error.contains(says),
+            "{mode}: the error `{error}` does not say `{says}`"
+        );
     }
     // The flood's log is bounded, and says how much it left out.
     let flood: uuid::Uuid = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
@@ -376,7 +377,10 @@ params.seed = [1]
     assert!(out.stdout.len() < 2 << 20, "a log of {} bytes", out.stdout.len());
     assert!(text(&out).contains("bytes left out"));
     // No process outlived its program, and the worker's memory stayed bounded.
-    assert!(pids_of("ablate-orphan-marker").is_empty(), "an orphan outlived its program");
+    assert!(
+        pids_of("ablate-orphan-marker").is_empty(),
+        "an orphan outlived its program"
+    );
     let daemon_and_trials = pids_of(&format!("{}/worker-{worker}", stack.dir.display()));
     assert!(!daemon_and_trials.is_empty());
     for pid in daemon_and_trials {
@@ -390,7 +394,10 @@ params.seed = [1]
     }
     // `ablate status` shows each failure's reason.
     let status = text(&stack.ablate(&["status", &experiment]));
-    assert!(status.contains("holds no file") || status.contains("failed"), "{status}");
+    assert!(
+        status.contains("holds no file") || status.contains("failed"),
+        "{status}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -401,8 +408,7 @@ async fn a_cancelled_program_gets_sigterm_and_its_grace_period() {
     let spec = code_dir(
         &stack,
         "graceful",
-        &format!(
-            r#"name = "graceful"
+        r#"name = "graceful"
 family = "train"
 [trial]
 command = ["sh", "slow.sh"]
@@ -411,8 +417,7 @@ grace_seconds = 20
 [sweep]
 searcher = "grid"
 params.seed = [1]
-"#
-        ),
+"#,
         &[(
             "slow.sh",
             &format!(
@@ -434,7 +439,11 @@ params.seed = [1]
     assert!(out.status.success(), "{}", text(&out));
     let deadline = Instant::now() + Duration::from_secs(30);
     while !marker.exists() {
-        assert!(Instant::now() < deadline, "the program never saw its stop\n{}", stack.logs());
+        assert!(
+            Instant::now() < deadline,
+            "the program never saw its stop\n{}",
+            stack.logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -229,7 +229,10 @@ async fn every_page_loads_in_chromium_with_its_data_behind_the_tokens() {
     assert_eq!(status, 200, "{body}");
     let logs: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(logs["logs"]["attempt"], 1, "{body}");
-    assert!(logs["logs"]["text"].as_str().unwrap().contains("trial starting"), "{body}");
+    assert!(
+        logs["logs"]["text"].as_str().unwrap().contains("trial starting"),
+        "{body}"
+    );
     assert_eq!(api("/api/v1/experiments/not-an-id", Some(&admin)).0, 400);
     assert_eq!(
         api(&format!("/api/v1/trials/{}", uuid::Uuid::new_v4()), Some(&admin)).0,
@@ -292,7 +295,10 @@ async fn every_page_loads_in_chromium_with_its_data_behind_the_tokens() {
     let dom = page(&format!("/#/trials/{trial}"), "trial");
     assert!(dom.contains("Checkpoints") && dom.contains("<code>"), "{dom}");
     assert!(dom.contains("long_curve (10000 points)"), "{dom}");
-    assert!(dom.contains("<b>attempt 1</b>") && dom.contains("trial starting"), "{dom}");
+    assert!(
+        dom.contains("<b>attempt 1</b>") && dom.contains("trial starting"),
+        "{dom}"
+    );
 
     let dom = page("/#/workers", "workers");
     assert!(dom.contains("id=\"workers-table\""), "{dom}");

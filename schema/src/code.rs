@@ -77,7 +77,9 @@ pub fn pack(dir: &Path) -> Result<Packed, String> {
     for (relative, path) in &files {
         let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let executable = std::os::unix::fs::PermissionsExt::mode(
-            &std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?.permissions(),
+            &std::fs::metadata(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .permissions(),
         ) & 0o111
             != 0;
         let mut header = tar::Header::new_gnu();
@@ -112,7 +114,9 @@ pub fn open(archive: &[u8], hash: &str) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("the packed code is not a gzipped tar: {e}"))?;
     let actual = hex(&Sha256::digest(&tar));
     if actual != hash {
-        return Err(format!("the packed code's hash is {actual}, not {hash}: it was changed or cut short"));
+        return Err(format!(
+            "the packed code's hash is {actual}, not {hash}: it was changed or cut short"
+        ));
     }
     Ok(tar)
 }

@@ -48,6 +48,13 @@ pub fn code_path(prefix: &Path, hash: &str) -> Path {
 pub fn log_path(prefix: &Path, experiment: &str, trial: &str, attempt: u32) -> Path {
     under(
         prefix,
-        &["experiments", experiment, "trials", trial, "logs", &format!("attempt-{attempt}.log")],
+        &[
+            "experiments",
+            experiment,
+            "trials",
+            trial,
+            "logs",
+            &format!("attempt-{attempt}.log"),
+        ],
     )
 }

@@ -60,7 +60,10 @@ fn pack_code(spec: &Path, text: &str, format: SpecFormat) -> anyhow::Result<Opti
     let Some(code) = parsed.trial.as_ref().and_then(|t| t.code.as_deref()) else {
         return Ok(None);
     };
-    let folder = spec.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let folder = spec
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let dir = folder.join(code);
     let packed = ablate_schema::code::pack(&dir).map_err(|e| anyhow::anyhow!("{}: trial.code: {e}", spec.display()))?;
     eprintln!(

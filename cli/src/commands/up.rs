@@ -86,7 +86,12 @@ async fn serve(
     args.limits.apply(&mut options);
     options.http_listen = http;
     // The coordinator keeps command trials' code where the local worker reads objects.
-    options.object_store = Some(std::path::absolute(&args.state.state_dir)?.join("objects").display().to_string());
+    options.object_store = Some(
+        std::path::absolute(&args.state.state_dir)?
+            .join("objects")
+            .display()
+            .to_string(),
+    );
     // Tokens on, set up for the local user: an admin token kept in the
     // credentials file under this coordinator's address, a worker token for
     // the local worker under the state directory (both mode 0600).

@@ -125,7 +125,15 @@ pub async fn drain(pool: &PgPool, id: &str) -> Result<Drained> {
 pub async fn waiting_reason(pool: &PgPool, id: ExperimentId, lease_ttl: std::time::Duration) -> Result<Option<String>> {
     // The pool and labels asked for, GPUs per trial, the most GPUs of a matching live worker.
     // Then how many pending trials still wait for others (trial dependencies), of how many.
-    type Wants = (Option<String>, Option<serde_json::Value>, i32, Option<i64>, i64, i64, bool);
+    type Wants = (
+        Option<String>,
+        Option<serde_json::Value>,
+        i32,
+        Option<i64>,
+        i64,
+        i64,
+        bool,
+    );
     let row: Option<Wants> = sqlx::query_as(
         "select e.pool, e.labels, e.gpus_per_trial,
                 (select max((select count(distinct split_part(d, '#', 1)) from unnest(w.devices) d

@@ -264,11 +264,11 @@ pub fn run(
         .env("ABLATE_EVENTS_FD", EVENTS_FD.to_string())
         // For the program's own children, which may not inherit descriptor 3
         // (`torchrun`'s workers): the same pipe by path, open while the program runs.
-        .env("ABLATE_EVENTS_PATH", format!("/proc/{}/fd/{write_fd}", std::process::id()))
         .env(
-            "CUDA_VISIBLE_DEVICES",
-            place.visible_devices,
+            "ABLATE_EVENTS_PATH",
+            format!("/proc/{}/fd/{write_fd}", std::process::id()),
         )
+        .env("CUDA_VISIBLE_DEVICES", place.visible_devices)
         .env("ABLATE_STOP_FILE", &stop_file)
         .env("ABLATE_CHECKPOINT_ACK", &ack_file)
         .stdin(Stdio::null())

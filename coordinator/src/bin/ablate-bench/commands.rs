@@ -51,7 +51,8 @@ async fn run(addr: &str, pool: &sqlx::PgPool, spec: &str, code: Option<&std::pat
 
 /// The program of the points row: `points` metric points logged as fast as the
 /// package takes them.
-const LOGGER: &str = "import ablate.trial as t\nn = int(t.params()['points'])\nfor i in range(n):\n    t.log(i, loss=1.0 / (i + 1))\n";
+const LOGGER: &str =
+    "import ablate.trial as t\nn = int(t.params()['points'])\nfor i in range(n):\n    t.log(i, loss=1.0 / (i + 1))\n";
 
 fn median(mut runs: Vec<f64>) -> f64 {
     runs.sort_by(f64::total_cmp);
