@@ -184,24 +184,28 @@ pub(crate) fn provision_venv(name: &str, package: &str, program: &str) -> Result
     Ok(bin)
 }
 
-/// PyPI's torch (with its dependencies: PyTorch for Python, which the lean libtorch
-/// the build uses is not) for the command-trial examples and tests; returns its python.
-pub(crate) fn provision_torch_python() -> Result<PathBuf> {
-    let venv = cache_dir().join("torch-venv");
+/// A venv under the cache holding `packages` from PyPI; returns its python. Made once:
+/// kept while its marker, which names `pins`, is there, so a change of pin reinstalls
+/// and a cut install is redone.
+fn provision_pinned_venv(name: &str, pins: &str, what: &str, packages: &[&str]) -> Result<PathBuf> {
+    let venv = cache_dir().join(name);
     let python = venv.join("bin/python");
-    // The marker names the pin, so a change of pin reinstalls; a cut install is redone.
-    let ready = venv.join(format!(".ablate-torch-ready-{TORCH_VERSION}"));
+    let ready = venv.join(format!(".ablate-ready-{pins}"));
     if ready.exists() {
         return Ok(python);
     }
-    eprintln!(
-        "xtask: installing torch=={TORCH_VERSION} from PyPI into {} (once; several GB)",
-        venv.display()
-    );
+    eprintln!("xtask: installing {what} from PyPI into {}", venv.display());
     run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", &format!("torch=={TORCH_VERSION}")]))?;
+    run(Command::new(venv.join("bin/pip")).args(["install", "--quiet"]).args(packages))?;
     std::fs::write(&ready, "").map_err(|e| e.to_string())?;
     Ok(python)
+}
+
+/// PyPI's torch (with its dependencies: PyTorch for Python, which the lean libtorch
+/// the build uses is not) for the command-trial examples and tests; returns its python.
+pub(crate) fn provision_torch_python() -> Result<PathBuf> {
+    let torch = format!("torch=={TORCH_VERSION}");
+    provision_pinned_venv("torch-venv", &torch, &format!("{torch} (once; several GB)"), &[&torch])
 }
 
 /// moto's S3 server for the object-storage tests; returns its venv's bin dir.
@@ -299,42 +303,16 @@ pub(crate) fn provision_fashion_mnist() -> Result {
 
 /// The peers `bench` runs beside ours (Ray Tune, Optuna, MLflow, PyTorch), in a venv of their own.
 pub(crate) fn provision_peers() -> Result<PathBuf> {
-    let venv = cache_dir().join("peers-venv");
-    let python = venv.join("bin/python");
-    // The marker names the pins, so a change of pin reinstalls.
-    let ready = venv.join(format!(".ablate-peers-ready-{OPTUNA}-{RAY_TUNE}-{MLFLOW}"));
-    if ready.exists() {
-        return Ok(python);
-    }
-    eprintln!(
-        "xtask: installing the bench's peers from PyPI into {} (once; several GB with torch)",
-        venv.display()
-    );
-    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    run(Command::new(venv.join("bin/pip")).args([
-        "install",
-        "--quiet",
-        &format!("torch=={TORCH_VERSION}"),
-        RAY_TUNE,
-        OPTUNA,
-        MLFLOW,
-        "psycopg2-binary",
-    ]))?;
-    std::fs::write(&ready, "").map_err(|e| e.to_string())?;
-    Ok(python)
+    let torch = format!("torch=={TORCH_VERSION}");
+    provision_pinned_venv(
+        "peers-venv",
+        &format!("{OPTUNA}-{RAY_TUNE}-{MLFLOW}"),
+        "the bench's peers (once; several GB with torch)",
+        &[&torch, RAY_TUNE, OPTUNA, MLFLOW, "psycopg2-binary"],
+    )
 }
 
 /// Optuna alone (for `cargo xtask bench search`), in a small venv of its own.
 pub(crate) fn provision_optuna() -> Result<PathBuf> {
-    let venv = cache_dir().join("optuna-venv");
-    let python = venv.join("bin/python");
-    let ready = venv.join(format!(".ablate-optuna-ready-{OPTUNA}"));
-    if ready.exists() {
-        return Ok(python);
-    }
-    eprintln!("xtask: installing {OPTUNA} from PyPI into {}", venv.display());
-    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", OPTUNA]))?;
-    std::fs::write(&ready, "").map_err(|e| e.to_string())?;
-    Ok(python)
+    provision_pinned_venv("optuna-venv", OPTUNA, OPTUNA, &[OPTUNA])
 }
