@@ -348,7 +348,7 @@ pub struct ServeArgs {
     pub http_listen: Option<SocketAddr>,
     /// The workers' object store (a directory or s3://bucket/prefix): where command
     /// trials' packed code is kept and trials' logs are read.
-    #[arg(long)]
+    #[arg(long, env = "ABLATE_OBJECT_STORE")]
     pub object_store: Option<String>,
     #[command(flatten)]
     pub limits: LimitArgs,
