@@ -395,7 +395,10 @@ params.seed = [1]
     // `ablate status` shows each failure's reason.
     let status = text(&stack.ablate(&["status", &experiment]));
     for says in ["event line is not JSON", "unknown event", "U+0000", "holds no file"] {
-        assert!(status.contains(says), "`ablate status` does not say `{says}`:\n{status}");
+        assert!(
+            status.contains(says),
+            "`ablate status` does not say `{says}`:\n{status}"
+        );
     }
     let status = text(&stack.ablate(&["status", &missing]));
     assert!(status.contains("cannot start `no-such-program-here`"), "{status}");

@@ -196,7 +196,9 @@ fn provision_pinned_venv(name: &str, pins: &str, what: &str, packages: &[&str]) 
     }
     eprintln!("xtask: installing {what} from PyPI into {}", venv.display());
     run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    run(Command::new(venv.join("bin/pip")).args(["install", "--quiet"]).args(packages))?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet"])
+        .args(packages))?;
     std::fs::write(&ready, "").map_err(|e| e.to_string())?;
     Ok(python)
 }

@@ -154,6 +154,12 @@ fn restore_checkpoint(dir: &Path, ctx: &mut TrialContext<'_>) -> Result<Option<u
     Ok(Some(snapshot.step))
 }
 
+/// What the run hears from the program: an event line (or why it is unreadable), or its end.
+enum Heard {
+    Line(Result<String, String>),
+    Exited(std::io::Result<std::process::ExitStatus>),
+}
+
 /// Reads one line of at most `max` bytes; `Ok(None)` at the end of the stream.
 fn bounded_line(reader: &mut impl BufRead, max: usize) -> Result<Option<Vec<u8>>, String> {
     let mut line = Vec::new();
@@ -293,7 +299,7 @@ pub fn run(
             Ok(())
         });
     }
-    let mut child = command.spawn().map_err(|e| {
+    let child = command.spawn().map_err(|e| {
         TrialError::Program(format!(
             "cannot start `{}` (in {}): {e}",
             argv[0],
@@ -318,7 +324,8 @@ pub fn run(
 
     // A thread reads the pipe (a child the program left behind may hold it open);
     // this one takes the events and watches the program.
-    let (lines, events) = std::sync::mpsc::sync_channel::<Result<String, String>>(256);
+    let (lines, events) = std::sync::mpsc::sync_channel::<Heard>(256);
+    let waiter = lines.clone();
     std::thread::spawn(move || {
         let mut reader = BufReader::new(std::fs::File::from(events_read));
         loop {
@@ -328,10 +335,15 @@ pub fn run(
                 Err(e) => Err(e),
             };
             let stop = line.is_err();
-            if lines.send(line).is_err() || stop {
+            if lines.send(Heard::Line(line)).is_err() || stop {
                 return;
             }
         }
+    });
+    // A thread waits for the program, so its end is heard at once.
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = waiter.send(Heard::Exited(child.wait()));
     });
     let mut taker = Taker {
         checkpoint_dir: &checkpoint_dir,
@@ -339,47 +351,54 @@ pub fn run(
         last_checkpoint: None,
         limits,
     };
-    let mut exited: Option<(std::process::ExitStatus, std::time::Instant)> = None;
+    let mut exited: Option<(std::io::Result<std::process::ExitStatus>, std::time::Instant)> = None;
     // Whether the events taken so far are handed on.
     let mut flushed = true;
     let taken: Result<(), TrialError> = loop {
         stopping.check(pgid);
         match events.recv_timeout(std::time::Duration::from_millis(50)) {
-            Ok(Ok(line)) => {
+            Ok(Heard::Line(Ok(line))) => {
                 flushed = false;
                 if let Err(e) = taker.take(&line, ctx) {
                     break Err(e);
                 }
             }
-            Ok(Err(e)) => break Err(TrialError::Program(e)),
+            Ok(Heard::Line(Err(e))) => break Err(TrialError::Program(e)),
+            Ok(Heard::Exited(status)) => {
+                // What it left behind ends with it, and the pipe closes.
+                signal_group(pgid, libc::SIGKILL);
+                drop(events_write.take());
+                exited = Some((status, std::time::Instant::now()));
+            }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => match exited {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => match &exited {
                 None if !flushed => {
                     // Quiet for a moment: what it logged goes on now.
                     ctx.metrics.flush();
                     flushed = true;
                 }
-                None => {
-                    if let Some(status) = child.try_wait().map_err(|e| io("waiting for the program", e))? {
-                        // What it left behind ends with it, and the pipe closes.
-                        signal_group(pgid, libc::SIGKILL);
-                        drop(events_write.take());
-                        exited = Some((status, std::time::Instant::now()));
-                    }
-                }
                 // A process out of its group still holds the pipe: its events are not the trial's.
                 Some((_, since)) if since.elapsed() > std::time::Duration::from_secs(5) => break Ok(()),
-                Some(_) => {}
+                _ => {}
             },
         }
     };
     if taken.is_err() {
         signal_group(pgid, libc::SIGKILL);
     }
+    drop(events_write);
+    // The program's end, heard after what is left of its events.
     let status = match exited {
         Some((status, _)) => status,
-        None => child.wait().map_err(|e| io("waiting for the program", e))?,
-    };
+        None => loop {
+            match events.recv() {
+                Ok(Heard::Exited(status)) => break status,
+                Ok(Heard::Line(_)) => {}
+                Err(_) => break Err(std::io::Error::other("the program's waiter ended without its status")),
+            }
+        },
+    }
+    .map_err(|e| io("waiting for the program", e))?;
     // Whatever it started ends with it.
     signal_group(pgid, libc::SIGKILL);
     // SAFETY: restoring the default action; a stop this process got ends it now,
