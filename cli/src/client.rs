@@ -61,6 +61,10 @@ struct Credentials {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Entry {
     token: String,
+    /// The coordinator's HTTP API (`/api/v1`), where clients without gRPC (the
+    /// Python package's `ablate.Client`) reach it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    api: Option<String>,
 }
 
 fn read_credentials() -> anyhow::Result<Credentials> {
@@ -85,16 +89,22 @@ pub fn token_for(addr: &str) -> anyhow::Result<Option<String>> {
         .map(|e| e.token))
 }
 
-/// Keeps `token` for `addr` in the credentials file (mode 0600).
-pub fn store_token(addr: &str, token: &str) -> anyhow::Result<PathBuf> {
+/// Keeps `token` for `addr` in the credentials file (mode 0600), with the
+/// coordinator's HTTP API address when it is known (`api`), else the one kept before.
+pub fn store_token(addr: &str, token: &str, api: Option<&str>) -> anyhow::Result<PathBuf> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let path = credentials_path();
     let mut credentials = read_credentials()?;
+    let key = addr.trim_end_matches('/').to_string();
+    let api = api
+        .map(|a| a.trim_end_matches('/').to_string())
+        .or_else(|| credentials.coordinators.get(&key).and_then(|e| e.api.clone()));
     credentials.coordinators.insert(
-        addr.trim_end_matches('/').to_string(),
+        key,
         Entry {
             token: token.trim().to_string(),
+            api,
         },
     );
     if let Some(dir) = path.parent() {

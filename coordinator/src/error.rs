@@ -24,6 +24,9 @@ pub enum Error {
     Db(#[from] sqlx::Error),
     #[error("migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The caller may not do this (another's experiment).
+    #[error("{0}")]
+    Forbidden(String),
     /// The object store (packed code, logs) failed.
     #[error("object store: {0}")]
     Objects(String),
@@ -34,6 +37,7 @@ impl From<Error> for Status {
         let code = match &error {
             Error::InvalidSpec(_) | Error::InvalidArgument(_) | Error::Query(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
+            Error::Forbidden(_) => Code::PermissionDenied,
             Error::StaleLease { .. } => Code::FailedPrecondition,
             Error::Busy(_) => Code::ResourceExhausted,
             Error::Db(_) | Error::Migrate(_) | Error::Objects(_) => Code::Unavailable,

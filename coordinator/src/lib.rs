@@ -190,8 +190,9 @@ impl Coordinator {
                 web::router(
                     self.pool.clone(),
                     self.tokens.clone(),
-                    self.options.lease_ttl,
+                    &self.options,
                     self.objects.clone(),
+                    self.reader.clone(),
                 ),
                 self.tokens.clone(),
                 async {

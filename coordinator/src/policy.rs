@@ -90,6 +90,8 @@ pub const HTTP: &[(&str, Access)] = &[
     ("/api/v1/experiments/{id}/trials", RESEARCH),
     ("/api/v1/experiments/{id}/curves", RESEARCH),
     ("/api/v1/experiments/{id}/report", RESEARCH),
+    ("/api/v1/experiments/{id}/cancel", RESEARCH),
+    ("/api/v1/sql", RESEARCH),
     ("/api/v1/trials/{id}", RESEARCH),
     ("/api/v1/trials/{id}/curves", RESEARCH),
     ("/api/v1/trials/{id}/logs", RESEARCH),

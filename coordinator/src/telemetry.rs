@@ -72,6 +72,8 @@ pub async fn serve(
         })
         .merge(dashboard)
         .route_layer(axum::middleware::from_fn_with_state(tokens, crate::web::authorize));
+    // Each request knows its peer's address (the SQL endpoint admits per address).
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     if let Err(error) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
         tracing::error!(%error, "the HTTP listener stopped");
     }

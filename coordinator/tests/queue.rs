@@ -265,15 +265,15 @@ async fn a_bad_spec_stores_nothing(pool: PgPool) {
         SPEC.replace("steps = 10", "steps = 10\nstepz = 1"),
         SPEC.replace("steps = 10\n", "steps = \"ten\"\n"),
         SPEC.replace("params.seed = [0, 1, 2, 3, 4, 5]", "params.seed = []"),
-        // A command trial: the workers do not lease them yet.
-        format!("{SPEC}[trial]\ncommand = [\"sh\", \"train.sh\", \"{{seed}}\"]\n"),
+        // A command trial whose code folder came without its packed code.
+        format!("{SPEC}[trial]\ncommand = [\"sh\", \"train.sh\", \"{{seed}}\"]\ncode = \".\"\n"),
     ] {
         let err = submit::submit(&pool, &bad, SpecFormat::Toml, &Default::default())
             .await
             .unwrap_err();
         assert!(matches!(err, Error::InvalidSpec(_)), "{err}");
         if bad.contains("[trial]") {
-            assert!(err.to_string().contains("ablate-worker sweep"), "{err}");
+            assert!(err.to_string().contains("which packs it"), "{err}");
         }
     }
     assert_eq!(count(&pool, "select count(*) from experiments").await, 0);

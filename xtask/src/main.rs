@@ -215,7 +215,7 @@ fn test() -> Result {
     let kubernetes_validate = provision_kubernetes_validate()?;
     provision_slurm()?;
     let chromium = provision_chromium()?;
-    let pytest = provision_venv("pytest-venv", "pytest==9.0.2", "pytest")?;
+    let pytest = provision_pytest()?;
     let torch_python = provision_torch_python()?;
     eprintln!("xtask: tests use {url}");
     let science = science::start(&[
@@ -245,9 +245,10 @@ fn test() -> Result {
             .env("DATABASE_URL", &url)
             .env("ABLATE_MOTO_BIN", &moto))?;
         // The Python package's tests (python/).
-        run(Command::new(pytest.join("pytest"))
-            .args(["-q", "-p", "no:cacheprovider"])
-            .arg(workspace_root().join("python/tests")))?;
+        run(Command::new(pytest)
+            .args(["-q", "-s", "-p", "no:cacheprovider"])
+            .arg(workspace_root().join("python/tests"))
+            .env("ABLATE_BIN_DIR", bin_dir("debug")))?;
         // The GPU check's script, on the CPU with its specs cut to a few steps.
         gpu(&["--dry-run".to_string()])
     })();

@@ -203,6 +203,13 @@ fn provision_pinned_venv(name: &str, pins: &str, what: &str, packages: &[&str]) 
     Ok(python)
 }
 
+/// pytest and pandas (the Python package's tests, its client's DataFrames); returns pytest.
+pub(crate) fn provision_pytest() -> Result<PathBuf> {
+    let packages = ["pytest==9.0.2", "pandas==2.3.3"];
+    let python = provision_pinned_venv("pytest-venv", &packages.join("-"), &packages.join(" "), &packages)?;
+    Ok(python.with_file_name("pytest"))
+}
+
 /// PyPI's torch (with its dependencies: PyTorch for Python, which the lean libtorch
 /// the build uses is not) for the command-trial examples and tests; returns its python.
 pub(crate) fn provision_torch_python() -> Result<PathBuf> {

@@ -20,7 +20,7 @@ pub async fn login(addr: &str, token: Option<String>) -> anyhow::Result<()> {
     if token.is_empty() {
         anyhow::bail!("no token given");
     }
-    let path = store_token(addr, &token)?;
+    let path = store_token(addr, &token, None)?;
     eprintln!("the token for {addr} is kept in {} (mode 0600)", path.display());
     Ok(())
 }

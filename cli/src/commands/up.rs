@@ -106,7 +106,8 @@ async fn serve(
         .ensure_token_file(&worker_token, ablate_coordinator::auth::Role::Worker)
         .await?;
     let admin = std::fs::read_to_string(state.join("admin.token"))?;
-    let kept = crate::client::store_token(&coordinator_url, admin.trim())?;
+    let api = coordinator.http_addr().map(|a| format!("http://{a}"));
+    let kept = crate::client::store_token(&coordinator_url, admin.trim(), api.as_deref())?;
     eprintln!("your admin token for {coordinator_url} is kept in {}", kept.display());
     if let Some(http) = coordinator.http_addr() {
         eprintln!("metrics at http://{http}/metrics");

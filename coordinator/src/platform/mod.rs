@@ -7,6 +7,7 @@
 //! (`tokens`). The edges convert messages into the domain types here and back.
 
 pub mod completion;
+pub mod experiments;
 pub mod ingest;
 pub mod lease;
 pub mod logs;

@@ -166,17 +166,7 @@ impl experiments_server::Experiments for ExperimentsService {
     async fn cancel(&self, request: Request<proto::CancelRequest>) -> Result<Response<proto::CancelResponse>, Status> {
         let caller = request.extensions().get::<Caller>().cloned();
         let id = parse_id(ExperimentId::parse, &request.into_inner().experiment_id)?;
-        if let Some(caller) = caller.filter(|c| c.role != Role::Admin) {
-            let owner = db::submitter(&self.pool, id).await?;
-            if owner.as_deref() != Some(caller.name.as_str()) {
-                return Err(Status::permission_denied(format!(
-                    "experiment {id} was submitted by {}; only they or an admin may cancel it",
-                    owner.as_deref().unwrap_or("no one with a token")
-                )));
-            }
-        }
-        let n = db::cancel(&self.pool, id).await?;
-        tracing::info!(experiment = %id, trials = n, "experiment cancelled");
+        let n = crate::platform::experiments::cancel(&self.pool, caller.as_ref(), id).await?;
         Ok(Response::new(proto::CancelResponse {
             trials_cancelled: n as u32,
         }))

@@ -14,7 +14,7 @@ use ablate_schema::{ExperimentId, TrialId};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -26,6 +26,7 @@ use crate::downsample::lttb;
 use crate::{db, Error};
 
 mod session;
+mod writes;
 
 pub(crate) use session::authorize;
 use session::{login, logout};
@@ -76,18 +77,33 @@ struct Web {
     lease_ttl: Duration,
     /// The workers' object store, for trials' logs.
     objects: Option<crate::Objects>,
+    /// Researchers' SQL: their own pool and admission.
+    reader: crate::reader::Reader,
+    limits: ablate_schema::Limits,
+    data_roots: Vec<std::path::PathBuf>,
 }
 
 /// The dashboard's routes, to merge into the HTTP listener's.
-pub fn router(pool: PgPool, tokens: Option<Tokens>, lease_ttl: Duration, objects: Option<crate::Objects>) -> Router {
+pub(crate) fn router(
+    pool: PgPool,
+    tokens: Option<Tokens>,
+    options: &crate::Options,
+    objects: Option<crate::Objects>,
+    reader: crate::reader::Reader,
+) -> Router {
     let web = Web {
         pool,
         tokens,
-        lease_ttl,
+        lease_ttl: options.lease_ttl,
         objects,
+        reader,
+        limits: options.limits,
+        data_roots: options.data_roots.clone(),
     };
     let api = Router::new()
-        .route("/api/v1/experiments", get(experiments))
+        .route("/api/v1/experiments", get(experiments).post(writes::submit))
+        .route("/api/v1/experiments/{id}/cancel", post(writes::cancel))
+        .route("/api/v1/sql", post(writes::sql))
         .route("/api/v1/experiments/{id}", get(experiment))
         .route("/api/v1/experiments/{id}/trials", get(trials))
         .route("/api/v1/experiments/{id}/curves", get(experiment_curves))
@@ -142,6 +158,7 @@ impl From<Error> for ApiError {
     fn from(error: Error) -> ApiError {
         let status = match &error {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::InvalidArgument(_) | Error::InvalidSpec(_) | Error::Query(_) => StatusCode::BAD_REQUEST,
             Error::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             _ => {

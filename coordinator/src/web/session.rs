@@ -14,14 +14,18 @@ use crate::policy;
 /// The session cookie.
 const COOKIE: &str = "ablate_session";
 
-/// The token a request carries: `Authorization: Bearer`, else the session cookie.
-fn request_token(headers: &HeaderMap) -> Option<String> {
-    let bearer = headers
+/// The token of an `Authorization: Bearer` header.
+fn bearer_token(headers: &HeaderMap) -> Option<String> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_string());
-    bearer.or_else(|| {
+        .map(|t| t.trim().to_string())
+}
+
+/// The token a request carries: `Authorization: Bearer`, else the session cookie.
+fn request_token(headers: &HeaderMap) -> Option<String> {
+    bearer_token(headers).or_else(|| {
         headers
             .get_all(header::COOKIE)
             .iter()
@@ -39,13 +43,24 @@ fn request_token(headers: &HeaderMap) -> Option<String> {
 pub(crate) async fn authorize(
     State(tokens): State<Option<Tokens>>,
     matched: Option<MatchedPath>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     let Some(tokens) = &tokens else {
         return next.run(request).await;
     };
     let route = matched.as_ref().map_or("", |m| m.as_str());
+    // A write (any method but GET and HEAD) takes its token from the Authorization
+    // header alone: a browser sends the session cookie with a request another site
+    // makes it send, never a header, so no other site can write with the session.
+    let write = !matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+    if write && bearer_token(request.headers()).is_none() {
+        return ApiError(
+            StatusCode::FORBIDDEN,
+            "a write needs its token in an Authorization: Bearer header (the session cookie is for reading)".into(),
+        )
+        .into_response();
+    }
     let Some(access) = policy::http(route) else {
         return ApiError(
             StatusCode::FORBIDDEN,
@@ -71,7 +86,11 @@ pub(crate) async fn authorize(
         .into_response();
     };
     match policy::check(access, caller.role) {
-        Ok(()) => next.run(request).await,
+        Ok(()) => {
+            // Who calls, for the writes that record it or depend on it.
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
         Err(roles) => ApiError(
             StatusCode::FORBIDDEN,
             format!(
