@@ -169,19 +169,24 @@ class Client:
         experiment: str,
         metrics: Union[str, Iterable[str], None] = None,
         trials: Optional[Iterable[str]] = None,
-        points: int = 500,
+        points: Optional[int] = 500,
         frame: bool = False,
         wide: bool = False,
     ) -> Any:
         """Curves of one or several metrics (the objective's when none is named), of
         ``trials`` (the best when none are named), each reduced by the coordinator
-        to at most ``points`` points (at most 2,000; every point: :meth:`sql` on
-        ``ablate.metric_series``). A list of ``{trial_id, ordinal, metric, steps,
-        values, total_points}``; with ``frame``, a long DataFrame (trial_id, ordinal,
-        metric, step, value), or with ``wide`` too a column per metric."""
+        to at most ``points`` points (at most 2,000), or every point with
+        ``points=None`` (read from ``ablate.metric_series``). A list of ``{trial_id,
+        ordinal, metric, steps, values, total_points}``; with ``frame``, a long
+        DataFrame (trial_id, ordinal, metric, step, value), or with ``wide`` too a
+        column per metric."""
         names = [metrics] if isinstance(metrics, str) else list(metrics or [None])
+        trials = list(trials) if trials else None
         series: List[Dict[str, Any]] = []
         for name in names:
+            if points is None:
+                series += self._every_point(experiment, name, trials)
+                continue
             query = {"metric": name, "points": points, "trials": ",".join(trials) if trials else None}
             series += self._call("GET", f"/api/v1/experiments/{experiment}/curves", query=query)["series"]
         if not frame:
@@ -195,6 +200,42 @@ class Client:
         if wide:
             return table.pivot_table(index=["trial_id", "ordinal", "step"], columns="metric", values="value").reset_index()
         return table
+
+    def _every_point(self, experiment: str, metric: Optional[str], trials: Optional[List[str]]) -> List[Dict[str, Any]]:
+        """Every point of one metric's curves, as the coordinator's series are shaped."""
+        if metric is None:
+            metric = self.status(experiment).get("objective_metric") or "train_loss"
+        if trials is None:
+            best = self._call("GET", f"/api/v1/experiments/{experiment}/curves", query={"metric": metric, "points": 3})
+            trials = [s["trial_id"] for s in best["series"]]
+        if not trials:
+            return []
+        ids = ",".join("'" + _uuid(t) + "'" for t in trials)
+        rows = self.sql(
+            f"select m.trial_id::text as trial_id, t.ordinal, m.step, m.value from ablate.metric_series m "
+            f"join ablate.trial_results t on t.trial_id = m.trial_id "
+            f"where m.experiment_id = '{_uuid(experiment)}' and m.name = {_quote(metric)} "
+            f"and m.trial_id in ({ids}) order by t.ordinal, m.step",
+            frame=False,
+        )
+        series: Dict[str, Dict[str, Any]] = {}
+        for row in rows:
+            s = series.setdefault(row["trial_id"], {"trial_id": row["trial_id"], "ordinal": row["ordinal"],
+                                                    "metric": metric, "steps": [], "values": []})
+            s["steps"].append(row["step"])
+            s["values"].append(row["value"])
+        for s in series.values():
+            s["total_points"] = len(s["steps"])
+        return list(series.values())
+
+    def attempts(self, experiment: str, frame: bool = False) -> Any:
+        """Every attempt of its trials: outcome, error, stderr tail, worker, and what it ran
+        on and with (``ablate.trial_attempts``: versions, commit, device, host, code)."""
+        return self.sql(
+            f"select * from ablate.trial_attempts where experiment_id = '{_uuid(experiment)}' "
+            f"order by ordinal, attempt",
+            frame=frame,
+        )
 
     def report(self, experiment: str) -> Dict[str, Any]:
         """The family's report: its tables, figures' data and ``verdict`` (``holds``, criteria)."""
@@ -266,8 +307,22 @@ class Experiment:
     def curves(self, *args: Any, **kwargs: Any) -> Any:
         return self.client.curves(self.id, *args, **kwargs)
 
+    def attempts(self, frame: bool = False) -> Any:
+        return self.client.attempts(self.id, frame=frame)
+
     def report(self) -> Dict[str, Any]:
         return self.client.report(self.id)
+
+
+def _uuid(text: str) -> str:
+    """An id as SQL may hold it: a UUID, or the call is refused here."""
+    import uuid
+
+    return str(uuid.UUID(str(text)))
+
+
+def _quote(text: str) -> str:
+    return "'" + str(text).replace("'", "''") + "'"
 
 
 def _pandas() -> Any:

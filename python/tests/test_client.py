@@ -111,9 +111,20 @@ def test_a_dict_spec_runs_and_its_trials_match_ablate_sql_row_for_row(stack):
     assert {s["metric"] for s in series} == {"train_loss", "eval_loss"}
     train = next(s for s in series if s["metric"] == "train_loss")
     assert train["total_points"] == len(train["steps"]) == 30
-    every = client.sql(f"select step, value from ablate.metric_series where trial_id = '{trials[0]['id']}' "
-                       f"and name = 'train_loss' order by step", frame=False)
-    assert [(r["step"], r["value"]) for r in every] == list(zip(train["steps"], train["values"]))
+    every = stack.ablate("sql", f"select step, value from ablate.metric_series where trial_id = '{trials[0]['id']}' "
+                         f"and name = 'train_loss' order by step", "--format", "csv").stdout.strip().splitlines()[1:]
+    assert len(every) == 30
+    for line, step, value in zip(every, train["steps"], train["values"]):
+        s, v = line.split(",")
+        assert int(s) == step and abs(float(v) - value) <= 1e-12 * max(1.0, abs(value))
+    # Every point on request, the same as the reduced curve of a short run.
+    full = exp.curves("train_loss", trials=[trials[0]["id"]], points=None)
+    assert full[0]["steps"] == train["steps"] and full[0]["values"] == train["values"]
+    wide = exp.curves(["train_loss", "eval_loss"], trials=[trials[0]["id"]], points=2000, frame=True, wide=True)
+    assert list(wide["step"]) == train["steps"] and "train_loss" in wide.columns
+    attempts = exp.attempts()
+    assert len(attempts) == 6 and all(a["outcome"] == "succeeded" for a in attempts)
+    assert all(a["host"] for a in attempts)
     report = exp.report()
     assert "verdict" in report
 
