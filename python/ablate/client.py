@@ -342,10 +342,11 @@ def _frame(rows: List[Dict[str, Any]]) -> Any:
 
 
 def _progress(wanted: bool, total: Optional[int]) -> Any:
-    if not wanted or not sys.stderr.isatty():
+    """A progress bar (tqdm's, a notebook widget in a notebook) when tqdm is installed."""
+    if not wanted:
         return None
     try:
-        from tqdm import tqdm
+        from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, unit="trial")
+    return tqdm(total=total, unit="trial", file=sys.stderr)
