@@ -209,8 +209,9 @@ async fn detach(args: &UpArgs, http: Option<std::net::SocketAddr>) -> anyhow::Re
     let mut child = command.spawn()?;
     std::fs::write(pid_file(state), child.id().to_string())?;
     let addr = format!("http://{}", args.listen);
-    for _ in 0..240 {
-        if crate::client::connect(&addr).await.is_ok() {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        if answers(&addr).await {
             eprintln!(
                 "ablate is up in the background: coordinator {addr}; log {}; `ablate down` stops it",
                 log_path.display()
@@ -232,6 +233,20 @@ async fn detach(args: &UpArgs, http: Option<std::net::SocketAddr>) -> anyhow::Re
         "the stack did not come up within 60 s, so it was stopped; see {}",
         log_path.display()
     )
+}
+
+/// Whether the coordinator at `addr` serves calls: any answer but `unavailable`
+/// (a refusal of another token in ABLATE_TOKEN is an answer). It serves only after
+/// it has kept its token for this user, so a client started next finds it.
+async fn answers(addr: &str) -> bool {
+    let call = async {
+        let mut client = crate::client::connect(addr).await.ok()?;
+        let answer = client
+            .list_workers(ablate_schema::proto::ListWorkersRequest::default())
+            .await;
+        Some(answer.map_or_else(|s| s.code() != tonic::Code::Unavailable, |_| true))
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(2), call).await, Ok(Some(true)))
 }
 
 /// Stops whatever a stack started from `state`, quietly (as `ablate down`).
