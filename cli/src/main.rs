@@ -58,9 +58,54 @@ enum Command {
         /// Shows progress on stderr until the sweep ends; exits non-zero if it fails.
         #[arg(long)]
         wait: bool,
+        /// Adds the spec's points that the finished experiment EXP does not hold yet to
+        /// it, instead of making a new experiment; the spec's base must agree with EXP's.
+        #[arg(long, value_name = "EXP")]
+        into: Option<String>,
+        /// Changes the spec before it goes: PATH=VALUE, such as base.steps=100 or
+        /// sweep.params.width=[32,64] (repeatable).
+        #[arg(long = "set", value_name = "PATH=VALUE")]
+        sets: Vec<String>,
     },
-    /// Lists experiments, or shows one with its best trials.
-    Status { experiment: Option<String> },
+    /// Lists experiments (those with a tag, with --tag), or shows one with its best trials.
+    Status {
+        experiment: Option<String>,
+        /// Only experiments with this tag.
+        #[arg(long)]
+        tag: Option<String>,
+    },
+    /// Puts a finished experiment's failed, crashed or cancelled trials back to pending;
+    /// their attempts are kept and they resume from their newest checkpoints.
+    Retry {
+        experiment: String,
+        /// Which trials, comma-separated: failed (the program said so), crashed (its
+        /// process died or its lease expired), cancelled.
+        #[arg(long, value_delimiter = ',', default_value = "failed,crashed,cancelled")]
+        outcome: Vec<String>,
+    },
+    /// Adds tags to an experiment (or removes them, with --remove).
+    Tag {
+        experiment: String,
+        #[arg(required = true)]
+        tags: Vec<String>,
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Sets an experiment's note ("" clears it).
+    Note { experiment: String, text: String },
+    /// Deletes a finished experiment: its rows and its objects (checkpoints, logs). What
+    /// other experiments reused of it stays theirs.
+    Delete { experiment: String },
+    /// Removes the objects in the object store that no row references (admin).
+    Gc {
+        /// Lists what would go and removes nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keeps objects younger than this (a checkpoint being written has no row
+        /// yet): seconds, or with a unit: 90s, 15m, 1h.
+        #[arg(long, default_value = "1h", value_parser = parse_age)]
+        min_age: u64,
+    },
     /// Shows progress bars until the experiment ends.
     Watch { experiment: String },
     /// Cancels an experiment's pending and running trials.
@@ -398,8 +443,21 @@ fn main() -> std::process::ExitCode {
             Command::Db {
                 action: DbAction::ReaderUrl,
             } => commands::token::reader_url(&addr).await,
-            Command::Submit { spec, wait } => commands::submit::run(&addr, &spec, wait).await,
-            Command::Status { experiment } => commands::status::run(&addr, experiment.as_deref()).await,
+            Command::Submit { spec, wait, into, sets } => {
+                commands::submit::run(&addr, &spec, wait, into.as_deref(), &sets).await
+            }
+            Command::Status { experiment, tag } => {
+                commands::status::run(&addr, experiment.as_deref(), tag.as_deref()).await
+            }
+            Command::Retry { experiment, outcome } => commands::lifecycle::retry(&addr, &experiment, outcome).await,
+            Command::Tag {
+                experiment,
+                tags,
+                remove,
+            } => commands::lifecycle::tag(&addr, &experiment, tags, remove).await,
+            Command::Note { experiment, text } => commands::lifecycle::note(&addr, &experiment, text).await,
+            Command::Delete { experiment } => commands::lifecycle::delete(&addr, &experiment).await,
+            Command::Gc { dry_run, min_age } => commands::lifecycle::gc(&addr, dry_run, min_age).await,
             Command::Watch { experiment } => commands::watch::run(&addr, &experiment).await.map(|_| ()),
             Command::Cancel { experiment } => commands::cancel::run(&addr, &experiment).await,
             Command::Logs { trial, follow, attempt } => commands::logs::run(&addr, &trial, follow, attempt).await,
@@ -432,4 +490,24 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `--min-age`: seconds, or a number with s, m, h or d.
+fn parse_age(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}`: expected seconds or a number with s, m, h or d, such as 15m"))?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("`{text}`: the unit is one of s, m, h, d")),
+    };
+    Ok(n.saturating_mul(scale))
 }

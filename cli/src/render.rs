@@ -44,12 +44,30 @@ pub fn experiment_summary(e: &proto::Experiment) -> String {
         e.state,
         counts_line(e)
     );
+    if !e.tags.is_empty() {
+        out.push_str(&format!("tags: {}\n", e.tags.join(", ")));
+    }
+    if !e.note.is_empty() {
+        out.push_str(&format!("note: {}\n", e.note));
+    }
+    if e.reused > 0 {
+        out.push_str(&format!(
+            "reused: {} trial(s) took the results of an earlier experiment's instead of running\n",
+            e.reused
+        ));
+    }
+    if !e.keep_checkpoints.is_empty() && e.keep_checkpoints != "all" {
+        out.push_str(&format!(
+            "checkpoints kept per finished trial: {}\n",
+            e.keep_checkpoints
+        ));
+    }
     if !e.waiting.is_empty() {
         out.push_str(&format!("waiting: {}\n", e.waiting));
     }
     if !e.best.is_empty() {
         out.push_str(&format!("\nbest trials by {} ({}):\n", e.objective_metric, e.goal));
-        let header: Vec<String> = ["rank", "trial", e.objective_metric.as_str(), "params"]
+        let header: Vec<String> = ["rank", "trial", e.objective_metric.as_str(), "params", "reused from"]
             .iter()
             .map(|s| s.to_string())
             .collect();
@@ -63,6 +81,7 @@ pub fn experiment_summary(e: &proto::Experiment) -> String {
                     t.ordinal.to_string(),
                     t.objective.map(|v| format!("{v:.6}")).unwrap_or_default(),
                     swept_params(&t.params_json, &e.swept_params),
+                    t.reused_from.clone(),
                 ]
             })
             .collect();

@@ -27,6 +27,9 @@ pub enum Error {
     /// The caller may not do this (another's experiment).
     #[error("{0}")]
     Forbidden(String),
+    /// The experiment is not in a state that allows this (it still runs).
+    #[error("{0}")]
+    Conflict(String),
     /// The object store (packed code, logs) failed.
     #[error("object store: {0}")]
     Objects(String),
@@ -38,7 +41,7 @@ impl From<Error> for Status {
             Error::InvalidSpec(_) | Error::InvalidArgument(_) | Error::Query(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
             Error::Forbidden(_) => Code::PermissionDenied,
-            Error::StaleLease { .. } => Code::FailedPrecondition,
+            Error::StaleLease { .. } | Error::Conflict(_) => Code::FailedPrecondition,
             Error::Busy(_) => Code::ResourceExhausted,
             Error::Db(_) | Error::Migrate(_) | Error::Objects(_) => Code::Unavailable,
         };

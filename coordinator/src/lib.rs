@@ -177,6 +177,14 @@ impl Coordinator {
             self.options.reap_interval,
             telemetry.clone(),
         ));
+        // Retention needs the object store: without one, every checkpoint stays.
+        let retention = self.objects.clone().map(|objects| {
+            tokio::spawn(platform::retention::retain_forever(
+                self.pool.clone(),
+                objects,
+                self.options.reap_interval.max(std::time::Duration::from_secs(1)),
+            ))
+        });
         tracing::info!(%addr, "coordinator listening");
         let http_port = self.http.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
         let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -230,6 +238,9 @@ impl Coordinator {
             .serve_with_incoming_shutdown(incoming(self.listener), shutdown)
             .await;
         reaper.abort();
+        if let Some(retention) = retention {
+            retention.abort();
+        }
         let _ = http_stop.send(());
         if let Some(http) = http {
             let _ = http.await;

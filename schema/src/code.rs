@@ -29,6 +29,13 @@ pub struct Packed {
 /// `.git`), in path order, with fixed times, owners and modes (0755 for files any
 /// user may execute, 0644 otherwise). The error says what to change.
 pub fn pack(dir: &Path) -> Result<Packed, String> {
+    pack_except(dir, None)
+}
+
+/// The same, leaving out the file `except` (the spec being submitted, when it lies in
+/// its own code folder: a spec given more sweep points runs the same code).
+pub fn pack_except(dir: &Path, except: Option<&Path>) -> Result<Packed, String> {
+    let except = except.and_then(|p| std::fs::canonicalize(p).ok());
     let meta = std::fs::metadata(dir).map_err(|e| format!("the code directory {}: {e}", dir.display()))?;
     if !meta.is_dir() {
         return Err(format!("the code directory {} is not a directory", dir.display()));
@@ -50,7 +57,11 @@ pub fn pack(dir: &Path) -> Result<Packed, String> {
         let path = entry.path();
         // Links are packed as what they point at (the walk follows them into folders).
         let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        if !meta.is_file() {
+        if !meta.is_file()
+            || except
+                .as_deref()
+                .is_some_and(|x| std::fs::canonicalize(path).is_ok_and(|p| p == x))
+        {
             continue;
         }
         bytes += meta.len();

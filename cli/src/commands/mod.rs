@@ -2,6 +2,7 @@
 
 pub mod cancel;
 pub mod dashboard;
+pub mod lifecycle;
 pub mod logs;
 pub mod report;
 pub mod serve;

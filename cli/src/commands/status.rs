@@ -1,11 +1,11 @@
-//! `ablate status [EXP]`.
+//! `ablate status [EXP] [--tag TAG]`.
 
 use ablate_schema::proto;
 
 use crate::client::{connect, status_error};
 use crate::render::{experiment_summary, progress, table};
 
-pub async fn run(addr: &str, experiment: Option<&str>) -> anyhow::Result<()> {
+pub async fn run(addr: &str, experiment: Option<&str>, tag: Option<&str>) -> anyhow::Result<()> {
     let mut client = connect(addr).await?;
     match experiment {
         Some(id) => {
@@ -21,7 +21,10 @@ pub async fn run(addr: &str, experiment: Option<&str>) -> anyhow::Result<()> {
         }
         None => {
             let list = client
-                .list_experiments(proto::ListExperimentsRequest { limit: 50 })
+                .list_experiments(proto::ListExperimentsRequest {
+                    limit: 50,
+                    tag: tag.unwrap_or_default().to_string(),
+                })
                 .await
                 .map_err(status_error)?
                 .into_inner()
@@ -33,6 +36,7 @@ pub async fn run(addr: &str, experiment: Option<&str>) -> anyhow::Result<()> {
                 "state",
                 "done",
                 "running (share)",
+                "tags",
                 "created",
             ]
             .iter()
@@ -63,12 +67,22 @@ pub async fn run(addr: &str, experiment: Option<&str>) -> anyhow::Result<()> {
                         e.name,
                         e.family,
                         state,
-                        format!("{done}/{total}"),
+                        if e.reused > 0 {
+                            format!("{done}/{total} ({} reused)", e.reused)
+                        } else {
+                            format!("{done}/{total}")
+                        },
                         share,
+                        e.tags.join(","),
                         e.created_at,
                     ]
                 })
                 .collect();
+            if rows.is_empty() {
+                if let Some(tag) = tag {
+                    eprintln!("no experiment is tagged `{tag}`");
+                }
+            }
             print!("{}", table(&header, &rows));
         }
     }

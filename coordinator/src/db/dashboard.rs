@@ -16,6 +16,8 @@ pub struct ExperimentFilter {
     pub family: Option<String>,
     /// A part of the name, any case.
     pub name: Option<String>,
+    /// One of its tags.
+    pub tag: Option<String>,
     pub limit: u32,
 }
 
@@ -27,7 +29,7 @@ pub async fn dashboard_experiments(pool: &PgPool, filter: &ExperimentFilter) -> 
         "select coalesce(json_agg(x order by x.created_at desc), '[]'::json) from (
              select e.experiment_id as id, e.name, e.family, e.state, e.trials, e.pending, e.running,
                     e.succeeded, e.failed, e.pruned, e.cancelled, e.objective_metric, e.goal,
-                    e.submitted_by, e.created_at,
+                    e.submitted_by, e.created_at, e.tags, e.note, e.reused,
                     (select case when e.goal = 'maximize' then max(r.objective) else min(r.objective) end
                      from ablate.trial_results r
                      where r.experiment_id = e.experiment_id and r.state = 'succeeded') as best
@@ -35,6 +37,7 @@ pub async fn dashboard_experiments(pool: &PgPool, filter: &ExperimentFilter) -> 
              where ($1::text is null or e.state = $1)
                and ($2::text is null or e.family = $2)
                and ($3::text is null or strpos(lower(e.name), lower($3)) > 0)
+               and ($5::text is null or e.tags @> array[$5::text])
              order by e.created_at desc
              limit $4
          ) x",
@@ -43,6 +46,7 @@ pub async fn dashboard_experiments(pool: &PgPool, filter: &ExperimentFilter) -> 
     .bind(&filter.family)
     .bind(&filter.name)
     .bind(filter.limit as i64)
+    .bind(&filter.tag)
     .fetch_one(pool)
     .await?)
 }
@@ -56,6 +60,8 @@ pub async fn dashboard_experiment(pool: &PgPool, id: ExperimentId) -> Result<Val
              'failed', e.failed, 'pruned', e.pruned, 'cancelled', e.cancelled,
              'objective_metric', e.objective_metric, 'goal', e.goal, 'submitted_by', e.submitted_by,
              'created_at', e.created_at, 'spec_text', x.spec_text,
+             'tags', e.tags, 'note', e.note, 'reused', e.reused, 'keep_checkpoints', e.keep_checkpoints,
+             'extended_at', e.extended_at,
              'params', (select coalesce(json_agg(k order by k), '[]'::json)
                         from (select distinct jsonb_object_keys(t.params) as k
                               from trials t where t.experiment_id = e.experiment_id) keys),
@@ -83,7 +89,7 @@ pub async fn dashboard_trials(pool: &PgPool, id: ExperimentId) -> Result<Value> 
         "select coalesce(json_agg(json_build_object(
                     'id', r.trial_id, 'ordinal', r.ordinal, 'state', r.state, 'params', r.params,
                     'objective', r.objective, 'attempts', r.attempt, 'metrics', r.metrics, 'error', r.error,
-                    'started_at', r.started_at, 'finished_at', r.finished_at)
+                    'started_at', r.started_at, 'finished_at', r.finished_at, 'reused_from', r.reused_from)
                 order by r.ordinal), '[]'::json)
          from ablate.trial_results r where r.experiment_id = $1",
     )
@@ -132,9 +138,14 @@ pub async fn trial_ordinals(
 /// instead, M4-style, read as many rows and cost twenty times as long here.)
 pub async fn curve_points(pool: &PgPool, trials: &[uuid::Uuid], name: &str) -> Result<Vec<(uuid::Uuid, i64, f64)>> {
     Ok(sqlx::query_as(
-        "select m.trial_id, m.step, m.value from metrics m
-         where m.trial_id = any($1) and m.name_id = (select id from metric_names where name = $2)
-         order by m.trial_id, m.step",
+        "select t.id, m.step, m.value
+         from trials t cross join lateral (
+             select m.step, m.value from metrics m
+             where m.trial_id = coalesce(t.reused_from, t.id)
+               and m.name_id = (select id from metric_names where name = $2)
+             order by m.step) m
+         where t.id = any($1)
+         order by t.id, m.step",
     )
     .bind(trials)
     .bind(name)
@@ -150,7 +161,7 @@ pub async fn dashboard_trial(pool: &PgPool, id: TrialId) -> Result<Value> {
              'id', r.trial_id, 'experiment_id', r.experiment_id, 'experiment', r.experiment,
              'ordinal', r.ordinal, 'state', r.state, 'params', r.params, 'metrics', r.metrics,
              'objective', r.objective, 'attempts', r.attempt, 'error', r.error,
-             'started_at', r.started_at, 'finished_at', r.finished_at,
+             'started_at', r.started_at, 'finished_at', r.finished_at, 'reused_from', r.reused_from,
              'attempt_log', (select coalesce(json_agg(a order by a.attempt), '[]'::json)
                              from (select attempt, worker_id, outcome, error, stderr_tail, finished_at,
                                           host, device, device_name, ablate_version, git_commit
@@ -183,7 +194,7 @@ async fn metric_names(pool: &PgPool, scope: TrialScope) -> Result<Vec<String>> {
     };
     Ok(sqlx::query_scalar(
         "with recursive chosen as (
-             select id from trials
+             select coalesce(reused_from, id) as id from trials
              where ($1::uuid is not null and experiment_id = $1 and state <> 'pending') or id = $2
              order by ordinal limit 20
          ),

@@ -43,10 +43,13 @@ pub struct Scheduling {
     pub command: Option<Value>,
     /// The SHA-256 of its packed code, when it has code.
     pub code_hash: Option<String>,
+    /// Which checkpoints of a finished trial stay (`ablate_schema::Keep::as_column`).
+    pub keep_checkpoints: String,
 }
 
 pub struct NewTrial {
     pub id: TrialId,
+    pub ordinal: i32,
     pub params: Value,
     pub total_steps: i64,
     /// ASHA and Hyperband: its bracket and first rung.
@@ -56,16 +59,17 @@ pub struct NewTrial {
     pub depends_on: Vec<TrialId>,
     /// The key it fuses under (`fuse`); `None`: it runs alone.
     pub fuse_key: Option<String>,
+    /// A succeeded trial whose results it takes instead of running (`reuse`).
+    pub reused_from: Option<TrialId>,
 }
 
-/// Stores an experiment and all its trials in one transaction.
-pub async fn insert_experiment(pool: &PgPool, e: &NewExperiment<'_>, trials: &[NewTrial]) -> Result<()> {
-    let mut tx = pool.begin().await?;
+/// Stores an experiment's row (its trials follow with [`insert_trials`], in the same transaction).
+pub async fn insert_experiment(tx: &mut sqlx::PgConnection, e: &NewExperiment<'_>) -> Result<()> {
     sqlx::query(
         "insert into experiments (id, name, family, spec, spec_text, spec_hash, objective_metric, goal, max_attempts,
                                   submitted_by, traceparent, priority, max_concurrent, gpus_per_trial, pool, labels,
-                                  fuse, fresh_process, searcher, command, code_hash)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
+                                  fuse, fresh_process, searcher, command, code_hash, keep_checkpoints)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)",
     )
     .bind(e.id.0)
     .bind(e.name)
@@ -88,10 +92,17 @@ pub async fn insert_experiment(pool: &PgPool, e: &NewExperiment<'_>, trials: &[N
     .bind(e.scheduling.searcher)
     .bind(&e.scheduling.command)
     .bind(&e.scheduling.code_hash)
+    .bind(&e.scheduling.keep_checkpoints)
     .execute(&mut *tx)
     .await?;
+    Ok(())
+}
+
+/// Stores trials of an experiment in one statement. A reused trial is stored
+/// succeeded, with its source's outputs, and never runs.
+pub async fn insert_trials(tx: &mut sqlx::PgConnection, experiment: ExperimentId, trials: &[NewTrial]) -> Result<()> {
     let ids: Vec<uuid::Uuid> = trials.iter().map(|t| t.id.0).collect();
-    let ordinals: Vec<i32> = (0..trials.len() as i32).collect();
+    let ordinals: Vec<i32> = trials.iter().map(|t| t.ordinal).collect();
     let params: Vec<Value> = trials.iter().map(|t| t.params.clone()).collect();
     let steps: Vec<i64> = trials.iter().map(|t| t.total_steps).collect();
     let brackets: Vec<Option<i32>> = trials.iter().map(|t| t.bracket).collect();
@@ -102,14 +113,23 @@ pub async fn insert_experiment(pool: &PgPool, e: &NewExperiment<'_>, trials: &[N
         .map(|t| Value::from(t.depends_on.iter().map(|d| d.to_string()).collect::<Vec<_>>()))
         .collect();
     let fuse_keys: Vec<Option<String>> = trials.iter().map(|t| t.fuse_key.clone()).collect();
+    let reused: Vec<Option<uuid::Uuid>> = trials.iter().map(|t| t.reused_from.map(|r| r.0)).collect();
     sqlx::query(
-        "insert into trials (id, experiment_id, ordinal, params, total_steps, bracket, pause_at, depends_on, fuse_key)
-         select u.id, $1, u.ordinal, u.params, u.total_steps, u.bracket, u.pause_at,
-                array(select d::uuid from jsonb_array_elements_text(u.depends_on) d), u.fuse_key
-         from unnest($2::uuid[], $3::int4[], $4::jsonb[], $5::int8[], $6::int4[], $7::int8[], $8::jsonb[], $9::text[])
-              as u(id, ordinal, params, total_steps, bracket, pause_at, depends_on, fuse_key)",
+        "insert into trials (id, experiment_id, ordinal, params, total_steps, bracket, pause_at, depends_on, fuse_key,
+                             reused_from, state, outputs, started_at, finished_at)
+         select u.id, $1, u.ordinal, u.params, u.total_steps, u.bracket,
+                case when u.reused_from is null then u.pause_at end,
+                array(select d::uuid from jsonb_array_elements_text(u.depends_on) d), u.fuse_key,
+                u.reused_from,
+                case when u.reused_from is null then 'pending' else 'succeeded' end,
+                coalesce((select s.outputs from trials s where s.id = u.reused_from), '{}'::jsonb),
+                case when u.reused_from is not null then now() end,
+                case when u.reused_from is not null then now() end
+         from unnest($2::uuid[], $3::int4[], $4::jsonb[], $5::int8[], $6::int4[], $7::int8[], $8::jsonb[], $9::text[],
+                     $10::uuid[])
+              as u(id, ordinal, params, total_steps, bracket, pause_at, depends_on, fuse_key, reused_from)",
     )
-    .bind(e.id.0)
+    .bind(experiment.0)
     .bind(&ids)
     .bind(&ordinals)
     .bind(&params)
@@ -118,9 +138,9 @@ pub async fn insert_experiment(pool: &PgPool, e: &NewExperiment<'_>, trials: &[N
     .bind(&pause_at)
     .bind(&depends_on)
     .bind(&fuse_keys)
+    .bind(&reused)
     .execute(&mut *tx)
     .await?;
-    tx.commit().await?;
     Ok(())
 }
 
@@ -172,6 +192,11 @@ pub struct ExperimentRow {
     pub goal: Option<String>,
     pub created_at: DateTime<Utc>,
     pub swept: Vec<String>,
+    pub tags: Vec<String>,
+    pub note: Option<String>,
+    /// Trials that took another experiment's results instead of running.
+    pub reused: i64,
+    pub keep_checkpoints: String,
 }
 
 #[derive(Debug, Clone)]
@@ -185,10 +210,11 @@ pub struct TrialRow {
     pub step: i64,
     pub total_steps: i64,
     pub error: Option<String>,
+    pub reused_from: Option<TrialId>,
 }
 
 const EXPERIMENT_COLUMNS: &str = "experiment_id, name, family, state, pending, running, succeeded, failed,
-     pruned, cancelled, objective_metric, goal, created_at,
+     pruned, cancelled, objective_metric, goal, created_at, tags, note, reused, keep_checkpoints,
      (select coalesce(array_agg(k order by k), '{}') from jsonb_object_keys(spec -> 'sweep' -> 'params') k) as swept";
 
 fn experiment_row(row: &sqlx::postgres::PgRow) -> Result<ExperimentRow> {
@@ -209,6 +235,10 @@ fn experiment_row(row: &sqlx::postgres::PgRow) -> Result<ExperimentRow> {
         goal: row.try_get("goal")?,
         created_at: row.try_get("created_at")?,
         swept: row.try_get("swept")?,
+        tags: row.try_get("tags")?,
+        note: row.try_get("note")?,
+        reused: row.try_get("reused")?,
+        keep_checkpoints: row.try_get("keep_checkpoints")?,
     })
 }
 
@@ -224,12 +254,16 @@ pub async fn experiment(pool: &PgPool, id: ExperimentId) -> Result<ExperimentRow
     experiment_row(&row)
 }
 
-pub async fn list_experiments(pool: &PgPool, limit: u32) -> Result<Vec<ExperimentRow>> {
+/// The newest experiments, those with `tag` alone when it is given.
+pub async fn list_experiments(pool: &PgPool, limit: u32, tag: Option<&str>) -> Result<Vec<ExperimentRow>> {
     // Built from constants only.
     let rows = sqlx::query(AssertSqlSafe(format!(
-        "select {EXPERIMENT_COLUMNS} from ablate.experiments order by created_at desc limit $1"
+        "select {EXPERIMENT_COLUMNS} from ablate.experiments
+         where $2::text is null or tags @> array[$2::text]
+         order by created_at desc limit $1"
     )))
     .bind(limit as i64)
+    .bind(tag)
     .fetch_all(pool)
     .await?;
     rows.iter().map(experiment_row).collect()
@@ -245,7 +279,7 @@ pub async fn best_trials(pool: &PgPool, e: &ExperimentRow, limit: u32) -> Result
     // `order` is one of two constants.
     let rows = sqlx::query(AssertSqlSafe(format!(
         "select r.trial_id, r.ordinal, r.state, r.params, r.objective, r.attempt, r.error,
-                t.total_steps, t.total_steps as step
+                t.total_steps, t.total_steps as step, t.reused_from
          from ablate.trial_results r join trials t on t.id = r.trial_id
          where r.experiment_id = $1 and r.state = 'succeeded' and r.objective is not null
          order by r.objective {order}, r.ordinal
@@ -264,7 +298,7 @@ pub async fn active_and_failed_trials(pool: &PgPool, id: ExperimentId) -> Result
         "select t.id as trial_id, t.ordinal, t.state, t.params, null::float8 as objective, t.attempt,
                 coalesce(t.error, '') || case when t.stderr_tail is not null and t.stderr_tail <> ''
                     then E'\\n' || t.stderr_tail else '' end as error,
-                t.total_steps,
+                t.total_steps, t.reused_from,
                 coalesce((select max(m.step) from metrics m where m.trial_id = t.id), 0) as step
          from trials t
          where t.experiment_id = $1 and t.state in ('running', 'failed')
@@ -288,6 +322,7 @@ fn trial_row(row: &sqlx::postgres::PgRow) -> Result<TrialRow> {
         step: row.try_get("step")?,
         total_steps: row.try_get("total_steps")?,
         error: row.try_get("error")?,
+        reused_from: row.try_get::<Option<uuid::Uuid>, _>("reused_from")?.map(TrialId),
     })
 }
 
@@ -334,7 +369,8 @@ pub async fn report_outcomes(
     if !wanted.is_empty() {
         let points: Vec<(i32, String, i64, f64)> = sqlx::query_as(
             "select t.ordinal, n.name, m.step, m.value
-             from metrics m join metric_names n on n.id = m.name_id join trials t on t.id = m.trial_id
+             from trials t join metrics m on m.trial_id = coalesce(t.reused_from, t.id)
+             join metric_names n on n.id = m.name_id
              where t.experiment_id = $1 and n.name = any($2)
              order by t.ordinal, n.name, m.step",
         )

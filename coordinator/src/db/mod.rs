@@ -10,6 +10,7 @@ use crate::error::Result;
 
 mod dashboard;
 mod experiments;
+mod lifecycle;
 mod metrics;
 mod queue;
 mod reader;
@@ -20,6 +21,7 @@ mod workers;
 
 pub use dashboard::*;
 pub use experiments::*;
+pub use lifecycle::*;
 pub use metrics::*;
 pub use queue::*;
 pub use reader::*;

@@ -392,7 +392,7 @@ pub async fn release(pool: &PgPool, worker: WorkerId, trial: TrialId, token: Lea
 pub async fn reap_expired(pool: &PgPool) -> Result<u64> {
     let reaped: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "with expired as (
-             select t.id, t.attempt, t.attempt - t.pauses as tries, t.lease_owner, e.max_attempts
+             select t.id, t.attempt, t.attempt - t.pauses - t.attempt_base as tries, t.lease_owner, e.max_attempts
              from trials t join experiments e on e.id = t.experiment_id
              where t.state = 'running' and t.lease_expires_at < now()
              for update of t skip locked
@@ -507,7 +507,7 @@ pub async fn crashed(
 ) -> Result<bool> {
     let row: Option<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "with held as (
-             select t.id, t.attempt, t.attempt - t.pauses as tries, t.lease_owner, e.max_attempts
+             select t.id, t.attempt, t.attempt - t.pauses - t.attempt_base as tries, t.lease_owner, e.max_attempts
              from trials t join experiments e on e.id = t.experiment_id
              where t.id = $1 and t.lease_token = $2 and t.state = 'running'
              for update of t

@@ -4,7 +4,8 @@
 //! groups by the queue's rules (`lease`), metric batches checked and written
 //! (`ingest`), the searchers' decisions (`searchers`: rung promotions, PBT generations,
 //! tpe proposals), a family's report of an experiment (`reports`), a new token
-//! (`tokens`). The edges convert messages into the domain types here and back.
+//! (`tokens`), what a researcher does to an experiment after it ran (`experiments`:
+//! cancel, retry, tag, note, delete), checkpoint retention and `gc` (`retention`). The edges convert messages into the domain types here and back.
 
 pub mod completion;
 pub mod experiments;
@@ -12,6 +13,7 @@ pub mod ingest;
 pub mod lease;
 pub mod logs;
 pub mod reports;
+pub mod retention;
 pub mod searchers;
 pub mod tokens;
 

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 use crate::auth::{self, Caller, Role, Tokens};
 use crate::db::{self, ExperimentRow, TrialRow};
 use crate::error::Error;
+use crate::platform::experiments;
 use crate::platform::parse_id;
 use crate::reader::Reader;
 use crate::submit;
@@ -71,6 +72,7 @@ fn trial_message(t: &TrialRow) -> proto::TrialSummary {
         step: t.step,
         total_steps: t.total_steps,
         error: t.error.clone().unwrap_or_default(),
+        reused_from: t.reused_from.map(|r| r.to_string()).unwrap_or_default(),
     }
 }
 
@@ -102,6 +104,10 @@ fn experiment_message(
         failures: failed.iter().map(trial_message).collect(),
         swept_params: e.swept.clone(),
         waiting: String::new(),
+        tags: e.tags.clone(),
+        note: e.note.clone().unwrap_or_default(),
+        reused: e.reused as u32,
+        keep_checkpoints: e.keep_checkpoints.clone(),
     }
 }
 
@@ -113,25 +119,28 @@ impl experiments_server::Experiments for ExperimentsService {
         let format = SpecFormat::parse(&req.format).ok_or_else(|| {
             Status::invalid_argument(format!("unknown spec format `{}`, expected toml or yaml", req.format))
         })?;
-        let by = caller.as_ref().map(|c| c.name.as_str());
-        let code = submit::Code {
-            archive: &req.code_archive,
-            hash: &req.code_hash,
-            objects: self.objects.as_ref(),
-        };
-        let (id, count) = submit::submit_as(
-            &self.pool,
-            &req.spec_text,
+        let into = (!req.into_experiment_id.is_empty())
+            .then(|| parse_id(ExperimentId::parse, &req.into_experiment_id))
+            .transpose()?;
+        let submission = submit::Submission {
+            text: &req.spec_text,
             format,
-            &self.limits,
-            &self.data_roots,
-            by,
-            Some(code),
-        )
-        .await?;
+            limits: &self.limits,
+            data_roots: &self.data_roots,
+            caller: caller.as_ref(),
+            code: Some(submit::Code {
+                archive: &req.code_archive,
+                hash: &req.code_hash,
+            }),
+            objects: self.objects.as_ref(),
+            into,
+        };
+        let done = submit::submit_as(&self.pool, &submission).await?;
         Ok(Response::new(proto::SubmitResponse {
-            experiment_id: id.to_string(),
-            trial_count: count as u32,
+            experiment_id: done.id.to_string(),
+            trial_count: done.planned as u32,
+            reused: done.reused as u32,
+            already_held: done.already_held as u32,
         }))
     }
 
@@ -148,8 +157,10 @@ impl experiments_server::Experiments for ExperimentsService {
         &self,
         request: Request<proto::ListExperimentsRequest>,
     ) -> Result<Response<proto::ListExperimentsResponse>, Status> {
-        let limit = request.into_inner().limit;
-        let rows = db::list_experiments(&self.pool, if limit == 0 { 50 } else { limit }).await?;
+        let req = request.into_inner();
+        let limit = if req.limit == 0 { 50 } else { req.limit };
+        let tag = Some(req.tag.trim()).filter(|t| !t.is_empty());
+        let rows = db::list_experiments(&self.pool, limit, tag).await?;
         let mut experiments = Vec::with_capacity(rows.len());
         for row in &rows {
             let mut message = experiment_message(row, &[], &[], &[]);
@@ -166,9 +177,75 @@ impl experiments_server::Experiments for ExperimentsService {
     async fn cancel(&self, request: Request<proto::CancelRequest>) -> Result<Response<proto::CancelResponse>, Status> {
         let caller = request.extensions().get::<Caller>().cloned();
         let id = parse_id(ExperimentId::parse, &request.into_inner().experiment_id)?;
-        let n = crate::platform::experiments::cancel(&self.pool, caller.as_ref(), id).await?;
+        let n = experiments::cancel(&self.pool, caller.as_ref(), id).await?;
         Ok(Response::new(proto::CancelResponse {
             trials_cancelled: n as u32,
+        }))
+    }
+
+    async fn retry(&self, request: Request<proto::RetryRequest>) -> Result<Response<proto::RetryResponse>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
+        let req = request.into_inner();
+        let id = parse_id(ExperimentId::parse, &req.experiment_id)?;
+        let outcomes = experiments::outcomes(&req.outcomes)?;
+        let n = experiments::retry(&self.pool, caller.as_ref(), id, &outcomes).await?;
+        Ok(Response::new(proto::RetryResponse {
+            trials_retried: n as u32,
+        }))
+    }
+
+    async fn tag(&self, request: Request<proto::TagRequest>) -> Result<Response<proto::TagResponse>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
+        let req = request.into_inner();
+        let id = parse_id(ExperimentId::parse, &req.experiment_id)?;
+        let tags = experiments::tag(&self.pool, caller.as_ref(), id, &req.add, &req.remove).await?;
+        Ok(Response::new(proto::TagResponse { tags }))
+    }
+
+    async fn note(&self, request: Request<proto::NoteRequest>) -> Result<Response<proto::NoteResponse>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
+        let req = request.into_inner();
+        let id = parse_id(ExperimentId::parse, &req.experiment_id)?;
+        experiments::note(&self.pool, caller.as_ref(), id, &req.note).await?;
+        Ok(Response::new(proto::NoteResponse {}))
+    }
+
+    async fn delete(&self, request: Request<proto::DeleteRequest>) -> Result<Response<proto::DeleteResponse>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
+        let id = parse_id(ExperimentId::parse, &request.into_inner().experiment_id)?;
+        let done = experiments::delete(&self.pool, self.objects.as_ref(), caller.as_ref(), id).await?;
+        Ok(Response::new(proto::DeleteResponse {
+            trials: done.trials,
+            objects: done.objects,
+            bytes: done.bytes,
+            handed_over: done.handed_over,
+        }))
+    }
+
+    async fn collect_garbage(
+        &self,
+        request: Request<proto::CollectGarbageRequest>,
+    ) -> Result<Response<proto::CollectGarbageResponse>, Status> {
+        let req = request.into_inner();
+        let objects = self.objects.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this coordinator does not reach the workers' object store: start it with `ablate serve --object-store URL`",
+            )
+        })?;
+        let min_age = Duration::from_secs(req.min_age_seconds);
+        let (garbage, scanned) =
+            crate::platform::retention::collect_garbage(&self.pool, objects, req.dry_run, min_age).await?;
+        Ok(Response::new(proto::CollectGarbageResponse {
+            bytes: garbage.iter().map(|g| g.bytes).sum(),
+            objects: garbage
+                .into_iter()
+                .map(|g| proto::CollectedObject {
+                    path: g.path,
+                    bytes: g.bytes,
+                    reason: g.reason,
+                })
+                .collect(),
+            scanned,
         }))
     }
 

@@ -103,8 +103,11 @@ pub(crate) fn router(
     let api = Router::new()
         .route("/api/v1/experiments", get(experiments).post(writes::submit))
         .route("/api/v1/experiments/{id}/cancel", post(writes::cancel))
+        .route("/api/v1/experiments/{id}/retry", post(writes::retry))
+        .route("/api/v1/experiments/{id}/tags", post(writes::tags))
+        .route("/api/v1/experiments/{id}/note", post(writes::note))
         .route("/api/v1/sql", post(writes::sql))
-        .route("/api/v1/experiments/{id}", get(experiment))
+        .route("/api/v1/experiments/{id}", get(experiment).delete(writes::delete))
         .route("/api/v1/experiments/{id}/trials", get(trials))
         .route("/api/v1/experiments/{id}/curves", get(experiment_curves))
         .route("/api/v1/experiments/{id}/report", get(report))
@@ -161,6 +164,7 @@ impl From<Error> for ApiError {
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::InvalidArgument(_) | Error::InvalidSpec(_) | Error::Query(_) => StatusCode::BAD_REQUEST,
             Error::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
+            Error::Conflict(_) => StatusCode::CONFLICT,
             _ => {
                 tracing::warn!(%error, "dashboard request failed");
                 StatusCode::SERVICE_UNAVAILABLE
@@ -217,6 +221,7 @@ struct ExperimentsQuery {
     state: Option<String>,
     family: Option<String>,
     name: Option<String>,
+    tag: Option<String>,
     limit: Option<u32>,
 }
 
@@ -230,6 +235,7 @@ async fn experiments(
         state: nonempty(q.state),
         family: nonempty(q.family),
         name: nonempty(q.name),
+        tag: nonempty(q.tag),
         limit: q.limit.unwrap_or(200).clamp(1, 1000),
     };
     let list = db::dashboard_experiments(&web.pool, &filter).await?;

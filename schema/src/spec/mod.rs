@@ -58,6 +58,94 @@ pub struct SweepSpec {
     /// family's model; the family's report reads what the program logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trial: Option<CommandTrial>,
+    /// Takes a succeeded trial of the same configuration (family, every parameter,
+    /// the program and its code, or ablate's version) from any experiment instead of
+    /// running it again: its metrics, outputs and checkpoints are referenced.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reuse: bool,
+    /// `[checkpoints]`: which checkpoints of a finished trial are kept.
+    #[serde(default, skip_serializing_if = "Checkpoints::is_default")]
+    pub checkpoints: Checkpoints,
+}
+
+/// `[checkpoints]`: retention, applied as each trial finishes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoints {
+    /// "all" (the default), "last", "best" (by the objective at the checkpoint's
+    /// step), or a number N: the newest N.
+    #[serde(default)]
+    pub keep: Keep,
+}
+
+impl Checkpoints {
+    fn is_default(&self) -> bool {
+        self.keep == Keep::All
+    }
+}
+
+/// The most checkpoints `keep = N` may ask for.
+pub const MAX_KEEP_NEWEST: u64 = 10_000;
+
+/// Which of a finished trial's checkpoints stay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Keep {
+    #[default]
+    All,
+    Last,
+    Best,
+    Newest(u32),
+}
+
+impl Keep {
+    /// As the experiments table stores it: all, last, best or newest:N.
+    pub fn as_column(self) -> String {
+        match self {
+            Keep::All => "all".into(),
+            Keep::Last => "last".into(),
+            Keep::Best => "best".into(),
+            Keep::Newest(n) => format!("newest:{n}"),
+        }
+    }
+
+    pub fn from_column(text: &str) -> Option<Keep> {
+        match text {
+            "all" => Some(Keep::All),
+            "last" => Some(Keep::Last),
+            "best" => Some(Keep::Best),
+            _ => text.strip_prefix("newest:")?.parse().ok().map(Keep::Newest),
+        }
+    }
+}
+
+const KEEP_EXPECTED: &str = "expected \"all\", \"last\", \"best\" or a number of newest checkpoints from 1 to 10000";
+
+impl Serialize for Keep {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Keep::Newest(n) => s.serialize_u32(*n),
+            other => s.serialize_str(&other.as_column()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Keep {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Keep, D::Error> {
+        use serde::de::Error;
+        match Value::deserialize(d)? {
+            Value::String(s) => match s.as_str() {
+                "all" => Ok(Keep::All),
+                "last" => Ok(Keep::Last),
+                "best" => Ok(Keep::Best),
+                other => Err(D::Error::custom(format!("\"{other}\": {KEEP_EXPECTED}"))),
+            },
+            Value::Number(n) => match n.as_u64() {
+                Some(k @ 1..=MAX_KEEP_NEWEST) => Ok(Keep::Newest(k as u32)),
+                _ => Err(D::Error::custom(format!("{n}: {KEEP_EXPECTED}"))),
+            },
+            other => Err(D::Error::custom(format!("{other}: {KEEP_EXPECTED}"))),
+        }
+    }
 }
 
 impl SweepSpec {
@@ -172,6 +260,17 @@ impl SweepSpec {
             return Err(SpecError::new(
                 "fuse",
                 "fused trials share one device; drop fuse or resources.gpus_per_trial",
+            ));
+        }
+        if self.reuse && !matches!(self.sweep.searcher, Searcher::Grid | Searcher::Random) {
+            return Err(SpecError::new(
+                "reuse",
+                format!(
+                    "reuse takes finished trials in place of a grid's or a random search's points; \
+                     sweep.searcher = \"{}\" decides from results the reused trials never reported \
+                     (drop reuse, or sweep with grid or random)",
+                    self.sweep.searcher.as_str()
+                ),
             ));
         }
         if self.sweep.params.is_empty() {

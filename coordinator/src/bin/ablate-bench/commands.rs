@@ -23,6 +23,7 @@ async fn run(addr: &str, pool: &sqlx::PgPool, spec: &str, code: Option<&std::pat
             format: "toml".into(),
             code_archive,
             code_hash,
+            ..Default::default()
         })
         .await?
         .into_inner()
