@@ -239,6 +239,29 @@ async fn every_page_loads_in_chromium_with_its_data_behind_the_tokens() {
         404
     );
 
+    // A tag and a note on the quickstart, and the quickstart again with reuse: every
+    // trial takes the first run's results.
+    assert!(stack.ablate(&["tag", &quickstart, "baseline"]).status.success());
+    assert!(stack
+        .ablate(&["note", &quickstart, "the reference run"])
+        .status
+        .success());
+    let again = stack.ablate(&[
+        "submit",
+        &spec_path("quickstart.toml").to_string_lossy(),
+        "--set",
+        "reuse=true",
+        "--set",
+        "name=quickstart-again",
+        "--wait",
+    ]);
+    assert!(again.status.success(), "{}", text(&again));
+    let again = String::from_utf8_lossy(&again.stdout).trim().to_string();
+    let (_, _, body) = api("/api/v1/experiments?tag=baseline", Some(&admin));
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(list["experiments"].as_array().unwrap().len(), 1, "{list:#}");
+    assert_eq!(list["experiments"][0]["note"], "the reference run");
+
     // The pages, in Chromium, logged in through the link.
     let shots = stack.dir.join("screenshots");
     let keep = std::env::var_os("ABLATE_SCREENSHOTS").map(PathBuf::from);
@@ -261,7 +284,24 @@ async fn every_page_loads_in_chromium_with_its_data_behind_the_tokens() {
         "{home}"
     );
 
+    let tagged = page("/#/experiments?tag=baseline", "experiments-tagged");
+    assert!(
+        tagged.contains(">quickstart<") && tagged.contains(">baseline<"),
+        "{tagged}"
+    );
+    assert!(
+        !tagged.contains(">coord-check<") && !tagged.contains(">quickstart-again<"),
+        "{tagged}"
+    );
+    let dom = page(&format!("/#/experiments/{again}"), "experiment-reused");
+    assert_eq!(count(&dom, "class=\"tag reused\""), 12, "{dom}");
+    assert!(dom.contains("12 trials took the results"), "{dom}");
+
     let dom = page(&format!("/#/experiments/{quickstart}"), "experiment-quickstart");
+    assert!(
+        dom.contains("id=\"experiment-note\"") && dom.contains("the reference run"),
+        "{dom}"
+    );
     assert!(dom.contains("id=\"experiment-name\">quickstart<"), "{dom}");
     assert_eq!(count(&dom, "class=\"trial-row\""), 12, "{dom}");
     assert!(dom.contains("class=\"uplot"), "the curves are drawn: {dom}");

@@ -210,6 +210,7 @@ mod tests {
         "ListTokens",
         "RevokeToken",
         "SetTokenWeight",
+        "CollectGarbage",
     ];
 
     #[test]

@@ -541,3 +541,120 @@ n_startup = 2
     assert_eq!(cancelled, [true], "the reader's query was found and cancelled");
     assert!(held.await.unwrap().is_err(), "the reader's query was cancelled");
 }
+
+/// `submit --into`: ASHA's new trials get their bracket and first rung, and a tpe sweep
+/// given a larger budget proposes the rest at once; points already held are not added.
+#[sqlx::test(migrator = "ablate_coordinator::db::MIGRATOR")]
+async fn an_extension_joins_the_rungs_and_a_larger_tpe_budget_proposes_at_once(pool: PgPool) {
+    let roots = ablate_experiments::nn::locations::default_roots();
+    let limits = ablate_schema::Limits::default();
+    let extend = |text: String, into| {
+        let (pool, roots, limits) = (pool.clone(), roots.clone(), limits.clone());
+        async move {
+            submit::submit_as(
+                &pool,
+                &submit::Submission {
+                    text: &text,
+                    format: SpecFormat::Toml,
+                    limits: &limits,
+                    data_roots: &roots,
+                    caller: None,
+                    code: None,
+                    objects: None,
+                    into,
+                },
+            )
+            .await
+        }
+    };
+    let finish_all = || async {
+        sqlx::query("update trials set state = 'succeeded', finished_at = now() where state = 'pending'")
+            .execute(&pool)
+            .await
+            .unwrap();
+    };
+    let asha = |seeds: &str| {
+        format!(
+            r#"
+name = "asha-wider"
+family = "train"
+[base]
+optimizer = "adam"
+lr = 0.01
+steps = 90
+[sweep]
+searcher = "asha"
+params.seed = [{seeds}]
+[sweep.asha]
+min_steps = 10
+max_steps = 90
+reduction_factor = 3
+"#
+        )
+    };
+    let first = extend(asha("0, 1, 2"), None).await.unwrap();
+    finish_all().await;
+    let more = extend(asha("0, 1, 2, 3, 4"), Some(first.id)).await.unwrap();
+    assert_eq!((more.planned, more.already_held), (2, 3));
+    let new: Vec<(i32, Option<i32>, Option<i64>)> = sqlx::query_as(
+        "select ordinal, bracket, pause_at from trials where experiment_id = $1 and state = 'pending' order by ordinal",
+    )
+    .bind(first.id.0)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(new, [(3, Some(0), Some(10)), (4, Some(0), Some(10))]);
+    // While they run, another extension is refused and adds nothing.
+    let refused = extend(asha("0, 1, 2, 3, 4, 5"), Some(first.id)).await.unwrap_err();
+    assert!(refused.to_string().contains("is running"), "{refused}");
+    assert_eq!(count(&pool, "select count(*) from trials").await, 5);
+
+    let tpe = |budget: u32| {
+        format!(
+            r#"
+name = "tpe-more"
+family = "train"
+[base]
+optimizer = "adam"
+steps = 10
+[sweep]
+searcher = "tpe"
+params.log2_lr = {{ range = [-10, -2], step = 1 }}
+[sweep.tpe]
+trials = {budget}
+n_startup = 2
+seed = 3
+"#
+        )
+    };
+    let search = extend(tpe(4), None).await.unwrap();
+    let of_search = |pool: PgPool, id: uuid::Uuid| async move {
+        sqlx::query_scalar::<_, i64>("select count(*) from trials where experiment_id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    // Run the budget out: each finished trial makes the searcher propose the next.
+    while of_search(pool.clone(), search.id.0).await < 4 {
+        finish_all().await;
+        let mut conn = pool.acquire().await.unwrap();
+        ablate_coordinator::platform::searchers::top_up(&mut conn, search.id)
+            .await
+            .unwrap();
+    }
+    finish_all().await;
+    // A smaller budget is refused, naming the field; a larger one proposes at once.
+    let smaller = extend(tpe(3), Some(search.id)).await.unwrap_err();
+    assert!(smaller.to_string().contains("sweep.tpe.trials"), "{smaller}");
+    // The search keeps its startup's number in flight: two now, the last as one ends.
+    let larger = extend(tpe(7), Some(search.id)).await.unwrap();
+    assert_eq!((larger.planned, larger.already_held), (2, 2), "{larger:?}");
+    assert_eq!(of_search(pool.clone(), search.id.0).await, 6);
+    finish_all().await;
+    let mut conn = pool.acquire().await.unwrap();
+    ablate_coordinator::platform::searchers::top_up(&mut conn, search.id)
+        .await
+        .unwrap();
+    assert_eq!(of_search(pool.clone(), search.id.0).await, 7);
+}

@@ -102,6 +102,11 @@ function progress(e) {
     ` <span class="muted">${done + e.failed}/${e.trials}</span>`;
 }
 
+/** An experiment's tags, each a link to the list filtered by it. */
+function tagList(tags) {
+  return (tags || []).map((t) => `<a class="tag" href="#/experiments?tag=${encodeURIComponent(t)}">${esc(t)}</a>`).join(" ");
+}
+
 function experimentsView(params) {
   main.innerHTML = `<h1>Experiments</h1>
     <div class="filters">
@@ -109,17 +114,20 @@ function experimentsView(params) {
         ${["running", "succeeded", "failed", "cancelled"].map((s) => `<option>${s}</option>`).join("")}</select></label>
       <label>Family<select id="f-family"><option value="">any</option></select></label>
       <label>Name<input id="f-name" placeholder="part of a name"></label>
+      <label>Tag<input id="f-tag" placeholder="a tag"></label>
     </div>
     <div id="experiments"><p class="muted">Loading…</p></div>`;
   const state = document.getElementById("f-state");
   const family = document.getElementById("f-family");
   const name = document.getElementById("f-name");
+  const tag = document.getElementById("f-tag");
   state.value = params.get("state") || "";
   name.value = params.get("name") || "";
+  tag.value = params.get("tag") || "";
   const families = new Set();
   let last = "";
   const load = async () => {
-    const q = new URLSearchParams({ state: state.value, family: family.value, name: name.value });
+    const q = new URLSearchParams({ state: state.value, family: family.value, name: name.value, tag: tag.value });
     const { experiments } = await api(`/api/v1/experiments?${q}`);
     experiments.forEach((e) => {
       if (!families.has(e.family)) {
@@ -131,12 +139,13 @@ function experimentsView(params) {
     if (text !== last) {
       last = text;
       document.getElementById("experiments").innerHTML = experiments.length === 0
-        ? `<p class="muted">No experiments${state.value || family.value || name.value ? " match" : " yet: <code>ablate submit SPEC</code>"}.</p>`
-        : `<table id="experiments-table"><thead><tr><th>Name</th><th>Family</th><th>State</th><th>Progress</th><th>Best objective</th><th>Submitted by</th><th>Age</th></tr></thead><tbody>
+        ? `<p class="muted">No experiments${state.value || family.value || name.value || tag.value ? " match" : " yet: <code>ablate submit SPEC</code>"}.</p>`
+        : `<table id="experiments-table"><thead><tr><th>Name</th><th>Family</th><th>State</th><th>Progress</th><th>Best objective</th><th>Tags</th><th>Submitted by</th><th>Age</th></tr></thead><tbody>
           ${experiments.map((e) => `<tr data-id="${esc(e.id)}">
-            <td><a href="#/experiments/${esc(e.id)}">${esc(e.name)}</a></td><td>${esc(e.family)}</td><td>${stateTag(e.state)}</td>
+            <td><a href="#/experiments/${esc(e.id)}">${esc(e.name)}</a>${e.note ? ` <span class="muted" title="${esc(e.note)}">✎</span>` : ""}</td><td>${esc(e.family)}</td><td>${stateTag(e.state)}</td>
             <td>${progress(e)}</td>
             <td class="num">${e.best === null ? "" : `${esc(fmt(e.best))} <span class="muted">${esc(e.objective_metric || "")}</span>`}</td>
+            <td>${tagList(e.tags)}</td>
             <td>${esc(e.submitted_by || "")}</td><td>${age(e.created_at)}</td></tr>`).join("")}</tbody></table>`;
     }
     const running = experiments.some((e) => e.state === "running");
@@ -144,8 +153,8 @@ function experimentsView(params) {
     return true;
   };
   let reload = every(3000, load);
-  for (const input of [state, family, name]) {
-    input.addEventListener(input === name ? "input" : "change", () => { last = ""; reload = load().catch(showError); });
+  for (const input of [state, family, name, tag]) {
+    input.addEventListener(input === name || input === tag ? "input" : "change", () => { last = ""; reload = load().catch(showError); });
   }
 }
 
@@ -329,7 +338,7 @@ function experimentView(id) {
       ${params.map((p) => col(`param:${p}`, p)).join("")}${col("objective", objective)}${col("attempts", "attempts")}</tr></thead>
       <tbody>${rows.map((t) => `<tr class="trial-row" data-id="${esc(t.id)}">
         <td><input type="checkbox" data-id="${esc(t.id)}" ${state.selected.has(t.id) ? "checked" : ""}></td>
-        <td><a href="#/trials/${esc(t.id)}">${t.ordinal}</a></td><td>${stateTag(t.state)}</td>
+        <td><a href="#/trials/${esc(t.id)}">${t.ordinal}</a></td><td>${stateTag(t.state)}${t.reused_from ? ` <a class="tag reused" href="#/trials/${esc(t.reused_from)}" title="took this trial's results instead of running">reused</a>` : ""}</td>
         ${params.map((p) => `<td class="num">${esc(fmt(t.params[p]))}</td>`).join("")}
         <td class="num">${esc(fmt(t.objective))}</td><td class="num">${t.attempts}</td></tr>`).join("")}</tbody>`;
     const fixed = fixedParams().map((p) => `${p}=${fmt(state.trials[0]?.params[p])}`).join(", ");
@@ -353,6 +362,10 @@ function experimentView(id) {
       <p>${stateTag(e.state)} · family <b>${esc(e.family)}</b> · ${progress(e)} ·
         ${e.running} running, ${e.pending} pending, ${e.failed} failed · objective ${esc(e.objective_metric || "none")}
         ${e.goal ? `(${esc(e.goal)})` : ""} · submitted by ${esc(e.submitted_by || "—")} ${age(e.created_at)} ago</p>
+      ${(e.tags || []).length > 0 ? `<p id="experiment-tags">tags: ${tagList(e.tags)}</p>` : ""}
+      ${e.note ? `<p id="experiment-note" class="note">${esc(e.note)}</p>` : ""}
+      ${e.reused > 0 ? `<p class="muted">${e.reused} trials took the results of earlier experiments' trials instead of running (reuse)</p>` : ""}
+      ${e.keep_checkpoints && e.keep_checkpoints !== "all" ? `<p class="muted">checkpoints kept per finished trial: ${esc(e.keep_checkpoints)}</p>` : ""}
       ${e.waiting ? `<p class="state state-waiting">waiting: ${esc(e.waiting)}</p>` : ""}`;
     document.getElementById("spec").textContent = e.spec_text;
     const failures = e.failures || [];
@@ -569,6 +582,7 @@ function trialView(id) {
     if (text !== last) {
       last = text;
       document.getElementById("trial-head").innerHTML = `<h1>trial ${trial.ordinal} of <a href="#/experiments/${esc(trial.experiment_id)}">${esc(trial.experiment)}</a></h1>
+        ${trial.reused_from ? `<p id="reused-from">reused: it took the results of <a href="#/trials/${esc(trial.reused_from)}">trial ${esc(trial.reused_from)}</a> instead of running</p>` : ""}
         <p>${stateTag(trial.state)} · attempt ${trial.attempts} · objective ${esc(fmt(trial.objective))}
         ${trial.error ? `<br><span class="error">${esc(trial.error)}</span>` : ""}</p>`;
       const kv = (o) => Object.entries(o || {}).map(([k, v]) => `<tr><td>${esc(k)}</td><td class="num">${esc(fmt(v))}</td></tr>`).join("");

@@ -106,9 +106,16 @@ class Client:
 
     # -- writes
 
-    def submit(self, spec: Union[str, Path, Dict[str, Any]], format: Optional[str] = None) -> "Experiment":
+    def submit(
+        self,
+        spec: Union[str, Path, Dict[str, Any]],
+        format: Optional[str] = None,
+        into: Optional[str] = None,
+    ) -> "Experiment":
         """Submits a spec: a file's path, its TOML or YAML text, or the spec as a dict.
-        A spec the coordinator refuses raises :class:`SpecError` naming the field."""
+        With ``into``, the spec's points that the finished experiment ``into`` does not
+        hold yet are added to it (its base must agree). A spec the coordinator refuses
+        raises :class:`SpecError` naming the field."""
         if isinstance(spec, dict):
             body: Dict[str, Any] = {"spec": spec}
         else:
@@ -119,12 +126,42 @@ class Client:
                 text = path.read_text()
                 format = format or ("yaml" if path.suffix in (".yaml", ".yml") else "toml")
             body = {"spec": text, "format": format or "toml"}
+        if into is not None:
+            body["into"] = into
         answer = self._call("POST", "/api/v1/experiments", body)
-        return Experiment(self, answer["experiment_id"], answer["trial_count"])
+        experiment = Experiment(self, answer["experiment_id"], answer["trial_count"])
+        experiment.reused = answer.get("reused", 0)
+        experiment.already_held = answer.get("already_held", 0)
+        return experiment
+
+    def extend(self, experiment: str, spec: Union[str, Path, Dict[str, Any]], format: Optional[str] = None) -> "Experiment":
+        """Adds the spec's new points to a finished experiment (``submit(spec, into=...)``)."""
+        return self.submit(spec, format=format, into=experiment)
 
     def cancel(self, experiment: str) -> int:
         """Cancels an experiment's pending and running trials; returns how many."""
         return self._call("POST", f"/api/v1/experiments/{experiment}/cancel", {})["cancelled"]
+
+    def retry(self, experiment: str, outcomes: Optional[List[str]] = None) -> int:
+        """Puts a finished experiment's failed, crashed or cancelled trials (or those of
+        ``outcomes``) back to pending, their attempts kept; returns how many."""
+        body = {"outcomes": list(outcomes or [])}
+        return self._call("POST", f"/api/v1/experiments/{experiment}/retry", body)["retried"]
+
+    def tag(self, experiment: str, *tags: str, remove: bool = False) -> List[str]:
+        """Adds (or with ``remove``, removes) tags; returns the experiment's tags now."""
+        body = {"remove": list(tags)} if remove else {"add": list(tags)}
+        return self._call("POST", f"/api/v1/experiments/{experiment}/tags", body)["tags"]
+
+    def note(self, experiment: str, text: str) -> None:
+        """Sets the experiment's note; an empty text clears it."""
+        self._call("POST", f"/api/v1/experiments/{experiment}/note", {"note": text})
+
+    def delete(self, experiment: str) -> Dict[str, int]:
+        """Deletes a finished experiment's rows and objects (its submitter or an admin);
+        what other experiments reused of it stays theirs. Returns what went: trials,
+        objects, bytes, handed_over."""
+        return self._call("DELETE", f"/api/v1/experiments/{experiment}")
 
     # -- reads
 
@@ -137,12 +174,14 @@ class Client:
         state: Optional[str] = None,
         family: Optional[str] = None,
         name: Optional[str] = None,
+        tag: Optional[str] = None,
         limit: int = 200,
         frame: bool = False,
     ) -> Any:
-        """Experiments, newest first, with their counts; filtered as the dashboard's list is
-        (``state``, ``family``, a ``name`` substring; at most ``limit``, up to 1,000)."""
-        query = {"state": state, "family": family, "name": name, "limit": limit}
+        """Experiments, newest first, with their counts, tags and note; filtered as the
+        dashboard's list is (``state``, ``family``, a ``name`` substring, a ``tag``; at
+        most ``limit``, up to 1,000)."""
+        query = {"state": state, "family": family, "name": name, "tag": tag, "limit": limit}
         rows = self._call("GET", "/api/v1/experiments", query=query)["experiments"]
         return _frame(rows) if frame else rows
 
@@ -258,6 +297,10 @@ class Experiment:
         self.client = client
         self.id = id
         self.trial_count = trial_count
+        #: Of the trials the submission stored, how many took earlier results (``reuse``).
+        self.reused = 0
+        #: With ``into``: the spec's points the experiment held already.
+        self.already_held = 0
 
     def __repr__(self) -> str:
         return f"Experiment({self.id!r})"
@@ -300,6 +343,21 @@ class Experiment:
 
     def cancel(self) -> int:
         return self.client.cancel(self.id)
+
+    def retry(self, outcomes: Optional[List[str]] = None) -> int:
+        return self.client.retry(self.id, outcomes)
+
+    def extend(self, spec: Union[str, Path, Dict[str, Any]], format: Optional[str] = None) -> "Experiment":
+        return self.client.extend(self.id, spec, format=format)
+
+    def tag(self, *tags: str, remove: bool = False) -> List[str]:
+        return self.client.tag(self.id, *tags, remove=remove)
+
+    def note(self, text: str) -> None:
+        self.client.note(self.id, text)
+
+    def delete(self) -> Dict[str, int]:
+        return self.client.delete(self.id)
 
     def trials(self, frame: bool = False) -> Any:
         return self.client.trials(self.id, frame=frame)

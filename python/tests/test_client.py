@@ -216,3 +216,42 @@ def test_ten_thousand_trials_read_into_a_dataframe_in_under_two_seconds(stack):
     assert "params.seed" in frame.columns
     print(f"10,000 trials into a DataFrame in {took:.3f} s")
     assert took < 2.0, took
+
+
+def test_an_experiment_is_extended_tagged_noted_and_deleted_through_the_client(stack):
+    client = ablate.Client()
+    spec = small_sweep("client-lives-on", steps=10)
+    exp = client.submit(spec)
+    assert exp.wait(timeout=300)["state"] == "succeeded"
+    # Nothing failed, so nothing to retry: refused, saying so.
+    with pytest.raises(ablate.AblateError) as refused:
+        exp.retry()
+    assert refused.value.status == 409 and "no failed or crashed or cancelled trial" in str(refused.value)
+    # A changed base is refused, naming the field; a third seed adds three trials.
+    changed = json.loads(json.dumps(spec))
+    changed["base"]["width"] = 32
+    with pytest.raises(ablate.SpecError) as differs:
+        exp.extend(changed)
+    assert differs.value.path == "base.width"
+    wider = json.loads(json.dumps(spec))
+    wider["sweep"]["params"]["seed"] = [0, 1, 2]
+    more = exp.extend(wider)
+    assert more.id == exp.id and more.trial_count == 3 and more.already_held == 6
+    assert exp.wait(timeout=300)["state"] == "succeeded"
+    assert sorted((t["params"]["seed"], t["params"]["log2_lr"]) for t in exp.trials()) == sorted(
+        (s, lr) for s in (0, 1, 2) for lr in (-8, -6, -4))
+    assert exp.tag("client", "width16") == ["client", "width16"]
+    assert exp.tag("width16", remove=True) == ["client"]
+    exp.note("three seeds")
+    listed = client.experiments(tag="client")
+    assert [e["id"] for e in listed] == [exp.id]
+    assert listed[0]["tags"] == ["client"] and listed[0]["note"] == "three seeds"
+    # Its objects (each trial's log) go with it.
+    logs = list((stack.state / "objects" / "experiments" / exp.id).rglob("attempt-*.log"))
+    assert len(logs) == 9, logs
+    gone = exp.delete()
+    assert gone["trials"] == 9 and gone["objects"] == len(logs), gone
+    assert not any(p.exists() for p in logs)
+    with pytest.raises(ablate.AblateError) as missing:
+        exp.status()
+    assert missing.value.status == 404
