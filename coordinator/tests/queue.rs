@@ -549,7 +549,7 @@ async fn an_extension_joins_the_rungs_and_a_larger_tpe_budget_proposes_at_once(p
     let roots = ablate_experiments::nn::locations::default_roots();
     let limits = ablate_schema::Limits::default();
     let extend = |text: String, into| {
-        let (pool, roots, limits) = (pool.clone(), roots.clone(), limits.clone());
+        let (pool, roots, limits) = (pool.clone(), roots.clone(), limits);
         async move {
             submit::submit_as(
                 &pool,
