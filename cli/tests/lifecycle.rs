@@ -554,13 +554,17 @@ async fn retention_keeps_the_best_checkpoint_per_trial_and_gc_spares_a_trial_kil
     assert!(stderr(&out).contains("removed 2 object(s)"), "{}", stderr(&out));
     assert!(!orphan.exists() && !gone_experiment.join("trials/x/step-5.safetensors").exists());
     let (after_count, after_bytes) = files(&objects, "");
-    // What the closing note reports: the object store of each sweep.
+    // What the closing note reports: each sweep's objects (checkpoints, sidecars, logs).
     let all_folder = find_folder(&objects, &all).unwrap();
     let (all_ckpt, all_ckpt_bytes) = files(&all_folder, ".safetensors");
+    let (all_objects, all_folder_bytes) = files(&all_folder, "");
+    let (best_objects, best_folder_bytes) = files(&best_folder, "");
     eprintln!(
-        "retention: the 100-trial sweep keeping all: {all_ckpt} checkpoints, {all_ckpt_bytes} bytes of tensors \
-         ({all_count} objects, {all_bytes} bytes in the store then); keeping the best: {best_count} checkpoints, \
-         {best_bytes} bytes; the store after gc: {after_count} objects, {after_bytes} bytes"
+        "retention, 100 trials x 4 checkpoints: keep = \"all\": {all_objects} objects, {all_folder_bytes} bytes \
+         ({all_ckpt} checkpoints, {all_ckpt_bytes} bytes of tensors); keep = \"best\" after retention and gc: \
+         {best_objects} objects, {best_folder_bytes} bytes ({best_count} checkpoints, {best_bytes} bytes of tensors). \
+         The whole store: {all_count} objects, {all_bytes} bytes after the first sweep; {after_count} objects, \
+         {after_bytes} bytes at the end (both sweeps, the lone runs, packed code)"
     );
     assert_eq!(all_ckpt, 400);
     assert!(best_bytes * 3 < all_ckpt_bytes, "{best_bytes} against {all_ckpt_bytes}");

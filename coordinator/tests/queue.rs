@@ -604,10 +604,19 @@ reduction_factor = 3
     .await
     .unwrap();
     assert_eq!(new, [(3, Some(0), Some(10)), (4, Some(0), Some(10))]);
-    // While they run, another extension is refused and adds nothing.
+    // While they run, another extension is refused and adds nothing; so is a retry.
     let refused = extend(asha("0, 1, 2, 3, 4, 5"), Some(first.id)).await.unwrap_err();
     assert!(refused.to_string().contains("is running"), "{refused}");
     assert_eq!(count(&pool, "select count(*) from trials").await, 5);
+    let outcomes = ablate_coordinator::platform::experiments::outcomes(&[]).unwrap();
+    let refused = ablate_coordinator::platform::experiments::retry(&pool, None, first.id, &outcomes)
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, Error::Conflict(_)), "{refused}");
+    assert_eq!(
+        count(&pool, "select count(*) from trials where state = 'pending'").await,
+        2
+    );
 
     let tpe = |budget: u32| {
         format!(
