@@ -364,6 +364,11 @@ impl LimitArgs {
 pub struct ServeArgs {
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: String,
+    /// A streaming replica of the database: `ablate sql`, reports, the dashboard's reads
+    /// and the reader login go there, so analytic queries never touch the primary that
+    /// leases and ingests (README, "Readers on a replica").
+    #[arg(long, env = "ABLATE_READER_DATABASE_URL")]
+    pub reader_database_url: Option<String>,
     #[arg(long, default_value = "127.0.0.1:7077")]
     pub listen: SocketAddr,
     /// Seconds a lease lasts without a heartbeat.

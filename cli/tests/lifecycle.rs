@@ -443,12 +443,12 @@ async fn retention_keeps_the_best_checkpoint_per_trial_and_gc_spares_a_trial_kil
     ));
     let killed = stack.submit(&lone("killed", "0.1"));
     // gc runs over and over while the sweep runs and its trials are thinned.
-    let gc_runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop_gc = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let gc = {
-        let (addr, token, runs) = (stack.addr(), stack.admin_token.clone(), gc_runs.clone());
+        let (addr, token, stop) = (stack.addr(), stack.admin_token.clone(), stop_gc.clone());
         std::thread::spawn(move || {
-            let mut removed = Vec::new();
-            while runs.load(std::sync::atomic::Ordering::SeqCst) < usize::MAX / 2 {
+            let mut said = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 let out = Command::new(bin("ablate"))
                     .args(["gc", "--min-age", "0"])
                     .env("ABLATE_COORDINATOR", &addr)
@@ -456,11 +456,10 @@ async fn retention_keeps_the_best_checkpoint_per_trial_and_gc_spares_a_trial_kil
                     .output()
                     .unwrap();
                 assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-                removed.push(String::from_utf8_lossy(&out.stdout).to_string());
-                runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                said.push(String::from_utf8_lossy(&out.stdout).to_string());
                 std::thread::sleep(Duration::from_millis(200));
             }
-            removed
+            said
         })
     };
     // Kill the slow trial's program after its first checkpoint.
@@ -486,7 +485,7 @@ async fn retention_keeps_the_best_checkpoint_per_trial_and_gc_spares_a_trial_kil
             Duration::from_secs(30),
         )
         .await;
-    gc_runs.store(usize::MAX, std::sync::atomic::Ordering::SeqCst);
+    stop_gc.store(true, std::sync::atomic::Ordering::SeqCst);
     let removed_by_gc = gc.join().unwrap();
     assert!(removed_by_gc.len() >= 2, "gc ran {} times", removed_by_gc.len());
     // gc may take what retention dropped before retention does; never what a row holds.

@@ -27,6 +27,9 @@ pub enum Error {
     /// The caller may not do this (another's experiment).
     #[error("{0}")]
     Forbidden(String),
+    /// The reader database (a replica) failed; the message names it.
+    #[error("{0}")]
+    Replica(String),
     /// The experiment is not in a state that allows this (it still runs).
     #[error("{0}")]
     Conflict(String),
@@ -43,7 +46,7 @@ impl From<Error> for Status {
             Error::Forbidden(_) => Code::PermissionDenied,
             Error::StaleLease { .. } | Error::Conflict(_) => Code::FailedPrecondition,
             Error::Busy(_) => Code::ResourceExhausted,
-            Error::Db(_) | Error::Migrate(_) | Error::Objects(_) => Code::Unavailable,
+            Error::Db(_) | Error::Migrate(_) | Error::Objects(_) | Error::Replica(_) => Code::Unavailable,
         };
         if code == Code::Unavailable {
             tracing::warn!(%error, "request failed");

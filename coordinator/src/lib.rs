@@ -54,8 +54,10 @@ pub struct Options {
     /// than this restarts no trial. `None`: twice the lease TTL.
     pub reap_grace: Option<Duration>,
     pub max_connections: u32,
-    /// Connections of the researchers' own pool (`ablate sql`, reports).
+    /// Connections of the researchers' own pool (`ablate sql`, reports, the dashboard's reads).
     pub reader_connections: u32,
+    /// A streaming replica of the database for the researchers' pool; `None`: the primary.
+    pub reader_database_url: Option<String>,
     /// Researchers' queries one caller (an address) may run at once.
     pub queries_per_caller: u32,
     /// What one spec, trial or batch may hold.
@@ -87,6 +89,7 @@ impl Options {
             reap_grace: None,
             max_connections: 16,
             reader_connections: 4,
+            reader_database_url: None,
             queries_per_caller: 2,
             limits: ablate_schema::Limits::default(),
             auth: false,
@@ -114,12 +117,16 @@ impl Coordinator {
     /// Connects to PostgreSQL, applies migrations and binds the listen address.
     pub async fn build(options: Options) -> Result<Coordinator> {
         let pool = db::connect(&options.database_url, options.max_connections).await?;
-        let reader_pool = db::connect_reader(&options.database_url, options.reader_connections).await?;
-        let reader = reader::Reader::new(
+        let reader_url = options.reader_database_url.as_deref().unwrap_or(&options.database_url);
+        let reader_pool = db::connect_reader(reader_url, options.reader_connections).await?;
+        let mut reader = reader::Reader::new(
             reader_pool,
             options.reader_connections as usize,
             options.queries_per_caller as usize,
         );
+        if let Some(url) = &options.reader_database_url {
+            reader = reader.on_replica(db::server_of(url));
+        }
         let tokens = if options.auth {
             if let Some(file) = &options.admin_token_file {
                 ensure_token_file(&pool, file, auth::Role::Admin).await?;

@@ -1,7 +1,8 @@
-//! Researchers' reads (`ablate sql`, reports) on their own bounded pool, so
-//! they never take a connection from leases, heartbeats, completions and
-//! metric ingest; with a cap on queries per caller, beyond which the answer
-//! is "busy, retry".
+//! Researchers' reads (`ablate sql`, reports, the dashboard's reads) on their own
+//! bounded pool, so they never take a connection from leases, heartbeats,
+//! completions and metric ingest; with a cap on queries per caller, beyond which
+//! the answer is "busy, retry". With `--reader-database-url` the pool reaches a
+//! streaming replica, so analytic queries never touch the primary.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -15,6 +16,8 @@ use crate::error::{Error, Result};
 #[derive(Clone)]
 pub struct Reader {
     pub pool: PgPool,
+    /// The replica the pool reads from (`host:port`), when it is not the primary.
+    pub replica: Option<String>,
     connections: usize,
     per_caller: usize,
     running: Arc<Mutex<Running>>,
@@ -37,6 +40,7 @@ impl Reader {
     pub fn new(pool: PgPool, connections: usize, per_caller: usize) -> Reader {
         Reader {
             pool,
+            replica: None,
             connections: connections.max(1),
             per_caller: per_caller.max(1),
             running: Arc::default(),
@@ -64,6 +68,25 @@ impl Reader {
             caller,
             running: self.running.clone(),
         })
+    }
+}
+
+impl Reader {
+    /// The same pool, reading from the replica at `replica` (`host:port`).
+    pub fn on_replica(mut self, replica: String) -> Reader {
+        self.replica = Some(replica);
+        self
+    }
+
+    /// A database error of a read, saying which server failed when it is the replica.
+    pub fn explain(&self, error: Error) -> Error {
+        match (&self.replica, error) {
+            (Some(replica), Error::Db(e)) => Error::Replica(format!(
+                "the reader database, the replica at {replica} (--reader-database-url), failed: {e}; \
+                 `ablate sql`, reports and the dashboard read from it, while leases and metrics go on on the primary"
+            )),
+            (_, other) => other,
+        }
     }
 }
 

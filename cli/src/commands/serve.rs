@@ -39,6 +39,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     options.http_listen = args.http_listen;
     options.object_store = args.object_store.clone();
+    options.reader_database_url = args.reader_database_url.clone();
     let coordinator = Coordinator::build(options).await?;
     eprintln!("coordinator listening on {}", coordinator.local_addr());
     if let Some(http) = coordinator.http_addr() {

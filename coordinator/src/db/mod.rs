@@ -47,12 +47,20 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
     Ok(pool)
 }
 
+/// `host:port` of a database URL, for messages (no user or password).
+pub fn server_of(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(u) => format!("{}:{}", u.host_str().unwrap_or("localhost"), u.port().unwrap_or(5432)),
+        Err(_) => "the --reader-database-url server".to_string(),
+    }
+}
+
 /// The researchers' pool: its own connections, without a statement cache, so
 /// `DISCARD ALL` after each query can leave nothing behind on a connection.
 pub async fn connect_reader(url: &str, max_connections: u32) -> Result<PgPool> {
     let options = PgConnectOptions::from_str(url)?.statement_cache_capacity(0);
     Ok(PgPoolOptions::new()
         .max_connections(max_connections.max(1))
-        .acquire_timeout(Duration::from_secs(10))
+        .acquire_timeout(Duration::from_secs(5))
         .connect_lazy_with(options))
 }

@@ -467,7 +467,9 @@ impl experiments_server::Experiments for ExperimentsService {
     ) -> Result<Response<proto::ReportResponse>, Status> {
         let _admission = self.reader.admit(request.remote_addr().map(|a| a.ip()))?;
         let id = parse_id(ExperimentId::parse, &request.into_inner().experiment_id)?;
-        let report = crate::platform::reports::build(&self.reader.pool, id).await?;
+        let report = crate::platform::reports::build(&self.reader.pool, id)
+            .await
+            .map_err(|e| self.reader.explain(e))?;
         Ok(Response::new(proto::ReportResponse {
             report_json: serde_json::to_string(&report).expect("a report serializes"),
         }))
@@ -483,7 +485,9 @@ impl experiments_server::Experiments for ExperimentsService {
         } else {
             req.timeout_ms as u64
         });
-        let result = db::read_only_query(&self.reader.pool, &req.sql, timeout).await?;
+        let result = db::read_only_query(&self.reader.pool, &req.sql, timeout)
+            .await
+            .map_err(|e| self.reader.explain(e))?;
         let mut chunks = Vec::new();
         let mut columns = Some(result.columns);
         let mut rows = result.rows.into_iter().peekable();

@@ -42,7 +42,11 @@ pub fn experiments_server(
         limits: options.limits,
         lease_ttl: options.lease_ttl,
         tokens,
-        database_url: options.database_url.clone(),
+        // The reader login reads where the researchers' pool does: the replica, when there is one.
+        database_url: options
+            .reader_database_url
+            .clone()
+            .unwrap_or_else(|| options.database_url.clone()),
         data_roots: options.data_roots.clone(),
         http_port,
         objects,

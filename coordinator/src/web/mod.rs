@@ -83,6 +83,22 @@ struct Web {
     data_roots: Vec<std::path::PathBuf>,
 }
 
+impl Web {
+    /// Where the dashboard reads: the researchers' pool when it reaches a replica
+    /// (`--reader-database-url`), else the primary.
+    fn reads(&self) -> &PgPool {
+        match self.reader.replica {
+            Some(_) => &self.reader.pool,
+            None => &self.pool,
+        }
+    }
+
+    /// A read's error, naming the replica when it failed there.
+    fn explain(&self, error: Error) -> ApiError {
+        self.reader.explain(error).into()
+    }
+}
+
 /// The dashboard's routes, to merge into the HTTP listener's.
 pub(crate) fn router(
     pool: PgPool,
@@ -238,15 +254,22 @@ async fn experiments(
         tag: nonempty(q.tag),
         limit: q.limit.unwrap_or(200).clamp(1, 1000),
     };
-    let list = db::dashboard_experiments(&web.pool, &filter).await?;
+    let list = db::dashboard_experiments(web.reads(), &filter)
+        .await
+        .map_err(|e| web.explain(e))?;
     Ok(fresh(&headers, &json!({ "experiments": list })))
 }
 
 async fn experiment(State(web): State<Web>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = experiment_id(&id)?;
-    let mut e = db::dashboard_experiment(&web.pool, id).await?;
+    let mut e = db::dashboard_experiment(web.reads(), id)
+        .await
+        .map_err(|e| web.explain(e))?;
     if e["pending"].as_i64().unwrap_or(0) > 0 {
-        e["waiting"] = db::waiting_reason(&web.pool, id, web.lease_ttl).await?.into();
+        e["waiting"] = db::waiting_reason(web.reads(), id, web.lease_ttl)
+            .await
+            .map_err(|e| web.explain(e))?
+            .into();
     }
     Ok(fresh(&headers, &json!({ "experiment": e })))
 }
@@ -263,7 +286,9 @@ async fn trials(
     Query(q): Query<TrialsQuery>,
 ) -> Result<Response, ApiError> {
     let id = experiment_id(&id)?;
-    let trials = db::dashboard_trials(&web.pool, id).await?;
+    let trials = db::dashboard_trials(web.reads(), id)
+        .await
+        .map_err(|e| web.explain(e))?;
     match q.format.as_deref() {
         None | Some("json") => Ok(fresh(&headers, &json!({ "trials": trials }))),
         Some("csv") => Ok((
@@ -345,18 +370,21 @@ fn points_wanted(points: Option<usize>) -> usize {
 
 /// Each trial's curve of `name`, reduced to `points`.
 async fn series(
-    pool: &PgPool,
+    web: &Web,
     experiment: Option<ExperimentId>,
     trials: &[TrialId],
     name: &str,
     points: usize,
 ) -> Result<Vec<Value>, ApiError> {
-    let ordinals: BTreeMap<uuid::Uuid, i32> = db::trial_ordinals(pool, experiment, trials)
-        .await?
+    let ordinals: BTreeMap<uuid::Uuid, i32> = db::trial_ordinals(web.reads(), experiment, trials)
+        .await
+        .map_err(|e| web.explain(e))?
         .into_iter()
         .collect();
     let ids: Vec<uuid::Uuid> = ordinals.keys().copied().collect();
-    let rows = db::curve_points(pool, &ids, name).await?;
+    let rows = db::curve_points(web.reads(), &ids, name)
+        .await
+        .map_err(|e| web.explain(e))?;
     let mut by_trial: BTreeMap<uuid::Uuid, (i32, Vec<(i64, f64)>)> = BTreeMap::new();
     for (trial, step, value) in rows {
         let ordinal = ordinals.get(&trial).copied().unwrap_or_default();
@@ -397,14 +425,13 @@ async fn experiment_curves(
             .map(|t| trial_id(t.trim()))
             .take(MAX_CURVE_TRIALS + 1)
             .collect::<Result<_, _>>()?,
-        None => {
-            db::top_trials(
-                &web.pool,
-                id,
-                q.top.unwrap_or(DEFAULT_TOP).clamp(1, MAX_CURVE_TRIALS as u32),
-            )
-            .await?
-        }
+        None => db::top_trials(
+            web.reads(),
+            id,
+            q.top.unwrap_or(DEFAULT_TOP).clamp(1, MAX_CURVE_TRIALS as u32),
+        )
+        .await
+        .map_err(|e| web.explain(e))?,
     };
     if trials.len() > MAX_CURVE_TRIALS {
         return Err(ApiError(
@@ -415,7 +442,9 @@ async fn experiment_curves(
     let metric = match q.metric.filter(|m| !m.is_empty()) {
         Some(m) => m,
         None => {
-            let e = db::dashboard_experiment(&web.pool, id).await?;
+            let e = db::dashboard_experiment(web.reads(), id)
+                .await
+                .map_err(|e| web.explain(e))?;
             let first = e["metrics"].get(0).and_then(Value::as_str).map(str::to_string);
             e["objective_metric"]
                 .as_str()
@@ -425,7 +454,7 @@ async fn experiment_curves(
         }
     };
     let points = points_wanted(q.points);
-    let series = series(&web.pool, Some(id), &trials, &metric, points).await?;
+    let series = series(&web, Some(id), &trials, &metric, points).await?;
     Ok(fresh(
         &headers,
         &json!({ "metric": metric, "points": points, "series": series }),
@@ -434,7 +463,9 @@ async fn experiment_curves(
 
 async fn report(State(web): State<Web>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = experiment_id(&id)?;
-    let report = crate::platform::reports::build(&web.pool, id).await?;
+    let report = crate::platform::reports::build(web.reads(), id)
+        .await
+        .map_err(|e| web.explain(e))?;
     let text = report.to_text();
     Ok(fresh(&headers, &json!({ "report": report, "text": text })))
 }
@@ -443,7 +474,7 @@ async fn trial(State(web): State<Web>, headers: HeaderMap, Path(id): Path<String
     let id = trial_id(&id)?;
     Ok(fresh(
         &headers,
-        &json!({ "trial": db::dashboard_trial(&web.pool, id).await? }),
+        &json!({ "trial": db::dashboard_trial(web.reads(), id).await.map_err(|e| web.explain(e))? }),
     ))
 }
 
@@ -454,7 +485,7 @@ async fn trial_curves(
     Query(q): Query<CurvesQuery>,
 ) -> Result<Response, ApiError> {
     let id = trial_id(&id)?;
-    let trial = db::dashboard_trial(&web.pool, id).await?;
+    let trial = db::dashboard_trial(web.reads(), id).await.map_err(|e| web.explain(e))?;
     let names: Vec<String> = match q.metric.filter(|m| !m.is_empty()) {
         Some(m) => vec![m],
         None => serde_json::from_value(trial["metric_names"].clone()).unwrap_or_default(),
@@ -462,7 +493,7 @@ async fn trial_curves(
     let points = points_wanted(q.points);
     let mut all = Vec::new();
     for name in &names {
-        all.extend(series(&web.pool, None, &[id], name, points).await?);
+        all.extend(series(&web, None, &[id], name, points).await?);
     }
     Ok(fresh(&headers, &json!({ "points": points, "series": all })))
 }
@@ -480,13 +511,17 @@ async fn trial_logs(
     Query(q): Query<LogsQuery>,
 ) -> Result<Response, ApiError> {
     let id = trial_id(&id)?;
-    let logs = crate::platform::logs::read(&web.pool, web.objects.as_ref(), id, q.attempt.unwrap_or(0)).await?;
+    let logs = crate::platform::logs::read(web.reads(), web.objects.as_ref(), id, q.attempt.unwrap_or(0))
+        .await
+        .map_err(|e| web.explain(e))?;
     Ok(fresh(&headers, &json!({ "logs": logs })))
 }
 
 async fn workers(State(web): State<Web>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let rows = db::list_workers(&web.pool, web.lease_ttl).await?;
-    let running = db::running_by_worker(&web.pool).await?;
+    let rows = db::list_workers(web.reads(), web.lease_ttl)
+        .await
+        .map_err(|e| web.explain(e))?;
+    let running = db::running_by_worker(web.reads()).await.map_err(|e| web.explain(e))?;
     let workers: Vec<Value> = rows
         .iter()
         .map(|w| {
