@@ -220,7 +220,7 @@ def test_ten_thousand_trials_read_into_a_dataframe_in_under_two_seconds(stack):
 
 def test_an_experiment_is_extended_tagged_noted_and_deleted_through_the_client(stack):
     client = ablate.Client()
-    spec = small_sweep("client-lives-on", steps=10)
+    spec = small_sweep("client-lives-on", steps=20)
     exp = client.submit(spec)
     assert exp.wait(timeout=300)["state"] == "succeeded"
     # Nothing failed, so nothing to retry: refused, saying so.
@@ -246,12 +246,14 @@ def test_an_experiment_is_extended_tagged_noted_and_deleted_through_the_client(s
     listed = client.experiments(tag="client")
     assert [e["id"] for e in listed] == [exp.id]
     assert listed[0]["tags"] == ["client"] and listed[0]["note"] == "three seeds"
-    # Its objects (each trial's log) go with it.
-    logs = list((stack.state / "objects" / "experiments" / exp.id).rglob("attempt-*.log"))
-    assert len(logs) == 9, logs
+    # Its objects (each trial's checkpoint at step 10, with its sidecar) go with it.
+    folder = stack.state / "objects" / "experiments" / exp.id
+    checkpoints = list(folder.rglob("step-10.safetensors"))
+    assert len(checkpoints) == 9, checkpoints
+    files = [p for p in folder.rglob("*") if p.is_file()]
     gone = exp.delete()
-    assert gone["trials"] == 9 and gone["objects"] == len(logs), gone
-    assert not any(p.exists() for p in logs)
+    assert gone["trials"] == 9 and gone["objects"] == len(files) >= 18, gone
+    assert not any(p.exists() for p in files)
     with pytest.raises(ablate.AblateError) as missing:
         exp.status()
     assert missing.value.status == 404

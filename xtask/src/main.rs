@@ -172,10 +172,10 @@ fn ablate(profile: &str) -> Command {
     Command::new(bin_dir(profile).join("ablate"))
 }
 
-/// A PostgreSQL URL for the tests: DATABASE_URL, the local server on 5432, or a private one.
-fn test_database() -> Result<String> {
+/// DATABASE_URL, or the local server on 5432 when it answers with trust auth.
+fn answering_database() -> Option<String> {
     if let Ok(url) = std::env::var("DATABASE_URL") {
-        return Ok(url);
+        return Some(url);
     }
     let local = "postgres://postgres@127.0.0.1:5432/postgres".to_string();
     let answers = Command::new("psql")
@@ -183,8 +183,13 @@ fn test_database() -> Result<String> {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    if answers {
-        return Ok(local);
+    answers.then_some(local)
+}
+
+/// A PostgreSQL URL for the tests: DATABASE_URL, the local server on 5432, or a private one.
+fn test_database() -> Result<String> {
+    if let Some(url) = answering_database() {
+        return Ok(url);
     }
     eprintln!(
         "xtask: no PostgreSQL answers on 127.0.0.1:5432 with trust auth; starting a private one on {TEST_PG_PORT}"
@@ -206,22 +211,54 @@ fn test() -> Result {
     layout::check_cycles(&workspace_root())?;
     // The embedded-stack tests start a PostgreSQL of their own.
     provision_postgres()?;
-    build("debug")?;
+    provision_libtorch()?;
     provision_datasets()?;
-    let url = test_database()?;
     let moto = provision_moto()?;
-    let dsir_python = provision_dsir_reference()?;
-    let prometheus = provision_prometheus()?;
-    let kubernetes_validate = provision_kubernetes_validate()?;
-    provision_slurm()?;
-    let chromium = provision_chromium()?;
-    let pytest = provision_pytest()?;
-    let torch_python = provision_torch_python()?;
+    // The science tests need nothing else of the workspace: started before the rest is
+    // built (when a PostgreSQL answers already), they fill the CPU the build leaves idle.
+    let science_env = |url: &str| {
+        [
+            ("DATABASE_URL", url.to_string()),
+            ("ABLATE_MOTO_BIN", moto.to_string_lossy().into_owned()),
+        ]
+    };
+    let early = answering_database()
+        .map(|url| science::start(&science_env(&url)))
+        .transpose()?;
+    let prepared = (|| {
+        build("debug")?;
+        let url = test_database()?;
+        let dsir_python = provision_dsir_reference()?;
+        let prometheus = provision_prometheus()?;
+        let kubernetes_validate = provision_kubernetes_validate()?;
+        provision_slurm()?;
+        let chromium = provision_chromium()?;
+        let pytest = provision_pytest()?;
+        let torch_python = provision_torch_python()?;
+        Ok::<_, String>((
+            url,
+            dsir_python,
+            prometheus,
+            kubernetes_validate,
+            chromium,
+            pytest,
+            torch_python,
+        ))
+    })();
+    let (url, dsir_python, prometheus, kubernetes_validate, chromium, pytest, torch_python) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(science) = early {
+                science.stop();
+            }
+            return Err(e);
+        }
+    };
     eprintln!("xtask: tests use {url}");
-    let science = science::start(&[
-        ("DATABASE_URL", url.clone()),
-        ("ABLATE_MOTO_BIN", moto.to_string_lossy().into_owned()),
-    ])?;
+    let science = match early {
+        Some(science) => science,
+        None => science::start(&science_env(&url))?,
+    };
     let rest = (|| {
         run(cargo(&[
             "test",

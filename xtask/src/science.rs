@@ -1,8 +1,9 @@
 //! The science tests (worker/tests/science.rs: every family's sweep trained to its
 //! criteria, minutes of CPU) run beside the rest of `cargo xtask test`, whose tests
-//! mostly wait on processes, PostgreSQL and sockets: started first at the lowest CPU
-//! priority (`nice -n 19`), they take the CPU the others leave idle and never slow
-//! them. Their output goes to a file, printed when they end; their failure fails the run.
+//! mostly wait on processes, PostgreSQL and sockets: started first (before the rest of
+//! the workspace is built, when a PostgreSQL answers) at the lowest CPU priority
+//! (`nice -n 19`), they take the CPU the build and the others leave idle and never
+//! slow them. Their output goes to a file, printed when they end; their failure fails the run.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
