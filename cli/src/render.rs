@@ -67,10 +67,15 @@ pub fn experiment_summary(e: &proto::Experiment) -> String {
     }
     if !e.best.is_empty() {
         out.push_str(&format!("\nbest trials by {} ({}):\n", e.objective_metric, e.goal));
-        let header: Vec<String> = ["rank", "trial", e.objective_metric.as_str(), "params", "reused from"]
+        // The "reused from" column only when a trial took another's results.
+        let reused = e.best.iter().any(|t| !t.reused_from.is_empty());
+        let mut header: Vec<String> = ["rank", "trial", e.objective_metric.as_str(), "params"]
             .iter()
             .map(|s| s.to_string())
             .collect();
+        if reused {
+            header.push("reused from".to_string());
+        }
         let rows: Vec<Vec<String>> = e
             .best
             .iter()
@@ -81,8 +86,10 @@ pub fn experiment_summary(e: &proto::Experiment) -> String {
                     t.ordinal.to_string(),
                     t.objective.map(|v| format!("{v:.6}")).unwrap_or_default(),
                     swept_params(&t.params_json, &e.swept_params),
-                    t.reused_from.clone(),
                 ]
+                .into_iter()
+                .chain(reused.then(|| t.reused_from.clone()))
+                .collect()
             })
             .collect();
         out.push_str(&table(&header, &rows));

@@ -692,8 +692,16 @@ async fn a_resubmitted_width_sweep_with_reuse_runs_only_the_new_width_and_report
     .await
     .unwrap();
     let objects = stack.dir.join("objects");
-    for path in paths {
-        let found = objects.join(&path).exists() || Path::new("/").join(&path).exists();
-        assert!(found, "{path} is gone from the object store");
-    }
+    let all_there = |when: &str| {
+        for path in &paths {
+            let found = objects.join(path).exists() || Path::new("/").join(path).exists();
+            assert!(found, "{path} is gone from the object store {when}");
+        }
+    };
+    all_there("after the delete");
+    // gc takes none of them, though they lie under the deleted experiment's folder.
+    let out = stack.ablate(&["gc", "--min-age", "0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    all_there("after gc");
+    assert_eq!(report_json(&stack, &reusing), full_report);
 }

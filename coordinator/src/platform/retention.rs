@@ -136,6 +136,12 @@ pub async fn collect_garbage(
         if meta.last_modified > cutoff {
             continue;
         }
+        // A checkpoint a row references stays wherever it lies (a reused trial's, handed
+        // to another experiment when its own was deleted, lies under the deleted one's folder).
+        let tensors = meta.location.as_ref().replace(".json", ".safetensors");
+        if refs.checkpoint_paths.contains(&tensors) {
+            continue;
+        }
         let parts: Vec<String> = meta
             .location
             .parts()
@@ -160,11 +166,8 @@ pub async fn collect_garbage(
                                 None => Some(format!("trial {trial} no longer exists")),
                                 Some(_) if tail.first() == Some(&"logs") => None,
                                 Some(finished) => {
-                                    let path = meta.location.as_ref();
-                                    let tensors = path.replace(".json", ".safetensors");
                                     let is_checkpoint = tail.len() == 1 && tail[0].starts_with("step-");
-                                    (*finished && is_checkpoint && !refs.checkpoint_paths.contains(&tensors))
-                                        .then(|| "a checkpoint no row references".to_string())
+                                    (*finished && is_checkpoint).then(|| "a checkpoint no row references".to_string())
                                 }
                             }
                         }
