@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harness::{assert_same_curves, bin, free_port, text, Stack};
+use harness::{assert_same_curves, bin, free_port, pids_of, text, Stack};
 
 /// The examples folder of this repository.
 fn examples() -> PathBuf {
@@ -69,21 +69,6 @@ goal = "minimize"
     );
     std::fs::write(dir.join("sweep.toml"), spec).unwrap();
     dir.join("sweep.toml")
-}
-
-/// Pids of processes whose command line contains `needle`.
-fn pids_of(needle: &str) -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
-        .filter(|pid| *pid != std::process::id() as i32)
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
-                .unwrap_or(false)
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]

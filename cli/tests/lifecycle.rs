@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use harness::{assert_same_curves, bin, spec_path, stderr, text, Stack};
+use harness::{assert_same_curves, bin, pids_of, spec_path, stderr, text, Stack};
 
 /// A trainer in shell: its loss falls, then rises again after step `turn`, so its
 /// best checkpoint is not its last; its state (step, loss) lives in its checkpoint,
@@ -570,21 +570,6 @@ async fn retention_keeps_the_best_checkpoint_per_trial_and_gc_spares_a_trial_kil
     // The best sweep's trials still read their results.
     let report = stack.ablate(&["status", &best]);
     assert!(text(&report).contains("succeeded"), "{}", text(&report));
-}
-
-/// Pids of processes whose command line contains `needle`.
-fn pids_of(needle: &str) -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
-        .filter(|pid| *pid != std::process::id() as i32)
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
-                .unwrap_or(false)
-        })
-        .collect()
 }
 
 /// The report's JSON without what names the experiment itself.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use harness::{bin, free_port, text};
+use harness::{bin, free_port, pids_of, text};
 
 /// Runs `ablate` with a configuration folder of the test's own (where `ablate up` keeps its token).
 fn ablate(config: &Path, args: &[&str]) -> Output {
@@ -21,22 +21,6 @@ fn ablate(config: &Path, args: &[&str]) -> Output {
         .env_remove("ABLATE_TOKEN")
         .output()
         .unwrap()
-}
-
-/// Pids of processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &Path) -> Vec<u32> {
-    let needle = needle.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-        .filter(|pid| *pid != std::process::id())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(&needle))
-                .unwrap_or(false)
-        })
-        .collect()
 }
 
 /// Where the stack keeps its PostgreSQL data: `<state>/pg`, or the folder `pg-location` names.
@@ -110,15 +94,15 @@ fn the_embedded_stack_starts_in_a_private_directory_once_and_stops_entirely() {
 
     // The worker dies: `ablate up` starts another.
     let worker_dir = state.join("worker");
-    let workers = processes_mentioning(&worker_dir);
+    let workers = pids_of(&worker_dir.to_string_lossy());
     assert_eq!(workers.len(), 1, "one worker daemon: {workers:?}");
     // SAFETY: signalling the worker daemon our `ablate up` started.
-    unsafe { libc::kill(workers[0] as i32, libc::SIGKILL) };
+    unsafe { libc::kill(workers[0], libc::SIGKILL) };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let out = ablate(&config, &["--coordinator", &addr, "workers"]);
         let registered = text(&out).lines().filter(|l| l.contains("cpu:0")).count();
-        let restarted = processes_mentioning(&worker_dir);
+        let restarted = pids_of(&worker_dir.to_string_lossy());
         if registered == 2 && restarted.len() == 1 && restarted[0] != workers[0] {
             break;
         }
@@ -136,9 +120,9 @@ fn the_embedded_stack_starts_in_a_private_directory_once_and_stops_entirely() {
     let cluster = cluster_root(&state);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let left: Vec<u32> = [state.as_path(), cluster.as_path()]
+        let left: Vec<i32> = [state.as_path(), cluster.as_path()]
             .iter()
-            .flat_map(|p| processes_mentioning(p))
+            .flat_map(|p| pids_of(&p.to_string_lossy()))
             .collect();
         if left.is_empty() {
             break;
@@ -175,10 +159,10 @@ fn free_pair() -> u16 {
 }
 
 /// The stack's processes (under its state directory or its PostgreSQL cluster) still running.
-fn stack_processes(state: &Path) -> Vec<u32> {
+fn stack_processes(state: &Path) -> Vec<i32> {
     [state.to_path_buf(), cluster_root(state)]
         .iter()
-        .flat_map(|p| processes_mentioning(p))
+        .flat_map(|p| pids_of(&p.to_string_lossy()))
         .collect()
 }
 

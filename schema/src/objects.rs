@@ -58,3 +58,14 @@ pub fn log_path(prefix: &Path, experiment: &str, trial: &str, attempt: u32) -> P
         ],
     )
 }
+
+/// A checkpoint's sidecar (`step-N.json`, its step, cursor and hashes) beside its
+/// tensors (`step-N.safetensors`).
+pub fn sidecar_of(tensors: &str) -> String {
+    tensors.replace(".safetensors", ".json")
+}
+
+/// The tensors of a checkpoint, from either of its two objects.
+pub fn tensors_of(object: &str) -> String {
+    object.replace(".json", ".safetensors")
+}

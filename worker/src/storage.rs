@@ -53,7 +53,7 @@ pub fn checkpoint_path(prefix: &Path, experiment: &str, trial: &str, step: u64) 
 }
 
 fn sidecar_path(tensors: &Path) -> Path {
-    Path::from(tensors.as_ref().replace(".safetensors", ".json"))
+    Path::from(ablate_schema::objects::sidecar_of(tensors.as_ref()))
 }
 
 /// A checkpoint that was made durable; the daemon records it with the coordinator.

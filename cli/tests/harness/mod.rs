@@ -625,6 +625,21 @@ impl Stack {
     }
 }
 
+/// Pids of processes (other than this test's) whose command line contains `needle`.
+pub fn pids_of(needle: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|pid| *pid != std::process::id() as i32)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
 /// A plain HTTP GET on loopback: the status code and the body.
 pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     http_request(addr, path, &[]).map(|(status, _, body)| (status, body))

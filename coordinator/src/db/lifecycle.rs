@@ -152,13 +152,16 @@ pub enum Outcome {
 impl Outcome {
     pub const ALL: [Outcome; 3] = [Outcome::Failed, Outcome::Crashed, Outcome::Cancelled];
 
-    pub fn parse(text: &str) -> Option<Outcome> {
-        match text {
-            "failed" => Some(Outcome::Failed),
-            "crashed" => Some(Outcome::Crashed),
-            "cancelled" => Some(Outcome::Cancelled),
-            _ => None,
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Failed => "failed",
+            Outcome::Crashed => "crashed",
+            Outcome::Cancelled => "cancelled",
         }
+    }
+
+    pub fn parse(text: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == text)
     }
 }
 

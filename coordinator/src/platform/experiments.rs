@@ -62,14 +62,7 @@ pub async fn retry(pool: &PgPool, caller: Option<&Caller>, id: ExperimentId, out
     held.refuse_running(id, "retry")?;
     let n = db::retry(&mut tx, id, outcomes).await?;
     if n == 0 {
-        let names: Vec<&str> = outcomes
-            .iter()
-            .map(|o| match o {
-                Outcome::Failed => "failed",
-                Outcome::Crashed => "crashed",
-                Outcome::Cancelled => "cancelled",
-            })
-            .collect();
+        let names: Vec<&str> = outcomes.iter().map(|o| o.as_str()).collect();
         return Err(Error::Conflict(format!(
             "experiment {id} ({}) has no {} trial to retry; `ablate status {id}` shows its trials",
             held.name,
@@ -161,7 +154,7 @@ pub async fn delete(
         let kept: std::collections::HashSet<String> = deleted
             .kept_paths
             .iter()
-            .flat_map(|p| [p.clone(), sidecar(p)])
+            .flat_map(|p| [p.clone(), ablate_schema::objects::sidecar_of(p)])
             .collect();
         let listed: Vec<object_store::ObjectMeta> = objects
             .store
@@ -186,11 +179,6 @@ pub async fn delete(
     tracing::info!(experiment = %id, trials = done.trials, objects = done.objects, bytes = done.bytes,
                    handed_over = done.handed_over, "experiment deleted");
     Ok(done)
-}
-
-/// A checkpoint's sidecar (`step-N.json` beside `step-N.safetensors`).
-pub fn sidecar(path: &str) -> String {
-    path.replace(".safetensors", ".json")
 }
 
 /// Deletes one object; one already gone is no error.

@@ -11,11 +11,12 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use ablate_schema::objects::{sidecar_of, tensors_of};
 use ablate_schema::Keep;
 use futures::TryStreamExt;
 use sqlx::PgPool;
 
-use super::experiments::{remove, sidecar};
+use super::experiments::remove;
 use crate::db;
 use crate::error::{Error, Result};
 use crate::Objects;
@@ -67,7 +68,7 @@ pub async fn retain(pool: &PgPool, objects: &Objects, limit: i64) -> Result<(usi
     tx.commit().await?;
     let mut removed = 0;
     for path in &gone {
-        for p in [path.clone(), sidecar(path)] {
+        for p in [path.clone(), sidecar_of(path)] {
             remove(objects, &object_store::path::Path::from(p)).await?;
             removed += 1;
         }
@@ -138,7 +139,7 @@ pub async fn collect_garbage(
         }
         // A checkpoint a row references stays wherever it lies (a reused trial's, handed
         // to another experiment when its own was deleted, lies under the deleted one's folder).
-        let tensors = meta.location.as_ref().replace(".json", ".safetensors");
+        let tensors = tensors_of(meta.location.as_ref());
         if refs.checkpoint_paths.contains(&tensors) {
             continue;
         }
