@@ -371,6 +371,10 @@ pub struct ServeArgs {
     pub reader_database_url: Option<String>,
     #[arg(long, default_value = "127.0.0.1:7077")]
     pub listen: SocketAddr,
+    /// A running trial's points before its newest checkpoint move into compact chunks
+    /// once there are this many (a finished trial's move at once).
+    #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(i64).range(1..))]
+    pub chunk_running_after: i64,
     /// Seconds a lease lasts without a heartbeat.
     #[arg(long, default_value_t = 15.0)]
     pub lease_ttl: f64,

@@ -186,6 +186,14 @@ async fn a_crashed_trial_process_is_retried_from_its_checkpoint_on_the_same_curv
     stack
         .wait_for("select count(*) >= 2 from checkpoints", Duration::from_secs(60))
         .await;
+    // Its points before the newest checkpoint have moved into chunks: the
+    // crash and the resume happen across the move.
+    stack
+        .wait_for(
+            "select count(*) > 0 from metric_chunks c join trials t on t.id = c.trial_id where t.state = 'running'",
+            Duration::from_secs(30),
+        )
+        .await;
     let pids = stack.trial_pids(worker);
     assert_eq!(pids.len(), 1, "one trial process: {pids:?}");
     // As the OOM killer would.
@@ -215,6 +223,10 @@ async fn a_crashed_trial_process_is_retried_from_its_checkpoint_on_the_same_curv
     let spec = stack.write_spec("unbroken.toml", &RESUME_SPEC.replace("NAME", "unbroken"));
     let unbroken = stack.submit(&spec);
     stack.wait_finished(&unbroken, Duration::from_secs(120)).await;
+    // Both finished trials' points are all in chunks now.
+    stack
+        .wait_for("select count(*) = 0 from metrics", Duration::from_secs(30))
+        .await;
     let (a, b) = (curve(&stack, &crashed).await, curve(&stack, &unbroken).await);
     assert_eq!(a.len(), 300, "every step exactly once");
     assert_same_curves(&a, &b);
@@ -309,6 +321,9 @@ async fn a_postgresql_restart_mid_sweep_loses_and_repeats_nothing() {
     let spec = stack.write_spec("steady.toml", &spec_text.replace("NAME", "steady"));
     let steady = stack.submit(&spec);
     stack.wait_finished(&steady, Duration::from_secs(180)).await;
+    stack
+        .wait_for("select count(*) = 0 from metrics", Duration::from_secs(30))
+        .await;
     let (a, b) = (curve(&stack, &restarted).await, curve(&stack, &steady).await);
     assert_eq!(a.len(), 4 * 300, "every (trial, step) exactly once");
     assert_same_curves(&a, &b);

@@ -77,6 +77,9 @@ pub struct Options {
     /// The workers' object store (`--object-store`): where command trials' code is
     /// kept and trials' logs are read. `None`: no command trial with `code`, no logs.
     pub object_store: Option<String>,
+    /// A running trial's points before its newest checkpoint move into chunks
+    /// once there are this many.
+    pub chunk_running_after: i64,
 }
 
 impl Options {
@@ -98,6 +101,7 @@ impl Options {
             data_roots: ablate_experiments::nn::locations::default_roots(),
             http_listen: None,
             object_store: None,
+            chunk_running_after: 8192,
         }
     }
 }
@@ -184,6 +188,11 @@ impl Coordinator {
             self.options.reap_interval,
             telemetry.clone(),
         ));
+        let compactor = tokio::spawn(platform::compaction::compact_forever(
+            self.pool.clone(),
+            self.options.reap_interval.max(std::time::Duration::from_secs(1)),
+            self.options.chunk_running_after,
+        ));
         // Retention needs the object store: without one, every checkpoint stays.
         let retention = self.objects.clone().map(|objects| {
             tokio::spawn(platform::retention::retain_forever(
@@ -245,6 +254,7 @@ impl Coordinator {
             .serve_with_incoming_shutdown(incoming(self.listener), shutdown)
             .await;
         reaper.abort();
+        compactor.abort();
         if let Some(retention) = retention {
             retention.abort();
         }

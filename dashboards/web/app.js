@@ -326,21 +326,68 @@ function experimentView(id) {
     });
   }
 
+  // The trial table draws only the rows in view (and a screenful either side):
+  // spacer rows stand in for the rest, so 10,000 trials draw as fast as 100.
+  const table = document.getElementById("trials");
+  const scrollBox = table.parentElement;
+  let rowHeight = 0;
+  let drawnRows = "";
+  function trialRow(t, params) {
+    return `<tr class="trial-row" data-id="${esc(t.id)}">
+        <td><input type="checkbox" data-id="${esc(t.id)}" ${state.selected.has(t.id) ? "checked" : ""}></td>
+        <td><a href="#/trials/${esc(t.id)}">${t.ordinal}</a></td><td>${stateTag(t.state)}${t.reused_from ? ` <a class="tag reused" href="#/trials/${esc(t.reused_from)}" title="took this trial's results instead of running">reused</a>` : ""}</td>
+        ${params.map((p) => `<td class="num">${esc(fmt(t.params[p]))}</td>`).join("")}
+        <td class="num">${esc(fmt(t.objective))}</td><td class="num">${t.attempts}</td></tr>`;
+  }
+  function drawRows() {
+    const rows = state.rows || [];
+    const params = state.tableParams || [];
+    const height = rowHeight || 28;
+    const screen = Math.ceil((scrollBox.clientHeight || 520) / height);
+    const first = Math.max(0, Math.floor(scrollBox.scrollTop / height) - screen);
+    const last = Math.min(rows.length, first + 3 * screen);
+    const span = params.length + 5;
+    const spacer = (n) => n > 0 ? `<tr class="spacer" style="height:${n * height}px"><td colspan="${span}"></td></tr>` : "";
+    const key = `${first}:${last}:${rows.length}:${height}`;
+    const body = table.querySelector("tbody");
+    if (!body || (key === drawnRows && body.dataset.version === state.tableVersion)) return;
+    drawnRows = key;
+    body.dataset.version = state.tableVersion;
+    body.innerHTML = spacer(first) + rows.slice(first, last).map((t) => trialRow(t, params)).join("") + spacer(rows.length - last);
+    if (!rowHeight) {
+      const drawn = body.querySelector("tr.trial-row");
+      const measured = drawn ? drawn.getBoundingClientRect().height : 0;
+      if (measured > 0) {
+        rowHeight = measured;
+        drawRows();
+      }
+    }
+  }
+  scrollBox.addEventListener("scroll", () => requestAnimationFrame(drawRows), { passive: true });
+  table.addEventListener("change", (event) => {
+    const box = event.target;
+    if (!box.matches("input[type=checkbox]")) return;
+    if (box.checked) state.selected.add(box.dataset.id); else state.selected.delete(box.dataset.id);
+    state.lastCurves = "";
+    drawCurves();
+  });
+
   function drawTable() {
     const params = paramNames();
     const rows = visibleTrials();
+    state.rows = rows;
+    state.tableParams = params;
+    state.tableVersion = String((Number(state.tableVersion) || 0) + 1);
     const col = (key, label) => {
       const sorted = state.sort.key === key ? (state.sort.dir > 0 ? "sorted-asc" : "sorted-desc") : "";
       return `<th class="sortable ${sorted}" data-key="${esc(key)}">${esc(label)}</th>`;
     };
     const objective = state.experiment?.objective_metric || "objective";
-    document.getElementById("trials").innerHTML = `<thead><tr><th title="draw its curves">curve</th>${col("ordinal", "#")}${col("state", "state")}
+    table.innerHTML = `<thead><tr><th title="draw its curves">curve</th>${col("ordinal", "#")}${col("state", "state")}
       ${params.map((p) => col(`param:${p}`, p)).join("")}${col("objective", objective)}${col("attempts", "attempts")}</tr></thead>
-      <tbody>${rows.map((t) => `<tr class="trial-row" data-id="${esc(t.id)}">
-        <td><input type="checkbox" data-id="${esc(t.id)}" ${state.selected.has(t.id) ? "checked" : ""}></td>
-        <td><a href="#/trials/${esc(t.id)}">${t.ordinal}</a></td><td>${stateTag(t.state)}${t.reused_from ? ` <a class="tag reused" href="#/trials/${esc(t.reused_from)}" title="took this trial's results instead of running">reused</a>` : ""}</td>
-        ${params.map((p) => `<td class="num">${esc(fmt(t.params[p]))}</td>`).join("")}
-        <td class="num">${esc(fmt(t.objective))}</td><td class="num">${t.attempts}</td></tr>`).join("")}</tbody>`;
+      <tbody></tbody>`;
+    drawnRows = "";
+    drawRows();
     const fixed = fixedParams().map((p) => `${p}=${fmt(state.trials[0]?.params[p])}`).join(", ");
     document.getElementById("trial-count").textContent = `${rows.length} of ${state.trials.length} trials shown` +
       (fixed ? ` · the same in every trial: ${fixed}` : "");
@@ -348,11 +395,6 @@ function experimentView(id) {
       const key = th.dataset.key;
       state.sort = { key, dir: state.sort.key === key ? -state.sort.dir : 1 };
       drawTable();
-    }));
-    document.querySelectorAll("#trials input[type=checkbox]").forEach((box) => box.addEventListener("change", () => {
-      if (box.checked) state.selected.add(box.dataset.id); else state.selected.delete(box.dataset.id);
-      state.lastCurves = "";
-      drawCurves();
     }));
   }
 

@@ -8,6 +8,7 @@ finished fewer trials than asked exits 1 with the counts: an error, not a row.
   peers.py sweep --tool {ray,optuna} --trials N --seconds S --slots K [--pg URL]
   peers.py optuna-lifecycles --pg URL --trials N
   peers.py mlflow-ingest --pg URL --points N
+  peers.py mlflow-scale --pg URL --trials N --steps S --wide W
   peers.py torch-step --model {mlp,gpt} --threads T --steps N [--width W --batch B]
   peers.py search --trials N --startup K --seeds S
 """
@@ -148,6 +149,152 @@ def mlflow_ingest(a):
     emit(tool="mlflow", points=sent, wall=wall, rate=sent / wall)
 
 
+WIDTHS = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+
+# The value of metric k at a step, as ablate-bench's scale rows stream it.
+SCALE_VALUE = """(0.1 + abs(r.lr + 9 + 0.3 * r.wi) / 5) * (1 + 0.1 * k) * (1 + 2 * exp(-s / 2000.0))
+                 + 0.005 * sin(0.37 * s + 7 * r.seed + k)"""
+
+
+def mlflow_scale(a):
+    """MLflow given the runs and points of ablate-bench's scale rows: the
+    width x learning rate x seed grid as runs with their params, every point
+    in its metrics table (loaded by SQL, its indexes built after, since
+    log_batch would take hours; log_batch's own rate is measured on a
+    sample), then the same reads through its client and its CLI."""
+    import subprocess
+
+    import psycopg2
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=a.pg)
+    dsn = a.pg.replace("postgresql+psycopg2://", "postgresql://")
+    db = psycopg2.connect(dsn)
+    db.autocommit = True
+    cur = db.cursor()
+    out = {}
+
+    sample_exp = client.create_experiment("log-batch-sample")
+    run = client.create_run(sample_exp)
+    now = int(time.time() * 1000)
+    start = time.perf_counter()
+    for b in range(20):
+        client.log_batch(run.info.run_id, metrics=[
+            Metric(f"m{i % 10}", 1.0 / (1 + i), now, b * 100 + i // 10) for i in range(1000)])
+    out["log_batch_rate"] = 20_000 / (time.perf_counter() - start)
+
+    def grid(name, trials, steps):
+        exp = client.create_experiment(name)
+        template = client.create_run(exp).info.run_id
+        seeds = max(1, trials // 100)
+        cur.execute("create temp table if not exists scale_runs (run_uuid text, exp int, wi int, lr int, seed int)")
+        cur.execute(
+            """insert into scale_runs
+               select md5(%s || '-' || w || '-' || l || '-' || sd), %s, w, l, sd
+               from generate_series(0, 9) w, generate_series(-14, -5) l, generate_series(0, %s) sd""",
+            (name, int(exp), seeds - 1))
+        cur.execute(
+            """insert into runs (run_uuid, name, source_type, source_name, entry_point_name, user_id, status,
+                                 start_time, end_time, source_version, lifecycle_stage, artifact_uri, experiment_id)
+               select s.run_uuid, 'run-' || s.wi || '-' || s.lr || '-' || s.seed, t.source_type, t.source_name,
+                      t.entry_point_name, t.user_id, 'FINISHED', t.start_time, t.start_time + 1000,
+                      t.source_version, 'active', t.artifact_uri, t.experiment_id
+               from scale_runs s, runs t where t.run_uuid = %s and s.exp = %s""",
+            (template, int(exp)))
+        client.delete_run(template)
+        cur.execute(
+            """insert into params (key, value, run_uuid)
+               select p.key, p.value, s.run_uuid from scale_runs s cross join lateral (values
+                   ('width', (array%s)[s.wi + 1]::text), ('log2_lr', s.lr::text), ('seed', s.seed::text)) p(key, value)
+               where s.exp = %s""" % (WIDTHS, int(exp)))
+        return exp
+
+    def load(exp, steps, metrics):
+        cur.execute(
+            f"""insert into metrics (key, value, timestamp, run_uuid, step, is_nan)
+                select 'm' || k, {SCALE_VALUE}, 1796000000000 + s, r.run_uuid, s, false
+                from scale_runs r, generate_series(0, %s - 1) k, generate_series(0, %s - 1) s
+                where r.exp = %s""",
+            (metrics, steps, int(exp)))
+        cur.execute(
+            f"""insert into latest_metrics (key, value, timestamp, step, is_nan, run_uuid)
+                select 'm' || k, {SCALE_VALUE}, 1796000000000 + s, s, false, r.run_uuid
+                from scale_runs r, generate_series(0, %s - 1) k, (select %s - 1 as s) last
+                where r.exp = %s""",
+            (metrics, steps, int(exp)))
+
+    # Bulk load: MLflow's indexes and keys on metrics dropped, then built again as it made them.
+    cur.execute("select indexdef from pg_indexes where tablename = 'metrics' and indexname <> 'metric_pk'")
+    indexes = [r[0] for r in cur.fetchall()]
+    start = time.perf_counter()
+    cur.execute("alter table metrics drop constraint metric_pk")
+    for d in indexes:
+        cur.execute("drop index " + d.split(" INDEX ")[1].split(" ON ")[0])
+    big = grid("scale", a.trials, a.steps)
+    load(big, a.steps, 10)
+    wide = grid("scale-wide", a.wide, 10)
+    load(wide, 10, 2)
+    cur.execute("alter table metrics add constraint metric_pk primary key (key, timestamp, step, run_uuid, value, is_nan)")
+    for d in indexes:
+        cur.execute(d)
+    cur.execute("analyze")
+    out["load_s"] = time.perf_counter() - start
+    cur.execute("select (pg_total_relation_size('metrics') + pg_total_relation_size('latest_metrics'))::float8"
+                " / (select count(*) from metrics)")
+    out["bytes_per_point"] = cur.fetchone()[0]
+
+    def median3(f):
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            f()
+            times.append((time.perf_counter() - start) * 1000)
+        return sorted(times)[1]
+
+    def every_run(exp):
+        runs, token = [], None
+        while True:
+            page = client.search_runs([exp], max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    assert len(every_run(wide)) == a.wide, "every run of the wide experiment listed"
+    out["search_wide_ms"] = median3(lambda: every_run(wide))
+    big_runs = every_run(big)
+    hundred = [r.info.run_id for r in big_runs[:100]]
+    out["history_100_ms"] = median3(lambda: [client.get_metric_history(r, "m0") for r in hundred])
+    env = dict(os.environ, MLFLOW_TRACKING_URI=a.pg)
+    mlflow_cli = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    out["runs_list_ms"] = median3(lambda: subprocess.run(
+        [mlflow_cli, "runs", "list", "--experiment-id", str(wide)], env=env, check=True, capture_output=True))
+
+    def best_api():
+        best = {}
+        for r in big_runs:
+            width = int(r.data.params["width"])
+            low = min(m.value for m in client.get_metric_history(r.info.run_id, "m0"))
+            best[width] = min(best.get(width, low), low)
+        return best
+
+    start = time.perf_counter()
+    best_api()
+    out["best_api_ms"] = (time.perf_counter() - start) * 1000
+
+    def best_sql():
+        cur.execute(
+            """select p.value::int, min(m.value) from metrics m
+               join runs r on r.run_uuid = m.run_uuid and r.experiment_id = %s
+               join params p on p.run_uuid = m.run_uuid and p.key = 'width'
+               where m.key = 'm0' group by 1 order by 1""", (int(big),))
+        return cur.fetchall()
+
+    out["best_sql_ms"] = median3(best_sql)
+    emit(tool="mlflow", **out)
+
+
 def torch_step(a):
     import torch
 
@@ -284,6 +431,11 @@ def main():
     m = sub.add_parser("mlflow-ingest")
     m.add_argument("--pg", required=True)
     m.add_argument("--points", type=int, required=True)
+    sc = sub.add_parser("mlflow-scale")
+    sc.add_argument("--pg", required=True)
+    sc.add_argument("--trials", type=int, required=True)
+    sc.add_argument("--steps", type=int, required=True)
+    sc.add_argument("--wide", type=int, required=True)
     t = sub.add_parser("torch-step")
     t.add_argument("--model", choices=["mlp", "gpt"], required=True)
     t.add_argument("--threads", type=int, default=1)
@@ -303,6 +455,8 @@ def main():
         optuna_lifecycles(a)
     elif a.command == "mlflow-ingest":
         mlflow_ingest(a)
+    elif a.command == "mlflow-scale":
+        mlflow_scale(a)
     else:
         torch_step(a)
 

@@ -377,7 +377,7 @@ fn main() -> ExitCode {
             .and_then(|_| provision_kubernetes_validate().map(|_| ()))
             .and_then(|_| provision_slurm())
             .and_then(|_| provision_chromium().map(|_| ())),
-        _ => Err("usage: cargo xtask <demo [SPEC]|test|bench [dsir|control|dashboard|commands|search|stop-rule|fused] [--json FILE]|gpu [--dry-run]|build [--release]|check|provision>".into()),
+        _ => Err("usage: cargo xtask <demo [SPEC]|test|bench [dsir|control|dashboard|commands|search|stop-rule|fused|scale] [--json FILE]|gpu [--dry-run]|build [--release]|check|provision>".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -395,7 +395,7 @@ fn bench(args: &[String]) -> Result {
     let only = args.first().map(String::as_str);
     let peers = !matches!(
         only,
-        Some("dashboard") | Some("commands") | Some("search") | Some("stop-rule") | Some("fused")
+        Some("dashboard") | Some("commands") | Some("search") | Some("stop-rule") | Some("fused") | Some("scale")
     );
     let dsir_python = if peers {
         provision_dsir_reference()?
@@ -404,6 +404,7 @@ fn bench(args: &[String]) -> Result {
     };
     let peers_python = match only {
         Some("search") => provision_optuna()?,
+        Some("scale") => provision_mlflow()?,
         _ if peers => provision_peers()?,
         _ => PathBuf::new(),
     };

@@ -321,6 +321,11 @@ pub(crate) fn provision_peers() -> Result<PathBuf> {
     )
 }
 
+/// MLflow alone, with PostgreSQL's driver (for `cargo xtask bench scale`), in a venv of its own.
+pub(crate) fn provision_mlflow() -> Result<PathBuf> {
+    provision_pinned_venv("mlflow-venv", MLFLOW, MLFLOW, &[MLFLOW, "psycopg2-binary"])
+}
+
 /// Optuna alone (for `cargo xtask bench search`), in a small venv of its own.
 pub(crate) fn provision_optuna() -> Result<PathBuf> {
     provision_pinned_venv("optuna-venv", OPTUNA, OPTUNA, &[OPTUNA])

@@ -40,6 +40,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     options.http_listen = args.http_listen;
     options.object_store = args.object_store.clone();
     options.reader_database_url = args.reader_database_url.clone();
+    options.chunk_running_after = args.chunk_running_after;
     let coordinator = Coordinator::build(options).await?;
     eprintln!("coordinator listening on {}", coordinator.local_addr());
     if let Some(http) = coordinator.http_addr() {

@@ -27,6 +27,11 @@
 //!   headless Chromium on an experiment of 1,000 trials x 10,000 steps x 2
 //!   metrics (`ablate-bench dashboard` runs only these).
 //!
+//! - Scale: 100 million points through the real ingest path into chunks, then
+//!   storage, curves, the trial table of 10,000 trials, `ablate status`, a
+//!   best-per-width query and the experiment page, beside raw binary COPY and
+//!   MLflow given the same runs and points (`ablate-bench scale`, alone).
+//!
 //! The peers run from ABLATE_PEERS_PYTHON (xtask/scripts/peers.py); rows whose
 //! peer is missing say so. `ablate-bench dsir` runs only the DSIR rows,
 //! `ablate-bench control` only the control plane's and the tracing rows;
@@ -45,6 +50,8 @@ mod dashboard;
 mod dsir;
 #[path = "ablate-bench/peers.rs"]
 mod peers;
+#[path = "ablate-bench/scale.rs"]
+mod scale;
 #[path = "ablate-bench/training.rs"]
 mod training;
 
@@ -240,6 +247,7 @@ async fn main() -> Result {
     let only_control = args.first().map(String::as_str) == Some("control");
     let only_dashboard = args.first().map(String::as_str) == Some("dashboard");
     let only_commands = args.first().map(String::as_str) == Some("commands");
+    let only_scale = args.first().map(String::as_str) == Some("scale");
     let commands_title = "Command trials (median of 3 runs)";
     let measured = async {
         if traced {
@@ -248,6 +256,12 @@ async fn main() -> Result {
         let dashboard_title = "Dashboard (1,000 trials x 10,000 steps x 2 metrics; median of 3)";
         if only_dashboard {
             return Ok(vec![(dashboard_title, dashboard::rows(&addr, &http, &pool).await?)]);
+        }
+        if only_scale {
+            return Ok(vec![(
+                "Results at scale (one run; reads median of 3)",
+                scale::rows(&addr, &http, &url, &pool, &admin, &tag).await?,
+            )]);
         }
         if only_commands {
             return Ok(vec![(commands_title, commands::rows(&addr, &pool, &work_dir).await?)]);

@@ -133,24 +133,44 @@ pub async fn trial_ordinals(
     )
 }
 
-/// Each of `trials`' points of metric `name`, by trial then step: one range
-/// of the metrics index per trial, in its order. (Bucketing them in SQL
-/// instead, M4-style, read as many rows and cost twenty times as long here.)
-pub async fn curve_points(pool: &PgPool, trials: &[uuid::Uuid], name: &str) -> Result<Vec<(uuid::Uuid, i64, f64)>> {
-    Ok(sqlx::query_as(
-        "select t.id, m.step, m.value
-         from trials t cross join lateral (
-             select m.step, m.value from metrics m
-             where m.trial_id = coalesce(t.reused_from, t.id)
-               and m.name_id = (select id from metric_names where name = $2)
-             order by m.step) m
+/// Each of `trials`' curve of metric `name`, by trial then step: its points
+/// when its chunks hold no more than `full` of them, else the chunks'
+/// downsampled copies (each bucket's first, lowest, highest and last point),
+/// so the rows read do not grow with the curve; with the points not yet moved
+/// into chunks. Also each trial's count of points.
+pub async fn curve_points(
+    pool: &PgPool,
+    trials: &[uuid::Uuid],
+    name: &str,
+    full: usize,
+) -> Result<(Vec<(uuid::Uuid, i64, f64)>, Vec<(uuid::Uuid, i64)>)> {
+    let points = sqlx::query_as(
+        "select t.id, c.step, c.value
+         from trials t
+         cross join lateral metric_curve(coalesce(t.reused_from, t.id),
+                                         (select id from metric_names where name = $2), $3) c
          where t.id = any($1)
-         order by t.id, m.step",
+         order by t.id, c.step",
+    )
+    .bind(trials)
+    .bind(name)
+    .bind(full as i32)
+    .fetch_all(pool)
+    .await?;
+    let totals = sqlx::query_as(
+        "with n as (select id from metric_names where name = $2)
+         select t.id,
+                coalesce((select sum(c.n) from metric_chunks c, n
+                          where c.trial_id = coalesce(t.reused_from, t.id) and c.name_id = n.id), 0)::int8
+                + (select count(*) from metrics m, n
+                   where m.trial_id = coalesce(t.reused_from, t.id) and m.name_id = n.id)
+         from trials t where t.id = any($1)",
     )
     .bind(trials)
     .bind(name)
     .fetch_all(pool)
-    .await?)
+    .await?;
+    Ok((points, totals))
 }
 
 /// One trial: its result row with the experiment's name, attempts with
@@ -198,13 +218,8 @@ async fn metric_names(pool: &PgPool, scope: TrialScope) -> Result<Vec<String>> {
              where ($1::uuid is not null and experiment_id = $1 and state <> 'pending') or id = $2
              order by ordinal limit 20
          ),
-         names as (
-             select c.id, (select min(m.name_id) from metrics m where m.trial_id = c.id) as name_id from chosen c
-             union all
-             select n.id, (select min(m.name_id) from metrics m where m.trial_id = n.id and m.name_id > n.name_id)
-             from names n where n.name_id is not null
-         )
-         select distinct mn.name from names n join metric_names mn on mn.id = n.name_id order by mn.name",
+         names as (select distinct metric_name_ids(c.id) as name_id from chosen c)
+         select mn.name from names n join metric_names mn on mn.id = n.name_id order by mn.name",
     )
     .bind(experiment)
     .bind(trial)

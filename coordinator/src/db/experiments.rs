@@ -299,7 +299,7 @@ pub async fn active_and_failed_trials(pool: &PgPool, id: ExperimentId) -> Result
                 coalesce(t.error, '') || case when t.stderr_tail is not null and t.stderr_tail <> ''
                     then E'\\n' || t.stderr_tail else '' end as error,
                 t.total_steps, t.reused_from,
-                coalesce((select max(m.step) from metrics m where m.trial_id = t.id), 0) as step
+                coalesce(metric_last_step(t.id), 0) as step
          from trials t
          where t.experiment_id = $1 and t.state in ('running', 'failed')
          order by t.ordinal",
@@ -369,7 +369,7 @@ pub async fn report_outcomes(
     if !wanted.is_empty() {
         let points: Vec<(i32, String, i64, f64)> = sqlx::query_as(
             "select t.ordinal, n.name, m.step, m.value
-             from trials t join metrics m on m.trial_id = coalesce(t.reused_from, t.id)
+             from trials t join metric_points m on m.trial_id = coalesce(t.reused_from, t.id)
              join metric_names n on n.id = m.name_id
              where t.experiment_id = $1 and n.name = any($2)
              order by t.ordinal, n.name, m.step",

@@ -261,7 +261,8 @@ pub async fn delete(tx: &mut PgConnection, id: ExperimentId) -> Result<Deleted> 
         sqlx::query(
             "with h as (select * from unnest($1::uuid[], $2::uuid[]) as h(source, heir))
              update trials t set reused_from = case when t.id = h.heir then null else h.heir end,
-                                 outputs = (select s.outputs from trials s where s.id = h.source)
+                                 outputs = (select s.outputs from trials s where s.id = h.source),
+                                 metrics_sealed = (select s.metrics_sealed from trials s where s.id = h.source)
              from h where t.reused_from = h.source",
         )
         .bind(&sources)
@@ -270,6 +271,7 @@ pub async fn delete(tx: &mut PgConnection, id: ExperimentId) -> Result<Deleted> 
         .await?;
         for (table, column) in [
             ("metrics", "trial_id"),
+            ("metric_chunks", "trial_id"),
             ("checkpoints", "trial_id"),
             ("trial_attempts", "trial_id"),
         ] {
@@ -302,6 +304,7 @@ pub async fn delete(tx: &mut PgConnection, id: ExperimentId) -> Result<Deleted> 
     let trials = "select id from trials where experiment_id = $1";
     for statement in [
         format!("delete from metrics where trial_id in ({trials})"),
+        format!("delete from metric_chunks where trial_id in ({trials})"),
         format!("delete from checkpoints where trial_id in ({trials})"),
         format!("delete from trial_attempts where trial_id in ({trials})"),
         format!("delete from pbt_lineage where experiment_id = $1 or donor_trial_id in ({trials})"),
@@ -374,9 +377,7 @@ pub async fn checkpoints_for_retention(
 ) -> Result<Vec<(i64, String, Option<f64>, bool)>> {
     let rows: Vec<(i64, String, Option<f64>, bool)> = sqlx::query_as(
         "select c.step, c.path,
-                (select nullif(m.value, 'NaN') from metrics m join metric_names n on n.id = m.name_id
-                 where m.trial_id = c.trial_id and n.name = $2 and m.step <= c.step
-                 order by m.step desc limit 1),
+                nullif(metric_value_at(c.trial_id, (select id from metric_names where name = $2), c.step), 'NaN'),
                 exists (select 1 from pbt_lineage l where l.donor_trial_id = c.trial_id and l.step = c.step)
          from checkpoints c where c.trial_id = $1 order by c.step desc",
     )

@@ -104,9 +104,7 @@ pub async fn record_rung(
     let value: Option<f64> = sqlx::query_scalar(
         "insert into rungs (trial_id, experiment_id, bracket, step, value)
          select $1, $2, $3, $4,
-                (select nullif(m.value, 'NaN') from metrics m join metric_names n on n.id = m.name_id
-                 where m.trial_id = $1 and n.name = $5 and m.step <= $4
-                 order by m.step desc limit 1)
+                nullif(metric_value_at($1, (select id from metric_names where name = $5), $4), 'NaN')
          on conflict (trial_id, step) do update set value = excluded.value
          returning value",
     )

@@ -53,8 +53,7 @@ pub async fn finished_trials(
 ) -> Result<Vec<(Value, String, Option<f64>)>> {
     Ok(sqlx::query_as(
         "select t.params, t.state,
-                (select m.value from metrics m join metric_names n on n.id = m.name_id
-                 where m.trial_id = t.id and n.name = $2 order by m.step desc limit 1)
+                metric_value_at(t.id, (select id from metric_names where name = $2), null)
          from trials t
          where t.experiment_id = $1 and t.state in ('succeeded', 'failed', 'pruned')
          order by t.ordinal",

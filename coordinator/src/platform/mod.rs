@@ -7,6 +7,7 @@
 //! (`tokens`), what a researcher does to an experiment after it ran (`experiments`:
 //! cancel, retry, tag, note, delete), checkpoint retention and `gc` (`retention`). The edges convert messages into the domain types here and back.
 
+pub mod compaction;
 pub mod completion;
 pub mod experiments;
 pub mod ingest;

@@ -382,9 +382,10 @@ async fn series(
         .into_iter()
         .collect();
     let ids: Vec<uuid::Uuid> = ordinals.keys().copied().collect();
-    let rows = db::curve_points(web.reads(), &ids, name)
+    let (rows, totals) = db::curve_points(web.reads(), &ids, name, points * 2)
         .await
         .map_err(|e| web.explain(e))?;
+    let totals: BTreeMap<uuid::Uuid, i64> = totals.into_iter().collect();
     let mut by_trial: BTreeMap<uuid::Uuid, (i32, Vec<(i64, f64)>)> = BTreeMap::new();
     for (trial, step, value) in rows {
         let ordinal = ordinals.get(&trial).copied().unwrap_or_default();
@@ -404,7 +405,7 @@ async fn series(
                 "trial_id": trial,
                 "ordinal": ordinal,
                 "metric": name,
-                "total_points": all.len(),
+                "total_points": totals.get(&trial).copied().unwrap_or(all.len() as i64),
                 "steps": kept.iter().map(|p| p.0).collect::<Vec<_>>(),
                 "values": kept.iter().map(|p| p.1).collect::<Vec<_>>(),
             })

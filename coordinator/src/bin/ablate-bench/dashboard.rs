@@ -75,7 +75,7 @@ async fn populate(addr: &str, pool: &PgPool) -> Result<String> {
 }
 
 /// GET `path` on `addr`: the time to the whole answer, its status and its body.
-fn get(addr: &str, path: &str) -> Result<(Duration, u16, String)> {
+pub(super) fn get(addr: &str, path: &str) -> Result<(Duration, u16, String)> {
     let started = Instant::now();
     let mut stream = std::net::TcpStream::connect(addr)?;
     write!(
@@ -300,7 +300,7 @@ impl Drop for Browser {
 
 /// Opens `url` in a new tab; the wall time until the page marks itself drawn
 /// (`data-ready-ms` on its body), and the page's own figure.
-fn page_ready(url: &str) -> Result<(f64, f64)> {
+pub(super) fn page_ready(url: &str) -> Result<(f64, f64)> {
     let mut browser = Browser::start()?;
     let target = browser.call(None, "Target.createTarget", serde_json::json!({ "url": "about:blank" }))?;
     let attached = browser.call(

@@ -1,0 +1,263 @@
+-- The compact metric store. A trial's points arrive as rows of `metrics`
+-- (batched, fenced, a replay overwrites) and move, once the trial has
+-- finished (or, while it runs, up to its newest checkpoint), into chunks of
+-- up to 16,384 points per trial and metric: one row holding the values as a
+-- float8 array, the steps as a stride when they are regular, the times
+-- recorded as microsecond offsets (equal within a batch, so they compress),
+-- a summary and a downsampled copy (each bucket's first, lowest, highest and
+-- last point) that curves read instead of the points.
+--
+-- The rules that make the move lose and repeat nothing:
+-- * `trials.metrics_sealed`: every point at or below this step is in a chunk,
+--   and no row is. Ingest locks the trial row (FOR KEY SHARE) and writes only
+--   points above it; the move locks the row FOR UPDATE, so the two never
+--   overlap, and a batch that waited sees the new seal.
+-- * A running trial is sealed no further than the step before its newest
+--   checkpoint (a worker records a checkpoint only once the points before it
+--   are durable, and a new attempt resumes there); a finished one entirely.
+--   When a finished trial may run again (retry, a rung's promotion), the
+--   trigger below first moves the chunks from its newest checkpoint on back
+--   into rows.
+create table metric_chunks (
+    trial_id    uuid not null,
+    name_id     integer not null,
+    step_lo     bigint not null,
+    step_hi     bigint not null,
+    n           integer not null check (n > 0),
+    -- null when the steps are step_lo, step_lo + stride, ..., step_hi
+    steps       bigint[],
+    stride      bigint not null,
+    vals        double precision[] not null,
+    recorded_lo timestamptz not null,
+    recorded_us bigint[] not null,
+    -- NaN-free summary: null when every value is NaN
+    v_min       double precision,
+    v_max       double precision,
+    v_last      double precision not null,
+    -- each bucket's first, lowest, highest and last point, in step order
+    ds_steps    bigint[] not null,
+    ds_vals     double precision[] not null,
+    primary key (trial_id, name_id, step_lo)
+);
+
+-- lz4 where the server has it (it compresses faster than pglz and gives up
+-- sooner on values that do not compress).
+do $$
+begin
+    alter table metric_chunks alter column steps set compression lz4;
+    alter table metric_chunks alter column recorded_us set compression lz4;
+    alter table metric_chunks alter column vals set compression lz4;
+    alter table metric_chunks alter column ds_steps set compression lz4;
+    alter table metric_chunks alter column ds_vals set compression lz4;
+exception when others then
+    null;
+end $$;
+
+alter table trials add column metrics_sealed bigint;
+-- Set when a trial stops running; the compactor clears it once its rows are chunks.
+alter table trials add column metrics_due boolean not null default false;
+create index trials_metrics_due on trials (id) where metrics_due;
+
+-- Every point of every trial, rows and chunks alike, keyed by the trial that
+-- holds the data (a reusing trial reads its source's).
+create view metric_points as
+select m.trial_id, m.name_id, m.step, m.value, m.recorded_at
+from metrics m
+union all
+select c.trial_id, c.name_id,
+       coalesce(u.step, c.step_lo + (u.i - 1) * c.stride) as step,
+       u.value,
+       c.recorded_lo + u.us * interval '1 microsecond' as recorded_at
+from metric_chunks c
+cross join lateral unnest(c.vals, c.steps, c.recorded_us) with ordinality as u(value, step, us, i);
+
+-- The newest point of one trial's metric at or before `at` (any step when null):
+-- rows first (they lie above every chunk), then the one chunk that holds it.
+create function metric_value_at(p_trial uuid, p_name integer, p_at bigint)
+returns double precision language sql stable as $$
+    select coalesce(
+        (select m.value from metrics m
+         where m.trial_id = p_trial and m.name_id = p_name and (p_at is null or m.step <= p_at)
+         order by m.step desc limit 1),
+        (select case when p_at is null or p_at >= c.step_hi then c.v_last
+                     else (select u.value
+                           from unnest(c.vals, c.steps) with ordinality as u(value, step, i)
+                           where coalesce(u.step, c.step_lo + (u.i - 1) * c.stride) <= p_at
+                           order by u.i desc limit 1)
+                end
+         from metric_chunks c
+         where c.trial_id = p_trial and c.name_id = p_name and (p_at is null or c.step_lo <= p_at)
+         order by c.step_lo desc limit 1))
+$$;
+
+-- The newest step a trial logged, of any metric.
+create function metric_last_step(p_trial uuid)
+returns bigint language sql stable as $$
+    select greatest((select max(m.step) from metrics m where m.trial_id = p_trial),
+                    (select max(c.step_hi) from metric_chunks c where c.trial_id = p_trial))
+$$;
+
+-- The metrics a trial logged: a loose index scan of its rows (a few probes per
+-- name however long the curves are) and its chunks' names.
+create function metric_name_ids(p_trial uuid)
+returns setof integer language sql stable as $$
+    with recursive names (name_id) as (
+        select min(mm.name_id) from metrics mm where mm.trial_id = p_trial
+        union all
+        select (select min(mm.name_id) from metrics mm where mm.trial_id = p_trial and mm.name_id > names.name_id)
+        from names where names.name_id is not null
+    )
+    select name_id from names where name_id is not null
+    union
+    select distinct c.name_id from metric_chunks c where c.trial_id = p_trial
+$$;
+
+-- One curve for drawing: its rows, and its chunks' points when they hold no
+-- more than `p_full` points, else their downsampled copies.
+create function metric_curve(p_trial uuid, p_name integer, p_full integer)
+returns table (step bigint, value double precision) language sql stable as $$
+    with chunks as (
+        select c.* from metric_chunks c where c.trial_id = p_trial and c.name_id = p_name
+    ),
+    whole as (
+        select coalesce(sum(n), 0) <= p_full as yes from chunks
+    )
+    select coalesce(u.step, c.step_lo + (u.i - 1) * c.stride), u.value
+    from chunks c, whole
+    cross join lateral unnest(c.vals, c.steps) with ordinality as u(value, step, i)
+    where whole.yes
+    union all
+    select u.step, u.value
+    from chunks c, whole
+    cross join lateral unnest(c.ds_steps, c.ds_vals) as u(step, value)
+    where not whole.yes
+    union all
+    select m.step, m.value from metrics m where m.trial_id = p_trial and m.name_id = p_name
+$$;
+
+-- A trial that stops running is due for the compactor; one that runs again
+-- after it finished gets back, as rows, the points past its newest checkpoint.
+create function trials_metric_state() returns trigger language plpgsql as $$
+declare
+    resume bigint;
+begin
+    if new.state in ('succeeded', 'failed', 'pruned', 'cancelled') and old.state <> new.state then
+        new.metrics_due := exists (select 1 from metrics m where m.trial_id = new.id);
+    elsif new.state = 'pending' and old.state in ('succeeded', 'failed', 'pruned', 'cancelled')
+          and new.metrics_sealed is not null then
+        select coalesce(max(c.step), -1) into resume from checkpoints c where c.trial_id = new.id;
+        if new.metrics_sealed >= resume then
+            with back as (
+                delete from metric_chunks c where c.trial_id = new.id and c.step_hi >= resume
+                returning c.*
+            )
+            insert into metrics (trial_id, name_id, step, value, recorded_at)
+            select b.trial_id, b.name_id, coalesce(u.step, b.step_lo + (u.i - 1) * b.stride), u.value,
+                   b.recorded_lo + u.us * interval '1 microsecond'
+            from back b
+            cross join lateral unnest(b.vals, b.steps, b.recorded_us) with ordinality as u(value, step, us, i)
+            on conflict (trial_id, name_id, step) do nothing;
+            new.metrics_sealed := (select max(c.step_hi) from metric_chunks c where c.trial_id = new.id);
+        end if;
+        new.metrics_due := false;
+    end if;
+    return new;
+end $$;
+
+create trigger trials_metric_state before update of state on trials
+for each row
+when (old.state is distinct from new.state
+      and (new.state in ('succeeded', 'failed', 'pruned', 'cancelled')
+           or (new.state = 'pending' and old.state in ('succeeded', 'failed', 'pruned', 'cancelled'))))
+execute function trials_metric_state();
+
+create or replace view ablate.metric_series as
+select t.id as trial_id,
+       t.experiment_id,
+       n.name,
+       m.step,
+       m.value,
+       m.recorded_at
+from trials t
+join metric_points m on m.trial_id = coalesce(t.reused_from, t.id)
+join metric_names n on n.id = m.name_id;
+
+-- Per trial and metric: how many points, the first and last step, the lowest
+-- and highest value (NaN left out) and the last, read from the chunks'
+-- summaries and the rows not yet moved, without reading every point.
+create view ablate.metric_summary as
+select t.id as trial_id,
+       t.experiment_id,
+       n.name,
+       s.points,
+       s.first_step,
+       s.last_step,
+       s.min_value,
+       s.max_value,
+       s.last_value
+from trials t
+cross join lateral (
+    select p.name_id,
+           sum(p.points)::bigint as points,
+           min(p.first_step) as first_step,
+           max(p.last_step) as last_step,
+           min(p.min_value) as min_value,
+           max(p.max_value) as max_value,
+           (array_agg(p.last_value order by p.last_step desc))[1] as last_value
+    from (
+        select c.name_id, c.n::bigint as points, c.step_lo as first_step, c.step_hi as last_step,
+               c.v_min as min_value, c.v_max as max_value, c.v_last as last_value
+        from metric_chunks c where c.trial_id = coalesce(t.reused_from, t.id)
+        union all
+        select m.name_id, count(*), min(m.step), max(m.step),
+               min(nullif(m.value, 'NaN')), max(nullif(m.value, 'NaN')),
+               (array_agg(m.value order by m.step desc))[1]
+        from metrics m where m.trial_id = coalesce(t.reused_from, t.id)
+        group by m.name_id
+    ) p
+    group by p.name_id
+) s
+join metric_names n on n.id = s.name_id;
+
+create or replace view ablate.trial_results as
+select t.id as trial_id,
+       t.experiment_id,
+       e.name as experiment,
+       t.ordinal,
+       t.state,
+       t.params,
+       coalesce(m.final, '{}'::jsonb) as metrics,
+       (m.final ->> e.objective_metric)::double precision as objective,
+       t.attempt,
+       t.error,
+       t.started_at,
+       t.finished_at,
+       t.reused_from
+from trials t
+join experiments e on e.id = t.experiment_id
+left join lateral (
+    with recursive names (name_id) as (
+        select min(mm.name_id) from metrics mm where mm.trial_id = coalesce(t.reused_from, t.id)
+        union all
+        select (select min(mm.name_id) from metrics mm
+                where mm.trial_id = coalesce(t.reused_from, t.id) and mm.name_id > names.name_id)
+        from names where names.name_id is not null
+    ),
+    finals (name_id, value) as (
+        select names.name_id, (select mm.value from metrics mm
+                               where mm.trial_id = coalesce(t.reused_from, t.id) and mm.name_id = names.name_id
+                               order by mm.step desc limit 1)
+        from names where names.name_id is not null
+        union all
+        (select distinct on (c.name_id) c.name_id, c.v_last
+         from metric_chunks c
+         where c.trial_id = coalesce(t.reused_from, t.id)
+           and not exists (select 1 from metrics mm
+                           where mm.trial_id = coalesce(t.reused_from, t.id) and mm.name_id = c.name_id)
+         order by c.name_id, c.step_lo desc)
+    )
+    select jsonb_object_agg(n.name, finals.value) as final
+    from finals join metric_names n on n.id = finals.name_id
+) m on true;
+
+grant select on all tables in schema ablate to ablate_reader;
