@@ -1,23 +1,19 @@
--- The compact metric store. A trial's points arrive as rows of `metrics`
--- (batched, fenced, a replay overwrites) and move, once the trial has
--- finished (or, while it runs, up to its newest checkpoint), into chunks of
--- up to 16,384 points per trial and metric: one row holding the values as a
--- float8 array, the steps as a stride when they are regular, the times
--- recorded as microsecond offsets (equal within a batch, so they compress),
--- a summary and a downsampled copy (each bucket's first, lowest, highest and
--- last point) that curves read instead of the points.
+-- The compact metric store. A metric batch is written as one chunk per
+-- metric: a row holding the batch's values as a float8 array, the steps as a
+-- stride when they are regular, the time recorded as microsecond offsets
+-- (zero within a batch, so they compress), a summary, and a downsampled copy
+-- (each bucket's first, lowest, highest and last point) that curves read
+-- instead of the points. The coordinator's compactor merges a finished
+-- trial's chunks (and any rows of `metrics`, the table points had before)
+-- into chunks of up to 16,384 points, and a running trial's chunks before its
+-- newest checkpoint.
 --
--- The rules that make the move lose and repeat nothing:
--- * `trials.metrics_sealed`: every point at or below this step is in a chunk,
---   and no row is. Ingest locks the trial row (FOR KEY SHARE) and writes only
---   points above it; the move locks the row FOR UPDATE, so the two never
---   overlap, and a batch that waited sees the new seal.
--- * A running trial is sealed no further than the step before its newest
---   checkpoint (a worker records a checkpoint only once the points before it
---   are durable, and a new attempt resumes there); a finished one entirely.
---   When a finished trial may run again (retry, a rung's promotion), the
---   trigger below first moves the chunks from its newest checkpoint on back
---   into rows.
+-- Chunks of one trial and metric never overlap in steps, so a point is in one
+-- place. A batch whose steps overlap a chunk (a replay, or a new attempt
+-- logging again from its checkpoint) is merged with it, the batch's points
+-- replacing those at the same steps, under the trial row locked FOR UPDATE,
+-- as the compactor's merges are; a batch that overlaps nothing is written
+-- under the row locked FOR KEY SHARE, so it never interleaves with a merge.
 create table metric_chunks (
     trial_id    uuid not null,
     name_id     integer not null,
@@ -34,9 +30,10 @@ create table metric_chunks (
     v_min       double precision,
     v_max       double precision,
     v_last      double precision not null,
-    -- each bucket's first, lowest, highest and last point, in step order
-    ds_steps    bigint[] not null,
-    ds_vals     double precision[] not null,
+    -- each bucket's first, lowest, highest and last point, in step order;
+    -- null when the chunk is short enough to be its own copy
+    ds_steps    bigint[],
+    ds_vals     double precision[],
     primary key (trial_id, name_id, step_lo)
 );
 
@@ -53,8 +50,8 @@ exception when others then
     null;
 end $$;
 
-alter table trials add column metrics_sealed bigint;
--- Set when a trial stops running; the compactor clears it once its rows are chunks.
+-- Set when a trial with points stops running; the compactor clears it once
+-- they are merged.
 alter table trials add column metrics_due boolean not null default false;
 create index trials_metrics_due on trials (id) where metrics_due;
 
@@ -72,14 +69,21 @@ from metric_chunks c
 cross join lateral unnest(c.vals, c.steps, c.recorded_us) with ordinality as u(value, step, us, i);
 
 -- The newest point of one trial's metric at or before `at` (any step when null):
--- rows first (they lie above every chunk), then the one chunk that holds it.
+-- the newest row's and the one chunk's that holds it, whichever is later.
 create function metric_value_at(p_trial uuid, p_name integer, p_at bigint)
 returns double precision language sql stable as $$
-    select coalesce(
-        (select m.value from metrics m
+    select v.value from (
+        (select m.step, m.value from metrics m
          where m.trial_id = p_trial and m.name_id = p_name and (p_at is null or m.step <= p_at)
-         order by m.step desc limit 1),
-        (select case when p_at is null or p_at >= c.step_hi then c.v_last
+         order by m.step desc limit 1)
+        union all
+        (select case when p_at is null or p_at >= c.step_hi then c.step_hi
+                     else (select coalesce(u.step, c.step_lo + (u.i - 1) * c.stride)
+                           from unnest(c.vals, c.steps) with ordinality as u(value, step, i)
+                           where coalesce(u.step, c.step_lo + (u.i - 1) * c.stride) <= p_at
+                           order by u.i desc limit 1)
+                end,
+                case when p_at is null or p_at >= c.step_hi then c.v_last
                      else (select u.value
                            from unnest(c.vals, c.steps) with ordinality as u(value, step, i)
                            where coalesce(u.step, c.step_lo + (u.i - 1) * c.stride) <= p_at
@@ -87,7 +91,9 @@ returns double precision language sql stable as $$
                 end
          from metric_chunks c
          where c.trial_id = p_trial and c.name_id = p_name and (p_at is null or c.step_lo <= p_at)
-         order by c.step_lo desc limit 1))
+         order by c.step_lo desc limit 1)
+    ) v
+    order by v.step desc nulls last limit 1
 $$;
 
 -- The newest step a trial logged, of any metric.
@@ -130,46 +136,28 @@ returns table (step bigint, value double precision) language sql stable as $$
     select u.step, u.value
     from chunks c, whole
     cross join lateral unnest(c.ds_steps, c.ds_vals) as u(step, value)
-    where not whole.yes
+    where not whole.yes and c.ds_steps is not null
+    union all
+    select coalesce(u.step, c.step_lo + (u.i - 1) * c.stride), u.value
+    from chunks c, whole
+    cross join lateral unnest(c.vals, c.steps) with ordinality as u(value, step, i)
+    where not whole.yes and c.ds_steps is null
     union all
     select m.step, m.value from metrics m where m.trial_id = p_trial and m.name_id = p_name
 $$;
 
--- A trial that stops running is due for the compactor; one that runs again
--- after it finished gets back, as rows, the points past its newest checkpoint.
-create function trials_metric_state() returns trigger language plpgsql as $$
-declare
-    resume bigint;
+-- A trial with points that stops running is due for the compactor.
+create function trials_metrics_due() returns trigger language plpgsql as $$
 begin
-    if new.state in ('succeeded', 'failed', 'pruned', 'cancelled') and old.state <> new.state then
-        new.metrics_due := exists (select 1 from metrics m where m.trial_id = new.id);
-    elsif new.state = 'pending' and old.state in ('succeeded', 'failed', 'pruned', 'cancelled')
-          and new.metrics_sealed is not null then
-        select coalesce(max(c.step), -1) into resume from checkpoints c where c.trial_id = new.id;
-        if new.metrics_sealed >= resume then
-            with back as (
-                delete from metric_chunks c where c.trial_id = new.id and c.step_hi >= resume
-                returning c.*
-            )
-            insert into metrics (trial_id, name_id, step, value, recorded_at)
-            select b.trial_id, b.name_id, coalesce(u.step, b.step_lo + (u.i - 1) * b.stride), u.value,
-                   b.recorded_lo + u.us * interval '1 microsecond'
-            from back b
-            cross join lateral unnest(b.vals, b.steps, b.recorded_us) with ordinality as u(value, step, us, i)
-            on conflict (trial_id, name_id, step) do nothing;
-            new.metrics_sealed := (select max(c.step_hi) from metric_chunks c where c.trial_id = new.id);
-        end if;
-        new.metrics_due := false;
-    end if;
+    new.metrics_due := exists (select 1 from metric_chunks c where c.trial_id = new.id)
+                       or exists (select 1 from metrics m where m.trial_id = new.id);
     return new;
 end $$;
 
-create trigger trials_metric_state before update of state on trials
+create trigger trials_metrics_due before update of state on trials
 for each row
-when (old.state is distinct from new.state
-      and (new.state in ('succeeded', 'failed', 'pruned', 'cancelled')
-           or (new.state = 'pending' and old.state in ('succeeded', 'failed', 'pruned', 'cancelled'))))
-execute function trials_metric_state();
+when (old.state is distinct from new.state and new.state in ('succeeded', 'failed', 'pruned', 'cancelled'))
+execute function trials_metrics_due();
 
 create or replace view ablate.metric_series as
 select t.id as trial_id,
@@ -243,18 +231,21 @@ left join lateral (
                 where mm.trial_id = coalesce(t.reused_from, t.id) and mm.name_id > names.name_id)
         from names where names.name_id is not null
     ),
-    finals (name_id, value) as (
-        select names.name_id, (select mm.value from metrics mm
-                               where mm.trial_id = coalesce(t.reused_from, t.id) and mm.name_id = names.name_id
-                               order by mm.step desc limit 1)
-        from names where names.name_id is not null
+    candidates (name_id, step, value) as (
+        select names.name_id, last.step, last.value
+        from names cross join lateral (
+            select mm.step, mm.value from metrics mm
+            where mm.trial_id = coalesce(t.reused_from, t.id) and mm.name_id = names.name_id
+            order by mm.step desc limit 1) last
+        where names.name_id is not null
         union all
-        (select distinct on (c.name_id) c.name_id, c.v_last
+        (select distinct on (c.name_id) c.name_id, c.step_hi, c.v_last
          from metric_chunks c
          where c.trial_id = coalesce(t.reused_from, t.id)
-           and not exists (select 1 from metrics mm
-                           where mm.trial_id = coalesce(t.reused_from, t.id) and mm.name_id = c.name_id)
          order by c.name_id, c.step_lo desc)
+    ),
+    finals as (
+        select distinct on (name_id) name_id, value from candidates order by name_id, step desc
     )
     select jsonb_object_agg(n.name, finals.value) as final
     from finals join metric_names n on n.id = finals.name_id

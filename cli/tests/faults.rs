@@ -186,11 +186,12 @@ async fn a_crashed_trial_process_is_retried_from_its_checkpoint_on_the_same_curv
     stack
         .wait_for("select count(*) >= 2 from checkpoints", Duration::from_secs(60))
         .await;
-    // Its points before the newest checkpoint have moved into chunks: the
-    // crash and the resume happen across the move.
+    // Its batches' chunks before the newest checkpoint have been merged (a
+    // batch holds about 13 steps): the crash and the resume happen across a merge.
     stack
         .wait_for(
-            "select count(*) > 0 from metric_chunks c join trials t on t.id = c.trial_id where t.state = 'running'",
+            "select count(*) > 0 from metric_chunks c join trials t on t.id = c.trial_id
+             where t.state = 'running' and c.n >= 40",
             Duration::from_secs(30),
         )
         .await;
@@ -223,9 +224,12 @@ async fn a_crashed_trial_process_is_retried_from_its_checkpoint_on_the_same_curv
     let spec = stack.write_spec("unbroken.toml", &RESUME_SPEC.replace("NAME", "unbroken"));
     let unbroken = stack.submit(&spec);
     stack.wait_finished(&unbroken, Duration::from_secs(120)).await;
-    // Both finished trials' points are all in chunks now.
+    // Both finished trials' chunks are merged now.
     stack
-        .wait_for("select count(*) = 0 from metrics", Duration::from_secs(30))
+        .wait_for(
+            "select count(*) = 0 from trials where metrics_due",
+            Duration::from_secs(30),
+        )
         .await;
     let (a, b) = (curve(&stack, &crashed).await, curve(&stack, &unbroken).await);
     assert_eq!(a.len(), 300, "every step exactly once");
@@ -306,7 +310,10 @@ async fn a_postgresql_restart_mid_sweep_loses_and_repeats_nothing() {
     let spec = stack.write_spec("pg.toml", &spec_text.replace("NAME", "pg-restart"));
     let restarted = stack.submit(&spec);
     stack
-        .wait_for("select count(*) > 200 from metrics", Duration::from_secs(60))
+        .wait_for(
+            "select coalesce(sum(n), 0) > 200 from metric_chunks",
+            Duration::from_secs(60),
+        )
         .await;
     db("stop");
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -322,7 +329,10 @@ async fn a_postgresql_restart_mid_sweep_loses_and_repeats_nothing() {
     let steady = stack.submit(&spec);
     stack.wait_finished(&steady, Duration::from_secs(180)).await;
     stack
-        .wait_for("select count(*) = 0 from metrics", Duration::from_secs(30))
+        .wait_for(
+            "select count(*) = 0 from trials where metrics_due",
+            Duration::from_secs(30),
+        )
         .await;
     let (a, b) = (curve(&stack, &restarted).await, curve(&stack, &steady).await);
     assert_eq!(a.len(), 4 * 300, "every (trial, step) exactly once");

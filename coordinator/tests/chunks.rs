@@ -1,7 +1,7 @@
-//! The compact metric store against real PostgreSQL: points moved from rows
-//! into chunks are read back once each by every view and read, a batch that
-//! waits on a move sees its seal, and a finished trial that runs again gets
-//! its points past its newest checkpoint back as rows.
+//! The compact metric store against real PostgreSQL: batches written as
+//! chunks and merged by the compactor are read back once each by every view
+//! and read; a replay, also one that waits on a merge, and a new attempt that
+//! logs again over a finished trial's points replace points, never add them.
 
 use std::time::Duration;
 
@@ -96,28 +96,40 @@ async fn moved_points_are_read_once_each_and_take_under_16_bytes(pool: PgPool) {
                 bytes: 1,
             };
             db::record_checkpoint(&pool, t.trial, t.token, &ckpt).await.unwrap();
-            // While it runs: the points before the checkpoint move.
+            // While it runs: the chunks that end before the checkpoint merge.
             let (_, moved) = compaction::compact(&pool, 64, Some(1)).await.unwrap();
+            // The odd metric's chunk of this batch ends at 24,999, before the checkpoint.
             assert_eq!(
                 moved,
-                2 * 24_999 + expected_odd.len() as u64,
-                "every point before step 25,000"
+                2 * 24_000 + expected_odd.len() as u64,
+                "every point of the chunks that end before step 25,000"
             );
-            let sealed: Option<i64> = scalar(&pool, "select metrics_sealed from trials").await;
-            assert_eq!(sealed, Some(24_999));
+            let partial: i64 = scalar(&pool, "select count(*) from metric_chunks where step_hi < 25000").await;
+            assert_eq!(
+                partial, 5,
+                "24 chunks of each metric merged into 2, and the odd metric's into 1"
+            );
         }
     }
-    // A replay of a durable batch below the seal is left out, not doubled,
-    // and the lease is not called stale for it.
-    let written = db::insert_metrics(&pool, t.trial, t.token, &[loss_id, loss_id], &[10, 25_000], &[9.0, 9.0])
-        .await
-        .unwrap();
-    assert_eq!(written, 1, "only the point above the seal is written (and overwrites)");
-    db::insert_metrics(&pool, t.trial, t.token, &[loss_id], &[25_000], &[loss(25_000, 1)])
-        .await
-        .unwrap();
+    // A replay of a batch, before and after the merge: its points replace theirs.
+    for first in [2001, 30_001] {
+        let steps: Vec<i64> = (first..first + 1000).collect();
+        let names = vec![loss_id; 1000];
+        let values: Vec<f64> = steps.iter().map(|&s| loss(s, 1)).collect();
+        let written = db::insert_metrics(&pool, t.trial, t.token, &names, &steps, &values)
+            .await
+            .unwrap();
+        assert!(written >= 1000, "{written}");
+    }
     let mid: Vec<(i64, f64)> = series(&pool, "loss").await;
-    assert_eq!(mid.len(), 40_000, "rows and chunks together, each step once");
+    assert_eq!(mid.len(), 40_000, "each step once");
+    let overlaps: i64 = scalar(
+        &pool,
+        "select count(*) from metric_chunks a join metric_chunks b on a.trial_id = b.trial_id and a.name_id = b.name_id
+         and a.step_lo < b.step_lo and a.step_hi >= b.step_lo",
+    )
+    .await;
+    assert_eq!(overlaps, 0, "no two chunks of a metric share a step");
 
     db::complete(
         &pool,
@@ -190,7 +202,10 @@ async fn moved_points_are_read_once_each_and_take_under_16_bytes(pool: PgPool) {
     assert!(curve.iter().any(|p| p.2 == min) && curve.iter().any(|p| p.2 == max));
     assert!(curve.windows(2).all(|w| w[0].1 < w[1].1), "in step order");
 
-    // Storage: under 16 bytes a point, indexes and TOAST included.
+    // Storage: under 16 bytes a point, indexes and TOAST included (rewritten
+    // first: the batches' chunks the merges replaced are dead rows until a
+    // vacuum makes their room reusable).
+    sqlx::query("vacuum full metric_chunks").execute(&pool).await.unwrap();
     let stored: i64 = scalar(&pool, "select count(*) from ablate.metric_series").await;
     let bytes: i64 = scalar(&pool, "select pg_total_relation_size('metric_chunks')").await;
     let per_point = bytes as f64 / stored as f64;
@@ -198,7 +213,7 @@ async fn moved_points_are_read_once_each_and_take_under_16_bytes(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "ablate_coordinator::db::MIGRATOR")]
-async fn a_batch_that_waits_on_a_move_sees_the_seal(pool: PgPool) {
+async fn a_replay_that_waits_on_a_merge_replaces_its_points(pool: PgPool) {
     submit::submit(&pool, SPEC, SpecFormat::Toml, &Default::default())
         .await
         .unwrap();
@@ -209,10 +224,20 @@ async fn a_batch_that_waits_on_a_move_sees_the_seal(pool: PgPool) {
     let name = intern(&pool, "loss").await;
     let steps: Vec<i64> = (1..=20).collect();
     let values: Vec<f64> = steps.iter().map(|&s| loss(s, 0)).collect();
-    db::insert_metrics(&pool, t.trial, t.token, &[name; 20], &steps, &values)
+    for half in [0..10, 10..20] {
+        db::insert_metrics(
+            &pool,
+            t.trial,
+            t.token,
+            &[name; 10],
+            &steps[half.clone()],
+            &values[half],
+        )
         .await
         .unwrap();
-    // A move in progress holds the trial row; a replay of the first ten arrives.
+    }
+    assert_eq!(scalar::<i64>(&pool, "select count(*) from metric_chunks").await, 2);
+    // A merge in progress holds the trial row; a replay of the first batch arrives.
     let mut mover = pool.begin().await.unwrap();
     sqlx::query("select 1 from trials where id = $1 for update")
         .bind(t.trial.0)
@@ -226,30 +251,29 @@ async fn a_batch_that_waits_on_a_move_sees_the_seal(pool: PgPool) {
         tokio::spawn(async move { db::insert_metrics(&pool, trial, token, &[name; 10], &steps, &values).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!replay.is_finished(), "the batch waits for the move");
-    // The move: the first ten leave the rows (as if into a chunk), the seal rises.
-    sqlx::query("delete from metrics where trial_id = $1 and step <= 10")
-        .bind(t.trial.0)
-        .execute(&mut *mover)
-        .await
-        .unwrap();
-    sqlx::query("update trials set metrics_sealed = 10 where id = $1")
-        .bind(t.trial.0)
-        .execute(&mut *mover)
-        .await
-        .unwrap();
+    assert!(!replay.is_finished(), "the batch waits for the merge");
+    // The merge: both chunks become one.
+    sqlx::query(
+        "with old as (delete from metric_chunks where trial_id = $1 returning *)
+         insert into metric_chunks (trial_id, name_id, step_lo, step_hi, n, steps, stride, vals,
+                                    recorded_lo, recorded_us, v_min, v_max, v_last)
+         select a.trial_id, a.name_id, a.step_lo, b.step_hi, a.n + b.n, null, 1, a.vals || b.vals,
+                a.recorded_lo, a.recorded_us || b.recorded_us, least(a.v_min, b.v_min),
+                greatest(a.v_max, b.v_max), b.v_last
+         from old a join old b on a.step_lo = 1 and b.step_lo = 11",
+    )
+    .bind(t.trial.0)
+    .execute(&mut *mover)
+    .await
+    .unwrap();
     mover.commit().await.unwrap();
-    let written = replay.await.unwrap().unwrap();
-    assert_eq!(written, 0, "the replay saw the seal");
-    assert_eq!(
-        scalar::<i64>(&pool, "select count(*) from metrics where step <= 10").await,
-        0,
-        "no row came back under the seal"
-    );
+    replay.await.unwrap().unwrap();
+    assert_eq!(series(&pool, "loss").await.len(), 20, "each step once after the replay");
+    assert_eq!(scalar::<i64>(&pool, "select count(*) from metric_chunks").await, 1);
 }
 
 #[sqlx::test(migrator = "ablate_coordinator::db::MIGRATOR")]
-async fn a_finished_trial_that_runs_again_gets_its_points_past_the_checkpoint_back(pool: PgPool) {
+async fn a_new_attempt_over_a_finished_trial_replaces_its_points_from_the_checkpoint(pool: PgPool) {
     submit::submit(&pool, SPEC, SpecFormat::Toml, &Default::default())
         .await
         .unwrap();
@@ -282,20 +306,11 @@ async fn a_finished_trial_that_runs_again_gets_its_points_past_the_checkpoint_ba
     .await
     .unwrap();
     compaction::compact(&pool, 64, None).await.unwrap();
-    assert_eq!(
-        scalar::<Option<i64>>(&pool, "select metrics_sealed from trials").await,
-        Some(100)
-    );
     // Pending again (as `ablate retry` or a rung's promotion makes it).
     sqlx::query("update trials set state = 'pending', finished_at = null")
         .execute(&pool)
         .await
         .unwrap();
-    let sealed: Option<i64> = scalar(&pool, "select metrics_sealed from trials").await;
-    assert!(
-        sealed.is_none_or(|s| s < 60),
-        "sealed below the resume point: {sealed:?}"
-    );
     assert_eq!(series(&pool, "loss").await.len(), 100, "nothing lost on the way back");
     let again = lease(&pool, WorkerId::new_random(), 1, 1, 0, TTL)
         .await
@@ -308,7 +323,7 @@ async fn a_finished_trial_that_runs_again_gets_its_points_past_the_checkpoint_ba
     let written = db::insert_metrics(&pool, again.trial, again.token, &vec![name; 60], &steps, &values)
         .await
         .unwrap();
-    assert_eq!(written, 60);
+    assert_eq!(written, 120, "merged with the first attempt's chunk");
     db::complete(
         &pool,
         again.trial,
@@ -349,10 +364,11 @@ fn chunks_cut_long_curves_and_keep_each_buckets_extremes() {
     assert!(chunks.iter().all(|c| c.steps.is_none() && c.stride == 5));
     assert_eq!(chunks[1].step_lo, 16_384 * 5 + 3);
     assert_eq!(chunks[0].min, Some(-100.0));
-    assert!(chunks[0].ds_values.contains(&-100.0));
-    assert!(chunks
-        .iter()
-        .all(|c| c.ds_steps.len() <= 1024 && c.ds_steps.windows(2).all(|w| w[0] < w[1])));
+    assert!(chunks[0].ds_values.as_ref().unwrap().contains(&-100.0));
+    assert!(chunks.iter().all(|c| c
+        .ds_steps
+        .as_ref()
+        .is_some_and(|d| d.len() <= 1024 && d.windows(2).all(|w| w[0] < w[1]))));
     assert!(chunks
         .iter()
         .all(|c| c.recorded_us.iter().all(|&r| r == 0) && c.recorded_lo == 7));
@@ -364,5 +380,5 @@ fn chunks_cut_long_curves_and_keep_each_buckets_extremes() {
     });
     assert_eq!(short[0].steps, Some(vec![1, 2, 4]));
     assert_eq!((short[0].min, short[0].max), (Some(1.0), Some(2.0)));
-    assert_eq!(short[0].ds_steps, vec![1, 2, 4]);
+    assert_eq!(short[0].ds_steps, None, "a short chunk is its own copy");
 }

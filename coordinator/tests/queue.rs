@@ -667,3 +667,125 @@ seed = 3
         .unwrap();
     assert_eq!(of_search(pool.clone(), search.id.0).await, 7);
 }
+
+async fn worker(pool: &PgPool, pool_name: Option<&str>) -> WorkerId {
+    let id = WorkerId::new_random();
+    db::register_worker(
+        pool,
+        &db::NewWorker {
+            id,
+            hostname: "test",
+            devices: &["cpu:0".to_string()],
+            pool: pool_name,
+            labels: serde_json::json!({}),
+            allow_commands: false,
+        },
+    )
+    .await
+    .unwrap();
+    id
+}
+
+#[sqlx::test(migrator = "ablate_coordinator::db::MIGRATOR")]
+async fn one_statement_deals_trials_to_several_workers_in_the_order_asked(pool: PgPool) {
+    submit::submit(&pool, SPEC, SpecFormat::Toml, &Default::default())
+        .await
+        .unwrap();
+    let (a, b, c) = (
+        worker(&pool, None).await,
+        worker(&pool, None).await,
+        worker(&pool, None).await,
+    );
+    sqlx::query("update workers set draining_since = now() where id = $1")
+        .bind(b.0)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let dealt = db::lease_heads_many(&pool, &[(a, 2), (b, 2), (c, 3)], TTL)
+        .await
+        .unwrap();
+    let counts: Vec<usize> = dealt.iter().map(|(_, heads)| heads.len()).collect();
+    assert_eq!(counts, vec![2, 0, 3], "a draining worker gets none; the rest in order");
+    let ordinals: Vec<i32> = sqlx::query_scalar("select ordinal from trials where state = 'running' order by ordinal")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(ordinals, vec![0, 1, 2, 3, 4], "the trials in the experiment's order");
+    for (worker, heads) in &dealt {
+        for head in heads {
+            let owner: uuid::Uuid = sqlx::query_scalar("select lease_owner from trials where id = $1")
+                .bind(head.trial.0)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            assert_eq!(owner, worker.0, "each trial is held by the worker it was dealt to");
+        }
+    }
+    let first: Vec<i32> = {
+        let ids: Vec<uuid::Uuid> = dealt[0].1.iter().map(|h| h.trial.0).collect();
+        sqlx::query_scalar("select ordinal from trials where id = any($1) order by ordinal")
+            .bind(&ids)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(first, vec![0, 1], "the first worker asked is dealt first");
+}
+
+#[sqlx::test(migrator = "ablate_coordinator::db::MIGRATOR")]
+async fn workers_asking_at_once_share_no_trial_and_a_pool_keeps_its_own(pool: PgPool) {
+    let spec = SPEC.replace("params.seed = [0, 1, 2, 3, 4, 5]", "params.seed = { range = [0, 39] }");
+    submit::submit(&pool, &spec, SpecFormat::Toml, &Default::default())
+        .await
+        .unwrap();
+    let pooled = SPEC.replace("name = \"queue\"", "name = \"pooled\"") + "[resources]\npool = \"gpu\"\n";
+    submit::submit(&pool, &pooled, SpecFormat::Toml, &Default::default())
+        .await
+        .unwrap();
+    let lessor = ablate_coordinator::platform::lease::Lessor::spawn(pool.clone(), TTL);
+    let mut workers = Vec::new();
+    for i in 0..12 {
+        workers.push(worker(&pool, (i % 4 == 0).then_some("gpu")).await);
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut leased = 0;
+    // Rounds of all twelve asking at once, until a round leases nothing.
+    loop {
+        let asks: Vec<_> = workers
+            .iter()
+            .map(|&w| {
+                let lessor = lessor.clone();
+                tokio::spawn(async move { (w, lessor.lease(w, 4, 1, 0).await.unwrap()) })
+            })
+            .collect();
+        let before = leased;
+        for ask in asks {
+            let (w, trials) = ask.await.unwrap();
+            assert!(trials.len() <= 4);
+            for t in trials {
+                assert!(seen.insert(t.trial), "trial {} leased twice", t.trial);
+                let (owner, pool_of): (uuid::Uuid, Option<String>) = sqlx::query_as(
+                    "select t.lease_owner, e.pool from trials t join experiments e on e.id = t.experiment_id where t.id = $1",
+                )
+                .bind(t.trial.0)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                assert_eq!(owner, w.0);
+                let worker_pool: Option<String> = sqlx::query_scalar("select pool from workers where id = $1")
+                    .bind(w.0)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                if pool_of.is_some() {
+                    assert_eq!(pool_of, worker_pool, "a pool's trials go to its workers only");
+                }
+                leased += 1;
+            }
+        }
+        if leased == before {
+            break;
+        }
+    }
+    assert_eq!(leased, 46, "every trial of both experiments leased once");
+}

@@ -1,4 +1,8 @@
-//! Metric ingest: interned names and fenced batches of points.
+//! Metric ingest and the compact store: interned names; a batch written as one
+//! chunk per metric, fenced by the lease (merged with the chunks it overlaps,
+//! its points replacing theirs at the same steps); the compactor's merges.
+
+use std::collections::BTreeMap;
 
 use ablate_schema::{LeaseToken, TrialId};
 use sqlx::postgres::PgPool;
@@ -18,12 +22,14 @@ pub async fn intern_metric_names(pool: &PgPool, names: &[String]) -> Result<Vec<
     Ok(rows)
 }
 
-/// Writes one batch of metric points in one statement, fenced by the lease.
-/// Points are keyed by (trial, name, step): a replay overwrites, never duplicates.
-/// The trial row is locked `for key share`, so the compactor (which locks it
-/// `for update`) never moves points while a batch is being written, and a
-/// point at or below the trial's seal (already in a chunk: a replay of a
-/// durable batch) is left out. Returns the points written.
+/// Writes one batch of metric points, fenced by the lease: point i is
+/// (`name_ids[i]`, `steps[i]`, `values[i]`); the same (name, step) twice, the
+/// later wins. Each metric's points become one chunk (`metric_chunks`), written
+/// in one statement under the trial row locked `for key share` when they
+/// overlap no chunk; else merged with the chunks they overlap under the row
+/// locked `for update`, the batch's points replacing theirs at the same steps,
+/// so a replay or a new attempt logging again never duplicates a point.
+/// Returns the points written.
 pub async fn insert_metrics(
     pool: &PgPool,
     trial: TrialId,
@@ -32,36 +38,288 @@ pub async fn insert_metrics(
     steps: &[i64],
     values: &[f64],
 ) -> Result<u64> {
-    let (held, written): (i64, i64) = sqlx::query_as(
+    let batch = by_metric(name_ids, steps, values);
+    if batch.is_empty() {
+        return Ok(0);
+    }
+    let mut cols = ChunkColumns::default();
+    for points in batch.values() {
+        for chunk in chunks_of(points) {
+            cols.push(&chunk, &points.steps[chunk_range(points, &chunk)]);
+        }
+    }
+    let (held, clashes, written, chunks): (i64, i64, i64, i64) = sqlx::query_as(
         "with t as (
-             select id, metrics_sealed from trials
+             select id from trials
              where id = $1 and lease_token = $2 and state = 'running'
              for key share
          ),
+         c as (
+             select * from unnest($3::int4[], $4::int8[], $5::int8[], $6::int4[], $7::int8[], $8::bool[],
+                                  $9::int4[], $10::int4[], $11::int4[], $12::float8[], $13::float8[], $14::float8[])
+                 as c(name_id, step_lo, step_hi, n, stride, regular, v_off, ds_off, ds_n, v_min, v_max, v_last)
+         ),
+         clash as (
+             select 1 from t, c, metric_chunks m
+             where m.trial_id = t.id and m.name_id = c.name_id and m.step_lo <= c.step_hi and m.step_hi >= c.step_lo
+             limit 1
+         ),
          written as (
-             insert into metrics (trial_id, name_id, step, value)
-             select t.id, u.name_id, u.step, u.value
-             from t, unnest($3::int4[], $4::int8[], $5::float8[]) as u(name_id, step, value)
-             where t.metrics_sealed is null or u.step > t.metrics_sealed
-             on conflict (trial_id, name_id, step) do update
-             set value = excluded.value, recorded_at = now()
-             returning 1
+             insert into metric_chunks (trial_id, name_id, step_lo, step_hi, n, steps, stride, vals,
+                                        recorded_lo, recorded_us, v_min, v_max, v_last, ds_steps, ds_vals)
+             select t.id, c.name_id, c.step_lo, c.step_hi, c.n,
+                    case when c.regular then null else ($15::int8[])[c.v_off:c.v_off + c.n - 1] end,
+                    c.stride, ($16::float8[])[c.v_off:c.v_off + c.n - 1],
+                    now(), array_fill(0::int8, array[c.n]), c.v_min, c.v_max, c.v_last,
+                    case when c.ds_n > 0 then ($17::int8[])[c.ds_off:c.ds_off + c.ds_n - 1] end,
+                    case when c.ds_n > 0 then ($18::float8[])[c.ds_off:c.ds_off + c.ds_n - 1] end
+             from t, c
+             where not exists (select 1 from clash)
+             on conflict (trial_id, name_id, step_lo) do nothing
+             returning n
          )
-         select (select count(*) from t), (select count(*) from written)",
+         select (select count(*) from t), (select count(*) from clash),
+                coalesce((select sum(n) from written), 0)::int8, (select count(*) from written)",
     )
     .bind(trial.0)
     .bind(token.0)
-    .bind(name_ids)
-    .bind(steps)
-    .bind(values)
+    .bind(&cols.name_id)
+    .bind(&cols.step_lo)
+    .bind(&cols.step_hi)
+    .bind(&cols.n)
+    .bind(&cols.stride)
+    .bind(&cols.regular)
+    .bind(&cols.v_off)
+    .bind(&cols.ds_off)
+    .bind(&cols.ds_n)
+    .bind(&cols.v_min)
+    .bind(&cols.v_max)
+    .bind(&cols.v_last)
+    .bind(&cols.steps)
+    .bind(&cols.values)
+    .bind(&cols.ds_steps)
+    .bind(&cols.ds_values)
     .fetch_one(pool)
     .await?;
-    if held == 0 && !steps.is_empty() {
+    if held == 0 {
         return Err(Error::StaleLease {
             trial: trial.to_string(),
         });
     }
-    Ok(written as u64)
+    if clashes == 0 && chunks as usize == cols.name_id.len() {
+        return Ok(written as u64);
+    }
+    merge_batch(pool, trial, token, batch).await
+}
+
+/// A batch's points per metric, in step order, the later of equal steps kept.
+fn by_metric(name_ids: &[i32], steps: &[i64], values: &[f64]) -> BTreeMap<i32, Points> {
+    let mut latest: BTreeMap<(i32, i64), f64> = BTreeMap::new();
+    for ((&name, &step), &value) in name_ids.iter().zip(steps).zip(values) {
+        latest.insert((name, step), value);
+    }
+    let mut out: BTreeMap<i32, Points> = BTreeMap::new();
+    for ((name, step), value) in latest {
+        let points = out.entry(name).or_insert_with(|| Points {
+            name_id: name,
+            steps: Vec::new(),
+            values: Vec::new(),
+            recorded_us: Vec::new(),
+        });
+        points.steps.push(step);
+        points.values.push(value);
+        points.recorded_us.push(0);
+    }
+    out
+}
+
+/// Where `chunk`'s points lie in `points` (chunks are cut in order).
+fn chunk_range(points: &Points, chunk: &Chunk) -> std::ops::Range<usize> {
+    let start = points.steps.partition_point(|&s| s < chunk.step_lo);
+    start..start + chunk.values.len()
+}
+
+/// Chunks as the columns of one insert: per chunk its fields and where its
+/// points and downsampled copy lie in the flat arrays (1-based, as SQL slices).
+#[derive(Default)]
+struct ChunkColumns {
+    name_id: Vec<i32>,
+    step_lo: Vec<i64>,
+    step_hi: Vec<i64>,
+    n: Vec<i32>,
+    stride: Vec<i64>,
+    regular: Vec<bool>,
+    v_off: Vec<i32>,
+    ds_off: Vec<i32>,
+    ds_n: Vec<i32>,
+    v_min: Vec<Option<f64>>,
+    v_max: Vec<Option<f64>>,
+    v_last: Vec<f64>,
+    steps: Vec<i64>,
+    values: Vec<f64>,
+    ds_steps: Vec<i64>,
+    ds_values: Vec<f64>,
+}
+
+impl ChunkColumns {
+    fn push(&mut self, c: &Chunk, steps: &[i64]) {
+        self.name_id.push(c.name_id);
+        self.step_lo.push(c.step_lo);
+        self.step_hi.push(c.step_hi);
+        self.n.push(c.values.len() as i32);
+        self.stride.push(c.stride);
+        self.regular.push(c.steps.is_none());
+        self.v_off.push(self.values.len() as i32 + 1);
+        self.steps.extend_from_slice(steps);
+        self.values.extend_from_slice(&c.values);
+        self.ds_off.push(self.ds_values.len() as i32 + 1);
+        self.ds_n.push(c.ds_steps.as_ref().map_or(0, |d| d.len() as i32));
+        if let (Some(ds_steps), Some(ds_values)) = (&c.ds_steps, &c.ds_values) {
+            self.ds_steps.extend_from_slice(ds_steps);
+            self.ds_values.extend_from_slice(ds_values);
+        }
+        self.v_min.push(c.min);
+        self.v_max.push(c.max);
+        self.v_last.push(c.last);
+    }
+}
+
+/// The slow path of a batch that overlaps chunks: under the trial row locked
+/// `for update`, each metric's overlapping chunks read, the batch's points put
+/// in place of theirs at the same steps, and the result written as new chunks.
+async fn merge_batch(pool: &PgPool, trial: TrialId, token: LeaseToken, batch: BTreeMap<i32, Points>) -> Result<u64> {
+    let mut tx = pool.begin().await?;
+    let now: Option<i64> = sqlx::query_scalar(
+        "select (extract(epoch from now()) * 1000000)::int8 from trials
+         where id = $1 and lease_token = $2 and state = 'running' for update",
+    )
+    .bind(trial.0)
+    .bind(token.0)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(now) = now else {
+        return Err(Error::StaleLease {
+            trial: trial.to_string(),
+        });
+    };
+    let mut written = 0;
+    for (name, mut new) in batch {
+        let (lo, hi) = (new.steps[0], new.steps[new.steps.len() - 1]);
+        new.recorded_us = vec![now; new.steps.len()];
+        let old = read_points(&mut tx, trial.0, Some(name), Some((lo, hi))).await?;
+        let merged = match old.into_values().next() {
+            Some(old) => overwrite(old, new),
+            None => new,
+        };
+        delete_points(&mut tx, trial.0, Some(name), Some((lo, hi))).await?;
+        for chunk in chunks_of(&merged) {
+            insert_chunk(&mut tx, trial.0, &chunk).await?;
+        }
+        written += merged.steps.len() as u64;
+    }
+    tx.commit().await?;
+    Ok(written)
+}
+
+/// `old`'s points with `new`'s put in, `new` winning at equal steps.
+fn overwrite(old: Points, new: Points) -> Points {
+    let name_id = new.name_id;
+    let mut all: BTreeMap<i64, (f64, i64)> = BTreeMap::new();
+    for points in [old, new] {
+        for i in 0..points.steps.len() {
+            all.insert(points.steps[i], (points.values[i], points.recorded_us[i]));
+        }
+    }
+    let mut out = Points {
+        name_id,
+        steps: Vec::with_capacity(all.len()),
+        values: Vec::with_capacity(all.len()),
+        recorded_us: Vec::with_capacity(all.len()),
+    };
+    for (step, (value, recorded)) in all {
+        out.steps.push(step);
+        out.values.push(value);
+        out.recorded_us.push(recorded);
+    }
+    out
+}
+
+/// A trial's points in chunks (those of `name`, or every metric's; those of
+/// chunks overlapping `range`, or all) and in rows, per metric in step order,
+/// with the time each was recorded (microseconds since the epoch).
+async fn read_points(
+    tx: &mut sqlx::PgConnection,
+    trial: uuid::Uuid,
+    name: Option<i32>,
+    range: Option<(i64, i64)>,
+) -> Result<BTreeMap<i32, Points>> {
+    let (lo, hi) = range.unwrap_or((i64::MIN, i64::MAX));
+    let rows: Vec<(i32, i64, f64, i64)> = sqlx::query_as(
+        "select c.name_id, coalesce(u.step, c.step_lo + (u.i - 1) * c.stride), u.value,
+                (extract(epoch from c.recorded_lo) * 1000000)::int8 + u.us
+         from metric_chunks c
+         cross join lateral unnest(c.vals, c.steps, c.recorded_us) with ordinality as u(value, step, us, i)
+         where c.trial_id = $1 and ($2::int4 is null or c.name_id = $2) and c.step_lo <= $4 and c.step_hi >= $3
+         union all
+         select m.name_id, m.step, m.value, (extract(epoch from m.recorded_at) * 1000000)::int8
+         from metrics m
+         where m.trial_id = $1 and ($2::int4 is null or m.name_id = $2) and m.step between $3 and $4
+         order by 1, 2",
+    )
+    .bind(trial)
+    .bind(name)
+    .bind(lo)
+    .bind(hi)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut out: BTreeMap<i32, Points> = BTreeMap::new();
+    for (name, step, value, recorded) in rows {
+        let points = out.entry(name).or_insert_with(|| Points {
+            name_id: name,
+            steps: Vec::new(),
+            values: Vec::new(),
+            recorded_us: Vec::new(),
+        });
+        // A row and a chunk at one step (rows written straight into `metrics`): the later read wins.
+        if points.steps.last() == Some(&step) {
+            *points.values.last_mut().expect("a point") = value;
+            continue;
+        }
+        points.steps.push(step);
+        points.values.push(value);
+        points.recorded_us.push(recorded);
+    }
+    Ok(out)
+}
+
+/// Deletes what [`read_points`] read.
+async fn delete_points(
+    tx: &mut sqlx::PgConnection,
+    trial: uuid::Uuid,
+    name: Option<i32>,
+    range: Option<(i64, i64)>,
+) -> Result<()> {
+    let (lo, hi) = range.unwrap_or((i64::MIN, i64::MAX));
+    sqlx::query(
+        "delete from metric_chunks c
+         where c.trial_id = $1 and ($2::int4 is null or c.name_id = $2) and c.step_lo <= $4 and c.step_hi >= $3",
+    )
+    .bind(trial)
+    .bind(name)
+    .bind(lo)
+    .bind(hi)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "delete from metrics m where m.trial_id = $1 and ($2::int4 is null or m.name_id = $2) and m.step between $3 and $4",
+    )
+    .bind(trial)
+    .bind(name)
+    .bind(lo)
+    .bind(hi)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 /// The most points one chunk holds, and the buckets of its downsampled copy.
@@ -92,8 +350,9 @@ pub struct Chunk {
     pub min: Option<f64>,
     pub max: Option<f64>,
     pub last: f64,
-    pub ds_steps: Vec<i64>,
-    pub ds_values: Vec<f64>,
+    /// `None` when the chunk is short enough to be its own downsampled copy.
+    pub ds_steps: Option<Vec<i64>>,
+    pub ds_values: Option<Vec<f64>>,
 }
 
 /// Cuts one metric's points (in step order) into chunks of at most
@@ -115,7 +374,7 @@ pub fn chunks_of(points: &Points) -> Vec<Chunk> {
         let min = finite.clone().reduce(f64::min);
         let max = finite.reduce(f64::max);
         let recorded_lo = recorded.iter().copied().min().unwrap_or(0);
-        let keep = downsample(values, CHUNK_BUCKETS);
+        let keep = (values.len() > CHUNK_BUCKETS * 4).then(|| downsample(values, CHUNK_BUCKETS));
         out.push(Chunk {
             name_id: points.name_id,
             step_lo: steps[0],
@@ -128,8 +387,8 @@ pub fn chunks_of(points: &Points) -> Vec<Chunk> {
             min,
             max,
             last: values[values.len() - 1],
-            ds_steps: keep.iter().map(|&i| steps[i]).collect(),
-            ds_values: keep.iter().map(|&i| values[i]).collect(),
+            ds_steps: keep.as_ref().map(|k| k.iter().map(|&i| steps[i]).collect()),
+            ds_values: keep.as_ref().map(|k| k.iter().map(|&i| values[i]).collect()),
         });
         lo = hi;
     }
@@ -137,12 +396,9 @@ pub fn chunks_of(points: &Points) -> Vec<Chunk> {
 }
 
 /// The indexes kept of `values` in `buckets` buckets: each bucket's first,
-/// lowest, highest and last, in order; every index when there are few.
+/// lowest, highest and last, in order.
 fn downsample(values: &[f64], buckets: usize) -> Vec<usize> {
     let n = values.len();
-    if n <= buckets * 4 {
-        return (0..n).collect();
-    }
     let mut keep = Vec::with_capacity(buckets * 4);
     for b in 0..buckets {
         let (lo, hi) = (b * n / buckets, (b + 1) * n / buckets);
@@ -167,38 +423,51 @@ fn downsample(values: &[f64], buckets: usize) -> Vec<usize> {
     keep
 }
 
-/// How far a trial's points may move into chunks, decided under its row lock.
-pub enum Seal {
-    /// A finished trial: every point.
-    All,
-    /// A running trial: the points before its newest checkpoint (durable, and
-    /// below where a new attempt resumes).
+/// Which of a trial's points the compactor merges.
+pub enum Compaction {
+    /// A finished trial: all of them.
+    Finished,
+    /// A running trial: the chunks that end before its newest checkpoint, once
+    /// they hold `min_points` in more chunks than they need.
     BeforeCheckpoint { min_points: i64 },
 }
 
-/// Moves a trial's points into chunks in one transaction: the trial row
-/// locked `for update` (no batch is being written), its rows up to the seal
-/// read, written as chunks and deleted, the seal raised. Returns the points
-/// moved; none when the trial is not in the state `seal` is for.
-pub async fn compact_trial(pool: &PgPool, trial: uuid::Uuid, seal: &Seal) -> Result<u64> {
+/// Merges a trial's chunks (and rows) into chunks of up to [`CHUNK_POINTS`], in
+/// one transaction under the trial row locked `for update` (no batch is being
+/// written). Returns the points merged; none when the trial is not in the state
+/// `how` is for, or they are merged already.
+pub async fn compact_trial(pool: &PgPool, trial: uuid::Uuid, how: &Compaction) -> Result<u64> {
     let mut tx = pool.begin().await?;
-    let row: Option<(String, Option<i64>, Option<i64>)> = sqlx::query_as(
-        "select t.state, t.metrics_sealed,
-                (select max(c.step) from checkpoints c where c.trial_id = t.id)
+    let row: Option<(String, Option<i64>)> = sqlx::query_as(
+        "select t.state, (select max(c.step) from checkpoints c where c.trial_id = t.id)
          from trials t where t.id = $1 for update",
     )
     .bind(trial)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((state, sealed, checkpoint)) = row else {
+    let Some((state, checkpoint)) = row else {
         return Ok(0);
     };
-    let upto = match seal {
-        Seal::All if matches!(state.as_str(), "succeeded" | "failed" | "pruned" | "cancelled") => i64::MAX,
-        Seal::BeforeCheckpoint { .. } if state == "running" => match checkpoint {
-            Some(step) if step > sealed.unwrap_or(i64::MIN).saturating_add(1) => step - 1,
-            _ => return Ok(0),
-        },
+    let finished = matches!(state.as_str(), "succeeded" | "failed" | "pruned" | "cancelled");
+    let range = match how {
+        Compaction::Finished if finished => None,
+        Compaction::BeforeCheckpoint { min_points } if state == "running" => {
+            let Some(step) = checkpoint else { return Ok(0) };
+            // Only chunks that end before the checkpoint: none reaches past it.
+            let (points, chunks, needed): (i64, i64, i64) = sqlx::query_as(
+                "select coalesce(sum(n), 0)::int8, count(*), count(distinct name_id)
+                 from metric_chunks where trial_id = $1 and step_hi < $2 and n < $3",
+            )
+            .bind(trial)
+            .bind(step)
+            .bind(CHUNK_POINTS as i32)
+            .fetch_one(&mut *tx)
+            .await?;
+            if points < *min_points || chunks <= needed {
+                return Ok(0);
+            }
+            Some((step, true))
+        }
         _ => {
             sqlx::query("update trials set metrics_due = false where id = $1 and metrics_due")
                 .bind(trial)
@@ -208,63 +477,72 @@ pub async fn compact_trial(pool: &PgPool, trial: uuid::Uuid, seal: &Seal) -> Res
             return Ok(0);
         }
     };
-    if let Seal::BeforeCheckpoint { min_points } = seal {
-        let enough: bool = sqlx::query_scalar(
-            "select count(*) >= $3 from (select 1 from metrics where trial_id = $1 and step <= $2 limit $3) m",
-        )
-        .bind(trial)
-        .bind(upto)
-        .bind(min_points)
-        .fetch_one(&mut *tx)
-        .await?;
-        if !enough {
-            return Ok(0);
+    let mut moved = 0u64;
+    let points = match range {
+        None => read_points(&mut tx, trial, None, None).await?,
+        Some((step, _)) => read_chunks_before(&mut tx, trial, step).await?,
+    };
+    for merged in points.values() {
+        moved += merged.steps.len() as u64;
+    }
+    match range {
+        None => delete_points(&mut tx, trial, None, None).await?,
+        Some((step, _)) => {
+            sqlx::query("delete from metric_chunks where trial_id = $1 and step_hi < $2 and n < $3")
+                .bind(trial)
+                .bind(step)
+                .bind(CHUNK_POINTS as i32)
+                .execute(&mut *tx)
+                .await?;
         }
     }
-    let rows: Vec<(i32, i64, f64, i64)> = sqlx::query_as(
-        "select name_id, step, value, (extract(epoch from recorded_at) * 1000000)::int8
-         from metrics where trial_id = $1 and step <= $2 order by name_id, step",
-    )
-    .bind(trial)
-    .bind(upto)
-    .fetch_all(&mut *tx)
-    .await?;
-    let moved = rows.len() as u64;
-    let mut highest = sealed;
-    let mut start = 0;
-    while start < rows.len() {
-        let name_id = rows[start].0;
-        let end = start + rows[start..].iter().take_while(|r| r.0 == name_id).count();
-        let points = Points {
-            name_id,
-            steps: rows[start..end].iter().map(|r| r.1).collect(),
-            values: rows[start..end].iter().map(|r| r.2).collect(),
-            recorded_us: rows[start..end].iter().map(|r| r.3).collect(),
-        };
-        highest = highest.max(points.steps.last().copied());
-        for chunk in chunks_of(&points) {
+    for merged in points.values() {
+        for chunk in chunks_of(merged) {
             insert_chunk(&mut tx, trial, &chunk).await?;
         }
-        start = end;
     }
-    if moved > 0 {
-        sqlx::query("delete from metrics where trial_id = $1 and step <= $2")
+    if range.is_none() {
+        sqlx::query("update trials set metrics_due = false where id = $1")
             .bind(trial)
-            .bind(upto)
             .execute(&mut *tx)
             .await?;
     }
-    let sealed = match seal {
-        Seal::All => highest,
-        Seal::BeforeCheckpoint { .. } => Some(upto),
-    };
-    sqlx::query("update trials set metrics_sealed = $2, metrics_due = false where id = $1")
-        .bind(trial)
-        .bind(sealed)
-        .execute(&mut *tx)
-        .await?;
     tx.commit().await?;
     Ok(moved)
+}
+
+/// A running trial's points in its partial chunks that end before `step`.
+async fn read_chunks_before(
+    tx: &mut sqlx::PgConnection,
+    trial: uuid::Uuid,
+    step: i64,
+) -> Result<BTreeMap<i32, Points>> {
+    let rows: Vec<(i32, i64, f64, i64)> = sqlx::query_as(
+        "select c.name_id, coalesce(u.step, c.step_lo + (u.i - 1) * c.stride), u.value,
+                (extract(epoch from c.recorded_lo) * 1000000)::int8 + u.us
+         from metric_chunks c
+         cross join lateral unnest(c.vals, c.steps, c.recorded_us) with ordinality as u(value, step, us, i)
+         where c.trial_id = $1 and c.step_hi < $2 and c.n < $3
+         order by 1, 2",
+    )
+    .bind(trial)
+    .bind(step)
+    .bind(CHUNK_POINTS as i32)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut out: BTreeMap<i32, Points> = BTreeMap::new();
+    for (name, step, value, recorded) in rows {
+        let points = out.entry(name).or_insert_with(|| Points {
+            name_id: name,
+            steps: Vec::new(),
+            values: Vec::new(),
+            recorded_us: Vec::new(),
+        });
+        points.steps.push(step);
+        points.values.push(value);
+        points.recorded_us.push(recorded);
+    }
+    Ok(out)
 }
 
 async fn insert_chunk(tx: &mut sqlx::PgConnection, trial: uuid::Uuid, c: &Chunk) -> Result<()> {
@@ -304,12 +582,13 @@ pub async fn trials_due(pool: &PgPool, limit: i64) -> Result<Vec<uuid::Uuid>> {
     )
 }
 
-/// Running trials with a checkpoint past their seal: their points before it may move.
-pub async fn running_past_seal(pool: &PgPool) -> Result<Vec<uuid::Uuid>> {
+/// Running trials with a checkpoint and partial chunks before it.
+pub async fn running_with_chunks(pool: &PgPool) -> Result<Vec<uuid::Uuid>> {
     Ok(sqlx::query_scalar(
         "select t.id from trials t
          where t.state = 'running'
-           and (select max(c.step) from checkpoints c where c.trial_id = t.id) > coalesce(t.metrics_sealed + 1, -1)",
+           and exists (select 1 from metric_chunks c where c.trial_id = t.id
+                       and c.step_hi < (select max(k.step) from checkpoints k where k.trial_id = t.id))",
     )
     .fetch_all(pool)
     .await?)

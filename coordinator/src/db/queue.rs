@@ -1,6 +1,7 @@
 //! The lease queue: leasing, heartbeats, the reaper, and the fenced writes of a trial's life
 //! (checkpoint records, completion).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use ablate_schema::{ExperimentId, LeaseToken, TrialId, WorkerId};
@@ -71,9 +72,112 @@ pub async fn lease_heads(
     free_gpus: u32,
     ttl: Duration,
 ) -> Result<Vec<LeasedTrial>> {
-    let rows = sqlx::query(sqlx::AssertSqlSafe(
-        [
-            "with recursive pending_experiments as (
+    let rows = sqlx::query(sqlx::AssertSqlSafe(lease_statement(false)))
+        .bind(worker.0)
+        .bind(slots as i64)
+        .bind(ttl.as_secs_f64())
+        .bind(free_gpus as i32)
+        .fetch_all(pool)
+        .await?;
+    // In the order they were picked (fair share, then each experiment's order).
+    let mut heads = rows
+        .iter()
+        .map(|row| Ok((row.try_get::<i64, _>("used")?, leased_trial(row)?)))
+        .collect::<Result<Vec<_>>>()?;
+    heads.sort_by_key(|(used, _)| *used);
+    Ok(heads.into_iter().map(|(_, head)| head).collect())
+}
+
+/// [`lease_heads`] for several workers at once, in one statement: workers of one
+/// pool, the same labels and the same permission to run commands, each with at
+/// most one free GPU (`platform::lessor` groups them so). The trials are picked
+/// as for one worker with all their slots, in the same fair-share order, and
+/// dealt out in the order asked: the first worker's slots first. A draining
+/// worker gets none. Returns each worker's heads in the order they were picked.
+pub async fn lease_heads_many(
+    pool: &PgPool,
+    asks: &[(WorkerId, u32)],
+    ttl: Duration,
+) -> Result<Vec<(WorkerId, Vec<LeasedTrial>)>> {
+    let workers: Vec<uuid::Uuid> = asks.iter().map(|(w, _)| w.0).collect();
+    let slots: Vec<i32> = asks.iter().map(|(_, s)| *s as i32).collect();
+    let total: i64 = asks.iter().map(|(_, s)| *s as i64).sum();
+    let rows = sqlx::query(sqlx::AssertSqlSafe(lease_statement(true)))
+        .bind(&workers)
+        .bind(total)
+        .bind(ttl.as_secs_f64())
+        .bind(1i32)
+        .bind(&slots)
+        .fetch_all(pool)
+        .await?;
+    let mut heads: Vec<(uuid::Uuid, i64, LeasedTrial)> = rows
+        .iter()
+        .map(|row| {
+            Ok((
+                row.try_get("leased_by")?,
+                row.try_get::<i64, _>("used")?,
+                leased_trial(row)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    heads.sort_by_key(|(_, used, _)| *used);
+    Ok(asks
+        .iter()
+        .map(|(worker, _)| {
+            let mine = heads
+                .iter()
+                .filter(|(by, _, _)| *by == worker.0)
+                .map(|(_, _, head)| head.clone())
+                .collect();
+            (*worker, mine)
+        })
+        .collect())
+}
+
+/// What makes workers alike for a shared lease: their pool, labels and
+/// permission to run commands, as one text per worker.
+pub async fn worker_kinds(pool: &PgPool, workers: &[uuid::Uuid]) -> Result<HashMap<uuid::Uuid, String>> {
+    let rows: Vec<(uuid::Uuid, String)> = sqlx::query_as(
+        "select id, concat_ws(' ', coalesce(pool, ''), labels::text, allow_commands::text) from workers where id = any($1)",
+    )
+    .bind(workers)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// The lease statement, for one worker (`$1` a worker, `$2` its slots, `$4` its
+/// free GPUs) or for several (`$1` the workers, `$5` each one's slots, `$2` their
+/// sum, `$4` 1; the first worker's pool, labels and permissions stand for all).
+fn lease_statement(many: bool) -> String {
+    let (asked, me, draining, dealt, owner, leased_by) = if many {
+        (
+            "asked as (
+             select a.worker, a.slots, sum(a.slots) over (order by a.i) - a.slots as first
+             from unnest($1::uuid[], $5::int4[]) with ordinality as a(worker, slots, i)
+             join workers w on w.id = a.worker and w.draining_since is null
+         ),
+         ",
+            "($1::uuid[])[1]",
+            "true",
+            "from fits join asked a on fits.used > a.first and fits.used <= a.first + a.slots, experiments e
+         where t.id = fits.id and e.id = t.experiment_id",
+            "a.worker",
+            "a.worker as leased_by, ",
+        )
+    } else {
+        (
+            "",
+            "$1",
+            "not exists (select 1 from workers w where w.id = $1 and w.draining_since is not null)",
+            "from fits, experiments e
+         where t.id = fits.id and fits.used <= $2 and e.id = t.experiment_id",
+            "$1",
+            "",
+        )
+    };
+    let parts = [
+            "with recursive {{ASKED}}pending_experiments as (
              (select experiment_id from trials where state = 'pending' order by experiment_id limit 1)
              union all
              select (select t.experiment_id from trials t
@@ -88,7 +192,7 @@ pub async fn lease_heads(
                     (select count(*) from trials r where r.experiment_id = e.id and r.state = 'running')::float8 as running,
                     e.max_concurrent::float8 as cap
              from pending_experiments p join experiments e on e.id = p.experiment_id
-             left join workers me on me.id = $1
+             left join workers me on me.id = {{ME}}
              -- Only what this worker's pool, labels, free GPUs and permissions allow.
              where e.gpus_per_trial <= greatest($4, 1)
                and (e.command is null or coalesce(me.allow_commands, false))
@@ -135,7 +239,7 @@ pub async fn lease_heads(
              select t.id, o.gpus, o.user_share, o.share, o.created_at, o.ordinal
              from trials t join ordered o on o.id = t.id
              where t.state = 'pending'
-               and not exists (select 1 from workers w where w.id = $1 and w.draining_since is not null)
+               and {{DRAINING}}
              order by o.user_share, o.share, o.created_at, o.ordinal
              for update of t skip locked
              limit $2
@@ -149,26 +253,18 @@ pub async fn lease_heads(
          update trials t ",
             TAKE,
             "
-         from fits, experiments e
-         where t.id = fits.id and fits.used <= $2 and e.id = t.experiment_id
-         returning fits.gpus, fits.used, ",
+         {{DEALT}}
+         returning {{LEASED_BY}}fits.gpus, fits.used, ",
             LEASED,
-        ]
-        .concat(),
-    ))
-    .bind(worker.0)
-    .bind(slots as i64)
-    .bind(ttl.as_secs_f64())
-    .bind(free_gpus as i32)
-    .fetch_all(pool)
-    .await?;
-    // In the order they were picked (fair share, then each experiment's order).
-    let mut heads = rows
-        .iter()
-        .map(|row| Ok((row.try_get::<i64, _>("used")?, leased_trial(row)?)))
-        .collect::<Result<Vec<_>>>()?;
-    heads.sort_by_key(|(used, _)| *used);
-    Ok(heads.into_iter().map(|(_, head)| head).collect())
+        ];
+    parts
+        .concat()
+        .replace("{{ASKED}}", asked)
+        .replace("{{ME}}", me)
+        .replace("{{DRAINING}}", draining)
+        .replace("{{DEALT}}", dealt)
+        .replace("{{LEASED_BY}}", leased_by)
+        .replace("lease_owner = $1", &format!("lease_owner = {owner}"))
 }
 
 /// Whether every trial that trial `t` waits for succeeded: no trial is leased before.
@@ -491,6 +587,56 @@ pub async fn complete(
         });
     }
     Ok(())
+}
+
+/// One finished trial's completion for [`complete_all`].
+pub struct Finish<'a> {
+    pub trial: TrialId,
+    pub token: LeaseToken,
+    pub outcome: ablate_schema::TrialState,
+    pub error: Option<&'a str>,
+    pub stderr_tail: Option<&'a str>,
+    pub outputs: &'a Value,
+    pub provenance: Option<&'a Value>,
+}
+
+/// [`complete`] for many trials in one statement (in the order of their ids, as
+/// every statement that locks several trials takes them). Returns the trials
+/// recorded (the others' leases were stale), each with whether its experiment
+/// searches with tpe.
+pub async fn complete_all(db: impl sqlx::PgExecutor<'_>, finishes: &[Finish<'_>]) -> Result<Vec<(TrialId, bool)>> {
+    let mut order: Vec<&Finish> = finishes.iter().collect();
+    order.sort_by_key(|f| f.trial.0);
+    let rows: Vec<(uuid::Uuid, bool)> = sqlx::query_as(
+        "with u as (
+             select * from unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[])
+                 with ordinality as u(id, token, outcome, error, tail, outputs, provenance, i)
+         ),
+         done as (
+             update trials t
+             set state = u.outcome, finished_at = coalesce(t.finished_at, now()), error = u.error,
+                 stderr_tail = u.tail, lease_expires_at = null, outputs = u.outputs
+             from u
+             where t.id = u.id and t.lease_token = u.token and t.state in ('running', u.outcome)
+             returning t.id, t.attempt, t.lease_owner, t.experiment_id, u.outcome, u.error, u.tail, u.provenance
+         ),
+         logged as (
+             insert into trial_attempts (trial_id, attempt, worker_id, outcome, error, stderr_tail, provenance)
+             select id, attempt, lease_owner, outcome, error, tail, provenance from done
+             on conflict do nothing
+         )
+         select d.id, e.searcher = 'tpe' from done d join experiments e on e.id = d.experiment_id",
+    )
+    .bind(order.iter().map(|f| f.trial.0).collect::<Vec<_>>())
+    .bind(order.iter().map(|f| f.token.0).collect::<Vec<_>>())
+    .bind(order.iter().map(|f| f.outcome.as_str()).collect::<Vec<_>>())
+    .bind(order.iter().map(|f| f.error).collect::<Vec<_>>())
+    .bind(order.iter().map(|f| f.stderr_tail).collect::<Vec<_>>())
+    .bind(order.iter().map(|f| f.outputs.clone()).collect::<Vec<_>>())
+    .bind(order.iter().map(|f| f.provenance.cloned()).collect::<Vec<_>>())
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(|(id, tpe)| (TrialId(id), tpe)).collect())
 }
 
 /// A trial whose process crashed (a signal, a panic): pending again while

@@ -2,7 +2,11 @@
 //! the limits), then recorded fenced by the lease, together with what it makes the
 //! searchers decide (a rung's promotion, the next TPE proposals).
 
+use std::collections::HashSet;
+
 use ablate_schema::{LeaseToken, Limits, TrialId, TrialState};
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{clip_reason, lease_of, pg_text};
 use crate::db;
@@ -82,6 +86,15 @@ fn provenance(text: &str, limits: &Limits) -> Result<Option<serde_json::Value>, 
 }
 
 impl Completion {
+    /// The trial it reports on.
+    pub fn trial(&self) -> TrialId {
+        match self {
+            Completion::Paused { trial, .. }
+            | Completion::Crashed { trial, .. }
+            | Completion::Finished { trial, .. } => *trial,
+        }
+    }
+
     pub fn check(req: &Report<'_>, limits: &Limits) -> Result<Completion, Error> {
         let (trial, token) = lease_of(req.trial_id, req.lease_token)?;
         let provenance = provenance(req.provenance_json, limits)?;
@@ -211,4 +224,152 @@ impl Completion {
         }
         Ok(())
     }
+}
+
+/// The most completions one transaction of the [`Completer`] records.
+const MOST_AT_ONCE: usize = 512;
+
+/// Completions waiting to be recorded: one call's, all of them finished.
+struct Job {
+    completions: Vec<Completion>,
+    answer: oneshot::Sender<Result<Vec<String>, Error>>,
+}
+
+/// Records completions in batches: while one transaction commits, the calls
+/// that arrive meanwhile wait and go together in the next, finished trials in
+/// one statement (`db::complete_all`) and one commit, with the tpe proposals
+/// they call for. A call with a pause or a crash, and every call of a batch
+/// whose transaction failed, is recorded on its own as before.
+#[derive(Clone)]
+pub struct Completer {
+    pool: PgPool,
+    telemetry: std::sync::Arc<Telemetry>,
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+impl Completer {
+    /// Starts the completer's task (it ends when the last `Completer` is dropped).
+    pub fn spawn(pool: PgPool, telemetry: std::sync::Arc<Telemetry>) -> Completer {
+        let (jobs, mut waiting) = mpsc::unbounded_channel::<Job>();
+        let batch_pool = pool.clone();
+        let batch_telemetry = telemetry.clone();
+        tokio::spawn(async move {
+            while let Some(first) = waiting.recv().await {
+                let mut batch = vec![first];
+                let mut count = batch[0].completions.len();
+                while count < MOST_AT_ONCE {
+                    match waiting.try_recv() {
+                        Ok(job) => {
+                            count += job.completions.len();
+                            batch.push(job);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                record_batch(&batch_pool, &batch_telemetry, batch).await;
+            }
+        });
+        Completer { pool, telemetry, jobs }
+    }
+
+    /// Records one call's completions (checked already); returns the trials whose
+    /// lease was stale. A database error leaves the call's completions unrecorded.
+    pub async fn record(&self, completions: Vec<Completion>) -> Result<Vec<String>, Error> {
+        let all_finished = completions.iter().all(|c| matches!(c, Completion::Finished { .. }));
+        if !all_finished || completions.is_empty() {
+            return record_alone(&self.pool, &self.telemetry, &completions).await;
+        }
+        let (answer, answered) = oneshot::channel();
+        self.jobs
+            .send(Job { completions, answer })
+            .map_err(|_| Error::Busy("the coordinator is shutting down; retry".into()))?;
+        answered
+            .await
+            .map_err(|_| Error::Busy("the completion was dropped; retry".into()))?
+    }
+}
+
+/// One call's completions in a transaction of their own; the stale ones' trial ids.
+async fn record_alone(pool: &PgPool, telemetry: &Telemetry, completions: &[Completion]) -> Result<Vec<String>, Error> {
+    let mut tx = pool.begin().await?;
+    let mut stale = Vec::new();
+    for completion in completions {
+        match completion.record(&mut tx).await {
+            Ok(()) => completion.count(telemetry),
+            Err(Error::StaleLease { trial }) => stale.push(trial),
+            Err(error) => return Err(error),
+        }
+    }
+    tx.commit().await?;
+    Ok(stale)
+}
+
+async fn record_batch(pool: &PgPool, telemetry: &Telemetry, batch: Vec<Job>) {
+    match record_together(pool, &batch).await {
+        Ok(done) => {
+            for job in batch {
+                let mut stale = Vec::new();
+                for completion in &job.completions {
+                    if done.contains(&completion.trial()) {
+                        completion.count(telemetry);
+                    } else {
+                        stale.push(completion.trial().to_string());
+                    }
+                }
+                let _ = job.answer.send(Ok(stale));
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, calls = batch.len(), "a batch of completions failed; recording each call alone");
+            for job in batch {
+                let _ = job.answer.send(record_alone(pool, telemetry, &job.completions).await);
+            }
+        }
+    }
+}
+
+/// Every job's finished trials in one statement, then the tpe proposals their
+/// experiments call for, in one transaction; returns the trials recorded.
+async fn record_together(pool: &PgPool, batch: &[Job]) -> Result<HashSet<TrialId>, Error> {
+    let finishes: Vec<db::Finish> = batch
+        .iter()
+        .flat_map(|job| job.completions.iter())
+        .filter_map(|c| match c {
+            Completion::Finished {
+                trial,
+                token,
+                outcome,
+                error,
+                tail,
+                outputs,
+                provenance,
+            } => Some(db::Finish {
+                trial: *trial,
+                token: *token,
+                outcome: *outcome,
+                error: error.as_deref(),
+                stderr_tail: tail.as_deref(),
+                outputs,
+                provenance: provenance.as_ref(),
+            }),
+            _ => None,
+        })
+        .collect();
+    let mut tx = pool.begin().await?;
+    let done = db::complete_all(&mut *tx, &finishes).await?;
+    let mut topped = HashSet::new();
+    for (trial, tpe) in &done {
+        if *tpe {
+            if let Some(experiment) = db::tpe_experiment_of(&mut tx, *trial).await? {
+                if topped.insert(experiment) {
+                    super::searchers::top_up(&mut tx, experiment).await?;
+                }
+            }
+        }
+    }
+    tx.commit().await?;
+    for (trial, _) in &done {
+        tracing::info!(trial = %trial, "trial completed");
+    }
+    Ok(done.into_iter().map(|(t, _)| t).collect())
 }

@@ -1,5 +1,5 @@
-//! Metric batches: checked against the limits, names interned (cached), points
-//! deduplicated and written in key order, fenced by the lease.
+//! Metric batches: checked against the limits, names interned (cached), written
+//! as one chunk per metric, fenced by the lease (`db::insert_metrics`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -84,19 +84,7 @@ pub async fn ingest(
         let cache = names.lock().expect("name cache lock");
         batch.names.iter().map(|n| cache[n]).collect()
     };
-    // The same (name, step) twice in one batch: the later point wins.
-    let mut latest: HashMap<(i32, i64), f64> = HashMap::with_capacity(n);
-    let mut order = Vec::with_capacity(n);
-    for i in 0..n {
-        let key = (ids[batch.name_index[i] as usize], batch.steps[i]);
-        if latest.insert(key, batch.values[i]).is_none() {
-            order.push(key);
-        }
-    }
-    // Rows in key order, so concurrent batches lock keys in the same order and never deadlock.
-    order.sort_unstable();
-    let name_ids: Vec<i32> = order.iter().map(|k| k.0).collect();
-    let steps: Vec<i64> = order.iter().map(|k| k.1).collect();
-    let values: Vec<f64> = order.iter().map(|k| latest[k]).collect();
-    db::insert_metrics(pool, trial, token, &name_ids, &steps, &values).await
+    // One name id per point; the same (name, step) twice, the later wins (`db::insert_metrics`).
+    let name_ids: Vec<i32> = batch.name_index.iter().map(|&i| ids[i as usize]).collect();
+    db::insert_metrics(pool, trial, token, &name_ids, batch.steps, batch.values).await
 }

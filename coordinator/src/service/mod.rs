@@ -62,6 +62,8 @@ pub fn workers_server(
     telemetry: Arc<Telemetry>,
 ) -> workers_server::WorkersServer<WorkersService> {
     workers_server::WorkersServer::new(WorkersService {
+        lessor: crate::platform::lease::Lessor::spawn(pool.clone(), lease_ttl),
+        completer: crate::platform::completion::Completer::spawn(pool.clone(), telemetry.clone()),
         pool,
         lease_ttl,
         limits,

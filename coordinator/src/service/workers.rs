@@ -24,6 +24,10 @@ use super::{ResponseStream, INGEST_IN_FLIGHT};
 
 pub struct WorkersService {
     pub(super) pool: PgPool,
+    /// Leases, served together when workers ask at once.
+    pub(super) lessor: crate::platform::lease::Lessor,
+    /// Completions, recorded together when workers report at once.
+    pub(super) completer: crate::platform::completion::Completer,
     pub(super) lease_ttl: Duration,
     pub(super) limits: Limits,
     /// Metric name -> id; a cache of `metric_names`, refilled on a miss.
@@ -74,15 +78,10 @@ impl workers_server::Workers for WorkersService {
         let req = request.into_inner();
         let worker = parse_id(WorkerId::parse, &req.worker_id)?;
         let started = std::time::Instant::now();
-        let leased = crate::platform::lease::lease(
-            &self.pool,
-            worker,
-            req.max_trials,
-            req.free_gpus,
-            req.slot_memory_bytes,
-            self.lease_ttl,
-        )
-        .await?;
+        let leased = self
+            .lessor
+            .lease(worker, req.max_trials, req.free_gpus, req.slot_memory_bytes)
+            .await?;
         self.telemetry.lease_seconds.observe(started.elapsed().as_secs_f64());
         self.telemetry.trials_leased.add(leased.len() as u64);
         Ok(Response::new(proto::LeaseResponse {
@@ -239,9 +238,14 @@ impl workers_server::Workers for WorkersService {
         request: Request<proto::CompleteRequest>,
     ) -> Result<Response<proto::CompleteResponse>, Status> {
         let completion = Completion::check(&report(&request.into_inner()), &self.limits)?;
-        let mut conn = self.pool.acquire().await.map_err(Error::from)?;
-        completion.record(&mut conn).await?;
-        completion.count(&self.telemetry);
+        let trial = completion.trial();
+        let stale = self.completer.record(vec![completion]).await?;
+        if !stale.is_empty() {
+            return Err(Error::StaleLease {
+                trial: trial.to_string(),
+            }
+            .into());
+        }
         Ok(Response::new(proto::CompleteResponse {}))
     }
 
@@ -263,16 +267,7 @@ impl workers_server::Workers for WorkersService {
             .into_iter()
             .map(|c| Completion::check(&report(&c), &self.limits))
             .collect::<Result<Vec<_>, Error>>()?;
-        let mut tx = self.pool.begin().await.map_err(Error::from)?;
-        let mut stale_trial_ids = Vec::new();
-        for completion in &completions {
-            match completion.record(&mut tx).await {
-                Ok(()) => completion.count(&self.telemetry),
-                Err(Error::StaleLease { trial }) => stale_trial_ids.push(trial),
-                Err(error) => return Err(error.into()),
-            }
-        }
-        tx.commit().await.map_err(Error::from)?;
+        let stale_trial_ids = self.completer.record(completions).await?;
         Ok(Response::new(proto::CompleteManyResponse { stale_trial_ids }))
     }
 }

@@ -231,7 +231,7 @@ async fn populate_wide(addr: &str, pool: &sqlx::PgPool, trials: usize, steps: us
 
 /// The median of three timings of `f`.
 fn median3(mut f: impl FnMut() -> Result<Duration>) -> Result<f64> {
-    let mut times = vec![f()?, f()?, f()?];
+    let mut times = [f()?, f()?, f()?];
     times.sort();
     Ok(super::ms(times[1]))
 }
