@@ -35,9 +35,13 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 /// Connects and brings the schema up to date. The coordinator's statements
 /// are short and run many times: JIT compilation (which PostgreSQL starts
 /// for any plan it costs high, such as the dashboard's reads of a large
-/// experiment) would cost more than it saves, so it is off.
+/// experiment) would cost more than it saves, so it is off; and each
+/// prepared statement keeps one generic plan instead of being planned again
+/// at every run (planning the lease statement took longer than running it,
+/// and a statement bound to arrays of a new length was planned afresh).
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
-    let options = PgConnectOptions::from_str(url)?.options([("jit", "off")]);
+    let options =
+        PgConnectOptions::from_str(url)?.options([("jit", "off"), ("plan_cache_mode", "force_generic_plan")]);
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
