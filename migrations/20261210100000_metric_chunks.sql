@@ -1,19 +1,19 @@
 -- The compact metric store. A metric batch is written as one chunk per
 -- metric: a row holding the batch's values as a float8 array, the steps as a
 -- stride when they are regular, the time recorded as microsecond offsets
--- (zero within a batch, so they compress), a summary, and a downsampled copy
--- (each bucket's first, lowest, highest and last point) that curves read
--- instead of the points. The coordinator's compactor merges a finished
--- trial's chunks (and any rows of `metrics`, the table points had before)
--- into chunks of up to 16,384 points, and a running trial's chunks before its
--- newest checkpoint.
+-- (zero within a batch, so they compress) and a summary. Values are written
+-- once: the coordinator's compactor rewrites only chunks too small to be worth
+-- their row (fewer than 256 points on average, as a trial that logs each step
+-- on its own makes) and rows of `metrics` (where points lived before), and
+-- keeps for each finished trial's long curve a downsampled copy (each
+-- bucket's first, lowest, highest and last point) that curves read instead.
 --
 -- Chunks of one trial and metric never overlap in steps, so a point is in one
 -- place. A batch whose steps overlap a chunk (a replay, or a new attempt
 -- logging again from its checkpoint) is merged with it, the batch's points
 -- replacing those at the same steps, under the trial row locked FOR UPDATE,
--- as the compactor's merges are; a batch that overlaps nothing is written
--- under the row locked FOR KEY SHARE, so it never interleaves with a merge.
+-- as the compactor's rewrites are; a batch that overlaps nothing is written
+-- under the row locked FOR KEY SHARE, so it never interleaves with a rewrite.
 create table metric_chunks (
     trial_id    uuid not null,
     name_id     integer not null,
@@ -30,11 +30,19 @@ create table metric_chunks (
     v_min       double precision,
     v_max       double precision,
     v_last      double precision not null,
-    -- each bucket's first, lowest, highest and last point, in step order;
-    -- null when the chunk is short enough to be its own copy
-    ds_steps    bigint[],
-    ds_vals     double precision[],
     primary key (trial_id, name_id, step_lo)
+);
+
+-- A finished trial's curve of more than 1,024 points, downsampled: 256 buckets'
+-- first, lowest, highest and last point, in step order, and how many points it
+-- stands for (a copy whose count no longer matches is not read).
+create table metric_curves (
+    trial_id    uuid not null,
+    name_id     integer not null,
+    points      bigint not null,
+    steps       bigint[] not null,
+    vals        double precision[] not null,
+    primary key (trial_id, name_id)
 );
 
 -- lz4 where the server has it (it compresses faster than pglz and gives up
@@ -44,8 +52,8 @@ begin
     alter table metric_chunks alter column steps set compression lz4;
     alter table metric_chunks alter column recorded_us set compression lz4;
     alter table metric_chunks alter column vals set compression lz4;
-    alter table metric_chunks alter column ds_steps set compression lz4;
-    alter table metric_chunks alter column ds_vals set compression lz4;
+    alter table metric_curves alter column steps set compression lz4;
+    alter table metric_curves alter column vals set compression lz4;
 exception when others then
     null;
 end $$;
@@ -118,32 +126,27 @@ returns setof integer language sql stable as $$
     select distinct c.name_id from metric_chunks c where c.trial_id = p_trial
 $$;
 
--- One curve for drawing: its rows, and its chunks' points when they hold no
--- more than `p_full` points, else their downsampled copies.
+-- One curve for drawing: its points when there are no more than `p_full`, else
+-- its downsampled copy when one stands for all of them.
 create function metric_curve(p_trial uuid, p_name integer, p_full integer)
 returns table (step bigint, value double precision) language sql stable as $$
-    with chunks as (
-        select c.* from metric_chunks c where c.trial_id = p_trial and c.name_id = p_name
+    with total as (
+        select coalesce((select sum(c.n) from metric_chunks c where c.trial_id = p_trial and c.name_id = p_name), 0)
+               + (select count(*) from metrics m where m.trial_id = p_trial and m.name_id = p_name) as points
     ),
-    whole as (
-        select coalesce(sum(n), 0) <= p_full as yes from chunks
+    copy as (
+        select d.* from metric_curves d, total
+        where d.trial_id = p_trial and d.name_id = p_name and d.points = total.points and total.points > p_full
     )
-    select coalesce(u.step, c.step_lo + (u.i - 1) * c.stride), u.value
-    from chunks c, whole
-    cross join lateral unnest(c.vals, c.steps) with ordinality as u(value, step, i)
-    where whole.yes
-    union all
-    select u.step, u.value
-    from chunks c, whole
-    cross join lateral unnest(c.ds_steps, c.ds_vals) as u(step, value)
-    where not whole.yes and c.ds_steps is not null
+    select u.step, u.value from copy cross join lateral unnest(copy.steps, copy.vals) as u(step, value)
     union all
     select coalesce(u.step, c.step_lo + (u.i - 1) * c.stride), u.value
-    from chunks c, whole
+    from metric_chunks c
     cross join lateral unnest(c.vals, c.steps) with ordinality as u(value, step, i)
-    where not whole.yes and c.ds_steps is null
+    where c.trial_id = p_trial and c.name_id = p_name and not exists (select 1 from copy)
     union all
-    select m.step, m.value from metrics m where m.trial_id = p_trial and m.name_id = p_name
+    select m.step, m.value from metrics m
+    where m.trial_id = p_trial and m.name_id = p_name and not exists (select 1 from copy)
 $$;
 
 -- A trial with points that stops running is due for the compactor.

@@ -69,12 +69,12 @@ async fn moved_points_are_read_once_each_and_take_under_16_bytes(pool: PgPool) {
         intern(&pool, "acc").await,
         intern(&pool, "odd").await,
     );
-    // 40,000 steps of two metrics in batches of 1,000 steps, and an
+    // 40,000 steps of two metrics in batches of 100 steps, and an
     // irregular metric (every third step, one NaN) beside them.
     let mut expected_odd = Vec::new();
-    for batch in 0..40 {
+    for batch in 0..400 {
         let (mut names, mut steps, mut values) = (Vec::new(), Vec::new(), Vec::new());
-        for step in batch * 1000 + 1..=(batch + 1) * 1000 {
+        for step in batch * 100 + 1..=(batch + 1) * 100 {
             names.extend([loss_id, acc_id]);
             steps.extend([step, step]);
             values.extend([loss(step, 1), 1.0 - loss(step, 2)]);
@@ -89,37 +89,34 @@ async fn moved_points_are_read_once_each_and_take_under_16_bytes(pool: PgPool) {
         db::insert_metrics(&pool, t.trial, t.token, &names, &steps, &values)
             .await
             .unwrap();
-        if batch == 24 {
+        if batch == 249 {
             let ckpt = CheckpointRecord {
                 step: 25_000,
                 path: "ckpt/25000".into(),
                 bytes: 1,
             };
             db::record_checkpoint(&pool, t.trial, t.token, &ckpt).await.unwrap();
-            // While it runs: the chunks that end before the checkpoint merge.
+            // While it runs: its small chunks before the checkpoint are rewritten
+            // (the last batch's, which reaches it, whole).
             let (_, moved) = compaction::compact(&pool, 64, Some(1)).await.unwrap();
-            // The odd metric's chunk of this batch ends at 24,999, before the checkpoint.
             assert_eq!(
                 moved,
-                2 * 24_000 + expected_odd.len() as u64,
-                "every point of the chunks that end before step 25,000"
+                2 * 25_000 + expected_odd.len() as u64,
+                "every point to step 25,000"
             );
-            let partial: i64 = scalar(&pool, "select count(*) from metric_chunks where step_hi < 25000").await;
-            assert_eq!(
-                partial, 5,
-                "24 chunks of each metric merged into 2, and the odd metric's into 1"
-            );
+            let merged: i64 = scalar(&pool, "select count(*) from metric_chunks where step_lo < 25000").await;
+            assert_eq!(merged, 5, "250 chunks of each metric in 2, and the odd metric's in 1");
         }
     }
     // A replay of a batch, before and after the merge: its points replace theirs.
     for first in [2001, 30_001] {
-        let steps: Vec<i64> = (first..first + 1000).collect();
-        let names = vec![loss_id; 1000];
+        let steps: Vec<i64> = (first..first + 100).collect();
+        let names = vec![loss_id; 100];
         let values: Vec<f64> = steps.iter().map(|&s| loss(s, 1)).collect();
         let written = db::insert_metrics(&pool, t.trial, t.token, &names, &steps, &values)
             .await
             .unwrap();
-        assert!(written >= 1000, "{written}");
+        assert!(written >= 100, "{written}");
     }
     let mid: Vec<(i64, f64)> = series(&pool, "loss").await;
     assert_eq!(mid.len(), 40_000, "each step once");
@@ -191,23 +188,30 @@ async fn moved_points_are_read_once_each_and_take_under_16_bytes(pool: PgPool) {
         .unwrap();
     assert_eq!(at, loss(12_345, 1));
 
-    // A drawn curve reads the downsampled copies and keeps the extremes.
+    // A drawn curve reads the downsampled copy and keeps the extremes.
     let (curve, totals) = db::curve_points(&pool, &[t.trial.0], "loss", 4000).await.unwrap();
     assert_eq!(totals[0].1, 40_000);
     assert!(
-        curve.len() <= 3 * 1024,
+        curve.len() <= 1024,
         "{} points read for a 40,000-point curve",
         curve.len()
     );
     assert!(curve.iter().any(|p| p.2 == min) && curve.iter().any(|p| p.2 == max));
     assert!(curve.windows(2).all(|w| w[0].1 < w[1].1), "in step order");
 
-    // Storage: under 16 bytes a point, indexes and TOAST included (rewritten
-    // first: the batches' chunks the merges replaced are dead rows until a
-    // vacuum makes their room reusable).
-    sqlx::query("vacuum full metric_chunks").execute(&pool).await.unwrap();
+    // Storage: under 16 bytes a point, indexes, TOAST and the downsampled copies
+    // included (rewritten first: the small chunks the compactor replaced are
+    // dead rows until a vacuum makes their room reusable).
+    sqlx::query("vacuum full metric_chunks, metric_curves")
+        .execute(&pool)
+        .await
+        .unwrap();
     let stored: i64 = scalar(&pool, "select count(*) from ablate.metric_series").await;
-    let bytes: i64 = scalar(&pool, "select pg_total_relation_size('metric_chunks')").await;
+    let bytes: i64 = scalar(
+        &pool,
+        "select pg_total_relation_size('metric_chunks') + pg_total_relation_size('metric_curves')",
+    )
+    .await;
     let per_point = bytes as f64 / stored as f64;
     assert!(per_point <= 16.0, "{per_point:.1} bytes a point ({bytes} for {stored})");
 }
@@ -364,11 +368,13 @@ fn chunks_cut_long_curves_and_keep_each_buckets_extremes() {
     assert!(chunks.iter().all(|c| c.steps.is_none() && c.stride == 5));
     assert_eq!(chunks[1].step_lo, 16_384 * 5 + 3);
     assert_eq!(chunks[0].min, Some(-100.0));
-    assert!(chunks[0].ds_values.as_ref().unwrap().contains(&-100.0));
-    assert!(chunks.iter().all(|c| c
-        .ds_steps
-        .as_ref()
-        .is_some_and(|d| d.len() <= 1024 && d.windows(2).all(|w| w[0] < w[1]))));
+    let (ds_steps, ds_values) = db::downsampled(&points).expect("a long curve is downsampled");
+    let highest = points.values.iter().copied().fold(f64::MIN, f64::max);
+    assert!(
+        ds_values.contains(&-100.0) && ds_values.contains(&highest),
+        "the extremes kept"
+    );
+    assert!(ds_steps.len() <= 1024 && ds_steps.windows(2).all(|w| w[0] < w[1]));
     assert!(chunks
         .iter()
         .all(|c| c.recorded_us.iter().all(|&r| r == 0) && c.recorded_lo == 7));
@@ -380,5 +386,11 @@ fn chunks_cut_long_curves_and_keep_each_buckets_extremes() {
     });
     assert_eq!(short[0].steps, Some(vec![1, 2, 4]));
     assert_eq!((short[0].min, short[0].max), (Some(1.0), Some(2.0)));
-    assert_eq!(short[0].ds_steps, None, "a short chunk is its own copy");
+    assert!(db::downsampled(&db::Points {
+        name_id: 1,
+        steps: vec![1, 2, 4],
+        values: vec![0.0; 3],
+        recorded_us: vec![0; 3],
+    })
+    .is_none());
 }

@@ -35,6 +35,7 @@
 //! The peers run from ABLATE_PEERS_PYTHON (xtask/scripts/peers.py); rows whose
 //! peer is missing say so. `ablate-bench dsir` runs only the DSIR rows,
 //! `ablate-bench control` only the control plane's and the tracing rows;
+//! `ablate-bench lifecycles WORKERS TRIALS BATCH` runs one lifecycle row once;
 //! `ablate-bench traced` runs the rows the tracing section compares and
 //! prints them as JSON (traces go where OTEL_EXPORTER_OTLP_ENDPOINT says).
 
@@ -248,6 +249,11 @@ async fn main() -> Result {
     let only_dashboard = args.first().map(String::as_str) == Some("dashboard");
     let only_commands = args.first().map(String::as_str) == Some("commands");
     let only_scale = args.first().map(String::as_str) == Some("scale");
+    // `ablate-bench lifecycles WORKERS TRIALS BATCH`: one lifecycle row, for profiling.
+    let only_lifecycles = (args.first().map(String::as_str) == Some("lifecycles")).then(|| {
+        let n = |i: usize, default: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default);
+        (n(1, 8), n(2, 2000), n(3, 4) as u32)
+    });
     let commands_title = "Command trials (median of 3 runs)";
     let measured = async {
         if traced {
@@ -256,6 +262,16 @@ async fn main() -> Result {
         let dashboard_title = "Dashboard (1,000 trials x 10,000 steps x 2 metrics; median of 3)";
         if only_dashboard {
             return Ok(vec![(dashboard_title, dashboard::rows(&addr, &http, &pool).await?)]);
+        }
+        if let Some((workers, trials, batch)) = only_lifecycles {
+            let (rate, p50, p99) = lifecycles(&addr, workers, trials, batch).await?;
+            let row = Row::new(
+                format!("trial lifecycles, {workers} worker(s), leases and completions of {batch}"),
+                rate,
+                "trials/s",
+            )
+            .note(format!("lease p50 {:.1} ms, p99 {:.1} ms", ms(p50), ms(p99)));
+            return Ok(vec![("Lifecycles (one run)", vec![row])]);
         }
         if only_scale {
             return Ok(vec![(

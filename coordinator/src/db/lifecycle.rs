@@ -271,6 +271,7 @@ pub async fn delete(tx: &mut PgConnection, id: ExperimentId) -> Result<Deleted> 
         for (table, column) in [
             ("metrics", "trial_id"),
             ("metric_chunks", "trial_id"),
+            ("metric_curves", "trial_id"),
             ("checkpoints", "trial_id"),
             ("trial_attempts", "trial_id"),
         ] {
@@ -304,6 +305,7 @@ pub async fn delete(tx: &mut PgConnection, id: ExperimentId) -> Result<Deleted> 
     for statement in [
         format!("delete from metrics where trial_id in ({trials})"),
         format!("delete from metric_chunks where trial_id in ({trials})"),
+        format!("delete from metric_curves where trial_id in ({trials})"),
         format!("delete from checkpoints where trial_id in ({trials})"),
         format!("delete from trial_attempts where trial_id in ({trials})"),
         format!("delete from pbt_lineage where experiment_id = $1 or donor_trial_id in ({trials})"),

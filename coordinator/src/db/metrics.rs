@@ -56,8 +56,8 @@ pub async fn insert_metrics(
          ),
          c as (
              select * from unnest($3::int4[], $4::int8[], $5::int8[], $6::int4[], $7::int8[], $8::bool[],
-                                  $9::int4[], $10::int4[], $11::int4[], $12::float8[], $13::float8[], $14::float8[])
-                 as c(name_id, step_lo, step_hi, n, stride, regular, v_off, ds_off, ds_n, v_min, v_max, v_last)
+                                  $9::int4[], $10::float8[], $11::float8[], $12::float8[])
+                 as c(name_id, step_lo, step_hi, n, stride, regular, v_off, v_min, v_max, v_last)
          ),
          clash as (
              select 1 from t, c, metric_chunks m
@@ -66,13 +66,11 @@ pub async fn insert_metrics(
          ),
          written as (
              insert into metric_chunks (trial_id, name_id, step_lo, step_hi, n, steps, stride, vals,
-                                        recorded_lo, recorded_us, v_min, v_max, v_last, ds_steps, ds_vals)
+                                        recorded_lo, recorded_us, v_min, v_max, v_last)
              select t.id, c.name_id, c.step_lo, c.step_hi, c.n,
-                    case when c.regular then null else ($15::int8[])[c.v_off:c.v_off + c.n - 1] end,
-                    c.stride, ($16::float8[])[c.v_off:c.v_off + c.n - 1],
-                    now(), array_fill(0::int8, array[c.n]), c.v_min, c.v_max, c.v_last,
-                    case when c.ds_n > 0 then ($17::int8[])[c.ds_off:c.ds_off + c.ds_n - 1] end,
-                    case when c.ds_n > 0 then ($18::float8[])[c.ds_off:c.ds_off + c.ds_n - 1] end
+                    case when c.regular then null else ($13::int8[])[c.v_off:c.v_off + c.n - 1] end,
+                    c.stride, ($14::float8[])[c.v_off:c.v_off + c.n - 1],
+                    now(), array_fill(0::int8, array[c.n]), c.v_min, c.v_max, c.v_last
              from t, c
              where not exists (select 1 from clash)
              on conflict (trial_id, name_id, step_lo) do nothing
@@ -90,15 +88,11 @@ pub async fn insert_metrics(
     .bind(&cols.stride)
     .bind(&cols.regular)
     .bind(&cols.v_off)
-    .bind(&cols.ds_off)
-    .bind(&cols.ds_n)
     .bind(&cols.v_min)
     .bind(&cols.v_max)
     .bind(&cols.v_last)
     .bind(&cols.steps)
     .bind(&cols.values)
-    .bind(&cols.ds_steps)
-    .bind(&cols.ds_values)
     .fetch_one(pool)
     .await?;
     if held == 0 {
@@ -140,7 +134,7 @@ fn chunk_range(points: &Points, chunk: &Chunk) -> std::ops::Range<usize> {
 }
 
 /// Chunks as the columns of one insert: per chunk its fields and where its
-/// points and downsampled copy lie in the flat arrays (1-based, as SQL slices).
+/// points lie in the flat arrays (1-based, as SQL slices).
 #[derive(Default)]
 struct ChunkColumns {
     name_id: Vec<i32>,
@@ -150,15 +144,11 @@ struct ChunkColumns {
     stride: Vec<i64>,
     regular: Vec<bool>,
     v_off: Vec<i32>,
-    ds_off: Vec<i32>,
-    ds_n: Vec<i32>,
     v_min: Vec<Option<f64>>,
     v_max: Vec<Option<f64>>,
     v_last: Vec<f64>,
     steps: Vec<i64>,
     values: Vec<f64>,
-    ds_steps: Vec<i64>,
-    ds_values: Vec<f64>,
 }
 
 impl ChunkColumns {
@@ -172,12 +162,6 @@ impl ChunkColumns {
         self.v_off.push(self.values.len() as i32 + 1);
         self.steps.extend_from_slice(steps);
         self.values.extend_from_slice(&c.values);
-        self.ds_off.push(self.ds_values.len() as i32 + 1);
-        self.ds_n.push(c.ds_steps.as_ref().map_or(0, |d| d.len() as i32));
-        if let (Some(ds_steps), Some(ds_values)) = (&c.ds_steps, &c.ds_values) {
-            self.ds_steps.extend_from_slice(ds_steps);
-            self.ds_values.extend_from_slice(ds_values);
-        }
         self.v_min.push(c.min);
         self.v_max.push(c.max);
         self.v_last.push(c.last);
@@ -212,6 +196,11 @@ async fn merge_batch(pool: &PgPool, trial: TrialId, token: LeaseToken, batch: BT
             None => new,
         };
         delete_points(&mut tx, trial.0, Some(name), Some((lo, hi))).await?;
+        sqlx::query("delete from metric_curves where trial_id = $1 and name_id = $2")
+            .bind(trial.0)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
         for chunk in chunks_of(&merged) {
             insert_chunk(&mut tx, trial.0, &chunk).await?;
         }
@@ -254,14 +243,21 @@ async fn read_points(
     range: Option<(i64, i64)>,
 ) -> Result<BTreeMap<i32, Points>> {
     let (lo, hi) = range.unwrap_or((i64::MIN, i64::MAX));
-    let rows: Vec<(i32, i64, f64, i64)> = sqlx::query_as(
-        "select c.name_id, coalesce(u.step, c.step_lo + (u.i - 1) * c.stride), u.value,
-                (extract(epoch from c.recorded_lo) * 1000000)::int8 + u.us
+    let chunks: Vec<StoredChunk> = sqlx::query_as(
+        "select c.name_id, c.step_lo, c.stride, c.steps, c.vals,
+                (extract(epoch from c.recorded_lo) * 1000000)::int8, c.recorded_us
          from metric_chunks c
-         cross join lateral unnest(c.vals, c.steps, c.recorded_us) with ordinality as u(value, step, us, i)
          where c.trial_id = $1 and ($2::int4 is null or c.name_id = $2) and c.step_lo <= $4 and c.step_hi >= $3
-         union all
-         select m.name_id, m.step, m.value, (extract(epoch from m.recorded_at) * 1000000)::int8
+         order by c.name_id, c.step_lo",
+    )
+    .bind(trial)
+    .bind(name)
+    .bind(lo)
+    .bind(hi)
+    .fetch_all(&mut *tx)
+    .await?;
+    let rows: Vec<(i32, i64, f64, i64)> = sqlx::query_as(
+        "select m.name_id, m.step, m.value, (extract(epoch from m.recorded_at) * 1000000)::int8
          from metrics m
          where m.trial_id = $1 and ($2::int4 is null or m.name_id = $2) and m.step between $3 and $4
          order by 1, 2",
@@ -272,25 +268,40 @@ async fn read_points(
     .bind(hi)
     .fetch_all(&mut *tx)
     .await?;
-    let mut out: BTreeMap<i32, Points> = BTreeMap::new();
-    for (name, step, value, recorded) in rows {
-        let points = out.entry(name).or_insert_with(|| Points {
-            name_id: name,
-            steps: Vec::new(),
-            values: Vec::new(),
-            recorded_us: Vec::new(),
-        });
-        // A row and a chunk at one step (rows written straight into `metrics`): the later read wins.
-        if points.steps.last() == Some(&step) {
-            *points.values.last_mut().expect("a point") = value;
-            continue;
+    let mut all: BTreeMap<i32, BTreeMap<i64, (f64, i64)>> = BTreeMap::new();
+    for (name, step_lo, stride, steps, values, recorded_lo, recorded_us) in chunks {
+        let points = all.entry(name).or_default();
+        for (i, value) in values.into_iter().enumerate() {
+            let step = steps.as_ref().map_or(step_lo + i as i64 * stride, |s| s[i]);
+            points.insert(step, (value, recorded_lo + recorded_us.get(i).copied().unwrap_or(0)));
         }
-        points.steps.push(step);
-        points.values.push(value);
-        points.recorded_us.push(recorded);
     }
-    Ok(out)
+    // A row and a chunk at one step (rows written straight into `metrics`): the row wins.
+    for (name, step, value, recorded) in rows {
+        all.entry(name).or_default().insert(step, (value, recorded));
+    }
+    Ok(all
+        .into_iter()
+        .map(|(name, points)| {
+            let mut out = Points {
+                name_id: name,
+                steps: Vec::with_capacity(points.len()),
+                values: Vec::with_capacity(points.len()),
+                recorded_us: Vec::with_capacity(points.len()),
+            };
+            for (step, (value, recorded)) in points {
+                out.steps.push(step);
+                out.values.push(value);
+                out.recorded_us.push(recorded);
+            }
+            (name, out)
+        })
+        .collect())
 }
+
+/// A chunk as read back: name, first step, stride, steps (irregular), values,
+/// when its first point was recorded and the others' offsets (microseconds).
+type StoredChunk = (i32, i64, i64, Option<Vec<i64>>, Vec<f64>, i64, Vec<i64>);
 
 /// Deletes what [`read_points`] read.
 async fn delete_points(
@@ -322,9 +333,25 @@ async fn delete_points(
     Ok(())
 }
 
-/// The most points one chunk holds, and the buckets of its downsampled copy.
+/// The most points one chunk holds.
 pub const CHUNK_POINTS: usize = 16_384;
-const CHUNK_BUCKETS: usize = 256;
+/// The buckets of a finished curve's downsampled copy (each keeps up to 4 points).
+pub const CURVE_BUCKETS: usize = 256;
+/// Chunks smaller than this on average are rewritten into larger ones.
+pub const SMALL_CHUNK: i64 = 256;
+
+/// A curve's downsampled copy when it has more than 4 points a bucket: per
+/// bucket its first, lowest, highest and last point, so a drawn curve keeps
+/// every spike.
+pub fn downsampled(points: &Points) -> Option<(Vec<i64>, Vec<f64>)> {
+    (points.values.len() > CURVE_BUCKETS * 4).then(|| {
+        let keep = downsample(&points.values, CURVE_BUCKETS);
+        (
+            keep.iter().map(|&i| points.steps[i]).collect(),
+            keep.iter().map(|&i| points.values[i]).collect(),
+        )
+    })
+}
 
 /// One trial's metric points, moved or to be moved into chunks.
 pub struct Points {
@@ -350,15 +377,10 @@ pub struct Chunk {
     pub min: Option<f64>,
     pub max: Option<f64>,
     pub last: f64,
-    /// `None` when the chunk is short enough to be its own downsampled copy.
-    pub ds_steps: Option<Vec<i64>>,
-    pub ds_values: Option<Vec<f64>>,
 }
 
 /// Cuts one metric's points (in step order) into chunks of at most
-/// [`CHUNK_POINTS`], each with its summary and its downsampled copy: per
-/// bucket its first, lowest, highest and last point (NaN is never the lowest
-/// or highest), so a drawn curve keeps every spike.
+/// [`CHUNK_POINTS`], each with its summary (NaN is never the lowest or highest).
 pub fn chunks_of(points: &Points) -> Vec<Chunk> {
     let n = points.steps.len();
     let mut out = Vec::with_capacity(n.div_ceil(CHUNK_POINTS));
@@ -374,7 +396,6 @@ pub fn chunks_of(points: &Points) -> Vec<Chunk> {
         let min = finite.clone().reduce(f64::min);
         let max = finite.reduce(f64::max);
         let recorded_lo = recorded.iter().copied().min().unwrap_or(0);
-        let keep = (values.len() > CHUNK_BUCKETS * 4).then(|| downsample(values, CHUNK_BUCKETS));
         out.push(Chunk {
             name_id: points.name_id,
             step_lo: steps[0],
@@ -387,8 +408,6 @@ pub fn chunks_of(points: &Points) -> Vec<Chunk> {
             min,
             max,
             last: values[values.len() - 1],
-            ds_steps: keep.as_ref().map(|k| k.iter().map(|&i| steps[i]).collect()),
-            ds_values: keep.as_ref().map(|k| k.iter().map(|&i| values[i]).collect()),
         });
         lo = hi;
     }
@@ -423,19 +442,20 @@ fn downsample(values: &[f64], buckets: usize) -> Vec<usize> {
     keep
 }
 
-/// Which of a trial's points the compactor merges.
+/// What the compactor does to a trial's points.
 pub enum Compaction {
-    /// A finished trial: all of them.
+    /// A finished trial: rows and small chunks rewritten, long curves' downsampled copies kept.
     Finished,
-    /// A running trial: the chunks that end before its newest checkpoint, once
-    /// they hold `min_points` in more chunks than they need.
+    /// A running trial: its small chunks that end before its newest checkpoint
+    /// rewritten, once they hold `min_points`.
     BeforeCheckpoint { min_points: i64 },
 }
 
-/// Merges a trial's chunks (and rows) into chunks of up to [`CHUNK_POINTS`], in
-/// one transaction under the trial row locked `for update` (no batch is being
-/// written). Returns the points merged; none when the trial is not in the state
-/// `how` is for, or they are merged already.
+/// Compacts a trial in one transaction under its row locked `for update` (no
+/// batch is being written): rows of `metrics` and chunks smaller than
+/// [`SMALL_CHUNK`] on average rewritten into chunks of up to [`CHUNK_POINTS`];
+/// for a finished trial, each curve of more than 1,024 points kept downsampled
+/// in `metric_curves`. Returns the points rewritten.
 pub async fn compact_trial(pool: &PgPool, trial: uuid::Uuid, how: &Compaction) -> Result<u64> {
     let mut tx = pool.begin().await?;
     let row: Option<(String, Option<i64>)> = sqlx::query_as(
@@ -449,24 +469,33 @@ pub async fn compact_trial(pool: &PgPool, trial: uuid::Uuid, how: &Compaction) -
         return Ok(0);
     };
     let finished = matches!(state.as_str(), "succeeded" | "failed" | "pruned" | "cancelled");
-    let range = match how {
-        Compaction::Finished if finished => None,
+    match how {
+        Compaction::Finished if finished => {}
         Compaction::BeforeCheckpoint { min_points } if state == "running" => {
             let Some(step) = checkpoint else { return Ok(0) };
-            // Only chunks that end before the checkpoint: none reaches past it.
-            let (points, chunks, needed): (i64, i64, i64) = sqlx::query_as(
-                "select coalesce(sum(n), 0)::int8, count(*), count(distinct name_id)
-                 from metric_chunks where trial_id = $1 and step_hi < $2 and n < $3",
+            // Only chunks that end before the checkpoint: no batch arrives for them but a replay.
+            let (points, chunks): (i64, i64) = sqlx::query_as(
+                "select coalesce(sum(n), 0)::int8, count(*) from metric_chunks where trial_id = $1 and step_hi < $2",
             )
             .bind(trial)
             .bind(step)
-            .bind(CHUNK_POINTS as i32)
             .fetch_one(&mut *tx)
             .await?;
-            if points < *min_points || chunks <= needed {
+            if points < *min_points || chunks == 0 || points / chunks >= SMALL_CHUNK {
                 return Ok(0);
             }
-            Some((step, true))
+            // Chunks that straddle the checkpoint are read (and rewritten) whole.
+            let points = read_points(&mut tx, trial, None, Some((i64::MIN, step - 1))).await?;
+            delete_points(&mut tx, trial, None, Some((i64::MIN, step - 1))).await?;
+            let mut moved = 0;
+            for merged in points.values() {
+                moved += merged.steps.len() as u64;
+                for chunk in chunks_of(merged) {
+                    insert_chunk(&mut tx, trial, &chunk).await?;
+                }
+            }
+            tx.commit().await?;
+            return Ok(moved);
         }
         _ => {
             sqlx::query("update trials set metrics_due = false where id = $1 and metrics_due")
@@ -476,81 +505,57 @@ pub async fn compact_trial(pool: &PgPool, trial: uuid::Uuid, how: &Compaction) -
             tx.commit().await?;
             return Ok(0);
         }
-    };
-    let mut moved = 0u64;
-    let points = match range {
-        None => read_points(&mut tx, trial, None, None).await?,
-        Some((step, _)) => read_chunks_before(&mut tx, trial, step).await?,
-    };
-    for merged in points.values() {
-        moved += merged.steps.len() as u64;
     }
-    match range {
-        None => delete_points(&mut tx, trial, None, None).await?,
-        Some((step, _)) => {
-            sqlx::query("delete from metric_chunks where trial_id = $1 and step_hi < $2 and n < $3")
-                .bind(trial)
-                .bind(step)
-                .bind(CHUNK_POINTS as i32)
-                .execute(&mut *tx)
-                .await?;
-        }
-    }
-    for merged in points.values() {
-        for chunk in chunks_of(merged) {
-            insert_chunk(&mut tx, trial, &chunk).await?;
-        }
-    }
-    if range.is_none() {
-        sqlx::query("update trials set metrics_due = false where id = $1")
-            .bind(trial)
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await?;
-    Ok(moved)
-}
-
-/// A running trial's points in its partial chunks that end before `step`.
-async fn read_chunks_before(
-    tx: &mut sqlx::PgConnection,
-    trial: uuid::Uuid,
-    step: i64,
-) -> Result<BTreeMap<i32, Points>> {
-    let rows: Vec<(i32, i64, f64, i64)> = sqlx::query_as(
-        "select c.name_id, coalesce(u.step, c.step_lo + (u.i - 1) * c.stride), u.value,
-                (extract(epoch from c.recorded_lo) * 1000000)::int8 + u.us
-         from metric_chunks c
-         cross join lateral unnest(c.vals, c.steps, c.recorded_us) with ordinality as u(value, step, us, i)
-         where c.trial_id = $1 and c.step_hi < $2 and c.n < $3
-         order by 1, 2",
+    let (chunks, points, rows): (i64, i64, i64) = sqlx::query_as(
+        "select (select count(*) from metric_chunks where trial_id = $1),
+                (select coalesce(sum(n), 0)::int8 from metric_chunks where trial_id = $1),
+                (select count(*) from metrics where trial_id = $1)",
     )
     .bind(trial)
-    .bind(step)
-    .bind(CHUNK_POINTS as i32)
-    .fetch_all(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
-    let mut out: BTreeMap<i32, Points> = BTreeMap::new();
-    for (name, step, value, recorded) in rows {
-        let points = out.entry(name).or_insert_with(|| Points {
-            name_id: name,
-            steps: Vec::new(),
-            values: Vec::new(),
-            recorded_us: Vec::new(),
-        });
-        points.steps.push(step);
-        points.values.push(value);
-        points.recorded_us.push(recorded);
+    let rewrite = rows > 0 || (chunks > 0 && points / chunks < SMALL_CHUNK);
+    let all = read_points(&mut tx, trial, None, None).await?;
+    let mut moved = 0;
+    if rewrite {
+        delete_points(&mut tx, trial, None, None).await?;
+        for merged in all.values() {
+            moved += merged.steps.len() as u64;
+            for chunk in chunks_of(merged) {
+                insert_chunk(&mut tx, trial, &chunk).await?;
+            }
+        }
     }
-    Ok(out)
+    for (name, merged) in &all {
+        if let Some((steps, values)) = downsampled(merged) {
+            sqlx::query(
+                "insert into metric_curves (trial_id, name_id, points, steps, vals) values ($1, $2, $3, $4, $5)
+                 on conflict (trial_id, name_id) do update
+                 set points = excluded.points, steps = excluded.steps, vals = excluded.vals",
+            )
+            .bind(trial)
+            .bind(name)
+            .bind(merged.steps.len() as i64)
+            .bind(&steps)
+            .bind(&values)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    sqlx::query("update trials set metrics_due = false where id = $1")
+        .bind(trial)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(moved)
 }
 
 async fn insert_chunk(tx: &mut sqlx::PgConnection, trial: uuid::Uuid, c: &Chunk) -> Result<()> {
     sqlx::query(
         "insert into metric_chunks (trial_id, name_id, step_lo, step_hi, n, steps, stride, vals,
-                                    recorded_lo, recorded_us, v_min, v_max, v_last, ds_steps, ds_vals)
+                                    recorded_lo, recorded_us, v_min, v_max, v_last)
          values ($1, $2, $3, $4, $5, $6, $7, $8,
-                 timestamptz 'epoch' + $9 * interval '1 microsecond', $10, $11, $12, $13, $14, $15)",
+                 timestamptz 'epoch' + $9 * interval '1 microsecond', $10, $11, $12, $13)",
     )
     .bind(trial)
     .bind(c.name_id)
@@ -565,8 +570,6 @@ async fn insert_chunk(tx: &mut sqlx::PgConnection, trial: uuid::Uuid, c: &Chunk)
     .bind(c.min)
     .bind(c.max)
     .bind(c.last)
-    .bind(&c.ds_steps)
-    .bind(&c.ds_values)
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -582,7 +585,7 @@ pub async fn trials_due(pool: &PgPool, limit: i64) -> Result<Vec<uuid::Uuid>> {
     )
 }
 
-/// Running trials with a checkpoint and partial chunks before it.
+/// Running trials with a checkpoint and chunks before it.
 pub async fn running_with_chunks(pool: &PgPool) -> Result<Vec<uuid::Uuid>> {
     Ok(sqlx::query_scalar(
         "select t.id from trials t

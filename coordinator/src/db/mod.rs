@@ -40,8 +40,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 /// at every run (planning the lease statement took longer than running it,
 /// and a statement bound to arrays of a new length was planned afresh).
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
-    let options =
-        PgConnectOptions::from_str(url)?.options([("jit", "off"), ("plan_cache_mode", "force_generic_plan")]);
+    let options = PgConnectOptions::from_str(url)?.options([("jit", "off"), ("plan_cache_mode", "force_generic_plan")]);
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))

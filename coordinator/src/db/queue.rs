@@ -603,14 +603,24 @@ pub struct Finish<'a> {
 /// [`complete`] for many trials in one statement (in the order of their ids, as
 /// every statement that locks several trials takes them). Returns the trials
 /// recorded (the others' leases were stale), each with whether its experiment
-/// searches with tpe.
-pub async fn complete_all(db: impl sqlx::PgExecutor<'_>, finishes: &[Finish<'_>]) -> Result<Vec<(TrialId, bool)>> {
+/// searches with tpe. With `unless_tpe`, records none (and returns `None`) when
+/// any of them is a tpe experiment's, whose completion must commit together
+/// with its next proposals; the caller then records them in a transaction.
+pub async fn complete_all(
+    db: impl sqlx::PgExecutor<'_>,
+    finishes: &[Finish<'_>],
+    unless_tpe: bool,
+) -> Result<Option<Vec<(TrialId, bool)>>> {
     let mut order: Vec<&Finish> = finishes.iter().collect();
     order.sort_by_key(|f| f.trial.0);
-    let rows: Vec<(uuid::Uuid, bool)> = sqlx::query_as(
+    let rows: Vec<(Option<uuid::Uuid>, Option<bool>, bool)> = sqlx::query_as(
         "with u as (
              select * from unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[])
-                 with ordinality as u(id, token, outcome, error, tail, outputs, provenance, i)
+                 as u(id, token, outcome, error, tail, outputs, provenance)
+         ),
+         tpe as (
+             select 1 from u join trials t on t.id = u.id join experiments e on e.id = t.experiment_id
+             where $8 and e.searcher = 'tpe' limit 1
          ),
          done as (
              update trials t
@@ -618,6 +628,7 @@ pub async fn complete_all(db: impl sqlx::PgExecutor<'_>, finishes: &[Finish<'_>]
                  stderr_tail = u.tail, lease_expires_at = null, outputs = u.outputs
              from u
              where t.id = u.id and t.lease_token = u.token and t.state in ('running', u.outcome)
+               and not exists (select 1 from tpe)
              returning t.id, t.attempt, t.lease_owner, t.experiment_id, u.outcome, u.error, u.tail, u.provenance
          ),
          logged as (
@@ -625,7 +636,10 @@ pub async fn complete_all(db: impl sqlx::PgExecutor<'_>, finishes: &[Finish<'_>]
              select id, attempt, lease_owner, outcome, error, tail, provenance from done
              on conflict do nothing
          )
-         select d.id, e.searcher = 'tpe' from done d join experiments e on e.id = d.experiment_id",
+         select d.id, e.searcher = 'tpe', exists (select 1 from tpe)
+         from (select 1) one
+         left join done d on true
+         left join experiments e on e.id = d.experiment_id",
     )
     .bind(order.iter().map(|f| f.trial.0).collect::<Vec<_>>())
     .bind(order.iter().map(|f| f.token.0).collect::<Vec<_>>())
@@ -634,9 +648,17 @@ pub async fn complete_all(db: impl sqlx::PgExecutor<'_>, finishes: &[Finish<'_>]
     .bind(order.iter().map(|f| f.stderr_tail).collect::<Vec<_>>())
     .bind(order.iter().map(|f| f.outputs.clone()).collect::<Vec<_>>())
     .bind(order.iter().map(|f| f.provenance.cloned()).collect::<Vec<_>>())
+    .bind(unless_tpe)
     .fetch_all(db)
     .await?;
-    Ok(rows.into_iter().map(|(id, tpe)| (TrialId(id), tpe)).collect())
+    if rows.iter().any(|r| r.2) {
+        return Ok(None);
+    }
+    Ok(Some(
+        rows.into_iter()
+            .filter_map(|(id, tpe, _)| id.map(|id| (TrialId(id), tpe.unwrap_or(false))))
+            .collect(),
+    ))
 }
 
 /// A trial whose process crashed (a signal, a panic): pending again while

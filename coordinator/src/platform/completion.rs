@@ -328,8 +328,9 @@ async fn record_batch(pool: &PgPool, telemetry: &Telemetry, batch: Vec<Job>) {
     }
 }
 
-/// Every job's finished trials in one statement, then the tpe proposals their
-/// experiments call for, in one transaction; returns the trials recorded.
+/// Every job's finished trials in one statement; with the tpe proposals their
+/// experiments call for in one transaction when any is a tpe experiment's.
+/// Returns the trials recorded.
 async fn record_together(pool: &PgPool, batch: &[Job]) -> Result<HashSet<TrialId>, Error> {
     let finishes: Vec<db::Finish> = batch
         .iter()
@@ -355,8 +356,15 @@ async fn record_together(pool: &PgPool, batch: &[Job]) -> Result<HashSet<TrialId
             _ => None,
         })
         .collect();
+    // Alone, in one statement, unless a tpe experiment's proposals must commit with them.
+    if let Some(done) = db::complete_all(pool, &finishes, true).await? {
+        for (trial, _) in &done {
+            tracing::info!(trial = %trial, "trial completed");
+        }
+        return Ok(done.into_iter().map(|(t, _)| t).collect());
+    }
     let mut tx = pool.begin().await?;
-    let done = db::complete_all(&mut *tx, &finishes).await?;
+    let done = db::complete_all(&mut *tx, &finishes, false).await?.unwrap_or_default();
     let mut topped = HashSet::new();
     for (trial, tpe) in &done {
         if *tpe {

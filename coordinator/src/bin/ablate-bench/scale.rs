@@ -306,7 +306,8 @@ pub async fn rows(
         )
         .note(format!(
             "{:.0}% of raw COPY (target >= 60%); {:.0} s; 4,000-point batches acked once durable; the compactor \
-             moved finished trials meanwhile and {:.1} s after the last ({:.0} points/s, {:.0}% of COPY, to chunks)",
+             kept finished curves' downsampled copies meanwhile and for {:.1} s after the last ({:.0} points/s, \
+             {:.0}% of COPY, all compacted)",
             100.0 * rate / copy,
             ingest_time.as_secs_f64(),
             settle.as_secs_f64(),
@@ -314,15 +315,16 @@ pub async fn rows(
             100.0 * whole / copy
         )),
     );
-    sqlx::query("vacuum analyze metrics").execute(pool).await?;
-    sqlx::query("analyze metric_chunks").execute(pool).await?;
-    sqlx::query("analyze trials").execute(pool).await?;
+    // What autovacuum does on a server that has it on (this one may not).
+    sqlx::query("vacuum analyze metrics, metric_chunks, metric_curves, trials")
+        .execute(pool)
+        .await?;
 
     // Storage of the finished trials.
     let (stored, chunk_bytes, row_bytes, chunks): (i64, i64, i64, i64) = sqlx::query_as(
         "select (select coalesce(sum(n), 0) from metric_chunks)::int8 + (select count(*) from metrics),
-                pg_total_relation_size('metric_chunks'), pg_total_relation_size('metrics'),
-                (select count(*) from metric_chunks)",
+                pg_total_relation_size('metric_chunks') + pg_total_relation_size('metric_curves'),
+                pg_total_relation_size('metrics'), (select count(*) from metric_chunks)",
     )
     .fetch_one(pool)
     .await?;
@@ -396,8 +398,8 @@ pub async fn rows(
             .lower_is_better()
             .peer("MLflow's metrics tables", m("bytes_per_point"))
             .note(format!(
-                "{stored} points in {chunks} chunks: {chunk_bytes} bytes with TOAST and key, {row_bytes} in rows \
-                 (target <= 16; a row a point took 160)"
+                "{stored} points in {chunks} chunks and the curves' downsampled copies: {chunk_bytes} bytes \
+                 with TOAST and keys, {row_bytes} in rows (target <= 16; a row a point took 160)"
             )),
     );
     rows.push(
@@ -411,7 +413,7 @@ pub async fn rows(
             .lower_is_better()
             .peer("MLflow get_metric_history x 100", m("history_100_ms"))
             .note(format!(
-                "{drawn} points drawn from the chunks' downsampled copies (target < 300 ms); MLflow returns every point"
+                "{drawn} points drawn from the finished curves' downsampled copies (target < 300 ms); MLflow returns every point"
             )),
     );
     rows.push(
