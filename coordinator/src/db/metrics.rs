@@ -108,23 +108,14 @@ pub async fn insert_metrics(
 
 /// A batch's points per metric, in step order, the later of equal steps kept.
 fn by_metric(name_ids: &[i32], steps: &[i64], values: &[f64]) -> BTreeMap<i32, Points> {
-    let mut latest: BTreeMap<(i32, i64), f64> = BTreeMap::new();
+    let mut latest: BTreeMap<i32, BTreeMap<i64, (f64, i64)>> = BTreeMap::new();
     for ((&name, &step), &value) in name_ids.iter().zip(steps).zip(values) {
-        latest.insert((name, step), value);
+        latest.entry(name).or_default().insert(step, (value, 0));
     }
-    let mut out: BTreeMap<i32, Points> = BTreeMap::new();
-    for ((name, step), value) in latest {
-        let points = out.entry(name).or_insert_with(|| Points {
-            name_id: name,
-            steps: Vec::new(),
-            values: Vec::new(),
-            recorded_us: Vec::new(),
-        });
-        points.steps.push(step);
-        points.values.push(value);
-        points.recorded_us.push(0);
-    }
-    out
+    latest
+        .into_iter()
+        .map(|(name, points)| (name, Points::from_steps(name, points)))
+        .collect()
 }
 
 /// Where `chunk`'s points lie in `points` (chunks are cut in order).
@@ -219,18 +210,7 @@ fn overwrite(old: Points, new: Points) -> Points {
             all.insert(points.steps[i], (points.values[i], points.recorded_us[i]));
         }
     }
-    let mut out = Points {
-        name_id,
-        steps: Vec::with_capacity(all.len()),
-        values: Vec::with_capacity(all.len()),
-        recorded_us: Vec::with_capacity(all.len()),
-    };
-    for (step, (value, recorded)) in all {
-        out.steps.push(step);
-        out.values.push(value);
-        out.recorded_us.push(recorded);
-    }
-    out
+    Points::from_steps(name_id, all)
 }
 
 /// A trial's points in chunks (those of `name`, or every metric's; those of
@@ -282,20 +262,7 @@ async fn read_points(
     }
     Ok(all
         .into_iter()
-        .map(|(name, points)| {
-            let mut out = Points {
-                name_id: name,
-                steps: Vec::with_capacity(points.len()),
-                values: Vec::with_capacity(points.len()),
-                recorded_us: Vec::with_capacity(points.len()),
-            };
-            for (step, (value, recorded)) in points {
-                out.steps.push(step);
-                out.values.push(value);
-                out.recorded_us.push(recorded);
-            }
-            (name, out)
-        })
+        .map(|(name, points)| (name, Points::from_steps(name, points)))
         .collect())
 }
 
@@ -360,6 +327,24 @@ pub struct Points {
     pub values: Vec<f64>,
     /// Microseconds since the Unix epoch.
     pub recorded_us: Vec<i64>,
+}
+
+impl Points {
+    /// One metric's points from (step -> (value, recorded)), in step order.
+    fn from_steps(name_id: i32, points: BTreeMap<i64, (f64, i64)>) -> Points {
+        let mut out = Points {
+            name_id,
+            steps: Vec::with_capacity(points.len()),
+            values: Vec::with_capacity(points.len()),
+            recorded_us: Vec::with_capacity(points.len()),
+        };
+        for (step, (value, recorded)) in points {
+            out.steps.push(step);
+            out.values.push(value);
+            out.recorded_us.push(recorded);
+        }
+        out
+    }
 }
 
 /// A chunk as `metric_chunks` stores it.
