@@ -91,6 +91,27 @@ pub(super) async fn lifecycles(
     Ok((trials as f64 / wall.as_secs_f64(), pct(0.5), pct(0.99)))
 }
 
+/// Streams `batches` on one metric stream and waits for `expected` acks;
+/// returns the batches acked durable (fewer when the stream ended early).
+pub(super) async fn stream_durable<I>(client: &mut WorkersClient<Channel>, batches: I, expected: usize) -> Result<usize>
+where
+    I: IntoIterator<Item = proto::MetricBatch> + Send + 'static,
+    I::IntoIter: Send,
+{
+    let mut acks = client.stream_metrics(tokio_stream::iter(batches)).await?.into_inner();
+    let mut durable = 0;
+    while let Some(ack) = acks.message().await? {
+        if ack.status != "durable" {
+            return Err(format!("batch {} not durable: {} {}", ack.seq, ack.status, ack.error).into());
+        }
+        durable += 1;
+        if durable == expected {
+            break;
+        }
+    }
+    Ok(durable)
+}
+
 /// Stream `per_trial` points for each of `trials` leased trials in batches of `batch` points.
 pub(super) async fn metric_ingest(addr: &str, streams: usize, per_trial: usize, batch: usize) -> Result<f64> {
     submit(addr, "bench-metrics", streams).await?;
@@ -127,17 +148,7 @@ pub(super) async fn metric_ingest(addr: &str, streams: usize, per_trial: usize, 
                 })
                 .collect();
             let expected = batches.len();
-            let mut acks = client.stream_metrics(tokio_stream::iter(batches)).await?.into_inner();
-            let mut durable = 0;
-            while let Some(ack) = acks.message().await? {
-                if ack.status != "durable" {
-                    return Err(format!("batch {} not durable: {} {}", ack.seq, ack.status, ack.error).into());
-                }
-                durable += 1;
-                if durable == expected {
-                    break;
-                }
-            }
+            let durable = stream_durable(&mut client, batches, expected).await?;
             // Done with it: a trial left running would be re-leased by the sweep rows' worker.
             client.complete(proto::CompleteRequest::succeeded(trial)).await?;
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(durable * batch)

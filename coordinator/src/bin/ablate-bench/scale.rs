@@ -164,16 +164,9 @@ async fn ingest(addr: &str, streams: usize, steps: usize, batch_steps: usize) ->
                     batch
                 });
                 let expected = steps.div_ceil(batch_steps);
-                let mut acks = client.stream_metrics(tokio_stream::iter(batches)).await?.into_inner();
-                let mut durable = 0;
-                while let Some(ack) = acks.message().await? {
-                    if ack.status != "durable" {
-                        return Err(format!("batch {} not durable: {} {}", ack.seq, ack.status, ack.error).into());
-                    }
-                    durable += 1;
-                    if durable == expected {
-                        break;
-                    }
+                let durable = stream_durable(&mut client, batches, expected).await?;
+                if durable < expected {
+                    return Err(format!("{durable} of {expected} batches acked before the stream ended").into());
                 }
                 points += (steps * METRICS) as u64;
                 client.complete(proto::CompleteRequest::succeeded(trial)).await?;
