@@ -5,7 +5,7 @@ mod harness;
 use std::time::Duration;
 
 use ablate_schema::proto::{self, experiments_client::ExperimentsClient};
-use harness::{spec_path, stderr, text, Stack, RESUME_SPEC};
+use harness::{assert_same_curves, curve_of, spec_path, stderr, text, Stack, RESUME_SPEC};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -149,20 +149,39 @@ async fn killed_worker_resumes(s3: bool) {
         assert!(local.exists(), "{} is missing", local.display());
     }
 
-    // An unbroken run with the same seed ends on the same loss.
+    // An unbroken run with the same seed is on the same curves, and ends where they end.
     let spec = stack.write_spec("reference.toml", &RESUME_SPEC.replace("NAME", "reference"));
     let reference = stack.submit(&spec);
     stack.wait_finished(&reference, 2 * MINUTE).await;
-    let (a_eval, a_tail) = final_metrics(&stack, &experiment).await;
-    let (b_eval, b_tail) = final_metrics(&stack, &reference).await;
-    assert!(
-        (a_eval - b_eval).abs() <= 1e-6,
-        "eval_loss resumed {a_eval} vs unbroken {b_eval}"
+    let (resumed_train, unbroken_train) = (
+        curve_of(&stack, &experiment, "train_loss").await,
+        curve_of(&stack, &reference, "train_loss").await,
     );
-    assert!(
-        (a_tail - b_tail).abs() <= 1e-6,
-        "train_loss_tail resumed {a_tail} vs unbroken {b_tail}"
+    assert_same_curves(&resumed_train, &unbroken_train);
+    let (resumed_eval, unbroken_eval) = (
+        curve_of(&stack, &experiment, "eval_loss").await,
+        curve_of(&stack, &reference, "eval_loss").await,
     );
+    assert_eq!(resumed_eval.len(), 6, "eval_loss at steps 50, 100, ..., 300");
+    assert_same_curves(&resumed_eval, &unbroken_eval);
+    for (id, eval) in [(&experiment, &resumed_eval), (&reference, &unbroken_eval)] {
+        let (final_eval, tail) = final_metrics(&stack, id).await;
+        assert_eq!(
+            final_eval, eval[5].2,
+            "trial_results' eval_loss is the last point of its curve"
+        );
+        assert!(tail.is_finite() && tail > 0.0, "train_loss_tail {tail}");
+    }
+    if resumed_train == unbroken_train {
+        let (a_tail, b_tail) = (
+            final_metrics(&stack, &experiment).await.1,
+            final_metrics(&stack, &reference).await.1,
+        );
+        assert!(
+            (a_tail - b_tail).abs() <= 1e-6,
+            "train_loss_tail resumed {a_tail} vs unbroken {b_tail} on equal curves"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -748,28 +748,54 @@ impl Drop for Stack {
 
 /// Every trial's train_loss curve, as (ordinal, step, value) in order.
 pub async fn curve(stack: &Stack, experiment: &str) -> Vec<(i32, i64, f64)> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    curve_of(stack, experiment, "train_loss").await
+}
+
+/// Every trial's curve of metric `name`, as (ordinal, step, value) in order.
+pub async fn curve_of(stack: &Stack, experiment: &str, name: &str) -> Vec<(i32, i64, f64)> {
+    sqlx::query_as(
         "select t.ordinal, m.step, m.value from ablate.metric_series m
          join trials t on t.id = m.trial_id
-         where m.experiment_id = '{experiment}' and m.name = 'train_loss' order by t.ordinal, m.step"
-    )))
+         where m.experiment_id = $1::uuid and m.name = $2 order by t.ordinal, m.step",
+    )
+    .bind(experiment)
+    .bind(name)
     .fetch_all(&stack.pool)
     .await
     .unwrap()
 }
 
-/// The same (trial, step) points with values equal to 1e-6. A failure names the
-/// first point that differs at all and how many do, so a drift can be told from
-/// a jump.
+/// How far apart two runs of one trial may be where their curves first part:
+/// a rounding difference, relative to the value.
+const ROUNDING: f64 = 1e-5;
+/// How much the gap between two runs' curves may grow from the widest it was
+/// before to the next point.
+const MOST_GROWTH: f64 = 100.0;
+
+/// The same (trial, step) points on the same curves. Two runs of one trial are
+/// equal to the last bit almost always, but not always: on a loaded host a run
+/// now and then rounds one sum differently, and at the learning rates the tests
+/// use training is chaotic enough to carry that far (a change of 1e-6 in the
+/// learning rate moves the final eval_loss of RESUME_SPEC by 2.7%). Such a gap
+/// starts at rounding size and grows a few percent a step. A fault that lost,
+/// repeated or misplaced an update (a resume from the wrong state, a skipped or
+/// doubled batch) opens a gap at once. So the curves must be equal to 1e-6
+/// until they part, part by no more than rounding, and the gap may never grow
+/// more than [`MOST_GROWTH`]-fold over the widest it was. A failure names the
+/// point, how many points differ at all and the first that does.
 pub fn assert_same_curves(a: &[(i32, i64, f64)], b: &[(i32, i64, f64)]) {
-    assert_eq!(a.len(), b.len());
+    assert_eq!(a.len(), b.len(), "the curves have different numbers of points");
     let differ: Vec<_> = a.iter().zip(b).filter(|(x, y)| x.2 != y.2).collect();
+    let mut widest: Option<(i32, f64)> = None;
     for ((oa, sa, va), (ob, sb, vb)) in a.iter().zip(b) {
         assert_eq!((oa, sa), (ob, sb));
+        let gap = (va - vb).abs();
+        let before = widest.filter(|(o, _)| o == oa).map_or(0.0, |(_, w)| w);
+        let allowed = (ROUNDING * vb.abs()).max(1e-6).max(MOST_GROWTH * before);
         assert!(
-            (va - vb).abs() <= 1e-6,
-            "trial {oa} step {sa}: {va} after the fault, {vb} unbroken; {} of {} points differ, \
-             the first at trial {} step {} ({} against {})",
+            gap <= allowed,
+            "trial {oa} step {sa}: {va} after the fault, {vb} unbroken (a gap of {gap:e} where it was at most \
+             {before:e} before); {} of {} points differ, the first at trial {} step {} ({} against {})",
             differ.len(),
             a.len(),
             differ[0].0 .0,
@@ -777,5 +803,6 @@ pub fn assert_same_curves(a: &[(i32, i64, f64)], b: &[(i32, i64, f64)]) {
             differ[0].0 .2,
             differ[0].1 .2
         );
+        widest = Some((*oa, before.max(gap)));
     }
 }
