@@ -151,15 +151,6 @@ impl TrialProcess {
         if let Some(visible) = &slot.visible_devices {
             command.env("CUDA_VISIBLE_DEVICES", visible);
         }
-        // The math libraries keep the threads they are given: with MKL's and
-        // OpenMP's dynamic adjustment, a loaded host would run a matrix product
-        // on fewer threads and sum it in another order, and a resumed or moved
-        // trial's curve would differ from an unbroken run's in the last bits.
-        for name in ["MKL_DYNAMIC", "OMP_DYNAMIC"] {
-            if std::env::var_os(name).is_none() {
-                command.env(name, "FALSE");
-            }
-        }
         // A trial process names itself after its daemon in traces.
         if let Ok(service) = std::env::var("OTEL_SERVICE_NAME") {
             command.env("OTEL_SERVICE_NAME", format!("{service}-trial"));
