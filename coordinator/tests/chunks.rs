@@ -171,6 +171,14 @@ async fn moved_points_are_read_once_each_and_take_under_16_bytes(pool: PgPool) {
     let finals: serde_json::Value = scalar(&pool, "select metrics from ablate.trial_results").await;
     assert_eq!(finals["loss"].as_f64(), Some(loss(40_000, 1)));
     assert_eq!(finals["acc"].as_f64(), Some(1.0 - loss(40_000, 2)));
+    // The compactor kept them on the trial, as the points give them.
+    let (kept, from_points): (Option<serde_json::Value>, serde_json::Value) =
+        sqlx::query_as("select final_metrics, trial_final_metrics(id) from trials")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(kept.as_ref(), Some(&from_points), "final metrics kept at compaction");
+    assert_eq!(kept.as_ref(), Some(&finals));
     let (points, min, max, last): (i64, f64, f64, f64) = sqlx::query_as(
         "select points, min_value, max_value, last_value from ablate.metric_summary where name = 'loss'",
     )
@@ -310,11 +318,18 @@ async fn a_new_attempt_over_a_finished_trial_replaces_its_points_from_the_checkp
     .await
     .unwrap();
     compaction::compact(&pool, 64, None).await.unwrap();
+    let kept: Option<serde_json::Value> = scalar(&pool, "select final_metrics from trials").await;
+    assert_eq!(kept, Some(serde_json::json!({"loss": loss(100, 0)})));
     // Pending again (as `ablate retry` or a rung's promotion makes it).
     sqlx::query("update trials set state = 'pending', finished_at = null")
         .execute(&pool)
         .await
         .unwrap();
+    let kept: Option<serde_json::Value> = scalar(&pool, "select final_metrics from trials").await;
+    assert_eq!(
+        kept, None,
+        "a trial that runs again has its final metrics worked out again"
+    );
     assert_eq!(series(&pool, "loss").await.len(), 100, "nothing lost on the way back");
     let again = lease(&pool, WorkerId::new_random(), 1, 1, 0, TTL)
         .await
@@ -349,6 +364,14 @@ async fn a_new_attempt_over_a_finished_trial_replaces_its_points_from_the_checkp
         got, want,
         "the first attempt's curve to the checkpoint, the second's after it"
     );
+    let finals: serde_json::Value = scalar(&pool, "select metrics from ablate.trial_results").await;
+    assert_eq!(
+        finals,
+        serde_json::json!({"loss": loss(120, 9)}),
+        "the second attempt's final"
+    );
+    let kept: Option<serde_json::Value> = scalar(&pool, "select final_metrics from trials").await;
+    assert_eq!(kept.as_ref(), Some(&finals));
 }
 
 #[test]

@@ -516,18 +516,29 @@ function experimentView(id) {
       <p class="muted">one line per trial with an objective; colour from worst (red) to best (blue)</p>`;
   }
 
-  async function drawReport() {
+  // A report table shows its first rows and the rest on a click: a large
+  // experiment's report lists every trial, which the trial table has already.
+  const REPORT_ROWS = 100;
+  const reportRows = (rows) => rows.map((r) => `<tr>${r.map((c) => `<td>${esc(c)}</td>`).join("")}</tr>`).join("");
+
+  // `pending`: the report already asked for (on the first load, with the trials).
+  async function drawReport(pending) {
     const box = document.getElementById("report");
     try {
-      const { report } = await api(`/api/v1/experiments/${id}/report`);
+      const { report } = await (pending || api(`/api/v1/experiments/${id}/report`));
       const v = report.verdict;
       const verdict = v.criteria.length === 0 ? "" : `<p class="verdict ${v.holds ? "holds" : "fails"}" id="verdict">verdict: ${v.holds ? "every criterion holds" : "NOT every criterion holds"}</p>
         <table><thead><tr><th></th><th>criterion</th><th>measured</th><th>needs</th></tr></thead><tbody>
         ${v.criteria.map((c) => `<tr><td>${c.holds ? "ok" : "no"}</td><td>${esc(c.name)}</td><td class="num">${c.measured === null ? "not measured" : esc(fmt(c.measured))}</td><td>${esc(c.threshold)}</td></tr>`).join("")}</tbody></table>`;
       box.innerHTML = `<h3>${esc(report.title)}</h3><p>${esc(report.summary)}</p>${verdict}
-        ${report.tables.map((t) => `<h3>${esc(t.title)}</h3><div class="scroll"><table><thead><tr>${t.columns.map((c) => `<th>${esc(c)}</th>`).join("")}</tr></thead>
-          <tbody>${t.rows.map((r) => `<tr>${r.map((c) => `<td>${esc(c)}</td>`).join("")}</tr>`).join("")}</tbody></table></div>`).join("")}
+        ${report.tables.map((t, i) => `<h3>${esc(t.title)}</h3><div class="scroll"><table><thead><tr>${t.columns.map((c) => `<th>${esc(c)}</th>`).join("")}</tr></thead>
+          <tbody data-table="${i}">${reportRows(t.rows.slice(0, REPORT_ROWS))}</tbody></table></div>
+          ${t.rows.length > REPORT_ROWS ? `<button class="show-all" data-table="${i}">show all ${t.rows.length} rows</button>` : ""}`).join("")}
         <div class="row" id="figures"></div>`;
+      box.querySelectorAll("button.show-all").forEach((button) => button.addEventListener("click", () => {
+        box.querySelector(`tbody[data-table="${button.dataset.table}"]`).innerHTML = reportRows(report.tables[Number(button.dataset.table)].rows);
+        button.remove();
+      }));
       const figures = document.getElementById("figures");
       for (const figure of report.figures) {
         for (const panel of figure.panels) {
@@ -552,6 +563,9 @@ function experimentView(id) {
 
   let drawnParams = "";
   every(3000, async () => {
+    // The first load asks for the report with the trials rather than after them.
+    const firstReport = state.lastTrials === "" ? api(`/api/v1/experiments/${id}/report`) : null;
+    firstReport?.catch(() => {});
     const [{ experiment }, { trials }] = await Promise.all([
       api(`/api/v1/experiments/${id}`), api(`/api/v1/experiments/${id}/trials`),
     ]);
@@ -567,7 +581,7 @@ function experimentView(id) {
       }
       drawTable();
       // The curves and the report load while the rest is drawn.
-      const loading = [drawCurves(), drawReport()];
+      const loading = [drawCurves(), drawReport(firstReport)];
       drawScatter();
       drawParallel();
       await Promise.all(loading);

@@ -83,14 +83,15 @@ pub async fn dashboard_experiment(pool: &PgPool, id: ExperimentId) -> Result<Val
 }
 
 /// Every trial of an experiment in order: parameters, state, objective,
-/// attempts, final metrics.
-pub async fn dashboard_trials(pool: &PgPool, id: ExperimentId) -> Result<Value> {
+/// attempts, final metrics; a JSON array as PostgreSQL wrote it (a 10,000-trial
+/// table is megabytes, passed on as they are).
+pub async fn dashboard_trials(pool: &PgPool, id: ExperimentId) -> Result<String> {
     Ok(sqlx::query_scalar(
         "select coalesce(json_agg(json_build_object(
                     'id', r.trial_id, 'ordinal', r.ordinal, 'state', r.state, 'params', r.params,
                     'objective', r.objective, 'attempts', r.attempt, 'metrics', r.metrics, 'error', r.error,
                     'started_at', r.started_at, 'finished_at', r.finished_at, 'reused_from', r.reused_from)
-                order by r.ordinal), '[]'::json)
+                order by r.ordinal), '[]'::json)::text
          from ablate.trial_results r where r.experiment_id = $1",
     )
     .bind(id.0)

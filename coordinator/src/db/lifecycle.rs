@@ -261,7 +261,8 @@ pub async fn delete(tx: &mut PgConnection, id: ExperimentId) -> Result<Deleted> 
         sqlx::query(
             "with h as (select * from unnest($1::uuid[], $2::uuid[]) as h(source, heir))
              update trials t set reused_from = case when t.id = h.heir then null else h.heir end,
-                                 outputs = (select s.outputs from trials s where s.id = h.source)
+                                 outputs = (select s.outputs from trials s where s.id = h.source),
+                                 final_metrics = (select s.final_metrics from trials s where s.id = h.source)
              from h where t.reused_from = h.source",
         )
         .bind(&sources)

@@ -527,7 +527,8 @@ pub async fn compact_trial(pool: &PgPool, trial: uuid::Uuid, how: &Compaction) -
             .await?;
         }
     }
-    sqlx::query("update trials set metrics_due = false where id = $1")
+    // Its points are final now: so are its final metrics, kept for the readers.
+    sqlx::query("update trials set metrics_due = false, final_metrics = trial_final_metrics(id) where id = $1")
         .bind(trial)
         .execute(&mut *tx)
         .await?;
