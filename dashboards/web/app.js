@@ -178,10 +178,36 @@ function plotWidth(el) {
   return Math.max(280, Math.min(el.clientWidth || 900, 1300));
 }
 
-/// An SVG scatter of one point per trial (every trial, also where several share
-/// an x value): numbers on a linear or log axis (as axisFor picks), other values
-/// as categories. Each point is a circle with its trial and value in a tooltip.
-function scatterPlot({ title, param, xLabel, yLabel, kinds, points }) {
+/// The tooltip of whatever the pointer is over that has a `data-tip` (one
+/// listener for the page, not an element per point: a scatter of 10,000 trials
+/// stays 10,000 elements).
+const tip = document.createElement("div");
+tip.id = "tip";
+tip.hidden = true;
+document.body.appendChild(tip);
+function showTip(text, event) {
+  tip.textContent = text;
+  tip.style.left = `${event.pageX + 12}px`;
+  tip.style.top = `${event.pageY + 12}px`;
+  tip.hidden = false;
+}
+document.addEventListener("mouseover", (event) => {
+  const target = event.target.closest && event.target.closest("[data-tip]");
+  if (target) showTip(target.dataset.tip, event);
+});
+document.addEventListener("mouseout", (event) => {
+  if (event.target.closest && event.target.closest("[data-tip]")) tip.hidden = true;
+});
+
+/// Scatters of more points than this draw them on a canvas (10,000 circles in
+/// SVG take longer to lay out than the rest of the page); fewer are SVG circles.
+const SVG_POINTS = 2000;
+
+/// A scatter of one point per trial (every trial, also where several share an
+/// x value), appended to `box`: numbers on a linear or log axis (as axisFor
+/// picks), other values as categories. Each point names its trial and value in
+/// a tooltip.
+function scatterPlot(box, { title, param, xLabel, yLabel, kinds, points }) {
   const W = 380, H = 240, left = 62, right = 12, top = 10, bottom = 36;
   const scale = (values, lo, hi) => {
     const axis = axisFor(values);
@@ -195,22 +221,47 @@ function scatterPlot({ title, param, xLabel, yLabel, kinds, points }) {
   const y = scale(points.map((p) => p.y), H - bottom, top);
   // Points that share an x spread a little sideways, so each stays visible.
   const seen = new Map();
-  const circles = points.map((p) => {
+  const at = points.map((p) => {
     const key = fmt(p.x);
     const n = seen.get(key) || 0;
     seen.set(key, n + 1);
-    const dx = ((n % 7) - 3) * 1.5;
-    return `<circle class="scatter-point" data-param="${esc(param)}" data-x="${esc(fmt(p.x))}" cx="${(x.at(p.x) + dx).toFixed(1)}" cy="${y.at(p.y).toFixed(1)}" r="3.5">` +
-      `<title>trial ${p.trial.ordinal}: ${esc(param)} = ${esc(fmt(p.x))}, ${esc(yLabel)} = ${esc(fmt(p.y))}</title></circle>`;
-  }).join("");
+    return [x.at(p.x) + ((n % 7) - 3) * 1.5, y.at(p.y), key];
+  });
+  const tipOf = (p, key) => `trial ${p.trial.ordinal}: ${param} = ${key}, ${yLabel} = ${fmt(p.y)}`;
+  const onCanvas = points.length > SVG_POINTS;
+  const circles = onCanvas ? "" : points.map((p, i) =>
+    `<circle class="scatter-point" data-param="${esc(param)}" data-x="${esc(at[i][2])}" cx="${at[i][0].toFixed(1)}" cy="${at[i][1].toFixed(1)}" r="3.5" ` +
+    `data-tip="${esc(tipOf(p, at[i][2]))}"/>`).join("");
   const xTicks = kinds
     ? kinds.map((k) => `<text x="${x.at(k).toFixed(1)}" y="${H - bottom + 14}" text-anchor="middle">${esc(k)}</text>`).join("")
     : `<text x="${left}" y="${H - bottom + 14}" text-anchor="start">${esc(fmt(x.min))}</text><text x="${W - right}" y="${H - bottom + 14}" text-anchor="end">${esc(fmt(x.max))}</text>`;
   const yTicks = `<text x="${left - 4}" y="${H - bottom}" text-anchor="end">${esc(fmt(y.min))}</text><text x="${left - 4}" y="${top + 8}" text-anchor="end">${esc(fmt(y.max))}</text>`;
-  return `<div class="card"><h3>${esc(title)}</h3><svg class="scatter" data-param="${esc(param)}" data-points="${points.length}" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}">
+  const card = document.createElement("div");
+  card.className = "card";
+  card.innerHTML = `<h3>${esc(title)}</h3><div class="plot" style="width:${W}px;height:${H}px">
+    ${onCanvas ? `<canvas width="${W * devicePixelRatio}" height="${H * devicePixelRatio}" style="width:${W}px;height:${H}px"></canvas>` : ""}
+    <svg class="scatter" data-param="${esc(param)}" data-points="${points.length}" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}">
     <rect x="${left}" y="${top}" width="${W - left - right}" height="${H - top - bottom}" class="frame"/>${circles}${xTicks}${yTicks}
     <text x="${(left + W - right) / 2}" y="${H - 4}" text-anchor="middle">${esc(xLabel)}</text>
     <text x="12" y="${(top + H - bottom) / 2}" text-anchor="middle" transform="rotate(-90 12 ${(top + H - bottom) / 2})">${esc(yLabel)}</text></svg></div>`;
+  box.appendChild(card);
+  if (!onCanvas) return;
+  const canvas = card.querySelector("canvas");
+  const ctx = canvas.getContext("2d");
+  ctx.scale(devicePixelRatio, devicePixelRatio);
+  ctx.fillStyle = "rgba(31, 119, 180, 0.6)";
+  ctx.beginPath();
+  for (const [cx, cy] of at) { ctx.moveTo(cx + 3.5, cy); ctx.arc(cx, cy, 3.5, 0, 2 * Math.PI); }
+  ctx.fill();
+  canvas.addEventListener("mousemove", (event) => {
+    const rect = canvas.getBoundingClientRect();
+    const px = event.clientX - rect.left, py = event.clientY - rect.top;
+    let best = -1, gap = 25;
+    at.forEach(([cx, cy], i) => { const d = (cx - px) ** 2 + (cy - py) ** 2; if (d < gap) { gap = d; best = i; } });
+    if (best < 0) { tip.hidden = true; return; }
+    showTip(tipOf(points[best], at[best][2]), event);
+  });
+  canvas.addEventListener("mouseleave", () => { tip.hidden = true; });
 }
 
 /// A uPlot of several (x, y) series, joined on one x axis.
@@ -279,9 +330,14 @@ function experimentView(id) {
 
   const allParams = () => state.experiment ? state.experiment.params : [];
   // The swept parameters: those whose values differ between trials (all of them for one trial).
+  // Worked out once per trial list (the table, filters and plots all ask).
+  let swept = { trials: null, params: null, names: [] };
   const paramNames = () => {
-    const varying = allParams().filter((p) => new Set(state.trials.map((t) => JSON.stringify(t.params[p]))).size > 1);
-    return varying.length > 0 || state.trials.length > 1 ? varying : allParams();
+    if (swept.trials !== state.trials || swept.params !== allParams()) {
+      const varying = allParams().filter((p) => new Set(state.trials.map((t) => JSON.stringify(t.params[p]))).size > 1);
+      swept = { trials: state.trials, params: allParams(), names: varying.length > 0 || state.trials.length > 1 ? varying : allParams() };
+    }
+    return swept.names;
   };
   const fixedParams = () => allParams().filter((p) => !paramNames().includes(p));
 
@@ -474,10 +530,10 @@ function experimentView(id) {
     for (const p of paramNames()) {
       const values = done.map((t) => t.params[p]);
       const kinds = numeric(values) ? null : [...new Set(values.map((v) => fmt(v)))].sort();
-      box.insertAdjacentHTML("beforeend", scatterPlot({
+      scatterPlot(box, {
         title: `${objective} vs ${kinds ? `${p} (${kinds.join(", ")})` : p}`, param: p, xLabel: p, yLabel: objective,
         kinds, points: done.map((t) => ({ x: t.params[p], y: t.objective, trial: t })),
-      }));
+      });
     }
   }
 
@@ -503,17 +559,49 @@ function experimentView(id) {
     const y = (f) => H - pad - f * (H - 2 * pad);
     const objectiveScale = scales[scales.length - 1];
     const better = state.experiment.goal === "maximize" ? (f) => f : (f) => 1 - f;
-    const color = (t) => {
-      const f = better(objectiveScale.pos(t.objective));
-      return `hsl(${Math.round(10 + 200 * f)}, 70%, 45%)`;
-    };
-    const lines = done.map((t) => `<path stroke="${color(t)}" d="${axes.map((a, i) => `${i ? "L" : "M"}${x(i).toFixed(1)},${y(scales[i].pos(a.get(t))).toFixed(1)}`).join("")}"><title>trial ${t.ordinal}: ${esc(fmt(t.objective))}</title></path>`).join("");
+    // The lines on a canvas (10,000 trials are one drawing, not 10,000 elements),
+    // the axes in SVG over it; the line nearest the pointer names its trial.
     const ticks = axes.map((a, i) => `<line x1="${x(i)}" x2="${x(i)}" y1="${pad}" y2="${H - pad}" stroke="#98a2b3"/>
       <text x="${x(i)}" y="${pad - 22}" text-anchor="middle" font-weight="600">${esc(a.name)}</text>
       <text x="${x(i)}" y="${pad - 8}" text-anchor="middle">${esc(fmt(scales[i].hi))}</text>
       <text x="${x(i)}" y="${H - pad + 14}" text-anchor="middle">${esc(fmt(scales[i].lo))}</text>`).join("");
-    box.innerHTML = `<svg class="parallel" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}">${lines}${ticks}</svg>
+    box.innerHTML = `<div class="parallel" style="width:${W}px;height:${H}px" data-lines="${done.length}">
+        <canvas width="${W * devicePixelRatio}" height="${H * devicePixelRatio}" style="width:${W}px;height:${H}px"></canvas>
+        <svg width="${W}" height="${H}" viewBox="0 0 ${W} ${H}">${ticks}</svg></div>
       <p class="muted">one line per trial with an objective; colour from worst (red) to best (blue)</p>`;
+    const canvas = box.querySelector("canvas");
+    const ctx = canvas.getContext("2d");
+    ctx.scale(devicePixelRatio, devicePixelRatio);
+    ctx.lineWidth = 1;
+    ctx.globalAlpha = 0.55;
+    const ys = done.map((t) => axes.map((a, i) => y(scales[i].pos(a.get(t)))));
+    // One path per shade (64 of them), worst first so the best lie on top.
+    const shades = 64;
+    const shadeOf = (t) => Math.round(better(objectiveScale.pos(t.objective)) * (shades - 1));
+    const byShade = Array.from({ length: shades }, () => []);
+    done.forEach((t, k) => { const s = shadeOf(t); if (s >= 0) byShade[s].push(k); });
+    byShade.forEach((lines, s) => {
+      if (lines.length === 0) return;
+      ctx.strokeStyle = `hsl(${Math.round(10 + (200 * s) / (shades - 1))}, 70%, 45%)`;
+      ctx.beginPath();
+      for (const k of lines) ys[k].forEach((v, i) => (i ? ctx.lineTo(x(i), v) : ctx.moveTo(x(i), v)));
+      ctx.stroke();
+    });
+    canvas.addEventListener("mousemove", (event) => {
+      const rect = canvas.getBoundingClientRect();
+      const px = event.clientX - rect.left, py = event.clientY - rect.top;
+      const span = (W - 2 * padX) / Math.max(axes.length - 1, 1);
+      const i = Math.max(0, Math.min(axes.length - 2, Math.floor((px - padX) / span)));
+      const f = Math.max(0, Math.min(1, (px - x(i)) / span));
+      let best = -1, gap = 5;
+      ys.forEach((line, k) => {
+        const d = Math.abs((axes.length > 1 ? line[i] + f * (line[i + 1] - line[i]) : line[0]) - py);
+        if (d < gap) { gap = d; best = k; }
+      });
+      if (best < 0) { tip.hidden = true; return; }
+      showTip(`trial ${done[best].ordinal}: ${fmt(done[best].objective)}`, event);
+    });
+    canvas.addEventListener("mouseleave", () => { tip.hidden = true; });
   }
 
   // A report table shows its first rows and the rest on a click: a large
@@ -579,9 +667,9 @@ function experimentView(id) {
         drawnParams = JSON.stringify(experiment.params);
         drawFilters();
       }
-      drawTable();
       // The curves and the report load while the rest is drawn.
       const loading = [drawCurves(), drawReport(firstReport)];
+      drawTable();
       drawScatter();
       drawParallel();
       await Promise.all(loading);
