@@ -47,7 +47,7 @@ end $$;
 
 create trigger trials_final_metrics_stale before update of state on trials
 for each row
-when (old.state is distinct from new.state)
+when (old.state is distinct from new.state and old.final_metrics is not null)
 execute function trials_final_metrics_stale();
 
 -- Trials that finished before this migration.

@@ -508,3 +508,73 @@ async fn two_coordinators_share_a_sweep_and_one_killed_loses_nothing() {
         text(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_killed_mid_compaction_loses_and_repeats_no_point() {
+    let mut stack = Stack::start(15.0).await;
+    stack.start_worker("cpu:1");
+    let spec = stack.write_spec(
+        "compact.toml",
+        &RESUME_SPEC
+            .replace("NAME", "compact")
+            .replace("steps = 300", "steps = 1500")
+            .replace("checkpoint_every = 40", "checkpoint_every = 500")
+            .replace("eval_every = 50", "eval_every = 500")
+            .replace("step_delay_ms = 15", "step_delay_ms = 0"),
+    );
+    // Held while the trial finishes, the lock stops the compactor's transaction
+    // at its downsampled copy (of the 1,500-point train_loss curve), after
+    // everything else it does to the trial's points and before it commits.
+    let mut blocker = stack.pool.begin().await.unwrap();
+    sqlx::query("lock table metric_curves in share mode")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let experiment = stack.submit(&spec);
+    stack.wait_finished(&experiment, Duration::from_secs(180)).await;
+    let compacting = "select count(*) > 0 from pg_stat_activity
+         where datname = current_database() and pid <> pg_backend_pid()
+           and wait_event_type = 'Lock' and query like 'insert into metric_curves%'";
+    stack.wait_for(compacting, Duration::from_secs(30)).await;
+    let points = "select step, value from ablate.metric_series where name = 'train_loss' order by step";
+    let before: Vec<(i64, f64)> = sqlx::query_as(points).fetch_all(&stack.pool).await.unwrap();
+    assert_eq!(before.len(), 1500, "{}", stack.logs());
+
+    stack.kill_coordinator();
+    blocker.rollback().await.unwrap();
+    // The compactor's backend finds its client gone and rolls back.
+    let gone = "select count(*) = 0 from pg_stat_activity
+         where datname = current_database() and pid <> pg_backend_pid() and query like 'insert into metric_curves%'
+           and state <> 'idle'";
+    stack.wait_for(gone, Duration::from_secs(30)).await;
+    let (due, kept, copies): (bool, Option<serde_json::Value>, i64) = sqlx::query_as(
+        "select bool_or(metrics_due), max(final_metrics::text)::jsonb, (select count(*) from metric_curves) from trials",
+    )
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!((due, kept, copies), (true, None, 0), "the compaction was undone whole");
+    let undone: Vec<(i64, f64)> = sqlx::query_as(points).fetch_all(&stack.pool).await.unwrap();
+    assert_eq!(undone, before, "every point as it was");
+
+    stack.start_coordinator().await;
+    stack
+        .wait_for(
+            "select count(*) = 0 from trials where metrics_due",
+            Duration::from_secs(30),
+        )
+        .await;
+    let after: Vec<(i64, f64)> = sqlx::query_as(points).fetch_all(&stack.pool).await.unwrap();
+    assert_eq!(after, before, "compacted after the restart: each point once, as it was");
+    let (copy_points, finals, results): (i64, serde_json::Value, serde_json::Value) = sqlx::query_as(
+        "select d.points, t.final_metrics, r.metrics from metric_curves d
+         join metric_names n on n.id = d.name_id and n.name = 'train_loss'
+         join trials t on t.id = d.trial_id join ablate.trial_results r on r.trial_id = t.id",
+    )
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(copy_points, 1500, "the downsampled copy stands for every point");
+    assert_eq!(finals, results);
+    assert_eq!(finals["train_loss"].as_f64(), Some(before[1499].1));
+}

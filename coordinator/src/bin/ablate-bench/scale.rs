@@ -452,15 +452,23 @@ pub async fn rows(
         .note("every point of m0 unnested from the chunks"),
     );
     rows.push(match page {
-        Ok((wall, own)) => Row::new(format!("experiment page of {wide} trials drawn in Chromium"), wall, "ms")
-            .lower_is_better()
-            .note(format!(
-                "navigation to table, curves, a scatter per parameter and parallel coordinates of every trial, \
+        Ok((wall, own)) => Row::new(
+            format!("experiment page of {wide} trials drawn in Chromium"),
+            wall,
+            "ms",
+        )
+        .lower_is_better()
+        .note(format!(
+            "navigation to table, curves, a scatter per parameter and parallel coordinates of every trial, \
                  and the report drawn; the page's own clock {own:.0} ms (target < 1,000 ms); table rows drawn as \
                  they scroll into view"
-            )),
-        Err(why) => Row::new(format!("experiment page of {wide} trials drawn in Chromium"), f64::NAN, "ms")
-            .note(format!("not measured: {why}")),
+        )),
+        Err(why) => Row::new(
+            format!("experiment page of {wide} trials drawn in Chromium"),
+            f64::NAN,
+            "ms",
+        )
+        .note(format!("not measured: {why}")),
     });
     rows.push(
         Row::new(
