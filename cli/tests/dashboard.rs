@@ -325,6 +325,20 @@ async fn every_page_loads_in_chromium_with_its_data_behind_the_tokens() {
         "curves and the report's figures: {dom}"
     );
     assert_every_trial_is_drawn(&dom, &trials_of(&mup), &["width", "parametrization", "seed"], 36);
+    // A report cut to its first rows says how many there are.
+    let report_of = |query: &str| {
+        let (_, _, body) = api(&format!("/api/v1/experiments/{mup}/report{query}"), Some(&admin));
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    let (whole, cut) = (report_of(""), report_of("?rows=2&text=false"));
+    assert!(whole["text"].is_string() && cut.get("text").is_none(), "{cut}");
+    let tables = |r: &serde_json::Value| r["report"]["tables"].as_array().unwrap().clone();
+    assert!(!tables(&whole).is_empty());
+    for (w, c) in tables(&whole).iter().zip(tables(&cut)) {
+        let rows = w["rows"].as_array().unwrap();
+        assert_eq!(c["total_rows"].as_u64(), Some(rows.len() as u64), "{c}");
+        assert_eq!(c["rows"].as_array().unwrap()[..], rows[..rows.len().min(2)], "{c}");
+    }
     // Its objective is a final value and eval_loss has one point a trial (eval_every =
     // steps): the curve panel draws train_loss, which has a curve.
     assert!(

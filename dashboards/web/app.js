@@ -607,24 +607,27 @@ function experimentView(id) {
   // A report table shows its first rows and the rest on a click: a large
   // experiment's report lists every trial, which the trial table has already.
   const REPORT_ROWS = 100;
+  const reportPath = `/api/v1/experiments/${id}/report?rows=${REPORT_ROWS}&text=false`;
   const reportRows = (rows) => rows.map((r) => `<tr>${r.map((c) => `<td>${esc(c)}</td>`).join("")}</tr>`).join("");
 
   // `pending`: the report already asked for (on the first load, with the trials).
   async function drawReport(pending) {
     const box = document.getElementById("report");
     try {
-      const { report } = await (pending || api(`/api/v1/experiments/${id}/report`));
+      const { report } = await (pending || api(reportPath));
       const v = report.verdict;
       const verdict = v.criteria.length === 0 ? "" : `<p class="verdict ${v.holds ? "holds" : "fails"}" id="verdict">verdict: ${v.holds ? "every criterion holds" : "NOT every criterion holds"}</p>
         <table><thead><tr><th></th><th>criterion</th><th>measured</th><th>needs</th></tr></thead><tbody>
         ${v.criteria.map((c) => `<tr><td>${c.holds ? "ok" : "no"}</td><td>${esc(c.name)}</td><td class="num">${c.measured === null ? "not measured" : esc(fmt(c.measured))}</td><td>${esc(c.threshold)}</td></tr>`).join("")}</tbody></table>`;
       box.innerHTML = `<h3>${esc(report.title)}</h3><p>${esc(report.summary)}</p>${verdict}
         ${report.tables.map((t, i) => `<h3>${esc(t.title)}</h3><div class="scroll"><table><thead><tr>${t.columns.map((c) => `<th>${esc(c)}</th>`).join("")}</tr></thead>
-          <tbody data-table="${i}">${reportRows(t.rows.slice(0, REPORT_ROWS))}</tbody></table></div>
-          ${t.rows.length > REPORT_ROWS ? `<button class="show-all" data-table="${i}">show all ${t.rows.length} rows</button>` : ""}`).join("")}
+          <tbody data-table="${i}">${reportRows(t.rows)}</tbody></table></div>
+          ${t.total_rows > t.rows.length ? `<button class="show-all" data-table="${i}">show all ${t.total_rows} rows</button>` : ""}`).join("")}
         <div class="row" id="figures"></div>`;
-      box.querySelectorAll("button.show-all").forEach((button) => button.addEventListener("click", () => {
-        box.querySelector(`tbody[data-table="${button.dataset.table}"]`).innerHTML = reportRows(report.tables[Number(button.dataset.table)].rows);
+      box.querySelectorAll("button.show-all").forEach((button) => button.addEventListener("click", async () => {
+        button.disabled = true;
+        const whole = await api(`/api/v1/experiments/${id}/report?text=false`);
+        box.querySelector(`tbody[data-table="${button.dataset.table}"]`).innerHTML = reportRows(whole.report.tables[Number(button.dataset.table)].rows);
         button.remove();
       }));
       const figures = document.getElementById("figures");
@@ -652,7 +655,7 @@ function experimentView(id) {
   let drawnParams = "";
   every(3000, async () => {
     // The first load asks for the report with the trials rather than after them.
-    const firstReport = state.lastTrials === "" ? api(`/api/v1/experiments/${id}/report`) : null;
+    const firstReport = state.lastTrials === "" ? api(reportPath) : null;
     firstReport?.catch(() => {});
     const [{ experiment }, { trials }] = await Promise.all([
       api(`/api/v1/experiments/${id}`), api(`/api/v1/experiments/${id}/trials`),

@@ -475,13 +475,45 @@ async fn experiment_curves(
     ))
 }
 
-async fn report(State(web): State<Web>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+#[derive(Deserialize)]
+struct ReportQuery {
+    /// At most this many rows of each table (each table then says its `total_rows`);
+    /// every row when left out.
+    rows: Option<usize>,
+    /// `false`: without the report as text.
+    text: Option<bool>,
+}
+
+async fn report(
+    State(web): State<Web>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<ReportQuery>,
+) -> Result<Response, ApiError> {
     let id = experiment_id(&id)?;
-    let report = crate::platform::reports::build(web.reads(), id)
+    let mut report = crate::platform::reports::build(web.reads(), id)
         .await
         .map_err(|e| web.explain(e))?;
-    let text = report.to_text();
-    Ok(fresh(&headers, &json!({ "report": report, "text": text })))
+    let text = (q.text != Some(false)).then(|| report.to_text());
+    let totals: Vec<usize> = report.tables.iter().map(|t| t.rows.len()).collect();
+    if let Some(rows) = q.rows {
+        for table in &mut report.tables {
+            table.rows.truncate(rows);
+        }
+    }
+    let mut body = json!({ "report": report });
+    for (table, total) in body["report"]["tables"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+        .zip(totals)
+    {
+        table["total_rows"] = total.into();
+    }
+    if let Some(text) = text {
+        body["text"] = text.into();
+    }
+    Ok(fresh(&headers, &body))
 }
 
 async fn trial(State(web): State<Web>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
