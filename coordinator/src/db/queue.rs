@@ -157,10 +157,15 @@ fn lease_statement(many: bool) -> String {
              from unnest($1::uuid[], $5::int4[]) with ordinality as a(worker, slots, i)
              join workers w on w.id = a.worker and w.draining_since is null
          ),
+         -- Each asked slot, numbered in the order asked: a trial goes to the worker
+         -- whose slot its last one is (an equality join, however many ask).
+         asked_slots as (
+             select a.worker, n.slot from asked a, generate_series(a.first + 1, a.first + a.slots) as n(slot)
+         ),
          ",
             "($1::uuid[])[1]",
             "true",
-            "from fits join asked a on fits.used > a.first and fits.used <= a.first + a.slots, experiments e
+            "from fits join asked_slots a on a.slot = fits.used, experiments e
          where t.id = fits.id and e.id = t.experiment_id",
             "a.worker",
             "a.worker as leased_by, ",
