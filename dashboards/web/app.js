@@ -199,6 +199,24 @@ document.addEventListener("mouseout", (event) => {
   if (event.target.closest && event.target.closest("[data-tip]")) tip.hidden = true;
 });
 
+/// A canvas of `W` x `H` CSS pixels, drawn at the screen's pixel density.
+const canvasHtml = (W, H) =>
+  `<canvas width="${W * devicePixelRatio}" height="${H * devicePixelRatio}" style="width:${W}px;height:${H}px"></canvas>`;
+
+/// The 2D context of a `canvasHtml` canvas, in CSS pixels; `tipAt(x, y)` names
+/// what is drawn under the pointer (null: nothing), shown as the page's tooltip.
+function drawOn(canvas, tipAt) {
+  canvas.addEventListener("mousemove", (event) => {
+    const rect = canvas.getBoundingClientRect();
+    const text = tipAt(event.clientX - rect.left, event.clientY - rect.top);
+    if (text === null) tip.hidden = true; else showTip(text, event);
+  });
+  canvas.addEventListener("mouseleave", () => { tip.hidden = true; });
+  const ctx = canvas.getContext("2d");
+  ctx.scale(devicePixelRatio, devicePixelRatio);
+  return ctx;
+}
+
 /// Scatters of more points than this draw them on a canvas (10,000 circles in
 /// SVG take longer to lay out than the rest of the page); fewer are SVG circles.
 const SVG_POINTS = 2000;
@@ -239,29 +257,22 @@ function scatterPlot(box, { title, param, xLabel, yLabel, kinds, points }) {
   const card = document.createElement("div");
   card.className = "card";
   card.innerHTML = `<h3>${esc(title)}</h3><div class="plot" style="width:${W}px;height:${H}px">
-    ${onCanvas ? `<canvas width="${W * devicePixelRatio}" height="${H * devicePixelRatio}" style="width:${W}px;height:${H}px"></canvas>` : ""}
+    ${onCanvas ? canvasHtml(W, H) : ""}
     <svg class="scatter" data-param="${esc(param)}" data-points="${points.length}" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}">
     <rect x="${left}" y="${top}" width="${W - left - right}" height="${H - top - bottom}" class="frame"/>${circles}${xTicks}${yTicks}
     <text x="${(left + W - right) / 2}" y="${H - 4}" text-anchor="middle">${esc(xLabel)}</text>
     <text x="12" y="${(top + H - bottom) / 2}" text-anchor="middle" transform="rotate(-90 12 ${(top + H - bottom) / 2})">${esc(yLabel)}</text></svg></div>`;
   box.appendChild(card);
   if (!onCanvas) return;
-  const canvas = card.querySelector("canvas");
-  const ctx = canvas.getContext("2d");
-  ctx.scale(devicePixelRatio, devicePixelRatio);
+  const ctx = drawOn(card.querySelector("canvas"), (px, py) => {
+    let best = -1, gap = 25;
+    at.forEach(([cx, cy], i) => { const d = (cx - px) ** 2 + (cy - py) ** 2; if (d < gap) { gap = d; best = i; } });
+    return best < 0 ? null : tipOf(points[best], at[best][2]);
+  });
   ctx.fillStyle = "rgba(31, 119, 180, 0.6)";
   ctx.beginPath();
   for (const [cx, cy] of at) { ctx.moveTo(cx + 3.5, cy); ctx.arc(cx, cy, 3.5, 0, 2 * Math.PI); }
   ctx.fill();
-  canvas.addEventListener("mousemove", (event) => {
-    const rect = canvas.getBoundingClientRect();
-    const px = event.clientX - rect.left, py = event.clientY - rect.top;
-    let best = -1, gap = 25;
-    at.forEach(([cx, cy], i) => { const d = (cx - px) ** 2 + (cy - py) ** 2; if (d < gap) { gap = d; best = i; } });
-    if (best < 0) { tip.hidden = true; return; }
-    showTip(tipOf(points[best], at[best][2]), event);
-  });
-  canvas.addEventListener("mouseleave", () => { tip.hidden = true; });
 }
 
 /// A uPlot of several (x, y) series, joined on one x axis.
@@ -566,15 +577,23 @@ function experimentView(id) {
       <text x="${x(i)}" y="${pad - 8}" text-anchor="middle">${esc(fmt(scales[i].hi))}</text>
       <text x="${x(i)}" y="${H - pad + 14}" text-anchor="middle">${esc(fmt(scales[i].lo))}</text>`).join("");
     box.innerHTML = `<div class="parallel" style="width:${W}px;height:${H}px" data-lines="${done.length}">
-        <canvas width="${W * devicePixelRatio}" height="${H * devicePixelRatio}" style="width:${W}px;height:${H}px"></canvas>
+        ${canvasHtml(W, H)}
         <svg width="${W}" height="${H}" viewBox="0 0 ${W} ${H}">${ticks}</svg></div>
       <p class="muted">one line per trial with an objective; colour from worst (red) to best (blue)</p>`;
-    const canvas = box.querySelector("canvas");
-    const ctx = canvas.getContext("2d");
-    ctx.scale(devicePixelRatio, devicePixelRatio);
+    const ys = done.map((t) => axes.map((a, i) => y(scales[i].pos(a.get(t)))));
+    const ctx = drawOn(box.querySelector("canvas"), (px, py) => {
+      const span = (W - 2 * padX) / Math.max(axes.length - 1, 1);
+      const i = Math.max(0, Math.min(axes.length - 2, Math.floor((px - padX) / span)));
+      const f = Math.max(0, Math.min(1, (px - x(i)) / span));
+      let best = -1, gap = 5;
+      ys.forEach((line, k) => {
+        const d = Math.abs((axes.length > 1 ? line[i] + f * (line[i + 1] - line[i]) : line[0]) - py);
+        if (d < gap) { gap = d; best = k; }
+      });
+      return best < 0 ? null : `trial ${done[best].ordinal}: ${fmt(done[best].objective)}`;
+    });
     ctx.lineWidth = 1;
     ctx.globalAlpha = 0.55;
-    const ys = done.map((t) => axes.map((a, i) => y(scales[i].pos(a.get(t)))));
     // One path per shade (64 of them), worst first so the best lie on top.
     const shades = 64;
     const shadeOf = (t) => Math.round(better(objectiveScale.pos(t.objective)) * (shades - 1));
@@ -587,21 +606,6 @@ function experimentView(id) {
       for (const k of lines) ys[k].forEach((v, i) => (i ? ctx.lineTo(x(i), v) : ctx.moveTo(x(i), v)));
       ctx.stroke();
     });
-    canvas.addEventListener("mousemove", (event) => {
-      const rect = canvas.getBoundingClientRect();
-      const px = event.clientX - rect.left, py = event.clientY - rect.top;
-      const span = (W - 2 * padX) / Math.max(axes.length - 1, 1);
-      const i = Math.max(0, Math.min(axes.length - 2, Math.floor((px - padX) / span)));
-      const f = Math.max(0, Math.min(1, (px - x(i)) / span));
-      let best = -1, gap = 5;
-      ys.forEach((line, k) => {
-        const d = Math.abs((axes.length > 1 ? line[i] + f * (line[i + 1] - line[i]) : line[0]) - py);
-        if (d < gap) { gap = d; best = k; }
-      });
-      if (best < 0) { tip.hidden = true; return; }
-      showTip(`trial ${done[best].ordinal}: ${fmt(done[best].objective)}`, event);
-    });
-    canvas.addEventListener("mouseleave", () => { tip.hidden = true; });
   }
 
   // A report table shows its first rows and the rest on a click: a large
