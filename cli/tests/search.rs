@@ -486,3 +486,109 @@ async fn pbt_beats_the_best_fixed_learning_rate_when_the_best_rate_falls() {
         .await;
     assert_eq!(copied, 14);
 }
+
+/// The bench's synthetic task (`ablate_experiments::tpe::synthetic`) as a command trial
+/// that takes 0.4 s: its minimum, 0, at lr = 10^-2.5, log2_batch 6, gelu, x = 0.3.
+const SYNTHETIC_SH: &str = r#"sleep 0.4
+loss=$(awk -v lr="$1" -v b="$2" -v act="$3" -v x="$4" 'BEGIN {
+    a = 0.4; if (act == "gelu") a = 0; if (act == "silu") a = 0.1
+    l = log(lr) / log(10) + 2.5
+    printf "%.12g", l * l + ((b - 6) / 3) ^ 2 + a + 2 * (x - 0.3) ^ 2 }')
+echo "{\"step\": 1, \"metrics\": {\"loss\": $loss}}" >&3
+"#;
+
+const BUSY_TPE: &str = r#"
+name = "tpe-busy"
+family = "train"
+[trial]
+command = ["sh", "synthetic.sh", "{lr}", "{log2_batch}", "{activation}", "{x}"]
+code = "."
+[base]
+steps = 1
+[sweep]
+searcher = "tpe"
+params.activation = ["relu", "gelu", "tanh", "silu"]
+params.log2_batch = { range = [2, 10], step = 1 }
+params.lr = { log_uniform = [1e-5, 1.0] }
+params.x = { uniform = [0.0, 1.0] }
+[sweep.tpe]
+trials = 64
+n_startup = 4
+seed = 3
+[objective]
+metric = "loss"
+goal = "minimize"
+"#;
+
+/// With 8 slots and a random start of only 4, a tpe sweep proposes the other 4 at once
+/// and one whenever a trial ends (the ones in flight as constant liars): sampled every
+/// 20 ms, 8 trials run from the first moment 8 do until fewer than 8 are left.
+#[tokio::test(flavor = "multi_thread")]
+async fn tpe_keeps_every_free_slot_busy_with_proposals_made_beside_the_running_ones() {
+    let mut stack = Stack::start(30.0).await;
+    let dir = stack.dir.join("busy-tpe");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("synthetic.sh"), SYNTHETIC_SH).unwrap();
+    std::fs::write(dir.join("sweep.toml"), BUSY_TPE).unwrap();
+    stack.start_worker_from(&harness::bin("ablate-worker"), "cpu:8", &["--allow-commands"]);
+    // The worker is live before the sweep arrives, so its free slots are known at submit.
+    for _ in 0..200 {
+        if stack.scalar_i64("select count(*) from workers").await == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let experiment = stack.submit(&dir.join("sweep.toml"));
+    let mut samples: Vec<(i64, i64)> = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let (running, ended): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "select count(*) filter (where state = 'running'),
+                    count(*) filter (where state in ('succeeded', 'failed', 'pruned', 'cancelled'))
+             from trials where experiment_id = '{experiment}'"
+        )))
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+        samples.push((running, ended));
+        if ended == 64 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the sweep did not end: {samples:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(samples.iter().all(|(running, _)| *running <= 8), "more than 8 ran: {samples:?}");
+    let first = samples.iter().position(|(running, _)| *running == 8).expect("8 ran at once");
+    let window: Vec<i64> = samples[first..]
+        .iter()
+        .filter(|(_, ended)| 64 - ended >= 8)
+        .map(|(running, _)| *running)
+        .collect();
+    let full = window.iter().filter(|r| **r == 8).count();
+    eprintln!("8 running in {full} of {} samples while 8 or more were left", window.len());
+    assert!(
+        window.len() >= 20 && full as f64 >= 0.9 * window.len() as f64,
+        "8 running in {full} of {} samples while 8 or more were left: {window:?}",
+        window.len()
+    );
+    // Every trial succeeded, and the proposals used the results: the last half's median
+    // loss is below the random start's.
+    let losses: Vec<(i32, String, Option<f64>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select t.ordinal, t.state, (r.metrics ->> 'loss')::float8
+         from trials t join ablate.trial_results r on r.trial_id = t.id
+         where t.experiment_id = '{experiment}' order by t.ordinal"
+    )))
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(losses.len(), 64);
+    assert!(losses.iter().all(|l| l.1 == "succeeded" && l.2.is_some()), "{losses:?}");
+    let median = |v: &[Option<f64>]| {
+        let mut v: Vec<f64> = v.iter().flatten().copied().collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let all: Vec<Option<f64>> = losses.iter().map(|l| l.2).collect();
+    let (start, late) = (median(&all[..8]), median(&all[32..]));
+    assert!(late < start, "median loss of the last 32 trials {late}, of the first 8 {start}");
+}

@@ -107,6 +107,11 @@ pub async fn submit_as(pool: &PgPool, s: &Submission<'_>) -> Result<Submitted> {
     let wanted: Vec<usize> = (0..checked.trials.len()).collect();
     let reused = insert_trials(&mut tx, id, &experiment.scheduling, &checked, &wanted, &[], 0).await?;
     tx.commit().await?;
+    if checked.spec.sweep.tpe.is_some() {
+        // More slots free than the random start holds: the rest are proposed now.
+        let mut conn = pool.acquire().await?;
+        crate::platform::searchers::top_up(&mut conn, id).await?;
+    }
     tracing::Span::current().record("experiment_id", id.to_string());
     tracing::info!(experiment = %id, name = %checked.spec.name, trials = checked.trials.len(), reused, "experiment submitted");
     // A tpe sweep holds its random start now and the rest as trials finish: its count is its budget.

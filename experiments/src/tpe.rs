@@ -1,14 +1,22 @@
-//! The tree-structured Parzen estimator (Bergstra et al., 2011), univariate as
-//! Optuna's default: the finished trials are split at the best `gamma(n)`
-//! (10% of them, at most 25) into "good" and "bad"; for each parameter a
-//! Parzen density is fitted to each group (Gaussians at the observations
-//! with a prior over the whole domain, truncated to it; for a list, smoothed
-//! counts); 24 candidates drawn from the good density are scored by
-//! `log l(x) - log g(x)` and the best is proposed. Log-uniform domains are
-//! modelled in log space, ranges as numbers rounded to their step.
+//! The tree-structured Parzen estimator (Bergstra et al., 2011). The finished
+//! trials are split at the best `gamma(n)` (10% of them, at most 25) into "good"
+//! and "bad"; a Parzen density is fitted to each group; 24 candidates drawn from
+//! the good density are scored by `log l(x) - log g(x)` and the best is proposed.
 //!
-//! Every draw comes from a generator seeded by the sweep's seed and the
-//! trial's ordinal, so the same history gives the same proposal.
+//! - **Multivariate** (the default, as Optuna's `multivariate=True`): one joint
+//!   density over all swept parameters, a product kernel per observation (a
+//!   Gaussian per number, a peaked distribution per list) plus a wide prior
+//!   component, so parameters that only work together are proposed together.
+//!   Univariate (`multivariate = false`): a density per parameter, as Optuna's
+//!   default sampler.
+//! - **Constant liar**: trials still pending or running count as observed with the
+//!   worst loss (in the bad group), so proposals made while others are in flight
+//!   spread out instead of repeating each other, and every free slot gets one.
+//!
+//! Log-uniform domains are modelled in log space, ranges as numbers rounded to
+//! their step, lists as categories. Every draw comes from a generator seeded by
+//! the sweep's seed and the trial's ordinal, so the same history gives the same
+//! proposal.
 
 use ablate_schema::ParamDomain;
 use rand::Rng;
@@ -17,14 +25,16 @@ use serde_json::{Map, Value};
 
 use crate::draw::{random_point, rng_for};
 
-/// Candidates drawn from the good density per parameter.
+/// Candidates drawn from the good density per proposal.
 pub const CANDIDATES: usize = 24;
 
-/// A finished trial as the estimator sees it: its swept values and its objective
-/// (to minimize; negate a maximized one), `None` when it failed.
+/// A trial as the estimator sees it: its swept values and its objective (to minimize;
+/// negate a maximized one), `None` when it failed or has not finished; `running`
+/// when it is still pending or running (a constant liar's trial).
 pub struct Observation {
     pub params: Map<String, Value>,
     pub loss: Option<f64>,
+    pub running: bool,
 }
 
 impl Observation {
@@ -34,6 +44,16 @@ impl Observation {
         Observation {
             params,
             loss: objective.map(|v| if maximize { -v } else { v }),
+            running: false,
+        }
+    }
+
+    /// A trial still in flight: it counts as bad (the worst loss) until it finishes.
+    pub fn in_flight(params: Map<String, Value>) -> Observation {
+        Observation {
+            params,
+            loss: None,
+            running: true,
         }
     }
 }
@@ -43,30 +63,51 @@ pub fn n_good(n: usize) -> usize {
     n.div_ceil(10).min(25)
 }
 
+/// The good and bad trials' parameters (the trials in flight among the bad), or
+/// `None` while fewer than two trials finished with an objective.
+fn split(history: &[Observation]) -> Option<(Vec<&Map<String, Value>>, Vec<&Map<String, Value>>)> {
+    let mut done: Vec<&Observation> = history
+        .iter()
+        .filter(|o| !o.running && o.loss.is_some_and(f64::is_finite))
+        .collect();
+    if done.len() < 2 {
+        return None;
+    }
+    done.sort_by(|a, b| a.loss.unwrap().total_cmp(&b.loss.unwrap()));
+    let in_flight = history.iter().filter(|o| o.running);
+    let good_count = n_good(done.len() + in_flight.clone().count()).clamp(1, done.len() - 1);
+    let (good, bad) = done.split_at(good_count);
+    let good = good.iter().map(|o| &o.params).collect();
+    let bad = bad.iter().map(|o| &o.params).chain(in_flight.map(|o| &o.params)).collect();
+    Some((good, bad))
+}
+
 /// Proposes trial `ordinal`'s point from `history` (random while fewer than two trials
-/// finished with an objective).
+/// finished with an objective): jointly over the parameters with `multivariate`, one
+/// parameter at a time without.
 pub fn propose(
     domains: &[(String, ParamDomain)],
     history: &[Observation],
     seed: u64,
     ordinal: usize,
+    multivariate: bool,
 ) -> Map<String, Value> {
-    let mut done: Vec<&Observation> = history.iter().filter(|o| o.loss.is_some_and(f64::is_finite)).collect();
-    if done.len() < 2 {
+    let Some((good, bad)) = split(history) else {
         return random_point(domains, seed, ordinal);
-    }
-    done.sort_by(|a, b| a.loss.unwrap().total_cmp(&b.loss.unwrap()));
-    let (good, bad) = done.split_at(n_good(done.len()));
+    };
     let mut rng = rng_for(seed, ordinal);
+    if multivariate {
+        return joint::propose(domains, &good, &bad, &mut rng);
+    }
     domains
         .iter()
         .map(|(name, domain)| {
-            let values = |group: &[&Observation]| -> Vec<Value> {
-                group.iter().filter_map(|o| o.params.get(name).cloned()).collect()
+            let values = |group: &[&Map<String, Value>]| -> Vec<Value> {
+                group.iter().filter_map(|p| p.get(name).cloned()).collect()
             };
             let value = match domain {
-                ParamDomain::List(items) => pick_category(items, &values(good), &values(bad), &mut rng),
-                numeric => pick_number(numeric, &values(good), &values(bad), &mut rng),
+                ParamDomain::List(items) => pick_category(items, &values(&good), &values(&bad), &mut rng),
+                numeric => pick_number(numeric, &values(&good), &values(&bad), &mut rng),
             };
             (name.clone(), value)
         })
@@ -233,6 +274,185 @@ fn pick_number(domain: &ParamDomain, good: &[Value], bad: &[Value], rng: &mut Ch
     space.outer(domain, best.1)
 }
 
+/// The multivariate estimator: one joint Parzen density over all parameters.
+mod joint {
+    use super::*;
+
+    /// One parameter as the joint density models it.
+    enum Dim {
+        /// A number in the estimator's space (log space for log-uniform).
+        Number(Space),
+        /// A list of `n` items, by index.
+        Category(usize),
+    }
+
+    impl Dim {
+        fn of(domain: &ParamDomain) -> Dim {
+            match domain {
+                ParamDomain::List(items) => Dim::Category(items.len()),
+                numeric => Dim::Number(Space::of(numeric)),
+            }
+        }
+
+        /// A value's coordinate (an item's index for a list); `None` when it lies outside.
+        fn coordinate(&self, domain: &ParamDomain, v: &Value) -> Option<f64> {
+            match (self, domain) {
+                (Dim::Category(_), ParamDomain::List(items)) => items.iter().position(|i| i == v).map(|i| i as f64),
+                (Dim::Number(space), _) => space.inner(v).map(|x| x.clamp(space.lo, space.hi)),
+                _ => None,
+            }
+        }
+    }
+
+    /// Equal-weight components, one per observation and one prior: for a number a
+    /// Gaussian (bandwidth by Scott's rule as Optuna's, the prior one as wide as the
+    /// domain), truncated to it; for a list a distribution peaked at the observed item.
+    struct Density<'a> {
+        dims: &'a [Dim],
+        /// Each observation's coordinates; the prior component comes after them.
+        points: Vec<Vec<f64>>,
+        /// Per number dimension, the observations' bandwidth (unused for lists).
+        sigmas: Vec<f64>,
+        /// An observed item's share of its component's mass (the rest spread evenly).
+        peak: f64,
+    }
+
+    impl<'a> Density<'a> {
+        fn fit(dims: &'a [Dim], points: Vec<Vec<f64>>) -> Density<'a> {
+            let n = points.len().max(1) as f64;
+            let scale = 0.2 * n.powf(-1.0 / (dims.len() as f64 + 4.0));
+            let sigmas = dims
+                .iter()
+                .map(|d| match d {
+                    Dim::Number(s) => {
+                        let width = s.hi - s.lo;
+                        (scale * width).clamp(width / 100f64.min(n + 1.0), width)
+                    }
+                    Dim::Category(_) => 0.0,
+                })
+                .collect();
+            Density {
+                dims,
+                points,
+                sigmas,
+                peak: n / (n + 1.0),
+            }
+        }
+
+        fn components(&self) -> usize {
+            self.points.len() + 1
+        }
+
+        /// Component `k`'s centre and bandwidth in dimension `d` (the prior's for the last).
+        fn kernel(&self, k: usize, d: usize) -> (f64, f64) {
+            match (&self.dims[d], self.points.get(k)) {
+                (Dim::Number(_), Some(p)) => (p[d], self.sigmas[d]),
+                (Dim::Number(s), None) => ((s.lo + s.hi) / 2.0, s.hi - s.lo),
+                (Dim::Category(_), Some(p)) => (p[d], 0.0),
+                (Dim::Category(_), None) => (-1.0, 0.0),
+            }
+        }
+
+        fn sample(&self, rng: &mut ChaCha8Rng) -> Vec<f64> {
+            let k = rng.gen_range(0..self.components());
+            (0..self.dims.len())
+                .map(|d| {
+                    let (centre, sigma) = self.kernel(k, d);
+                    match &self.dims[d] {
+                        Dim::Number(s) => {
+                            for _ in 0..100 {
+                                let x = centre + sigma * normal(rng);
+                                if (s.lo..=s.hi).contains(&x) {
+                                    return x;
+                                }
+                            }
+                            centre.clamp(s.lo, s.hi)
+                        }
+                        Dim::Category(n) => {
+                            if centre >= 0.0 && rng.gen::<f64>() < self.peak {
+                                centre
+                            } else {
+                                rng.gen_range(0..*n) as f64
+                            }
+                        }
+                    }
+                })
+                .collect()
+        }
+
+        fn log_density(&self, x: &[f64]) -> f64 {
+            let logs: Vec<f64> = (0..self.components())
+                .map(|k| {
+                    (0..self.dims.len())
+                        .map(|d| {
+                            let (centre, sigma) = self.kernel(k, d);
+                            match &self.dims[d] {
+                                Dim::Number(s) => {
+                                    let mass = phi((s.hi - centre) / sigma) - phi((s.lo - centre) / sigma);
+                                    let z = (x[d] - centre) / sigma;
+                                    -0.5 * z * z - (sigma * (2.0 * std::f64::consts::PI).sqrt() * mass.max(1e-12)).ln()
+                                }
+                                Dim::Category(n) => {
+                                    let spread = if centre >= 0.0 { 1.0 - self.peak } else { 1.0 } / *n as f64;
+                                    let at = if centre >= 0.0 && x[d] == centre { self.peak } else { 0.0 };
+                                    (at + spread).ln()
+                                }
+                            }
+                        })
+                        .sum::<f64>()
+                })
+                .collect();
+            let most = logs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            most + logs.iter().map(|l| (l - most).exp()).sum::<f64>().ln() - (self.components() as f64).ln()
+        }
+    }
+
+    pub(super) fn propose(
+        domains: &[(String, ParamDomain)],
+        good: &[&Map<String, Value>],
+        bad: &[&Map<String, Value>],
+        rng: &mut ChaCha8Rng,
+    ) -> Map<String, Value> {
+        let dims: Vec<Dim> = domains.iter().map(|(_, d)| Dim::of(d)).collect();
+        // A trial missing a swept value (the spec changed since) does not inform the joint density.
+        let points = |group: &[&Map<String, Value>]| -> Vec<Vec<f64>> {
+            group
+                .iter()
+                .filter_map(|p| {
+                    domains
+                        .iter()
+                        .zip(&dims)
+                        .map(|((name, domain), dim)| p.get(name).and_then(|v| dim.coordinate(domain, v)))
+                        .collect()
+                })
+                .collect()
+        };
+        let (l, g) = (Density::fit(&dims, points(good)), Density::fit(&dims, points(bad)));
+        let mut best: Option<(f64, Vec<f64>)> = None;
+        for _ in 0..CANDIDATES {
+            let x = l.sample(rng);
+            let score = l.log_density(&x) - g.log_density(&x);
+            if best.as_ref().is_none_or(|(b, _)| score > *b) {
+                best = Some((score, x));
+            }
+        }
+        let (_, x) = best.expect("at least one candidate");
+        domains
+            .iter()
+            .zip(&dims)
+            .zip(x)
+            .map(|(((name, domain), dim), x)| {
+                let value = match (dim, domain) {
+                    (Dim::Category(_), ParamDomain::List(items)) => items[x as usize].clone(),
+                    (Dim::Number(space), _) => space.outer(domain, x),
+                    _ => unreachable!("a dimension is made from its domain"),
+                };
+                (name.clone(), value)
+            })
+            .collect()
+    }
+}
+
 /// A standard normal draw (Box-Muller).
 fn normal(rng: &mut ChaCha8Rng) -> f64 {
     let u1: f64 = rng.gen::<f64>().max(f64::MIN_POSITIVE);
@@ -286,23 +506,67 @@ pub mod synthetic {
 }
 
 /// The best loss of a sequential search of `budget` trials on [`synthetic`]: TPE after
-/// `n_startup` random trials, or random throughout (`tpe = false`).
+/// `n_startup` random trials (univariate, as Optuna's default), or random throughout
+/// (`tpe = false`).
 pub fn best_of(budget: usize, n_startup: usize, seed: u64, tpe: bool) -> f64 {
     let domains = synthetic::domains();
     let mut history: Vec<Observation> = Vec::new();
     for ordinal in 0..budget {
         let params = if tpe && ordinal >= n_startup {
-            propose(&domains, &history, seed, ordinal)
+            propose(&domains, &history, seed, ordinal, false)
         } else {
             random_point(&domains, seed, ordinal)
         };
         let loss = synthetic::loss(&params);
-        history.push(Observation {
-            params,
-            loss: Some(loss),
-        });
+        history.push(Observation::new(params, Some(loss), false));
     }
     history.iter().filter_map(|o| o.loss).fold(f64::INFINITY, f64::min)
+}
+
+/// A search of `budget` trials on [`synthetic`] with `slots` of them in flight at
+/// once, as the coordinator runs it: the first `n_startup` random, each later one
+/// proposed (multivariate, constant liar) when a slot frees, the trials in flight
+/// as liars. Each trial takes a seeded random time (0.5 to 1.5), so trials finish
+/// out of order. Returns the best loss and the most and fewest trials in flight
+/// while at least `slots` were left to finish.
+pub fn parallel_search(budget: usize, n_startup: usize, slots: usize, seed: u64) -> (f64, usize, usize) {
+    let domains = synthetic::domains();
+    let mut history: Vec<Observation> = Vec::new();
+    // (finish time, index in history)
+    let mut running: Vec<(f64, usize)> = Vec::new();
+    let mut clock = 0.0;
+    let (mut most, mut fewest) = (0, usize::MAX);
+    let start = |history: &mut Vec<Observation>, running: &mut Vec<(f64, usize)>, clock: f64| {
+        let ordinal = history.len();
+        let params = if ordinal < n_startup {
+            random_point(&domains, seed, ordinal)
+        } else {
+            propose(&domains, history, seed, ordinal, true)
+        };
+        let took = 0.5 + rng_for(seed ^ 0x5eed, ordinal).gen::<f64>();
+        running.push((clock + took, ordinal));
+        history.push(Observation::in_flight(params));
+    };
+    while history.len() < budget.min(slots) {
+        start(&mut history, &mut running, clock);
+    }
+    while !running.is_empty() {
+        if budget - (history.len() - running.len()) >= slots {
+            most = most.max(running.len());
+            fewest = fewest.min(running.len());
+        }
+        let next = (0..running.len()).min_by(|&a, &b| running[a].0.total_cmp(&running[b].0)).expect("one running");
+        let (at, i) = running.swap_remove(next);
+        clock = at;
+        let loss = synthetic::loss(&history[i].params);
+        history[i].loss = Some(loss);
+        history[i].running = false;
+        if history.len() < budget {
+            start(&mut history, &mut running, clock);
+        }
+    }
+    let best = history.iter().filter_map(|o| o.loss).fold(f64::INFINITY, f64::min);
+    (best, most, fewest)
 }
 
 /// The median of some numbers.
@@ -327,12 +591,13 @@ mod tests {
             .map(|i| {
                 let params = random_point(&domains, 1, i);
                 let loss = Some(synthetic::loss(&params));
-                Observation { params, loss }
+                Observation::new(params, loss, false)
             })
             .collect();
         for ordinal in 20..60 {
-            let p = propose(&domains, &history, 1, ordinal);
-            assert_eq!(p, propose(&domains, &history, 1, ordinal));
+            let multivariate = ordinal % 2 == 0;
+            let p = propose(&domains, &history, 1, ordinal, multivariate);
+            assert_eq!(p, propose(&domains, &history, 1, ordinal, multivariate));
             let lr = p["lr"].as_f64().unwrap();
             assert!((1e-5..=1.0).contains(&lr), "{p:?}");
             let b = p["log2_batch"].as_i64().unwrap();
@@ -348,6 +613,46 @@ mod tests {
         let random = median((0..10).map(|s| best_of(budget, startup, s, false)).collect());
         eprintln!("median best of {budget} trials over 10 seeds: TPE {tpe:.4}, random {random:.4}");
         assert!(tpe < random, "median best: TPE {tpe}, random {random}");
+    }
+
+    #[test]
+    fn the_constant_liar_spreads_proposals_made_while_others_run() {
+        let domains = synthetic::domains();
+        let mut history: Vec<Observation> = (0..12)
+            .map(|i| {
+                let params = random_point(&domains, 3, i);
+                let loss = Some(synthetic::loss(&params));
+                Observation::new(params, loss, false)
+            })
+            .collect();
+        // Eight proposals in a row with none finishing: each sees the earlier ones in flight.
+        let mut lrs = Vec::new();
+        for ordinal in 12..20 {
+            let p = propose(&domains, &history, 3, ordinal, true);
+            lrs.push(p["lr"].as_f64().unwrap().log10());
+            history.push(Observation::in_flight(p));
+        }
+        lrs.sort_by(f64::total_cmp);
+        let spread = lrs[lrs.len() - 1] - lrs[0];
+        assert!(spread > 0.05, "eight proposals in flight at once bunched within {spread} decades: {lrs:?}");
+        // An in-flight trial is never among the good: with every finished one bad but two,
+        // the estimator still proposes from the finished ones.
+        let (good, bad) = split(&history).unwrap();
+        assert_eq!(good.len() + bad.len(), history.len());
+        assert!(good.iter().all(|p| history.iter().any(|o| !o.running && &&o.params == p)));
+    }
+
+    #[test]
+    fn parallel_multivariate_tpe_keeps_every_slot_busy_and_beats_random() {
+        let (budget, startup, slots) = (64, 10, 8);
+        let runs: Vec<(f64, usize, usize)> = (0..10).map(|s| parallel_search(budget, startup, slots, s)).collect();
+        for (best, most, fewest) in &runs {
+            assert_eq!((*most, *fewest), (slots, slots), "best {best}");
+        }
+        let tpe = median(runs.iter().map(|r| r.0).collect());
+        let random = median((0..10).map(|s| best_of(budget, startup, s, false)).collect());
+        eprintln!("median best of {budget} trials, {slots} at once, over 10 seeds: TPE {tpe:.4}, random {random:.4}");
+        assert!(tpe < random, "median best: parallel TPE {tpe}, random {random}");
     }
 
     #[test]

@@ -192,6 +192,9 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
         visible_devices: std::env::var("CUDA_VISIBLE_DEVICES").ok(),
     };
     let poll = Duration::from_millis(options.poll_ms);
+    // A recorded completion may make a searcher propose trials (tpe, a promotion):
+    // a worker whose lease came back empty asks again then, not a poll later.
+    let completed = std::sync::Arc::new(tokio::sync::Notify::new());
     let mut lease_client = client.clone();
     let mut shutdown = shutdown_signals()?;
     let mut signalled = false;
@@ -235,6 +238,7 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
         if leased.is_empty() {
             tokio::select! {
                 _ = tokio::time::sleep(poll) => {}
+                _ = completed.notified() => {}
                 back = freed_rx.recv() => slots.back(back),
                 _ = shutdown.changed() => { signalled = true; break }
                 _ = drain.changed() => break,
@@ -275,7 +279,7 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
                 );
                 members.push(runner::Member { trial, stop });
             }
-            let (shared, held, freed) = (shared.clone(), held.clone(), freed_tx.clone());
+            let (shared, held, freed, completed) = (shared.clone(), held.clone(), freed_tx.clone(), completed.clone());
             shared.telemetry.busy.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tokio::spawn(async move {
                 let ids: Vec<String> = members.iter().map(|m| m.trial.trial_id.clone()).collect();
@@ -289,6 +293,7 @@ pub async fn run(options: Options, backend: Backend) -> anyhow::Result<()> {
                     async move { f.run(&shared).await }
                 }))
                 .await;
+                completed.notify_one();
                 let mut held = held.lock().expect("held lock");
                 for id in ids {
                     held.remove(&id);

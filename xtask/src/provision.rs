@@ -328,5 +328,6 @@ pub(crate) fn provision_mlflow() -> Result<PathBuf> {
 
 /// Optuna alone (for `cargo xtask bench search`), in a small venv of its own.
 pub(crate) fn provision_optuna() -> Result<PathBuf> {
-    provision_pinned_venv("optuna-venv", OPTUNA, OPTUNA, &[OPTUNA])
+    let pins = format!("{OPTUNA}-psycopg2-binary");
+    provision_pinned_venv("optuna-venv", &pins, OPTUNA, &[OPTUNA, "psycopg2-binary"])
 }

@@ -18,6 +18,10 @@ pub struct TpeExperiment {
     /// Trials it holds, and those finished (succeeded, failed or pruned).
     pub total: u64,
     pub finished: u64,
+    /// How many of its trials may be in flight at once: its `max_concurrent`, or else
+    /// the slots free for it (of the live workers it may run on, those not running
+    /// another experiment's trials); `None` when no worker is live.
+    pub in_flight: Option<u64>,
 }
 
 /// The experiment, when its searcher is tpe.
@@ -26,7 +30,17 @@ pub async fn tpe_experiment(tx: &mut PgConnection, experiment: ExperimentId) -> 
         "select e.spec, e.objective_metric, e.goal, e.cancelled_at is not null as cancelled,
                 (select count(*) from trials t where t.experiment_id = e.id) as total,
                 (select count(*) from trials t where t.experiment_id = e.id
-                   and t.state in ('succeeded', 'failed', 'pruned')) as finished
+                   and t.state in ('succeeded', 'failed', 'pruned')) as finished,
+                coalesce(e.max_concurrent::int8, (
+                    select sum(cardinality(w.devices)
+                               - (select count(*) from trials r
+                                  where r.lease_owner = w.id and r.state = 'running' and r.experiment_id <> e.id))
+                           / greatest(e.gpus_per_trial, 1)
+                    from workers w
+                    where w.last_seen_at > now() - interval '1 minute' and w.draining_since is null
+                      and (e.pool is null or w.pool = e.pool)
+                      and (e.labels is null or coalesce(w.labels, '{}'::jsonb) @> e.labels)
+                      and (e.command is null or w.allow_commands))::int8) as in_flight
          from experiments e where e.id = $1 and e.searcher = 'tpe'",
     )
     .bind(experiment.0)
@@ -42,20 +56,22 @@ pub async fn tpe_experiment(tx: &mut PgConnection, experiment: ExperimentId) -> 
         cancelled: row.try_get("cancelled")?,
         total: row.try_get::<i64, _>("total")? as u64,
         finished: row.try_get::<i64, _>("finished")? as u64,
+        in_flight: row.try_get::<Option<i64>, _>("in_flight")?.map(|n| n.max(0) as u64),
     }))
 }
 
-/// The finished trials, in order: parameters, state, and the last value of `metric`.
-pub async fn finished_trials(
+/// Every trial, in order: parameters, state, and (once finished) the last value of `metric`.
+pub async fn trials_seen(
     tx: &mut PgConnection,
     experiment: ExperimentId,
     metric: Option<&str>,
 ) -> Result<Vec<(Value, String, Option<f64>)>> {
     Ok(sqlx::query_as(
         "select t.params, t.state,
-                metric_value_at(t.id, (select id from metric_names where name = $2), null)
+                case when t.state in ('succeeded', 'failed', 'pruned')
+                     then metric_value_at(t.id, (select id from metric_names where name = $2), null) end
          from trials t
-         where t.experiment_id = $1 and t.state in ('succeeded', 'failed', 'pruned')
+         where t.experiment_id = $1
          order by t.ordinal",
     )
     .bind(experiment.0)

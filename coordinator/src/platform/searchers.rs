@@ -122,9 +122,10 @@ pub async fn advance_generations(pool: &PgPool) -> Result<usize> {
     Ok(advanced)
 }
 
-/// Adds the trials a tpe experiment is owed (it holds `n_startup` trials at submission
-/// and one more for each that finished, up to `[sweep.tpe] trials`), each proposed from
-/// the finished ones; returns how many. Nothing for other searchers.
+/// Adds the trials a tpe experiment is owed (it holds `n_startup` trials at submission,
+/// then as many unfinished as it may have in flight, up to `[sweep.tpe] trials`), each
+/// proposed from the finished ones with the unfinished ones as constant liars; returns
+/// how many. Nothing for other searchers.
 pub async fn top_up(conn: &mut PgConnection, experiment: ExperimentId) -> Result<usize> {
     let mut tx = conn.begin().await?;
     db::lock_experiment(&mut tx, experiment.0).await?;
@@ -134,26 +135,29 @@ pub async fn top_up(conn: &mut PgConnection, experiment: ExperimentId) -> Result
     let Some(budget) = e.spec.sweep.tpe.clone() else {
         return Ok(0);
     };
-    let owed = budget.owed(e.finished, e.total);
+    let owed = budget.owed(e.finished, e.total, e.in_flight);
     if owed == 0 || e.cancelled {
         return Ok(0);
     }
-    let history: Vec<Observation> = db::finished_trials(&mut tx, experiment, e.objective_metric.as_deref())
+    let mut history: Vec<Observation> = db::trials_seen(&mut tx, experiment, e.objective_metric.as_deref())
         .await?
         .into_iter()
-        .map(|(params, state, value)| {
-            Observation::new(
+        .filter(|(_, state, _)| state != "cancelled")
+        .map(|(params, state, value)| match state.as_str() {
+            "pending" | "running" => Observation::in_flight(e.spec.swept(&params)),
+            _ => Observation::new(
                 e.spec.swept(&params),
                 value.filter(|_| state == "succeeded"),
                 e.maximize,
-            )
+            ),
         })
         .collect();
     let domains = e.spec.domains();
     let seed = budget.seed.unwrap_or(0);
     for ordinal in e.total..e.total + owed {
         let ordinal = ordinal as usize;
-        let point = tpe::propose(&domains, &history, seed, ordinal);
+        let point = tpe::propose(&domains, &history, seed, ordinal, budget.multivariate());
+        history.push(Observation::in_flight(point.clone()));
         // A proposal the family refuses is kept as a failed trial, so the search goes on.
         let proposal = match ablate_experiments::sweep::plan_point(&e.spec, point.clone()) {
             Ok(planned) => db::Proposal {

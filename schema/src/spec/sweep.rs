@@ -131,18 +131,22 @@ pub struct Rungs {
     pub brackets: Option<u32>,
 }
 
-/// `[sweep.tpe]`: how many trials in all, how many random ones first, and the seed.
+/// `[sweep.tpe]`: how many trials in all, how many random ones first, the seed, and
+/// whether the estimator is joint over the parameters.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Tpe {
-    /// Trials in all: the random start, then one proposed as each trial finishes.
+    /// Trials in all: the random start, then each proposed as a slot frees.
     pub trials: u32,
-    /// Random trials before the estimator proposes any (default 10); also how many run at once.
+    /// Random trials before the estimator proposes any (default 10), held from the start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n_startup: Option<u32>,
     /// The same seed gives the same trials on one worker slot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// One joint density over the swept parameters (default true); false: one per parameter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multivariate: Option<bool>,
 }
 
 impl Tpe {
@@ -150,11 +154,20 @@ impl Tpe {
         self.n_startup.unwrap_or(10).min(self.trials)
     }
 
+    pub fn multivariate(&self) -> bool {
+        self.multivariate.unwrap_or(true)
+    }
+
     /// The proposals owed now to a sweep that holds `total` trials, `finished` of them
-    /// ended: it holds `n_startup` plus one per ended trial, up to `trials`.
-    pub fn owed(&self, finished: u64, total: u64) -> u64 {
+    /// ended, with `in_flight` trials wanted unfinished at once (the experiment's
+    /// `max_concurrent`, or the slots free for it; `None`: unknown, then `n_startup`):
+    /// it holds at least `n_startup`, and `in_flight` beyond the finished ones, up to
+    /// `trials`.
+    pub fn owed(&self, finished: u64, total: u64, in_flight: Option<u64>) -> u64 {
+        let n_startup = u64::from(self.n_startup());
+        let in_flight = in_flight.filter(|n| *n > 0).unwrap_or(n_startup);
         u64::from(self.trials)
-            .min(u64::from(self.n_startup()) + finished)
+            .min(n_startup.max(finished + in_flight))
             .saturating_sub(total)
     }
 }

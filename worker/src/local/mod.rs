@@ -97,8 +97,15 @@ pub fn run(
         domains: spec.domains(),
         budget,
         maximize: checked.objective.goal == Goal::Maximize,
+        slots: slots.len(),
         ordinals: Vec::new(),
         history: Vec::new(),
+        in_flight: checked
+            .trials
+            .iter()
+            .enumerate()
+            .map(|(ordinal, t)| (ordinal, spec.swept(&t.params)))
+            .collect(),
     });
     let queue = Queue::new(checked.trials.iter().map(waiting).collect(), searcher);
     let store = options.store.clone().unwrap_or_else(|| {

@@ -12,16 +12,21 @@ use ablate_schema::TrialState;
 use serde_json::Value;
 
 /// The tpe searcher's state in a local sweep: as the coordinator's, the sweep
-/// holds `n_startup` random trials at first and one more for each that
-/// finished, up to `budget`, each proposed from the finished ones.
+/// holds `n_startup` random trials at first, then as many unfinished as it has
+/// `slots`, up to `budget`, each proposed from the finished ones with the
+/// unfinished ones as constant liars.
 pub(super) struct Tpe {
     pub domains: Vec<(String, ParamDomain)>,
     pub budget: ablate_schema::Tpe,
     pub maximize: bool,
+    /// The sweep's slots: how many trials it keeps in flight.
+    pub slots: usize,
     /// The ordinals of the ended trials, in order, and each one's swept values and
     /// objective (to minimize) at the same place: the history the estimator reads.
     pub ordinals: Vec<usize>,
     pub history: Vec<Observation>,
+    /// The swept values of the trials not ended yet, by ordinal.
+    pub in_flight: std::collections::BTreeMap<usize, serde_json::Map<String, Value>>,
 }
 
 /// A trial for the queue: its parameters, what it waits for and its fusion key
@@ -162,11 +167,19 @@ impl Queue {
             let at = tpe.ordinals.partition_point(|&o| o < ordinal);
             tpe.ordinals.insert(at, ordinal);
             tpe.history.insert(at, Observation::new(swept, objective, tpe.maximize));
-            let owed = tpe.budget.owed(finished as u64, total as u64) as usize;
+            tpe.in_flight.remove(&ordinal);
+            let owed = tpe.budget.owed(finished as u64, total as u64, Some(tpe.slots as u64)) as usize;
             let seed = tpe.budget.seed.unwrap_or(0);
-            proposals = (total..total + owed)
-                .map(|ordinal| propose(tpe::propose(&tpe.domains, &tpe.history, seed, ordinal)))
-                .collect();
+            for ordinal in total..total + owed {
+                let mut seen: Vec<Observation> = std::mem::take(&mut tpe.history);
+                let ended = seen.len();
+                seen.extend(tpe.in_flight.values().cloned().map(Observation::in_flight));
+                let point = tpe::propose(&tpe.domains, &seen, seed, ordinal, tpe.budget.multivariate());
+                seen.truncate(ended);
+                tpe.history = seen;
+                tpe.in_flight.insert(ordinal, point.clone());
+                proposals.push(propose(point));
+            }
         }
         for w in proposals {
             state.push(w);
@@ -271,10 +284,13 @@ mod tests {
                 trials: 4,
                 n_startup: Some(2),
                 seed: None,
+                multivariate: None,
             },
             maximize: false,
+            slots: 1,
             ordinals: vec![],
             history: vec![],
+            in_flight: Default::default(),
         };
         let queue = Queue::new(vec![waiting(0, vec![], None), waiting(1, vec![], None)], Some(searcher));
         let made = |point: serde_json::Map<String, Value>| Waiting {

@@ -28,9 +28,11 @@ pub(super) fn field(v: &serde_json::Value, name: &str) -> std::result::Result<f6
 }
 
 /// TPE and random search at the same budget on the synthetic task (`ablate_experiments::tpe`),
-/// ours (the proposer the coordinator runs) beside Optuna's samplers with the same seeds.
-pub(super) fn search_rows() -> Vec<Row> {
-    use ablate_experiments::tpe::{best_of, median};
+/// ours (the proposer the coordinator runs) beside Optuna's samplers with the same seeds:
+/// one trial at a time, then 8 at once (ours simulated as the coordinator schedules it,
+/// Optuna's through its RDB storage on PostgreSQL at `pg`).
+pub(super) fn search_rows(pg: std::result::Result<String, String>) -> Vec<Row> {
+    use ablate_experiments::tpe::{best_of, median, parallel_search};
     let (budget, startup, seeds) = (60, 10, 10u64);
     let ours = |tpe: bool| median((0..seeds).map(|s| best_of(budget, startup, s, tpe)).collect());
     let optuna = peer(&[
@@ -44,6 +46,29 @@ pub(super) fn search_rows() -> Vec<Row> {
     ]);
     let figure = |name: &str| optuna.as_ref().map_err(Clone::clone).and_then(|v| field(v, name));
     let (tpe, random) = (ours(true), ours(false));
+    let (wide, slots) = (64, 8);
+    let runs: Vec<(f64, usize, usize)> = (0..seeds).map(|s| parallel_search(wide, startup, slots, s)).collect();
+    let parallel = median(runs.iter().map(|r| r.0).collect());
+    let fewest = runs.iter().map(|r| r.2).min().unwrap_or(0);
+    let optuna_parallel = pg.and_then(|pg| {
+        peer(&[
+            "search-parallel",
+            "--pg",
+            &pg,
+            "--trials",
+            &wide.to_string(),
+            "--startup",
+            &startup.to_string(),
+            "--seeds",
+            &seeds.to_string(),
+            "--jobs",
+            &slots.to_string(),
+        ])
+    });
+    let optuna_fewest = optuna_parallel
+        .as_ref()
+        .ok()
+        .and_then(|v| v["fewest_in_flight"].as_array().and_then(|a| a.iter().filter_map(|f| f.as_u64()).min()));
     vec![
         Row::new(format!("TPE ({startup} random first), best loss"), tpe, "loss")
             .lower_is_better()
@@ -52,6 +77,20 @@ pub(super) fn search_rows() -> Vec<Row> {
         Row::new("random search, best loss", random, "loss")
             .lower_is_better()
             .peer("Optuna RandomSampler", figure("random")),
+        Row::new(
+            format!("TPE, {slots} at once (multivariate, constant liar), best of {wide}"),
+            parallel,
+            "loss",
+        )
+        .lower_is_better()
+        .peer(
+            "Optuna multivariate, constant_liar, n_jobs=8, RDB",
+            optuna_parallel.as_ref().map_err(Clone::clone).and_then(|v| field(v, "tpe")),
+        )
+        .note(format!(
+            "fewest in flight while {slots} were left: ours {fewest}, Optuna {}",
+            optuna_fewest.map_or("-".to_string(), |f| f.to_string())
+        )),
     ]
 }
 
