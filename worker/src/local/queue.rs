@@ -287,7 +287,8 @@ mod tests {
                 multivariate: None,
             },
             maximize: false,
-            slots: 1,
+            // Two trials run at once: the sweep keeps two in flight.
+            slots: 2,
             ordinals: vec![],
             history: vec![],
             in_flight: Default::default(),
