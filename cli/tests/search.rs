@@ -591,4 +591,15 @@ async fn tpe_keeps_every_free_slot_busy_with_proposals_made_beside_the_running_o
     let all: Vec<Option<f64>> = losses.iter().map(|l| l.2).collect();
     let (start, late) = (median(&all[..8]), median(&all[32..]));
     assert!(late < start, "median loss of the last 32 trials {late}, of the first 8 {start}");
+    // The report says which parameters mattered, as a table and in its JSON.
+    let out = stack.ablate(&["report", &experiment, "--format", "json"]);
+    assert!(out.status.success(), "{}", harness::stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let shares = report["importance"].as_array().expect("an importance list");
+    let mut params: Vec<&str> = shares.iter().map(|s| s["param"].as_str().unwrap()).collect();
+    params.sort();
+    assert_eq!(params, ["activation", "log2_batch", "lr", "x"], "{report}");
+    assert!(shares.iter().all(|s| (0.0..=1.0).contains(&s["share"].as_f64().unwrap())), "{report}");
+    let text = harness::text(&stack.ablate(&["report", &experiment]));
+    assert!(text.contains("Importance: each swept parameter's share of loss's variance (64 trials)"), "{text}");
 }

@@ -20,6 +20,7 @@ pub mod draw;
 pub mod error;
 pub mod families;
 pub mod fusion;
+pub mod importance;
 pub mod nn;
 pub mod pbt;
 pub mod queue;

@@ -52,6 +52,9 @@ pub struct Report {
     pub tables: Vec<Table>,
     pub verdict: Verdict,
     pub figures: Vec<Figure>,
+    /// Which swept parameters mattered to the objective (`crate::importance`), largest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub importance: Vec<crate::importance::Importance>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

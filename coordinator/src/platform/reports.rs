@@ -12,7 +12,11 @@ use crate::error::Error;
 pub async fn build(pool: &PgPool, id: ExperimentId) -> Result<Report, Error> {
     let (family, outcomes) = db::report_outcomes(pool, id).await?;
     let family = ablate_experiments::Family::parse(&family).map_err(Error::InvalidArgument)?;
-    family
+    let mut report = family
         .report(&outcomes)
-        .map_err(|e| Error::InvalidArgument(e.to_string()))
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let mut conn = pool.acquire().await?;
+    let (spec, _) = db::spec_and_goal(&mut conn, id).await?;
+    ablate_experiments::importance::add_to(&mut report, &spec, &outcomes);
+    Ok(report)
 }

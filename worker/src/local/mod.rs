@@ -233,7 +233,8 @@ pub fn run(
     });
     let mut outcomes = outcomes.into_inner().expect("outcomes lock");
     outcomes.sort_by_key(|o| o.ordinal);
-    let report = family.report(&outcomes).map_err(|e| anyhow::anyhow!("report: {e}"))?;
+    let mut report = family.report(&outcomes).map_err(|e| anyhow::anyhow!("report: {e}"))?;
+    ablate_experiments::importance::add_to(&mut report, spec, &outcomes);
     Ok((report, outcomes))
 }
 

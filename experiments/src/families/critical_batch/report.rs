@@ -428,5 +428,6 @@ pub fn analyze(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
         ],
         verdict,
         figures,
+        importance: Vec::new(),
     })
 }

@@ -325,5 +325,6 @@ pub fn analyze(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
         ],
         verdict,
         figures,
+        importance: Vec::new(),
     })
 }

@@ -314,6 +314,7 @@ pub fn analyze(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
         tables,
         verdict: Verdict::new(criteria),
         figures,
+        importance: Vec::new(),
     })
 }
 
