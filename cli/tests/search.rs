@@ -554,18 +554,30 @@ async fn tpe_keeps_every_free_slot_busy_with_proposals_made_beside_the_running_o
         if ended == 64 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the sweep did not end: {samples:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sweep did not end: {samples:?}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert!(samples.iter().all(|(running, _)| *running <= 8), "more than 8 ran: {samples:?}");
-    let first = samples.iter().position(|(running, _)| *running == 8).expect("8 ran at once");
+    assert!(
+        samples.iter().all(|(running, _)| *running <= 8),
+        "more than 8 ran: {samples:?}"
+    );
+    let first = samples
+        .iter()
+        .position(|(running, _)| *running == 8)
+        .expect("8 ran at once");
     let window: Vec<i64> = samples[first..]
         .iter()
         .filter(|(_, ended)| 64 - ended >= 8)
         .map(|(running, _)| *running)
         .collect();
     let full = window.iter().filter(|r| **r == 8).count();
-    eprintln!("8 running in {full} of {} samples while 8 or more were left", window.len());
+    eprintln!(
+        "8 running in {full} of {} samples while 8 or more were left",
+        window.len()
+    );
     assert!(
         window.len() >= 20 && full as f64 >= 0.9 * window.len() as f64,
         "8 running in {full} of {} samples while 8 or more were left: {window:?}",
@@ -590,7 +602,10 @@ async fn tpe_keeps_every_free_slot_busy_with_proposals_made_beside_the_running_o
     };
     let all: Vec<Option<f64>> = losses.iter().map(|l| l.2).collect();
     let (start, late) = (median(&all[..8]), median(&all[32..]));
-    assert!(late < start, "median loss of the last 32 trials {late}, of the first 8 {start}");
+    assert!(
+        late < start,
+        "median loss of the last 32 trials {late}, of the first 8 {start}"
+    );
     // The report says which parameters mattered, as a table and in its JSON.
     let out = stack.ablate(&["report", &experiment, "--format", "json"]);
     assert!(out.status.success(), "{}", harness::stderr(&out));
@@ -599,7 +614,15 @@ async fn tpe_keeps_every_free_slot_busy_with_proposals_made_beside_the_running_o
     let mut params: Vec<&str> = shares.iter().map(|s| s["param"].as_str().unwrap()).collect();
     params.sort();
     assert_eq!(params, ["activation", "log2_batch", "lr", "x"], "{report}");
-    assert!(shares.iter().all(|s| (0.0..=1.0).contains(&s["share"].as_f64().unwrap())), "{report}");
+    assert!(
+        shares
+            .iter()
+            .all(|s| (0.0..=1.0).contains(&s["share"].as_f64().unwrap())),
+        "{report}"
+    );
     let text = harness::text(&stack.ablate(&["report", &experiment]));
-    assert!(text.contains("Importance: each swept parameter's share of loss's variance (64 trials)"), "{text}");
+    assert!(
+        text.contains("Importance: each swept parameter's share of loss's variance (64 trials)"),
+        "{text}"
+    );
 }

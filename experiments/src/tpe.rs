@@ -63,9 +63,12 @@ pub fn n_good(n: usize) -> usize {
     n.div_ceil(10).min(25)
 }
 
+/// Some trials' swept values.
+type Group<'a> = Vec<&'a Map<String, Value>>;
+
 /// The good and bad trials' parameters (the trials in flight among the bad), or
 /// `None` while fewer than two trials finished with an objective.
-fn split(history: &[Observation]) -> Option<(Vec<&Map<String, Value>>, Vec<&Map<String, Value>>)> {
+fn split(history: &[Observation]) -> Option<(Group<'_>, Group<'_>)> {
     let mut done: Vec<&Observation> = history
         .iter()
         .filter(|o| !o.running && o.loss.is_some_and(f64::is_finite))
@@ -78,7 +81,11 @@ fn split(history: &[Observation]) -> Option<(Vec<&Map<String, Value>>, Vec<&Map<
     let good_count = n_good(done.len() + in_flight.clone().count()).clamp(1, done.len() - 1);
     let (good, bad) = done.split_at(good_count);
     let good = good.iter().map(|o| &o.params).collect();
-    let bad = bad.iter().map(|o| &o.params).chain(in_flight.map(|o| &o.params)).collect();
+    let bad = bad
+        .iter()
+        .map(|o| &o.params)
+        .chain(in_flight.map(|o| &o.params))
+        .collect();
     Some((good, bad))
 }
 
@@ -394,7 +401,11 @@ mod joint {
                                 }
                                 Dim::Category(n) => {
                                     let spread = if centre >= 0.0 { 1.0 - self.peak } else { 1.0 } / *n as f64;
-                                    let at = if centre >= 0.0 && x[d] == centre { self.peak } else { 0.0 };
+                                    let at = if centre >= 0.0 && x[d] == centre {
+                                        self.peak
+                                    } else {
+                                        0.0
+                                    };
                                     (at + spread).ln()
                                 }
                             }
@@ -555,7 +566,9 @@ pub fn parallel_search(budget: usize, n_startup: usize, slots: usize, seed: u64)
             most = most.max(running.len());
             fewest = fewest.min(running.len());
         }
-        let next = (0..running.len()).min_by(|&a, &b| running[a].0.total_cmp(&running[b].0)).expect("one running");
+        let next = (0..running.len())
+            .min_by(|&a, &b| running[a].0.total_cmp(&running[b].0))
+            .expect("one running");
         let (at, i) = running.swap_remove(next);
         clock = at;
         let loss = synthetic::loss(&history[i].params);
@@ -634,12 +647,17 @@ mod tests {
         }
         lrs.sort_by(f64::total_cmp);
         let spread = lrs[lrs.len() - 1] - lrs[0];
-        assert!(spread > 0.05, "eight proposals in flight at once bunched within {spread} decades: {lrs:?}");
+        assert!(
+            spread > 0.05,
+            "eight proposals in flight at once bunched within {spread} decades: {lrs:?}"
+        );
         // An in-flight trial is never among the good: with every finished one bad but two,
         // the estimator still proposes from the finished ones.
         let (good, bad) = split(&history).unwrap();
         assert_eq!(good.len() + bad.len(), history.len());
-        assert!(good.iter().all(|p| history.iter().any(|o| !o.running && &&o.params == p)));
+        assert!(good
+            .iter()
+            .all(|p| history.iter().any(|o| !o.running && &&o.params == p)));
     }
 
     #[test]

@@ -65,10 +65,11 @@ pub(super) fn search_rows(pg: std::result::Result<String, String>) -> Vec<Row> {
             &slots.to_string(),
         ])
     });
-    let optuna_fewest = optuna_parallel
-        .as_ref()
-        .ok()
-        .and_then(|v| v["fewest_in_flight"].as_array().and_then(|a| a.iter().filter_map(|f| f.as_u64()).min()));
+    let optuna_fewest = optuna_parallel.as_ref().ok().and_then(|v| {
+        v["fewest_in_flight"]
+            .as_array()
+            .and_then(|a| a.iter().filter_map(|f| f.as_u64()).min())
+    });
     vec![
         Row::new(format!("TPE ({startup} random first), best loss"), tpe, "loss")
             .lower_is_better()
@@ -85,7 +86,10 @@ pub(super) fn search_rows(pg: std::result::Result<String, String>) -> Vec<Row> {
         .lower_is_better()
         .peer(
             "Optuna multivariate, constant_liar, n_jobs=8, RDB",
-            optuna_parallel.as_ref().map_err(Clone::clone).and_then(|v| field(v, "tpe")),
+            optuna_parallel
+                .as_ref()
+                .map_err(Clone::clone)
+                .and_then(|v| field(v, "tpe")),
         )
         .note(format!(
             "fewest in flight while {slots} were left: ours {fewest}, Optuna {}",
