@@ -488,8 +488,8 @@ async fn pbt_beats_the_best_fixed_learning_rate_when_the_best_rate_falls() {
 }
 
 /// The bench's synthetic task (`ablate_experiments::tpe::synthetic`) as a command trial
-/// that takes 0.4 s: its minimum, 0, at lr = 10^-2.5, log2_batch 6, gelu, x = 0.3.
-const SYNTHETIC_SH: &str = r#"sleep 0.4
+/// that takes 1 s: its minimum, 0, at lr = 10^-2.5, log2_batch 6, gelu, x = 0.3.
+const SYNTHETIC_SH: &str = r#"sleep 1
 loss=$(awk -v lr="$1" -v b="$2" -v act="$3" -v x="$4" 'BEGIN {
     a = 0.4; if (act == "gelu") a = 0; if (act == "silu") a = 0.1
     l = log(lr) / log(10) + 2.5
@@ -522,7 +522,7 @@ goal = "minimize"
 
 /// With 8 slots and a random start of only 4, a tpe sweep proposes the other 4 at once
 /// and one whenever a trial ends (the ones in flight as constant liars): sampled every
-/// 20 ms, 8 trials run from the first moment 8 do until fewer than 8 are left.
+/// 20 ms from the first moment 8 run until fewer than 8 are left, 8 run nearly always.
 #[tokio::test(flavor = "multi_thread")]
 async fn tpe_keeps_every_free_slot_busy_with_proposals_made_beside_the_running_ones() {
     let mut stack = Stack::start(30.0).await;
@@ -573,14 +573,17 @@ async fn tpe_keeps_every_free_slot_busy_with_proposals_made_beside_the_running_o
         .filter(|(_, ended)| 64 - ended >= 8)
         .map(|(running, _)| *running)
         .collect();
+    // A slot is idle only between a completion and the next lease (milliseconds, more on
+    // a loaded host): the slots are nearly always all busy.
     let full = window.iter().filter(|r| **r == 8).count();
+    let mean = window.iter().sum::<i64>() as f64 / window.len().max(1) as f64;
     eprintln!(
-        "8 running in {full} of {} samples while 8 or more were left",
+        "8 running in {full} of {} samples while 8 or more were left; {mean:.2} on average",
         window.len()
     );
     assert!(
-        window.len() >= 20 && full as f64 >= 0.9 * window.len() as f64,
-        "8 running in {full} of {} samples while 8 or more were left: {window:?}",
+        window.len() >= 50 && mean >= 7.5 && full * 2 >= window.len(),
+        "8 running in {full} of {} samples while 8 or more were left, {mean:.2} on average: {window:?}",
         window.len()
     );
     // Every trial succeeded, and the proposals used the results: the last half's median
