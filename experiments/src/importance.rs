@@ -11,20 +11,10 @@
 //! share; the shares need not sum to 1.
 
 use ablate_schema::ParamDomain;
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use crate::report::Importance;
 use crate::report::{Report, Table, TrialOutcome};
-
-/// One parameter's share of the objective's variance.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Importance {
-    pub param: String,
-    /// 0 to 1: the share of the objective's variance its main effect explains.
-    pub share: f64,
-    /// The groups its values fell into (items of a list, bins of a number).
-    pub groups: usize,
-}
 
 /// The fewest trials with an objective for an estimate.
 pub const FEWEST: usize = 8;

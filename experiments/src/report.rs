@@ -54,7 +54,17 @@ pub struct Report {
     pub figures: Vec<Figure>,
     /// Which swept parameters mattered to the objective (`crate::importance`), largest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub importance: Vec<crate::importance::Importance>,
+    pub importance: Vec<Importance>,
+}
+
+/// One swept parameter's share of the objective's variance (`crate::importance`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Importance {
+    pub param: String,
+    /// 0 to 1: the share of the objective's variance its main effect explains.
+    pub share: f64,
+    /// The groups its values fell into (items of a list, bins of a number).
+    pub groups: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
