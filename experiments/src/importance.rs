@@ -1,8 +1,9 @@
 //! Which swept parameters mattered: per parameter, the share of the objective's
 //! variance its main effect explains (a first-order, fANOVA-style estimate).
 //!
-//! The trials are grouped by the parameter's value: a list by item, a number by
-//! equal-count bins in the space it is swept in (log space for log-uniform). The
+//! The trials are grouped by the parameter's value: a list by item, a number with
+//! at most 10 distinct values (a grid) by value, any other number by equal-count
+//! bins in the space it is swept in (log space for log-uniform). The
 //! share is the variance of the group means over the variance of the objective
 //! (the between-group sum of squares over the total), less what that ratio
 //! comes to by chance for as many groups and trials (`(groups - 1) / (n - 1)`),
@@ -82,8 +83,14 @@ fn group(domain: &ParamDomain, values: Vec<(Option<&Value>, f64)>) -> Option<Vec
                 })
                 .collect();
             xs.sort_by(|a, b| a.0.total_cmp(&b.0));
-            // Equal-count bins, about sqrt(n) of them; equal values never split.
-            let bins = ((xs.len() as f64).sqrt().round() as usize).clamp(2, MOST_BINS);
+            // A grid's few values each a group of their own; else equal-count bins, about
+            // sqrt(n) of them. Equal values never split.
+            let distinct = 1 + xs.windows(2).filter(|w| w[0].0 != w[1].0).count();
+            let bins = if distinct <= MOST_BINS {
+                xs.len()
+            } else {
+                ((xs.len() as f64).sqrt().round() as usize).clamp(2, MOST_BINS)
+            };
             let mut groups: Vec<Vec<f64>> = Vec::new();
             let mut last: Option<f64> = None;
             for (i, (x, y)) in xs.iter().enumerate() {
@@ -168,6 +175,31 @@ mod tests {
         assert!((share("a") - 0.706).abs() < 0.1, "{shares:?}");
         assert!((share("c") - 0.294).abs() < 0.1, "{shares:?}");
         assert!(share("b") < 0.1, "{shares:?}");
+    }
+
+    /// A grid of 3 widths x 4 learning rates, the loss U-shaped in the learning rate and
+    /// flat in the width: each learning rate is a group, and it explains nearly all.
+    #[test]
+    fn a_grid_groups_by_value_and_finds_a_u_shaped_effect() {
+        let d = |v: Value| ParamDomain::from_value("", &v).expect("a valid domain");
+        let domains = vec![
+            ("log2_lr".to_string(), d(json!({"range": [-12, -6], "step": 2}))),
+            ("width".to_string(), d(json!([32, 64, 128]))),
+        ];
+        let mut trials = Vec::new();
+        for (i, width) in [32, 64, 128].into_iter().enumerate() {
+            for lr in [-12.0, -10.0, -8.0, -6.0] {
+                let p: Map<String, Value> = json!({"log2_lr": lr, "width": width}).as_object().unwrap().clone();
+                let y = (lr + 9.0f64).powi(2) + 0.01 * i as f64;
+                trials.push((p, y));
+            }
+        }
+        let shares = importance(&domains, &trials);
+        eprintln!("{shares:?}");
+        assert_eq!(shares[0].param, "log2_lr");
+        assert_eq!(shares[0].groups, 4);
+        assert!(shares[0].share > 0.95, "{shares:?}");
+        assert!(shares[1].share < 0.05, "{shares:?}");
     }
 
     #[test]
