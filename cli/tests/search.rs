@@ -629,3 +629,110 @@ async fn tpe_keeps_every_free_slot_busy_with_proposals_made_beside_the_running_o
         "{text}"
     );
 }
+
+/// A trainer whose loss is least at log2_batch 6 and whose memory doubles with the
+/// batch: 2^log2_batch x 10^8 bytes.
+const MEMORY_SH: &str = r#"loss=$(awk -v b="$1" -v lr="$2" 'BEGIN {
+    l = log(lr) / log(10) + 2.5
+    printf "%.12g", ((b - 6) / 3) ^ 2 + l * l }')
+memory=$(awk -v b="$1" 'BEGIN { printf "%.0f", 2 ^ b * 1e8 }')
+echo "{\"step\": 1, \"metrics\": {\"loss\": $loss, \"memory\": $memory}}" >&3
+"#;
+
+const CONSTRAINED: &str = r#"
+name = "constrained"
+family = "train"
+[trial]
+command = ["sh", "memory.sh", "{log2_batch}", "{lr}"]
+code = "."
+[base]
+steps = 1
+[sweep]
+searcher = "grid"
+params.log2_batch = { range = [2, 10], step = 1 }
+params.lr = [0.001, 0.00316, 0.01]
+[objective]
+metric = "loss"
+goal = "minimize"
+constraints = ["memory <= 4e9"]
+"#;
+
+/// `memory <= 4e9` rules out log2_batch 6 and up, where the least loss is: the best
+/// reported is at log2_batch 5, in `ablate status`, the report and SQL alike; a
+/// constraint that names no metric of a built-in family, or no comparison, is refused
+/// at submit with its field.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_constrained_sweep_never_reports_an_infeasible_trial_as_best() {
+    let mut stack = Stack::start(30.0).await;
+    let dir = stack.dir.join("constrained");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("memory.sh"), MEMORY_SH).unwrap();
+    std::fs::write(dir.join("sweep.toml"), CONSTRAINED).unwrap();
+    stack.start_worker_from(&harness::bin("ablate-worker"), "cpu:2", &["--allow-commands"]);
+    let out = stack.ablate(&["submit", &dir.join("sweep.toml").to_string_lossy(), "--wait"]);
+    assert!(out.status.success(), "{}", harness::stderr(&out));
+    let experiment = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let (infeasible, least): (i64, f64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select count(*) filter (where not feasible), min(objective)
+         from ablate.trial_results where experiment_id = '{experiment}' and state = 'succeeded'"
+    )))
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(infeasible, 15, "log2_batch 6 to 10 at 3 learning rates");
+    let (batch, best): (String, f64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select params ->> 'log2_batch', objective from ablate.trial_results
+         where experiment_id = '{experiment}' and feasible order by objective limit 1"
+    )))
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(batch, "5");
+    assert!(
+        least < best,
+        "the least loss ({least}) is an infeasible trial's, below the best feasible {best}"
+    );
+    // `ablate status` ranks only feasible trials.
+    let status = harness::text(&stack.ablate(&["status", &experiment]));
+    let ranked = status.split("best trials by loss").nth(1).expect("a best-trials table");
+    let ranked: Vec<&str> = ranked.lines().filter(|l| l.contains("log2_batch=")).collect();
+    assert!(!ranked.is_empty(), "{status}");
+    for line in &ranked {
+        let b: i64 = line
+            .split("log2_batch=")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(b <= 5, "an infeasible trial ranked best: {line}\n{status}");
+    }
+    assert!(ranked[0].contains("log2_batch=5"), "{status}");
+    // The report ranks the infeasible trials after the succeeded ones, marked.
+    let out = stack.ablate(&["report", &experiment, "--format", "json"]);
+    assert!(out.status.success(), "{}", harness::stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = report["tables"][0]["rows"].as_array().unwrap();
+    let states: Vec<&str> = rows.iter().map(|r| r[1].as_str().unwrap()).collect();
+    assert_eq!(states.iter().filter(|s| **s == "infeasible").count(), 15, "{states:?}");
+    let first_infeasible = states.iter().position(|s| *s == "infeasible").unwrap();
+    assert_eq!(first_infeasible, 12, "the 12 feasible trials come first: {states:?}");
+    // Refused at submit, naming the field.
+    for (constraint, says) in [
+        ("no_such_metric <= 1", "is not a metric of family train"),
+        ("eval_loss about 0.1", "no comparison"),
+    ] {
+        let spec = stack.write_spec(
+            "refused.toml",
+            &format!(
+                "name = \"refused\"\nfamily = \"train\"\n[base]\ndataset = \"digits\"\nmodel = \"mlp\"\nsteps = 10\n[sweep]\nsearcher = \"grid\"\nparams.width = [32]\n[objective]\nmetric = \"eval_loss\"\ngoal = \"minimize\"\nconstraints = [\"{constraint}\"]\n"
+            ),
+        );
+        let out = stack.ablate(&["submit", &spec.to_string_lossy()]);
+        let err = harness::stderr(&out);
+        assert!(!out.status.success(), "{constraint} was accepted");
+        assert!(err.contains("objective.constraints[0]") && err.contains(says), "{err}");
+    }
+}

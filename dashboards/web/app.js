@@ -404,7 +404,7 @@ function experimentView(id) {
         <td><input type="checkbox" data-id="${esc(t.id)}" ${state.selected.has(t.id) ? "checked" : ""}></td>
         <td><a href="#/trials/${esc(t.id)}">${t.ordinal}</a></td><td>${stateTag(t.state)}${t.reused_from ? ` <a class="tag reused" href="#/trials/${esc(t.reused_from)}" title="took this trial's results instead of running">reused</a>` : ""}</td>
         ${params.map((p) => `<td class="num">${esc(fmt(t.params[p]))}</td>`).join("")}
-        <td class="num">${esc(fmt(t.objective))}</td><td class="num">${t.attempts}</td></tr>`;
+        <td class="num">${esc(fmt(t.objective))}${t.feasible === false ? ` <span class="muted" title="misses a constraint">infeasible</span>` : ""}</td><td class="num">${t.attempts}</td></tr>`;
   }
   function drawRows() {
     const rows = state.rows || [];
@@ -502,10 +502,11 @@ function experimentView(id) {
     const box = document.getElementById("curves");
     const width = plotWidth(box);
     const q = new URLSearchParams({ metric: state.metric, points: String(Math.min(2000, width)) });
-    // The ticked trials, else the best 10 by objective (the table has them already).
+    // The ticked trials, else the best 10 by objective, feasible first (the table has them already).
     const sign = state.experiment.goal === "maximize" ? -1 : 1;
     const best = state.trials.filter((t) => typeof t.objective === "number")
-      .sort((a, b) => sign * (a.objective - b.objective) || a.ordinal - b.ordinal).slice(0, 10).map((t) => t.id);
+      .sort((a, b) => (a.feasible === false) - (b.feasible === false) || sign * (a.objective - b.objective) || a.ordinal - b.ordinal)
+      .slice(0, 10).map((t) => t.id);
     const chosen = state.selected.size > 0 ? [...state.selected] : best;
     if (chosen.length > 0) q.set("trials", chosen.join(","));
     const { series } = await api(`/api/v1/experiments/${id}/curves?${q}`);

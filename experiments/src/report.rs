@@ -43,6 +43,25 @@ impl TrialOutcome {
     }
 }
 
+/// Marks the succeeded trials that miss one of `constraints` (or lack its value) as
+/// `infeasible`, so no report ranks them among the succeeded; returns how many.
+pub fn mark_infeasible(outcomes: &mut [TrialOutcome], constraints: &[ablate_schema::Constraint]) -> usize {
+    let mut marked = 0;
+    for t in outcomes.iter_mut().filter(|t| t.state == "succeeded") {
+        let meets = |c: &ablate_schema::Constraint| {
+            let value = t
+                .metric(&c.name)
+                .or_else(|| t.outputs.get(&c.name).and_then(Value::as_f64));
+            value.is_some_and(|v| c.holds(v))
+        };
+        if !constraints.iter().all(meets) {
+            t.state = "infeasible".into();
+            marked += 1;
+        }
+    }
+    marked
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Report {
     pub family: String,

@@ -74,12 +74,29 @@ pub fn check_confined(
                 ),
             ))
         }
-        Some(o) => o.clone(),
+        Some(o) => {
+            // A built-in family's constraint must name a metric it logs.
+            for (i, c) in o.parsed_constraints().iter().enumerate() {
+                if spec.trial.is_none() && !family.metrics().contains(&c.name.as_str()) {
+                    return Err(SpecError::new(
+                        format!("objective.constraints[{i}]"),
+                        format!(
+                            "`{}` is not a metric of family {}; expected one of: {}",
+                            c.name,
+                            family.name(),
+                            family.metrics().join(", ")
+                        ),
+                    ));
+                }
+            }
+            o.clone()
+        }
         None => {
             let (metric, goal) = family.default_objective();
             Objective {
                 metric: metric.to_string(),
                 goal,
+                constraints: Vec::new(),
             }
         }
     };

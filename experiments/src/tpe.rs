@@ -49,6 +49,7 @@ impl Observation {
     }
 
     /// A trial still in flight: it counts as bad (the worst loss) until it finishes.
+    /// So does a finished trial that missed a constraint (it never counts as good).
     pub fn in_flight(params: Map<String, Value>) -> Observation {
         Observation {
             params,

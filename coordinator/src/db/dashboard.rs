@@ -32,7 +32,7 @@ pub async fn dashboard_experiments(pool: &PgPool, filter: &ExperimentFilter) -> 
                     e.submitted_by, e.created_at, e.tags, e.note, e.reused,
                     (select case when e.goal = 'maximize' then max(r.objective) else min(r.objective) end
                      from ablate.trial_results r
-                     where r.experiment_id = e.experiment_id and r.state = 'succeeded') as best
+                     where r.experiment_id = e.experiment_id and r.state = 'succeeded' and r.feasible) as best
              from ablate.experiments e
              where ($1::text is null or e.state = $1)
                and ($2::text is null or e.family = $2)
@@ -90,7 +90,8 @@ pub async fn dashboard_trials(pool: &PgPool, id: ExperimentId) -> Result<String>
         "select coalesce(json_agg(json_build_object(
                     'id', r.trial_id, 'ordinal', r.ordinal, 'state', r.state, 'params', r.params,
                     'objective', r.objective, 'attempts', r.attempt, 'metrics', r.metrics, 'error', r.error,
-                    'started_at', r.started_at, 'finished_at', r.finished_at, 'reused_from', r.reused_from)
+                    'started_at', r.started_at, 'finished_at', r.finished_at, 'reused_from', r.reused_from,
+                    'feasible', r.feasible)
                 order by r.ordinal), '[]'::json)::text
          from ablate.trial_results r where r.experiment_id = $1",
     )
@@ -105,7 +106,7 @@ pub async fn top_trials(pool: &PgPool, id: ExperimentId, k: u32) -> Result<Vec<T
     let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
         "select r.trial_id from ablate.trial_results r join experiments e on e.id = r.experiment_id
          where r.experiment_id = $1 and r.state in ('succeeded', 'running', 'failed', 'pruned')
-         order by (r.objective is null), (r.state <> 'succeeded'),
+         order by (r.objective is null), (r.state <> 'succeeded'), (not r.feasible),
                   case when e.goal = 'maximize' then -r.objective else r.objective end, r.ordinal
          limit $2",
     )
@@ -183,6 +184,7 @@ pub async fn dashboard_trial(pool: &PgPool, id: TrialId) -> Result<Value> {
              'ordinal', r.ordinal, 'state', r.state, 'params', r.params, 'metrics', r.metrics,
              'objective', r.objective, 'attempts', r.attempt, 'error', r.error,
              'started_at', r.started_at, 'finished_at', r.finished_at, 'reused_from', r.reused_from,
+             'feasible', r.feasible,
              'attempt_log', (select coalesce(json_agg(a order by a.attempt), '[]'::json)
                              from (select attempt, worker_id, outcome, error, stderr_tail, finished_at,
                                           host, device, device_name, ablate_version, git_commit

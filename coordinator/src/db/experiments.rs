@@ -269,7 +269,8 @@ pub async fn list_experiments(pool: &PgPool, limit: u32, tag: Option<&str>) -> R
     rows.iter().map(experiment_row).collect()
 }
 
-/// The best succeeded trials by the objective, best first.
+/// The best succeeded trials by the objective, best first (feasible ones only: an
+/// infeasible trial is never reported best).
 pub async fn best_trials(pool: &PgPool, e: &ExperimentRow, limit: u32) -> Result<Vec<TrialRow>> {
     let order = if e.goal.as_deref() == Some("maximize") {
         "desc"
@@ -281,7 +282,7 @@ pub async fn best_trials(pool: &PgPool, e: &ExperimentRow, limit: u32) -> Result
         "select r.trial_id, r.ordinal, r.state, r.params, r.objective, r.attempt, r.error,
                 t.total_steps, t.total_steps as step, t.reused_from
          from ablate.trial_results r join trials t on t.id = r.trial_id
-         where r.experiment_id = $1 and r.state = 'succeeded' and r.objective is not null
+         where r.experiment_id = $1 and r.state = 'succeeded' and r.objective is not null and r.feasible
          order by r.objective {order}, r.ordinal
          limit $2"
     )))

@@ -142,9 +142,11 @@ pub async fn top_up(conn: &mut PgConnection, experiment: ExperimentId) -> Result
     let mut history: Vec<Observation> = db::trials_seen(&mut tx, experiment, e.objective_metric.as_deref())
         .await?
         .into_iter()
-        .filter(|(_, state, _)| state != "cancelled")
-        .map(|(params, state, value)| match state.as_str() {
+        .filter(|(_, state, _, _)| state != "cancelled")
+        .map(|(params, state, value, feasible)| match state.as_str() {
+            // A trial in flight, and one that missed a constraint, count as the worst.
             "pending" | "running" => Observation::in_flight(e.spec.swept(&params)),
+            _ if !feasible => Observation::in_flight(e.spec.swept(&params)),
             _ => Observation::new(
                 e.spec.swept(&params),
                 value.filter(|_| state == "succeeded"),

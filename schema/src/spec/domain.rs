@@ -26,6 +26,69 @@ impl Goal {
 pub struct Objective {
     pub metric: String,
     pub goal: Goal,
+    /// Bounds a trial must meet to count (`"peak_memory_bytes <= 8e9"`): each a metric's
+    /// final value (or an output's) against a number. A trial that misses one, or
+    /// lacks the value, is infeasible: never reported best, and the searcher learns
+    /// from it as from a bad result.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub constraints: Vec<String>,
+}
+
+/// One of `[objective] constraints`: `name op bound`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Constraint {
+    pub name: String,
+    /// One of `<=`, `<`, `>=`, `>`.
+    pub op: &'static str,
+    pub bound: f64,
+}
+
+impl Constraint {
+    /// Parses `text` (`"peak_memory_bytes <= 8e9"`); the error says what is wrong.
+    pub fn parse(text: &str) -> Result<Constraint, String> {
+        let bad = |why: &str| {
+            format!("`{text}`: {why}; write a metric or output name, one of <=, <, >=, >, and a number, as \"peak_memory_bytes <= 8e9\"")
+        };
+        let (at, op) = ["<=", ">=", "<", ">"]
+            .iter()
+            .filter_map(|op| text.find(op).map(|at| (at, *op)))
+            .min_by_key(|(at, op)| (*at, std::cmp::Reverse(op.len())))
+            .ok_or_else(|| bad("no comparison"))?;
+        let name = text[..at].trim();
+        let bound = text[at + op.len()..].trim();
+        if name.is_empty() || name.chars().any(|c| c.is_whitespace() || "<>=".contains(c)) {
+            return Err(bad("no single name before the comparison"));
+        }
+        let bound: f64 = bound.parse().map_err(|_| bad("the bound is not a number"))?;
+        if !bound.is_finite() {
+            return Err(bad("the bound is not a finite number"));
+        }
+        Ok(Constraint {
+            name: name.to_string(),
+            op,
+            bound,
+        })
+    }
+
+    /// Whether `value` meets the bound.
+    pub fn holds(&self, value: f64) -> bool {
+        match self.op {
+            "<=" => value <= self.bound,
+            "<" => value < self.bound,
+            ">=" => value >= self.bound,
+            _ => value > self.bound,
+        }
+    }
+}
+
+impl Objective {
+    /// The parsed constraints (checked when the spec was).
+    pub fn parsed_constraints(&self) -> Vec<Constraint> {
+        self.constraints
+            .iter()
+            .filter_map(|c| Constraint::parse(c).ok())
+            .collect()
+    }
 }
 
 /// The values a swept parameter takes.

@@ -22,7 +22,7 @@ mod text;
 
 pub use command::CommandTrial;
 
-pub use domain::{Goal, Objective, ParamDomain};
+pub use domain::{Constraint, Goal, Objective, ParamDomain};
 pub use sweep::{Fuse, Ladder, Pbt, Resources, Rungs, Searcher, Sweep, Tpe, MAX_FUSE, MAX_GPUS_PER_TRIAL};
 use text::toml_message;
 pub use text::{apply_overrides, SpecFormat};
@@ -201,6 +201,17 @@ impl SweepSpec {
         }
         if let Some(objective) = &self.objective {
             limits.check_name("objective.metric", &objective.metric, limits.max_string_chars)?;
+            if objective.constraints.len() > 16 {
+                return Err(SpecError::new(
+                    "objective.constraints",
+                    format!("{} constraints, over the limit of 16", objective.constraints.len()),
+                ));
+            }
+            for (i, text) in objective.constraints.iter().enumerate() {
+                let field = format!("objective.constraints[{i}]");
+                limits.check_string(&field, text, limits.max_string_chars)?;
+                Constraint::parse(text).map_err(|why| SpecError::new(field, why))?;
+            }
         }
         let params = self.base.len() + self.sweep.params.len();
         if params > limits.max_params {

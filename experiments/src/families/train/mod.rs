@@ -154,9 +154,12 @@ pub fn report(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
         return Err(ReportError("the experiment has no trials to report on".into()));
     }
     let mut ranked: Vec<&TrialOutcome> = outcomes.iter().collect();
+    // Succeeded trials first (an infeasible one, which missed a constraint, after them).
     ranked.sort_by(|a, b| {
         let key = |t: &TrialOutcome| t.metric("eval_loss").unwrap_or(f64::INFINITY);
-        key(a).total_cmp(&key(b))
+        (a.state == "infeasible")
+            .cmp(&(b.state == "infeasible"))
+            .then(key(a).total_cmp(&key(b)))
     });
     let cell = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
     Ok(Report {
