@@ -736,3 +736,103 @@ async fn a_constrained_sweep_never_reports_an_infeasible_trial_as_best() {
         assert!(err.contains("objective.constraints[0]") && err.contains(says), "{err}");
     }
 }
+
+/// Two objectives with a known front: f1 = x, f2 = 1 - sqrt(x) + y; every trial with
+/// y = 0 is on it, any other is dominated by the one at its x with y = 0.
+const TWO_SH: &str = r#"awk -v x="$1" -v y="$2" 'BEGIN {
+    printf "{\"step\": 1, \"metrics\": {\"f1\": %.12g, \"f2\": %.12g}}\n", x, 1 - sqrt(x) + y }' >&3
+"#;
+
+const TWO: &str = r#"
+name = "NAME"
+family = "train"
+[trial]
+command = ["sh", "two.sh", "{x}", "{y}"]
+code = "."
+[base]
+steps = 1
+[sweep]
+SWEEP
+[objective]
+metric = "f1"
+goal = "minimize"
+also = [{ metric = "f2", goal = "minimize" }]
+"#;
+
+/// A grid over the two-objective problem: `ablate.pareto` and the report's front are
+/// exactly its 11 trials at y = 0; a tpe sweep of the same problem learns that y only
+/// costs (its proposals' median y falls below the random start's).
+#[tokio::test(flavor = "multi_thread")]
+async fn two_objectives_have_their_known_front_in_sql_and_the_report_and_tpe_proposes_toward_it() {
+    let mut stack = Stack::start(30.0).await;
+    let dir = stack.dir.join("two");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("two.sh"), TWO_SH).unwrap();
+    stack.start_worker_from(&harness::bin("ablate-worker"), "cpu:2", &["--allow-commands"]);
+    let submit = |name: &str, sweep: &str| {
+        std::fs::write(
+            dir.join("sweep.toml"),
+            TWO.replace("NAME", name).replace("SWEEP", sweep),
+        )
+        .unwrap();
+        let out = stack.ablate(&["submit", &dir.join("sweep.toml").to_string_lossy(), "--wait"]);
+        assert!(out.status.success(), "{}", harness::stderr(&out));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let grid = submit(
+        "two-grid",
+        "searcher = \"grid\"\nparams.x = { range = [0, 1], step = 0.1 }\nparams.y = [0, 0.5, 1]",
+    );
+    let front: Vec<(i32, f64, serde_json::Value)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select ordinal, (params ->> 'y')::float8, objectives from ablate.pareto
+         where experiment_id = '{grid}' order by ordinal"
+    )))
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(front.len(), 11, "{front:?}");
+    assert!(
+        front
+            .iter()
+            .all(|(_, y, o)| *y == 0.0 && o["f1"].is_number() && o["f2"].is_number()),
+        "{front:?}"
+    );
+    let out = stack.ablate(&["report", &grid, "--format", "json"]);
+    assert!(out.status.success(), "{}", harness::stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut on: Vec<i64> = report["pareto"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_i64().unwrap())
+        .collect();
+    on.sort();
+    assert_eq!(on, front.iter().map(|f| f.0 as i64).collect::<Vec<_>>(), "{report}");
+    let text = harness::text(&stack.ablate(&["report", &grid]));
+    assert!(
+        text.contains("Pareto front of f1 (min), f2 (min): 11 of 33 succeeded trials"),
+        "{text}"
+    );
+    // tpe against the front.
+    let search = submit(
+        "two-tpe",
+        "searcher = \"tpe\"\nparams.x = { uniform = [0, 1] }\nparams.y = { uniform = [0, 1] }\n[sweep.tpe]\ntrials = 32\nn_startup = 8\nseed = 5",
+    );
+    let ys: Vec<f64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "select (params ->> 'y')::float8 from trials where experiment_id = '{search}' and state = 'succeeded' order by ordinal"
+    )))
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(ys.len(), 32);
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (start, late) = (median(&ys[..8]), median(&ys[16..]));
+    assert!(
+        late < start,
+        "median y of the last 16 proposals {late}, of the random start {start}"
+    );
+}

@@ -22,6 +22,7 @@ pub mod families;
 pub mod fusion;
 pub mod importance;
 pub mod nn;
+pub mod pareto;
 pub mod pbt;
 pub mod queue;
 pub mod report;

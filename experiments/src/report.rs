@@ -74,6 +74,9 @@ pub struct Report {
     /// Which swept parameters mattered to the objective (`crate::importance`), largest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub importance: Vec<Importance>,
+    /// With several objectives (`crate::pareto`): the ordinals of the trials on the Pareto front.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pareto: Vec<i64>,
 }
 
 /// One swept parameter's share of the objective's variance (`crate::importance`).

@@ -75,6 +75,19 @@ pub fn check_confined(
             ))
         }
         Some(o) => {
+            for (i, more) in o.also.iter().enumerate() {
+                if spec.trial.is_none() && !family.metrics().contains(&more.metric.as_str()) {
+                    return Err(SpecError::new(
+                        format!("objective.also[{i}].metric"),
+                        format!(
+                            "`{}` is not a metric of family {}; expected one of: {}",
+                            more.metric,
+                            family.name(),
+                            family.metrics().join(", ")
+                        ),
+                    ));
+                }
+            }
             // A built-in family's constraint must name a metric it logs.
             for (i, c) in o.parsed_constraints().iter().enumerate() {
                 if spec.trial.is_none() && !family.metrics().contains(&c.name.as_str()) {
@@ -97,6 +110,7 @@ pub fn check_confined(
                 metric: metric.to_string(),
                 goal,
                 constraints: Vec::new(),
+                also: Vec::new(),
             }
         }
     };

@@ -43,8 +43,8 @@ pub use error::SpecError;
 pub use ids::{ExperimentId, LeaseToken, TrialId, WorkerId};
 pub use limits::Limits;
 pub use spec::{
-    Checkpoints, CommandTrial, Constraint, Fuse, Goal, Keep, Ladder, Objective, ParamDomain, Pbt, Rungs, Searcher,
-    SpecFormat, Sweep, SweepSpec, Tpe, MAX_FUSE,
+    Checkpoints, CommandTrial, Constraint, Fuse, Goal, Keep, Ladder, MoreObjective, Objective, ParamDomain, Pbt, Rungs,
+    Searcher, SpecFormat, Sweep, SweepSpec, Tpe, MAX_FUSE,
 };
 
 /// States a trial moves through; the strings are those stored in PostgreSQL.

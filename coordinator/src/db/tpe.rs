@@ -60,28 +60,27 @@ pub async fn tpe_experiment(tx: &mut PgConnection, experiment: ExperimentId) -> 
     }))
 }
 
-/// Every trial, in order: parameters, state, (once finished) the last value of
-/// `metric`, and whether it meets the objective's constraints (`trial_feasible`).
+/// Every trial, in order: parameters, state, (once finished) its final metrics, and
+/// whether it meets the objective's constraints (`trial_feasible`).
 pub async fn trials_seen(
     tx: &mut PgConnection,
     experiment: ExperimentId,
-    metric: Option<&str>,
-) -> Result<Vec<(Value, String, Option<f64>, bool)>> {
+) -> Result<Vec<(Value, String, Option<Value>, bool)>> {
     Ok(sqlx::query_as(
-        "select t.params, t.state,
-                case when t.state in ('succeeded', 'failed', 'pruned')
-                     then metric_value_at(t.id, (select id from metric_names where name = $2), null) end,
+        "select t.params, t.state, f.final,
                 case when e.spec -> 'objective' -> 'constraints' is null or t.state <> 'succeeded' then true
-                     else trial_feasible(
-                         coalesce(t.final_metrics, trial_final_metrics(coalesce(t.reused_from, t.id))),
-                         t.outputs, e.spec -> 'objective' -> 'constraints')
+                     else trial_feasible(f.final, t.outputs, e.spec -> 'objective' -> 'constraints')
                 end
          from trials t join experiments e on e.id = t.experiment_id
+         cross join lateral (
+             select case when t.state in ('succeeded', 'failed', 'pruned')
+                         then coalesce(t.final_metrics, trial_final_metrics(coalesce(t.reused_from, t.id))) end as final
+             offset 0
+         ) f
          where t.experiment_id = $1
          order by t.ordinal",
     )
     .bind(experiment.0)
-    .bind(metric)
     .fetch_all(&mut *tx)
     .await?)
 }

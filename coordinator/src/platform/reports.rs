@@ -22,5 +22,6 @@ pub async fn build(pool: &PgPool, id: ExperimentId) -> Result<Report, Error> {
         .report(&outcomes)
         .map_err(|e| Error::InvalidArgument(e.to_string()))?;
     ablate_experiments::importance::add_to(&mut report, &spec, &outcomes);
+    ablate_experiments::pareto::add_to(&mut report, &spec, &outcomes);
     Ok(report)
 }

@@ -139,19 +139,52 @@ pub async fn top_up(conn: &mut PgConnection, experiment: ExperimentId) -> Result
     if owed == 0 || e.cancelled {
         return Ok(0);
     }
-    let mut history: Vec<Observation> = db::trials_seen(&mut tx, experiment, e.objective_metric.as_deref())
-        .await?
+    let seen = db::trials_seen(&mut tx, experiment).await?;
+    // Several objectives: each finished trial's loss is its Pareto rank, ties broken
+    // within a front (`pareto::scalar_losses`); else the objective's final value.
+    let objectives = ablate_experiments::pareto::objectives(&e.spec);
+    let several: Vec<Option<f64>> = if objectives.len() > 1 {
+        let points: Vec<(usize, Vec<f64>)> = seen
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, state, _, feasible))| state == "succeeded" && *feasible)
+            .filter_map(|(i, (_, _, last, _))| {
+                Some((
+                    i,
+                    ablate_experiments::pareto::point(last.as_ref()?.as_object()?, &objectives)?,
+                ))
+            })
+            .collect();
+        let losses =
+            ablate_experiments::pareto::scalar_losses(&points.iter().map(|(_, p)| p.clone()).collect::<Vec<_>>());
+        let mut by_trial = vec![None; seen.len()];
+        for ((i, _), loss) in points.iter().zip(losses) {
+            by_trial[*i] = Some(loss);
+        }
+        by_trial
+    } else {
+        Vec::new()
+    };
+    let mut history: Vec<Observation> = seen
         .into_iter()
-        .filter(|(_, state, _, _)| state != "cancelled")
-        .map(|(params, state, value, feasible)| match state.as_str() {
+        .enumerate()
+        .filter(|(_, (_, state, _, _))| state != "cancelled")
+        .map(|(i, (params, state, last, feasible))| match state.as_str() {
             // A trial in flight, and one that missed a constraint, count as the worst.
             "pending" | "running" => Observation::in_flight(e.spec.swept(&params)),
             _ if !feasible => Observation::in_flight(e.spec.swept(&params)),
-            _ => Observation::new(
-                e.spec.swept(&params),
-                value.filter(|_| state == "succeeded"),
-                e.maximize,
-            ),
+            _ if !several.is_empty() => Observation::new(e.spec.swept(&params), several[i], false),
+            _ => {
+                let value = last
+                    .as_ref()
+                    .zip(e.objective_metric.as_deref())
+                    .and_then(|(last, metric)| last.get(metric)?.as_f64());
+                Observation::new(
+                    e.spec.swept(&params),
+                    value.filter(|_| state == "succeeded"),
+                    e.maximize,
+                )
+            }
         })
         .collect();
     let domains = e.spec.domains();

@@ -32,6 +32,19 @@ pub struct Objective {
     /// from it as from a bad result.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub constraints: Vec<String>,
+    /// More objectives beside `metric` (`also = [{ metric = "num_params", goal =
+    /// "minimize" }]`): the sweep then has a Pareto front (`ablate.pareto`), and tpe
+    /// proposes against it. `metric` stays the one a single best is ranked by.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also: Vec<MoreObjective>,
+}
+
+/// One of `[objective] also`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MoreObjective {
+    pub metric: String,
+    pub goal: Goal,
 }
 
 /// One of `[objective] constraints`: `name op bound`.

@@ -22,7 +22,7 @@ mod text;
 
 pub use command::CommandTrial;
 
-pub use domain::{Constraint, Goal, Objective, ParamDomain};
+pub use domain::{Constraint, Goal, MoreObjective, Objective, ParamDomain};
 pub use sweep::{Fuse, Ladder, Pbt, Resources, Rungs, Searcher, Sweep, Tpe, MAX_FUSE, MAX_GPUS_PER_TRIAL};
 use text::toml_message;
 pub use text::{apply_overrides, SpecFormat};
@@ -206,6 +206,19 @@ impl SweepSpec {
                     "objective.constraints",
                     format!("{} constraints, over the limit of 16", objective.constraints.len()),
                 ));
+            }
+            for (i, more) in objective.also.iter().enumerate() {
+                let field = format!("objective.also[{i}].metric");
+                limits.check_name(&field, &more.metric, limits.max_string_chars)?;
+                if more.metric == objective.metric || objective.also[..i].iter().any(|m| m.metric == more.metric) {
+                    return Err(SpecError::new(
+                        field,
+                        format!("`{}` is an objective already", more.metric),
+                    ));
+                }
+            }
+            if objective.also.len() > 7 {
+                return Err(SpecError::new("objective.also", "at most 8 objectives in all"));
             }
             for (i, text) in objective.constraints.iter().enumerate() {
                 let field = format!("objective.constraints[{i}]");

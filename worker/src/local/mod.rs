@@ -238,6 +238,7 @@ pub fn run(
     }
     let mut report = family.report(&outcomes).map_err(|e| anyhow::anyhow!("report: {e}"))?;
     ablate_experiments::importance::add_to(&mut report, spec, &outcomes);
+    ablate_experiments::pareto::add_to(&mut report, spec, &outcomes);
     Ok((report, outcomes))
 }
 

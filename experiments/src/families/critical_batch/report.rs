@@ -429,5 +429,6 @@ pub fn analyze(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
         verdict,
         figures,
         importance: Vec::new(),
+        pareto: Vec::new(),
     })
 }

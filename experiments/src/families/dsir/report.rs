@@ -132,5 +132,6 @@ pub fn analyze(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
         verdict: Verdict::new(criteria),
         figures: Vec::new(),
         importance: Vec::new(),
+        pareto: Vec::new(),
     })
 }

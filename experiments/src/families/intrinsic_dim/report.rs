@@ -326,5 +326,6 @@ pub fn analyze(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
         verdict,
         figures,
         importance: Vec::new(),
+        pareto: Vec::new(),
     })
 }

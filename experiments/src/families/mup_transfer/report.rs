@@ -315,6 +315,7 @@ pub fn analyze(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
         verdict: Verdict::new(criteria),
         figures,
         importance: Vec::new(),
+        pareto: Vec::new(),
     })
 }
 

@@ -195,6 +195,7 @@ pub fn report(outcomes: &[TrialOutcome]) -> Result<Report, ReportError> {
         verdict: Verdict::new(Vec::new()),
         figures: Vec::new(),
         importance: Vec::new(),
+        pareto: Vec::new(),
     })
 }
 
