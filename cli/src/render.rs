@@ -94,6 +94,45 @@ pub fn experiment_summary(e: &proto::Experiment) -> String {
             .collect();
         out.push_str(&table(&header, &rows));
     }
+    if !e.pareto.is_empty() {
+        // The objective first, then the others by name.
+        let objectives: Vec<serde_json::Map<String, serde_json::Value>> = e
+            .pareto
+            .iter()
+            .map(|p| serde_json::from_str(&p.objectives_json).unwrap_or_default())
+            .collect();
+        let mut names: Vec<String> = objectives[0]
+            .keys()
+            .filter(|k| **k != e.objective_metric)
+            .cloned()
+            .collect();
+        names.insert(0, e.objective_metric.clone());
+        out.push_str(&format!(
+            "\nPareto front of {} ({} trials):\n",
+            names.join(", "),
+            e.pareto.len()
+        ));
+        let mut header = vec!["trial".to_string()];
+        header.extend(names.iter().cloned());
+        header.push("params".into());
+        let rows: Vec<Vec<String>> = e
+            .pareto
+            .iter()
+            .zip(&objectives)
+            .map(|(p, o)| {
+                let mut row = vec![p.ordinal.to_string()];
+                row.extend(names.iter().map(|n| {
+                    o.get(n)
+                        .and_then(|v| v.as_f64())
+                        .map(|v| format!("{v:.6}"))
+                        .unwrap_or_default()
+                }));
+                row.push(swept_params(&p.params_json, &e.swept_params));
+                row
+            })
+            .collect();
+        out.push_str(&table(&header, &rows));
+    }
     for f in &e.failures {
         out.push_str(&format!(
             "\ntrial {} failed (attempt {}): {}\n",

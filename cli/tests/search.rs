@@ -813,6 +813,16 @@ async fn two_objectives_have_their_known_front_in_sql_and_the_report_and_tpe_pro
         text.contains("Pareto front of f1 (min), f2 (min): 11 of 33 succeeded trials"),
         "{text}"
     );
+    // `ablate status` shows the front too, by the first objective.
+    let status = harness::text(&stack.ablate(&["status", &grid]));
+    let shown = status
+        .split("Pareto front of f1, f2 (11 trials):")
+        .nth(1)
+        .expect("the front in status");
+    let rows: Vec<&str> = shown.lines().filter(|l| l.contains("y=")).collect();
+    assert_eq!(rows.len(), 11, "{status}");
+    assert!(rows.iter().all(|l| l.trim_end().ends_with("y=0")), "{status}");
+    assert!(rows[0].contains("x=0.0 "), "the least f1 (x = 0) first: {status}");
     // tpe against the front.
     let search = submit(
         "two-tpe",

@@ -293,6 +293,23 @@ pub async fn best_trials(pool: &PgPool, e: &ExperimentRow, limit: u32) -> Result
     rows.iter().map(trial_row).collect()
 }
 
+/// An experiment's Pareto front (`ablate.pareto`; none with one objective), at most
+/// `limit` trials by its first objective: id, ordinal, params, objectives.
+pub async fn pareto_front(pool: &PgPool, id: ExperimentId, limit: u32) -> Result<Vec<(uuid::Uuid, i32, Value, Value)>> {
+    Ok(sqlx::query_as(
+        "select p.trial_id, p.ordinal, p.params, p.objectives
+         from ablate.pareto p join experiments e on e.id = p.experiment_id
+         where p.experiment_id = $1
+         order by (p.objectives ->> (e.spec -> 'objective' ->> 'metric'))::float8
+                  * case when e.spec -> 'objective' ->> 'goal' = 'maximize' then -1 else 1 end, p.ordinal
+         limit $2",
+    )
+    .bind(id.0)
+    .bind(limit as i64)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Running trials with the newest step they logged, and failed trials with their reason.
 pub async fn active_and_failed_trials(pool: &PgPool, id: ExperimentId) -> Result<(Vec<TrialRow>, Vec<TrialRow>)> {
     let rows = sqlx::query(

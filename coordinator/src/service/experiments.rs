@@ -54,6 +54,16 @@ impl ExperimentsService {
         let best_rows = db::best_trials(&self.pool, &row, best.max(1)).await?;
         let (running, failed) = db::active_and_failed_trials(&self.pool, id).await?;
         let mut message = experiment_message(&row, &best_rows, &running, &failed);
+        message.pareto = db::pareto_front(&self.pool, id, 50)
+            .await?
+            .into_iter()
+            .map(|(trial, ordinal, params, objectives)| proto::ParetoPoint {
+                trial_id: trial.to_string(),
+                ordinal: ordinal as u32,
+                params_json: params.to_string(),
+                objectives_json: objectives.to_string(),
+            })
+            .collect();
         message.waiting = db::waiting_reason(&self.pool, id, self.lease_ttl)
             .await?
             .unwrap_or_default();
@@ -108,6 +118,7 @@ fn experiment_message(
         note: e.note.clone().unwrap_or_default(),
         reused: e.reused as u32,
         keep_checkpoints: e.keep_checkpoints.clone(),
+        pareto: Vec::new(),
     }
 }
 
