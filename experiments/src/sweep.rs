@@ -266,6 +266,25 @@ fn fuse_key(spec: &SweepSpec, family: Family, params: &Value) -> Option<String> 
 
 /// The trial one more point of a checked spec's sweep stands for (the tpe searcher's
 /// proposals): base merged with the swept values, checked as at submission.
+/// A sweep's report from its trials' outcomes, as the coordinator and local sweeps
+/// give it: the succeeded trials that miss one of the objective's constraints marked
+/// `infeasible` (so no family ranks them among the succeeded), then the family's
+/// report, with the swept parameters' importance and, with several objectives, the
+/// Pareto front.
+pub fn report(
+    family: Family,
+    spec: &SweepSpec,
+    outcomes: &mut [crate::report::TrialOutcome],
+) -> Result<crate::report::Report, crate::report::ReportError> {
+    if let Some(objective) = &spec.objective {
+        crate::report::mark_infeasible(outcomes, &objective.parsed_constraints());
+    }
+    let mut report = family.report(outcomes)?;
+    crate::importance::add_to(&mut report, spec, outcomes);
+    crate::pareto::add_to(&mut report, spec, outcomes);
+    Ok(report)
+}
+
 pub fn plan_point(spec: &SweepSpec, swept: serde_json::Map<String, Value>) -> Result<PlannedTrial, SpecError> {
     let family = Family::parse(&spec.family).map_err(|m| SpecError::new("family", m))?;
     let mut params: serde_json::Map<String, Value> = spec.base.clone().into_iter().collect();

@@ -14,14 +14,5 @@ pub async fn build(pool: &PgPool, id: ExperimentId) -> Result<Report, Error> {
     let family = ablate_experiments::Family::parse(&family).map_err(Error::InvalidArgument)?;
     let mut conn = pool.acquire().await?;
     let (spec, _) = db::spec_and_goal(&mut conn, id).await?;
-    // A trial that misses a constraint is never ranked among the succeeded.
-    if let Some(objective) = &spec.objective {
-        ablate_experiments::report::mark_infeasible(&mut outcomes, &objective.parsed_constraints());
-    }
-    let mut report = family
-        .report(&outcomes)
-        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-    ablate_experiments::importance::add_to(&mut report, &spec, &outcomes);
-    ablate_experiments::pareto::add_to(&mut report, &spec, &outcomes);
-    Ok(report)
+    ablate_experiments::sweep::report(family, &spec, &mut outcomes).map_err(|e| Error::InvalidArgument(e.to_string()))
 }

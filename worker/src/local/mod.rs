@@ -233,12 +233,8 @@ pub fn run(
     });
     let mut outcomes = outcomes.into_inner().expect("outcomes lock");
     outcomes.sort_by_key(|o| o.ordinal);
-    if let Some(objective) = &spec.objective {
-        ablate_experiments::report::mark_infeasible(&mut outcomes, &objective.parsed_constraints());
-    }
-    let mut report = family.report(&outcomes).map_err(|e| anyhow::anyhow!("report: {e}"))?;
-    ablate_experiments::importance::add_to(&mut report, spec, &outcomes);
-    ablate_experiments::pareto::add_to(&mut report, spec, &outcomes);
+    let report =
+        ablate_experiments::sweep::report(family, spec, &mut outcomes).map_err(|e| anyhow::anyhow!("report: {e}"))?;
     Ok((report, outcomes))
 }
 
