@@ -98,13 +98,12 @@ pub fn run(
         budget,
         maximize: checked.objective.goal == Goal::Maximize,
         slots: slots.len(),
-        ordinals: Vec::new(),
-        history: Vec::new(),
-        in_flight: checked
+        // The random start, in flight.
+        ordinals: (0..checked.trials.len()).collect(),
+        history: checked
             .trials
             .iter()
-            .enumerate()
-            .map(|(ordinal, t)| (ordinal, spec.swept(&t.params)))
+            .map(|t| ablate_experiments::tpe::Observation::in_flight(spec.swept(&t.params)))
             .collect(),
     });
     let queue = Queue::new(checked.trials.iter().map(waiting).collect(), searcher);

@@ -21,12 +21,11 @@ pub(super) struct Tpe {
     pub maximize: bool,
     /// The sweep's slots: how many trials it keeps in flight.
     pub slots: usize,
-    /// The ordinals of the ended trials, in order, and each one's swept values and
-    /// objective (to minimize) at the same place: the history the estimator reads.
+    /// The ordinals of the trials it holds, in order, and each one's observation at the
+    /// same place (in flight until it ends): the history the estimator reads, in the
+    /// coordinator's order.
     pub ordinals: Vec<usize>,
     pub history: Vec<Observation>,
-    /// The swept values of the trials not ended yet, by ordinal.
-    pub in_flight: std::collections::BTreeMap<usize, serde_json::Map<String, Value>>,
 }
 
 /// A trial for the queue: its parameters, what it waits for and its fusion key
@@ -164,20 +163,20 @@ impl Queue {
         let (finished, total) = (state.ended, state.rules.len());
         let mut proposals = Vec::new();
         if let Some(tpe) = state.searcher.as_mut() {
+            let ended = Observation::new(swept, objective, tpe.maximize);
             let at = tpe.ordinals.partition_point(|&o| o < ordinal);
-            tpe.ordinals.insert(at, ordinal);
-            tpe.history.insert(at, Observation::new(swept, objective, tpe.maximize));
-            tpe.in_flight.remove(&ordinal);
+            if tpe.ordinals.get(at) == Some(&ordinal) {
+                tpe.history[at] = ended;
+            } else {
+                tpe.ordinals.insert(at, ordinal);
+                tpe.history.insert(at, ended);
+            }
             let owed = tpe.budget.owed(finished as u64, total as u64, Some(tpe.slots as u64)) as usize;
             let seed = tpe.budget.seed.unwrap_or(0);
             for ordinal in total..total + owed {
-                let mut seen: Vec<Observation> = std::mem::take(&mut tpe.history);
-                let ended = seen.len();
-                seen.extend(tpe.in_flight.values().cloned().map(Observation::in_flight));
-                let point = tpe::propose(&tpe.domains, &seen, seed, ordinal, tpe.budget.multivariate());
-                seen.truncate(ended);
-                tpe.history = seen;
-                tpe.in_flight.insert(ordinal, point.clone());
+                let point = tpe::propose(&tpe.domains, &tpe.history, seed, ordinal, tpe.budget.multivariate());
+                tpe.ordinals.push(ordinal);
+                tpe.history.push(Observation::in_flight(point.clone()));
                 proposals.push(propose(point));
             }
         }
@@ -291,7 +290,6 @@ mod tests {
             slots: 2,
             ordinals: vec![],
             history: vec![],
-            in_flight: Default::default(),
         };
         let queue = Queue::new(vec![waiting(0, vec![], None), waiting(1, vec![], None)], Some(searcher));
         let made = |point: serde_json::Map<String, Value>| Waiting {
