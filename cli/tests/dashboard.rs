@@ -1,6 +1,6 @@
 //! The web dashboard, as a researcher sees it: headless Chromium (Debian's,
 //! with --no-sandbox) loads every page of a running stack after a quickstart
-//! sweep and a muP report, through the login link `ablate dashboard` prints;
+//! sweep (its Pareto front of eval_loss and num_params drawn) and a muP report, through the login link `ablate dashboard` prints;
 //! the DOM holds the experiments, all their trials and the verdict line, and
 //! a screenshot of each page is kept. The JSON API answers 401 without a
 //! token and 403 to a worker's, reduces long curves to at most 2,000 points,
@@ -310,6 +310,45 @@ async fn every_page_loads_in_chromium_with_its_data_behind_the_tokens() {
         serde_json::from_str::<serde_json::Value>(&body).unwrap()
     };
     assert_every_trial_is_drawn(&dom, &trials_of(&quickstart), &["width", "log2_lr"], 12);
+    // Its two objectives, eval_loss and num_params: the front the report names is the one
+    // drawn, each of its trials marked, the other trials beside them.
+    let (_, _, body) = api(&format!("/api/v1/experiments/{quickstart}/report"), Some(&admin));
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let front: Vec<i64> = report["report"]["pareto"]
+        .as_array()
+        .unwrap_or_else(|| panic!("the report names its front: {body}"))
+        .iter()
+        .map(|o| o.as_i64().unwrap())
+        .collect();
+    assert!(
+        report["report"]["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["title"].as_str().unwrap().starts_with("Pareto front")),
+        "{body}"
+    );
+    // Trials of one width have the same num_params: at most one of each is on the front.
+    assert!((1..=3).contains(&front.len()), "{front:?}");
+    // The report's front (worked out in Rust) is the one ablate.pareto holds (in SQL).
+    let (_, _, body) = api(&format!("/api/v1/experiments/{quickstart}"), Some(&admin));
+    let experiment: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut sorted = front.clone();
+    sorted.sort();
+    assert_eq!(experiment["experiment"]["pareto"], serde_json::json!(sorted), "{body}");
+    assert!(
+        dom.contains(&format!("data-front=\"{}\" data-points=\"12\"", front.len())),
+        "{dom}"
+    );
+    assert_eq!(count(&dom, "class=\"front-point\""), front.len(), "{dom}");
+    assert_eq!(count(&dom, "class=\"pareto-point\""), 12 - front.len(), "{dom}");
+    for ordinal in &front {
+        assert!(
+            dom.contains(&format!("class=\"front-point\" data-ordinal=\"{ordinal}\"")),
+            "trial {ordinal} of the front: {dom}"
+        );
+    }
+    assert!(dom.contains("class=\"front-line\" d=\"M"), "{dom}");
 
     let dom = page(&format!("/#/experiments/{mup}"), "experiment-coord-check");
     assert_eq!(count(&dom, "class=\"trial-row\""), 36, "{dom}");

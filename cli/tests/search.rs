@@ -1,6 +1,8 @@
 //! Smarter sweeps through the whole stack: ASHA's rungs (trials paused with a
 //! checkpoint, the best promoted and resumed, the rest pruned) against the
-//! full grid of the same configurations, and Hyperband's brackets.
+//! full grid of the same configurations, Hyperband's brackets and BOHB's
+//! proposals in them; PBT, synchronous and not; tpe with every slot busy;
+//! constraints and several objectives.
 
 mod harness;
 
@@ -84,7 +86,7 @@ async fn steps_trained(stack: &Stack, experiment: &str) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn asha_finds_the_grids_best_for_a_fraction_of_its_steps() {
+async fn asha_hyperband_and_bohb_find_the_grids_best_for_a_fraction_of_its_steps() {
     let mut stack = Stack::start(30.0).await;
     stack.start_worker("cpu:2");
     let grid_spec = stack.write_spec("grid.toml", &spec("grid", "grid"));
@@ -195,7 +197,72 @@ async fn asha_finds_the_grids_best_for_a_fraction_of_its_steps() {
         ))
         .await;
     assert_eq!(full, 6);
+
+    // BOHB: tpe proposes each configuration of the same 81, never one twice, fitted at the
+    // highest rung with enough results; Hyperband's brackets stop them.
+    let bohb_spec = stack.write_spec(
+        "bohb.toml",
+        &GRID
+            .replace("NAME", "bohb")
+            .replace("SEARCHER", "bohb")
+            .replace("STEPS", "")
+            .replace("RUNGS", BOHB_RUNGS),
+    );
+    let bohb = stack.submit_and_wait(&bohb_spec);
+    let bohb_steps = steps_trained(&stack, &bohb).await;
+    let bohb_finals = finals(&stack, &bohb).await;
+    let bohb_best = best(&bohb_finals);
+    println!(
+        "bohb: {} configurations, {bohb_steps} steps ({:.1}% of the grid's, {:.1}% of ASHA's), best {bohb_best:.4}",
+        bohb_finals.len(),
+        100.0 * bohb_steps as f64 / grid_steps as f64,
+        100.0 * bohb_steps as f64 / asha_steps as f64
+    );
+    assert!(
+        bohb_steps <= asha_steps,
+        "BOHB trained {bohb_steps} steps, more than ASHA's {asha_steps}"
+    );
+    assert!(
+        bohb_best <= grid_best * 1.02,
+        "BOHB's best eval_loss {bohb_best} is not within 2% of the grid's {grid_best}"
+    );
+    // Every configuration once (`finals` is keyed by them), each a point of the grid, and
+    // every one trained to the end on the grid's very curve.
+    let held = stack
+        .scalar_i64(&format!("select count(*) from trials where experiment_id = '{bohb}'"))
+        .await;
+    assert_eq!(held, bohb_finals.len() as i64, "a configuration was proposed twice");
+    assert_eq!(held, 40);
+    let bohb_curves = curves(&stack, &bohb).await;
+    for (params, (state, _)) in &bohb_finals {
+        assert!(grid_finals.contains_key(params), "{params} is not a grid point");
+        assert!(state == "succeeded" || state == "pruned", "{params}: {state}");
+        if state == "succeeded" {
+            assert_same_curves(&bohb_curves[params], &grid_curves[params]);
+        }
+    }
+    // The brackets: configuration i in bracket i mod 2, the second starting at rung 60.
+    let firsts: Vec<(i32, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select bracket, min(step) from ablate.rungs where experiment_id = '{bohb}' group by bracket order by bracket"
+    )))
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(firsts, vec![(0, 20), (1, 60)]);
 }
+
+/// BOHB's budget on the 81 configurations: 40 of them, 10 at random first, in two of
+/// Hyperband's brackets (first rungs 20 and 60).
+const BOHB_RUNGS: &str = "[sweep.hyperband]
+min_steps = 20
+max_steps = 300
+reduction_factor = 3
+brackets = 2
+[sweep.tpe]
+trials = 40
+n_startup = 10
+seed = 0
+";
 
 /// DSIR's stages on the local pool: 4 features trials, the select trial, a DSIR and a random train trial.
 const DSIR: &str = r#"
@@ -447,9 +514,10 @@ async fn best_final(stack: &Stack, experiment: &str) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn pbt_beats_the_best_fixed_learning_rate_when_the_best_rate_falls() {
+async fn pbt_synchronous_and_asynchronous_beats_the_best_fixed_learning_rate_when_the_best_rate_falls() {
     let mut stack = Stack::start(30.0).await;
-    stack.start_worker("cpu:2");
+    // Eight slots: the fixed rates run at once, which warms every slot for the populations.
+    stack.start_worker("cpu:8");
     let fixed = NOISY_REGRESSION.replace("NAME", "fixed").replace(
         "SWEEP",
         "searcher = \"grid\"\nparams.log2_lr = { range = [-8, -1], step = 1 }",
@@ -485,7 +553,93 @@ async fn pbt_beats_the_best_fixed_learning_rate_when_the_best_rate_falls() {
         ))
         .await;
     assert_eq!(copied, 14);
+
+    // Asynchronous PBT with one member slowed (40 ms a step, the others 4; kept as its own
+    // when it copies another): on 8 slots each member decides at its interval against the
+    // others' results there and goes on at once.
+    let slowed = NOISY_REGRESSION.replace("NAME", "pbt-async").replace(
+        "SWEEP",
+        "searcher = \"pbt\"\nparams.log2_lr = { uniform = [-8.0, -1.0] }\nparams.step_delay_ms = [4, 40]\n\
+         [sweep.pbt]\npopulation = 8\ninterval = 50\nquantile = 0.25\nfactors = [0.8, 1.25]\nseed = ASYNC_SEED\n\
+         asynchronous = true\nkeep = [\"step_delay_ms\"]"
+            .replace("ASYNC_SEED", &ASYNC_SEED.to_string())
+            .as_str(),
+    );
+    let slowed = stack.submit_and_wait(&stack.write_spec("pbt-async.toml", &slowed));
+    let async_best = best_final(&stack, &slowed).await;
+    // Per member: its delay (the one it started with, kept), its span from first lease to
+    // end, its pause at step 350 and its end, in seconds from the sweep's first lease.
+    let members: Vec<(i32, i64, f64, f64, f64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "with t0 as (select min(started_at) s from trials where experiment_id = '{slowed}')
+         select t.ordinal, (t.params ->> 'step_delay_ms')::int8,
+                extract(epoch from t.finished_at - t.started_at)::float8,
+                extract(epoch from r.recorded_at - t0.s)::float8,
+                extract(epoch from t.finished_at - t0.s)::float8
+         from trials t cross join t0 join rungs r on r.trial_id = t.id and r.step = 350
+         where t.experiment_id = '{slowed}' and t.state = 'succeeded' order by t.ordinal"
+    )))
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(members.len(), 8, "every member ran to the end: {members:?}");
+    let slow: Vec<_> = members.iter().filter(|m| m.1 == 40).collect();
+    assert_eq!(members.iter().filter(|m| m.1 == 4).count(), 7, "{members:?}");
+    assert_eq!(slow.len(), 1, "exactly one member slowed: {members:?}");
+    let (_, _, slow_span, slow_at_350, _) = *slow[0];
+    let sweep_time = members.iter().map(|m| m.4).fold(0.0, f64::max);
+    let interval = slow_span / 8.0;
+    println!(
+        "asynchronous PBT, one member at 40 ms a step: best member {async_best:.5} (fixed {fixed_best:.5}); \
+         sweep {sweep_time:.1} s, the slow member's own {slow_span:.1} s (an interval {interval:.1} s); \
+         the others ended by {:.1} s, the slow one paused at step 350 at {slow_at_350:.1} s",
+        members.iter().filter(|m| m.1 == 4).map(|m| m.4).fold(0.0, f64::max)
+    );
+    assert!(
+        sweep_time <= slow_span + interval,
+        "the sweep took {sweep_time:.1} s, over the slow member's own {slow_span:.1} s plus an interval"
+    );
+    // No member waited for the slow one: all the others ended before it reached its last
+    // interval (synchronous PBT holds each of them at every step until the slow one is there).
+    for m in members.iter().filter(|m| m.1 == 4) {
+        assert!(
+            m.4 < slow_at_350,
+            "member {} ended at {:.1} s, after the slow member's pause at step 350 ({slow_at_350:.1} s)",
+            m.0,
+            m.4
+        );
+    }
+    assert!(
+        async_best < fixed_best,
+        "asynchronous PBT {async_best} against fixed {fixed_best}"
+    );
+    // Each member's 7 decisions are in the lineage; some copied a better member's checkpoint
+    // (the synchronous population copies 14: a decision there always sees 8 members; here
+    // the first member at a step has no one to compare with).
+    let (decisions, exploits): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select count(*), count(*) filter (where action = 'exploit') from ablate.pbt_lineage
+         where experiment_id = '{slowed}'"
+    )))
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    println!("{exploits} of the 56 decisions copied a better member");
+    assert_eq!(decisions, 56);
+    // The slow member arrives after every other: it is ranked against all of them, and
+    // its poor first learning rate (2^-7.7) copies a better member at step 50.
+    assert!(exploits >= 2, "{exploits} exploits in 56 decisions");
+    let slow_first: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "select l.action from ablate.pbt_lineage l join trials t on t.id = l.trial_id
+         where l.experiment_id = '{slowed}' and l.step = 50 and (t.params ->> 'step_delay_ms')::int = 40"
+    )))
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(slow_first, "exploit");
 }
+
+/// The seed of the asynchronous population: it draws exactly one member of 8 with
+/// `step_delay_ms = 40` (the test checks).
+const ASYNC_SEED: u64 = 59;
 
 /// The bench's synthetic task (`ablate_experiments::tpe::synthetic`) as a command trial
 /// that takes 1 s: its minimum, 0, at lr = 10^-2.5, log2_batch 6, gelu, x = 0.3.

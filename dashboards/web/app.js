@@ -275,6 +275,50 @@ function scatterPlot(box, { title, param, xLabel, yLabel, kinds, points }) {
   ctx.fill();
 }
 
+/// Several objectives: every succeeded trial with both values as a point, `y`
+/// (the first objective) against `x` (another), the Pareto front's trials
+/// (`front`, ordinals) marked and joined by the steps of the front; better is
+/// down and to the left once `xSign`/`ySign` (-1 for a maximized objective)
+/// are applied. Each point names its trial in a tooltip.
+function paretoPlot(box, { title, xName, yName, xSign, ySign, trials, front }) {
+  const W = 460, H = 300, left = 70, right = 14, top = 12, bottom = 40;
+  const points = trials
+    .filter((t) => t.state === "succeeded" && typeof t.metrics?.[xName] === "number" && typeof t.metrics?.[yName] === "number")
+    .map((t) => ({ x: t.metrics[xName], y: t.metrics[yName], trial: t, front: front.includes(t.ordinal) }));
+  if (points.length === 0) return;
+  const scale = (values, lo, hi) => {
+    const axis = axisFor(values);
+    const f = axis.distr === 3 ? Math.log : (v) => v;
+    const a = Math.min(...values.map(f)), b = Math.max(...values.map(f));
+    return { at: (v) => (b === a ? (lo + hi) / 2 : lo + ((f(v) - a) * (hi - lo)) / (b - a)), min: Math.min(...values), max: Math.max(...values) };
+  };
+  const x = scale(points.map((p) => p.x), left, W - right);
+  const y = scale(points.map((p) => p.y), H - bottom, top);
+  // The front as steps: sorted by x (better first), each point joined to the next
+  // across, then down (or up, for a maximized y).
+  const onFront = points.filter((p) => p.front).sort((a, b) => xSign * (a.x - b.x));
+  let path = "";
+  onFront.forEach((p, i) => {
+    const [px, py] = [x.at(p.x).toFixed(1), y.at(p.y).toFixed(1)];
+    path += i === 0 ? `M${px},${py}` : `H${px}V${py}`;
+  });
+  const tipOf = (p) => `trial ${p.trial.ordinal}: ${xName} = ${fmt(p.x)}, ${yName} = ${fmt(p.y)}${p.front ? " (on the front)" : ""}`;
+  const circles = points.map((p) =>
+    `<circle class="${p.front ? "front-point" : "pareto-point"}" data-ordinal="${p.trial.ordinal}" cx="${x.at(p.x).toFixed(1)}" cy="${y.at(p.y).toFixed(1)}" r="${p.front ? 5 : 3.5}" data-tip="${esc(tipOf(p))}"/>`).join("");
+  const card = document.createElement("div");
+  card.className = "card";
+  card.innerHTML = `<h3>${esc(title)}</h3>
+    <svg class="pareto" data-front="${onFront.length}" data-points="${points.length}" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}">
+    <rect x="${left}" y="${top}" width="${W - left - right}" height="${H - top - bottom}" class="frame"/>
+    <path class="front-line" d="${path}"/>${circles}
+    <text x="${left}" y="${H - bottom + 14}" text-anchor="start">${esc(fmt(x.min))}</text><text x="${W - right}" y="${H - bottom + 14}" text-anchor="end">${esc(fmt(x.max))}</text>
+    <text x="${left - 4}" y="${H - bottom}" text-anchor="end">${esc(fmt(y.min))}</text><text x="${left - 4}" y="${top + 8}" text-anchor="end">${esc(fmt(y.max))}</text>
+    <text x="${(left + W - right) / 2}" y="${H - 4}" text-anchor="middle">${esc(xName)}${xSign < 0 ? " (maximized)" : ""}</text>
+    <text x="12" y="${(top + H - bottom) / 2}" text-anchor="middle" transform="rotate(-90 12 ${(top + H - bottom) / 2})">${esc(yName)}${ySign < 0 ? " (maximized)" : ""}</text></svg>
+    <p class="muted">${onFront.length} of ${points.length} trials on the Pareto front (larger, joined)</p>`;
+  box.appendChild(card);
+}
+
 /// A uPlot of several (x, y) series, joined on one x axis.
 function linePlot(el, { title, series, xLabel, yLabel, xAxis, yAxis, points, width, height }) {
   const nonEmpty = series.filter((s) => s.x.length > 0);
@@ -325,6 +369,7 @@ function experimentView(id) {
     <div class="filters"><label>Metric<select id="metric"></select></label>
       <span class="muted" id="curve-note"></span></div>
     <div id="curves"></div>
+    <div id="pareto-section" hidden><h2>Pareto front</h2><div class="row" id="pareto"></div></div>
     <h2>Objective against parameters</h2>
     <div class="row" id="scatter"></div>
     <h2>Parallel coordinates</h2>
@@ -549,6 +594,22 @@ function experimentView(id) {
     }
   }
 
+  /// With several objectives: the first against each other one, the front drawn.
+  function drawPareto() {
+    const e = state.experiment;
+    const also = Array.isArray(e.also) ? e.also : [];
+    document.getElementById("pareto-section").hidden = also.length === 0;
+    const box = document.getElementById("pareto");
+    box.innerHTML = "";
+    const sign = (goal) => (goal === "maximize" ? -1 : 1);
+    for (const other of also) {
+      paretoPlot(box, {
+        title: `${e.objective_metric} against ${other.metric}`, xName: other.metric, yName: e.objective_metric,
+        xSign: sign(other.goal), ySign: sign(e.goal), trials: state.trials, front: e.pareto || [],
+      });
+    }
+  }
+
   function drawParallel() {
     const box = document.getElementById("parallel");
     const done = state.trials.filter((t) => typeof t.objective === "number");
@@ -678,6 +739,7 @@ function experimentView(id) {
       // The curves and the report load while the rest is drawn.
       const loading = [drawCurves(), drawReport(firstReport)];
       drawTable();
+      drawPareto();
       drawScatter();
       drawParallel();
       await Promise.all(loading);

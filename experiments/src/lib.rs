@@ -16,6 +16,7 @@
 //! family definitions and parameter checks; with it (the worker only) it brings
 //! tch, the models and the trial loops.
 
+pub mod bohb;
 pub mod draw;
 pub mod error;
 pub mod families;

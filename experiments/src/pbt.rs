@@ -1,11 +1,16 @@
-//! Population-based training (Jaderberg et al., 2017), synchronous: when every
-//! member has reached a generation's step, the members are ranked by their
-//! objective there; each of the bottom `quantile` copies the checkpoint of a
-//! member of the top `quantile` (exploit) and takes that member's
-//! hyperparameters perturbed (explore): a number multiplied by one of the
-//! `factors` (kept within its domain, rounded to a range's step), a list's
-//! value redrawn with probability 1/4. Draws are seeded by the sweep's seed
-//! and the step, so a population evolves the same way from the same results.
+//! Population-based training (Jaderberg et al., 2017). Synchronous
+//! ([`generation`]): when every member has reached a generation's step, the
+//! members are ranked by their objective there. Asynchronous ([`decide`]): a
+//! member that reaches the step is ranked at once against the members already
+//! there, by their results there, and goes on without waiting. In both, a
+//! member of the bottom `quantile` copies the checkpoint of a member of the top
+//! `quantile` (exploit) and takes that member's hyperparameters perturbed
+//! (explore): a number multiplied by one of the `factors` (kept within its
+//! domain, rounded to a range's step), a list's value redrawn with probability
+//! 1/4. Parameters the spec keeps per member are left out of the domains passed
+//! here, so the member keeps its own. Draws are seeded by the sweep's seed and
+//! the step (and, asynchronous, the member), so a population evolves the same
+//! way from the same results.
 
 use ablate_schema::ParamDomain;
 use rand::{Rng, SeedableRng};
@@ -54,6 +59,59 @@ pub fn generation(
     steps
 }
 
+/// Where a member stands when another reaches an interval (asynchronous PBT): its swept
+/// values, whether it has reached that step (a checkpoint there to copy) and its
+/// objective there, to minimize (`None` when it logged none).
+#[derive(Debug, Clone)]
+pub struct Standing {
+    pub params: Map<String, Value>,
+    pub at_step: bool,
+    pub loss: Option<f64>,
+}
+
+/// Asynchronous PBT: member `me` has reached `step` and decides alone, never waiting for
+/// the others. It is ranked among the members that have reached `step`, by their
+/// results there (`me` last when it has none; a member still behind is not compared,
+/// its result coming from fewer steps, so the first member there goes on). In the
+/// bottom `quantile` (at least one) it copies one of the top `quantile` of the better
+/// members there (a checkpoint at `step`) and takes its hyperparameters perturbed;
+/// otherwise it continues. Seeded by the sweep's seed, the step and the member.
+pub fn decide(
+    domains: &[(String, ParamDomain)],
+    standings: &[Standing],
+    me: usize,
+    quantile: f64,
+    factors: &[f64],
+    seed: u64,
+    step: u64,
+) -> Step {
+    let key = |i: usize| standings[i].loss.filter(|v| v.is_finite()).unwrap_or(f64::INFINITY);
+    let there = |s: &Standing| s.at_step && s.loss.is_some_and(f64::is_finite);
+    let mut order: Vec<usize> = (0..standings.len())
+        .filter(|&i| i == me || there(&standings[i]))
+        .collect();
+    order.sort_by(|&a, &b| key(a).total_cmp(&key(b)).then(a.cmp(&b)));
+    let n = order.len();
+    if n < 2 {
+        return Step::Continue;
+    }
+    let k = ((n as f64 * quantile).ceil() as usize).clamp(1, n / 2);
+    if !order[n - k..].contains(&me) {
+        return Step::Continue;
+    }
+    let better: Vec<usize> = order.iter().copied().filter(|&d| d != me && key(d) < key(me)).collect();
+    let donors = &better[..((better.len() as f64 * quantile).ceil() as usize).min(better.len())];
+    if donors.is_empty() {
+        return Step::Continue;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(
+        seed ^ step.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ (me as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+    );
+    let donor = donors[rng.gen_range(0..donors.len())];
+    let params = perturb(domains, &standings[donor].params, factors, &mut rng);
+    Step::Exploit { donor, params }
+}
+
 /// The donor's swept values, perturbed.
 pub fn perturb(
     domains: &[(String, ParamDomain)],
@@ -97,6 +155,45 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn an_asynchronous_member_is_ranked_among_those_at_its_step_and_copies_a_better_one() {
+        let domains = vec![(
+            "lr".to_string(),
+            ParamDomain::from_value("lr", &json!({"log_uniform": [0.001, 1.0]})).unwrap(),
+        )];
+        let standing = |i: usize, at_step: bool, loss: Option<f64>| Standing {
+            params: json!({"lr": 0.01 * (i + 1) as f64}).as_object().unwrap().clone(),
+            at_step,
+            loss,
+        };
+        // Eight members, loss = their index; 1 has not reached the step; 6 logged nothing.
+        let mut standings: Vec<Standing> = (0..8).map(|i| standing(i, true, Some(i as f64))).collect();
+        standings[1].at_step = false;
+        standings[6].loss = None;
+        // Six ranked (0, 2, 3, 4, 5, 7), k = ceil(6 / 4) = 2: 5 and 7 are the bottom.
+        let decide_for = |s: &[Standing], me| decide(&domains, s, me, 0.25, &[0.8, 1.25], 4, 100);
+        match decide_for(&standings, 7) {
+            // The better ones there: 0, 2, 3, 4, 5; their top quarter, rounded up: 0 and 2.
+            Step::Exploit { donor, params } => {
+                assert!([0, 2].contains(&donor), "{donor}");
+                let ratio = params["lr"].as_f64().unwrap() / standings[donor].params["lr"].as_f64().unwrap();
+                assert!((ratio - 0.8).abs() < 1e-9 || (ratio - 1.25).abs() < 1e-9, "{ratio}");
+            }
+            other => panic!("member 7 should copy a better one: {other:?}"),
+        }
+        assert!(matches!(decide_for(&standings, 5), Step::Exploit { .. }));
+        for me in [0, 2, 3, 4] {
+            assert_eq!(decide_for(&standings, me), Step::Continue, "member {me}");
+        }
+        // One without a result ranks last and copies.
+        assert!(matches!(decide_for(&standings, 6), Step::Exploit { .. }));
+        // The first member at the step has no one to compare with.
+        let first: Vec<Standing> = (0..8).map(|i| standing(i, i == 7, Some(i as f64))).collect();
+        assert_eq!(decide_for(&first, 7), Step::Continue);
+        // The draws repeat.
+        assert_eq!(decide_for(&standings, 7), decide_for(&standings, 7));
+    }
 
     #[test]
     fn the_bottom_quarter_copies_the_top_quarter_with_perturbed_hyperparameters() {

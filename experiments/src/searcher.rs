@@ -5,8 +5,10 @@
 //! same spec always gives the same trials. `asha` and `hyperband` take the
 //! grid, or `samples` draws, in a seeded random order, each trial set to
 //! train `max_steps`; their rungs are kept and decided by the coordinator.
+//! `tpe` and `bohb` start from `n_startup` random draws (`bohb`'s all distinct);
+//! the coordinator proposes the rest.
 
-use ablate_schema::{ParamDomain, SweepSpec};
+use ablate_schema::{ParamDomain, Searcher, SweepSpec};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -21,10 +23,19 @@ pub fn expand(spec: &SweepSpec, max_trials: u64) -> Result<Vec<Map<String, Value
             .map(|member| crate::draw::random_point(&domains, pbt.seed.unwrap_or(0), member as usize))
             .collect()
     } else if let Some(tpe) = &spec.sweep.tpe {
-        // The random start; the estimator proposes the rest as trials finish (`crate::tpe`).
-        (0..tpe.n_startup())
-            .map(|ordinal| crate::draw::random_point(&domains, tpe.seed.unwrap_or(0), ordinal as usize))
-            .collect()
+        // The random start; the estimator proposes the rest as trials finish (`crate::tpe`,
+        // `crate::bohb`). BOHB's start holds no configuration twice.
+        let seed = tpe.seed.unwrap_or(0);
+        let mut start: Vec<Map<String, Value>> = Vec::new();
+        for ordinal in 0..tpe.n_startup() as usize {
+            let point = if spec.sweep.searcher == Searcher::Bohb {
+                crate::tpe::propose_new(&domains, &[], seed, ordinal, true, &|p| start.contains(p))
+            } else {
+                crate::draw::random_point(&domains, seed, ordinal)
+            };
+            start.push(point);
+        }
+        start
     } else if spec.sweep.draws() {
         random(
             &domains,

@@ -264,8 +264,6 @@ fn fuse_key(spec: &SweepSpec, family: Family, params: &Value) -> Option<String> 
     spec.fuse.and_then(|_| family.fuse_key(params).ok().map(|f| f.key))
 }
 
-/// The trial one more point of a checked spec's sweep stands for (the tpe searcher's
-/// proposals): base merged with the swept values, checked as at submission.
 /// A sweep's report from its trials' outcomes, as the coordinator and local sweeps
 /// give it: the succeeded trials that miss one of the objective's constraints marked
 /// `infeasible` (so no family ranks them among the succeeded), then the family's
@@ -285,10 +283,16 @@ pub fn report(
     Ok(report)
 }
 
+/// The trial one more point of a checked spec's sweep stands for (the tpe and bohb
+/// searchers' proposals): base merged with the swept values (and, where rungs stop
+/// the trials, `steps` set to the whole run), checked as at submission.
 pub fn plan_point(spec: &SweepSpec, swept: serde_json::Map<String, Value>) -> Result<PlannedTrial, SpecError> {
     let family = Family::parse(&spec.family).map_err(|m| SpecError::new("family", m))?;
     let mut params: serde_json::Map<String, Value> = spec.base.clone().into_iter().collect();
     params.extend(swept);
+    if let Some(ladder) = spec.sweep.ladder() {
+        params.insert("steps".to_string(), Value::from(ladder.max_steps));
+    }
     if spec.trial.is_some() {
         return command_trial(spec, Value::Object(params), &Limits::default(), 0);
     }

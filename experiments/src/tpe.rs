@@ -105,7 +105,7 @@ pub fn propose(
     };
     let mut rng = rng_for(seed, ordinal);
     if multivariate {
-        return joint::propose(domains, &good, &bad, &mut rng);
+        return joint::candidates(domains, &good, &bad, &mut rng).swap_remove(0);
     }
     domains
         .iter()
@@ -121,6 +121,42 @@ pub fn propose(
         })
         .collect()
 }
+
+/// [`propose`], never a point `taken` holds (a configuration the sweep has already
+/// tried, on a finite domain such as a grid): jointly, the best-scored candidate not
+/// taken; else (and before the estimator has enough) a random point not taken; when
+/// every draw was taken, the proposal as [`propose`] makes it.
+pub fn propose_new(
+    domains: &[(String, ParamDomain)],
+    history: &[Observation],
+    seed: u64,
+    ordinal: usize,
+    multivariate: bool,
+    taken: &dyn Fn(&Map<String, Value>) -> bool,
+) -> Map<String, Value> {
+    let first = match split(history) {
+        Some((good, bad)) if multivariate => {
+            let candidates = joint::candidates(domains, &good, &bad, &mut rng_for(seed, ordinal));
+            match candidates.iter().find(|c| !taken(c)) {
+                Some(fresh) => return fresh.clone(),
+                None => candidates.into_iter().next().expect("at least one candidate"),
+            }
+        }
+        _ => propose(domains, history, seed, ordinal, multivariate),
+    };
+    if !taken(&first) {
+        return first;
+    }
+    (1..=RANDOM_TRIES)
+        .map(|k| random_point(domains, seed, ordinal + k * FRESH_STRIDE))
+        .find(|p| !taken(p))
+        .unwrap_or(first)
+}
+
+/// Random draws [`propose_new`] makes for a point not yet taken, before it gives up.
+const RANDOM_TRIES: usize = 256;
+/// Spaces the ordinals of those draws past any sweep's own.
+const FRESH_STRIDE: usize = 1 << 24;
 
 fn pick_category(items: &[Value], good: &[Value], bad: &[Value], rng: &mut ChaCha8Rng) -> Value {
     // Smoothed counts: every item has a prior weight of one.
@@ -419,12 +455,13 @@ mod joint {
         }
     }
 
-    pub(super) fn propose(
+    /// The candidates drawn from the good density, best first by `log l(x) - log g(x)`.
+    pub(super) fn candidates(
         domains: &[(String, ParamDomain)],
         good: &[&Map<String, Value>],
         bad: &[&Map<String, Value>],
         rng: &mut ChaCha8Rng,
-    ) -> Map<String, Value> {
+    ) -> Vec<Map<String, Value>> {
         let dims: Vec<Dim> = domains.iter().map(|(_, d)| Dim::of(d)).collect();
         // A trial missing a swept value (the spec changed since) does not inform the joint density.
         let points = |group: &[&Map<String, Value>]| -> Vec<Vec<f64>> {
@@ -440,26 +477,31 @@ mod joint {
                 .collect()
         };
         let (l, g) = (Density::fit(&dims, points(good)), Density::fit(&dims, points(bad)));
-        let mut best: Option<(f64, Vec<f64>)> = None;
-        for _ in 0..CANDIDATES {
-            let x = l.sample(rng);
-            let score = l.log_density(&x) - g.log_density(&x);
-            if best.as_ref().is_none_or(|(b, _)| score > *b) {
-                best = Some((score, x));
-            }
-        }
-        let (_, x) = best.expect("at least one candidate");
-        domains
-            .iter()
-            .zip(&dims)
-            .zip(x)
-            .map(|(((name, domain), dim), x)| {
-                let value = match (dim, domain) {
-                    (Dim::Category(_), ParamDomain::List(items)) => items[x as usize].clone(),
-                    (Dim::Number(space), _) => space.outer(domain, x),
-                    _ => unreachable!("a dimension is made from its domain"),
-                };
-                (name.clone(), value)
+        let mut scored: Vec<(f64, Vec<f64>)> = (0..CANDIDATES)
+            .map(|_| {
+                let x = l.sample(rng);
+                let score = l.log_density(&x) - g.log_density(&x);
+                (if score.is_nan() { f64::NEG_INFINITY } else { score }, x)
+            })
+            .collect();
+        // Best first; among equal scores the first drawn, as a strict maximum picks it.
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+        scored
+            .into_iter()
+            .map(|(_, x)| {
+                domains
+                    .iter()
+                    .zip(&dims)
+                    .zip(x)
+                    .map(|(((name, domain), dim), x)| {
+                        let value = match (dim, domain) {
+                            (Dim::Category(_), ParamDomain::List(items)) => items[x as usize].clone(),
+                            (Dim::Number(space), _) => space.outer(domain, x),
+                            _ => unreachable!("a dimension is made from its domain"),
+                        };
+                        (name.clone(), value)
+                    })
+                    .collect()
             })
             .collect()
     }

@@ -12,6 +12,7 @@ finished fewer trials than asked exits 1 with the counts: an error, not a row.
   peers.py torch-step --model {mlp,gpt} --threads T --steps N [--width W --batch B]
   peers.py search --trials N --startup K --seeds S
   peers.py search-parallel --pg URL --trials N --startup K --seeds S --jobs J
+  peers.py search-pareto --trials N --startup K --seeds S
 """
 
 import argparse
@@ -417,6 +418,42 @@ def search(a):
          random=statistics.median(best["random"]), tpe_bests=best["tpe"], random_bests=best["random"])
 
 
+def zdt1(x):
+    """ZDT1 on four parameters, as ablate_experiments::pareto::zdt1: both to minimize."""
+    g = 1.0 + 3.0 * (x[1] + x[2] + x[3])
+    return x[0], g * (1.0 - math.sqrt(x[0] / g))
+
+
+def hypervolume_2d(points, reference):
+    """The area the points (to minimize) dominate up to `reference`, as ablate's hypervolume_2d."""
+    inside = sorted(p for p in points if p[0] < reference[0] and p[1] < reference[1])
+    area, ceiling = 0.0, reference[1]
+    for x, y in inside:
+        if y < ceiling:
+            area += (reference[0] - x) * (ceiling - y)
+            ceiling = y
+    return area
+
+
+def search_pareto(a):
+    """Optuna's multi-objective TPE (TPESampler on a study of two directions) on ZDT1:
+    the hypervolume of all its trials after the budget, per seed."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def objective(trial):
+        return zdt1([trial.suggest_float(f"x{i}", 0.0, 1.0) for i in range(1, 5)])
+
+    volumes = []
+    for seed in range(a.seeds):
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=a.startup)
+        study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+        study.optimize(objective, n_trials=a.trials)
+        volumes.append(hypervolume_2d([tuple(t.values) for t in study.trials], (1.1, 1.1)))
+    emit(tool="optuna", version=optuna.__version__, hypervolume=statistics.median(volumes), volumes=volumes)
+
+
 def search_parallel(a):
     """Optuna's TPE as its docs advise for a busy cluster: multivariate, constant liar,
     `n_jobs` trials at once through its RDB storage (PostgreSQL). Each trial sleeps a
@@ -494,6 +531,10 @@ def main():
     r.add_argument("--trials", type=int, default=60)
     r.add_argument("--startup", type=int, default=10)
     r.add_argument("--seeds", type=int, default=10)
+    r = sub.add_parser("search-pareto")
+    r.add_argument("--trials", type=int, default=60)
+    r.add_argument("--startup", type=int, default=10)
+    r.add_argument("--seeds", type=int, default=10)
     r = sub.add_parser("search-parallel")
     r.add_argument("--pg", required=True)
     r.add_argument("--trials", type=int, default=64)
@@ -503,6 +544,8 @@ def main():
     a = p.parse_args()
     if a.command == "search":
         search(a)
+    elif a.command == "search-pareto":
+        search_pareto(a)
     elif a.command == "search-parallel":
         search_parallel(a)
     elif a.command == "sweep":

@@ -51,7 +51,8 @@ pub async fn dashboard_experiments(pool: &PgPool, filter: &ExperimentFilter) -> 
     .await?)
 }
 
-/// One experiment: its row, spec, swept parameters, metric names and recent failures.
+/// One experiment: its row, spec, swept parameters, metric names, recent failures and,
+/// with several objectives (`also`), the ordinals of its Pareto front.
 pub async fn dashboard_experiment(pool: &PgPool, id: ExperimentId) -> Result<Value> {
     let row: Option<Value> = sqlx::query_scalar(
         "select json_build_object(
@@ -62,6 +63,10 @@ pub async fn dashboard_experiment(pool: &PgPool, id: ExperimentId) -> Result<Val
              'created_at', e.created_at, 'spec_text', x.spec_text,
              'tags', e.tags, 'note', e.note, 'reused', e.reused, 'keep_checkpoints', e.keep_checkpoints,
              'extended_at', e.extended_at,
+             'also', x.spec -> 'objective' -> 'also',
+             'pareto', case when x.spec -> 'objective' -> 'also' is not null then
+                 (select coalesce(json_agg(p.ordinal order by p.ordinal), '[]'::json)
+                  from ablate.pareto p where p.experiment_id = e.experiment_id) end,
              'params', (select coalesce(json_agg(k order by k), '[]'::json)
                         from (select distinct jsonb_object_keys(t.params) as k
                               from trials t where t.experiment_id = e.experiment_id) keys),

@@ -625,7 +625,7 @@ pub async fn complete_all(
          ),
          tpe as (
              select 1 from u join trials t on t.id = u.id join experiments e on e.id = t.experiment_id
-             where $8 and e.searcher = 'tpe' limit 1
+             where $8 and e.searcher in ('tpe', 'bohb') limit 1
          ),
          done as (
              update trials t
@@ -641,7 +641,7 @@ pub async fn complete_all(
              select id, attempt, lease_owner, outcome, error, tail, provenance from done
              on conflict do nothing
          )
-         select d.id, e.searcher = 'tpe', exists (select 1 from tpe)
+         select d.id, e.searcher in ('tpe', 'bohb'), exists (select 1 from tpe)
          from (select 1) one
          left join done d on true
          left join experiments e on e.id = d.experiment_id",

@@ -217,6 +217,40 @@ pub async fn pbt_members(tx: &mut PgConnection, experiment: ExperimentId, step: 
         .collect())
 }
 
+/// Asynchronous PBT: the live members of an experiment's population, in order, each with
+/// whether it has reached `step` and its objective there (the standings
+/// `ablate_experiments::pbt::decide` ranks).
+pub async fn pbt_standings(tx: &mut PgConnection, experiment: ExperimentId, step: u64) -> Result<Vec<Standing>> {
+    let rows: Vec<(uuid::Uuid, Value, bool, Option<f64>)> = sqlx::query_as(
+        "select t.id, t.params, r.trial_id is not null, r.value
+         from trials t left join rungs r on r.trial_id = t.id and r.step = $2
+         where t.experiment_id = $1 and t.state not in ('failed', 'cancelled')
+         order by t.ordinal",
+    )
+    .bind(experiment.0)
+    .bind(step as i64)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, params, at_step, value)| Standing {
+            id,
+            params,
+            at_step,
+            value,
+        })
+        .collect())
+}
+
+/// A member where asynchronous PBT ranks it; see [`pbt_standings`].
+#[derive(Debug, Clone)]
+pub struct Standing {
+    pub id: uuid::Uuid,
+    pub params: Value,
+    pub at_step: bool,
+    pub value: Option<f64>,
+}
+
 /// A member takes a donor's checkpoint at `step` (its checkpoint row there points at the
 /// donor's object) and new parameters.
 pub async fn pbt_exploit(
@@ -306,6 +340,7 @@ pub async fn pbt_generations_due(pool: &PgPool) -> Result<Vec<(ExperimentId, u64
         "select e.id, (select max(r.step) from rungs r where r.experiment_id = e.id)
          from experiments e
          where e.searcher = 'pbt' and e.cancelled_at is null
+           and not coalesce((e.spec #>> '{sweep,pbt,asynchronous}')::boolean, false)
            and exists (select 1 from trials t where t.experiment_id = e.id and t.state = 'pruned')
            and not exists (select 1 from trials t where t.experiment_id = e.id and t.state in ('pending', 'running'))",
     )

@@ -1,6 +1,6 @@
 //! The searchers' decisions: a trial's pause at its rung and the promotions it allows
-//! (ASHA, Hyperband), a PBT generation (`ablate_experiments::pbt`), the tpe searcher's
-//! proposals (`ablate_experiments::tpe`). Each decides under the experiment's searcher
+//! (ASHA, Hyperband, BOHB), a PBT generation (`ablate_experiments::pbt`), the tpe and
+//! bohb searchers' proposals (`ablate_experiments::tpe`, `ablate_experiments::bohb`). Each decides under the experiment's searcher
 //! lock (`db::lock_experiment`) inside one transaction; the reads and writes are `db`'s.
 
 use ablate_experiments::tpe::{self, Observation};
@@ -47,14 +47,103 @@ pub async fn pause(
             let next = ladder.rung_after(rung.bracket as u32, step);
             db::promote_at_rung(&mut tx, &rung, step, ladder.reduction_factor, next).await?
         }
-        // Population-based training: the generation is decided once every member is here.
+        // Population-based training: the member decides alone and goes on (asynchronous),
+        // or the generation is decided once every member is here.
+        None if rung.spec.sweep.pbt.as_ref().is_some_and(|p| p.asynchronous()) => {
+            on_its_own(&mut tx, trial, &rung, step).await?
+        }
         None => generation(&mut tx, rung.experiment, &rung.spec, rung.maximize, step).await?,
     };
+    if rung.spec.sweep.tpe.is_some() {
+        // BOHB: the slot this pause freed, less the promoted, takes new proposals now.
+        top_up(&mut tx, rung.experiment).await?;
+    }
     tx.commit().await?;
     Ok(Pause {
         value: rung.value,
         promoted,
     })
+}
+
+/// The swept domains a PBT member may take from a donor: all but those it keeps.
+fn inherited_domains(spec: &SweepSpec, pbt: &ablate_schema::Pbt) -> Vec<(String, ablate_schema::ParamDomain)> {
+    spec.domains()
+        .into_iter()
+        .filter(|(name, _)| !pbt.keep.contains(name))
+        .collect()
+}
+
+/// Asynchronous PBT: `trial`, stopped at `step`, is ranked against the results there of
+/// the members that have reached it (`ablate_experiments::pbt::decide`); in the
+/// bottom quantile it takes the checkpoint at `step` of a top member already there,
+/// with that member's hyperparameters perturbed. The decision goes into
+/// `pbt_lineage` and the member alone goes on, never waiting for another.
+async fn on_its_own(tx: &mut PgConnection, trial: TrialId, rung: &db::RungRecord, step: u64) -> Result<Vec<TrialId>> {
+    let Some(pbt) = rung.spec.sweep.pbt.clone() else {
+        return Ok(Vec::new());
+    };
+    let members = db::pbt_standings(tx, rung.experiment, step).await?;
+    let Some(me) = members.iter().position(|m| m.id == trial.0) else {
+        return Ok(Vec::new());
+    };
+    let standings: Vec<ablate_experiments::pbt::Standing> = members
+        .iter()
+        .map(|m| ablate_experiments::pbt::Standing {
+            params: rung.spec.swept(&m.params),
+            at_step: m.at_step,
+            loss: m.value.map(|v| if rung.maximize { -v } else { v }),
+        })
+        .collect();
+    let decision = ablate_experiments::pbt::decide(
+        &inherited_domains(&rung.spec, &pbt),
+        &standings,
+        me,
+        pbt.quantile(),
+        &pbt.factors(),
+        pbt.seed.unwrap_or(0),
+        step,
+    );
+    let member = db::Member {
+        id: trial.0,
+        params: members[me].params.clone(),
+        value: members[me].value,
+        waiting: true,
+    };
+    let (action, donor, params) = match decision {
+        ablate_experiments::pbt::Step::Continue => ("continue", None, member.params.clone()),
+        ablate_experiments::pbt::Step::Exploit { donor, params } => {
+            let mut next = member.params.as_object().cloned().unwrap_or_default();
+            next.extend(params);
+            ("exploit", Some(members[donor].id), Value::Object(next))
+        }
+    };
+    let action = match donor {
+        Some(donor) => {
+            // A donor whose checkpoint there is gone (kept checkpoints pruned) is no donor:
+            // the member goes on with its own.
+            let mut copy = tx.begin().await?;
+            match db::pbt_exploit(&mut copy, member.id, donor, step, &params).await {
+                Ok(()) => {
+                    copy.commit().await?;
+                    action
+                }
+                Err(Error::InvalidArgument(why)) => {
+                    copy.rollback().await?;
+                    tracing::warn!(trial = %trial, step, %why, "PBT member goes on with its own checkpoint");
+                    "continue"
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        None => action,
+    };
+    let (donor, params) = if action == "exploit" {
+        (donor, params)
+    } else {
+        (None, member.params.clone())
+    };
+    db::pbt_lineage(tx, rung.experiment, &member, step, action, donor, &params).await?;
+    db::pbt_release(tx, &[member.id], step, pbt.interval).await
 }
 
 /// Decides a PBT generation at `step` once every live member of the population has
@@ -80,7 +169,7 @@ async fn generation(
         .map(|m| (spec.swept(&m.params), m.value.map(|v| if maximize { -v } else { v })))
         .collect();
     let decisions = ablate_experiments::pbt::generation(
-        &spec.domains(),
+        &inherited_domains(spec, &pbt),
         &population,
         pbt.quantile(),
         &pbt.factors(),
@@ -139,6 +228,32 @@ pub async fn top_up(conn: &mut PgConnection, experiment: ExperimentId) -> Result
     if owed == 0 || e.cancelled {
         return Ok(0);
     }
+    if let Some(ladder) = e.spec.sweep.ladder() {
+        // BOHB: tpe at the highest rung with enough results, each proposal in its bracket.
+        let mut configs = db::bohb_configs(&mut tx, experiment, &e.spec, e.maximize).await?;
+        let domains = e.spec.domains();
+        for ordinal in e.total as usize..(e.total + owed) as usize {
+            let point = ablate_experiments::bohb::propose(
+                &domains,
+                &configs,
+                budget.seed.unwrap_or(0),
+                ordinal,
+                budget.multivariate(),
+            );
+            configs.push(ablate_experiments::bohb::Config {
+                params: point.clone(),
+                in_flight: true,
+                results: Default::default(),
+            });
+            let bracket = ladder.bracket_of(ordinal);
+            let mut proposal = proposal(&e.spec, ordinal, point);
+            proposal.bracket = Some(bracket as i32);
+            proposal.pause_at = ladder.rung_after(bracket, 0).map(|s| s as i64);
+            db::insert_proposal(&mut tx, experiment, &proposal).await?;
+        }
+        tx.commit().await?;
+        return Ok(owed as usize);
+    }
     let seen = db::trials_seen(&mut tx, experiment).await?;
     // Several objectives: each finished trial's loss is its Pareto rank, ties broken
     // within a front (`pareto::scalar_losses`); else the objective's final value.
@@ -193,27 +308,28 @@ pub async fn top_up(conn: &mut PgConnection, experiment: ExperimentId) -> Result
         let ordinal = ordinal as usize;
         let point = tpe::propose(&domains, &history, seed, ordinal, budget.multivariate());
         history.push(Observation::in_flight(point.clone()));
-        // A proposal the family refuses is kept as a failed trial, so the search goes on.
-        let proposal = match ablate_experiments::sweep::plan_point(&e.spec, point.clone()) {
-            Ok(planned) => db::Proposal {
-                ordinal,
-                params: planned.params,
-                total_steps: planned.total_steps,
-                error: None,
-                fuse_key: planned.fuse_key,
-            },
-            Err(error) => db::Proposal {
-                ordinal,
-                params: Value::Object(point),
-                total_steps: 0,
-                error: Some(error.to_string()),
-                fuse_key: None,
-            },
-        };
-        db::insert_proposal(&mut tx, experiment, &proposal).await?;
+        db::insert_proposal(&mut tx, experiment, &proposal(&e.spec, ordinal, point)).await?;
     }
     tx.commit().await?;
     Ok(owed as usize)
+}
+
+/// The trial a searcher's point stands for; a point the family refuses is kept as a
+/// failed trial, so the search goes on.
+fn proposal(spec: &SweepSpec, ordinal: usize, point: serde_json::Map<String, Value>) -> db::Proposal {
+    let (params, total_steps, error, fuse_key) = match ablate_experiments::sweep::plan_point(spec, point.clone()) {
+        Ok(planned) => (planned.params, planned.total_steps, None, planned.fuse_key),
+        Err(error) => (Value::Object(point), 0, Some(error.to_string()), None),
+    };
+    db::Proposal {
+        ordinal,
+        params,
+        total_steps,
+        error,
+        fuse_key,
+        bracket: None,
+        pause_at: None,
+    }
 }
 
 /// [`top_up`] for the experiment of `trial`, when it is a tpe experiment.

@@ -397,16 +397,25 @@ impl SweepSpec {
     /// and `steps` left to it.
     fn check_rungs(&self) -> Result<(), SpecError> {
         let sweep = &self.sweep;
-        for (name, table, searcher) in [
-            ("asha", &sweep.asha, Searcher::Asha),
-            ("hyperband", &sweep.hyperband, Searcher::Hyperband),
+        for (name, table, searchers) in [
+            ("asha", &sweep.asha, &[Searcher::Asha][..]),
+            (
+                "hyperband",
+                &sweep.hyperband,
+                &[Searcher::Hyperband, Searcher::Bohb][..],
+            ),
         ] {
-            match (table, sweep.searcher == searcher) {
+            match (table, searchers.contains(&sweep.searcher)) {
                 (Some(_), false) => {
                     return Err(SpecError::new(
                         format!("sweep.{name}"),
                         format!(
-                            "[sweep.{name}] applies to searcher = \"{name}\" only; this sweep's searcher is \"{}\"",
+                            "[sweep.{name}] applies to searcher = {} only; this sweep's searcher is \"{}\"",
+                            searchers
+                                .iter()
+                                .map(|s| format!("\"{}\"", s.as_str()))
+                                .collect::<Vec<_>>()
+                                .join(" or "),
                             sweep.searcher.as_str()
                         ),
                     ))
@@ -415,8 +424,9 @@ impl SweepSpec {
                     return Err(SpecError::new(
                         format!("sweep.{name}"),
                         format!(
-                            "searcher = \"{name}\" needs a [sweep.{name}] table: min_steps = N (the first rung), \
-                             max_steps = M (the whole run), and optionally reduction_factor = 3"
+                            "searcher = \"{}\" needs a [sweep.{name}] table: min_steps = N (the first rung), \
+                             max_steps = M (the whole run), and optionally reduction_factor = 3",
+                            sweep.searcher.as_str()
                         ),
                     ))
                 }
@@ -445,7 +455,7 @@ impl SweepSpec {
                             ));
                         }
                     }
-                    match (rungs.brackets, searcher) {
+                    match (rungs.brackets, sweep.searcher) {
                         (Some(_), Searcher::Asha) => {
                             return Err(SpecError::new(
                                 path("brackets"),
@@ -463,8 +473,9 @@ impl SweepSpec {
                             return Err(SpecError::new(
                                 self.param_path("steps"),
                                 format!(
-                                    "the {name} searcher sets every trial's steps to sweep.{name}.max_steps ({}); \
+                                    "the {} searcher sets every trial's steps to sweep.{name}.max_steps ({}); \
                                      leave steps out",
+                                    sweep.searcher.as_str(),
                                     rungs.max_steps
                                 ),
                             ));
@@ -480,18 +491,21 @@ impl SweepSpec {
     /// The `[sweep.tpe]` table: given exactly for its searcher, a budget within the limits.
     fn check_tpe(&self, limits: &Limits) -> Result<(), SpecError> {
         let sweep = &self.sweep;
-        match (&sweep.tpe, sweep.searcher == Searcher::Tpe) {
+        match (&sweep.tpe, matches!(sweep.searcher, Searcher::Tpe | Searcher::Bohb)) {
             (Some(_), false) => Err(SpecError::new(
                 "sweep.tpe",
                 format!(
-                    "[sweep.tpe] applies to searcher = \"tpe\" only; this sweep's searcher is \"{}\"",
+                    "[sweep.tpe] applies to searcher = \"tpe\" or \"bohb\" only; this sweep's searcher is \"{}\"",
                     sweep.searcher.as_str()
                 ),
             )),
             (None, true) => Err(SpecError::new(
                 "sweep.tpe",
-                "searcher = \"tpe\" needs a [sweep.tpe] table: trials = N (in all), and optionally \
-                 n_startup = 10 (random ones first) and seed = 0",
+                format!(
+                    "searcher = \"{}\" needs a [sweep.tpe] table: trials = N (in all), and optionally \
+                     n_startup = 10 (random ones first) and seed = 0",
+                    sweep.searcher.as_str()
+                ),
             )),
             (Some(tpe), true) => {
                 if sweep.samples.is_some() || sweep.seed.is_some() {
@@ -501,7 +515,10 @@ impl SweepSpec {
                         } else {
                             "sweep.seed"
                         },
-                        "the tpe searcher takes its budget and seed from [sweep.tpe] (trials, seed)",
+                        format!(
+                            "the {} searcher takes its budget and seed from [sweep.tpe] (trials, seed)",
+                            sweep.searcher.as_str()
+                        ),
                     ));
                 }
                 if tpe.trials == 0 || u64::from(tpe.trials) > limits.max_trials {
@@ -539,7 +556,7 @@ impl SweepSpec {
                 return Err(SpecError::new(
                     "sweep.pbt",
                     "searcher = \"pbt\" needs a [sweep.pbt] table: population = N, interval = STEPS, and \
-                     optionally quantile = 0.25, factors = [0.8, 1.2], seed = 0",
+                     optionally quantile = 0.25, factors = [0.8, 1.2], seed = 0, asynchronous = false, keep = []",
                 ))
             }
             (Some(pbt), true) => pbt,
@@ -583,6 +600,18 @@ impl SweepSpec {
                 "sweep.params.steps",
                 "a population trains for the same steps; set steps in [base]",
             ));
+        }
+        for (i, name) in pbt.keep.iter().enumerate() {
+            if !self.sweep.params.contains_key(name) {
+                let swept: Vec<&str> = self.sweep.params.keys().map(String::as_str).collect();
+                return Err(SpecError::new(
+                    format!("sweep.pbt.keep[{i}]"),
+                    format!(
+                        "`{name}` is not a swept parameter; keep names some of [sweep.params]: {}",
+                        swept.join(", ")
+                    ),
+                ));
+            }
         }
         Ok(())
     }

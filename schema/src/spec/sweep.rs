@@ -99,6 +99,9 @@ pub enum Searcher {
     /// Population-based training: every `interval` steps the worst members copy a better
     /// one's checkpoint and perturb its hyperparameters.
     Pbt,
+    /// Hyperband's brackets (`[sweep.hyperband]`) with each new configuration proposed by
+    /// tpe (`[sweep.tpe]`) from the results at the highest rung that has enough of them.
+    Bohb,
 }
 
 impl Searcher {
@@ -110,6 +113,7 @@ impl Searcher {
             Searcher::Hyperband => "hyperband",
             Searcher::Tpe => "tpe",
             Searcher::Pbt => "pbt",
+            Searcher::Bohb => "bohb",
         }
     }
 }
@@ -178,7 +182,8 @@ impl Tpe {
 pub struct Pbt {
     /// Members, drawn at random from the swept domains.
     pub population: u32,
-    /// Steps between generations: each member stops there (checkpointed) until all have.
+    /// Steps between generations: each member stops there (checkpointed) until all have
+    /// (or, `asynchronous`, until it has been compared with the others).
     pub interval: u64,
     /// The bottom fraction that copies a member of the top fraction (default 0.25).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -189,9 +194,22 @@ pub struct Pbt {
     /// Seeds the population and every perturbation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// Each member decides alone when it reaches an interval, against the others' results
+    /// at that step (or their latest), and goes on at once (default false: a generation
+    /// waits for every member).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asynchronous: Option<bool>,
+    /// Swept parameters a member keeps as its own when it copies another (its data
+    /// seed, say): neither copied nor perturbed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keep: Vec<String>,
 }
 
 impl Pbt {
+    pub fn asynchronous(&self) -> bool {
+        self.asynchronous.unwrap_or(false)
+    }
+
     pub fn quantile(&self) -> f64 {
         self.quantile.unwrap_or(0.25)
     }
@@ -254,10 +272,10 @@ pub struct Sweep {
     /// The rungs of `searcher = "asha"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub asha: Option<Rungs>,
-    /// The rungs of `searcher = "hyperband"`.
+    /// The rungs of `searcher = "hyperband"` and `"bohb"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hyperband: Option<Rungs>,
-    /// The budget of `searcher = "tpe"`.
+    /// The budget of `searcher = "tpe"` and `"bohb"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpe: Option<Tpe>,
     /// The population of `searcher = "pbt"`.
@@ -273,7 +291,7 @@ impl Sweep {
             Searcher::Grid => false,
             Searcher::Random => true,
             Searcher::Asha | Searcher::Hyperband => self.samples.is_some(),
-            Searcher::Tpe | Searcher::Pbt => true,
+            Searcher::Tpe | Searcher::Pbt | Searcher::Bohb => true,
         }
     }
 
@@ -286,7 +304,7 @@ impl Sweep {
     pub fn ladder(&self) -> Option<Ladder> {
         let (rungs, hyperband) = match self.searcher {
             Searcher::Asha => (self.asha.as_ref()?, false),
-            Searcher::Hyperband => (self.hyperband.as_ref()?, true),
+            Searcher::Hyperband | Searcher::Bohb => (self.hyperband.as_ref()?, true),
             _ => return None,
         };
         let rf = rungs.reduction_factor.unwrap_or(3);

@@ -173,6 +173,45 @@ fn asha_tables_are_checked_with_their_paths() {
 }
 
 #[test]
+fn bohb_takes_hyperbands_rungs_and_tpes_budget_and_pbt_keeps_swept_names() {
+    let bohb = ASHA
+        .replace("\"asha\"", "\"bohb\"")
+        .replace("[sweep.asha]", "[sweep.hyperband]")
+        + "brackets = 2\n[sweep.tpe]\ntrials = 12\nn_startup = 4\n";
+    let spec = SweepSpec::parse(&bohb, SpecFormat::Toml).unwrap();
+    let ladder = spec.sweep.ladder().unwrap();
+    assert_eq!((ladder.brackets, ladder.rungs(1)), (2, vec![60, 180]));
+    assert_eq!(spec.sweep.tpe.as_ref().unwrap().trials, 12);
+    assert!(spec.sweep.pauses() && spec.sweep.draws());
+    check_err(
+        &bohb.replace("[sweep.tpe]\ntrials = 12\nn_startup = 4\n", ""),
+        "sweep.tpe",
+        "searcher = \"bohb\" needs a [sweep.tpe] table",
+    );
+    check_err(
+        &bohb.replace("[sweep.hyperband]\nmin_steps = 20\nmax_steps = 300\nbrackets = 2\n", ""),
+        "sweep.hyperband",
+        "searcher = \"bohb\" needs a [sweep.hyperband] table",
+    );
+    check_err(
+        &bohb.replace("\"bohb\"", "\"hyperband\""),
+        "sweep.tpe",
+        "\"tpe\" or \"bohb\" only",
+    );
+    let pbt = "name = \"p\"\nfamily = \"train\"\n[base]\nsteps = 100\n[sweep]\nsearcher = \"pbt\"\n\
+               params.log2_lr = { uniform = [-8, -2] }\nparams.seed = [0, 1]\n\
+               [sweep.pbt]\npopulation = 4\ninterval = 10\nasynchronous = true\nkeep = [\"seed\"]\n";
+    let spec = SweepSpec::parse(pbt, SpecFormat::Toml).unwrap();
+    let p = spec.sweep.pbt.unwrap();
+    assert!(p.asynchronous() && p.keep == ["seed"]);
+    check_err(
+        &pbt.replace("keep = [\"seed\"]", "keep = [\"seed\", \"lr\"]"),
+        "sweep.pbt.keep[1]",
+        "`lr` is not a swept parameter",
+    );
+}
+
+#[test]
 fn fuse_takes_a_count_or_auto_and_refuses_what_it_cannot_fuse() {
     let spec = |fuse: &str, sweep: &str| {
         format!(

@@ -70,6 +70,21 @@ pub(super) fn search_rows(pg: std::result::Result<String, String>) -> Vec<Row> {
             .as_array()
             .and_then(|a| a.iter().filter_map(|f| f.as_u64()).min())
     });
+    // Two objectives (ZDT1): the hypervolume after the budget, ours against Optuna's
+    // multi-objective TPE with the same seeds.
+    let volumes: Vec<f64> = (0..seeds)
+        .map(|s| ablate_experiments::pareto::zdt1::tpe_hypervolume(budget, startup, s))
+        .collect();
+    let hypervolume = median(volumes);
+    let optuna_pareto = peer(&[
+        "search-pareto",
+        "--trials",
+        &budget.to_string(),
+        "--startup",
+        &startup.to_string(),
+        "--seeds",
+        &seeds.to_string(),
+    ]);
     vec![
         Row::new(format!("TPE ({startup} random first), best loss"), tpe, "loss")
             .lower_is_better()
@@ -94,6 +109,22 @@ pub(super) fn search_rows(pg: std::result::Result<String, String>) -> Vec<Row> {
         .note(format!(
             "fewest in flight while {slots} were left: ours {fewest}, Optuna {}",
             optuna_fewest.map_or("-".to_string(), |f| f.to_string())
+        )),
+        Row::new(
+            format!("two objectives (ZDT1), hypervolume after {budget}"),
+            hypervolume,
+            "hv",
+        )
+        .peer(
+            "Optuna multi-objective TPESampler",
+            optuna_pareto
+                .as_ref()
+                .map_err(Clone::clone)
+                .and_then(|v| field(v, "hypervolume")),
+        )
+        .note(format!(
+            "the front's own: {:.4}, reference point (1.1, 1.1)",
+            ablate_experiments::pareto::zdt1::BEST_HYPERVOLUME
         )),
     ]
 }

@@ -146,6 +146,7 @@ pub const METRICS: &[&str] = &[
     "grad_noise_trace",
     "grad_sq_norm",
     "num_params",
+    "train_flops",
 ];
 
 /// The `train` report: every trial ranked by its final eval loss; no criteria to judge.

@@ -365,6 +365,30 @@ impl TrainParams {
         self.steps.max(by_examples)
     }
 
+    /// An estimate of the floating-point operations of `steps` updates of a model of
+    /// `num_params` parameters, logged as `train_flops`: an update costs three forward
+    /// passes (the backward pass two) of `batch_size` examples. A forward pass costs 2
+    /// per parameter per example for dense layers, per token (of `context`) for gpt,
+    /// plus its attention's `2 x depth x context x width` per token; LeNet-5's
+    /// convolutions are counted per output position.
+    pub fn train_flops(&self, num_params: i64, steps: u64) -> f64 {
+        let n = num_params.max(0) as f64;
+        let forward = match self.model {
+            ModelKind::Gpt => {
+                let context = f64::from(self.context);
+                context * (2.0 * n + 2.0 * f64::from(self.depth) * context * f64::from(self.width))
+            }
+            ModelKind::Lenet => {
+                // Each convolution weight is used at every output position (28x28, then
+                // 10x10); the dense layers once.
+                let (conv1, conv2) = (6.0 * 25.0 + 6.0, 16.0 * 6.0 * 25.0 + 16.0);
+                2.0 * (conv1 * 28.0 * 28.0 + conv2 * 10.0 * 10.0 + (n - conv1 - conv2).max(0.0))
+            }
+            ModelKind::Mlp | ModelKind::Resmlp | ModelKind::Linear => 2.0 * n,
+        };
+        3.0 * forward * f64::from(self.batch_size) * steps as f64
+    }
+
     /// The evaluation after the one at `step` (updates done).
     pub fn next_eval(&self, step: u64) -> u64 {
         let gap = match self.eval_growth {

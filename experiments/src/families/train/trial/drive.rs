@@ -185,6 +185,9 @@ pub(super) fn drive<'r>(
                 for (name, value) in &logged[i] {
                     ctxs[i].metrics.log(name, done, *value);
                 }
+                ctxs[i]
+                    .metrics
+                    .log("train_flops", done, m.p.train_flops(engine.num_params(), done));
                 if let Some(rule) = m.rule.as_mut() {
                     if let Some(&(_, value)) = logged[i].iter().find(|(name, _)| *name == rule.metric) {
                         m.history.push((done, value));
