@@ -31,19 +31,19 @@ async fn quickstart_sweep_finishes_with_one_row_per_metric_step() {
     ]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "count\n12\n", "{}", stderr(&out));
 
-    // Every trial logged train_loss at steps 1..=300 exactly once, eval metrics at 50, 100, ..., 300,
-    // and its parameter count once, at step 0.
+    // Every trial logged train_loss at steps 1..=300 exactly once, eval metrics and its
+    // training FLOPs so far at 50, 100, ..., 300, and its parameter count once, at step 0.
     let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
         "select name, count(*), min(step), max(step) from ablate.metric_series group by trial_id, name order by name",
     )
     .fetch_all(&stack.pool)
     .await
     .unwrap();
-    assert_eq!(rows.len(), 12 * 6, "{rows:?}");
+    assert_eq!(rows.len(), 12 * 7, "{rows:?}");
     for (name, count, min, max) in rows {
         let expected = match name.as_str() {
             "train_loss" => (300, 1, 300),
-            "eval_loss" | "eval_accuracy" => (6, 50, 300),
+            "eval_loss" | "eval_accuracy" | "train_flops" => (6, 50, 300),
             "train_loss_tail" | "train_loss_final" => (1, 300, 300),
             "num_params" => (1, 0, 0),
             other => panic!("unexpected metric {other}"),

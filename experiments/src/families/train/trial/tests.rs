@@ -309,6 +309,11 @@ fn lenet_learns_mnist_and_refuses_images_of_another_size() {
     let accuracy = metrics.last("eval_accuracy").unwrap();
     assert!(accuracy > 0.6, "LeNet after 60 steps: {accuracy}");
     assert_eq!(metrics.last("num_params"), Some(61_706.0));
+    // LeNet-5's forward pass by hand: conv1's 156 weights at 28x28 positions, conv2's
+    // 2,416 at 10x10, the 59,134 dense weights once; 2 operations each (about 0.42M
+    // multiply-adds, as LeNet-5 is usually counted); an update is three passes.
+    let forward = 2.0 * (156.0 * 784.0 + 2_416.0 * 100.0 + 59_134.0);
+    assert_eq!(metrics.last("train_flops"), Some(3.0 * forward * 64.0 * 60.0));
     let digits = json!({"model": "lenet", "dataset": "digits", "optimizer": "adam", "lr": 0.002, "steps": 5});
     let err = try_train(&digits, &mut MemoryCheckpoints::default())
         .0
