@@ -122,6 +122,25 @@ pub fn propose(
         .collect()
 }
 
+/// Trial `ordinal`'s point in a sweep that starts with `n_startup` random trials: random
+/// until that many have finished (as Optuna's `n_startup_trials` counts), [`propose`]d
+/// after. With one trial at a time the first `n_startup` ordinals are the random ones;
+/// with several in flight the estimator waits for as many results, instead of fitting
+/// the first few and steering every slot by them.
+pub fn propose_after_start(
+    domains: &[(String, ParamDomain)],
+    history: &[Observation],
+    seed: u64,
+    ordinal: usize,
+    multivariate: bool,
+    n_startup: usize,
+) -> Map<String, Value> {
+    if history.iter().filter(|o| !o.running).count() < n_startup {
+        return random_point(domains, seed, ordinal);
+    }
+    propose(domains, history, seed, ordinal, multivariate)
+}
+
 /// [`propose`], never a point `taken` holds (a configuration the sweep has already
 /// tried, on a finite domain such as a grid): jointly, the best-scored candidate not
 /// taken; else (and before the estimator has enough) a random point not taken; when
@@ -592,11 +611,7 @@ pub fn parallel_search(budget: usize, n_startup: usize, slots: usize, seed: u64)
     let (mut most, mut fewest) = (0, usize::MAX);
     let start = |history: &mut Vec<Observation>, running: &mut Vec<(f64, usize)>, clock: f64| {
         let ordinal = history.len();
-        let params = if ordinal < n_startup {
-            random_point(&domains, seed, ordinal)
-        } else {
-            propose(&domains, history, seed, ordinal, true)
-        };
+        let params = propose_after_start(&domains, history, seed, ordinal, true, n_startup);
         let took = 0.5 + rng_for(seed ^ 0x5eed, ordinal).gen::<f64>();
         running.push((clock + took, ordinal));
         history.push(Observation::in_flight(params));

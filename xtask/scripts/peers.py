@@ -457,7 +457,9 @@ def search_pareto(a):
 def search_parallel(a):
     """Optuna's TPE as its docs advise for a busy cluster: multivariate, constant liar,
     `n_jobs` trials at once through its RDB storage (PostgreSQL). Each trial sleeps a
-    seeded 50 to 150 ms before it answers, so trials overlap and finish out of order."""
+    seeded 0.5 to 1.5 s before it answers (the spread of ablate's simulated trials), so
+    trials overlap and finish out of order, and each takes longer than a proposal:
+    shorter trials leave Optuna's threads waiting on its storage, fewer in flight."""
     import random
     import threading
 
@@ -481,7 +483,7 @@ def search_parallel(a):
             with lock:
                 state["running"] += 1
                 state["started"] += 1
-                delay = 0.05 + 0.1 * delays.random()
+                delay = 0.5 + delays.random()
             time.sleep(delay)
             with lock:
                 # In flight while at least `jobs` trials were left to finish.

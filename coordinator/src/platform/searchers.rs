@@ -306,7 +306,14 @@ pub async fn top_up(conn: &mut PgConnection, experiment: ExperimentId) -> Result
     let seed = budget.seed.unwrap_or(0);
     for ordinal in e.total..e.total + owed {
         let ordinal = ordinal as usize;
-        let point = tpe::propose(&domains, &history, seed, ordinal, budget.multivariate());
+        let point = tpe::propose_after_start(
+            &domains,
+            &history,
+            seed,
+            ordinal,
+            budget.multivariate(),
+            budget.n_startup() as usize,
+        );
         history.push(Observation::in_flight(point.clone()));
         db::insert_proposal(&mut tx, experiment, &proposal(&e.spec, ordinal, point)).await?;
     }

@@ -174,7 +174,14 @@ impl Queue {
             let owed = tpe.budget.owed(finished as u64, total as u64, Some(tpe.slots as u64)) as usize;
             let seed = tpe.budget.seed.unwrap_or(0);
             for ordinal in total..total + owed {
-                let point = tpe::propose(&tpe.domains, &tpe.history, seed, ordinal, tpe.budget.multivariate());
+                let point = tpe::propose_after_start(
+                    &tpe.domains,
+                    &tpe.history,
+                    seed,
+                    ordinal,
+                    tpe.budget.multivariate(),
+                    tpe.budget.n_startup() as usize,
+                );
                 tpe.ordinals.push(ordinal);
                 tpe.history.push(Observation::in_flight(point.clone()));
                 proposals.push(propose(point));
