@@ -82,7 +82,7 @@ async fn constraints_judge_a_trial_alike_in_sql_and_in_rust(pool: PgPool) {
 async fn dominance_and_the_front_agree_in_sql_and_in_rust(pool: PgPool) {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     for case in 0..60 {
-        let dims = rng.gen_range(2..=3);
+        let dims: usize = rng.gen_range(2..=3);
         let points: Vec<Vec<f64>> = (0..rng.gen_range(1..12))
             .map(|_| (0..dims).map(|_| rng.gen_range(0..4) as f64).collect())
             .collect();

@@ -334,7 +334,7 @@ async fn main() -> Result {
     Ok(())
 }
 const SEARCH_TITLE: &str =
-    "Search (synthetic task, minimum 0; median over 10 seeds of the best of 60 trials one at a time, of 64 with 8 at once)";
+    "Search (synthetic task, minimum 0; median over 10 seeds of the best of 60 trials one at a time, over 20 of 64 with 8 at once; ZDT1: hypervolume, 10 seeds)";
 
 /// A database of its own for Optuna's RDB storage in the search rows (on `admin`'s
 /// server, or DATABASE_URL's); the error says why there is none.
