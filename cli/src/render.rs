@@ -124,7 +124,14 @@ pub fn experiment_summary(e: &proto::Experiment) -> String {
                 row.extend(names.iter().map(|n| {
                     o.get(n)
                         .and_then(|v| v.as_f64())
-                        .map(|v| format!("{v:.6}"))
+                        // A count (num_params, FLOPs) whole; a loss to 6 places.
+                        .map(|v| {
+                            if v.fract() == 0.0 && v.abs() < 1e15 {
+                                format!("{v:.0}")
+                            } else {
+                                format!("{v:.6}")
+                            }
+                        })
                         .unwrap_or_default()
                 }));
                 row.push(swept_params(&p.params_json, &e.swept_params));
