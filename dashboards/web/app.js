@@ -221,18 +221,21 @@ function drawOn(canvas, tipAt) {
 /// SVG take longer to lay out than the rest of the page); fewer are SVG circles.
 const SVG_POINTS = 2000;
 
+/// Values placed between pixels `lo` and `hi` on the axis axisFor picks for them
+/// (`at`), with their least and greatest for the ticks.
+function scale(values, lo, hi) {
+  const axis = axisFor(values);
+  const f = axis.distr === 3 ? Math.log : (v) => v;
+  const a = Math.min(...values.map(f)), b = Math.max(...values.map(f));
+  return { at: (v) => (b === a ? (lo + hi) / 2 : lo + ((f(v) - a) * (hi - lo)) / (b - a)), min: Math.min(...values), max: Math.max(...values) };
+}
+
 /// A scatter of one point per trial (every trial, also where several share an
 /// x value), appended to `box`: numbers on a linear or log axis (as axisFor
 /// picks), other values as categories. Each point names its trial and value in
 /// a tooltip.
 function scatterPlot(box, { title, param, xLabel, yLabel, kinds, points }) {
   const W = 380, H = 240, left = 62, right = 12, top = 10, bottom = 36;
-  const scale = (values, lo, hi) => {
-    const axis = axisFor(values);
-    const f = axis.distr === 3 ? Math.log : (v) => v;
-    const a = Math.min(...values.map(f)), b = Math.max(...values.map(f));
-    return { at: (v) => (b === a ? (lo + hi) / 2 : lo + ((f(v) - a) * (hi - lo)) / (b - a)), min: Math.min(...values), max: Math.max(...values) };
-  };
   const x = kinds
     ? { at: (v) => left + ((kinds.indexOf(fmt(v)) + 0.5) * (W - left - right)) / kinds.length }
     : scale(points.map((p) => p.x), left, W - right);
@@ -286,12 +289,6 @@ function paretoPlot(box, { title, xName, yName, xSign, ySign, trials, front }) {
     .filter((t) => t.state === "succeeded" && typeof t.metrics?.[xName] === "number" && typeof t.metrics?.[yName] === "number")
     .map((t) => ({ x: t.metrics[xName], y: t.metrics[yName], trial: t, front: front.includes(t.ordinal) }));
   if (points.length === 0) return;
-  const scale = (values, lo, hi) => {
-    const axis = axisFor(values);
-    const f = axis.distr === 3 ? Math.log : (v) => v;
-    const a = Math.min(...values.map(f)), b = Math.max(...values.map(f));
-    return { at: (v) => (b === a ? (lo + hi) / 2 : lo + ((f(v) - a) * (hi - lo)) / (b - a)), min: Math.min(...values), max: Math.max(...values) };
-  };
   const x = scale(points.map((p) => p.x), left, W - right);
   const y = scale(points.map((p) => p.y), H - bottom, top);
   // The front as steps: sorted by x (better first), each point joined to the next

@@ -30,6 +30,18 @@ fn rng_at(seed: u64, step: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed ^ step.wrapping_mul(0x2545_f491_4f6c_dd1d))
 }
 
+/// A loss as ranks compare it: a missing or non-finite one after every other.
+fn loss_key(loss: Option<f64>) -> f64 {
+    loss.filter(|v| v.is_finite()).unwrap_or(f64::INFINITY)
+}
+
+/// The members `indices`, best (least `loss`) first, a member without a value last, ties
+/// by index.
+fn best_first(mut indices: Vec<usize>, loss: impl Fn(usize) -> Option<f64>) -> Vec<usize> {
+    indices.sort_by(|&a, &b| loss_key(loss(a)).total_cmp(&loss_key(loss(b))).then(a.cmp(&b)));
+    indices
+}
+
 /// Decides a generation. `members` are (swept parameters, objective to minimize, `None`
 /// when it logged none), in the population's order; returns one [`Step`] per member.
 pub fn generation(
@@ -41,12 +53,7 @@ pub fn generation(
     step: u64,
 ) -> Vec<Step> {
     let n = members.len();
-    let mut order: Vec<usize> = (0..n).collect();
-    // Best first; a member without a value ranks last.
-    order.sort_by(|&a, &b| {
-        let key = |i: usize| members[i].1.filter(|v| v.is_finite()).unwrap_or(f64::INFINITY);
-        key(a).total_cmp(&key(b)).then(a.cmp(&b))
-    });
+    let order = best_first((0..n).collect(), |i| members[i].1);
     let k = ((n as f64 * quantile).floor() as usize).clamp(1, n / 2);
     let (top, bottom) = (&order[..k], &order[n - k..]);
     let mut rng = rng_at(seed, step);
@@ -85,12 +92,14 @@ pub fn decide(
     seed: u64,
     step: u64,
 ) -> Step {
-    let key = |i: usize| standings[i].loss.filter(|v| v.is_finite()).unwrap_or(f64::INFINITY);
+    let key = |i: usize| loss_key(standings[i].loss);
     let there = |s: &Standing| s.at_step && s.loss.is_some_and(f64::is_finite);
-    let mut order: Vec<usize> = (0..standings.len())
-        .filter(|&i| i == me || there(&standings[i]))
-        .collect();
-    order.sort_by(|&a, &b| key(a).total_cmp(&key(b)).then(a.cmp(&b)));
+    let order = best_first(
+        (0..standings.len())
+            .filter(|&i| i == me || there(&standings[i]))
+            .collect(),
+        |i| standings[i].loss,
+    );
     let n = order.len();
     if n < 2 {
         return Step::Continue;
@@ -104,9 +113,7 @@ pub fn decide(
     if donors.is_empty() {
         return Step::Continue;
     }
-    let mut rng = ChaCha8Rng::seed_from_u64(
-        seed ^ step.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ (me as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15),
-    );
+    let mut rng = rng_at(seed ^ (me as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15), step);
     let donor = donors[rng.gen_range(0..donors.len())];
     let params = perturb(domains, &standings[donor].params, factors, &mut rng);
     Step::Exploit { donor, params }

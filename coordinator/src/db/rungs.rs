@@ -184,20 +184,23 @@ pub async fn promote_at_rung(
     Ok(promoted.into_iter().map(TrialId).collect())
 }
 
-/// A PBT population member at a generation's step: its id, parameters, value there and
-/// whether it waits there (it stopped at the step and is not yet set going).
+/// A PBT population member at a step: its id, parameters, value there, whether it has
+/// reached the step (a rung there: a checkpoint to copy) and whether it waits there (it
+/// stopped at the step and is not yet set going).
 #[derive(Debug, Clone)]
 pub struct Member {
     pub id: uuid::Uuid,
     pub params: Value,
     pub value: Option<f64>,
+    pub at_step: bool,
     pub waiting: bool,
 }
 
-/// The live members of an experiment's population at `step`, in order.
+/// The live members of an experiment's population at `step`, in order: what a
+/// synchronous generation and an asynchronous member's decision both read.
 pub async fn pbt_members(tx: &mut PgConnection, experiment: ExperimentId, step: u64) -> Result<Vec<Member>> {
-    let rows: Vec<(uuid::Uuid, Value, Option<f64>, bool)> = sqlx::query_as(
-        "select t.id, t.params, r.value, r.trial_id is not null and t.state = 'pruned'
+    let rows: Vec<(uuid::Uuid, Value, Option<f64>, bool, bool)> = sqlx::query_as(
+        "select t.id, t.params, r.value, r.trial_id is not null, r.trial_id is not null and t.state = 'pruned'
          from trials t left join rungs r on r.trial_id = t.id and r.step = $2
          where t.experiment_id = $1 and t.state not in ('failed', 'cancelled')
          order by t.ordinal",
@@ -208,47 +211,14 @@ pub async fn pbt_members(tx: &mut PgConnection, experiment: ExperimentId, step: 
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(id, params, value, waiting)| Member {
+        .map(|(id, params, value, at_step, waiting)| Member {
             id,
             params,
             value,
+            at_step,
             waiting,
         })
         .collect())
-}
-
-/// Asynchronous PBT: the live members of an experiment's population, in order, each with
-/// whether it has reached `step` and its objective there (the standings
-/// `ablate_experiments::pbt::decide` ranks).
-pub async fn pbt_standings(tx: &mut PgConnection, experiment: ExperimentId, step: u64) -> Result<Vec<Standing>> {
-    let rows: Vec<(uuid::Uuid, Value, bool, Option<f64>)> = sqlx::query_as(
-        "select t.id, t.params, r.trial_id is not null, r.value
-         from trials t left join rungs r on r.trial_id = t.id and r.step = $2
-         where t.experiment_id = $1 and t.state not in ('failed', 'cancelled')
-         order by t.ordinal",
-    )
-    .bind(experiment.0)
-    .bind(step as i64)
-    .fetch_all(&mut *tx)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, params, at_step, value)| Standing {
-            id,
-            params,
-            at_step,
-            value,
-        })
-        .collect())
-}
-
-/// A member where asynchronous PBT ranks it; see [`pbt_standings`].
-#[derive(Debug, Clone)]
-pub struct Standing {
-    pub id: uuid::Uuid,
-    pub params: Value,
-    pub at_step: bool,
-    pub value: Option<f64>,
 }
 
 /// A member takes a donor's checkpoint at `step` (its checkpoint row there points at the

@@ -73,6 +73,23 @@ fn inherited_domains(spec: &SweepSpec, pbt: &ablate_schema::Pbt) -> Vec<(String,
         .collect()
 }
 
+/// A member's PBT decision as the rows it writes: the action, the donor's id and the
+/// parameters it goes on with (its own; exploiting, the donor's perturbed over its own).
+fn applied(
+    member: &db::Member,
+    decision: &ablate_experiments::pbt::Step,
+    members: &[db::Member],
+) -> (&'static str, Option<uuid::Uuid>, Value) {
+    match decision {
+        ablate_experiments::pbt::Step::Continue => ("continue", None, member.params.clone()),
+        ablate_experiments::pbt::Step::Exploit { donor, params } => {
+            let mut next = member.params.as_object().cloned().unwrap_or_default();
+            next.extend(params.clone());
+            ("exploit", Some(members[*donor].id), Value::Object(next))
+        }
+    }
+}
+
 /// Asynchronous PBT: `trial`, stopped at `step`, is ranked against the results there of
 /// the members that have reached it (`ablate_experiments::pbt::decide`); in the
 /// bottom quantile it takes the checkpoint at `step` of a top member already there,
@@ -82,7 +99,7 @@ async fn on_its_own(tx: &mut PgConnection, trial: TrialId, rung: &db::RungRecord
     let Some(pbt) = rung.spec.sweep.pbt.clone() else {
         return Ok(Vec::new());
     };
-    let members = db::pbt_standings(tx, rung.experiment, step).await?;
+    let members = db::pbt_members(tx, rung.experiment, step).await?;
     let Some(me) = members.iter().position(|m| m.id == trial.0) else {
         return Ok(Vec::new());
     };
@@ -103,46 +120,23 @@ async fn on_its_own(tx: &mut PgConnection, trial: TrialId, rung: &db::RungRecord
         pbt.seed.unwrap_or(0),
         step,
     );
-    let member = db::Member {
-        id: trial.0,
-        params: members[me].params.clone(),
-        value: members[me].value,
-        waiting: true,
-    };
-    let (action, donor, params) = match decision {
-        ablate_experiments::pbt::Step::Continue => ("continue", None, member.params.clone()),
-        ablate_experiments::pbt::Step::Exploit { donor, params } => {
-            let mut next = member.params.as_object().cloned().unwrap_or_default();
-            next.extend(params);
-            ("exploit", Some(members[donor].id), Value::Object(next))
-        }
-    };
-    let action = match donor {
-        Some(donor) => {
-            // A donor whose checkpoint there is gone (kept checkpoints pruned) is no donor:
-            // the member goes on with its own.
-            let mut copy = tx.begin().await?;
-            match db::pbt_exploit(&mut copy, member.id, donor, step, &params).await {
-                Ok(()) => {
-                    copy.commit().await?;
-                    action
-                }
-                Err(Error::InvalidArgument(why)) => {
-                    copy.rollback().await?;
-                    tracing::warn!(trial = %trial, step, %why, "PBT member goes on with its own checkpoint");
-                    "continue"
-                }
-                Err(other) => return Err(other),
+    let member = &members[me];
+    let (mut action, mut donor, mut params) = applied(member, &decision, &members);
+    if let Some(from) = donor {
+        // A donor whose checkpoint there is gone (kept checkpoints pruned) is no donor:
+        // the member goes on with its own.
+        let mut copy = tx.begin().await?;
+        match db::pbt_exploit(&mut copy, member.id, from, step, &params).await {
+            Ok(()) => copy.commit().await?,
+            Err(Error::InvalidArgument(why)) => {
+                copy.rollback().await?;
+                tracing::warn!(trial = %trial, step, %why, "PBT member goes on with its own checkpoint");
+                (action, donor, params) = ("continue", None, member.params.clone());
             }
+            Err(other) => return Err(other),
         }
-        None => action,
-    };
-    let (donor, params) = if action == "exploit" {
-        (donor, params)
-    } else {
-        (None, member.params.clone())
-    };
-    db::pbt_lineage(tx, rung.experiment, &member, step, action, donor, &params).await?;
+    }
+    db::pbt_lineage(tx, rung.experiment, member, step, action, donor, &params).await?;
     db::pbt_release(tx, &[member.id], step, pbt.interval).await
 }
 
@@ -177,14 +171,7 @@ async fn generation(
         step,
     );
     for (member, decision) in members.iter().zip(&decisions) {
-        let (action, donor, params) = match decision {
-            ablate_experiments::pbt::Step::Continue => ("continue", None, member.params.clone()),
-            ablate_experiments::pbt::Step::Exploit { donor, params } => {
-                let mut next = member.params.as_object().cloned().unwrap_or_default();
-                next.extend(params.clone());
-                ("exploit", Some(members[*donor].id), Value::Object(next))
-            }
-        };
+        let (action, donor, params) = applied(member, decision, &members);
         if let Some(donor) = donor {
             db::pbt_exploit(tx, member.id, donor, step, &params).await?;
         }
